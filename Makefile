@@ -1,0 +1,31 @@
+# Two entry points, each doing its own set-up on a fresh machine:
+#   make demo   - the default sweep on the embedded corpus, plots and summary
+#   make test   - the test suite
+# torch is installed first from the pinned CPU-capable release so that the
+# package's `torch>=` requirement never pulls a multi-GB CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+SOURCES := pyproject.toml cli.py $(shell find trajinv kernels -name '*.py' 2>/dev/null)
+
+.PHONY: setup demo test bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: $(SOURCES)
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=strict
+	touch $@
+
+demo: setup
+	$(VENV)/bin/trajinv sweep --out runs/demo
+
+test: setup
+	$(PY) -m pytest -n 2 tests
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs .cache

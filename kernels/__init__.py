@@ -1,0 +1,1 @@
+"""Fused Triton kernels, each beside its launcher and torch reference. Installed as trajinv.kernels."""
