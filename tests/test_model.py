@@ -1,0 +1,94 @@
+"""The member-axis GPT: shapes, population equivalence, presets, decay kinds."""
+
+import pytest
+import torch
+
+from trajinv.config import preset
+from trajinv.model import GPT, count_params, member_slice, param_kind
+
+
+def _tiny(**kw):
+    return preset("tiny", vocab_size=50, d_model=32, n_heads=4, context=16, **kw)
+
+
+def test_forward_shapes_and_loss_near_uniform_at_init():
+    torch.manual_seed(0)
+    m = GPT(_tiny(), members=2)
+    m.init_weights()
+    idx = torch.randint(0, 50, (3, 16))
+    logits, loss = m(idx, idx)
+    assert logits.shape == (2, 3, 16, 50) and loss.shape == (2,)
+    assert torch.allclose(loss, torch.full((2,), torch.log(torch.tensor(50.0)).item()), atol=0.1)
+
+
+def test_population_equals_separate_models():
+    """Each member of a K=3 model matches a K=1 model with its weights: loss and every gradient."""
+    torch.manual_seed(0)
+    cfg = _tiny()
+    pop = GPT(cfg, members=3)
+    for p in pop.parameters():  # members deliberately different
+        torch.nn.init.normal_(p, std=0.05)
+    idx, tgt = torch.randint(0, 50, (4, 16)), torch.randint(0, 50, (4, 16))
+    _, loss = pop(idx, tgt)
+    loss.sum().backward()
+    for k in range(3):
+        one = GPT(cfg, members=1)
+        one.load_state_dict(member_slice(pop, k))
+        _, l1 = one(idx, tgt)
+        l1.sum().backward()
+        assert torch.allclose(l1[0], loss[k], rtol=1e-5, atol=1e-6)
+        for (name, p), q in zip(pop.named_parameters(), one.parameters()):
+            assert torch.allclose(p.grad[k], q.grad[0], rtol=1e-4, atol=1e-6), name
+
+
+def test_members_start_identical():
+    m = GPT(_tiny(), members=3)
+    m.init_weights(torch.Generator().manual_seed(1))
+    for p in m.parameters():
+        assert torch.equal(p[0], p[1]) and torch.equal(p[0], p[2])
+
+
+def test_causality():
+    torch.manual_seed(0)
+    m = GPT(_tiny(), members=1)
+    m.init_weights()
+    a = torch.randint(0, 50, (1, 16))
+    b = a.clone()
+    b[0, 10:] = (b[0, 10:] + 1) % 50
+    la, _ = m(a)
+    lb, _ = m(b)
+    assert torch.allclose(la[..., :10, :], lb[..., :10, :], atol=1e-5)
+    assert not torch.allclose(la[..., 10:, :], lb[..., 10:, :])
+
+
+def test_gpt164m_builds_on_meta_with_paper_size():
+    with torch.device("meta"):
+        m = GPT(preset("gpt-164m"), members=1)
+    n = count_params(m)
+    assert abs(n - 164e6) / 164e6 < 0.05, n
+    assert m.wte.shape == (1, 50304, 768) and m.head.shape == (1, 50304, 768)
+
+
+def test_param_kinds_default_decay_split():
+    m = GPT(_tiny(), members=2)
+    kinds = {name: param_kind(name, p) for name, p in m.named_parameters()}
+    assert kinds["wte"] == "embedding" and kinds["head"] == "matrix"
+    assert kinds["blocks.0.attn_norm"] == "gain" and kinds["norm_f"] == "gain"
+    assert kinds["blocks.1.w_down"] == "matrix"
+
+
+@pytest.mark.parametrize("bad", [dict(d_model=30, n_heads=4), dict(n_layers=0)])
+def test_bad_model_config(bad):
+    with pytest.raises(ValueError):
+        preset("tiny", vocab_size=10, **bad)
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="nope"):
+        preset("nope")
+
+
+def test_too_long_sequence():
+    m = GPT(_tiny(), members=1)
+    with pytest.raises(ValueError, match="17"):
+        m(torch.zeros(1, 17, dtype=torch.long))
