@@ -177,9 +177,13 @@ def test_running_member_sets_late_step():
     assert (rep.early_step, rep.late_step) == (50, 600)
 
 
-def test_negative_step_rejected():
+def test_bad_input_errors():
     with pytest.raises(ValueError, match="-5"):
         invariance_report(make_records(switched), early_step=-5)
+    with pytest.raises(ValueError, match="member 3 lacks wd"):
+        curves([{"run_id": "r", "member": 3, "step": 1, "base_lr": 0.1, "val_loss": 2.0}])
+    with pytest.raises(ValueError, match="no metric records"):
+        curves([])
 
 
 def _write_sweep(root, recs, status=None):

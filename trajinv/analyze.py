@@ -193,6 +193,11 @@ def curves(
         mk = (str(rec.get("run_id", "")), int(rec.get("member", 0)))
         c = acc.get(mk)
         if c is None:
+            missing = [k for k in ("step", "wd") if rec.get(k) is None]
+            if rec.get("base_lr") is None and rec.get("lr") is None:
+                missing.append("base_lr")
+            if missing:
+                raise ValueError(f"metric record of run {mk[0]!r} member {mk[1]} lacks {', '.join(missing)}")
             lr = float(rec["base_lr"] if rec.get("base_lr") is not None else rec["lr"])
             wd = float(rec["wd"])
             elr = float(rec["elr"]) if rec.get("elr") is not None else lr * wd
