@@ -99,7 +99,7 @@ class GNSConfig:
     """How (and whether) the trainer measures the gradient noise scale."""
 
     mode: str = "off"
-    """"off" (no probes, no cost), "per-example" (B_small = 1: linear layers incl.
+    """One of "off" (no probes, no cost), "per-example" (B_small = 1: linear layers incl.
     the output head and norm gains; not embeddings) or "micro-batch" (B_small =
     micro-batch size, every parameter; needs >= 2 micro-batches per step)."""
 
