@@ -1,0 +1,135 @@
+"""Fused linear weight gradient + per-example norms: Triton (interpreter) and CPU path
+against the explicit per-example reference and against torch.func per-sample gradients."""
+
+import pytest
+import torch
+from torch.func import grad, vmap
+
+from trajinv.kernels.aot import KernelSpec, compile_kernels
+from trajinv.kernels.linear_gns import (
+    launch_config,
+    linear_weight_grad_with_norms,
+    linear_weight_grad_with_norms_reference,
+)
+
+# (K, n, t, in, out): t = 1, n = 1, odd dims, dims and t larger than one block.
+SHAPES = [(1, 1, 1, 5, 3), (2, 3, 5, 17, 33), (2, 2, 40, 70, 20), (1, 4, 33, 16, 65)]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-4, atol=1e-4)}
+
+
+def _inputs(K, n, t, d_in, d_out, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(K, n, t, d_in, generator=g).to(dtype)
+    gy = torch.randn(K, n, t, d_out, generator=g).to(dtype)
+    w = torch.rand(K, d_out, d_in, generator=g) + 0.05
+    return a, gy, w
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(shape, dtype, backend):
+    a, gy, w = _inputs(*shape, dtype)
+    for precond in (None, w):
+        for per_example in (False, True):
+            ref = linear_weight_grad_with_norms_reference(a, gy, precond, per_example)
+            got = linear_weight_grad_with_norms(a, gy, precond, per_example, backend=backend)
+            assert got[0].dtype == torch.float32 and got[0].shape == (shape[0], shape[4], shape[3])
+            want_shape = (shape[0], shape[1]) if per_example else (shape[0],)
+            for g_, r_ in zip(got, ref):
+                assert g_.shape == r_.shape
+                # bf16 inputs are exact in fp32; only summation order differs.
+                torch.testing.assert_close(g_, r_, **TOL[dtype])
+            assert got[1].shape == want_shape
+            if precond is None:
+                torch.testing.assert_close(got[1], got[2])
+
+
+def test_reference_matches_torch_func_per_sample_gradients():
+    # Ground truth independent of the einsum: per-sample grads of a nonlinear loss.
+    K, n, t, d_in, d_out = 2, 3, 4, 6, 5
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(K, n, t, d_in, generator=g)
+    wt = torch.randn(K, d_out, d_in, generator=g)
+    precond = torch.rand(K, d_out, d_in, generator=g) + 0.1
+
+    def loss(weight, xs):  # xs (K, n, t, in); summed over examples
+        return torch.tanh(torch.einsum("knti,koi->knto", xs, weight)).pow(2).sum()
+
+    wv = wt.clone().requires_grad_()
+    xv = x.clone().requires_grad_()
+    y = torch.einsum("knti,koi->knto", xv, wv)
+    gy = torch.autograd.grad(torch.tanh(y).pow(2).sum(), y)[0]
+    per_sample = vmap(grad(lambda w_, x1: loss(w_, x1[:, None])), in_dims=(None, 1))(wt, x)  # (n, K, out, in)
+    for backend in ("triton", "torch"):
+        dw, s_w, s_1 = linear_weight_grad_with_norms(x, gy, precond, per_example=True, backend=backend)
+        torch.testing.assert_close(dw, per_sample.sum(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s_1, per_sample.square().sum((2, 3)).T, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(s_w, (per_sample.square() * precond).sum((2, 3)).T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_empty_batch_gives_zeros(backend):
+    a, gy, w = _inputs(2, 0, 3, 5, 4, torch.float32)
+    dw, s_w, s_1 = linear_weight_grad_with_norms(a, gy, w, per_example=True, backend=backend)
+    assert dw.shape == (2, 4, 5) and not dw.any()
+    assert s_w.shape == (2, 0) and s_1.shape == (2, 0)
+    a, gy, w = _inputs(2, 3, 0, 5, 4, torch.float32)
+    dw, s_w, s_1 = linear_weight_grad_with_norms(a, gy, w, backend=backend)
+    assert not dw.any() and not s_w.any() and not s_1.any()
+
+
+def test_cpu_path_chunks_examples(monkeypatch):
+    # Force several chunks: results must not depend on the chunking.
+    import trajinv.kernels.linear_gns as mod
+
+    a, gy, w = _inputs(2, 7, 3, 9, 11, torch.float32)
+    whole = mod.linear_weight_grad_with_norms(a, gy, w, per_example=True, backend="torch")
+    monkeypatch.setattr(mod, "_CPU_CHUNK_BYTES", 4 * 2 * 9 * 11 * 2)  # 2 examples per chunk
+    chunked = mod.linear_weight_grad_with_norms(a, gy, w, per_example=True, backend="torch")
+    for x, y in zip(whole, chunked):
+        torch.testing.assert_close(x, y)
+
+
+def test_bad_input_is_rejected():
+    a, gy, w = _inputs(1, 2, 3, 4, 5, torch.float32)
+    with pytest.raises(ValueError, match="disagree"):
+        linear_weight_grad_with_norms(a, gy[:, :1], w)
+    with pytest.raises(ValueError, match="precond"):
+        linear_weight_grad_with_norms(a, gy, w.transpose(1, 2))
+    with pytest.raises(TypeError, match="int64"):
+        linear_weight_grad_with_norms(a.long(), gy, w)
+    with pytest.raises(ValueError, match="backend"):
+        linear_weight_grad_with_norms(a, gy, w, backend="cuda")
+    with pytest.raises(ValueError, match=r"\(K, n, t, d\)"):
+        linear_weight_grad_with_norms(a[0], gy[0], w)
+
+
+SIG = {
+    "a_ptr": "*fp32", "gy_ptr": "*fp32", "w_ptr": "*fp32", "dw_ptr": "*fp32", "sw_ptr": "*fp32", "s1_ptr": "*fp32",
+    "N": "i32", "T": "i32", "OUT": "i32", "IN": "i32", "HAS_W": "constexpr", "UPCAST": "constexpr",
+    "PRECISION": "constexpr", "BLOCK_O": "constexpr", "BLOCK_I": "constexpr", "BLOCK_T": "constexpr",
+}  # fmt: skip
+ALIGNED = ("a_ptr", "gy_ptr", "w_ptr", "dw_ptr", "T", "OUT", "IN")
+
+
+def test_aot_compiles_without_spills():
+    # Every variant the launcher can pick on a GPU: fp32 (tf32 or ieee dots), bf16/fp16 native dots.
+    variants = [("fp32", True, "tf32", True), ("fp32", True, "ieee", True), ("bf16", False, "tf32", True),
+                ("fp16", False, "tf32", False)]  # fmt: skip
+    specs = []
+    for arch in (80, 90):
+        for dt, upcast, precision, has_w in variants:
+            cfg = dict(launch_config(upcast, precision))
+            warps = cfg.pop("num_warps")
+            sig = dict(SIG, a_ptr=f"*{dt}", gy_ptr=f"*{dt}")
+            consts = dict(HAS_W=has_w, UPCAST=upcast, PRECISION=precision, **cfg)
+            specs.append(KernelSpec("trajinv.kernels.linear_gns:_linear_gns_kernel", sig, consts, ALIGNED, arch, warps))
+    for spec, k in zip(specs, compile_kernels(specs)):
+        assert not k.spills, (spec.arch, spec.constexprs, k)
+        assert k.registers <= 255
+        # 128-bit operand loads: plain vector loads or cp.async.cg (always 16 bytes) into shared memory.
+        assert k.count("ld.global.v4") + k.count("cp.async.cg") > 0, (spec.arch, spec.constexprs)
+        assert k.count("st.global.v4") > 0  # dW written with vector stores
+        if spec.constexprs["PRECISION"] == "tf32" or not spec.constexprs["UPCAST"]:
+            assert k.count("mma") > 0, "tensor-core dot expected"
