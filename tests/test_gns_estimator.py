@@ -127,11 +127,10 @@ def test_smoothed_noise_scale_converges() -> None:
     p = Problem(seed=5)
     K, steps = 8, 300
     tracker = GNSTracker(K, GNSConfig(mode="micro-batch", precond_warmup=1, ema=0.99))
-    for step in range(1, steps + 1):
-        g = p.draw(K, M, b)
-        h = g.mean(2) / M
-        small, big = micro_batch_sq_mean(p.sq(h).sum(1), M), p.sq(h.sum(1))
-        out = tracker.update(step, small, big, small, big, b, B)
+    h = p.draw(steps, K, M, b).mean(3) / M  # one vectorised draw for all steps
+    smalls, bigs = micro_batch_sq_mean(p.sq(h).sum(2), M), p.sq(h.sum(2))
+    for step in range(steps):
+        out = tracker.update(step + 1, smalls[step], bigs[step], smalls[step], bigs[step], b, B)
     truth = p.tr_w_sigma / p.g2_w
     rel = (out["b_precond_smooth"] / truth - 1).abs()
     assert float(rel.max()) < 0.35, (out["b_precond_smooth"], truth)
