@@ -1,0 +1,156 @@
+"""Gradient accumulation fused with per-member (preconditioned) squared norms.
+
+Under gradient accumulation each micro-batch gradient g is added into an
+accumulator. The micro-batch gradient-noise estimator (DESIGN.md, source 2)
+needs, per (tensor, member), the squared norms of each micro-batch gradient:
+
+    s_W[k] = sum_i W[k, i] g[k, i]^2        s_1[k] = sum_i g[k, i]^2
+
+Memory traffic. Plain accumulation reads g, reads acc and writes acc. Computing
+the norms afterwards with torch reads g (and W) again: for fp32 that is 12
+bytes/element for the add plus 8 for the norms. This kernel does it in the same
+pass: read g, read + write acc, read W (when given), so the only extra traffic
+over plain accumulation is W itself plus two fp32 partial sums per block of
+BLOCK elements. Extra arithmetic: ~4 flops per element.
+
+Member axis: the leading dimension of the tensor, of size `members`
+(members = 1 for a tensor without member axis; the sums then have shape (1,)).
+Covers every parameter, embeddings included: the tensor is viewed flat per
+member, so its inner shape does not matter.
+
+Public API: `accumulate_grad_with_norms` (Triton on CUDA, torch on CPU) and
+`accumulate_grad_with_norms_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Launch configuration, shared with the AOT test so what is checked is what runs.
+LAUNCH_CONFIG = {"BLOCK": 2048, "num_warps": 4}
+
+
+@triton.jit
+def _accumulate_gns_kernel(
+    acc_ptr,  # (members, M) accumulator, updated in place
+    g_ptr,  # (members, M) micro-batch gradient
+    w_ptr,  # (members, M) positive preconditioner (unused when HAS_W is False)
+    sw_ptr,  # (members, P) fp32 partial sum W g^2 (written)
+    s1_ptr,  # (members, P) fp32 partial sum g^2 (written)
+    M,
+    HAS_W: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    k = tl.program_id(0)
+    pid = tl.program_id(1)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M
+    base = k.to(tl.int64) * M
+    g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    acc = tl.load(acc_ptr + base + offs, mask=mask, other=0.0)
+    tl.store(acc_ptr + base + offs, (acc.to(tl.float32) + g).to(acc.dtype), mask=mask)
+    g2 = g * g
+    part = k * tl.num_programs(1) + pid
+    tl.store(s1_ptr + part, tl.sum(g2, axis=0))
+    if HAS_W:
+        w = tl.load(w_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(sw_ptr + part, tl.sum(w * g2, axis=0))
+
+
+def _check(acc: torch.Tensor, grad: torch.Tensor, precond: torch.Tensor | None, members: int) -> None:
+    if not isinstance(members, int) or members < 1:
+        raise ValueError(f"members must be a positive int, got {members!r}")
+    if tuple(grad.shape) != tuple(acc.shape):
+        raise ValueError(f"grad shape {tuple(grad.shape)} differs from acc shape {tuple(acc.shape)}")
+    if precond is not None and tuple(precond.shape) != tuple(acc.shape):
+        raise ValueError(f"precond shape {tuple(precond.shape)} differs from acc shape {tuple(acc.shape)}")
+    for name, v in (("acc", acc), ("grad", grad), ("precond", precond)):
+        if v is not None and v.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be fp32/fp16/bf16, got {v.dtype}")
+    if members > 1 and (acc.dim() == 0 or acc.shape[0] != members):
+        raise ValueError(f"members={members} but the leading dim of shape {tuple(acc.shape)} is not that")
+    if not acc.is_contiguous():
+        raise ValueError(f"acc must be contiguous to be updated in place (shape {tuple(acc.shape)})")
+
+
+def accumulate_grad_with_norms_reference(
+    acc: torch.Tensor, grad: torch.Tensor, precond: torch.Tensor | None = None, members: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """acc += grad in place; (s_w, s_1) per member, the obvious way. For tests."""
+    _check(acc, grad, precond, members)
+    acc.add_(grad)
+    g2 = grad.float().reshape(members, -1).square()
+    s_1 = g2.sum(1)
+    s_w = s_1.clone() if precond is None else (g2 * precond.float().reshape(members, -1)).sum(1)
+    return s_w, s_1
+
+
+def _torch_path(acc, grad, precond, members):
+    acc.add_(grad)
+    g = grad.float().reshape(members, 1, -1)
+    # Batched dot products: no g^2 temporary.
+    s_1 = torch.bmm(g, g.transpose(1, 2)).view(members)
+    if precond is None:
+        return s_1.clone(), s_1
+    gw = g * precond.float().reshape(members, 1, -1)
+    return torch.bmm(gw, g.transpose(1, 2)).view(members), s_1
+
+
+def _triton_path(acc, grad, precond, members):
+    m = acc.numel() // members
+    if m == 0:
+        z = torch.zeros(members, dtype=torch.float32, device=acc.device)
+        return z, z.clone()
+    block = min(LAUNCH_CONFIG["BLOCK"], max(16, triton.next_power_of_2(m)))
+    grid = (members, triton.cdiv(m, block))
+    s_w = torch.empty(members, grid[1], dtype=torch.float32, device=acc.device)
+    s_1 = torch.empty_like(s_w)
+    g = grad.contiguous()
+    w = None if precond is None else precond.contiguous()
+    _accumulate_gns_kernel[grid](
+        acc,
+        g,
+        w if w is not None else g,  # dummy pointer, never read when HAS_W is False
+        s_w,
+        s_1,
+        m,
+        HAS_W=w is not None,
+        BLOCK=block,
+        num_warps=LAUNCH_CONFIG["num_warps"],
+    )
+    s_1 = s_1.sum(1)
+    return (s_1.clone() if w is None else s_w.sum(1)), s_1
+
+
+def accumulate_grad_with_norms(
+    acc: torch.Tensor,
+    grad: torch.Tensor,
+    precond: torch.Tensor | None = None,
+    members: int = 1,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add a micro-batch gradient into `acc` in place and return its squared norms.
+
+    Args:
+        acc: accumulator (contiguous), updated in place (acc += grad).
+        grad: micro-batch gradient, same shape.
+        precond: positive weights W, same shape, or None for W = 1.
+        members: size of the leading member axis (1 for a tensor without one).
+        backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
+
+    Returns:
+        (s_w, s_1), each fp32 of shape (members,): sum W grad^2 and sum grad^2
+        per member, computed from `grad` as given (no rescaling).
+    """
+    _check(acc, grad, precond, members)
+    if backend == "auto":
+        backend = "triton" if acc.is_cuda else "torch"
+    if backend == "torch":
+        return _torch_path(acc, grad, precond, members)
+    if backend == "triton":
+        return _triton_path(acc, grad, precond, members)
+    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
