@@ -1,0 +1,323 @@
+"""Data pipeline: sources, tokenizers, cache, split, batches, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trajinv import data as D
+from trajinv.data import DataConfig, DataError, load_data, sample_batch, validation_batches
+
+
+def _docs(n: int = 12) -> list[str]:
+    # Distinct, marker-tagged documents of varied length, so a token stream can be mapped back.
+    return [f"<doc{i:03d}> " + ("word%d " % i) * (5 + 7 * (i % 5)) + f"</doc{i:03d}>\n" for i in range(n)]
+
+
+def _split_docs(arr: np.ndarray) -> list[str]:
+    parts = bytes(arr.astype(np.uint8)).split(b"\0")
+    return [p.decode() for p in parts if p]
+
+
+def _no_retokenize(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("retokenized although the cache matches")
+
+    monkeypatch.setattr(D, "_tokenize", boom)
+
+
+# ----------------------------------------------------------------------------- stdlib
+
+
+def test_stdlib_files_sorted_without_tests():
+    files = D.stdlib_files()
+    root = Path(D.sysconfig.get_paths()["stdlib"])
+    rel = [f.relative_to(root).as_posix() for f in files]
+    assert len(rel) > 300 and rel == sorted(rel)
+    assert all(r.endswith(".py") for r in rel)
+    for r in rel:
+        dirs = r.split("/")[:-1]
+        assert not any(d.startswith("test") or d in ("site-packages", "idle_test", "__pycache__") for d in dirs), r
+    assert "os.py" in rel and "json/decoder.py" in rel
+
+
+def test_stdlib_deterministic_and_cached(tmp_path, monkeypatch):
+    cfg = DataConfig(cache_dir=str(tmp_path / "a"), max_tokens=30_000)
+    first = load_data(cfg)
+    m = first.manifest
+    assert first.vocab_size == 256 and first.train.dtype == np.uint16
+    assert m["tokens"]["total"] == 30_000 == first.train.size + first.val.size
+    assert m["tokens"] == {"total": 30_000, "train": first.train.size, "val": first.val.size}
+    assert m["tokenizer"]["name"] == "bytes" and len(m["content_hash"]) == 64 and m["source"] == "stdlib"
+    assert first.val.size >= 1_000  # about 5 %
+    # The stream starts with the first stdlib file's bytes (unless that document went to val).
+    docs = [p.read_bytes() for p in D.stdlib_files()[:4]]
+    stream = bytes(np.concatenate([first.train, first.val]).astype(np.uint8))
+    assert any(d[:200] in stream for d in docs)
+    assert isinstance(first.train, np.memmap)
+
+    # Same key: memory-mapped from the cache, no tokenization; a new batch seed reuses it too.
+    _no_retokenize(monkeypatch)
+    again = load_data(DataConfig(cache_dir=str(tmp_path / "a"), max_tokens=30_000, seed=7))
+    assert again.manifest == m
+    np.testing.assert_array_equal(again.train, first.train)
+    np.testing.assert_array_equal(again.val, first.val)
+    monkeypatch.undo()
+
+    # A fresh cache folder rebuilds bit-identical arrays.
+    fresh = load_data(DataConfig(cache_dir=str(tmp_path / "b"), max_tokens=30_000))
+    np.testing.assert_array_equal(fresh.train, first.train)
+    np.testing.assert_array_equal(fresh.val, first.val)
+    assert fresh.manifest["content_hash"] == m["content_hash"]
+
+
+def test_cache_env_and_corrupt_cache_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRAJINV_CACHE", str(tmp_path / "env"))
+    assert D.cache_root(DataConfig()) == tmp_path / "env"
+    assert D.cache_root(DataConfig(cache_dir=str(tmp_path / "x"))) == tmp_path / "x"  # explicit wins
+    d = load_data(DataConfig(max_tokens=5_000))
+    (folder,) = [p for p in (tmp_path / "env").iterdir() if not p.name.startswith(".")]
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "train.bin", "val.bin"]
+    train = np.array(d.train)
+    # A truncated array (e.g. a disk-full copy) is detected and rebuilt, not trusted.
+    with open(folder / "train.bin", "r+b") as f:
+        f.truncate(100)
+    d2 = load_data(DataConfig(max_tokens=5_000))
+    np.testing.assert_array_equal(d2.train, train)
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+def test_text_folder_split_by_documents(tmp_path, monkeypatch):
+    src = tmp_path / "corpus"
+    (src / "sub").mkdir(parents=True)
+    docs = _docs(30)
+    for i, t in enumerate(docs):
+        (src / ("sub" if i % 3 == 0 else "") / f"f{i:02d}.txt").write_text(t)
+    (src / "ignored.bin").write_bytes(b"\xff\xfe")
+    cfg = DataConfig(source=str(src), cache_dir=str(tmp_path / "c"), val_fraction=0.2)
+    d = load_data(cfg)
+    assert d.manifest["split"] == "documents"
+    train_docs, val_docs = _split_docs(d.train), _split_docs(d.val)
+    # Each file is exactly one document, whole, in exactly one split.
+    assert sorted(train_docs + val_docs) == sorted(docs)
+    assert not set(train_docs) & set(val_docs)
+    assert d.manifest["documents"] == {"total": 30, "train": len(train_docs), "val": len(val_docs)}
+    share = d.val.size / (d.val.size + d.train.size)
+    assert 0.1 <= share <= 0.3
+    # Editing a file changes the key: the cache is rebuilt with the new text.
+    (src / "f01.txt").write_text("changed\n")
+    os.utime(src / "f01.txt", ns=(1, 1))
+    d2 = load_data(cfg)
+    assert d2.manifest["key"] != d.manifest["key"] and d2.manifest["content_hash"] != d.manifest["content_hash"]
+    assert "changed\n" in _split_docs(d2.train) + _split_docs(d2.val)
+
+
+def test_single_text_file_falls_back_to_tail(tmp_path):
+    f = tmp_path / "one.txt"
+    f.write_text("abcdefghij" * 100)
+    d = load_data(DataConfig(source=str(f), cache_dir=str(tmp_path / "c"), val_fraction=0.1))
+    assert d.manifest["split"] == "tail_tokens"
+    stream = np.concatenate([d.train, d.val])
+    assert bytes(stream.astype(np.uint8)) == b"abcdefghij" * 100 + b"\0"
+    assert d.val.size == round(0.1 * stream.size)
+
+
+def test_jsonl_and_parquet_with_text_field(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    docs = _docs(10)
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("".join(json.dumps({"id": i, "content": t}) + "\n" for i, t in enumerate(docs)))
+    pqf = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"content": docs, "n": list(range(10))}), pqf)
+    for path in (jl, pqf):
+        d = load_data(DataConfig(source=str(path), text_field="content", cache_dir=str(tmp_path / "c")))
+        got = _split_docs(d.train) + _split_docs(d.val)
+        assert sorted(got) == sorted(docs), path
+        assert d.manifest["text_field"] == "content"
+    with pytest.raises(DataError, match=r"'text'.*d\.jsonl.*columns: id, content"):
+        load_data(DataConfig(source=str(jl), cache_dir=str(tmp_path / "c")))
+
+
+def test_max_tokens_caps_exactly(tmp_path):
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in _docs(40)))
+    d = load_data(DataConfig(source=str(src), cache_dir=str(tmp_path / "c"), max_tokens=777))
+    assert d.train.size + d.val.size == 777 == d.manifest["tokens"]["total"]
+
+
+def test_tokenizers_json_file(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    docs = _docs(20)
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["[UNK]", "<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator(docs, trainer)
+    tok_path = tmp_path / "tok.json"
+    tok.save(str(tok_path))
+    eos = tok.token_to_id("<|endoftext|>")
+
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    d = load_data(DataConfig(source=str(src), tokenizer=str(tok_path), cache_dir=str(tmp_path / "c"), val_fraction=0.2))
+    assert d.vocab_size == tok.get_vocab_size() and d.train.dtype == np.uint16
+    assert d.manifest["tokenizer"]["eos_id"] == eos and len(d.manifest["tokenizer"]["sha256"]) == 64
+    stream = np.concatenate([d.train, d.val])
+    assert int((stream == eos).sum()) == len(docs)  # one separator per document
+    assert stream.max() < d.vocab_size
+    assert (d.train.size + d.val.size) < sum(len(t) for t in docs)  # BPE merges: fewer tokens than bytes
+    # The first train document decodes back to one of the source documents.
+    first = np.asarray(d.train[: int(np.argmax(d.train == eos))]).tolist()
+    assert tok.decode(first) in docs
+    # A different tokenizer file is a different cache entry.
+    bytes_d = load_data(DataConfig(source=str(src), cache_dir=str(tmp_path / "c"), val_fraction=0.2))
+    assert bytes_d.manifest["key"] != d.manifest["key"] and bytes_d.vocab_size == 256
+
+
+# ----------------------------------------------------------------------------- split
+
+
+def test_split_documents_deterministic_and_sized():
+    rng = np.random.default_rng(1)
+    lens = rng.integers(50, 500, size=200)
+    mask, mode = D.split_documents(lens, 0.1)
+    assert mode == "documents"
+    again, _ = D.split_documents(lens, 0.1)
+    np.testing.assert_array_equal(mask, again)
+    share = lens[mask].sum() / lens.sum()
+    assert 0.1 <= share <= 0.11
+    assert 0 < mask.sum() < 200
+    assert D.split_documents(np.array([1000]), 0.1) == (None, "tail_tokens")
+    # One document holding almost everything cannot be split by documents near the target.
+    assert D.split_documents(np.array([10_000, 5, 5]), 0.1)[1] == "tail_tokens"
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def test_sample_batch_shapes_shift_and_determinism(tmp_path):
+    tokens = np.arange(10_000, dtype=np.uint32)  # token value == position: windows are readable
+    x, y = sample_batch(tokens, 8, 16, seed=0, step=5)
+    assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # y is x shifted by one
+    assert torch.equal(x[:, 1:] - x[:, :-1], torch.ones(8, 15, dtype=torch.int64))  # contiguous windows
+    assert int(x.min()) >= 0 and int(y.max()) <= 9_999
+    x2, y2 = sample_batch(tokens, 8, 16, seed=0, step=5)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    assert not torch.equal(x, sample_batch(tokens, 8, 16, seed=0, step=6)[0])
+    assert not torch.equal(x, sample_batch(tokens, 8, 16, seed=1, step=5)[0])
+    # Memmaps and in-memory arrays give the same windows.
+    u16 = (np.arange(10_000) % 251).astype(np.uint16)
+    mm = np.memmap(tmp_path / "t.bin", dtype=np.uint16, mode="w+", shape=u16.shape)
+    mm[:] = u16
+    a, b = sample_batch(u16, 4, 32, seed=2, step=3), sample_batch(mm, 4, 32, seed=2, step=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # Smallest possible corpus: one window.
+    xs, ys = sample_batch(np.array([3, 4], dtype=np.uint16), 3, 1, seed=0, step=0)
+    assert xs.tolist() == [[3]] * 3 and ys.tolist() == [[4]] * 3
+
+
+def test_sample_batch_pinned_values_across_processes():
+    # The stream depends only on (seed, step): pinned values catch any change of
+    # generator, seeding or reduction, and a child process must agree.
+    tokens = np.arange(10**6, dtype=np.uint32)
+    assert sample_batch(tokens, 4, 8, seed=0, step=0)[0][:, 0].tolist() == [918127, 468409, 248200, 339981]
+    assert sample_batch(tokens, 4, 8, seed=3, step=17)[0][:, 0].tolist() == [821002, 599431, 54824, 94571]
+    code = (
+        "import numpy as np; from trajinv.data import sample_batch; "
+        "print(sample_batch(np.arange(10**6, dtype=np.uint32), 4, 8, 3, 17)[0][:, 0].tolist())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1])
+    assert out.stdout.strip() == "[821002, 599431, 54824, 94571]"
+
+
+def test_sample_batch_resume_reproduces_stream():
+    tokens = np.arange(5_000, dtype=np.uint16)
+    run = [sample_batch(tokens, 4, 8, seed=9, step=s)[0] for s in range(6)]
+    resumed = [sample_batch(tokens, 4, 8, seed=9, step=s)[0] for s in range(3, 6)]
+    for a, b in zip(run[3:], resumed):
+        assert torch.equal(a, b)
+    assert len({tuple(r[:, 0].tolist()) for r in run}) == 6
+
+
+def test_validation_batches_fixed_and_non_overlapping():
+    tokens = np.arange(1_000, dtype=np.uint16)
+    batches = validation_batches(tokens, seq_len=9, n_seqs=25, batch_size=10)
+    assert [b[0].shape for b in batches] == [(10, 9), (10, 9), (5, 9)]
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    assert torch.equal(y, x + 1)
+    starts = x[:, 0]
+    assert starts[0] == 0 and bool((starts[1:] - starts[:-1] >= 10).all())  # windows of 10 never overlap
+    assert int(y.max()) <= 999 and int(starts[-1]) >= 1_000 - 10 - 40  # spread over the whole split
+    again = validation_batches(tokens, 9, 25, 10)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batches, again))
+    # Exactly full: 100 windows of 10 tokens tile the 1000 tokens.
+    tiled = torch.cat([b[0] for b in validation_batches(tokens, 9, 100, 64)])
+    assert tiled[:, 0].tolist() == list(range(0, 1000, 10))
+    one = validation_batches(tokens, 4, 1, 8)
+    assert len(one) == 1 and one[0][0].tolist() == [[0, 1, 2, 3]]
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _one_line_error(fn, *names):
+    with pytest.raises(DataError) as ei:
+        fn()
+    msg = str(ei.value)
+    assert "\n" not in msg
+    for n in names:
+        assert n in msg, (n, msg)
+    return msg
+
+
+def test_bad_input_errors(tmp_path):
+    missing = str(tmp_path / "nope" / "corpus.txt")
+    _one_line_error(lambda: load_data(DataConfig(source=missing, cache_dir=str(tmp_path))), repr(missing))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_line_error(lambda: load_data(DataConfig(source=str(empty), cache_dir=str(tmp_path))), repr(str(empty)))
+    odd = tmp_path / "x.csv"
+    odd.write_text("a,b\n")
+    _one_line_error(lambda: load_data(DataConfig(source=str(odd), cache_dir=str(tmp_path))), "'.csv'")
+    tok = str(tmp_path / "tok.json")
+    _one_line_error(lambda: load_data(DataConfig(tokenizer=tok, cache_dir=str(tmp_path))), repr(tok))
+    Path(tok).write_text("{not json")
+    _one_line_error(lambda: load_data(DataConfig(tokenizer=tok, cache_dir=str(tmp_path))), repr(tok))
+    for bad in (0, 1, -0.1, 1.5):
+        _one_line_error(lambda: load_data(DataConfig(val_fraction=bad, cache_dir=str(tmp_path))), repr(bad))
+    _one_line_error(lambda: load_data(DataConfig(max_tokens=1, cache_dir=str(tmp_path))), "max_tokens")
+    tokens = np.arange(10, dtype=np.uint16)
+    _one_line_error(lambda: sample_batch(tokens, 2, 10, 0, 0), "10")
+    _one_line_error(lambda: sample_batch(tokens, 0, 4, 0, 0), "batch_size")
+    _one_line_error(lambda: sample_batch(tokens, 2, 4, -1, 0), "seed", "-1")
+    _one_line_error(lambda: sample_batch(tokens, 2, 4, 0, 1.5), "step", "1.5")
+    _one_line_error(lambda: validation_batches(tokens, 4, 3, 2), "n_seqs 3", "at most 2")
+    # Nothing was written for the failed loads apart from (empty) folders.
+    assert not list(tmp_path.rglob("*.bin"))
+
+
+def test_hub_offline_error_names_dataset(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    name = "trajinv-test/does-not-exist"
+    msg = _one_line_error(lambda: load_data(DataConfig(source=f"hf:{name}", cache_dir=str(tmp_path))), repr(name))
+    assert msg.startswith("cannot load hub dataset")
+    _one_line_error(lambda: load_data(DataConfig(source="hf:", cache_dir=str(tmp_path))), "'hf:'")
+    assert not list(tmp_path.rglob("*.bin"))
