@@ -186,6 +186,26 @@ def test_tokenizers_json_file(tmp_path):
     assert bytes_d.manifest["key"] != d.manifest["key"] and bytes_d.vocab_size == 256
 
 
+def test_streaming_path_matches_map_path():
+    # The hub path streams (IterableDataset) when max_tokens is set; it must give
+    # the same tokens, lengths and digest as the map-style path.
+    import datasets
+
+    docs = _docs(50) + [""]
+    ds = datasets.Dataset.from_dict({"text": docs})
+    tok = D.load_tokenizer("bytes")
+    for cap in (None, 1_234):
+        a = D._tokenize(ds, "text", tok, cap)
+        b = D._tokenize(ds.to_iterable_dataset(), "text", tok, cap if cap else None)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        if cap is None:
+            assert a[2] == b[2] and a[3] == b[3] == 51
+            assert a[1].size == 50 and bytes(a[0].astype(np.uint8)) == b"".join(t.encode() + b"\0" for t in docs if t)  # empty doc dropped
+        else:
+            assert a[0].size == 1_234 and a[1].sum() == 1_234
+
+
 # ----------------------------------------------------------------------------- split
 
 
