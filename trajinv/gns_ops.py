@@ -3,23 +3,173 @@
 Shapes carry a leading member axis K (see DESIGN.md, "Population axis"):
 activations (K, n, t, d), linear weights (K, out, in), norm gains (K, d).
 With `probe=None` these are plain autograd ops and cost nothing extra.
-(Per-example GNS probe path: to be filled in by the GNS work, issue 4.)
+
+With a `Probe`, the op is a custom autograd Function whose backward computes
+dX as usual and the weight (or gain) gradient through the fused kernels of
+`trajinv.kernels.linear_gns` / `trajinv.kernels.rmsnorm_gns` (Triton on CUDA,
+their torch paths on CPU), which also return the per-example squared norms
+
+    S_W = sum_n |C_n|_W^2,   S_1 = sum_n |C_n|^2,   C_n = example n's contribution
+
+and add them into the probe. Gradients are the same as without a probe (up to
+summation order).
+
+Scaling (read this before using the sums). C_n is example n's contribution to
+the gradient of *whatever loss was backpropagated*, with NO rescaling: for a
+linear layer C_n = Gy_n^T A_n, for a gain C_n = sum_t Gy_{n,t} * x_hat_{n,t}.
+With a loss that is the mean over n examples, L = (1/n) sum_n l_n, the
+per-example gradient is grad(l_n) = n * C_n, so sum_n |grad(l_n)|^2 = n^2 S_1.
+The estimator (`trajinv.gns`) applies that factor; this module never does.
+Under gradient accumulation the sums keep adding over backward calls, as does
+`examples`, until `Probe.reset()`.
+
+Use one Probe per parameter tensor (`GPT.probes` maps parameter names to
+probes): `examples` counts the examples seen by that tensor's backward.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+from torch.autograd.function import once_differentiable
+
+from trajinv.kernels.linear_gns import linear_weight_grad_with_norms
+from trajinv.kernels.rmsnorm_gns import rmsnorm_gain_grad_with_norms
 
 
-def member_linear(x: torch.Tensor, w: torch.Tensor, probe=None) -> torch.Tensor:
-    """y[k] = x[k] @ w[k].T for x (K, n, t, in), w (K, out, in) -> (K, n, t, out)."""
-    K, n, t, d_in = x.shape
-    y = torch.bmm(x.reshape(K, n * t, d_in), w.transpose(1, 2))
-    return y.view(K, n, t, w.shape[1])
+@dataclass
+class Probe:
+    """Per-example squared-norm sums of one parameter's gradient, filled by backward."""
+
+    precond: torch.Tensor | None = None
+    """W, positive, shaped like the parameter ((K, out, in) or (K, d)); None = identity.
+    Set by the GNS driver before backward (Adam's 1 / (sqrt(v_hat) + eps))."""
+    sq_w: torch.Tensor | None = None
+    """(K,) fp32: sum over examples and backward calls of |C_n|_W^2 (None until the first backward)."""
+    sq_1: torch.Tensor | None = None
+    """(K,) fp32: the same with W = 1."""
+    examples: int = 0
+    """Examples seen since the last reset (n per backward call)."""
+    backend: str = "auto"
+    """Kernel backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"."""
+
+    def reset(self) -> None:
+        """Zero the sums (kept as tensors once created) and the example count."""
+        for s in (self.sq_w, self.sq_1):
+            if s is not None:
+                s.zero_()
+        self.examples = 0
+
+    def add(self, s_w: torch.Tensor, s_1: torch.Tensor, n: int) -> None:
+        """Accumulate one backward call's sums (K,) over n examples."""
+        if self.sq_w is None or self.sq_1 is None:
+            self.sq_w = s_w.detach().float().clone()
+            self.sq_1 = s_1.detach().float().clone()
+        else:
+            self.sq_w += s_w.detach()
+            self.sq_1 += s_1.detach()
+        self.examples += n
 
 
-def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float, probe=None) -> torch.Tensor:
-    """RMSNorm over the last dim with a per-member gain (K, d); x is (K, n, t, d)."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * gain[:, None, None, :].float()).to(x.dtype)
+def _autocast_cast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    # A custom Function is opaque to autocast: cast its inputs the way autocast
+    # would cast a matmul's, outside it, so the casts' backward returns
+    # gradients in the parameters' own dtype exactly as on the plain path.
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
+class _MemberLinearProbe(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, probe: Probe) -> torch.Tensor:
+        K, n, t, d_in = x.shape
+        ctx.save_for_backward(x, w)
+        ctx.probe = probe
+        y = torch.bmm(x.reshape(K, n * t, d_in), w.transpose(1, 2))
+        return y.view(K, n, t, w.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy: torch.Tensor):
+        x, w = ctx.saved_tensors
+        K, n, t, d_in = x.shape
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.bmm(gy.reshape(K, n * t, -1), w.to(gy.dtype)).view(x.shape).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            probe = ctx.probe
+            dw32, s_w, s_1 = linear_weight_grad_with_norms(x, gy, probe.precond, backend=probe.backend)
+            dw = dw32.to(w.dtype)
+            probe.add(s_w, s_1, n)
+        return dx, dw, None
+
+
+class _RMSNormProbe(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gain: torch.Tensor, eps: float, probe: Probe) -> torch.Tensor:
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)  # (K, n, t), fp32
+        ctx.save_for_backward(x, gain, rstd)
+        ctx.probe = probe
+        # Same operation order as the plain path, so forward values agree bitwise.
+        y = xf * rstd[..., None]
+        return (y * gain[:, None, None, :].float()).to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy: torch.Tensor):
+        x, gain, rstd = ctx.saved_tensors
+        dx = dgain = None
+        if ctx.needs_input_grad[0]:
+            r = rstd[..., None]
+            xhat = x.float() * r
+            gg = gy.float() * gain[:, None, None, :].float()
+            dx = (r * (gg - xhat * (gg * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            probe = ctx.probe
+            dg32, s_w, s_1 = rmsnorm_gain_grad_with_norms(x, rstd, gy, probe.precond, backend=probe.backend)
+            dgain = dg32.to(gain.dtype)
+            probe.add(s_w, s_1, x.shape[1])
+        return dx, dgain, None, None
+
+
+def _check_probe(probe: object) -> None:
+    if not isinstance(probe, Probe):
+        raise TypeError(f"probe must be a trajinv.gns_ops.Probe or None, got {type(probe).__name__}")
+
+
+def member_linear(x: torch.Tensor, w: torch.Tensor, probe: Probe | None = None) -> torch.Tensor:
+    """y[k] = x[k] @ w[k].T for x (K, n, t, in), w (K, out, in) -> (K, n, t, out).
+
+    With a `probe`, backward also adds sum_n |Gy_n^T x_n|_W^2 and the unweighted
+    sum into `probe.sq_w` / `probe.sq_1` (raw contributions, see module doc).
+    """
+    if probe is None:
+        K, n, t, d_in = x.shape
+        y = torch.bmm(x.reshape(K, n * t, d_in), w.transpose(1, 2))
+        return y.view(K, n, t, w.shape[1])
+    _check_probe(probe)
+    if x.dim() != 4 or w.dim() != 3 or x.shape[0] != w.shape[0] or x.shape[3] != w.shape[2]:
+        raise ValueError(f"member_linear needs x (K, n, t, in) and w (K, out, in); got {tuple(x.shape)}, {tuple(w.shape)}")
+    x, w = _autocast_cast(x, w)
+    return _MemberLinearProbe.apply(x, w, probe)
+
+
+def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float, probe: Probe | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim with a per-member gain (K, d); x is (K, n, t, d).
+
+    With a `probe`, backward also adds sum_n |dgain_n|_W^2 and the unweighted
+    sum into `probe.sq_w` / `probe.sq_1` (raw contributions, see module doc).
+    """
+    if probe is None:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        return (y * gain[:, None, None, :].float()).to(x.dtype)
+    _check_probe(probe)
+    if x.dim() != 4 or gain.dim() != 2 or tuple(gain.shape) != (x.shape[0], x.shape[3]):
+        raise ValueError(f"rms_norm needs x (K, n, t, d) and gain (K, d); got {tuple(x.shape)}, {tuple(gain.shape)}")
+    return _RMSNormProbe.apply(x, gain, eps, probe)
