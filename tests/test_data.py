@@ -147,6 +147,15 @@ def test_jsonl_and_parquet_with_text_field(tmp_path):
         assert d.manifest["text_field"] == "content"
     with pytest.raises(DataError, match=r"'text'.*d\.jsonl.*columns: id, content"):
         load_data(DataConfig(source=str(jl), cache_dir=str(tmp_path / "c")))
+    with pytest.raises(DataError, match=r"column 'id' holds int values, not text"):
+        load_data(DataConfig(source=str(jl), text_field="id", cache_dir=str(tmp_path / "c")))
+    # A folder mixing builders: the text file and every jsonl row are documents.
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "a.txt").write_text("plain text file\n")
+    (mixed / "b.jsonl").write_text(jl.read_text())
+    d = load_data(DataConfig(source=str(mixed), text_field="content", cache_dir=str(tmp_path / "c")))
+    assert sorted(_split_docs(d.train) + _split_docs(d.val)) == sorted(docs + ["plain text file\n"])
 
 
 def test_max_tokens_caps_exactly(tmp_path):

@@ -221,9 +221,11 @@ def _file_source(source: str, text_field: str) -> _Source:
             column = "text" if builder == "text" else text_field
             if column not in ds.column_names:
                 raise DataError(f"text_field {column!r} not found in {source!r} (columns: {', '.join(ds.column_names)})")
-            parts.append(ds.select_columns([column]).rename_column(column, "text") if column != "text" else ds.select_columns(["text"]))
+            ds = ds.select_columns([column])
+            # One column name across builders (so they concatenate), and errors name the user's field.
+            parts.append(ds.rename_column(column, text_field) if column != text_field else ds)
         ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-        return ds, "text"
+        return ds, text_field
 
     return _Source("files", _slug(path.stem or path.name), identity, load)
 
