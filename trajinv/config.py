@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from trajinv.gns import GNSConfig
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -179,6 +181,8 @@ class TrainConfig:
     """'cpu' or 'cuda'."""
     dtype: str = "fp32"
     """'fp32' or 'bf16' (autocast; parameters and optimizer state stay fp32)."""
+    gns: GNSConfig = field(default_factory=GNSConfig)
+    """Gradient-noise-scale measurement (off by default: then it costs nothing)."""
 
     def validate(self) -> None:
         self.model.validate()

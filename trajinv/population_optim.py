@@ -1,0 +1,125 @@
+"""AdamW for a population: per-member lr and wd over member-axis parameters.
+
+The trainer talks to one small interface whichever optimizer runs underneath:
+
+- `FusedPopulationAdamW` wraps `trajinv.optim.FusedAdamW`: one launch per step
+  for all tensors and members, gradient clipping folded in as a per-member
+  `grad_scale`, statistics from the same pass.
+- `TorchPopulationAdamW` wraps `torch.optim.AdamW`: member k's slice of every
+  parameter becomes a leaf Parameter sharing storage with the stacked tensor, in
+  param groups of its own (lr_k, wd_k). Statistics are computed with torch ops.
+
+`step()` returns per-parameter statistics, each a (K,) fp32 tensor:
+`grad_sq` and `precond_grad_sq` of the *unclipped* gradient (W = 1/(sqrt(v_hat)+eps)
+from the state before the update; W = 1 on the first step), `param_sq` and
+`update_sq`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from trajinv.config import Member, OptimConfig
+from trajinv.model import param_kind
+
+STAT_KEYS = ("grad_sq", "precond_grad_sq", "param_sq", "update_sq")
+
+
+class PopulationOptimizer(Protocol):
+    def step(self, lr_mult: float, clip_coef: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]: ...
+    def preconditioner(self, name: str) -> torch.Tensor | None: ...
+    def state_tensors(self) -> dict[str, torch.Tensor]: ...
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+
+def _decay_split(model: torch.nn.Module, cfg: OptimConfig) -> tuple[list, list]:
+    decayed, plain = [], []
+    for name, p in model.named_parameters():
+        (decayed if param_kind(name, p) in cfg.decay else plain).append((name, p))
+    return decayed, plain
+
+
+def _member_wd(m: Member, cfg: OptimConfig) -> float:
+    # 'independent' decays p *= 1 - wd*mult; AdamW decays by lr*wd' = base_lr*mult*wd', so wd' = wd/base_lr.
+    return m.wd / m.lr if cfg.decay_mode == "independent" else m.wd
+
+
+def _per_member_sq(t: torch.Tensor) -> torch.Tensor:
+    return t.float().pow(2).flatten(1).sum(1)
+
+
+class TorchPopulationAdamW:
+    def __init__(self, model: torch.nn.Module, members: tuple[Member, ...], cfg: OptimConfig):
+        self.cfg, self.members = cfg, members
+        self.named = dict(model.named_parameters())
+        decayed, plain = _decay_split(model, cfg)
+        # shadows[name][k] is a leaf Parameter viewing member k's slice of the stacked tensor
+        self.shadows = {name: [torch.nn.Parameter(p.detach()[k]) for k in range(len(members))]
+                        for name, p in self.named.items()}
+        groups = []
+        for k, m in enumerate(members):
+            for params, wd in ((decayed, _member_wd(m, cfg)), (plain, 0.0)):
+                if params:
+                    groups.append({"params": [self.shadows[n][k] for n, _ in params], "lr": m.lr,
+                                   "weight_decay": wd, "base_lr": m.lr})
+        self.opt = torch.optim.AdamW(groups, betas=cfg.betas, eps=cfg.eps, foreach=False)
+
+    def preconditioner(self, name: str) -> torch.Tensor | None:
+        states = [self.opt.state.get(s) for s in self.shadows[name]]
+        if any(not st for st in states):
+            return None
+        b2 = self.cfg.betas[1]
+        return torch.stack([1.0 / ((st["exp_avg_sq"] / (1 - b2 ** float(st["step"]))).sqrt() + self.cfg.eps)
+                            for st in states])
+
+    @torch.no_grad()
+    def step(self, lr_mult: float, clip_coef: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        stats = {}
+        for name, p in self.named.items():
+            if p.grad is None:
+                continue
+            W = self.preconditioner(name)
+            g2 = p.grad.float().pow(2)
+            stats[name] = {"grad_sq": g2.flatten(1).sum(1),
+                           "precond_grad_sq": (g2 if W is None else g2 * W).flatten(1).sum(1),
+                           "before": p.detach().clone()}
+            coef = clip_coef.to(p.grad.dtype).view(-1, *([1] * (p.dim() - 1)))
+            p.grad.mul_(coef)
+            for k, s in enumerate(self.shadows[name]):
+                s.grad = p.grad[k]
+        for g in self.opt.param_groups:
+            g["lr"] = g["base_lr"] * lr_mult
+        self.opt.step()
+        for name, st in stats.items():
+            p = self.named[name]
+            st["update_sq"] = _per_member_sq(p.detach() - st.pop("before"))
+            st["param_sq"] = _per_member_sq(p.detach())
+        return stats
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, shadows in self.shadows.items():
+            states = [self.opt.state.get(s) for s in shadows]
+            if all(states):
+                out[f"{name}.exp_avg"] = torch.stack([st["exp_avg"] for st in states])
+                out[f"{name}.exp_avg_sq"] = torch.stack([st["exp_avg_sq"] for st in states])
+                out[f"{name}.step"] = torch.stack([torch.as_tensor(st["step"], dtype=torch.float32) for st in states])
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, shadows in self.shadows.items():
+            if f"{name}.step" not in tensors:
+                continue
+            for k, s in enumerate(shadows):
+                self.opt.state[s] = {"step": tensors[f"{name}.step"][k].clone(),
+                                     "exp_avg": tensors[f"{name}.exp_avg"][k].clone(),
+                                     "exp_avg_sq": tensors[f"{name}.exp_avg_sq"][k].clone()}
+
+
+def build_optimizer(model: torch.nn.Module, members: tuple[Member, ...], cfg: OptimConfig) -> PopulationOptimizer:
+    cfg.validate()
+    if cfg.name == "torch":
+        return TorchPopulationAdamW(model, members, cfg)
+    return TorchPopulationAdamW(model, members, cfg)  # TODO fused

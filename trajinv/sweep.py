@@ -1,0 +1,168 @@
+"""Sweeps over lr x wd (x batch size) and iso-ELR lines, trained as populations.
+
+Members that share a batch-size schedule (and so the same batches and length)
+train together as one population: one model with a member axis, one optimizer
+launch per step. The output directory holds
+
+    spec.json                      the sweep spec; a rerun must match it
+    summary.csv                    one row per member (rewritten after each population)
+    runs/<run_id>/metrics.jsonl    one line per logged step per member
+    runs/<run_id>/checkpoint*      resumable state
+
+Rerunning the same command resumes: finished populations are skipped,
+unfinished ones continue from their last checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from trajinv.config import Member, TrainConfig, to_dict
+from trajinv.data import DataConfig, load_data
+from trajinv.schedules import BatchSchedule
+from trajinv.train import MemberResult, Trainer
+
+SPEC = "spec.json"
+SUMMARY = "summary.csv"
+SUMMARY_FIELDS = ["run_id", "member", "name", "lr", "wd", "elr", "batch_size", "steps", "tokens",
+                  "final_train_loss", "final_val_loss", "status"]
+
+
+def log2_range(text: str) -> tuple[float, ...]:
+    """'-12:-8' -> 2^-12, 2^-11, ..., 2^-8 (inclusive, step 1); '-12:-8:0.5' sets the step."""
+    try:
+        parts = [float(p) for p in text.split(":")]
+        lo, hi = parts[0], parts[1]
+        step = parts[2] if len(parts) == 3 else 1.0
+        if len(parts) not in (2, 3) or step <= 0 or hi < lo:
+            raise ValueError
+    except (ValueError, IndexError):
+        raise ValueError(f"bad log2 range {text!r}; use LO:HI or LO:HI:STEP with LO <= HI") from None
+    n = int(math.floor((hi - lo) / step + 1e-9)) + 1
+    return tuple(2.0 ** (lo + i * step) for i in range(n))
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What to sweep; everything not listed here comes from `train`."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Shared training settings; its `members` and `batch_size` are replaced per population."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The corpus every population trains on."""
+    lrs: tuple[float, ...] = ()
+    """Learning rates of the lr x wd grid (and of the iso-ELR lines)."""
+    wds: tuple[float, ...] = ()
+    """Weight decays of the lr x wd grid."""
+    elrs: tuple[float, ...] = ()
+    """Iso-ELR lines: for each value, one member per lr with wd = elr / lr."""
+    batch_sizes: tuple[str, ...] = ("32",)
+    """Batch sizes or batch-size schedules; each is its own population."""
+    population: int = 0
+    """Most members trained together (memory); 0 = all members of a batch size at once."""
+
+    def members(self) -> tuple[Member, ...]:
+        seen: dict[tuple[float, float], Member] = {}
+        pairs = [(lr, wd) for lr in self.lrs for wd in self.wds]
+        pairs += [(lr, elr / lr) for elr in self.elrs for lr in self.lrs]
+        for lr, wd in pairs:
+            key = (float(f"{lr:.12g}"), float(f"{wd:.12g}"))
+            seen.setdefault(key, Member(*key))
+        return tuple(sorted(seen.values(), key=lambda m: (m.lr, m.wd)))
+
+    def validate(self) -> None:
+        if not self.lrs:
+            raise ValueError("a sweep needs at least one lr")
+        if not (self.wds or self.elrs):
+            raise ValueError("a sweep needs weight decays (--wd) or iso-ELR values (--elr)")
+        for v in self.elrs:
+            if not v > 0:
+                raise ValueError(f"elr must be positive, got {v}")
+        if self.population < 0:
+            raise ValueError(f"population must be >= 0, got {self.population}")
+        for b in self.batch_sizes:
+            BatchSchedule.parse(b)
+        self.members()  # validates every lr and wd
+        replace(self.train, members=self.members()).validate()
+
+    def populations(self) -> list[tuple[str, TrainConfig]]:
+        """(run_id, config) per population, in a stable order."""
+        members = self.members()
+        size = self.population or len(members)
+        out = []
+        for bs in self.batch_sizes:
+            tag = re.sub(r"[^0-9A-Za-z.]+", "-", bs.replace("@", "at"))
+            for i in range(0, len(members), size):
+                chunk = members[i : i + size]
+                run_id = f"bs{tag}" + (f"-p{i // size}" if size < len(members) else "")
+                out.append((run_id, replace(self.train, members=chunk, batch_size=bs)))
+        return out
+
+
+def _check_spec(out: Path, spec: SweepSpec) -> None:
+    path = out / SPEC
+    mine = to_dict(spec)
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        if theirs != json.loads(json.dumps(mine)):
+            raise ValueError(f"{out} holds a sweep made by another spec; use a new --out directory")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(SPEC + ".tmp")
+        tmp.write_text(json.dumps(mine, indent=1))
+        os.replace(tmp, path)
+
+
+def write_summary(out: Path, rows: list[dict]) -> Path:
+    """summary.csv, atomically (a crash never leaves half a table)."""
+    path = out / SUMMARY
+    tmp = path.with_name(SUMMARY + ".tmp")
+    extra = [k for row in rows for k in row if k not in SUMMARY_FIELDS]
+    fields = SUMMARY_FIELDS + list(dict.fromkeys(extra))
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def summary_rows(run_id: str, cfg: TrainConfig, results: list[MemberResult]) -> list[dict]:
+    return [{"run_id": run_id, "member": k, "name": r.name, "lr": r.lr, "wd": r.wd, "elr": r.lr * r.wd,
+             "batch_size": cfg.batch_size, "steps": r.steps, "tokens": r.tokens,
+             "final_train_loss": r.train_loss, "final_val_loss": r.val_loss, "status": r.status, **r.extra}
+            for k, r in enumerate(results)]
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None) -> list[dict]:
+    """Train every population of `spec` into `out` (resuming what is there); returns summary rows.
+
+    `progress(kind, **info)` receives ('start', total=...), ('advance', steps=...) and
+    ('population', run_id=..., skipped=bool) events.
+    """
+    spec.validate()
+    out = Path(out)
+    _check_spec(out, spec)
+    data = load_data(spec.data)
+    pops = spec.populations()
+    notify = progress or (lambda kind, **info: None)
+    notify("start", total=sum(cfg.steps for _, cfg in pops))
+    rows: list[dict] = []
+    for run_id, cfg in pops:
+        trainer = Trainer(cfg, data, out / "runs" / run_id, run_id=run_id)
+        trainer.resume()
+        done = trainer.step >= cfg.steps or not bool(trainer.alive.any())
+        notify("population", run_id=run_id, skipped=done, members=len(cfg.members))
+        notify("advance", steps=trainer.step if not done else cfg.steps)
+        if not done:
+            trainer.train(progress=lambda step: notify("advance", steps=1))
+        rows += summary_rows(run_id, cfg, trainer.results())
+        write_summary(out, rows)
+    return rows

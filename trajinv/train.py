@@ -1,0 +1,237 @@
+"""The trainer: one population of K members, checkpointed and resumable.
+
+Members share the model architecture, the batches (common random numbers) and
+the batch-size schedule; they differ in lr and wd only. One forward/backward of
+batched matmuls serves them all, one optimizer step updates them all.
+
+Determinism: the batch of step s is drawn from a generator seeded by (seed, s),
+so the data position is the step counter; with the model, optimizer and
+estimator state restored from a checkpoint, a resumed run reproduces the
+uninterrupted one bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from trajinv.checkpoint import SIDECAR, load_checkpoint, save_checkpoint
+from dataclasses import replace
+
+from trajinv.config import TrainConfig, to_dict
+from trajinv.data import TokenData, sample_batch, validation_batches
+from trajinv.model import GPT
+from trajinv.population_optim import build_optimizer
+from trajinv.schedules import BatchSchedule, lr_multiplier
+
+METRICS = "metrics.jsonl"
+
+
+@dataclass
+class MemberResult:
+    """Where one member ended."""
+
+    name: str
+    lr: float
+    wd: float
+    status: str  # 'done', 'diverged' or 'running' (stopped early)
+    steps: int
+    tokens: int
+    train_loss: float | None
+    val_loss: float | None
+    extra: dict = field(default_factory=dict)
+    """More summary columns (e.g. the gradient noise scale) when measured."""
+
+
+def _autocast(cfg: TrainConfig):
+    if cfg.dtype == "bf16":
+        return torch.autocast(device_type=cfg.device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class Trainer:
+    """Trains `cfg.members` on `data`, writing metrics and checkpoints into `run_dir`."""
+
+    def __init__(self, cfg: TrainConfig, data: TokenData, run_dir: str | Path, run_id: str = "run"):
+        cfg = replace(cfg, model=replace(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size))
+        cfg.validate()
+        if data.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"data vocabulary {data.vocab_size} exceeds model vocab_size {cfg.model.vocab_size}")
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but no CUDA device is available")
+        self.cfg, self.data, self.run_id = cfg, data, run_id
+        self.run_dir = Path(run_dir)
+        self.batches = BatchSchedule.parse(cfg.batch_size)
+        self.K = len(cfg.members)
+        dev = torch.device(cfg.device)
+        self.model = GPT(cfg.model, members=self.K).to(dev)
+        self.model.init_weights(torch.Generator(device="cpu").manual_seed(cfg.seed))
+        self.optimizer = build_optimizer(self.model, cfg.members, cfg.optim)
+        self.lrs = torch.tensor([m.lr for m in cfg.members])
+        self.wds = torch.tensor([m.wd for m in cfg.members])
+        self.val = validation_batches(data.val, cfg.model.context, cfg.eval_seqs, batch_size=64)
+        self.step = 0
+        self.tokens = 0
+        self.seconds = 0.0
+        self.alive = torch.ones(self.K, dtype=torch.bool)
+        self.last_train = torch.full((self.K,), math.nan)
+        self.last_val = torch.full((self.K,), math.nan)
+
+    # ----------------------------------------------------------------- state
+    def _state_tensors(self) -> dict[str, torch.Tensor]:
+        t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        t.update({f"optim.{k}": v for k, v in self.optimizer.state_tensors().items()})
+        t["alive"] = self.alive.to(torch.uint8)
+        t["last_train"], t["last_val"] = self.last_train, self.last_val
+        t["rng"] = torch.get_rng_state()
+        return t
+
+    def save(self) -> None:
+        meta = {"run_id": self.run_id, "tokens": self.tokens, "seconds": self.seconds, "config": to_dict(self.cfg)}
+        save_checkpoint(self.run_dir, self.step, self._state_tensors(), meta)
+
+    def has_checkpoint(self) -> bool:
+        return (self.run_dir / SIDECAR).exists()
+
+    def resume(self) -> bool:
+        """Load the run directory's checkpoint if there is one; drop metrics logged after it."""
+        ckpt = load_checkpoint(self.run_dir)
+        if ckpt is None:
+            return False
+        tensors, meta = ckpt
+        if meta["config"] != to_dict(self.cfg):
+            raise ValueError(f"checkpoint in {self.run_dir} was made by a different configuration; "
+                             "use a new output directory")
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.optimizer.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
+        self.alive = tensors["alive"].bool()
+        self.last_train, self.last_val = tensors["last_train"], tensors["last_val"]
+        torch.set_rng_state(tensors["rng"])
+        self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], meta["seconds"]
+        self._truncate_metrics(self.step)
+        return True
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / METRICS
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    # ------------------------------------------------------------- training
+    def _forward_backward(self, step: int, batch_size: int) -> torch.Tensor:
+        """Mean train loss per member (K,) over the step's batch; gradients in .grad."""
+        cfg = self.cfg
+        x, y = sample_batch(self.data.train, batch_size, cfg.model.context, cfg.seed, step)
+        x, y = x.to(cfg.device), y.to(cfg.device)
+        micro = cfg.micro_batch or batch_size
+        total = torch.zeros(self.K, device=cfg.device)
+        for p in self.model.parameters():
+            p.grad = None
+        for start in range(0, batch_size, micro):
+            xs, ys = x[start : start + micro], y[start : start + micro]
+            with _autocast(cfg):
+                _, loss = self.model(xs, ys)
+            # Each micro-batch's mean loss weighted by its share: the sum is the batch mean.
+            loss = loss * (xs.shape[0] / batch_size)
+            # Diverged members are frozen: keep their NaNs out of the backward.
+            torch.where(self.alive.to(loss.device), loss, 0.0).sum().backward()
+            total += loss.detach().float()
+        return total.cpu()
+
+    def _grad_norms(self) -> torch.Tensor:
+        sq = torch.zeros(self.K, device=self.cfg.device)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                sq += p.grad.float().pow(2).flatten(1).sum(1)
+        return sq.sqrt().cpu()
+
+    @torch.no_grad()
+    def evaluate(self) -> torch.Tensor:
+        """Mean validation loss per member over the fixed validation set."""
+        self.model.eval()
+        total, count = torch.zeros(self.K), 0
+        for x, y in self.val:
+            with _autocast(self.cfg):
+                _, loss = self.model(x.to(self.cfg.device), y.to(self.cfg.device))
+            total += loss.float().cpu() * x.shape[0]
+            count += x.shape[0]
+        self.model.train()
+        return total / count
+
+    def _log(self, f, record: dict) -> None:
+        f.write(json.dumps(record) + "\n")
+
+    def train(self, progress=None) -> list[MemberResult]:
+        """Run from the current step to cfg.steps; `progress(step)` is called after each step."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        clock = time.perf_counter() - self.seconds
+        with open(self.run_dir / METRICS, "a") as f:
+            while self.step < cfg.steps and bool(self.alive.any()):
+                step = self.step
+                bs = self.batches.at(step, cfg.steps)
+                mult = lr_multiplier(step, cfg.steps, cfg.schedule)
+                loss = self._forward_backward(step, bs)
+                finite = torch.isfinite(loss)
+                newly_dead = self.alive & ~finite
+                self.alive &= finite
+                grad_norm = self._grad_norms()
+                alive = self.alive.to(cfg.device)
+                for p in self.model.parameters():
+                    if p.grad is not None:
+                        p.grad.masked_fill_(~alive.view(-1, *([1] * (p.dim() - 1))), 0.0)
+                clip = torch.ones(self.K)
+                if cfg.optim.clip > 0:
+                    clip = torch.clamp(cfg.optim.clip / (grad_norm + 1e-6), max=1.0)
+                clip = torch.where(self.alive, torch.nan_to_num(clip, nan=0.0), 0.0)
+                stats = self.optimizer.step(mult, clip.to(cfg.device))
+                self.step += 1
+                self.tokens += bs * cfg.model.context
+                self.seconds = time.perf_counter() - clock
+                self.last_train = torch.where(finite, loss, self.last_train)
+                evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.steps
+                if evaluated:
+                    self.last_val = torch.where(self.alive, self.evaluate(), self.last_val)
+                if evaluated or self.step % cfg.log_every == 0 or bool(newly_dead.any()):
+                    self._write_metrics(f, mult, bs, loss, grad_norm, stats, evaluated, newly_dead)
+                    f.flush()
+                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
+                    f.flush()
+                    self.save()
+                if progress is not None:
+                    progress(self.step)
+        if not bool(self.alive.any()):
+            self.save()
+        return self.results()
+
+    def _write_metrics(self, f, mult, bs, loss, grad_norm, stats, evaluated, newly_dead) -> None:
+        sums = {key: sum(s[key] for s in stats.values()).cpu() for key in ("precond_grad_sq", "param_sq", "update_sq")}
+        for k, m in enumerate(self.cfg.members):
+            if not (self.alive[k] or newly_dead[k]):
+                continue
+            rec = {"run_id": self.run_id, "member": k, "name": m.name, "step": self.step, "tokens": self.tokens,
+                   "lr": m.lr * mult, "base_lr": m.lr, "wd": m.wd, "elr": m.elr, "batch_size": bs,
+                   "train_loss": _num(loss[k]), "val_loss": _num(self.last_val[k]) if evaluated else None,
+                   "grad_norm": _num(grad_norm[k]), "precond_grad_norm": _num(sums["precond_grad_sq"][k].sqrt()),
+                   "weight_norm": _num(sums["param_sq"][k].sqrt()), "update_norm": _num(sums["update_sq"][k].sqrt()),
+                   "seconds": round(self.seconds, 3), "status": "diverged" if newly_dead[k] else "running"}
+            self._log(f, rec)
+
+    def results(self) -> list[MemberResult]:
+        out = []
+        for k, m in enumerate(self.cfg.members):
+            status = "diverged" if not self.alive[k] else ("done" if self.step >= self.cfg.steps else "running")
+            out.append(MemberResult(m.name, m.lr, m.wd, status, self.step, self.tokens,
+                                    _num(self.last_train[k]), _num(self.last_val[k])))
+        return out
+
+
+def _num(x) -> float | None:
+    v = float(x)
+    return v if math.isfinite(v) else None
