@@ -103,13 +103,18 @@ def _adamw_body(
         s_u = tl.sum(upd * upd, axis=0)
     s_g = tl.sum(gg, axis=0)
     s_w = tl.sum(gg / p_prev, axis=0)
-    if MASTER:
-        out = p_new.to(p_ptr.dtype.element_ty)
-    elif SR:
+    if SR:
         bits = p_new.to(tl.uint32, bitcast=True)
         r = tl.randint(seed, offs) & 0xFFFF
         bits = (bits + r) & 0xFFFF0000
         out = bits.to(tl.float32, bitcast=True).to(p_ptr.dtype.element_ty)
+    elif p_ptr.dtype.element_ty == tl.bfloat16:
+        # Round to nearest even by hand: the interpreter's fp32->bf16 cast truncates,
+        # the GPU's rounds; after this the cast is exact on both.
+        bits = p_new.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        rne = tl.where(p_new == p_new, bits.to(tl.float32, bitcast=True), p_new)
+        out = rne.to(tl.bfloat16)
     else:
         out = p_new.to(p_ptr.dtype.element_ty)
     if MASKED:

@@ -1,0 +1,481 @@
+"""FusedAdamW: AdamW in one kernel launch per (device, dtype), with per-member lr/wd and statistics.
+
+Drop-in for ``torch.optim.AdamW`` (same maths, same state_dict keys and shapes:
+``step``, ``exp_avg``, ``exp_avg_sq``; state dicts load both ways) plus:
+
+* per-member hyperparameters: a group whose ``lr`` and/or ``weight_decay`` is a
+  sequence or 1-D tensor of length K treats the leading dim of each of its
+  params as a member axis (see DESIGN.md, "Population axis");
+* ``decay_mode="torch"`` (``p *= 1 - lr*wd``, ELR = lr*wd) or ``"independent"``
+  (``p *= 1 - wd * lr/lr_0``: wd follows the lr schedule's multiplier, with
+  ``lr_0 = group["initial_lr"]``, set at construction as torch's schedulers do);
+* statistics of every step, per parameter and member, read by
+  :meth:`FusedAdamW.statistics`: sums of g^2, g^2/P, p^2 and update^2, where g
+  is the unscaled gradient, P = sqrt(v_hat) + eps from the state *before* the
+  step (P = 1 on a tensor's first step: there is no state yet), p the updated
+  parameter and update = p_new - p_old (decay included, before 16-bit rounding);
+* 16-bit params with fp32 states, an fp32 master copy (``master_weights``) or
+  bf16 stochastic rounding (``stochastic_rounding``);
+* AMP: ``step(grad_scale=, found_inf=)`` (or the ``grad_scale``/``found_inf``
+  attributes GradScaler sets); grad_scale may be (K,) for member groups.
+
+Backends: ``"auto"`` runs the Triton kernel on CUDA tensors and torch's fused
+CPU AdamW (``torch._fused_adamw_``, one call per hyperparameter slot) plus
+foreach sums on CPU; ``"triton"`` forces the kernel (on CPU only under
+``TRITON_INTERPRET=1``, which the tests use); ``"torch"`` forces the CPU path.
+
+On the Triton path, ``opt.state[p]["step"]`` is refreshed from the device step
+counters by ``state_dict()`` and ``preconditioner()`` (refreshing it every step
+would cost a launch); read it through those.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from trajinv.flat_buffers import Bucket
+from trajinv.kernels import fused_adamw as K
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
+
+
+class AdamWStats(NamedTuple):
+    """Per-step sums for one parameter: shape (K,) for member groups, () otherwise, fp32."""
+
+    grad_sq: torch.Tensor
+    precond_grad_sq: torch.Tensor
+    param_sq: torch.Tensor
+    update_sq: torch.Tensor
+
+
+def _is_vector(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) or (isinstance(x, torch.Tensor) and x.dim() == 1)
+
+
+def _group_members(group: dict) -> int:
+    """K of a member group (lr or weight_decay given per member), else 1."""
+    ks = {len(group[k]) for k in ("lr", "weight_decay") if _is_vector(group[k])}
+    if len(ks) > 1:
+        raise ValueError(f"per-member lr and weight_decay differ in length: {sorted(ks)}")
+    return ks.pop() if ks else 1
+
+
+def _as_floats(x: Any, k: int) -> list[float]:
+    if isinstance(x, torch.Tensor):
+        x = x.tolist()
+    return [float(v) for v in x] if isinstance(x, (list, tuple)) else [float(x)] * k
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    """AdamW with one fused update per (device, dtype) and free per-member statistics (module doc)."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float | Sequence[float] | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float | Sequence[float] | torch.Tensor = 1e-2,
+        decay_mode: str = "torch",
+        backend: str = "auto",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        *,
+        track_statistics: bool = True,
+        seed: int = 0,
+        amsgrad: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        if amsgrad:
+            raise ValueError("FusedAdamW does not support amsgrad=True")
+        if maximize:
+            raise ValueError("FusedAdamW does not support maximize=True")
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+            raise ValueError("backend='triton' needs CUDA or TRITON_INTERPRET=1")
+        if master_weights and stochastic_rounding:
+            raise ValueError("choose master_weights or stochastic_rounding, not both")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_mode=decay_mode,
+            # torch.optim.AdamW's keys, so state dicts load into it unchanged
+            amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+        )
+        self.backend = backend
+        self.master_weights = master_weights
+        self.stochastic_rounding = stochastic_rounding
+        self.track_statistics = track_statistics
+        self.seed = int(seed)
+        self._buckets: list[Bucket] | None = None
+        self._stats: dict[torch.Tensor, AdamWStats] = {}
+        self._pending: list[tuple[Bucket, torch.Tensor, torch.Tensor, list[int]]] = []
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._check_group(group)
+        lr = group["lr"]
+        group.setdefault("initial_lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
+        self._buckets = None
+
+    def _check_group(self, group: dict) -> None:
+        if group["decay_mode"] not in ("torch", "independent"):
+            raise ValueError(f"decay_mode must be 'torch' or 'independent', got {group['decay_mode']!r}")
+        if group.get("amsgrad") or group.get("maximize"):
+            raise ValueError("FusedAdamW does not support amsgrad or maximize")
+        b1, b2 = (float(b) for b in group["betas"])
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {group['betas']}")
+        k = _group_members(group)
+        for p in group["params"]:
+            if p.is_sparse:
+                raise ValueError(f"FusedAdamW does not support sparse params (shape {tuple(p.shape)})")
+            if p.is_complex():
+                raise ValueError(f"FusedAdamW does not support complex params (dtype {p.dtype})")
+            if p.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"param dtype must be float32, bfloat16 or float16, got {p.dtype}")
+            if k > 1 and (p.dim() == 0 or p.shape[0] != k):
+                raise ValueError(f"param of shape {tuple(p.shape)} lacks the member axis of size {k}")
+            if self.stochastic_rounding and p.dtype == torch.float16:
+                raise ValueError("stochastic_rounding supports bfloat16 params, got float16")
+
+    def _use_triton(self, device: torch.device) -> bool:
+        return self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
+
+    # ---------------------------------------------------------------- buckets
+    def _layout_key(self) -> list:
+        return [(id(p), p.dtype, p.device, _group_members(g)) for g in self.param_groups for p in g["params"]]
+
+    def _build(self) -> None:
+        """(Re)build the flat buckets, carrying over any existing state (loaded or previous)."""
+        old = self._buckets or []
+        for b in old:
+            self._sync_steps(b)
+        by_key: dict[tuple, list] = {}
+        slot = 0
+        self._slot_of: list[tuple[int, int, int]] = []  # (group, first slot, K)
+        for gi, g in enumerate(self.param_groups):
+            k = _group_members(g)
+            self._slot_of.append((gi, slot, k))
+            for p in g["params"]:
+                by_key.setdefault((p.device, p.dtype), []).append((p, k, slot, gi))
+            slot += k
+        self._num_slots = slot
+        buckets = []
+        for (device, dtype), items in by_key.items():
+            b = Bucket(device, dtype, [i[0] for i in items], [i[1] for i in items], [i[2] for i in items],
+                       self._use_triton(device), self.master_weights)
+            b.groups = [i[3] for i in items]
+            for t, p in enumerate(b.params):
+                st = self.state.get(p, {})
+                if "exp_avg" in st:
+                    b.view(b.exp_avg, t).copy_(st["exp_avg"])
+                    b.view(b.exp_avg_sq, t).copy_(st["exp_avg_sq"])
+                    b.steps[t] = float(st["step"])
+                if b.master is not None:
+                    src = st.get("master_param", p.detach())
+                    b.view(b.master, t).copy_(src)
+                if b.use_triton:
+                    b.repoint(t)
+                    if p.grad is not None:
+                        b.view(b.flat_grad, t).copy_(p.grad)
+                        p.grad = b.view(b.flat_grad, t)
+                self._expose_state(b, t)
+            if b.use_triton:
+                b.counters.copy_(b.steps.to(b.counters.device).long() * b.nblk_dev)
+            buckets.append(b)
+        self._buckets = buckets
+        self._key = self._layout_key()
+
+    def _expose_state(self, b: Bucket, t: int) -> None:
+        st = {"step": b.steps[t], "exp_avg": b.view(b.exp_avg, t), "exp_avg_sq": b.view(b.exp_avg_sq, t)}
+        if b.master is not None:
+            st["master_param"] = b.view(b.master, t)
+        self.state[b.params[t]] = st
+
+    def _sync_steps(self, b: Bucket) -> None:
+        """Triton path: the step counters live in `b.counters` (units of blocks); refresh `steps`."""
+        if b.use_triton:
+            b.steps.copy_((b.counters // b.nblk_dev).to(b.steps.dtype))
+
+    def _ensure_buckets(self) -> list[Bucket]:
+        if self._buckets is None or self._layout_key() != self._key:
+            self._build()
+        return self._buckets
+
+    # ------------------------------------------------------------ hyperparams
+    def _hyper_rows(self, device: torch.device) -> torch.Tensor:
+        """(slots, 5) fp32 [lr, wd_eff, beta1, beta2, eps]; tensors stay on device (no host sync)."""
+        rows: list[torch.Tensor | list[list[float]]] = []
+        any_tensor = False
+        for gi, first, k in self._slot_of:
+            g = self.param_groups[gi]
+            if _group_members(g) != k:
+                raise ValueError(f"group {gi}: member count changed from {k} to {_group_members(g)}")
+            b1, b2 = (float(x) for x in g["betas"])
+            eps = float(g["eps"])
+            lr, wd, lr0 = g["lr"], g["weight_decay"], g.get("initial_lr", g["lr"])
+            if any(isinstance(x, torch.Tensor) for x in (lr, wd, lr0)):
+                any_tensor = True
+                t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device).reshape(-1).expand(k)
+                lr_t, wd_t = t(lr), t(wd)
+                if g["decay_mode"] == "independent":
+                    wd_t = wd_t / t(lr0)
+                rows.append(torch.stack([lr_t, wd_t] + [torch.full((k,), c, device=device) for c in (b1, b2, eps)], 1))
+            else:
+                lrs, wds = _as_floats(lr, k), _as_floats(wd, k)
+                if g["decay_mode"] == "independent":
+                    wds = [w / l0 if l0 else 0.0 for w, l0 in zip(wds, _as_floats(lr0, k))]
+                rows.append([K.hyper_row(a, w, b1, b2, eps) for a, w in zip(lrs, wds)])
+        if not any_tensor:
+            flat = [r for rs in rows for r in rs]
+            cpu = torch.tensor(flat, dtype=torch.float32).reshape(-1, K.N_HYPER)
+            return cpu.to(device, non_blocking=True) if device.type != "cpu" else cpu
+        parts = [r if isinstance(r, torch.Tensor) else torch.tensor(r, dtype=torch.float32, device=device).reshape(-1, K.N_HYPER) for r in rows]
+        return torch.cat(parts)
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None, *, grad_scale: torch.Tensor | float | None = None,
+             found_inf: torch.Tensor | None = None):
+        """One AdamW step over every param with a grad; grads are divided by `grad_scale`.
+
+        `found_inf > 0` skips the step (no state change, step counters stay), like
+        torch's fused AdamW; on the Triton path this is decided on the device.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        self._stats = {}
+        self._pending = []
+        for b in self._ensure_buckets():
+            active = [p.grad is not None for p in b.params]
+            if not any(active):
+                continue
+            for t, p in enumerate(b.params):
+                if p.grad is not None and (p.grad.is_sparse or p.grad.dtype != p.dtype):
+                    raise TypeError(f"grad of param {tuple(p.shape)} must be dense {p.dtype}, got {p.grad.dtype}")
+            gs = self._grad_scale_for(b, grad_scale)
+            inf = None if found_inf is None else found_inf.to(b.device, torch.float32).reshape(())
+            if b.use_triton:
+                self._step_triton(b, tuple(active), gs, inf)
+            else:
+                self._step_torch(b, active, gs, inf)
+        return loss
+
+    def _grad_scale_for(self, b: Bucket, grad_scale) -> torch.Tensor | None:
+        if grad_scale is None:
+            return None
+        gs = torch.as_tensor(grad_scale, dtype=torch.float32).to(b.device)
+        if gs.dim() == 1 and gs.numel() > 1:
+            bad = [tuple(p.shape) for p, k in zip(b.params, b.members) if k != gs.numel()]
+            if bad:
+                raise ValueError(f"grad_scale of shape {tuple(gs.shape)} needs member groups of that size; params {bad[:3]} are not")
+            return gs.contiguous()
+        return gs.reshape(())
+
+    def _step_triton(self, b: Bucket, active: tuple[bool, ...], gs, inf) -> None:
+        dst, src = [], []
+        for t, p in enumerate(b.params):
+            if not b.param_in_place(t):
+                b.repoint(t)
+            if active[t] and not b.grad_in_place(t):
+                v = b.view(b.flat_grad, t)
+                dst.append(v)
+                src.append(p.grad)
+                p.grad = v
+        if dst:
+            torch._foreach_copy_(dst, src)
+        blocks = b.blocks_for(active)
+        stats = torch.empty(blocks.shape[0], K.N_STATS, dtype=torch.float32, device=b.device)
+        K.fused_adamw_launch(
+            b.flat_param, b.flat_grad, b.exp_avg, b.exp_avg_sq, b.master, blocks,
+            self._hyper_rows(b.device), b.counters, stats, grad_scale=gs, found_inf=inf,
+            seed=self.seed, stochastic_rounding=self.stochastic_rounding and b.dtype == torch.bfloat16,
+        )
+        self._pending.append((b, stats, blocks, [t for t, a in enumerate(active) if a]))
+
+    def _step_torch(self, b: Bucket, active: list[bool], gs, inf) -> None:
+        if inf is not None and float(inf) > 0:
+            return
+        hyper = self._hyper_rows(b.device)
+        idx = [t for t, a in enumerate(active) if a]
+        b.steps[idx] += 1
+        sixteen = b.dtype != torch.float32
+        # per slot: lists of member views (torch's fused AdamW takes one lr per call)
+        per_slot: dict[int, list[tuple[int, int]]] = {}
+        P32, G, M, V, S = {}, {}, {}, {}, {}
+        for t in idx:
+            p = b.params[t]
+            k = b.members[t]
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+            if b.master is not None:
+                pw = b.member_views(b.master, t)
+            else:
+                pd = p.detach().float() if sixteen else p.detach()
+                pw = list(pd.reshape(k, -1).unbind(0)) if k > 1 else [pd.reshape(-1)]
+            g = p.grad.float() if sixteen else p.grad
+            gw = list(g.reshape(k, -1).unbind(0)) if k > 1 else [g.reshape(-1)]
+            mw, vw = b.member_views(b.exp_avg, t), b.member_views(b.exp_avg_sq, t)
+            for j in range(k):
+                seg = b.seg_start[t] + j
+                per_slot.setdefault(b.segments[seg].slot, []).append(seg)
+                P32[seg], G[seg], M[seg], V[seg], S[seg] = pw[j], gw[j], mw[j], vw[j], b.steps[t]
+        segs = [s for ss in per_slot.values() for s in ss]
+        track = self.track_statistics
+        if track:
+            pre = self._cpu_pre_stats(b, segs, G, V, hyper, gs)
+            p_old = torch._foreach_mul([P32[s] for s in segs], 1.0)
+        for slot, ss in per_slot.items():
+            lr, wd, b1, b2, eps = hyper[slot].tolist()
+            gslot = None
+            if gs is not None:
+                gslot = gs[b.segments[ss[0]].member] if gs.dim() == 1 else gs
+            torch._fused_adamw_(
+                [P32[s] for s in ss], [G[s] for s in ss], [M[s] for s in ss], [V[s] for s in ss], [],
+                [S[s] for s in ss], lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps,
+                amsgrad=False, maximize=False, grad_scale=gslot,
+            )
+        if sixteen:
+            for t in idx:
+                p = b.params[t]
+                src = b.view(b.master, t) if b.master is not None else None
+                if src is None:
+                    k = b.members[t]
+                    src = torch.cat([P32[b.seg_start[t] + j].reshape(-1) for j in range(k)]).view(p.shape)
+                if self.stochastic_rounding and b.dtype == torch.bfloat16:
+                    step = int(b.steps[t])
+                    p.data.copy_(stochastic_round_bf16(src, self.seed + 40503 * step + t))
+                else:
+                    p.data.copy_(src)
+        if track:
+            new = [P32[s] for s in segs]
+            psq = torch.stack(torch._foreach_norm(new)).square()
+            usq = torch.stack(torch._foreach_norm(torch._foreach_sub(new, p_old))).square()
+            rows = torch.stack([pre[0], pre[1], psq, usq], 1)
+            self._store_stats(b, segs, rows)
+
+    def _cpu_pre_stats(self, b, segs, G, V, hyper, gs) -> tuple[torch.Tensor, torch.Tensor]:
+        """sum g^2 and sum g^2/P per segment before the update (foreach ops, no flat temporaries)."""
+        g_list = [G[s] for s in segs]
+        gsq = torch.stack(torch._foreach_norm(g_list)).square()
+        # P = sqrt(v / (1 - beta2^(step-1))) + eps; P = 1 for a tensor's first step
+        coef, epss, first = [], [], []
+        for s in segs:
+            seg = b.segments[s]
+            _, _, _, b2, eps = hyper[seg.slot].tolist()
+            prev = float(b.steps[seg.tensor]) - 1
+            first.append(prev <= 0)
+            coef.append(1.0 / math.sqrt(1 - b2**prev) if prev > 0 else 0.0)
+            epss.append(eps if prev > 0 else 1.0)
+        P = torch._foreach_sqrt([V[s] for s in segs])
+        torch._foreach_mul_(P, coef)
+        torch._foreach_add_(P, epss)
+        torch._foreach_sqrt_(P)
+        w = torch.stack(torch._foreach_norm(torch._foreach_div(g_list, P))).square()
+        if gs is not None:
+            scale = gs[[b.segments[s].member for s in segs]] if gs.dim() == 1 else gs
+            gsq, w = gsq / scale**2, w / scale**2
+        return gsq, w
+
+    def _store_stats(self, b: Bucket, segs: list[int], rows: torch.Tensor) -> None:
+        full = torch.zeros(len(b.segments), K.N_STATS, dtype=torch.float32, device=rows.device)
+        full[segs] = rows.float()
+        self._stats.update(self._split_stats(b, full, sorted({b.segments[s].tensor for s in segs})))
+
+    def _split_stats(self, b: Bucket, per_seg: torch.Tensor, tensors: list[int]) -> dict:
+        out = {}
+        for t in tensors:
+            k = b.members[t]
+            rows = per_seg[b.seg_start[t] : b.seg_start[t] + k]
+            cols = rows.unbind(1)
+            out[b.params[t]] = AdamWStats(*(c if k > 1 else c.reshape(()) for c in cols))
+        return out
+
+    # -------------------------------------------------------------- read-outs
+    def statistics(self) -> dict[torch.Tensor, AdamWStats]:
+        """Statistics of the last `step()` for each param it updated (module doc for the definitions).
+
+        Each field is fp32, shape (K,) for member groups and () otherwise. On the
+        Triton path the per-block partial sums are reduced here (one small
+        segment sum), so a step that nobody reads pays nothing for it.
+        """
+        for b, stats, blocks, tensors in self._pending:
+            per_seg = K.reduce_block_stats(stats, blocks, len(b.segments))
+            self._stats.update(self._split_stats(b, per_seg, tensors))
+        self._pending = []
+        return dict(self._stats)
+
+    def preconditioner(self, p: torch.Tensor) -> torch.Tensor | None:
+        """1/(sqrt(v_hat)+eps) from the current state (the next step's "before" P), or None before any step."""
+        for b in self._buckets or []:
+            for t, q in enumerate(b.params):
+                if q is p:
+                    self._sync_steps(b)
+                    step = float(b.steps[t])
+                    if step <= 0:
+                        return None
+                    gi = b.groups[t]
+                    b2, eps = float(self.param_groups[gi]["betas"][1]), float(self.param_groups[gi]["eps"])
+                    v = b.view(b.exp_avg_sq, t)
+                    return 1.0 / ((v / (1 - b2**step)).sqrt() + eps)
+        return None
+
+    # ------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        for b in self._buckets or []:
+            self._sync_steps(b)
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load ours or torch.optim.AdamW's; states stay fp32 even for 16-bit params."""
+        saved = {i: {k: v for k, v in s.items() if k in _STATE_KEYS} for i, s in state_dict["state"].items()}
+        for b in self._buckets or []:
+            self._sync_steps(b)
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, st in saved.items():
+            p = params[i]
+            for key, val in st.items():
+                self.state[p][key] = val.to(device=p.device, dtype=torch.float32)
+            self.state[p]["step"] = torch.as_tensor(float(self.state[p]["step"]), dtype=torch.float32)
+        for g in self.param_groups:
+            g.setdefault("decay_mode", "torch")
+            g.setdefault("initial_lr", g["lr"])
+            self._check_group(g)
+        self._buckets = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch; with set_to_none=False the flat grad buffers are zeroed in one op and stay in place."""
+        if set_to_none or self._buckets is None:
+            return super().zero_grad(set_to_none)
+        for b in self._buckets:
+            for t, p in enumerate(b.params):
+                if p.grad is not None and not (b.use_triton and b.grad_in_place(t)):
+                    p.grad.zero_()
+            if b.use_triton:
+                b.flat_grad.zero_()
+
+
+def stochastic_round_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """fp32 -> bf16, rounding up with probability equal to the dropped fraction (unbiased)."""
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    bits = x.float().contiguous().view(torch.int32)
+    r = torch.randint(0, 1 << 16, bits.shape, generator=gen, device=x.device, dtype=torch.int32)
+    return ((bits + r) & -65536).view(torch.float32).to(torch.bfloat16)
