@@ -10,3 +10,33 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Token caches of the whole session go to one scratch folder, never the repo.
+os.environ.setdefault("TRAJINV_CACHE", tempfile.mkdtemp(prefix="trajinv-cache-"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """A small slice of the embedded stdlib corpus, tokenized once per session."""
+    from trajinv.data import DataConfig, load_data
+
+    return load_data(DataConfig(max_tokens=200_000))
+
+
+@pytest.fixture
+def tiny_train_config():
+    """A TrainConfig small enough for a few CPU steps per test."""
+    from trajinv.config import Member, ModelConfig, OptimConfig, TrainConfig
+
+    def make(**kw):
+        base = dict(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, context=16),
+                    members=(Member(1e-2, 0.1), Member(2e-2, 0.5)), steps=8, batch_size="4",
+                    optim=OptimConfig(name="torch"), eval_every=4, eval_seqs=8, log_every=1, checkpoint_every=3)
+        base.update(kw)
+        return TrainConfig(**base)
+
+    return make

@@ -1,0 +1,84 @@
+"""The click CLI: help with defaults, a tiny train and sweep, one-line errors for bad input."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+_spec = importlib.util.spec_from_file_location("trajinv_cli", Path(__file__).parents[1] / "cli.py")
+cli = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cli)
+
+TINY = ["--steps", "3", "--eval-every", "3", "--eval-seqs", "8", "--log-every", "1", "--checkpoint-every", "2",
+        "--warmup", "1"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("def f(x):\n    return x + 1\n" * 400)
+    return str(path)
+
+
+def run(*args):
+    return CliRunner().invoke(cli.main, list(args), catch_exceptions=False)
+
+
+@pytest.mark.parametrize("cmd", [[], ["train"], ["sweep"], ["analyze"]])
+def test_help_shows_defaults(cmd):
+    res = run(*cmd, "--help")
+    assert res.exit_code == 0
+    if cmd and cmd != ["analyze"]:
+        assert "[default: 800]" in res.output and "[default: tiny]" in res.output
+
+
+def test_train_then_resume(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    res = run("train", *TINY, "--data", corpus, "--lr", "0.01", "--wd", "0.1", "--lr", "0.02", "--wd", "0.1",
+              "--out", out, "--optimizer", "torch")
+    assert res.exit_code == 0, res.output
+    assert "lr=0.01,wd=0.1" in res.output and (Path(out) / "summary.csv").exists()
+    again = run("train", *TINY, "--data", corpus, "--lr", "0.01", "--wd", "0.1", "--lr", "0.02", "--wd", "0.1",
+                "--out", out, "--optimizer", "torch")
+    assert again.exit_code != 0 and "--resume" in again.output
+    resumed = run("train", *TINY, "--data", corpus, "--lr", "0.01", "--wd", "0.1", "--lr", "0.02", "--wd", "0.1",
+                  "--out", out, "--optimizer", "torch", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+
+
+def test_sweep_writes_summary_and_plots(corpus, tmp_path):
+    out = tmp_path / "sw"
+    res = run("sweep", *TINY, "--data", corpus, "--lr", "0.01", "--lr", "0.02", "--wd", "0.5", "--elr", "0.01",
+              "--batch-size", "4", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    assert (out / "summary.csv").exists() and (out / "val_loss_by_lr.png").exists()
+    assert (out / "val_loss_by_elr.png").exists() and "iso-ELR" in res.output
+    assert run("analyze", str(out)).exit_code == 0
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "--lr", "-0.1"], "-0.1"),
+    (["train", "--preset", "huge"], "huge"),
+    (["train", "--data", "/no/such/file.txt"], "/no/such/file.txt"),
+    (["train", "--lr", "0.1", "--lr", "0.2"], "pair"),
+    (["sweep", "--lr-log2", "3:1"], "3:1"),
+    (["train", "--batch-size", "8@2,16"], "8@2,16"),
+    (["analyze", "/no/such/sweep"], "/no/such/sweep"),
+])
+def test_bad_input_one_line_error(args, needle, tmp_path):
+    res = CliRunner().invoke(cli.main, args + ["--out", str(tmp_path / "o")] if args[0] != "analyze" else args)
+    assert res.exit_code != 0
+    lines = [line for line in res.output.strip().splitlines() if line.startswith("Error")]
+    assert len(lines) == 1 and needle in lines[0], res.output
+    assert "Traceback" not in res.output
+
+
+def test_sweep_dir_of_another_spec_keeps_its_files(corpus, tmp_path):
+    out = tmp_path / "sw"
+    base = ["sweep", *TINY, "--data", corpus, "--wd", "0.5", "--batch-size", "4", "--out", str(out), "--no-plots"]
+    assert run(*base, "--lr", "0.01").exit_code == 0
+    before = sorted(p.name for p in out.rglob("*"))
+    res = CliRunner().invoke(cli.main, base + ["--lr", "0.03"])
+    assert res.exit_code != 0 and "another spec" in res.output
+    assert sorted(p.name for p in out.rglob("*")) == before

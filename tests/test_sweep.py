@@ -1,0 +1,94 @@
+"""Sweep specs, populations, resume-by-rerun and the summary table."""
+
+import csv
+import json
+
+import pytest
+
+from trajinv.config import Member
+from trajinv.data import DataConfig
+from trajinv.sweep import SweepSpec, log2_range, run_sweep
+
+
+def test_log2_range():
+    assert log2_range("-3:-1") == (0.125, 0.25, 0.5)
+    assert log2_range("0:1:0.5") == pytest.approx((1.0, 2 ** 0.5, 2.0))
+    for bad in ("1", "2:1", "a:b", "0:1:0"):
+        with pytest.raises(ValueError, match="log2"):
+            log2_range(bad)
+
+
+def test_members_grid_and_iso_elr_lines_dedupe():
+    spec = SweepSpec(lrs=(0.01, 0.02), wds=(0.5, 1.0), elrs=(0.01,))
+    ms = spec.members()
+    # grid (4) + line elr=0.01 over lrs: (0.01, 1.0) already in grid, (0.02, 0.5) too
+    assert ms == (Member(0.01, 0.5), Member(0.01, 1.0), Member(0.02, 0.5), Member(0.02, 1.0))
+    line = SweepSpec(lrs=(0.01, 0.04), elrs=(0.02,)).members()
+    assert [m.elr for m in line] == pytest.approx([0.02, 0.02])
+
+
+def test_populations_split_by_batch_size_and_size():
+    spec = SweepSpec(lrs=(0.01, 0.02, 0.04), wds=(1.0,), batch_sizes=("8", "4@0.5,16"), population=2)
+    pops = spec.populations()
+    assert [rid for rid, _ in pops] == ["bs8-p0", "bs8-p1", "bs4at0.5-16-p0", "bs4at0.5-16-p1"]
+    assert [len(c.members) for _, c in pops] == [2, 1, 2, 1]
+    assert pops[2][1].batch_size == "4@0.5,16"
+
+
+@pytest.mark.parametrize("kw, match", [(dict(lrs=()), "lr"), (dict(wds=()), "--wd"), (dict(lrs=(-1.0,)), "-1"),
+                                       (dict(batch_sizes=("x",)), "x"), (dict(elrs=(0.0,), wds=()), "elr")])
+def test_bad_specs(kw, match):
+    base = dict(lrs=(0.01,), wds=(1.0,))
+    base.update(kw)
+    with pytest.raises(ValueError, match=match):
+        SweepSpec(**base).validate()
+
+
+def _spec(tiny_train_config, **kw):
+    base = dict(train=tiny_train_config(steps=4, checkpoint_every=2), data=DataConfig(max_tokens=200_000),
+                lrs=(0.01, 0.02), wds=(0.5,), elrs=(0.01,), batch_sizes=("4",))
+    base.update(kw)
+    return SweepSpec(**base)
+
+
+def test_sweep_writes_layout_and_rerun_skips(tiny_train_config, tmp_path):
+    spec = _spec(tiny_train_config)
+    rows = run_sweep(spec, tmp_path)
+    assert {r["name"] for r in rows} == {"lr=0.01,wd=0.5", "lr=0.01,wd=1", "lr=0.02,wd=0.5"}
+    assert (tmp_path / "spec.json").exists() and (tmp_path / "runs/bs4/metrics.jsonl").exists()
+    with open(tmp_path / "summary.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3 and all(r["status"] == "done" and r["steps"] == "4" for r in table)
+    before = (tmp_path / "runs/bs4/metrics.jsonl").read_text()
+    events = []
+    run_sweep(spec, tmp_path, progress=lambda kind, **info: events.append((kind, info)))
+    assert ("population", {"run_id": "bs4", "skipped": True, "members": 3}) in events
+    assert (tmp_path / "runs/bs4/metrics.jsonl").read_text() == before
+
+
+def test_sweep_resumes_unfinished_population(tiny_train_config, tmp_path):
+    spec = _spec(tiny_train_config, batch_sizes=("4",))
+    full = run_sweep(spec, tmp_path / "full")
+
+    class Stop(Exception):
+        pass
+
+    def stop(kind, **info):
+        if kind == "advance" and info["steps"] == 1:
+            stop.n = getattr(stop, "n", 0) + 1
+            if stop.n == 3:
+                raise Stop
+
+    with pytest.raises(Stop):
+        run_sweep(spec, tmp_path / "cut", progress=stop)
+    resumed = run_sweep(spec, tmp_path / "cut")
+    assert [r["final_val_loss"] for r in resumed] == [r["final_val_loss"] for r in full]
+
+
+def test_sweep_dir_of_another_spec_is_refused(tiny_train_config, tmp_path):
+    run_sweep(_spec(tiny_train_config), tmp_path)
+    spec_before = (tmp_path / "spec.json").read_text()
+    with pytest.raises(ValueError, match="another spec"):
+        run_sweep(_spec(tiny_train_config, lrs=(0.03,)), tmp_path)
+    assert (tmp_path / "spec.json").read_text() == spec_before
+    assert json.loads(spec_before)["lrs"] == [0.01, 0.02]

@@ -1,0 +1,121 @@
+"""The trainer: metrics, resume bit-identical, divergence, accumulation, schedules, checkpoints."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from trajinv.checkpoint import load_checkpoint, save_checkpoint
+from trajinv.config import Member, OptimConfig
+from trajinv.train import METRICS, Trainer
+
+
+class _Stop(Exception):
+    pass
+
+
+def _records(path):
+    return [json.loads(line) for line in (path / METRICS).read_text().splitlines()]
+
+
+def _strip(rec):
+    return {k: v for k, v in rec.items() if k != "seconds"}
+
+
+def test_metrics_lines_per_step_and_member(tiny_data, tiny_train_config, tmp_path):
+    cfg = tiny_train_config()
+    results = Trainer(cfg, tiny_data, tmp_path).train()
+    recs = _records(tmp_path)
+    assert len(recs) == cfg.steps * 2
+    r = recs[-1]
+    for key in ("step", "tokens", "lr", "wd", "elr", "batch_size", "train_loss", "val_loss", "grad_norm",
+                "weight_norm", "update_norm", "precond_grad_norm", "seconds"):
+        assert key in r, key
+    assert r["elr"] == pytest.approx(2e-2 * 0.5) and r["tokens"] == 8 * 4 * 16
+    assert [x["val_loss"] is not None for x in recs if x["member"] == 0] == [s % 4 == 0 for s in range(1, 9)]
+    assert all(res.status == "done" and res.val_loss < math.log(256) for res in results)
+
+
+@pytest.mark.parametrize("optimizer", ["torch", "fused"])
+def test_resume_is_bit_identical(tiny_data, tiny_train_config, tmp_path, optimizer):
+    cfg = tiny_train_config(optim=OptimConfig(name=optimizer), steps=10)
+    Trainer(cfg, tiny_data, tmp_path / "a").train()
+
+    def stop_at_7(step):
+        if step == 7:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        Trainer(cfg, tiny_data, tmp_path / "b").train(progress=stop_at_7)
+    resumed = Trainer(cfg, tiny_data, tmp_path / "b")
+    assert resumed.resume() and resumed.step == 6  # last checkpoint; metrics of step 7 dropped
+    resumed.train()
+    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
+    assert [_strip(r) for r in a] == [_strip(r) for r in b]
+
+
+def test_resume_refuses_another_config(tiny_data, tiny_train_config, tmp_path):
+    Trainer(tiny_train_config(steps=3), tiny_data, tmp_path).train()
+    with pytest.raises(ValueError, match="different configuration"):
+        Trainer(tiny_train_config(steps=4), tiny_data, tmp_path).resume()
+
+
+def test_diverged_member_is_frozen_and_others_go_on(tiny_data, tiny_train_config, tmp_path):
+    cfg = tiny_train_config(members=(Member(1e-2, 0.1), Member(1e6, 0.0)), steps=6, optim=OptimConfig(clip=0.0))
+    tr = Trainer(cfg, tiny_data, tmp_path)
+    # Blow up member 1 directly: NaN weights make its loss NaN at the first step.
+    with torch.no_grad():
+        tr.model.head[1].fill_(float("nan"))
+    results = tr.train()
+    assert results[0].status == "done" and results[1].status == "diverged"
+    assert math.isfinite(results[0].val_loss)
+    recs = _records(tmp_path)
+    dead = [r for r in recs if r["member"] == 1]
+    assert len(dead) == 1 and dead[0]["status"] == "diverged" and dead[0]["train_loss"] is None
+    assert len([r for r in recs if r["member"] == 0]) == 6
+
+
+def test_gradient_accumulation_matches_whole_batch(tiny_data, tiny_train_config, tmp_path):
+    whole = Trainer(tiny_train_config(steps=3), tiny_data, tmp_path / "w").train()
+    micro = Trainer(tiny_train_config(steps=3, micro_batch=1), tiny_data, tmp_path / "m").train()
+    for a, b in zip(whole, micro):
+        assert a.val_loss == pytest.approx(b.val_loss, rel=1e-4)
+
+
+def test_batch_size_schedule_changes_tokens(tiny_data, tiny_train_config, tmp_path):
+    tr = Trainer(tiny_train_config(steps=4, batch_size="2@0.5,4"), tiny_data, tmp_path)
+    tr.train()
+    assert [r["batch_size"] for r in _records(tmp_path) if r["member"] == 0] == [2, 2, 4, 4]
+    assert tr.tokens == (2 + 2 + 4 + 4) * 16
+
+
+def test_bf16_autocast_trains_on_cpu(tiny_data, tiny_train_config, tmp_path):
+    results = Trainer(tiny_train_config(steps=2, dtype="bf16"), tiny_data, tmp_path).train()
+    assert all(math.isfinite(r.train_loss) for r in results)
+
+
+def test_members_match_single_runs(tiny_data, tiny_train_config, tmp_path):
+    """A K=2 population trains each member exactly as a K=1 run would."""
+    cfg = tiny_train_config(steps=4)
+    pop = Trainer(cfg, tiny_data, tmp_path / "pop").train()
+    for k, m in enumerate(cfg.members):
+        one = Trainer(tiny_train_config(steps=4, members=(m,)), tiny_data, tmp_path / f"one{k}").train()
+        assert one[0].val_loss == pytest.approx(pop[k].val_loss, rel=1e-4)
+
+
+def test_checkpoint_commit_is_atomic(tmp_path):
+    save_checkpoint(tmp_path, 1, {"x": torch.ones(2)}, {"a": 1})
+    save_checkpoint(tmp_path, 2, {"x": torch.zeros(2)}, {"a": 2})
+    tensors, meta = load_checkpoint(tmp_path)
+    assert meta["step"] == 2 and torch.equal(tensors["x"], torch.zeros(2))
+    assert len(list(tmp_path.glob("checkpoint-*.safetensors"))) == 1
+    assert load_checkpoint(tmp_path / "none") is None
+
+
+def test_vocab_too_small_is_rejected(tiny_data, tiny_train_config, tmp_path):
+    from trajinv.config import ModelConfig
+
+    cfg = tiny_train_config(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, context=16, vocab_size=100))
+    with pytest.raises(ValueError, match="256"):
+        Trainer(cfg, tiny_data, tmp_path)
