@@ -119,3 +119,15 @@ def test_vocab_too_small_is_rejected(tiny_data, tiny_train_config, tmp_path):
     cfg = tiny_train_config(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, context=16, vocab_size=100))
     with pytest.raises(ValueError, match="256"):
         Trainer(cfg, tiny_data, tmp_path)
+
+
+@pytest.mark.parametrize("decay_mode", ["torch", "independent"])
+def test_fused_and_torch_optimizers_agree(tiny_data, tiny_train_config, tmp_path, decay_mode):
+    runs = {}
+    for name in ("torch", "fused"):
+        cfg = tiny_train_config(steps=6, optim=OptimConfig(name=name, decay_mode=decay_mode))
+        Trainer(cfg, tiny_data, tmp_path / name).train()
+        runs[name] = _records(tmp_path / name)
+    for a, b in zip(runs["torch"], runs["fused"]):
+        for key in ("train_loss", "grad_norm", "precond_grad_norm", "weight_norm", "update_norm"):
+            assert a[key] == pytest.approx(b[key], rel=2e-4), key

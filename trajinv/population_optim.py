@@ -118,8 +118,51 @@ class TorchPopulationAdamW:
                                      "exp_avg_sq": tensors[f"{name}.exp_avg_sq"][k].clone()}
 
 
+class FusedPopulationAdamW:
+    def __init__(self, model: torch.nn.Module, members: tuple[Member, ...], cfg: OptimConfig):
+        from trajinv.optim import FusedAdamW
+
+        self.cfg = cfg
+        decayed, plain = _decay_split(model, cfg)
+        self.base_lr = [m.lr for m in members]
+        groups = [{"params": [p for _, p in params], "lr": list(self.base_lr), "weight_decay": wds}
+                  for params, wds in ((decayed, [m.wd for m in members]), (plain, 0.0)) if params]
+        self.opt = FusedAdamW(groups, betas=cfg.betas, eps=cfg.eps, decay_mode=cfg.decay_mode)
+        self.order = [name for params in (decayed, plain) for name, _ in params]
+        self.named = dict(model.named_parameters())
+        self.name_of = {id(p): name for name, p in self.named.items()}
+
+    def preconditioner(self, name: str) -> torch.Tensor | None:
+        return self.opt.preconditioner(self.named[name])
+
+    @torch.no_grad()
+    def step(self, lr_mult: float, clip_coef: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        for g in self.opt.param_groups:
+            g["lr"] = [lr * lr_mult for lr in self.base_lr]
+        # Clipping rides along as a per-member grad scale (no extra pass over the grads);
+        # frozen (diverged) members have coef 0 and zeroed grads: scale 1 keeps them finite.
+        scale = torch.where(clip_coef > 0, 1.0 / clip_coef.clamp(min=1e-30), 1.0)
+        self.opt.step(grad_scale=scale)
+        unclip = scale.pow(2)
+        out = {}
+        for p, st in self.opt.statistics().items():
+            out[self.name_of[id(p)]] = {"grad_sq": st.grad_sq * unclip, "precond_grad_sq": st.precond_grad_sq * unclip,
+                         "param_sq": st.param_sq, "update_sq": st.update_sq}
+        return out
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        state = self.opt.state_dict()["state"]
+        return {f"{self.order[i]}.{key}": torch.as_tensor(v) for i, st in state.items() for key, v in st.items()}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        sd = self.opt.state_dict()
+        sd["state"] = {i: {key: tensors[f"{name}.{key}"] for key in ("step", "exp_avg", "exp_avg_sq")}
+                       for i, name in enumerate(self.order) if f"{name}.step" in tensors}
+        self.opt.load_state_dict(sd)
+
+
 def build_optimizer(model: torch.nn.Module, members: tuple[Member, ...], cfg: OptimConfig) -> PopulationOptimizer:
     cfg.validate()
     if cfg.name == "torch":
         return TorchPopulationAdamW(model, members, cfg)
-    return TorchPopulationAdamW(model, members, cfg)  # TODO fused
+    return FusedPopulationAdamW(model, members, cfg)
