@@ -310,87 +310,124 @@ class FusedAdamW(torch.optim.Optimizer):
         )
         self._pending.append((b, stats, blocks, [t for t, a in enumerate(active) if a]))
 
+    def _cpu_plan(self, b: Bucket, active: tuple[bool, ...]) -> dict:
+        """Per active set: the segments of each hyperparameter slot, and cached state views."""
+        plan = b.cpu_plans.get(active) if hasattr(b, "cpu_plans") else None
+        if plan is None:
+            if not hasattr(b, "cpu_plans"):
+                b.cpu_plans = {}
+                b.m_views = [b.member_views(b.exp_avg, t) for t in range(len(b.params))]
+                b.v_views = [b.member_views(b.exp_avg_sq, t) for t in range(len(b.params))]
+                b.step_views = list(b.steps.unbind(0))
+                b.w_views = [b.member_views(b.master, t) for t in range(len(b.params))] if b.master is not None else None
+            per_slot: dict[int, list[tuple[int, int]]] = {}
+            for t, a in enumerate(active):
+                if a:
+                    for j in range(b.members[t]):
+                        per_slot.setdefault(b.segments[b.seg_start[t] + j].slot, []).append((t, j))
+            idx = [t for t, a in enumerate(active) if a]
+            order = [tj for tjs in per_slot.values() for tj in tjs]
+            plan = dict(
+                idx=idx, per_slot=per_slot, order=order,
+                segs=[b.seg_start[t] + j for t, j in order],
+                m=[b.m_views[t][j] for t, j in order], v=[b.v_views[t][j] for t, j in order],
+                steps=[b.step_views[t] for t in idx], all=all(active),
+            )
+            if self.track_statistics:
+                # persistent scratch: fresh allocations each step cost more than the maths on CPU
+                if not hasattr(b, "scratch"):
+                    b.scratch = torch.empty(2, b.total, dtype=torch.float32, device=b.device)
+                s1 = [b.member_views(b.scratch[0], t) for t in range(len(b.params))]
+                s2 = [b.member_views(b.scratch[1], t) for t in range(len(b.params))]
+                plan["s1"] = [s1[t][j] for t, j in order]
+                plan["s2"] = [s2[t][j] for t, j in order]
+            b.cpu_plans[active] = plan
+        return plan
+
     def _step_torch(self, b: Bucket, active: list[bool], gs, inf) -> None:
-        if inf is not None and float(inf) > 0:
+        """CPU path: torch's fused CPU AdamW, one call per hyperparameter slot, on fp32 views."""
+        plan = self._cpu_plan(b, tuple(active))
+        if inf is not None and float(inf) > 0:  # skipped: zero statistics, as the kernel writes
+            self._store_stats(b, plan["segs"], torch.zeros(len(plan["segs"]), K.N_STATS))
             return
-        hyper = self._hyper_rows(b.device)
-        idx = [t for t, a in enumerate(active) if a]
-        b.steps[idx] += 1
+        hyper = self._hyper_rows(b.device).tolist()
+        if plan["all"]:
+            b.steps += 1
+        else:
+            torch._foreach_add_(plan["steps"], 1.0)
         sixteen = b.dtype != torch.float32
-        # per slot: lists of member views (torch's fused AdamW takes one lr per call)
-        per_slot: dict[int, list[tuple[int, int]]] = {}
-        P32, G, M, V, S = {}, {}, {}, {}, {}
-        for t in idx:
-            p = b.params[t]
-            k = b.members[t]
-            if not p.is_contiguous():
-                p.data = p.data.contiguous()
-            if b.master is not None:
-                pw = b.member_views(b.master, t)
+        # fp32 work tensors, member-split: params (or master copy) and grads
+        pw: dict[int, list[torch.Tensor]] = {}
+        gw: dict[int, list[torch.Tensor]] = {}
+        for t in plan["idx"]:
+            p, k = b.params[t], b.members[t]
+            if b.w_views is not None:
+                pw[t] = b.w_views[t]
             else:
                 pd = p.detach().float() if sixteen else p.detach()
-                pw = list(pd.reshape(k, -1).unbind(0)) if k > 1 else [pd.reshape(-1)]
+                pw[t] = [pd] if k == 1 else list(pd.reshape(k, -1).unbind(0))
             g = p.grad.float() if sixteen else p.grad
-            gw = list(g.reshape(k, -1).unbind(0)) if k > 1 else [g.reshape(-1)]
-            mw, vw = b.member_views(b.exp_avg, t), b.member_views(b.exp_avg_sq, t)
-            for j in range(k):
-                seg = b.seg_start[t] + j
-                per_slot.setdefault(b.segments[seg].slot, []).append(seg)
-                P32[seg], G[seg], M[seg], V[seg], S[seg] = pw[j], gw[j], mw[j], vw[j], b.steps[t]
-        segs = [s for ss in per_slot.values() for s in ss]
+            gw[t] = [g] if k == 1 else list(g.reshape(k, -1).unbind(0))
+        order = plan["order"]
+        P = [pw[t][j] for t, j in order]
+        G = [gw[t][j] for t, j in order]
         track = self.track_statistics
         if track:
-            pre = self._cpu_pre_stats(b, segs, G, V, hyper, gs)
-            p_old = torch._foreach_mul([P32[s] for s in segs], 1.0)
-        for slot, ss in per_slot.items():
-            lr, wd, b1, b2, eps = hyper[slot].tolist()
+            if "s1" not in plan:  # statistics switched on after the plan was made
+                b.cpu_plans.clear()
+                plan = self._cpu_plan(b, tuple(active))
+            pre = self._cpu_pre_stats(b, plan, G, hyper, gs)
+            p_old = plan["s2"]
+            torch._foreach_copy_(p_old, P)
+        start = 0
+        for slot, tjs in plan["per_slot"].items():
+            lr, wd, b1, b2, eps = hyper[slot]
+            sl = slice(start, start + len(tjs))
+            start += len(tjs)
             gslot = None
             if gs is not None:
-                gslot = gs[b.segments[ss[0]].member] if gs.dim() == 1 else gs
+                gslot = gs[tjs[0][1]] if gs.dim() == 1 else gs
             torch._fused_adamw_(
-                [P32[s] for s in ss], [G[s] for s in ss], [M[s] for s in ss], [V[s] for s in ss], [],
-                [S[s] for s in ss], lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps,
-                amsgrad=False, maximize=False, grad_scale=gslot,
+                P[sl], G[sl], plan["m"][sl], plan["v"][sl], [], [b.step_views[t] for t, _ in tjs],
+                lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
+                grad_scale=gslot,
             )
         if sixteen:
-            for t in idx:
-                p = b.params[t]
-                src = b.view(b.master, t) if b.master is not None else None
-                if src is None:
-                    k = b.members[t]
-                    src = torch.cat([P32[b.seg_start[t] + j].reshape(-1) for j in range(k)]).view(p.shape)
+            for t in plan["idx"]:
+                p, k = b.params[t], b.members[t]
+                src = b.view(b.master, t) if b.master is not None else (
+                    pw[t][0] if k == 1 else torch.stack(pw[t]).view(p.shape))
                 if self.stochastic_rounding and b.dtype == torch.bfloat16:
-                    step = int(b.steps[t])
-                    p.data.copy_(stochastic_round_bf16(src, self.seed + 40503 * step + t))
+                    p.data.copy_(stochastic_round_bf16(src, self.seed + 40503 * int(b.steps[t]) + t))
                 else:
                     p.data.copy_(src)
         if track:
-            new = [P32[s] for s in segs]
-            psq = torch.stack(torch._foreach_norm(new)).square()
-            usq = torch.stack(torch._foreach_norm(torch._foreach_sub(new, p_old))).square()
-            rows = torch.stack([pre[0], pre[1], psq, usq], 1)
-            self._store_stats(b, segs, rows)
+            psq = torch.stack(torch._foreach_norm(P)).square()
+            torch._foreach_sub_(p_old, P)
+            usq = torch.stack(torch._foreach_norm(p_old)).square()
+            self._store_stats(b, plan["segs"], torch.stack([pre[0], pre[1], psq, usq], 1))
 
-    def _cpu_pre_stats(self, b, segs, G, V, hyper, gs) -> tuple[torch.Tensor, torch.Tensor]:
-        """sum g^2 and sum g^2/P per segment before the update (foreach ops, no flat temporaries)."""
-        g_list = [G[s] for s in segs]
-        gsq = torch.stack(torch._foreach_norm(g_list)).square()
-        # P = sqrt(v / (1 - beta2^(step-1))) + eps; P = 1 for a tensor's first step
-        coef, epss, first = [], [], []
-        for s in segs:
+    def _cpu_pre_stats(self, b, plan, G, hyper, gs) -> tuple[torch.Tensor, torch.Tensor]:
+        """sum g^2 and sum g^2/P per segment before the update (foreach ops)."""
+        gsq = torch.stack(torch._foreach_norm(G)).square()
+        # P = sqrt(v / (1 - beta2^(step-1))) + eps; P = 1 on a tensor's first step
+        steps = b.steps.tolist()
+        coef, epss = [], []
+        for s in plan["segs"]:
             seg = b.segments[s]
-            _, _, _, b2, eps = hyper[seg.slot].tolist()
-            prev = float(b.steps[seg.tensor]) - 1
-            first.append(prev <= 0)
+            b2, eps = hyper[seg.slot][3], hyper[seg.slot][4]
+            prev = steps[seg.tensor] - 1
             coef.append(1.0 / math.sqrt(1 - b2**prev) if prev > 0 else 0.0)
             epss.append(eps if prev > 0 else 1.0)
-        P = torch._foreach_sqrt([V[s] for s in segs])
+        torch.sqrt(b.exp_avg_sq, out=b.scratch[0])
+        P = plan["s1"]
         torch._foreach_mul_(P, coef)
         torch._foreach_add_(P, epss)
-        torch._foreach_sqrt_(P)
-        w = torch.stack(torch._foreach_norm(torch._foreach_div(g_list, P))).square()
+        b.scratch[0].rsqrt_()
+        torch._foreach_mul_(P, G)
+        w = torch.stack(torch._foreach_norm(P)).square()
         if gs is not None:
-            scale = gs[[b.segments[s].member for s in segs]] if gs.dim() == 1 else gs
+            scale = gs[[b.segments[s].member for s in plan["segs"]]] if gs.dim() == 1 else gs
             gsq, w = gsq / scale**2, w / scale**2
         return gsq, w
 
