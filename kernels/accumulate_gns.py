@@ -91,13 +91,12 @@ def accumulate_grad_with_norms_reference(
 
 def _torch_path(acc, grad, precond, members):
     acc.add_(grad)
-    g = grad.float().reshape(members, 1, -1)
-    # Batched dot products: no g^2 temporary.
-    s_1 = torch.bmm(g, g.transpose(1, 2)).view(members)
+    g2 = grad.float().reshape(members, -1).square()
+    s_1 = g2.sum(1)
     if precond is None:
         return s_1.clone(), s_1
-    gw = g * precond.float().reshape(members, 1, -1)
-    return torch.bmm(gw, g.transpose(1, 2)).view(members), s_1
+    # vecdot, not bmm: a (members, 1, M) @ (members, M, 1) bmm is ~5x slower on CPU.
+    return torch.linalg.vecdot(g2, precond.float().reshape(members, -1)), s_1
 
 
 def _triton_path(acc, grad, precond, members):

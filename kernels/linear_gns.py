@@ -43,7 +43,7 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # CPU path: per-example tiles are formed this many bytes at a time (fp32), so
 # memory stays bounded whatever n is, while batches stay big enough for BLAS.
-_CPU_CHUNK_BYTES = 32 * 2**20
+_CPU_CHUNK_BYTES = 4 * 2**20
 
 
 @triton.jit
@@ -51,13 +51,15 @@ def _linear_gns_kernel(
     a_ptr,  # (K, N, T, IN) activations, contiguous
     gy_ptr,  # (K, N, T, OUT) output gradients, contiguous
     w_ptr,  # (K, OUT, IN) positive preconditioner (unused when HAS_W is False)
-    dw_ptr,  # (K, OUT, IN) fp32 weight gradient (written)
+    dw_ptr,  # (SPLITS, K, OUT, IN) fp32 weight gradient, one slab per example split (written)
     sw_ptr,  # (K, N, P) fp32 per-program partial sum_ij W C_n^2 (written)
     s1_ptr,  # (K, N, P) fp32 per-program partial sum_ij C_n^2 (written)
     N,
     T,
     OUT,
     IN,
+    SPLITS,  # example ranges per member, each its own program (fills the GPU when K * tiles is small)
+    N_PER,  # examples per split
     HAS_W: tl.constexpr,
     UPCAST: tl.constexpr,  # cast operands to fp32 before tl.dot (fp32 inputs, or the interpreter)
     PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 operands
@@ -65,7 +67,8 @@ def _linear_gns_kernel(
     BLOCK_I: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
-    k = tl.program_id(0)
+    k = tl.program_id(0) // SPLITS
+    split = tl.program_id(0) % SPLITS
     pid_o = tl.program_id(1)
     pid_i = tl.program_id(2)
     n_i = tl.num_programs(2)
@@ -86,7 +89,8 @@ def _linear_gns_kernel(
         w_tile = tl.load(w_ptr + w_off, mask=mask_oi, other=0.0).to(tl.float32)
 
     dw = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-    for n in range(0, N):
+    n_end = tl.minimum(N, (split + 1) * N_PER)
+    for n in range(split * N_PER, n_end):
         row0 = (k64 * N + n) * T  # first token row of example n in member k
         c = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
@@ -112,7 +116,7 @@ def _linear_gns_kernel(
         tl.store(s1_ptr + part, tl.sum(tl.sum(c2, axis=1), axis=0))
         if HAS_W:
             tl.store(sw_ptr + part, tl.sum(tl.sum(w_tile * c2, axis=1), axis=0))
-    tl.store(dw_ptr + w_off, dw, mask=mask_oi)
+    tl.store(dw_ptr + split.to(tl.int64) * (tl.num_programs(0) // SPLITS) * OUT * IN + w_off, dw, mask=mask_oi)
 
 
 def _check(a: torch.Tensor, gy: torch.Tensor, precond: torch.Tensor | None) -> None:
@@ -145,36 +149,59 @@ def linear_weight_grad_with_norms_reference(
     return c.sum(1), s_w, s_1
 
 
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
 def _torch_path(
     a: torch.Tensor, gy: torch.Tensor, precond: torch.Tensor | None, per_example: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Batched matmul over chunks of examples: the same GEMM flops as the plain
-    # weight gradient, plus one elementwise pass over each chunk of tiles.
+    # weight gradient, plus cheap passes over each chunk of tiles while it is
+    # still in cache. Tiles are formed transposed, C_n^T = A_n^T Gy_n (in, out):
+    # CPU BLAS runs that layout about twice as fast for these short (t-long)
+    # reductions, and norms do not care about the transpose.
     K, N, T, d_in = a.shape
     d_out = gy.shape[3]
-    dw = torch.zeros(K, d_out, d_in, dtype=torch.float32, device=a.device)
-    s_w = torch.zeros(K, N, dtype=torch.float32, device=a.device)
-    s_1 = torch.zeros(K, N, dtype=torch.float32, device=a.device)
-    if N * T == 0 or d_out * d_in == 0:
-        return dw, (s_w if per_example else s_w.sum(1)), (s_1 if per_example else s_1.sum(1))
-    chunk = max(1, _CPU_CHUNK_BYTES // (4 * K * d_out * d_in))
-    gyt = gy.transpose(2, 3)  # (K, N, out, T): a view, BLAS takes the transpose for free
-    w_flat = None if precond is None else precond.float().reshape(K, d_out * d_in, 1)
-    for n0 in range(0, N, chunk):
-        n1 = min(N, n0 + chunk)
-        c = torch.matmul(gyt[:, n0:n1].float(), a[:, n0:n1].float())  # (K, c, out, in)
-        dw += c.sum(1)
-        c.square_()  # in place: no second (K, c, out, in) buffer
-        flat = c.view(K, n1 - n0, d_out * d_in)
-        s_1[:, n0:n1] = flat.sum(-1)
-        if w_flat is not None:
-            # (K, c, M) @ (K, M, 1): one GEMV per member, no broadcast copies.
-            s_w[:, n0:n1] = torch.bmm(flat, w_flat)[..., 0]
+    M = d_out * d_in
+    empty = N * T == 0 or M == 0
+    alloc = torch.zeros if empty else torch.empty  # every element is written below otherwise
+    dw_t = alloc(K, d_in, d_out, dtype=torch.float32, device=a.device)
+    s_w = alloc(K, N, dtype=torch.float32, device=a.device)
+    s_1 = alloc(K, N, dtype=torch.float32, device=a.device)
+    if not empty:
+        chunk = max(1, min(N, _CPU_CHUNK_BYTES // (4 * M)))
+        buf = torch.empty(chunk, d_in, d_out, dtype=torch.float32, device=a.device)
+        ones = torch.ones(1, chunk, dtype=torch.float32, device=a.device)
+        w_t = None if precond is None else precond.float().transpose(1, 2).reshape(K, M)
+        for k in range(K):
+            # Per member: a[k, n0:n1]^T is a strided (c, in, T) view that bmm takes
+            # without a copy (a 4-D matmul over (K, c) would copy when c < N).
+            at = a[k].transpose(1, 2)
+            dw_k = dw_t[k].view(1, M)
+            for n0 in range(0, N, chunk):
+                n1 = min(N, n0 + chunk)
+                c = n1 - n0
+                ct = buf[:c]  # reused: no fresh (page-faulting) allocation per chunk
+                torch.bmm(_f32(at[n0:n1]), _f32(gy[k, n0:n1]), out=ct)  # (c, in, out)
+                # Each pass below reads the chunk while it is in cache, writing
+                # through out= (these layers are small on CPU, so temporaries
+                # and copies are a visible share of the cost). Measured: these
+                # passes add ~15% to the per-example GEMM at t = 64.
+                flat = ct.view(c, M)
+                if n0 == 0:
+                    torch.mm(ones[:, :c], flat, out=dw_k)  # sum over examples as a GEMV: faster than sum(0)
+                else:
+                    dw_k.addmm_(ones[:, :c], flat)
+                flat.square_()
+                torch.sum(flat, -1, out=s_1[k, n0:n1])
+                if w_t is not None:
+                    torch.mv(flat, w_t[k], out=s_w[k, n0:n1])
     if precond is None:
         s_w = s_1.clone()
     if not per_example:
         s_w, s_1 = s_w.sum(1), s_1.sum(1)
-    return dw, s_w, s_1
+    return dw_t.transpose(1, 2).contiguous(), s_w, s_1
 
 
 def launch_config(upcast: bool, precision: str) -> dict[str, int]:
@@ -193,8 +220,24 @@ def _blocks(d: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(max(d, 1))))
 
 
+def choose_splits(programs: int, n: int, t: int, sms: int, d_out: int, d_in: int, elem_bytes: int) -> int:
+    """Example splits per member: up to ~2 programs per SM, within a traffic budget.
+
+    A (d=256) layer has only 16 tiles per member, far too few programs for a
+    GPU, so each member's examples can be split over programs. Each extra split
+    writes and reads back one fp32 dW slab (8 * out * in bytes); a split must
+    reduce over enough tokens that this stays under ~25% of the operand bytes
+    it reads (tokens * (out + in) * elem_bytes).
+    """
+    want = max(1, (2 * sms) // max(programs, 1))
+    min_tokens = -(-32 * d_out * d_in // max(1, elem_bytes * (d_out + d_in)))
+    most = max(1, (n * t) // max(1, min_tokens))
+    splits = max(1, min(n, want, most))
+    return triton.cdiv(n, triton.cdiv(n, splits))  # no empty split
+
+
 def _triton_path(
-    a: torch.Tensor, gy: torch.Tensor, precond: torch.Tensor | None, per_example: bool
+    a: torch.Tensor, gy: torch.Tensor, precond: torch.Tensor | None, per_example: bool, splits: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     K, N, T, d_in = a.shape
     d_out = gy.shape[3]
@@ -211,8 +254,16 @@ def _triton_path(
     cfg = launch_config(upcast, precision)
     block_o, block_i = _blocks(d_out, cfg["BLOCK_O"]), _blocks(d_in, cfg["BLOCK_I"])
     block_t = _blocks(T, cfg["BLOCK_T"])
-    grid = (K, triton.cdiv(d_out, block_o), triton.cdiv(d_in, block_i))
-    n_tiles = grid[1] * grid[2]
+    tiles_o, tiles_i = triton.cdiv(d_out, block_o), triton.cdiv(d_in, block_i)
+    n_tiles = tiles_o * tiles_i
+    if splits is None:
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 1
+        splits = choose_splits(K * n_tiles, N, T, sms, d_out, d_in, a.element_size())
+    n_per = triton.cdiv(N, min(max(1, splits), N))
+    splits = triton.cdiv(N, n_per)  # no empty split
+    grid = (K * splits, tiles_o, tiles_i)
+    # Split partial dW slabs are summed below: extra traffic 2 * (splits - 1) * K * out * in * 4 bytes.
+    dw = dw if splits == 1 else torch.empty(splits, K, d_out, d_in, dtype=torch.float32, device=a.device)
     s_w = torch.empty(K, N, n_tiles, dtype=torch.float32, device=a.device)
     s_1 = torch.empty(K, N, n_tiles, dtype=torch.float32, device=a.device)
     w = None if precond is None else precond.contiguous()
@@ -227,6 +278,8 @@ def _triton_path(
         T,
         d_out,
         d_in,
+        splits,
+        n_per,
         HAS_W=w is not None,
         UPCAST=upcast,
         PRECISION=precision,
@@ -235,6 +288,8 @@ def _triton_path(
         BLOCK_T=block_t,
         num_warps=cfg["num_warps"],
     )
+    if splits > 1:
+        dw = dw.sum(0)
     s_1 = s_1.sum(2)
     s_w = s_1.clone() if w is None else s_w.sum(2)
     if not per_example:
@@ -248,6 +303,7 @@ def linear_weight_grad_with_norms(
     precond: torch.Tensor | None = None,
     per_example: bool = False,
     backend: str = "auto",
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weight gradient of y = a @ w.T per member, with per-example squared norms.
 
@@ -257,6 +313,9 @@ def linear_weight_grad_with_norms(
         precond: positive weights W (K, out, in), or None for W = 1.
         per_example: return the norms per example, (K, n), instead of summed, (K,).
         backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
+        splits: Triton only: split each member's examples into this many ranges,
+            one program each, partial dW slabs summed after (None: enough to
+            give ~2 programs per SM). Norms are per example, so they do not care.
 
     Returns:
         (dw, s_w, s_1): dw = sum_n Gy_n^T A_n as **fp32** (K, out, in) whatever
@@ -266,10 +325,12 @@ def linear_weight_grad_with_norms(
         per-example gradient is n * Gy_n^T A_n and the caller applies the n^2.
     """
     _check(a, gy, precond)
+    if splits is not None and (not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive int or None, got {splits!r}")
     if backend == "auto":
         backend = "triton" if a.is_cuda else "torch"
     if backend == "torch":
         return _torch_path(a, gy, precond, per_example)
     if backend == "triton":
-        return _triton_path(a, gy, precond, per_example)
+        return _triton_path(a, gy, precond, per_example, splits)
     raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")

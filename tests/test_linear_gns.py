@@ -45,6 +45,16 @@ def test_matches_reference(shape, dtype, backend):
                 torch.testing.assert_close(got[1], got[2])
 
 
+@pytest.mark.parametrize("splits", [2, 3, 7])
+def test_example_splits_give_the_same_result(splits):
+    # Splitting examples over programs (to fill a GPU) must not change dW or the norms.
+    a, gy, w = _inputs(2, 5, 3, 20, 17, torch.float32)
+    ref = linear_weight_grad_with_norms_reference(a, gy, w, per_example=True)
+    got = linear_weight_grad_with_norms(a, gy, w, per_example=True, backend="triton", splits=splits)
+    for g_, r_ in zip(got, ref):
+        torch.testing.assert_close(g_, r_, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_matches_torch_func_per_sample_gradients():
     # Ground truth independent of the einsum: per-sample grads of a nonlinear loss.
     K, n, t, d_in, d_out = 2, 3, 4, 6, 5
@@ -101,13 +111,15 @@ def test_bad_input_is_rejected():
         linear_weight_grad_with_norms(a.long(), gy, w)
     with pytest.raises(ValueError, match="backend"):
         linear_weight_grad_with_norms(a, gy, w, backend="cuda")
+    with pytest.raises(ValueError, match="splits"):
+        linear_weight_grad_with_norms(a, gy, w, backend="triton", splits=0)
     with pytest.raises(ValueError, match=r"\(K, n, t, d\)"):
         linear_weight_grad_with_norms(a[0], gy[0], w)
 
 
 SIG = {
     "a_ptr": "*fp32", "gy_ptr": "*fp32", "w_ptr": "*fp32", "dw_ptr": "*fp32", "sw_ptr": "*fp32", "s1_ptr": "*fp32",
-    "N": "i32", "T": "i32", "OUT": "i32", "IN": "i32", "HAS_W": "constexpr", "UPCAST": "constexpr",
+    "N": "i32", "T": "i32", "OUT": "i32", "IN": "i32", "SPLITS": "i32", "N_PER": "i32", "HAS_W": "constexpr", "UPCAST": "constexpr",
     "PRECISION": "constexpr", "BLOCK_O": "constexpr", "BLOCK_I": "constexpr", "BLOCK_T": "constexpr",
 }  # fmt: skip
 ALIGNED = ("a_ptr", "gy_ptr", "w_ptr", "dw_ptr", "T", "OUT", "IN")
