@@ -26,6 +26,18 @@ Gy (K, n, t, out), W (K, out, in)); K = 1 is an ordinary run.
 Per-program partial sums are written to a (K, n, P) buffer and summed on the
 host (P = number of tiles): deterministic, no atomics, and tiny.
 
+Filling the GPU. A (d=256) layer has only 16 (64 x 64) tiles per member, so
+each member's examples may be split over several programs (`choose_splits`):
+each split writes its own fp32 dW slab and the slabs are summed afterwards.
+Norms are per example, so splitting never touches them; the slab traffic is
+kept under ~25% of the operand bytes and is counted by the bench.
+
+Operand precision. bf16/fp16 operands go to `tl.dot` as they are (fp32
+accumulation) on the GPU; fp32 operands use tf32 or full fp32 following
+`torch.backends.cuda.matmul.allow_tf32`. The CPU interpreter has no bf16
+arithmetic, so there the operands are cast to fp32 after loading (exact:
+bf16 -> fp32 is lossless), which the tests use.
+
 Public API: `linear_weight_grad_with_norms` (Triton on CUDA, chunked torch on
 CPU) and `linear_weight_grad_with_norms_reference` (the obvious per-example
 einsum, for tests).
