@@ -19,10 +19,16 @@ Covers every parameter, embeddings included: the tensor is viewed flat per
 member, so its inner shape does not matter.
 
 Public API: `accumulate_grad_with_norms` (Triton on CUDA, torch on CPU) and
-`accumulate_grad_with_norms_reference`.
+`accumulate_grad_with_norms_reference`; for flat multi-tensor buffers (the
+layout `FusedAdamW` keeps), `accumulate_flat_with_norms` does every
+(tensor, member) segment in one launch, driven by a host-built block table
+(the Triton interpreter cannot follow pointers stored in memory, so one launch
+over many tensors needs them in one allocation).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -153,3 +159,149 @@ def accumulate_grad_with_norms(
     if backend == "triton":
         return _triton_path(acc, grad, precond, members)
     raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+# ---------------------------------------------------------------- flat multi-tensor variant
+
+FLAT_BLOCK = 1024
+
+
+@triton.jit
+def _accumulate_flat_kernel(
+    acc_ptr,  # flat accumulator, updated in place
+    g_ptr,  # flat micro-batch gradient
+    w_ptr,  # flat positive preconditioner (unused when HAS_W is False)
+    blocks_ptr,  # (B, 4) int64 block table: base, lo, hi, segment
+    sw_ptr,  # (B,) fp32 partial sum W g^2 (written)
+    s1_ptr,  # (B,) fp32 partial sum g^2 (written)
+    HAS_W: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    # The table only holds BLOCK-aligned bases: telling the compiler enables 128-bit accesses.
+    base = tl.multiple_of(tl.load(blocks_ptr + 4 * b), BLOCK)
+    lo = tl.load(blocks_ptr + 4 * b + 1)
+    hi = tl.load(blocks_ptr + 4 * b + 2)
+    offs = base + tl.arange(0, BLOCK)
+    if (lo == base) & (hi == base + BLOCK):
+        # Interior block on the BLOCK-aligned grid: unmasked, so 128-bit accesses.
+        g = tl.load(g_ptr + offs).to(tl.float32)
+        acc = tl.load(acc_ptr + offs)
+        tl.store(acc_ptr + offs, (acc.to(tl.float32) + g).to(acc.dtype))
+        g2 = g * g
+        tl.store(s1_ptr + b, tl.sum(g2, axis=0))
+        if HAS_W:
+            tl.store(sw_ptr + b, tl.sum(tl.load(w_ptr + offs).to(tl.float32) * g2, axis=0))
+    else:
+        mask = (offs >= lo) & (offs < hi)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        acc = tl.load(acc_ptr + offs, mask=mask, other=0.0)
+        tl.store(acc_ptr + offs, (acc.to(tl.float32) + g).to(acc.dtype), mask=mask)
+        g2 = g * g
+        tl.store(s1_ptr + b, tl.sum(g2, axis=0))
+        if HAS_W:
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(sw_ptr + b, tl.sum(w * g2, axis=0))
+
+
+def build_flat_blocks(segments: Sequence[tuple[int, int]], n: int, block: int = FLAT_BLOCK) -> torch.Tensor:
+    """Block table (B, 4) int64 of (base, lo, hi, segment) for `accumulate_flat_with_norms`.
+
+    Blocks sit on a global `block`-aligned grid: each covers [base, base + block)
+    masked to the part [lo, hi) of one range, so interior blocks are full.
+    Gaps between segments (alignment padding) get blocks too, with segment id
+    len(segments): they are accumulated but land in a dropped bin.
+    Build it once per layout and pass it back in (`blocks=`) to skip the host work.
+    """
+    _check_segments(n, segments)
+    ranges, prev = [], 0
+    for i, (lo, hi) in enumerate(segments):
+        ranges += [(prev, lo, len(segments)), (lo, hi, i)]
+        prev = hi
+    ranges.append((prev, n, len(segments)))
+    rows = []
+    for lo, hi, seg in ranges:
+        if hi == lo:
+            continue
+        for base in range(lo - lo % block, hi, block):
+            rows.append((base, max(lo, base), min(hi, base + block), seg))
+    return torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
+
+
+def _check_segments(n: int, segments: Sequence[tuple[int, int]]) -> None:
+    prev = 0
+    for i, (lo, hi) in enumerate(segments):
+        if lo < prev or hi < lo or hi > n:
+            raise ValueError(f"segment {i} = ({lo}, {hi}) must be sorted, non-overlapping and within [0, {n}]")
+        prev = hi
+
+
+def accumulate_flat_with_norms(
+    acc: torch.Tensor,
+    grad: torch.Tensor,
+    precond: torch.Tensor | None,
+    segments: Sequence[tuple[int, int]],
+    backend: str = "auto",
+    blocks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat-buffer accumulate: acc += grad over the whole buffer, one launch on CUDA.
+
+    Args:
+        acc, grad, precond: 1-D flat buffers of the same length (precond may be None).
+        segments: sorted, non-overlapping [lo, hi) ranges, one per (tensor, member).
+            Elements outside every segment (alignment padding) are still added
+            (they are zeros in a flat gradient buffer) but counted in no sum.
+        backend: "auto", "triton" or "torch".
+        blocks: a cached `build_flat_blocks(segments)` table (Triton path), optional.
+
+    Returns:
+        (s_w, s_1), fp32 of shape (len(segments),): per-segment sums of W grad^2 and grad^2.
+    """
+    for name, v in (("acc", acc), ("grad", grad), ("precond", precond)):
+        if v is not None and v.dim() != 1:
+            raise ValueError(f"{name} must be a flat 1-D buffer, got shape {tuple(v.shape)}")
+    _check(acc, grad, precond, 1)
+    _check_segments(acc.numel(), segments)
+    if backend == "auto":
+        backend = "triton" if acc.is_cuda else "torch"
+    n_seg = len(segments)
+    if backend == "torch":
+        acc.add_(grad)
+        # One pass over g^2 (and W g^2), then per-segment sums; gaps become dummy segments.
+        g2 = grad.float().square()
+        lengths, keep, prev = [], [], 0
+        for lo, hi in segments:
+            lengths += [lo - prev, hi - lo]
+            keep.append(len(lengths) - 1)
+            prev = hi
+        lengths.append(acc.numel() - prev)
+        lengths_t = torch.tensor(lengths, device=acc.device)
+        keep_t = torch.tensor(keep, dtype=torch.long, device=acc.device)
+        s_1 = torch.segment_reduce(g2, "sum", lengths=lengths_t)[keep_t]
+        if precond is None:
+            return s_1.clone(), s_1
+        g2.mul_(precond.float())
+        return torch.segment_reduce(g2, "sum", lengths=lengths_t)[keep_t], s_1
+    if backend != "triton":
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if blocks is None:
+        blocks = build_flat_blocks(segments, acc.numel())
+    blocks = blocks.to(acc.device)
+    n_blocks = blocks.shape[0]
+    s_w = torch.zeros(n_seg + 1, dtype=torch.float32, device=acc.device)  # last bin: gaps, dropped
+    s_1 = torch.zeros(n_seg + 1, dtype=torch.float32, device=acc.device)
+    if n_blocks == 0:
+        return s_w[:n_seg], s_1[:n_seg]
+    p_w = torch.empty(n_blocks, dtype=torch.float32, device=acc.device)
+    p_1 = torch.empty_like(p_w)
+    g = grad.contiguous()
+    w = None if precond is None else precond.contiguous()
+    _accumulate_flat_kernel[(n_blocks,)](
+        acc, g, w if w is not None else g, blocks, p_w, p_1, HAS_W=w is not None, BLOCK=FLAT_BLOCK,
+        num_warps=4,
+    )  # fmt: skip
+    seg = blocks[:, 3]
+    s_1 = s_1.index_add_(0, seg, p_1)[:n_seg]
+    if w is None:
+        return s_1.clone(), s_1
+    return s_w.index_add_(0, seg, p_w)[:n_seg], s_1

@@ -5,9 +5,12 @@ import pytest
 import torch
 
 from trajinv.kernels.accumulate_gns import (
+    FLAT_BLOCK,
     LAUNCH_CONFIG,
+    accumulate_flat_with_norms,
     accumulate_grad_with_norms,
     accumulate_grad_with_norms_reference,
+    build_flat_blocks,
 )
 
 # (shape, members): no member axis, member axis, odd sizes, more than one block, 0-dim, empty.
@@ -85,23 +88,69 @@ def test_bad_input_is_rejected():
         accumulate_grad_with_norms(acc, grad, members=2, backend="x")
 
 
-def test_aot_compiles_without_spills():
+# ---------------------------------------------------------------- flat multi-tensor variant
+
+def _flat_layout():
+    # Three tensors: (2 members x 700), (1 x 5), (3 x 1100) with 16-element alignment gaps,
+    # so blocks are interior, straddle segment edges and cover padding.
+    sizes = [(2, 700), (1, 5), (3, 1100)]
+    segments, off = [], 0
+    for k, m in sizes:
+        for j in range(k):
+            segments.append((off + j * m, off + (j + 1) * m))
+        off = -(-(off + k * m) // 16) * 16
+    return segments, off + 7  # trailing padding too
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16)])
+def test_flat_matches_per_segment_reference(backend, dtypes):
+    segments, n = _flat_layout()
+    acc, grad, w = _inputs((n,), *dtypes)
+    for precond in (None, w):
+        got_acc = acc.clone()
+        s_w, s_1 = accumulate_flat_with_norms(got_acc, grad, precond, segments, backend=backend)
+        torch.testing.assert_close(got_acc, acc + grad.float(), rtol=0, atol=0)  # padding included
+        g2 = grad.float().square()
+        w_ = torch.ones(n) if precond is None else precond
+        for i, (lo, hi) in enumerate(segments):
+            torch.testing.assert_close(s_1[i], g2[lo:hi].sum(), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(s_w[i], (g2[lo:hi] * w_[lo:hi]).sum(), rtol=1e-5, atol=1e-6)
+
+
+def test_flat_block_table_covers_every_element_once():
+    segments, n = _flat_layout()
+    blocks = build_flat_blocks(segments, n)
+    seen = torch.zeros(n, dtype=torch.long)
+    for base, lo, hi, seg in blocks.tolist():
+        assert base % FLAT_BLOCK == 0 and base <= lo < hi <= base + FLAT_BLOCK
+        seen[lo:hi] += 1
+        if seg < len(segments):
+            assert segments[seg][0] <= lo and hi <= segments[seg][1]
+    assert (seen == 1).all()
+    with pytest.raises(ValueError, match="segment 1"):
+        build_flat_blocks([(0, 10), (5, 20)], 20)
+    with pytest.raises(ValueError, match="flat 1-D"):
+        accumulate_flat_with_norms(torch.zeros(2, 3), torch.zeros(2, 3), None, [(0, 6)])
+
+
+def test_aot_compiles_without_spills_with_vector_access():
+    # Both kernels, both archs, in one child-process compile.
     from trajinv.kernels.aot import KernelSpec, compile_kernels
 
     sig = {"acc_ptr": "*fp32", "g_ptr": "*fp32", "w_ptr": "*fp32", "sw_ptr": "*fp32", "s1_ptr": "*fp32",
            "M": "i32", "HAS_W": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
-    specs = [
-        KernelSpec(
-            "trajinv.kernels.accumulate_gns:_accumulate_gns_kernel",
-            dict(sig, g_ptr=f"*{gdt}"),
-            {"HAS_W": has_w, "BLOCK": LAUNCH_CONFIG["BLOCK"]},
-            ("acc_ptr", "g_ptr", "w_ptr", "M"),
-            arch,
-            LAUNCH_CONFIG["num_warps"],
-        )
-        for arch in (80, 90)
-        for gdt, has_w in (("fp32", True), ("bf16", False))
-    ]
+    flat_sig = {"acc_ptr": "*fp32", "g_ptr": "*fp32", "w_ptr": "*fp32", "blocks_ptr": "*i64", "sw_ptr": "*fp32",
+                "s1_ptr": "*fp32", "HAS_W": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
+    specs = []
+    for arch in (80, 90):
+        for gdt, has_w in (("fp32", True), ("bf16", False)):
+            specs.append(KernelSpec("trajinv.kernels.accumulate_gns:_accumulate_gns_kernel", dict(sig, g_ptr=f"*{gdt}"),
+                                    {"HAS_W": has_w, "BLOCK": LAUNCH_CONFIG["BLOCK"]}, ("acc_ptr", "g_ptr", "w_ptr", "M"),
+                                    arch, LAUNCH_CONFIG["num_warps"]))  # fmt: skip
+            specs.append(KernelSpec("trajinv.kernels.accumulate_gns:_accumulate_flat_kernel",
+                                    dict(flat_sig, g_ptr=f"*{gdt}"), {"HAS_W": has_w, "BLOCK": FLAT_BLOCK},
+                                    ("acc_ptr", "g_ptr", "w_ptr", "blocks_ptr"), arch))  # fmt: skip
     for spec, k in zip(specs, compile_kernels(specs)):
         assert not k.spills and k.registers <= 255
-        assert k.count("ld.global.v4") > 0 and k.count("st.global.v4") > 0, (spec.arch, spec.signature["g_ptr"])
+        assert k.count("ld.global.v4") > 0 and k.count("st.global.v4") > 0, (spec.target, spec.arch, spec.signature)
