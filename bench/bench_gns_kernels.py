@@ -114,6 +114,28 @@ def accumulate_counts(members: int, numel: int, grad_bytes: int, has_w: bool = T
                 extra_bytes=extra_bytes, note=f"BLOCK={block}, P={P}")  # fmt: skip
 
 
+def flat_counts(sizes: list[tuple[int, int]], grad_bytes: int) -> tuple[dict, list[tuple[int, int]], int]:
+    """Flat multi-tensor accumulate over (members, numel) tensors: counts, segments, buffer length."""
+    segments, off = [], 0
+    for k, numel in sizes:
+        m = numel // k
+        segments += [(off + j * m, off + (j + 1) * m) for j in range(k)]
+        off = -(-(off + numel) // 16) * 16
+    blocks = ACC.build_flat_blocks(segments, off)
+    B = blocks.shape[0]
+    plain_bytes = off * (grad_bytes + 4 + 4)
+    extra_bytes = 4 * off + 2 * 2 * B * 4 + B * 4 * 8  # W, partials w+r, block table
+    r = dict(plain_flops=off, extra_flops=4 * off + 2 * B, plain_bytes=plain_bytes, extra_bytes=extra_bytes,
+             note=f"{len(sizes)} tensors, {len(segments)} segments, {B} blocks, one launch")  # fmt: skip
+    return r, segments, off
+
+
+def model_param_sizes(d: int, K: int, n_layers: int) -> list[tuple[int, int]]:
+    f = _hidden(d)
+    per_block = [d, 3 * d * d, d * d, d, f * d, f * d, d * f]
+    return [(K, K * x) for x in [VOCAB * d] + per_block * n_layers + [d, VOCAB * d]]
+
+
 # ---------------------------------------------------------------- timing
 
 
@@ -147,6 +169,14 @@ def time_rmsnorm(K, n, t, d, reps):
     fused = lambda: RMS.rmsnorm_gain_grad_with_norms(x, rstd, gy, w, backend="torch")  # noqa: E731
     ta, tb, tf = _interleaved([plain_a, plain_b, fused], reps)
     return min(ta, tb), tf
+
+
+def time_flat(segments, n, reps):
+    acc, g = torch.zeros(n), torch.randn(n)
+    w = torch.rand(n) + 0.1
+    plain = lambda: acc.add_(g)  # noqa: E731
+    fused = lambda: ACC.accumulate_flat_with_norms(acc, g, w, segments, backend="torch")  # noqa: E731
+    return _interleaved([plain, fused], reps)
 
 
 def time_model_step(d: int, t: int, n: int, K: int, reps: int) -> tuple[float, float]:
@@ -208,6 +238,15 @@ def rows(quick: bool) -> list[dict]:
             r = dict(model=model, kernel="accumulate", tensor=name, shape="x".join(map(str, shp)), dtype="fp32")
             r.update(accumulate_counts(members, math.prod(shp), 4))
             r["cpu_plain_ms"], r["cpu_fused_ms"] = time_accumulate(shp, members, reps)
+            out.append(r)
+        layers = 2 if model == "tiny" else 4
+        for K in (1, 9):
+            sizes = model_param_sizes(d, K, layers)
+            r = dict(model=model, kernel="accumulate flat", tensor=f"all params K={K}", dtype="fp32",
+                     shape=f"{sum(x for _, x in sizes)} elements")  # fmt: skip
+            counts, segments, total = flat_counts(sizes, 4)
+            r.update(counts)
+            r["cpu_plain_ms"], r["cpu_fused_ms"] = time_flat(segments, total, reps)
             out.append(r)
     steps = [("tiny", 1), ("tiny", 9)] + ([] if quick else [("small", 1)])
     for model, K in steps:

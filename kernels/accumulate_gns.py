@@ -228,6 +228,19 @@ def build_flat_blocks(segments: Sequence[tuple[int, int]], n: int, block: int = 
     return torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
 
 
+def _equal_runs(segments: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(first index, count, length) of maximal runs of adjacent, touching, equal-length segments."""
+    runs: list[tuple[int, int, int]] = []
+    for i, (lo, hi) in enumerate(segments):
+        if runs:
+            j, k, m = runs[-1]
+            if hi - lo == m and segments[i - 1][1] == lo:
+                runs[-1] = (j, k + 1, m)
+                continue
+        runs.append((i, 1, hi - lo))
+    return runs
+
+
 def _check_segments(n: int, segments: Sequence[tuple[int, int]]) -> None:
     prev = 0
     for i, (lo, hi) in enumerate(segments):
@@ -267,21 +280,37 @@ def accumulate_flat_with_norms(
     n_seg = len(segments)
     if backend == "torch":
         acc.add_(grad)
-        # One pass over g^2 (and W g^2), then per-segment sums; gaps become dummy segments.
-        g2 = grad.float().square()
-        lengths, keep, prev = [], [], 0
-        for lo, hi in segments:
-            lengths += [lo - prev, hi - lo]
-            keep.append(len(lengths) - 1)
-            prev = hi
-        lengths.append(acc.numel() - prev)
-        lengths_t = torch.tensor(lengths, device=acc.device)
-        keep_t = torch.tensor(keep, dtype=torch.long, device=acc.device)
-        s_1 = torch.segment_reduce(g2, "sum", lengths=lengths_t)[keep_t]
-        if precond is None:
-            return s_1.clone(), s_1
-        g2.mul_(precond.float())
-        return torch.segment_reduce(g2, "sum", lengths=lengths_t)[keep_t], s_1
+        # Per-segment BLAS dot products over contiguous views: no g^2 buffer, and
+        # far faster on CPU than torch.segment_reduce (measured ~10x).
+        # Runs of adjacent equal-length segments (a member-axis tensor) are
+        # reduced together as a (k, m) view: one batched dot per tensor, not
+        # per member. W g is formed per run into one small reused buffer: a
+        # whole-buffer temporary would cost a fresh, page-faulting allocation.
+        g = grad.float()
+        w = None if precond is None else precond.float()
+        s_1 = torch.zeros(n_seg, dtype=torch.float32, device=acc.device)
+        s_w = torch.zeros(n_seg, dtype=torch.float32, device=acc.device)
+        # Long segments: a BLAS dot each beats vecdot's (k, m) temporaries.
+        runs = []
+        for i, k, m in _equal_runs(segments):
+            runs += [(i, k, m)] if m < 2**16 else [(i + j, 1, m) for j in range(k)]
+        longest = max((k * m for _, k, m in runs), default=0)
+        buf = torch.empty(longest if w is not None else 0, dtype=torch.float32, device=acc.device)
+        for i, k, m in runs:
+            lo = segments[i][0]
+            if m == 0:
+                continue
+            gw = None if w is None else torch.mul(g[lo : lo + k * m], w[lo : lo + k * m], out=buf[: k * m])
+            if k == 1:
+                torch.dot(g[lo : lo + m], g[lo : lo + m], out=s_1[i])
+                if gw is not None:
+                    torch.dot(gw, g[lo : lo + m], out=s_w[i])
+                continue
+            gv = g[lo : lo + k * m].view(k, m)
+            torch.linalg.vecdot(gv, gv, out=s_1[i : i + k])
+            if gw is not None:
+                torch.linalg.vecdot(gw.view(k, m), gv, out=s_w[i : i + k])
+        return (s_1.clone() if precond is None else s_w), s_1
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if blocks is None:

@@ -91,9 +91,9 @@ def test_bad_input_is_rejected():
 # ---------------------------------------------------------------- flat multi-tensor variant
 
 def _flat_layout():
-    # Three tensors: (2 members x 700), (1 x 5), (3 x 1100) with 16-element alignment gaps,
+    # Four tensors (members x numel per member) with 16-element alignment gaps,
     # so blocks are interior, straddle segment edges and cover padding.
-    sizes = [(2, 700), (1, 5), (3, 1100)]
+    sizes = [(2, 700), (1, 5), (3, 1100), (2, 2**16 + 3)]  # the last: CPU path's long-segment branch
     segments, off = [], 0
     for k, m in sizes:
         for j in range(k):
