@@ -7,8 +7,9 @@ per step.
 
 Bytes are *counted*, not assumed: a TorchDispatchMode records every aten op a
 step runs and adds the bytes of the tensors it reads (inputs) and writes
-(outputs and mutated arguments). That is exact for single-pass ops such as
-torch's fused AdamW (28 B/param fp32) and a lower bound for composite ones.
+(outputs and arguments its schema marks mutable; view ops move nothing). That
+is exact for single-pass ops such as torch's fused AdamW (28 B/param fp32) and
+a lower bound for composite ones (an op that reads an input twice counts once).
 The Triton kernel is not an aten op; its bytes are counted from the block
 table it is launched with (elements x bytes of each buffer it loads/stores,
 plus the 16 B of statistics and 32 B of table per block), and any grad
@@ -59,7 +60,10 @@ class ByteCounter(TorchDispatchMode):
             ts = [v] if isinstance(v, torch.Tensor) else [x for x in v if isinstance(x, torch.Tensor)] if isinstance(v, (list, tuple)) else []
             nbytes = sum(t.numel() * t.element_size() for t in ts)
             self.read += nbytes
-            if a.alias_info is not None and a.alias_info.is_write:
+            # torch's fused Adam declares grads mutable for the in-place unscale; without a
+            # grad_scale it leaves them alone
+            unscale = a.name == "grads" and kwargs.get("grad_scale") is None
+            if a.alias_info is not None and a.alias_info.is_write and not unscale:
                 self.written += nbytes
             flat_in.append(ts)
         out = func(*args, **kwargs)

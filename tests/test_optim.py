@@ -348,3 +348,28 @@ def test_unsupported_options_fail_at_construction():
         FusedAdamW([p], decay_mode="l2")
     with pytest.raises(ValueError, match="backend"):
         FusedAdamW([p], backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_works_under_torch_grad_scaler(backend):
+    """GradScaler hands us grad_scale/found_inf as attributes; an inf step is skipped, as torch's."""
+    ps = _params([(4, 6), (7,)], seed=16)
+    qs = _clone(ps)
+    opt = FusedAdamW(ps, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(qs, lr=1e-2, foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=256.0) for _ in range(2)]
+    gen = torch.Generator().manual_seed(17)
+    for i in range(4):
+        grads = _grads(ps, gen)
+        if i == 1:
+            grads[0][0, 0] = float("inf")
+        for o, params, sc in ((opt, ps, scalers[0]), (ref, qs, scalers[1])):
+            loss = sum((p * g).sum() for p, g in zip(params, grads))
+            sc.scale(loss).backward()
+            sc.step(o)
+            sc.update()
+            o.zero_grad()
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 128.0  # the inf step halved the scale
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert int(opt.state_dict()["state"][0]["step"]) == 3

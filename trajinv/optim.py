@@ -115,6 +115,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self.track_statistics = track_statistics
         self.seed = int(seed)
         self._buckets: list[Bucket] | None = None
+        self._hyper_cache: dict[torch.device, tuple[list, torch.Tensor]] = {}
         self._stats: dict[torch.Tensor, AdamWStats] = {}
         self._pending: list[tuple[Bucket, torch.Tensor, torch.Tensor, list[int]]] = []
         super().__init__(params, defaults)
@@ -154,7 +155,11 @@ class FusedAdamW(torch.optim.Optimizer):
 
     # ---------------------------------------------------------------- buckets
     def _layout_key(self) -> list:
-        return [(id(p), p.dtype, p.device, _group_members(g)) for g in self.param_groups for p in g["params"]]
+        key = []
+        for g in self.param_groups:
+            key.append(_group_members(g))
+            key.extend((id(p), p.dtype, p.device) for p in g["params"])
+        return key
 
     def _build(self) -> None:
         """(Re)build the flat buckets, carrying over any existing state (loaded or previous)."""
@@ -239,8 +244,18 @@ class FusedAdamW(torch.optim.Optimizer):
                 rows.append([K.hyper_row(a, w, b1, b2, eps) for a, w in zip(lrs, wds)])
         if not any_tensor:
             flat = [r for rs in rows for r in rs]
-            cpu = torch.tensor(flat, dtype=torch.float32).reshape(-1, K.N_HYPER)
-            return cpu.to(device, non_blocking=True) if device.type != "cpu" else cpu
+            cached = self._hyper_cache.get(device)
+            if cached is not None and cached[0] == flat:
+                return cached[1]
+            if device.type == "cpu":
+                out = torch.tensor(flat, dtype=torch.float32).reshape(-1, K.N_HYPER)
+            else:
+                # pinned staging (torch's caching host allocator) so the copy is async: a copy
+                # from pageable memory would synchronise the stream first
+                out = torch.tensor(flat, dtype=torch.float32, pin_memory=True).reshape(-1, K.N_HYPER)
+                out = out.to(device, non_blocking=True)
+            self._hyper_cache[device] = (flat, out)
+            return out
         parts = [r if isinstance(r, torch.Tensor) else torch.tensor(r, dtype=torch.float32, device=device).reshape(-1, K.N_HYPER) for r in rows]
         return torch.cat(parts)
 
