@@ -373,3 +373,22 @@ def test_works_under_torch_grad_scaler(backend):
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert int(opt.state_dict()["state"][0]["step"]) == 3
+
+
+def test_statistics_can_be_switched_off_on_the_cpu_path_between_steps():
+    """The trainer turns statistics on for logged steps only; the maths never changes."""
+    ps = _params([(5, 3), (40,)], seed=18)
+    qs = _clone(ps)
+    opt = FusedAdamW(ps, lr=1e-2, backend="torch", track_statistics=False)
+    ref = torch.optim.AdamW(qs, lr=1e-2, foreach=False)
+    gen = torch.Generator().manual_seed(19)
+    for i in range(4):
+        opt.track_statistics = i == 2
+        for p, q, g in zip(ps, qs, _grads(ps, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        st = opt.statistics()
+        assert (len(st) == 2) == (i == 2)
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -61,9 +61,9 @@ class Bucket:
         self.exp_avg = torch.zeros(self.total, **z)
         self.exp_avg_sq = torch.zeros(self.total, **z)
         self.master = torch.zeros(self.total, **z) if self.master_weights and self.dtype != torch.float32 else None
-        self.steps = torch.zeros(len(self.params), dtype=torch.float32)  # CPU path: authoritative
-        if self.device.type != "cpu":
-            self.steps = self.steps.to(self.device)
+        # per-tensor step counts on the host, as torch.optim.AdamW keeps them; authoritative on
+        # the CPU path, refreshed from the device counters on the Triton path
+        self.steps = torch.zeros(len(self.params), dtype=torch.float32)
         if self.use_triton:
             self.flat_param = torch.zeros(self.total, dtype=self.dtype, device=self.device)
             self.flat_grad = torch.zeros(self.total, dtype=self.dtype, device=self.device)

@@ -151,7 +151,9 @@ class FusedAdamW(torch.optim.Optimizer):
                 raise ValueError("stochastic_rounding supports bfloat16 params, got float16")
 
     def _use_triton(self, device: torch.device) -> bool:
-        return self.backend == "triton" or (self.backend == "auto" and device.type == "cuda")
+        if self.backend == "torch" and device.type != "cpu":
+            raise ValueError(f"backend='torch' is the CPU path; params on {device} need 'auto' or 'triton'")
+        return self.backend == "triton" or (self.backend == "auto" and device.type != "cpu")
 
     # ---------------------------------------------------------------- buckets
     def _layout_key(self) -> list:
@@ -211,7 +213,7 @@ class FusedAdamW(torch.optim.Optimizer):
     def _sync_steps(self, b: Bucket) -> None:
         """Triton path: the step counters live in `b.counters` (units of blocks); refresh `steps`."""
         if b.use_triton:
-            b.steps.copy_((b.counters // b.nblk_dev).to(b.steps.dtype))
+            b.steps.copy_((b.counters // b.nblk_dev).to("cpu", b.steps.dtype))
 
     def _ensure_buckets(self) -> list[Bucket]:
         if self._buckets is None or self._layout_key() != self._key:
