@@ -40,7 +40,12 @@ from trajinv.kernels.rmsnorm_gns import rmsnorm_gain_grad_with_norms
 
 @dataclass
 class Probe:
-    """Per-example squared-norm sums of one parameter's gradient, filled by backward."""
+    """Per-example squared-norm sums of one parameter's gradient, filled by backward.
+
+    The sums are of raw contributions C_n to the backpropagated loss's gradient,
+    not rescaled: with a mean loss over n examples, example n's own gradient is
+    n * C_n (the estimator in `trajinv.gns` applies that factor).
+    """
 
     precond: torch.Tensor | None = None
     """W, positive, shaped like the parameter ((K, out, in) or (K, d)); None = identity.
