@@ -347,6 +347,7 @@ class FusedAdamW(torch.optim.Optimizer):
             plan = dict(
                 idx=idx, per_slot=per_slot, order=order,
                 segs=[b.seg_start[t] + j for t, j in order],
+                members=torch.tensor([j for _, j in order], dtype=torch.long),
                 m=[b.m_views[t][j] for t, j in order], v=[b.v_views[t][j] for t, j in order],
                 steps=[b.step_views[t] for t in idx], all=all(active),
             )
@@ -425,41 +426,53 @@ class FusedAdamW(torch.optim.Optimizer):
             self._store_stats(b, plan["segs"], torch.stack([pre[0], pre[1], psq, usq], 1))
 
     def _cpu_pre_stats(self, b, plan, G, hyper, gs) -> tuple[torch.Tensor, torch.Tensor]:
-        """sum g^2 and sum g^2/P per segment before the update (foreach ops)."""
+        """sum g^2 and sum g^2/P per segment before the update (foreach and flat ops, no allocation)."""
         gsq = torch.stack(torch._foreach_norm(G)).square()
-        # P = sqrt(v / (1 - beta2^(step-1))) + eps; P = 1 on a tensor's first step
+        # P = c * sqrt(v) + eps, c = 1/sqrt(1 - beta2^(step-1)); P = 1 on a tensor's first step
         steps = b.steps.tolist()
-        coef, epss = [], []
-        for s in plan["segs"]:
-            seg = b.segments[s]
-            b2, eps = hyper[seg.slot][3], hyper[seg.slot][4]
-            prev = steps[seg.tensor] - 1
-            coef.append(1.0 / math.sqrt(1 - b2**prev) if prev > 0 else 0.0)
-            epss.append(eps if prev > 0 else 1.0)
-        torch.sqrt(b.exp_avg_sq, out=b.scratch[0])
+        key = tuple(steps[t] for t in plan["idx"]), tuple(map(tuple, hyper))
+        if plan.get("coef_key") != key:  # one tuple compare per step; the loop runs on changes only
+            coef, epss = [], []
+            for s in plan["segs"]:
+                seg = b.segments[s]
+                b2, eps = hyper[seg.slot][3], hyper[seg.slot][4]
+                prev = steps[seg.tensor] - 1
+                coef.append(1.0 / math.sqrt(1 - b2**prev) if prev > 0 else 0.0)
+                epss.append(eps if prev > 0 else 1.0)
+            uniform = len(set(coef)) == 1 and len(set(epss)) == 1 and len(plan["segs"]) > 0
+            plan["coef_key"], plan["coef"] = key, (coef, epss, uniform)
+        coef, epss, uniform = plan["coef"]
+        S = b.scratch[0]
         P = plan["s1"]
-        torch._foreach_mul_(P, coef)
-        torch._foreach_add_(P, epss)
-        b.scratch[0].rsqrt_()
+        torch.sqrt(b.exp_avg_sq, out=S)
+        if uniform:  # the usual case: one flat pass instead of per-tensor scalar lists
+            S.mul_(coef[0]).add_(epss[0])
+        else:
+            torch._foreach_mul_(P, coef)
+            torch._foreach_add_(P, epss)
+        S.rsqrt_()
         torch._foreach_mul_(P, G)
         w = torch.stack(torch._foreach_norm(P)).square()
         if gs is not None:
-            scale = gs[[b.segments[s].member for s in plan["segs"]]] if gs.dim() == 1 else gs
+            scale = gs[plan["members"]] if gs.dim() == 1 else gs
             gsq, w = gsq / scale**2, w / scale**2
         return gsq, w
 
     def _store_stats(self, b: Bucket, segs: list[int], rows: torch.Tensor) -> None:
+        """Keep the per-segment rows; `statistics()` splits them per param when asked."""
         full = torch.zeros(len(b.segments), K.N_STATS, dtype=torch.float32, device=rows.device)
         full[segs] = rows.float()
-        self._stats.update(self._split_stats(b, full, sorted({b.segments[s].tensor for s in segs})))
+        self._pending.append((b, full, None, sorted({b.segments[s].tensor for s in segs})))
 
     def _split_stats(self, b: Bucket, per_seg: torch.Tensor, tensors: list[int]) -> dict:
         out = {}
+        cols = per_seg.t().contiguous()  # (4, segments): one row slice per field below
         for t in tensors:
-            k = b.members[t]
-            rows = per_seg[b.seg_start[t] : b.seg_start[t] + k]
-            cols = rows.unbind(1)
-            out[b.params[t]] = AdamWStats(*(c if k > 1 else c.reshape(()) for c in cols))
+            k, s0 = b.members[t], b.seg_start[t]
+            if k > 1:
+                out[b.params[t]] = AdamWStats(*cols[:, s0 : s0 + k].unbind(0))
+            else:
+                out[b.params[t]] = AdamWStats(*cols[:, s0].unbind(0))
         return out
 
     # -------------------------------------------------------------- read-outs
@@ -471,7 +484,7 @@ class FusedAdamW(torch.optim.Optimizer):
         segment sum), so a step that nobody reads pays nothing for it.
         """
         for b, stats, blocks, tensors in self._pending:
-            per_seg = K.reduce_block_stats(stats, blocks, len(b.segments))
+            per_seg = stats if blocks is None else K.reduce_block_stats(stats, blocks, len(b.segments))
             self._stats.update(self._split_stats(b, per_seg, tensors))
         self._pending = []
         return dict(self._stats)
