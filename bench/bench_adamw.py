@@ -15,7 +15,11 @@ table it is launched with (elements x bytes of each buffer it loads/stores,
 plus the 16 B of statistics and 32 B of table per block), and any grad
 gather copies show up as aten ops.
 
-    .venv/bin/python bench/bench_adamw.py [--quick] [--device cpu|cuda]
+The copy bandwidth is that of ``b.copy_(a)`` over 256 MB or more. On CPU a
+copy also pays a read-for-ownership of the destination that in-place updates
+(AdamW's p, m, v) do not, so optimizers can exceed 1.0 of it there.
+
+    .venv/bin/python bench/bench_adamw.py [--quick] [--device cpu|cuda] [--threads N]
 
 Writes bench/results/adamw.csv.
 """
@@ -126,10 +130,10 @@ def triton_bytes(opt: FusedAdamW) -> int:
     for b, stats, blocks, _ in opt._pending:
         n = int((blocks[:, 2] - blocks[:, 1]).sum())
         ps = b.flat_param.element_size()
-        per = ps * 2 + 4 * 4  # read p, g, m, v (param dtype for p, g), write p, m, v below
-        per += ps + 4 * 2
-        if b.master is not None:
-            per += 8 - ps  # master read + write instead of reading p
+        if b.master is None:
+            per = (2 * ps + 8) + (ps + 8)  # read p, g, m, v; write p, m, v
+        else:
+            per = (ps + 12) + (ps + 12)  # read g, master, m, v; write p, master, m, v
         total += n * per + blocks.shape[0] * (16 + 32)
     return total
 

@@ -13,23 +13,28 @@ masked to ``[lo, hi)``: the part of one (tensor, member) *segment* that falls
 in this BLOCK-aligned cell. Blocks sit on a global BLOCK grid, so interior
 blocks are full and 16-element aligned and take an unmasked path that
 compiles to 128-bit loads and stores; only segment edges are masked.
-``slot`` indexes the hyperparameter table (one row per group and member:
+A member segment whose length is not a multiple of 16 starts unaligned, so
+its blocks take the masked (scalar) path: correct, slower (model widths are
+multiples of 16 in practice). ``slot`` indexes the hyperparameter table (one row per group and member:
 lr, wd_eff, beta1, beta2, eps), ``member`` the per-member grad scale.
 
 Memory traffic per parameter for fp32 (the minimum, 28 B): read p, g, m, v;
 write p, m, v. The statistics (per segment sums of g^2, g^2/P, p^2, update^2,
 P = sqrt(v_hat) + eps from the state *before* this step) are reduced in
 registers and written as four floats per block: 16 B per BLOCK elements, i.e.
-0.016 B/param at BLOCK=1024, and no second pass. bf16/fp16 params: 2 B read +
-2 B write instead of 4 + 4 (24 B), or with an fp32 master copy 2 + 2 (param
-and grad... read g 2 B, read/write master 8 B, write p 2 B, m/v 16 B: 28 B).
+0.016 B/param at BLOCK=1024 (plus its 32 B table row), and no second pass.
+16-bit params: read p, g (2 + 2), m, v (8), write p (2), m, v (8): 22 B; with
+an fp32 master copy: read g (2), master, m, v (12), write master, m, v (12)
+and p (2): 28 B.
 
 Step counters without a host sync or a second launch: ``counters[t]`` holds
 ``step * nblk_t + (blocks of t already done this step)``. Each block of
 tensor t does ``old = atomic_add(counters[t], inc)`` and reads its step as
 ``old // nblk_t`` - the same for every block of the step, in any order.
-``inc`` is 0 when ``found_inf > 0`` (the step is skipped: no state changes,
-the counter does not advance), so AMP skipping needs no host sync.
+All blocks of a tensor hit one address: one L2 atomic per 1024 elements,
+small next to the 28 KB each block moves. ``inc`` is 0 when ``found_inf > 0``
+(the step is skipped: no state changes, the counter does not advance), so AMP
+skipping needs no host sync.
 
 Weight decay: the kernel always applies ``p *= 1 - lr * wd_eff``. torch mode
 passes ``wd_eff = wd`` (ELR = lr * wd); independent mode passes
@@ -38,7 +43,7 @@ with the lr multiplier. The host builds wd_eff, the kernel does not care.
 
 Stochastic rounding (bf16 params without master weights): add 16 random bits
 below the bf16 mantissa of the fp32 result, then truncate. Random bits come
-from ``tl.randint(seed + step * 0x9E3779B1, flat offset)``: reproducible,
+from ``tl.randint(seed + step * 40503, flat offset)``: reproducible,
 different every step, no per-step argument (so no recompilation).
 """
 
@@ -222,8 +227,8 @@ def build_block_table(segments: list[Segment], block: int = BLOCK) -> torch.Tens
     rows: list[list[int]] = []
     per_tensor: dict[int, int] = {}
     for s_id, s in enumerate(segments):
-        if s.lo % 1 or s.hi < s.lo:
-            raise ValueError(f"bad segment {s}")
+        if s.lo < 0 or s.hi < s.lo:
+            raise ValueError(f"segment must have 0 <= lo <= hi, got {s}")
         first = (s.lo // block) * block
         last = max(first + block, -(-s.hi // block) * block)
         for base in range(first, last, block):
