@@ -112,6 +112,11 @@ class GNSConfig:
     """EMA decay in [0, 1) applied separately to the numerator and the denominator
     of each noise scale (Adam-style debiased); 0 means no smoothing."""
 
+    embeddings: bool = True
+    """micro-batch mode: include the token embedding (per-example mode never does).
+    Rows of rare tokens have tiny v, so W = 1/(sqrt(v_hat)+eps) is huge there and
+    can dominate tr(W Sigma); False measures the same tensors as per-example mode."""
+
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"GNSConfig.mode must be one of {MODES}, got {self.mode!r}")

@@ -26,6 +26,7 @@ from dataclasses import replace
 
 from trajinv.config import TrainConfig, to_dict
 from trajinv.data import TokenData, sample_batch, validation_batches
+from trajinv.gns_meter import LOG_KEYS, GNSMeter
 from trajinv.model import GPT
 from trajinv.population_optim import build_optimizer
 from trajinv.schedules import BatchSchedule, lr_multiplier
@@ -73,6 +74,16 @@ class Trainer:
         self.model = GPT(cfg.model, members=self.K).to(dev)
         self.model.init_weights(torch.Generator(device="cpu").manual_seed(cfg.seed))
         self.optimizer = build_optimizer(self.model, cfg.members, cfg.optim)
+        self.gns = None
+        if cfg.gns.enabled:
+            if cfg.gns.mode == "micro-batch":
+                for b in self.batches.sizes:
+                    if not cfg.micro_batch or b % cfg.micro_batch or b // cfg.micro_batch < 2:
+                        raise ValueError(f"GNS micro-batch mode needs --micro-batch dividing batch size {b} "
+                                         f"into >= 2 micro-batches, got micro_batch={cfg.micro_batch}")
+            self.gns = GNSMeter(dict(self.model.named_parameters()), self.K, cfg.gns, self.optimizer.preconditioner)
+            self.model.probes.update(self.gns.probes)
+        self.last_gns: dict[str, torch.Tensor] = {}
         self.lrs = torch.tensor([m.lr for m in cfg.members])
         self.wds = torch.tensor([m.wd for m in cfg.members])
         self.val = validation_batches(data.val, cfg.model.context, cfg.eval_seqs, batch_size=64)
@@ -90,6 +101,9 @@ class Trainer:
         t["alive"] = self.alive.to(torch.uint8)
         t["last_train"], t["last_val"] = self.last_train, self.last_val
         t["rng"] = torch.get_rng_state()
+        if self.gns is not None:
+            t.update({f"gns.{k}": v for k, v in self.gns.state_dict().items()})
+            t.update({f"last_gns.{k}": v for k, v in self.last_gns.items()})
         return t
 
     def save(self) -> None:
@@ -113,6 +127,9 @@ class Trainer:
         self.alive = tensors["alive"].bool()
         self.last_train, self.last_val = tensors["last_train"], tensors["last_val"]
         torch.set_rng_state(tensors["rng"])
+        if self.gns is not None:
+            self.gns.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("gns.")})
+            self.last_gns = {k[9:]: v for k, v in tensors.items() if k.startswith("last_gns.")}
         self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], meta["seconds"]
         self._truncate_metrics(self.step)
         return True
@@ -141,7 +158,11 @@ class Trainer:
             loss = loss * (xs.shape[0] / batch_size)
             # Diverged members are frozen: keep their NaNs out of the backward.
             torch.where(self.alive.to(loss.device), loss, 0.0).sum().backward()
+            if self.gns is not None:
+                self.gns.after_backward()
             total += loss.detach().float()
+        if self.gns is not None:
+            self.gns.end_backward()
         return total.cpu()
 
     def _grad_norms(self) -> torch.Tensor:
@@ -177,6 +198,8 @@ class Trainer:
                 step = self.step
                 bs = self.batches.at(step, cfg.steps)
                 mult = lr_multiplier(step, cfg.steps, cfg.schedule)
+                if self.gns is not None:
+                    self.gns.begin_step(step)
                 loss = self._forward_backward(step, bs)
                 finite = torch.isfinite(loss)
                 newly_dead = self.alive & ~finite
@@ -191,6 +214,10 @@ class Trainer:
                     clip = torch.clamp(cfg.optim.clip / (grad_norm + 1e-6), max=1.0)
                 clip = torch.where(self.alive, torch.nan_to_num(clip, nan=0.0), 0.0)
                 stats = self.optimizer.step(mult, clip.to(cfg.device))
+                gns = None
+                if self.gns is not None:
+                    gns = self.gns.end_step(step, bs, cfg.micro_batch or bs, stats)
+                    self.last_gns = {k: gns[k].float() for k in ("b_precond_smooth", "b_simple_smooth")}
                 self.step += 1
                 self.tokens += bs * cfg.model.context
                 self.seconds = time.perf_counter() - clock
@@ -199,7 +226,7 @@ class Trainer:
                 if evaluated:
                     self.last_val = torch.where(self.alive, self.evaluate(), self.last_val)
                 if evaluated or self.step % cfg.log_every == 0 or bool(newly_dead.any()):
-                    self._write_metrics(f, mult, bs, loss, grad_norm, stats, evaluated, newly_dead)
+                    self._write_metrics(f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead)
                     f.flush()
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
                     f.flush()
@@ -210,7 +237,7 @@ class Trainer:
             self.save()
         return self.results()
 
-    def _write_metrics(self, f, mult, bs, loss, grad_norm, stats, evaluated, newly_dead) -> None:
+    def _write_metrics(self, f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead) -> None:
         sums = {key: sum(s[key] for s in stats.values()).cpu() for key in ("precond_grad_sq", "param_sq", "update_sq")}
         for k, m in enumerate(self.cfg.members):
             if not (self.alive[k] or newly_dead[k]):
@@ -221,14 +248,22 @@ class Trainer:
                    "grad_norm": _num(grad_norm[k]), "precond_grad_norm": _num(sums["precond_grad_sq"][k].sqrt()),
                    "weight_norm": _num(sums["param_sq"][k].sqrt()), "update_norm": _num(sums["update_sq"][k].sqrt()),
                    "seconds": round(self.seconds, 3), "status": "diverged" if newly_dead[k] else "running"}
+            if gns is not None:
+                rec.update({f"gns_{key}" if "norm" in key else key: _num(gns[key][k]) for key in LOG_KEYS})
+                rec["gns_w_identity"] = bool(gns["w_identity"][k])
             self._log(f, rec)
 
     def results(self) -> list[MemberResult]:
         out = []
         for k, m in enumerate(self.cfg.members):
             status = "diverged" if not self.alive[k] else ("done" if self.step >= self.cfg.steps else "running")
+            extra = {}
+            if "b_precond_smooth" in self.last_gns:
+                b = _num(self.last_gns["b_precond_smooth"][k])
+                extra = {"b_precond": b, "b_simple": _num(self.last_gns["b_simple_smooth"][k]),
+                         "batch_regime": "" if b is None else ("small" if self.batches.sizes[-1] < b else "large")}
             out.append(MemberResult(m.name, m.lr, m.wd, status, self.step, self.tokens,
-                                    _num(self.last_train[k]), _num(self.last_val[k])))
+                                    _num(self.last_train[k]), _num(self.last_val[k]), extra))
         return out
 
 

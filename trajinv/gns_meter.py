@@ -1,0 +1,108 @@
+"""The trainer's gradient-noise-scale meter: probes, micro-batch sums, the estimator.
+
+One object per population run. Per step the trainer calls
+
+    meter.begin_step(step)          # choose W (identity during warm-up), reset sums
+    ... forward/backward of each micro-batch, calling meter.after_backward() after each ...
+    meter.end_backward()            # micro-batch mode: hand the accumulated grads back
+    out = meter.end_step(step, B, micro, stats)   # stats: the optimizer's unclipped sums
+
+Modes (see `trajinv.gns` for the maths):
+
+- per-example: a `Probe` on every linear weight (output head included) and
+  norm gain; the backward kernels add sum_n |C_n|^2 and sum_n |C_n|_W^2. The
+  big batch is the same tensors' summed gradient. Embeddings are not covered.
+- micro-batch: after each micro-batch's backward its gradient is added into an
+  accumulator by `accumulate_grad_with_norms`, which also adds the micro-batch
+  gradient's squared norms (every parameter).
+
+The preconditioner W = 1/(sqrt(v_hat)+eps) is read from the optimizer state
+before this step's update, i.e. the same P the optimizer's precond_grad_sq uses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from trajinv.gns import GNSConfig, GNSTracker, micro_batch_sq_mean, per_example_sq_mean, precond_active
+from trajinv.gns_ops import Probe
+from trajinv.kernels.accumulate_gns import accumulate_grad_with_norms
+
+LOG_KEYS = ("grad_norm", "grad_norm_w", "tr_sigma", "tr_w_sigma", "g2", "g2_w",
+            "b_simple", "b_precond", "b_simple_smooth", "b_precond_smooth")
+
+
+class GNSMeter:
+    def __init__(self, params: dict[str, torch.Tensor], members: int, cfg: GNSConfig, preconditioner):
+        """`params`: name -> member-axis parameter; `preconditioner(name)` -> W or None."""
+        self.cfg, self.members, self.params = cfg, members, params
+        self.preconditioner = preconditioner
+        self.tracker = GNSTracker(members, cfg)
+        embeddings = cfg.mode == "micro-batch" and cfg.embeddings
+        self.covered = [n for n in params if embeddings or n != "wte"]
+        self.probes = {n: Probe() for n in self.covered} if cfg.mode == "per-example" else {}
+        self.acc: dict[str, torch.Tensor] = {}
+        self.W: dict[str, torch.Tensor | None] = {}
+        self.sums = torch.zeros(2, members)  # rows: weighted, unweighted
+        self.preconditioned = False
+
+    def begin_step(self, step: int) -> None:
+        self.preconditioned = precond_active(step, self.cfg)
+        self.W = {n: self.preconditioner(n) if self.preconditioned else None for n in self.covered}
+        if self.preconditioned and any(w is None for w in self.W.values()):
+            self.preconditioned = False  # no optimizer state yet: stay on the identity
+            self.W = dict.fromkeys(self.covered)
+        self.sums.zero_()
+        for name, probe in self.probes.items():
+            probe.reset()
+            probe.precond = self.W[name]
+        for acc in self.acc.values():
+            acc.zero_()
+
+    def after_backward(self) -> None:
+        """Micro-batch mode: fold this micro-batch's gradients into the accumulator and the sums."""
+        if self.cfg.mode != "micro-batch":
+            return
+        for name, p in self.params.items():
+            if p.grad is None:
+                continue
+            acc = self.acc.get(name)
+            if acc is None:
+                acc = self.acc[name] = torch.zeros_like(p.grad)
+            if name in self.W:
+                s_w, s_1 = accumulate_grad_with_norms(acc, p.grad, self.W[name], members=self.members)
+                self.sums[0] += s_w.cpu()
+                self.sums[1] += s_1.cpu()
+            else:  # not measured (embeddings=False): plain accumulation
+                acc.add_(p.grad)
+            p.grad = None
+
+    def end_backward(self) -> None:
+        if self.cfg.mode == "micro-batch":
+            for name, p in self.params.items():
+                if name in self.acc:
+                    p.grad = self.acc[name]
+
+    def end_step(self, step: int, batch_size: int, micro: int, stats: dict) -> dict[str, torch.Tensor]:
+        """Estimates for this step from the small sums and the optimizer's (unclipped) big-batch sums."""
+        if self.cfg.mode == "per-example":
+            for probe in self.probes.values():
+                if probe.sq_w is not None:
+                    self.sums[0] += probe.sq_w.cpu()
+                    self.sums[1] += probe.sq_1.cpu()
+            small = per_example_sq_mean(self.sums, batch_size)
+            b_small = 1
+        else:
+            small = micro_batch_sq_mean(self.sums, batch_size // micro)
+            b_small = micro
+        big_w = sum(stats[n]["precond_grad_sq"].cpu() for n in self.covered if n in stats)
+        big_1 = sum(stats[n]["grad_sq"].cpu() for n in self.covered if n in stats)
+        w = self.preconditioned
+        return self.tracker.update(step, small[0] if w else None, big_w if w else None, small[1], big_1,
+                                   b_small, batch_size, preconditioned=w)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.tracker.load_state_dict(state)
