@@ -146,8 +146,10 @@ class FusedPopulationAdamW:
         unclip = scale.pow(2)
         out = {}
         for p, st in self.opt.statistics().items():
-            out[self.name_of[id(p)]] = {"grad_sq": st.grad_sq * unclip, "precond_grad_sq": st.precond_grad_sq * unclip,
-                         "param_sq": st.param_sq, "update_sq": st.update_sq}
+            # K = 1 groups report 0-d sums; keep the (K,) shape the trainer indexes by member
+            st = [x.reshape(-1) for x in st]
+            out[self.name_of[id(p)]] = {"grad_sq": st[0] * unclip, "precond_grad_sq": st[1] * unclip,
+                                        "param_sq": st[2], "update_sq": st[3]}
         return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
