@@ -232,9 +232,17 @@ def test_statistics_match_torch_sums(backend):
         torch.testing.assert_close(W, want_w, rtol=1e-5, atol=0)
 
 
-def test_preconditioner_is_none_before_the_first_step():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preconditioner_is_none_before_the_first_step(backend):
     p = _params([(4,)])[0]
-    assert FusedAdamW([p]).preconditioner(p) is None
+    opt = FusedAdamW([p], backend=backend)
+    assert opt.preconditioner(p) is None
+    p.grad = torch.ones(4)
+    opt.step(found_inf=torch.tensor(1.0))  # a skipped first step leaves no state: W = 1 or None
+    w = opt.preconditioner(p)
+    assert w is None or torch.equal(w, torch.ones(4))
+    opt.step()
+    torch.testing.assert_close(opt.preconditioner(p), 1 / ((opt.state[p]["exp_avg_sq"] / 0.001).sqrt() + 1e-8))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -24,9 +24,9 @@ CPU AdamW (``torch._fused_adamw_``, one call per hyperparameter slot) plus
 foreach sums on CPU; ``"triton"`` forces the kernel (on CPU only under
 ``TRITON_INTERPRET=1``, which the tests use); ``"torch"`` forces the CPU path.
 
-On the Triton path, ``opt.state[p]["step"]`` is refreshed from the device step
-counters by ``state_dict()`` and ``preconditioner()`` (refreshing it every step
-would cost a launch); read it through those.
+On the Triton path the step counts live on the device; ``opt.state[p]["step"]``
+is refreshed from them by ``state_dict()`` (refreshing it every step would cost
+a launch and a sync), so read steps through ``state_dict()`` there.
 """
 
 from __future__ import annotations
@@ -200,8 +200,10 @@ class FusedAdamW(torch.optim.Optimizer):
                 self._expose_state(b, t)
             if b.use_triton:
                 b.counters.copy_(b.steps.to(b.counters.device).long() * b.nblk_dev)
+                b.launched = [bool(s > 0) for s in b.steps.tolist()]
             buckets.append(b)
         self._buckets = buckets
+        self._where = {id(p): (b, t) for b in buckets for t, p in enumerate(b.params)}
         self._key = self._layout_key()
 
     def _expose_state(self, b: Bucket, t: int) -> None:
@@ -325,7 +327,10 @@ class FusedAdamW(torch.optim.Optimizer):
             self._hyper_rows(b.device), b.counters, stats, grad_scale=gs, found_inf=inf,
             seed=self.seed, stochastic_rounding=self.stochastic_rounding and b.dtype == torch.bfloat16,
         )
-        self._pending.append((b, stats, blocks, [t for t, a in enumerate(active) if a]))
+        stepped = [t for t, a in enumerate(active) if a]
+        for t in stepped:
+            b.launched[t] = True
+        self._pending.append((b, stats, blocks, stepped))
 
     def _cpu_plan(self, b: Bucket, active: tuple[bool, ...]) -> dict:
         """Per active set: the segments of each hyperparameter slot, and cached state views."""
@@ -491,18 +496,25 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def preconditioner(self, p: torch.Tensor) -> torch.Tensor | None:
         """1/(sqrt(v_hat)+eps) from the current state (the next step's "before" P), or None before any step."""
-        for b in self._buckets or []:
-            for t, q in enumerate(b.params):
-                if q is p:
-                    self._sync_steps(b)
-                    step = float(b.steps[t])
-                    if step <= 0:
-                        return None
-                    gi = b.groups[t]
-                    b2, eps = float(self.param_groups[gi]["betas"][1]), float(self.param_groups[gi]["eps"])
-                    v = b.view(b.exp_avg_sq, t)
-                    return 1.0 / ((v / (1 - b2**step)).sqrt() + eps)
-        return None
+        where = self._where.get(id(p)) if self._buckets is not None else None
+        if where is None:
+            return None
+        b, t = where
+        g = self.param_groups[b.groups[t]]
+        b2, eps = float(g["betas"][1]), float(g["eps"])
+        v = b.view(b.exp_avg_sq, t)
+        if b.use_triton:
+            # the step count stays on the device: no host sync. A tensor whose only
+            # launches were skipped (found_inf) still has step 0 there: W = 1 then.
+            if not b.launched[t]:
+                return None
+            step = (b.counters[t] // b.nblk_dev[t]).float()
+            w = 1.0 / ((v / (1 - torch.pow(b2, step))).sqrt() + eps)
+            return torch.where(step > 0, w, torch.ones_like(w))
+        step = float(b.steps[t])
+        if step <= 0:
+            return None
+        return 1.0 / ((v / (1 - b2**step)).sqrt() + eps)
 
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:
