@@ -107,7 +107,7 @@ def test_stochastic_round_helper_is_unbiased():
 
 def _member_setup(backend, k=3):
     lrs, wds = [1e-3, 2e-3, 4e-2], [0.1, 0.0, 0.05]
-    decayed = _params([(k, 5, 7), (k, 300)], seed=4)
+    decayed = _params([(k, 5, 7), (k, 300), (k, 0)], seed=4)  # and an empty member-axis param
     gains = _params([(k, 9)], seed=5)
     opt = FusedAdamW([{"params": decayed, "lr": lrs, "weight_decay": wds},
                       {"params": gains, "lr": torch.tensor(lrs), "weight_decay": 0.0}],

@@ -85,7 +85,9 @@ class Bucket:
 
     def member_views(self, flat: torch.Tensor, t: int) -> list[torch.Tensor]:
         k = self.members[t]
-        return list(self.view(flat, t).reshape(k, -1).unbind(0)) if k > 1 else [self.view(flat, t)]
+        if k == 1:
+            return [self.view(flat, t)]
+        return list(self.view(flat, t).reshape(k, self.params[t].numel() // k).unbind(0))
 
     def blocks_for(self, active: tuple[bool, ...]) -> torch.Tensor:
         """Block table rows of the tensors stepped now, on the device (cached per active set)."""

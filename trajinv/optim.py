@@ -388,9 +388,9 @@ class FusedAdamW(torch.optim.Optimizer):
                 pw[t] = b.w_views[t]
             else:
                 pd = p.detach().float() if sixteen else p.detach()
-                pw[t] = [pd] if k == 1 else list(pd.reshape(k, -1).unbind(0))
+                pw[t] = [pd] if k == 1 else list(pd.reshape(k, p.numel() // k).unbind(0))
             g = p.grad.float() if sixteen else p.grad
-            gw[t] = [g] if k == 1 else list(g.reshape(k, -1).unbind(0))
+            gw[t] = [g] if k == 1 else list(g.reshape(k, p.numel() // k).unbind(0))
         order = plan["order"]
         P = [pw[t][j] for t, j in order]
         G = [gw[t][j] for t, j in order]
