@@ -24,6 +24,11 @@ CPU AdamW (``torch._fused_adamw_``, one call per hyperparameter slot) plus
 foreach sums on CPU; ``"triton"`` forces the kernel (on CPU only under
 ``TRITON_INTERPRET=1``, which the tests use); ``"torch"`` forces the CPU path.
 
+Statistics cost: on the Triton path they ride in the update's registers and
+are always computed. On CPU they take extra passes over memory (about 5x the
+update's own time in bench/bench_adamw.py, 1.0x without them): set
+``opt.track_statistics = False`` for steps whose statistics nobody reads.
+
 On the Triton path the step counts live on the device; ``opt.state[p]["step"]``
 is refreshed from them by ``state_dict()`` (refreshing it every step would cost
 a launch and a sync), so read steps through ``state_dict()`` there.
@@ -126,7 +131,9 @@ class FusedAdamW(torch.optim.Optimizer):
         group = self.param_groups[-1]
         self._check_group(group)
         lr = group["lr"]
-        group.setdefault("initial_lr", lr.clone() if isinstance(lr, torch.Tensor) else lr)
+        # a copy: the trainer may change lr in place, the schedule's base must not move
+        lr0 = lr.clone() if isinstance(lr, torch.Tensor) else list(lr) if isinstance(lr, (list, tuple)) else lr
+        group.setdefault("initial_lr", lr0)
         self._buckets = None
 
     def _check_group(self, group: dict) -> None:
