@@ -25,7 +25,7 @@ test: setup
 	$(PY) -m pytest -n 2 tests
 
 bench: setup
-	$(PY) bench/run_all.py
+	for b in bench/bench_*.py; do $(PY) $$b --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs .cache

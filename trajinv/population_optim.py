@@ -28,7 +28,8 @@ STAT_KEYS = ("grad_sq", "precond_grad_sq", "param_sq", "update_sq")
 
 
 class PopulationOptimizer(Protocol):
-    def step(self, lr_mult: float, clip_coef: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]: ...
+    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """Update every member; per-parameter statistics when `stats` (else {})."""
     def preconditioner(self, name: str) -> torch.Tensor | None: ...
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
@@ -75,16 +76,17 @@ class TorchPopulationAdamW:
                             for st in states])
 
     @torch.no_grad()
-    def step(self, lr_mult: float, clip_coef: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
-        stats = {}
+    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        out = {}
         for name, p in self.named.items():
             if p.grad is None:
                 continue
-            W = self.preconditioner(name)
-            g2 = p.grad.float().pow(2)
-            stats[name] = {"grad_sq": g2.flatten(1).sum(1),
-                           "precond_grad_sq": (g2 if W is None else g2 * W).flatten(1).sum(1),
-                           "before": p.detach().clone()}
+            if stats:
+                W = self.preconditioner(name)
+                g2 = p.grad.float().pow(2)
+                out[name] = {"grad_sq": g2.flatten(1).sum(1),
+                             "precond_grad_sq": (g2 if W is None else g2 * W).flatten(1).sum(1),
+                             "before": p.detach().clone()}
             coef = clip_coef.to(p.grad.dtype).view(-1, *([1] * (p.dim() - 1)))
             p.grad.mul_(coef)
             for k, s in enumerate(self.shadows[name]):
@@ -92,11 +94,11 @@ class TorchPopulationAdamW:
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * lr_mult
         self.opt.step()
-        for name, st in stats.items():
+        for name, st in out.items():
             p = self.named[name]
             st["update_sq"] = _per_member_sq(p.detach() - st.pop("before"))
             st["param_sq"] = _per_member_sq(p.detach())
-        return stats
+        return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -136,16 +138,17 @@ class FusedPopulationAdamW:
         return self.opt.preconditioner(self.named[name])
 
     @torch.no_grad()
-    def step(self, lr_mult: float, clip_coef: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> dict[str, dict[str, torch.Tensor]]:
         for g in self.opt.param_groups:
             g["lr"] = [lr * lr_mult for lr in self.base_lr]
         # Clipping rides along as a per-member grad scale (no extra pass over the grads);
         # frozen (diverged) members have coef 0 and zeroed grads: scale 1 keeps them finite.
         scale = torch.where(clip_coef > 0, 1.0 / clip_coef.clamp(min=1e-30), 1.0)
+        self.opt.track_statistics = stats
         self.opt.step(grad_scale=scale)
         unclip = scale.pow(2)
         out = {}
-        for p, st in self.opt.statistics().items():
+        for p, st in (self.opt.statistics().items() if stats else ()):
             # K = 1 groups report 0-d sums; keep the (K,) shape the trainer indexes by member
             st = [x.reshape(-1) for x in st]
             out[self.name_of[id(p)]] = {"grad_sq": st[0] * unclip, "precond_grad_sq": st[1] * unclip,

@@ -188,13 +188,17 @@ class Trainer:
     def _log(self, f, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
-    def train(self, progress=None) -> list[MemberResult]:
-        """Run from the current step to cfg.steps; `progress(step)` is called after each step."""
+    def train(self, progress=None, until: int | None = None) -> list[MemberResult]:
+        """Run from the current step to cfg.steps (or to step `until`, to pause early).
+
+        `progress(step)` is called after each step.
+        """
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         clock = time.perf_counter() - self.seconds
         with open(self.run_dir / METRICS, "a") as f:
-            while self.step < cfg.steps and bool(self.alive.any()):
+            stop = cfg.steps if until is None else min(until, cfg.steps)
+            while self.step < stop and bool(self.alive.any()):
                 step = self.step
                 bs = self.batches.at(step, cfg.steps)
                 mult = lr_multiplier(step, cfg.steps, cfg.schedule)
@@ -213,7 +217,10 @@ class Trainer:
                 if cfg.optim.clip > 0:
                     clip = torch.clamp(cfg.optim.clip / (grad_norm + 1e-6), max=1.0)
                 clip = torch.where(self.alive, torch.nan_to_num(clip, nan=0.0), 0.0)
-                stats = self.optimizer.step(mult, clip.to(cfg.device))
+                # Statistics cost extra passes on CPU: ask for them only when logged or measured.
+                logging = (self.step + 1) % cfg.log_every == 0 or (self.step + 1) % cfg.eval_every == 0 \
+                    or self.step + 1 == cfg.steps or bool(newly_dead.any())
+                stats = self.optimizer.step(mult, clip.to(cfg.device), stats=logging or self.gns is not None)
                 gns = None
                 if self.gns is not None:
                     gns = self.gns.end_step(step, bs, cfg.micro_batch or bs, stats)
@@ -225,7 +232,7 @@ class Trainer:
                 evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.steps
                 if evaluated:
                     self.last_val = torch.where(self.alive, self.evaluate(), self.last_val)
-                if evaluated or self.step % cfg.log_every == 0 or bool(newly_dead.any()):
+                if logging:
                     self._write_metrics(f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead)
                     f.flush()
                 if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:

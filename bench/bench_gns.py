@@ -1,0 +1,93 @@
+"""Training-step cost of measuring the gradient noise scale: off / micro-batch / per-example.
+
+For each preset the same population trains with GNS off, in micro-batch mode
+and in per-example mode; every mode uses the same micro-batching (so "off" pays
+the same accumulation) and the modes are timed interleaved, step by step, in
+this one process, so machine noise hits them alike. Reported: median step time
+and the ratio to off. Targets on this CPU: per-example <= 1.10x, micro-batch
+<= 1.03x.
+
+    python bench/bench_gns.py [--presets tiny,small] [--steps 12] [--members 1] [--quick]
+
+Prints a table and writes bench/results/gns.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trajinv.config import Member, TrainConfig, preset
+from trajinv.data import DataConfig, load_data
+from trajinv.gns import GNSConfig
+from trajinv.train import Trainer
+
+RESULTS = Path(__file__).parent / "results" / "gns.csv"
+MODES = ("off", "micro-batch", "per-example")
+TARGETS = {"off": 1.0, "micro-batch": 1.03, "per-example": 1.10}
+
+
+def step_times(trainers: dict[str, Trainer], steps: int) -> dict[str, list[float]]:
+    """Advance every trainer one step at a time, in turn; seconds per step per mode."""
+    times = {mode: [] for mode in trainers}
+    for _ in range(steps):
+        for mode, tr in trainers.items():
+            start = time.perf_counter()
+            tr.train(until=tr.step + 1)
+            times[mode].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="tiny,small")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--members", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--quick", action="store_true", help="tiny only, 4 steps")
+    args = ap.parse_args()
+    presets = ["tiny"] if args.quick else args.presets.split(",")
+    steps = 4 if args.quick else args.steps
+    data = load_data(DataConfig())
+    members = tuple(Member(8e-3 * 2 ** (i % 3 - 1), 1.0) for i in range(args.members))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in presets:
+            model = preset(name, vocab_size=data.vocab_size)
+            trainers = {}
+            for mode in MODES:
+                # eval and logging far apart: the timed steps are training steps only
+                cfg = TrainConfig(model=model, members=members, steps=10**6, batch_size=str(args.batch),
+                                  micro_batch=args.micro, eval_every=10**9, eval_seqs=8, log_every=10**9,
+                                  checkpoint_every=0, gns=GNSConfig(mode=mode, precond_warmup=1))
+                trainers[mode] = Trainer(cfg, data, Path(tmp) / f"{name}-{mode}")
+            step_times(trainers, 2)  # warm-up, and past the identity-W step
+            times = step_times(trainers, steps)
+            base = statistics.median(times["off"])
+            for mode in MODES:
+                med = statistics.median(times[mode])
+                rows.append({"preset": name, "members": args.members, "mode": mode, "median_step_ms": med * 1e3,
+                             "ratio_to_off": med / base, "target": TARGETS[mode],
+                             "meets_target": med / base <= TARGETS[mode]})
+    print(f"batch={args.batch} micro={args.micro} steps={steps} threads={torch.get_num_threads()}")
+    print(f"{'preset':8s} {'mode':12s} {'step ms':>9s} {'x off':>7s} {'target':>7s}")
+    for r in rows:
+        print(f"{r['preset']:8s} {r['mode']:12s} {r['median_step_ms']:9.1f} {r['ratio_to_off']:7.3f} "
+              f"{r['target']:7.2f}{'' if r['meets_target'] else '  MISSED'}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
