@@ -13,7 +13,11 @@ a lower bound for composite ones (an op that reads an input twice counts once).
 The Triton kernel is not an aten op; its bytes are counted from the block
 table it is launched with (elements x bytes of each buffer it loads/stores,
 plus the 16 B of statistics and 32 B of table per block), and any grad
-gather copies show up as aten ops.
+gather copies show up as aten ops. The native CPU kernel (trajinv.cpu_adamw, the
+fp32 CPU path of "ours-cpu") is not an aten op either: its bytes are counted
+from its segment table (28 B per fp32 param, 16 B of statistics per segment,
+its table and pointers); "ours-cpu-torchops" rows are the same optimizer
+forced onto the torch-ops path for comparison.
 
 The copy bandwidth is that of ``b.copy_(a)`` over 256 MB or more. On CPU a
 copy also pays a read-for-ownership of the destination that in-place updates
@@ -38,6 +42,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trajinv import cpu_adamw  # noqa: E402
 from trajinv.kernels import fused_adamw as F  # noqa: E402
 from trajinv.optim import FusedAdamW  # noqa: E402
 
@@ -100,9 +105,33 @@ def providers(device: str):
     if device == "cpu":
         out["ours-cpu"] = lambda ps: FusedAdamW(ps, backend="torch", **HP)
         out["ours-cpu-nostats"] = lambda ps: FusedAdamW(ps, backend="torch", track_statistics=False, **HP)
+        if cpu_adamw.lib() is not None:  # the same two without the native kernel: torch ops only
+            out["ours-cpu-torchops"] = lambda ps: _torch_ops(FusedAdamW(ps, backend="torch", **HP))
+            out["ours-cpu-torchops-nostats"] = lambda ps: _torch_ops(
+                FusedAdamW(ps, backend="torch", track_statistics=False, **HP))
     else:
         out["ours-triton"] = lambda ps: FusedAdamW(ps, backend="triton", **HP)
     return out
+
+
+def _torch_ops(opt: FusedAdamW) -> FusedAdamW:
+    opt._native_cpu = False
+    return opt
+
+
+def native_bytes(opt: FusedAdamW) -> int:
+    """Bytes of the native CPU kernel's last step (not an aten op): 28 B per fp32 param
+    (read p, g, m, v; write p, m, v), its segment table, pointers and statistics rows."""
+    total = 0
+    for b in opt._buckets or []:
+        if not getattr(opt, "_native_cpu", True) or b.dtype != torch.float32 or not getattr(b, "native_plans", None):
+            continue
+        plan = b.native_plans[tuple(p.grad is not None for p in b.params)]
+        n = sum(b.segments[s].hi - b.segments[s].lo for s in plan["segs"])
+        total += 28 * n + plan["table"].numel() * 8 + 16 * len(plan["idx"])
+        if opt.track_statistics:
+            total += 16 * len(plan["segs"])
+    return total
 
 
 def sync(device):
@@ -162,7 +191,7 @@ def run_provider(name, make, params0, grads, ref_params, device, timed_steps):
     before = F.LAUNCHES
     with ByteCounter() as bc:
         opt.step()
-    kernel_bytes = triton_bytes(opt) if name.startswith("ours-triton") else 0
+    kernel_bytes = triton_bytes(opt) if name.startswith("ours-triton") else native_bytes(opt) if name.startswith("ours-cpu") else 0
     ops = bc.ops + F.LAUNCHES - before
     nbytes = bc.read + bc.written + kernel_bytes
     times = []

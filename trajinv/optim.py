@@ -19,15 +19,20 @@ Drop-in for ``torch.optim.AdamW`` (same maths, same state_dict keys and shapes:
 * AMP: ``step(grad_scale=, found_inf=)`` (or the ``grad_scale``/``found_inf``
   attributes GradScaler sets); grad_scale may be (K,) for member groups.
 
-Backends: ``"auto"`` runs the Triton kernel on CUDA tensors and torch's fused
-CPU AdamW (``torch._fused_adamw_``, one call per hyperparameter slot) plus
-foreach sums on CPU; ``"triton"`` forces the kernel (on CPU only under
+Backends: ``"auto"`` runs the Triton kernel on CUDA tensors and the CPU path
+on CPU; ``"triton"`` forces the kernel (on CPU only under
 ``TRITON_INTERPRET=1``, which the tests use); ``"torch"`` forces the CPU path.
+The CPU path runs fp32 buckets through a native one-pass kernel
+(:mod:`trajinv.cpu_adamw`: update and statistics in one OpenMP pass, compiled
+on first use); 16-bit buckets, or any bucket when that kernel cannot be built
+(a one-time warning), use torch's fused CPU AdamW (``torch._fused_adamw_``, one
+call per hyperparameter slot) plus foreach sums.
 
-Statistics cost: on the Triton path they ride in the update's registers and
-are always computed. On CPU they take extra passes over memory (about 5x the
-update's own time in bench/bench_adamw.py, 1.0x without them): set
-``opt.track_statistics = False`` for steps whose statistics nobody reads.
+Statistics cost: on the Triton path and the native CPU path they ride in the
+update's registers (bench/bench_adamw.py on 2 CPU threads: 0.96x torch's fused
+AdamW step with statistics, 0.94x without). On the torch-ops CPU path they take
+extra passes over memory (about 5x the update's own time): set
+``opt.track_statistics = False`` there for steps whose statistics nobody reads.
 
 On the Triton path the step counts live on the device; ``opt.state[p]["step"]``
 is refreshed from them by ``state_dict()`` (refreshing it every step would cost
@@ -43,6 +48,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from trajinv import cpu_adamw
 from trajinv.flat_buffers import Bucket
 from trajinv.kernels import fused_adamw as K
 
@@ -118,6 +124,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self.master_weights = master_weights
         self.stochastic_rounding = stochastic_rounding
         self.track_statistics = track_statistics
+        self._native_cpu = True  # fp32 CPU steps through trajinv.cpu_adamw when it builds (False: torch ops)
         self.seed = int(seed)
         self._buckets: list[Bucket] | None = None
         self._hyper_cache: dict[torch.device, tuple[list, torch.Tensor]] = {}
@@ -374,8 +381,62 @@ class FusedAdamW(torch.optim.Optimizer):
             b.cpu_plans[active] = plan
         return plan
 
+    def _native_plan(self, b: Bucket, active: tuple[bool, ...]) -> dict | None:
+        """Segment table of the native CPU kernel for this active set (cached), or None if it cannot run."""
+        if b.dtype != torch.float32 or not getattr(self, "_native_cpu", True) or cpu_adamw.lib() is None:
+            return None
+        plans = b.__dict__.setdefault("native_plans", {})
+        plan = plans.get(active)
+        if plan is None:
+            idx = [t for t, a in enumerate(active) if a]
+            rows, segs = [], []
+            for r, t in enumerate(idx):
+                for j in range(b.members[t]):
+                    s = b.seg_start[t] + j
+                    seg = b.segments[s]
+                    rows.append([t, r, j, seg.lo, seg.hi - seg.lo, seg.slot, s])
+                    segs.append(s)
+            plan = dict(idx=idx, segs=segs, all=all(active),
+                        table=torch.tensor(rows, dtype=torch.int64).reshape(-1, cpu_adamw.SEG_COLS),
+                        inc=torch.tensor(active, dtype=torch.float32))
+            plans[active] = plan
+        return plan
+
+    def _step_native(self, b: Bucket, active: tuple[bool, ...], gs, inf) -> bool:
+        """CPU path, fp32: update and statistics in one pass (trajinv.cpu_adamw); False if it cannot run."""
+        plan = self._native_plan(b, active)
+        if plan is None:
+            return False
+        ptrs, keep = [], []
+        for t in plan["idx"]:
+            p = b.params[t]
+            g = p.grad
+            if not p.is_contiguous():
+                return False  # a strided param (p.data swapped for a view): the torch path handles it
+            if not g.is_contiguous():
+                g = g.contiguous()
+                keep.append(g)
+            ptrs += (p.data_ptr(), g.data_ptr())
+        track = self.track_statistics
+        stats = torch.zeros(len(b.segments), K.N_STATS, dtype=torch.float32) if track else None
+        if inf is not None and float(inf) > 0:  # skipped: zero statistics, as the kernel writes
+            if track:
+                self._pending.append((b, stats, None, plan["idx"]))
+            return True
+        if plan["all"]:
+            b.steps += 1
+        else:
+            b.steps += plan["inc"]
+        cpu_adamw.adamw_step(torch.tensor(ptrs, dtype=torch.int64), plan["table"], b.exp_avg, b.exp_avg_sq,
+                             self._hyper_rows(b.device), b.steps, gs, stats)
+        if track:
+            self._pending.append((b, stats, None, plan["idx"]))
+        return True
+
     def _step_torch(self, b: Bucket, active: list[bool], gs, inf) -> None:
-        """CPU path: torch's fused CPU AdamW, one call per hyperparameter slot, on fp32 views."""
+        """CPU path: the native one-pass kernel for fp32, else torch's fused CPU AdamW per hyperparameter slot."""
+        if self._step_native(b, tuple(active), gs, inf):
+            return
         plan = self._cpu_plan(b, tuple(active))
         if inf is not None and float(inf) > 0:  # skipped: zero statistics, as the kernel writes
             self._store_stats(b, plan["segs"], torch.zeros(len(plan["segs"]), K.N_STATS))
