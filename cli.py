@@ -6,7 +6,6 @@ Installed as the `trajinv` console script (module trajinv._cli.cli).
 from __future__ import annotations
 
 import functools
-from dataclasses import replace
 from pathlib import Path
 
 import click

@@ -15,7 +15,6 @@ Prints a table and writes bench/results/gns.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import tempfile
 import time
@@ -23,12 +22,13 @@ from pathlib import Path
 
 import torch
 
+from results_csv import RESULTS_DIR, write_csv
 from trajinv.config import Member, TrainConfig, preset
 from trajinv.data import DataConfig, load_data
 from trajinv.gns import GNSConfig
 from trajinv.train import Trainer
 
-RESULTS = Path(__file__).parent / "results" / "gns.csv"
+RESULTS = RESULTS_DIR / "gns.csv"
 MODES = ("off", "micro-batch", "per-example")
 TARGETS = {"off": 1.0, "micro-batch": 1.03, "per-example": 1.10}
 
@@ -81,12 +81,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['preset']:8s} {r['mode']:12s} {r['median_step_ms']:9.1f} {r['ratio_to_off']:7.3f} "
               f"{r['target']:7.2f}{'' if r['meets_target'] else '  MISSED'}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {RESULTS}")
+    write_csv(RESULTS, rows)
 
 
 if __name__ == "__main__":

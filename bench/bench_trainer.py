@@ -17,19 +17,18 @@ Prints a table and writes bench/results/trainer.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+from results_csv import RESULTS_DIR, write_csv
 from trajinv.config import Member, OptimConfig, TrainConfig, preset
 from trajinv.data import DataConfig, load_data, sample_batch
 from trajinv.model import GPT
 from trajinv.train import Trainer
 
-RESULTS = Path(__file__).parent / "results" / "trainer.csv"
+RESULTS = RESULTS_DIR / "trainer.csv"
 
 
 def plain_loop(cfg: TrainConfig, data, steps: int, batch: int) -> float:
@@ -98,12 +97,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['comparison']:32s} {r['seconds']:8.2f} {r['tokens_per_s']:16.0f} {r['ratio']:7.2f}")
     print("ratio: trainer throughput / plain loop, and population speedup over sequential runs")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {RESULTS}")
+    write_csv(RESULTS, rows)
 
 
 if __name__ == "__main__":
