@@ -61,6 +61,12 @@ def _common(fn):
                      help="'bytes' or a tokenizers JSON file."),
         click.option("--gns", default="off", show_default=True, type=click.Choice(["off", "per-example", "micro-batch"]),
                      help="Gradient noise scale measurement."),
+        click.option("--gns-every", default=1, show_default=True, type=int,
+                     help="Measure the noise scale on every N-th step only (amortises its cost)."),
+        click.option("--gns-warmup", default=10, show_default=True, type=int,
+                     help="Steps measured with W = 1 before switching to Adam's preconditioner."),
+        click.option("--gns-embeddings/--no-gns-embeddings", default=True, show_default=True,
+                     help="micro-batch mode: include the token embedding."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -81,7 +87,8 @@ def _configs(o: dict, members=None, batch_size: str = "32"):
         schedule=ScheduleConfig(kind=o["schedule"], warmup=o["warmup"], decay_fraction=o["decay_fraction"]),
         eval_every=o["eval_every"], eval_seqs=o["eval_seqs"], log_every=o["log_every"],
         checkpoint_every=o["checkpoint_every"], seed=o["seed"], device=o["device"], dtype=o["dtype"],
-        gns=GNSConfig(mode=o["gns"]),
+        gns=GNSConfig(mode=o["gns"], every=o["gns_every"], precond_warmup=o["gns_warmup"],
+                      embeddings=o["gns_embeddings"]),
     )
     return train, DataConfig(source=o["data"], tokenizer=o["tokenizer"], seed=o["seed"])
 

@@ -65,6 +65,8 @@ def test_sweep_writes_summary_and_plots(corpus, tmp_path):
     (["sweep", "--lr-log2", "3:1"], "3:1"),
     (["train", "--batch-size", "8@2,16"], "8@2,16"),
     (["analyze", "/no/such/sweep"], "/no/such/sweep"),
+    (["train", "--gns", "micro-batch", "--gns-every", "0"], "every"),
+    (["train", "--gns", "micro-batch", "--micro-batch", "5"], "micro-batch"),
 ])
 def test_bad_input_one_line_error(args, needle, tmp_path):
     res = CliRunner().invoke(cli.main, args + ["--out", str(tmp_path / "o")] if args[0] != "analyze" else args)

@@ -112,6 +112,10 @@ class GNSConfig:
     """EMA decay in [0, 1) applied separately to the numerator and the denominator
     of each noise scale (Adam-style debiased); 0 means no smoothing."""
 
+    every: int = 1
+    """Measure on every `every`-th step only (others train with no probes and no
+    extra passes): amortises the cost; the EMAs then average the measured steps."""
+
     embeddings: bool = True
     """micro-batch mode: include the token embedding (per-example mode never does).
     Rows of rare tokens have tiny v, so W = 1/(sqrt(v_hat)+eps) is huge there and
@@ -124,6 +128,8 @@ class GNSConfig:
             raise TypeError(f"GNSConfig.precond_warmup must be an int, got {self.precond_warmup!r}")
         if self.precond_warmup < 1:
             raise ValueError(f"GNSConfig.precond_warmup must be >= 1, got {self.precond_warmup}")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"GNSConfig.every must be an int >= 1, got {self.every!r}")
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)):
             raise TypeError(f"GNSConfig.ema must be a float, got {self.ema!r}")
         if not 0.0 <= float(self.ema) < 1.0:

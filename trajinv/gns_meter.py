@@ -33,9 +33,13 @@ LOG_KEYS = ("grad_norm", "grad_norm_w", "tr_sigma", "tr_w_sigma", "g2", "g2_w",
 
 
 class GNSMeter:
-    def __init__(self, params: dict[str, torch.Tensor], members: int, cfg: GNSConfig, preconditioner):
-        """`params`: name -> member-axis parameter; `preconditioner(name)` -> W or None."""
+    def __init__(self, params: dict[str, torch.Tensor], members: int, cfg: GNSConfig, preconditioner,
+                 model_probes: dict):
+        """`params`: name -> member-axis parameter; `preconditioner(name)` -> W or None;
+        `model_probes`: the model's probe table, filled on measured steps only."""
         self.cfg, self.members, self.params = cfg, members, params
+        self.model_probes = model_probes
+        self.active = False
         self.preconditioner = preconditioner
         self.tracker = GNSTracker(members, cfg)
         embeddings = cfg.mode == "micro-batch" and cfg.embeddings
@@ -46,7 +50,13 @@ class GNSMeter:
         self.sums = torch.zeros(2, members)  # rows: weighted, unweighted
         self.preconditioned = False
 
-    def begin_step(self, step: int) -> None:
+    def begin_step(self, step: int) -> bool:
+        """Prepare step `step`; False when this step is not measured (see GNSConfig.every)."""
+        self.active = step % self.cfg.every == 0
+        self.model_probes.clear()
+        if not self.active:
+            return False
+        self.model_probes.update(self.probes)
         self.preconditioned = precond_active(step, self.cfg)
         self.W = {n: self.preconditioner(n) if self.preconditioned else None for n in self.covered}
         if self.preconditioned and any(w is None for w in self.W.values()):
@@ -58,10 +68,11 @@ class GNSMeter:
             probe.precond = self.W[name]
         for acc in self.acc.values():
             acc.zero_()
+        return True
 
     def after_backward(self) -> None:
         """Micro-batch mode: fold this micro-batch's gradients into the accumulator and the sums."""
-        if self.cfg.mode != "micro-batch":
+        if self.cfg.mode != "micro-batch" or not self.active:
             return
         for name, p in self.params.items():
             if p.grad is None:
@@ -78,13 +89,16 @@ class GNSMeter:
             p.grad = None
 
     def end_backward(self) -> None:
-        if self.cfg.mode == "micro-batch":
+        if self.cfg.mode == "micro-batch" and self.active:
             for name, p in self.params.items():
                 if name in self.acc:
                     p.grad = self.acc[name]
 
-    def end_step(self, step: int, batch_size: int, micro: int, stats: dict) -> dict[str, torch.Tensor]:
-        """Estimates for this step from the small sums and the optimizer's (unclipped) big-batch sums."""
+    def end_step(self, step: int, batch_size: int, micro: int, stats: dict) -> dict[str, torch.Tensor] | None:
+        """Estimates for this step from the small sums and the optimizer's (unclipped) big-batch sums;
+        None when the step was not measured."""
+        if not self.active:
+            return None
         if self.cfg.mode == "per-example":
             for probe in self.probes.values():
                 if probe.sq_w is not None:

@@ -81,8 +81,8 @@ class Trainer:
                     if not cfg.micro_batch or b % cfg.micro_batch or b // cfg.micro_batch < 2:
                         raise ValueError(f"GNS micro-batch mode needs --micro-batch dividing batch size {b} "
                                          f"into >= 2 micro-batches, got micro_batch={cfg.micro_batch}")
-            self.gns = GNSMeter(dict(self.model.named_parameters()), self.K, cfg.gns, self.optimizer.preconditioner)
-            self.model.probes.update(self.gns.probes)
+            self.gns = GNSMeter(dict(self.model.named_parameters()), self.K, cfg.gns, self.optimizer.preconditioner,
+                                self.model.probes)
         self.last_gns: dict[str, torch.Tensor] = {}
         self.lrs = torch.tensor([m.lr for m in cfg.members])
         self.wds = torch.tensor([m.wd for m in cfg.members])
@@ -202,8 +202,7 @@ class Trainer:
                 step = self.step
                 bs = self.batches.at(step, cfg.steps)
                 mult = lr_multiplier(step, cfg.steps, cfg.schedule)
-                if self.gns is not None:
-                    self.gns.begin_step(step)
+                measured = self.gns is not None and self.gns.begin_step(step)
                 loss = self._forward_backward(step, bs)
                 finite = torch.isfinite(loss)
                 newly_dead = self.alive & ~finite
@@ -220,9 +219,9 @@ class Trainer:
                 # Statistics cost extra passes on CPU: ask for them only when logged or measured.
                 logging = (self.step + 1) % cfg.log_every == 0 or (self.step + 1) % cfg.eval_every == 0 \
                     or self.step + 1 == cfg.steps or bool(newly_dead.any())
-                stats = self.optimizer.step(mult, clip.to(cfg.device), stats=logging or self.gns is not None)
+                stats = self.optimizer.step(mult, clip.to(cfg.device), stats=logging or measured)
                 gns = None
-                if self.gns is not None:
+                if measured:
                     gns = self.gns.end_step(step, bs, cfg.micro_batch or bs, stats)
                     self.last_gns = {k: gns[k].float() for k in ("b_precond_smooth", "b_simple_smooth")}
                 self.step += 1
