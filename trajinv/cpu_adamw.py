@@ -303,9 +303,6 @@ def adamw_step(
     grads are multiplied by its reciprocal. stats: (segments, 4) fp32, rows written
     [sum g^2, sum g^2/P, sum p_new^2, sum (p_new - p_old)^2], other rows untouched.
     """
-    k = lib()
-    if k is None:
-        raise RuntimeError("native CPU AdamW is unavailable (see the warning lib() gave)")
     for name, t, dt in (("ptrs", ptrs, torch.int64), ("segs", segs, torch.int64), ("exp_avg", exp_avg, torch.float32),
                         ("exp_avg_sq", exp_avg_sq, torch.float32), ("hyper", hyper, torch.float32),
                         ("steps", steps, torch.float32)):
@@ -317,6 +314,9 @@ def adamw_step(
         raise TypeError(f"grad_scale must be contiguous fp32, got {grad_scale.dtype}")
     if stats is not None and (stats.dtype != torch.float32 or not stats.is_contiguous() or stats.shape[-1] != 4):
         raise TypeError(f"stats must be a contiguous fp32 (segments, 4) tensor, got {stats.dtype} {tuple(stats.shape)}")
+    k = lib()
+    if k is None:
+        raise RuntimeError("native CPU AdamW is unavailable (see the warning lib() gave)")
     per_member = int(grad_scale is not None and grad_scale.numel() > 1)
     k.trajinv_adamw_step(
         ptrs.data_ptr(), segs.data_ptr(), segs.shape[0], exp_avg.data_ptr(), exp_avg_sq.data_ptr(),

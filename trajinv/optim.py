@@ -450,14 +450,18 @@ class FusedAdamW(torch.optim.Optimizer):
         # fp32 work tensors, member-split: params (or master copy) and grads
         pw: dict[int, list[torch.Tensor]] = {}
         gw: dict[int, list[torch.Tensor]] = {}
+        strided = []  # torch's fused CPU AdamW reads params and grads as contiguous: copy in and out
         for t in plan["idx"]:
             p, k = b.params[t], b.members[t]
             if b.w_views is not None:
                 pw[t] = b.w_views[t]
             else:
                 pd = p.detach().float() if sixteen else p.detach()
+                if not pd.is_contiguous():
+                    pd = pd.contiguous()
+                    strided.append(t)
                 pw[t] = [pd] if k == 1 else list(pd.reshape(k, p.numel() // k).unbind(0))
-            g = p.grad.float() if sixteen else p.grad
+            g = (p.grad.float() if sixteen else p.grad).contiguous()
             gw[t] = [g] if k == 1 else list(g.reshape(k, p.numel() // k).unbind(0))
         order = plan["order"]
         P = [pw[t][j] for t, j in order]
@@ -483,6 +487,10 @@ class FusedAdamW(torch.optim.Optimizer):
                 lr=lr, beta1=b1, beta2=b2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False,
                 grad_scale=gslot,
             )
+        if not sixteen:
+            for t in strided:
+                p = b.params[t]
+                p.data.copy_(pw[t][0] if b.members[t] == 1 else torch.stack(pw[t]).view(p.shape))
         if sixteen:
             for t in plan["idx"]:
                 p, k = b.params[t], b.members[t]
