@@ -400,3 +400,18 @@ def test_statistics_can_be_switched_off_on_the_cpu_path_between_steps():
         assert (len(st) == 2) == (i == 2)
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preconditioner_right_after_load_state_dict(backend):
+    """A resumed run reads W before its first step: it must be the loaded state's."""
+    ps = _params([(6, 5), (33,)], seed=20)
+    opt = FusedAdamW(ps, lr=1e-2, backend=backend)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    fresh = FusedAdamW(_clone(ps), lr=1e-2, backend=backend)
+    fresh.load_state_dict(opt.state_dict())
+    for p, q in zip(ps, fresh.param_groups[0]["params"]):
+        torch.testing.assert_close(fresh.preconditioner(q), opt.preconditioner(p), rtol=0, atol=0)

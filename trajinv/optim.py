@@ -572,6 +572,8 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def preconditioner(self, p: torch.Tensor) -> torch.Tensor | None:
         """1/(sqrt(v_hat)+eps) from the current state (the next step's "before" P), or None before any step."""
+        if self._buckets is None and any("exp_avg_sq" in st for st in self.state.values()):
+            self._ensure_buckets()  # state loaded, no step since: lay it out now so W is the loaded one
         where = self._where.get(id(p)) if self._buckets is not None else None
         if where is None:
             return None
