@@ -29,8 +29,9 @@ on first use); 16-bit buckets, or any bucket when that kernel cannot be built
 call per hyperparameter slot) plus foreach sums.
 
 Statistics cost: on the Triton path and the native CPU path they ride in the
-update's registers (bench/bench_adamw.py on 2 CPU threads: 0.96x torch's fused
-AdamW step with statistics, 0.94x without). On the torch-ops CPU path they take
+update's registers (bench/bench_adamw.py, 16M fp32 params, 1-2 threads of a
+shared machine: 0.6-1.02x torch's fused AdamW step with statistics, 0.6-0.97x
+without). On the torch-ops CPU path they take
 extra passes over memory (about 5x the update's own time): set
 ``opt.track_statistics = False`` there for steps whose statistics nobody reads.
 
