@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from trajinv.config import Member, ModelConfig
+from trajinv.config import Member, ModelConfig, OptimConfig
 from trajinv.gns import GNSConfig
 from trajinv.train import METRICS, Trainer
 
@@ -75,8 +75,11 @@ def test_summary_records_noise_scale_and_regime(tiny_data, tiny_train_config, tm
     assert res[0].extra["batch_regime"] == ("small" if 16 < b else "large")
 
 
-def test_resume_with_gns_is_bit_identical(tiny_data, tiny_train_config, tmp_path):
-    cfg = _cfg(tiny_train_config, "micro-batch", steps=10, checkpoint_every=4)
+@pytest.mark.parametrize("optimizer", ["torch", "fused"])
+def test_resume_with_gns_is_bit_identical(tiny_data, tiny_train_config, tmp_path, optimizer):
+    # resume at step 4, after the identity warm-up: W must come from the restored optimizer state
+    cfg = _cfg(tiny_train_config, "micro-batch", steps=10, checkpoint_every=4, optim=OptimConfig(name=optimizer),
+               gns=GNSConfig(mode="micro-batch", precond_warmup=2))
     Trainer(cfg, tiny_data, tmp_path / "a").train()
 
     class Stop(Exception):
@@ -99,3 +102,18 @@ def test_resume_with_gns_is_bit_identical(tiny_data, tiny_train_config, tmp_path
 def test_micro_batch_mode_needs_two_equal_micro_batches(tiny_data, tiny_train_config, tmp_path, micro):
     with pytest.raises(ValueError, match="micro-batch"):
         Trainer(_cfg(tiny_train_config, "micro-batch", micro_batch=micro), tiny_data, tmp_path)
+
+
+def test_every_nth_step_measured_and_probes_detached_between(tiny_data, tiny_train_config, tmp_path):
+    cfg = _cfg(tiny_train_config, "per-example", steps=6, gns=GNSConfig(mode="per-example", every=3))
+    tr = Trainer(cfg, tiny_data, tmp_path)
+    tr.train(until=2)
+    assert tr.model.probes == {}  # step 1 was not measured: plain autograd
+    tr.train()
+    measured = [r["step"] for r in _records(tmp_path) if "b_precond" in r]
+    assert measured == [1, 4]  # steps 0 and 3 (0-based), logged after the update
+
+
+def test_bad_gns_every():
+    with pytest.raises(ValueError, match="every"):
+        GNSConfig(mode="micro-batch", every=0)
