@@ -181,7 +181,20 @@ def _torch_path(
     dw_t = alloc(K, d_in, d_out, dtype=torch.float32, device=a.device)
     s_w = alloc(K, N, dtype=torch.float32, device=a.device)
     s_1 = alloc(K, N, dtype=torch.float32, device=a.device)
-    if not empty:
+    if not empty and K > 1 and K * N * M * 4 <= _CPU_CHUNK_BYTES:
+        # Small layers (the CPU presets): every member's tiles fit the budget at
+        # once, so one bmm over (K*n) examples replaces K per-member loops; on
+        # CPU the per-call overhead is what dominates layers this small.
+        ct = torch.bmm(_f32(a).reshape(K * N, T, d_in).transpose(1, 2), _f32(gy).reshape(K * N, T, d_out))
+        flat = ct.view(K, N, M)
+        ones = torch.ones(K, 1, N, dtype=torch.float32, device=a.device)
+        torch.bmm(ones, flat, out=dw_t.view(K, 1, M))
+        flat.square_()
+        torch.sum(flat, -1, out=s_1)
+        if precond is not None:
+            w_t = precond.float().transpose(1, 2).reshape(K, M, 1)
+            torch.bmm(flat, w_t, out=s_w.view(K, N, 1))
+    elif not empty:
         chunk = max(1, min(N, _CPU_CHUNK_BYTES // (4 * M)))
         buf = torch.empty(chunk, d_in, d_out, dtype=torch.float32, device=a.device)
         ones = torch.ones(1, chunk, dtype=torch.float32, device=a.device)
