@@ -166,11 +166,10 @@ class Trainer:
         return total.cpu()
 
     def _grad_norms(self) -> torch.Tensor:
-        sq = torch.zeros(self.K, device=self.cfg.device)
-        for p in self.model.parameters():
-            if p.grad is not None:
-                sq += p.grad.float().pow(2).flatten(1).sum(1)
-        return sq.sqrt().cpu()
+        """Per-member global gradient norm (K,): the clipping input, one read of the grads."""
+        norms = [torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float32)
+                 for p in self.model.parameters() if p.grad is not None]
+        return torch.stack(norms).pow(2).sum(0).sqrt().cpu()
 
     @torch.no_grad()
     def evaluate(self) -> torch.Tensor:
@@ -208,10 +207,11 @@ class Trainer:
                 newly_dead = self.alive & ~finite
                 self.alive &= finite
                 grad_norm = self._grad_norms()
-                alive = self.alive.to(cfg.device)
-                for p in self.model.parameters():
-                    if p.grad is not None:
-                        p.grad.masked_fill_(~alive.view(-1, *([1] * (p.dim() - 1))), 0.0)
+                if not bool(self.alive.all()):
+                    dead = ~self.alive.to(cfg.device)
+                    for p in self.model.parameters():
+                        if p.grad is not None:
+                            p.grad.masked_fill_(dead.view(-1, *([1] * (p.dim() - 1))), 0.0)
                 clip = torch.ones(self.K)
                 if cfg.optim.clip > 0:
                     clip = torch.clamp(cfg.optim.clip / (grad_norm + 1e-6), max=1.0)
