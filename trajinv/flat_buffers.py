@@ -53,7 +53,7 @@ class Bucket:
 
     def __post_init__(self) -> None:
         off = 0
-        for p, k in zip(self.params, self.members):
+        for p in self.params:
             self.offsets.append(off)
             off = _round_up(off + p.numel(), ALIGN)
         self.total = off

@@ -242,7 +242,7 @@ class FusedAdamW(torch.optim.Optimizer):
         """(slots, 5) fp32 [lr, wd_eff, beta1, beta2, eps]; tensors stay on device (no host sync)."""
         rows: list[torch.Tensor | list[list[float]]] = []
         any_tensor = False
-        for gi, first, k in self._slot_of:
+        for gi, _first, k in self._slot_of:
             g = self.param_groups[gi]
             if _group_members(g) != k:
                 raise ValueError(f"group {gi}: member count changed from {k} to {_group_members(g)}")
@@ -301,7 +301,7 @@ class FusedAdamW(torch.optim.Optimizer):
             active = [p.grad is not None for p in b.params]
             if not any(active):
                 continue
-            for t, p in enumerate(b.params):
+            for p in b.params:
                 if p.grad is not None and (p.grad.is_sparse or p.grad.dtype != p.dtype):
                     raise TypeError(f"grad of param {tuple(p.shape)} must be dense {p.dtype}, got {p.grad.dtype}")
             gs = self._grad_scale_for(b, grad_scale)
