@@ -40,3 +40,31 @@ def tiny_train_config():
         return TrainConfig(**base)
 
     return make
+
+
+@pytest.fixture
+def interrupted_run(tiny_data):
+    """Train to step `stop_at` as if killed right after it, resume in a fresh Trainer, finish.
+
+    Returns (step the resume started from, metrics without wall-clock seconds).
+    """
+    from trajinv.train import Trainer
+
+    def run(cfg, run_dir, stop_at):
+        Trainer(cfg, tiny_data, run_dir).train(until=stop_at)
+        resumed = Trainer(cfg, tiny_data, run_dir)
+        assert resumed.resume()
+        start = resumed.step
+        resumed.train()
+        return start, metrics_without_time(run_dir)
+
+    return run
+
+
+def metrics_without_time(run_dir):
+    import json
+
+    from trajinv.train import METRICS
+
+    lines = (run_dir / METRICS).read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]

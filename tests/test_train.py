@@ -8,19 +8,12 @@ import torch
 
 from trajinv.checkpoint import load_checkpoint, save_checkpoint
 from trajinv.config import Member, OptimConfig
+from conftest import metrics_without_time
 from trajinv.train import METRICS, Trainer
-
-
-class _Stop(Exception):
-    pass
 
 
 def _records(path):
     return [json.loads(line) for line in (path / METRICS).read_text().splitlines()]
-
-
-def _strip(rec):
-    return {k: v for k, v in rec.items() if k != "seconds"}
 
 
 def test_metrics_lines_per_step_and_member(tiny_data, tiny_train_config, tmp_path):
@@ -38,21 +31,12 @@ def test_metrics_lines_per_step_and_member(tiny_data, tiny_train_config, tmp_pat
 
 
 @pytest.mark.parametrize("optimizer", ["torch", "fused"])
-def test_resume_is_bit_identical(tiny_data, tiny_train_config, tmp_path, optimizer):
+def test_resume_is_bit_identical(tiny_data, tiny_train_config, tmp_path, optimizer, interrupted_run):
     cfg = tiny_train_config(optim=OptimConfig(name=optimizer), steps=10)
     Trainer(cfg, tiny_data, tmp_path / "a").train()
-
-    def stop_at_7(step):
-        if step == 7:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        Trainer(cfg, tiny_data, tmp_path / "b").train(progress=stop_at_7)
-    resumed = Trainer(cfg, tiny_data, tmp_path / "b")
-    assert resumed.resume() and resumed.step == 6  # last checkpoint; metrics of step 7 dropped
-    resumed.train()
-    a, b = _records(tmp_path / "a"), _records(tmp_path / "b")
-    assert [_strip(r) for r in a] == [_strip(r) for r in b]
+    start, resumed = interrupted_run(cfg, tmp_path / "b", stop_at=7)
+    assert start == 6  # the last checkpoint; the metrics of step 7 were dropped and redone
+    assert resumed == metrics_without_time(tmp_path / "a")
 
 
 def test_resume_refuses_another_config(tiny_data, tiny_train_config, tmp_path):

@@ -8,6 +8,7 @@ import pytest
 
 from trajinv.config import Member, ModelConfig, OptimConfig
 from trajinv.gns import GNSConfig
+from conftest import metrics_without_time
 from trajinv.train import METRICS, Trainer
 
 
@@ -76,26 +77,14 @@ def test_summary_records_noise_scale_and_regime(tiny_data, tiny_train_config, tm
 
 
 @pytest.mark.parametrize("optimizer", ["torch", "fused"])
-def test_resume_with_gns_is_bit_identical(tiny_data, tiny_train_config, tmp_path, optimizer):
+def test_resume_with_gns_is_bit_identical(tiny_data, tiny_train_config, tmp_path, optimizer, interrupted_run):
     # resume at step 4, after the identity warm-up: W must come from the restored optimizer state
     cfg = _cfg(tiny_train_config, "micro-batch", steps=10, checkpoint_every=4, optim=OptimConfig(name=optimizer),
                gns=GNSConfig(mode="micro-batch", precond_warmup=2))
     Trainer(cfg, tiny_data, tmp_path / "a").train()
-
-    class Stop(Exception):
-        pass
-
-    def stop(step):
-        if step == 6:
-            raise Stop
-
-    with pytest.raises(Stop):
-        Trainer(cfg, tiny_data, tmp_path / "b").train(progress=stop)
-    resumed = Trainer(cfg, tiny_data, tmp_path / "b")
-    assert resumed.resume()
-    resumed.train()
-    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]  # noqa: E731
-    assert strip(_records(tmp_path / "a")) == strip(_records(tmp_path / "b"))
+    start, resumed = interrupted_run(cfg, tmp_path / "b", stop_at=6)
+    assert start == 4
+    assert resumed == metrics_without_time(tmp_path / "a")
 
 
 @pytest.mark.parametrize("micro", [0, 3, 16])
