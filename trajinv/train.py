@@ -184,9 +184,6 @@ class Trainer:
         self.model.train()
         return total / count
 
-    def _log(self, f, record: dict) -> None:
-        f.write(json.dumps(record) + "\n")
-
     def train(self, progress=None, until: int | None = None) -> list[MemberResult]:
         """Run from the current step to cfg.steps (or to step `until`, to pause early).
 
@@ -216,26 +213,25 @@ class Trainer:
                 if cfg.optim.clip > 0:
                     clip = torch.clamp(cfg.optim.clip / (grad_norm + 1e-6), max=1.0)
                 clip = torch.where(self.alive, torch.nan_to_num(clip, nan=0.0), 0.0)
+                done = step + 1
+                evaluated = done % cfg.eval_every == 0 or done == cfg.steps
+                logging = evaluated or done % cfg.log_every == 0 or bool(newly_dead.any())
                 # Statistics cost extra passes on CPU: ask for them only when logged or measured.
-                logging = (self.step + 1) % cfg.log_every == 0 or (self.step + 1) % cfg.eval_every == 0 \
-                    or self.step + 1 == cfg.steps or bool(newly_dead.any())
                 stats = self.optimizer.step(mult, clip.to(cfg.device), stats=logging or measured)
                 gns = None
                 if measured:
                     gns = self.gns.end_step(step, bs, cfg.micro_batch or bs, stats)
                     self.last_gns = {k: gns[k].float() for k in ("b_precond_smooth", "b_simple_smooth")}
-                self.step += 1
+                self.step = done
                 self.tokens += bs * cfg.model.context
                 self.seconds = time.perf_counter() - clock
                 self.last_train = torch.where(finite, loss, self.last_train)
-                evaluated = self.step % cfg.eval_every == 0 or self.step == cfg.steps
                 if evaluated:
                     self.last_val = torch.where(self.alive, self.evaluate(), self.last_val)
                 if logging:
                     self._write_metrics(f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead)
-                    f.flush()
-                if (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0) or self.step == cfg.steps:
-                    f.flush()
+                    f.flush()  # a checkpoint never runs ahead of the metrics it resumes from
+                if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
                     self.save()
                 if progress is not None:
                     progress(self.step)
@@ -257,7 +253,7 @@ class Trainer:
             if gns is not None:
                 rec.update({f"gns_{key}" if "norm" in key else key: _num(gns[key][k]) for key in LOG_KEYS})
                 rec["gns_w_identity"] = bool(gns["w_identity"][k])
-            self._log(f, rec)
+            f.write(json.dumps(rec) + "\n")
 
     def results(self) -> list[MemberResult]:
         out = []
