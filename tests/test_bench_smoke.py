@@ -1,0 +1,25 @@
+"""Each bench script still runs end to end (--quick) and writes its table: no silent bit rot.
+
+Times are never asserted here; the scripts themselves report ratios.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.mark.parametrize("script, csv", [("bench_adamw.py", "adamw.csv"), ("bench_gns.py", "gns.csv"),
+                                         ("bench_gns_kernels.py", "gns_kernels.csv"),
+                                         ("bench_trainer.py", "trainer.csv")])
+def test_bench_script_runs_quick(script, csv):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(BENCH.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wrote" in proc.stdout and (BENCH / "results" / csv).exists()
