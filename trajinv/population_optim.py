@@ -24,9 +24,6 @@ import torch
 from trajinv.config import Member, OptimConfig
 from trajinv.model import param_kind
 
-STAT_KEYS = ("grad_sq", "precond_grad_sq", "param_sq", "update_sq")
-
-
 class PopulationOptimizer(Protocol):
     def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> dict[str, dict[str, torch.Tensor]]:
         """Update every member; per-parameter statistics when `stats` (else {})."""
