@@ -84,3 +84,19 @@ def test_sweep_dir_of_another_spec_keeps_its_files(corpus, tmp_path):
     res = CliRunner().invoke(cli.main, base + ["--lr", "0.03"])
     assert res.exit_code != 0 and "another spec" in res.output
     assert sorted(p.name for p in out.rglob("*")) == before
+
+
+def test_sweep_with_gns_records_noise_scale(corpus, tmp_path):
+    import csv
+
+    out = tmp_path / "gns"
+    res = run("sweep", *TINY, "--steps", "6", "--data", corpus, "--lr", "0.01", "--wd", "0.5", "--wd", "1",
+              "--batch-size", "4", "--micro-batch", "2", "--gns", "micro-batch", "--gns-warmup", "2",
+              "--out", str(out))
+    assert res.exit_code == 0, res.output
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    # a 6-step estimate may still be unresolved (empty) for a member; the columns are always there
+    assert all("b_precond" in r and r["batch_regime"] in ("small", "large", "") for r in rows)
+    assert any(r["b_precond"] for r in rows)
+    assert (out / "gns.png").exists()
