@@ -55,6 +55,8 @@ def _common(fn):
         click.option("--device", default="cpu", show_default=True, type=click.Choice(["cpu", "cuda"])),
         click.option("--dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16"]),
                      help="bf16 = autocast; weights and optimizer state stay fp32."),
+        click.option("--kernels", default="auto", show_default=True, type=click.Choice(["auto", "triton", "torch"]),
+                     help="Optimizer/GNS kernel backend: auto = Triton on CUDA, CPU paths on CPU."),
         click.option("--data", default="stdlib", show_default=True,
                      help="'stdlib' (embedded, offline), a .txt/.jsonl/.parquet file or folder, or hf:NAME."),
         click.option("--tokenizer", default="bytes", show_default=True,
@@ -87,6 +89,7 @@ def _configs(o: dict, members=None, batch_size: str = "32"):
         schedule=ScheduleConfig(kind=o["schedule"], warmup=o["warmup"], decay_fraction=o["decay_fraction"]),
         eval_every=o["eval_every"], eval_seqs=o["eval_seqs"], log_every=o["log_every"],
         checkpoint_every=o["checkpoint_every"], seed=o["seed"], device=o["device"], dtype=o["dtype"],
+        kernels=o["kernels"],
         gns=GNSConfig(mode=o["gns"], every=o["gns_every"], precond_warmup=o["gns_warmup"],
                       embeddings=o["gns_embeddings"]),
     )

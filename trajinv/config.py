@@ -183,6 +183,10 @@ class TrainConfig:
     """'fp32' or 'bf16' (autocast; parameters and optimizer state stay fp32)."""
     gns: GNSConfig = field(default_factory=GNSConfig)
     """Gradient-noise-scale measurement (off by default: then it costs nothing)."""
+    kernels: str = "auto"
+    """Backend of the fused optimizer and GNS kernels: 'auto' (Triton on CUDA, CPU paths
+    on CPU), 'triton' (forced; on CPU only under TRITON_INTERPRET=1, which the tests use
+    to run the GPU code path) or 'torch' (the CPU/torch paths)."""
 
     def validate(self) -> None:
         self.model.validate()
@@ -197,6 +201,8 @@ class TrainConfig:
             raise ValueError(f"micro_batch and checkpoint_every must be >= 0, got {self.micro_batch}, {self.checkpoint_every}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"unknown device {self.device!r}; choose cpu or cuda")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"unknown kernels backend {self.kernels!r}; choose auto, triton or torch")
         if self.dtype not in ("fp32", "bf16"):
             raise ValueError(f"unknown dtype {self.dtype!r}; choose fp32 or bf16")
 

@@ -34,17 +34,18 @@ LOG_KEYS = ("grad_norm", "grad_norm_w", "tr_sigma", "tr_w_sigma", "g2", "g2_w",
 
 class GNSMeter:
     def __init__(self, params: dict[str, torch.Tensor], members: int, cfg: GNSConfig, preconditioner,
-                 model_probes: dict):
+                 model_probes: dict, backend: str = "auto"):
         """`params`: name -> member-axis parameter; `preconditioner(name)` -> W or None;
-        `model_probes`: the model's probe table, filled on measured steps only."""
-        self.cfg, self.members, self.params = cfg, members, params
+        `model_probes`: the model's probe table, filled on measured steps only;
+        `backend`: kernel backend ('auto', 'triton', 'torch')."""
+        self.cfg, self.members, self.params, self.backend = cfg, members, params, backend
         self.model_probes = model_probes
         self.active = False
         self.preconditioner = preconditioner
         self.tracker = GNSTracker(members, cfg)
         embeddings = cfg.mode == "micro-batch" and cfg.embeddings
         self.covered = [n for n in params if embeddings or n != "wte"]
-        self.probes = {n: Probe() for n in self.covered} if cfg.mode == "per-example" else {}
+        self.probes = {n: Probe(backend=backend) for n in self.covered} if cfg.mode == "per-example" else {}
         self.acc: dict[str, torch.Tensor] = {}
         self.W: dict[str, torch.Tensor | None] = {}
         self.sums = torch.zeros(2, members)  # rows: weighted, unweighted
@@ -81,7 +82,8 @@ class GNSMeter:
             if acc is None:
                 acc = self.acc[name] = torch.zeros_like(p.grad)
             if name in self.W:
-                s_w, s_1 = accumulate_grad_with_norms(acc, p.grad, self.W[name], members=self.members)
+                s_w, s_1 = accumulate_grad_with_norms(acc, p.grad, self.W[name], members=self.members,
+                                                      backend=self.backend)
                 self.sums[0] += s_w.cpu()
                 self.sums[1] += s_1.cpu()
             else:  # not measured (embeddings=False): plain accumulation

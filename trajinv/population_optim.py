@@ -118,7 +118,7 @@ class TorchPopulationAdamW:
 
 
 class FusedPopulationAdamW:
-    def __init__(self, model: torch.nn.Module, members: tuple[Member, ...], cfg: OptimConfig):
+    def __init__(self, model: torch.nn.Module, members: tuple[Member, ...], cfg: OptimConfig, backend: str = "auto"):
         from trajinv.optim import FusedAdamW
 
         self.cfg = cfg
@@ -126,7 +126,7 @@ class FusedPopulationAdamW:
         self.base_lr = [m.lr for m in members]
         groups = [{"params": [p for _, p in params], "lr": list(self.base_lr), "weight_decay": wds}
                   for params, wds in ((decayed, [m.wd for m in members]), (plain, 0.0)) if params]
-        self.opt = FusedAdamW(groups, betas=cfg.betas, eps=cfg.eps, decay_mode=cfg.decay_mode)
+        self.opt = FusedAdamW(groups, betas=cfg.betas, eps=cfg.eps, decay_mode=cfg.decay_mode, backend=backend)
         self.order = [name for params in (decayed, plain) for name, _ in params]
         self.named = dict(model.named_parameters())
         self.name_of = {id(p): name for name, p in self.named.items()}
@@ -163,8 +163,10 @@ class FusedPopulationAdamW:
         self.opt.load_state_dict(sd)
 
 
-def build_optimizer(model: torch.nn.Module, members: tuple[Member, ...], cfg: OptimConfig) -> PopulationOptimizer:
+def build_optimizer(model: torch.nn.Module, members: tuple[Member, ...], cfg: OptimConfig,
+                    backend: str = "auto") -> PopulationOptimizer:
+    """`backend` selects FusedAdamW's kernel path ('auto', 'triton', 'torch'); torch's AdamW ignores it."""
     cfg.validate()
     if cfg.name == "torch":
         return TorchPopulationAdamW(model, members, cfg)
-    return FusedPopulationAdamW(model, members, cfg)
+    return FusedPopulationAdamW(model, members, cfg, backend)

@@ -73,7 +73,7 @@ class Trainer:
         dev = torch.device(cfg.device)
         self.model = GPT(cfg.model, members=self.K).to(dev)
         self.model.init_weights(torch.Generator(device="cpu").manual_seed(cfg.seed))
-        self.optimizer = build_optimizer(self.model, cfg.members, cfg.optim)
+        self.optimizer = build_optimizer(self.model, cfg.members, cfg.optim, backend=cfg.kernels)
         self.gns = None
         if cfg.gns.enabled:
             if cfg.gns.mode == "micro-batch":
@@ -82,7 +82,7 @@ class Trainer:
                         raise ValueError(f"GNS micro-batch mode needs --micro-batch dividing batch size {b} "
                                          f"into >= 2 micro-batches, got micro_batch={cfg.micro_batch}")
             self.gns = GNSMeter(dict(self.model.named_parameters()), self.K, cfg.gns, self.optimizer.preconditioner,
-                                self.model.probes)
+                                self.model.probes, backend=cfg.kernels)
         self.last_gns: dict[str, torch.Tensor] = {}
         self.lrs = torch.tensor([m.lr for m in cfg.members])
         self.wds = torch.tensor([m.wd for m in cfg.members])
