@@ -27,17 +27,10 @@ changes the rounding between CPUs; ``-fno-math-errno`` only lets ``sqrt``
 vectorise). x86-64 builds carry AVX2 and AVX-512 clones picked at load time
 (GCC ``target_clones``), so one cached binary is safe on any x86-64 machine.
 
-Build: plain C++ with a C ABI, compiled on first use by the system C++
-compiler (``$CXX`` or ``c++``) into torch's extension cache
-(``torch.utils.cpp_extension.get_default_build_root()``, i.e.
-``$TORCH_EXTENSIONS_DIR``), keyed by a hash of source, flags and compiler, and
-loaded with ctypes (the call releases the GIL). Not ``load_inline``: with no
-torch headers the build takes about a second instead of compiling
-``torch/extension.h`` and pybind11, and needs no ninja. The .so links
-libgomp.so.1, which resolves to the copy torch already loaded, so the threads
-are torch's. If anything fails (no compiler, a sandbox without exec), ``lib()``
-returns None once with a warning and FusedAdamW keeps its torch-ops path.
-``TRAJINV_NATIVE_ADAMW=0`` switches the native path off.
+Build: `trajinv.kernels.native.NativeLibrary` (system C++ compiler on first use,
+torch's extension cache, ctypes; the call releases the GIL). If the build fails,
+``lib()`` returns None once with a warning and FusedAdamW keeps its torch-ops
+path. ``TRAJINV_NATIVE_ADAMW=0`` switches the native path off.
 
 Scope: fp32 params on CPU (16-bit params keep the torch-ops path: their
 rounding modes, master copies and stochastic rounding live there). The
@@ -47,16 +40,10 @@ pure-torch twin of the maths is ``trajinv.kernels.fused_adamw.adamw_reference``.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
+
+from trajinv.kernels.native import NativeLibrary
 
 BLOCK = 16384  # elements per work item: 448 KB of traffic, far above the per-block overhead
 CHUNK = 256  # fp32 partial sums over at most this many elements (per simd lane: CHUNK / width)
@@ -211,76 +198,25 @@ extern "C" int trajinv_adamw_step(
 }
 """
 
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-
-
 def source() -> str:
     return (_SOURCE.replace("@BLOCK@", str(BLOCK)).replace("@CHUNK@", str(CHUNK))
             .replace("@PAR_MIN@", str(PAR_MIN)))
 
 
-def _compile(cxx: str, src: str, so: Path) -> None:
-    so.parent.mkdir(parents=True, exist_ok=True)
-    # build beside the target and rename: concurrent processes (pytest-xdist) never see half a file
-    with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-        cpp = Path(tmp) / "cpu_adamw.cpp"
-        cpp.write_text(src)
-        out = Path(tmp) / so.name
-        res = subprocess.run([cxx, *FLAGS, str(cpp), "-o", str(out)], capture_output=True, text=True, timeout=300)
-        if res.returncode != 0:
-            raise RuntimeError(f"{cxx} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
-        os.replace(out, so)
-
-
-def _load() -> ctypes.CDLL:
-    from torch.utils.cpp_extension import get_default_build_root
-
-    cxx = os.environ.get("CXX", "c++")
-    exe = shutil.which(cxx)
-    if exe is None:
-        raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (set CXX)")
-    src = source()
-    key = hashlib.sha256("\0".join([src, *FLAGS, os.path.realpath(exe)]).encode()).hexdigest()[:16]
-    so = Path(get_default_build_root()) / f"trajinv_cpu_adamw_{key}" / "trajinv_cpu_adamw.so"
-    if not so.exists():
-        _compile(exe, src, so)
-    lib = ctypes.CDLL(str(so))
-    fn = lib.trajinv_adamw_step
-    P, I64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    fn.argtypes = [P, P, I64, P, P, P, P, P, INT, P, INT]
-    fn.restype = INT
-    return lib
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_NATIVE = NativeLibrary("trajinv_cpu_adamw", source,
+                        {"trajinv_adamw_step": ([_P, _P, _I64, _P, _P, _P, _P, _P, _INT, _P, _INT], _INT)},
+                        switch="TRAJINV_NATIVE_ADAMW", what="native CPU AdamW")
 
 
 def lib() -> ctypes.CDLL | None:
     """The compiled kernel (built on first call, cached on disk), or None with a one-time warning."""
-    global _lib, _tried
-    if _tried:
-        return _lib
-    with _lock:
-        if not _tried:
-            if os.environ.get("TRAJINV_NATIVE_ADAMW", "1") == "0":
-                _lib = None
-            else:
-                try:
-                    _lib = _load()
-                except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
-                    warnings.warn(f"trajinv: native CPU AdamW unavailable, using torch ops ({e})", RuntimeWarning,
-                                  stacklevel=3)
-                    _lib = None
-            _tried = True
-    return _lib
+    return _NATIVE.get()
 
 
 def reset() -> None:
     """Forget the loaded kernel so that the next `lib()` builds or loads it again (tests)."""
-    global _lib, _tried
-    with _lock:
-        _lib, _tried = None, False
+    _NATIVE.reset()
 
 
 def adamw_step(
