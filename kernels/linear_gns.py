@@ -45,11 +45,14 @@ einsum, for tests).
 
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from trajinv.kernels.native import NativeLibrary
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -58,6 +61,106 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Measured on the small preset (2-core EPYC): 16 MiB gave 1.07-1.08x step time
 # with per-example GNS against 1.12-1.14x at 4 MiB (fewer, larger bmm calls).
 _CPU_CHUNK_BYTES = 16 * 2**20
+
+# The CPU path's reduction of the per-example tiles, as one native pass: for tiles
+# C (K, N, M) it forms dW (K, M) = sum_n C[k, n], S_1 (K, N) = sum_m C^2 and
+# S_W (K, N) = sum_m W C^2 reading each tile element once. With torch ops that
+# is a GEMV, an in-place square, a sum and a GEMV: four passes over the tiles,
+# which at t = 64 cost about as much as forming them. Work items are (k, m-block)
+# slices; per-item partial sums (fp32 over a block, summed in double in block
+# order) make the result independent of the thread count.
+_TILE_BLOCK = 1024
+_TILE_SOURCE = r"""
+#include <cstdint>
+#include <vector>
+#include <omp.h>
+// One row of one tile: d (+)= c, and the row's sums of c^2 and w c^2. Templated so the
+// inner loop has no branch and vectorises (omp simd keeps IEEE semantics otherwise).
+template <bool HAS_W, bool ACC>
+static inline void row(const float* c, const float* w, float* d, int64_t len, double* p1, double* pw) {
+    float a1 = 0.f, aw = 0.f;
+    #pragma omp simd reduction(+:a1, aw)
+    for (int64_t j = 0; j < len; ++j) {
+        const float x = c[j], x2 = x * x;
+        if (ACC) d[j] += x; else d[j] = x;
+        a1 += x2;
+        if (HAS_W) aw += x2 * w[j];
+    }
+    *p1 = a1;
+    if (HAS_W) *pw = aw;
+}
+template <bool HAS_W>
+static void item(const float* ct, const float* w, float* dw, int64_t N, int64_t M, int64_t k, int64_t lo,
+                 int64_t len, int accumulate, double* p1, double* pw) {
+    float* d = dw + k * M + lo;
+    const float* wk = HAS_W ? w + k * M + lo : nullptr;
+    for (int64_t n = 0; n < N; ++n) {
+        const float* c = ct + (k * N + n) * M + lo;
+        if (n == 0 && !accumulate) row<HAS_W, false>(c, wk, d, len, p1 + n, pw + n);
+        else row<HAS_W, true>(c, wk, d, len, p1 + n, pw + n);
+    }
+}
+extern "C" int trajinv_tile_reduce(const float* ct, const float* w, int64_t K, int64_t N, int64_t M,
+                                   float* dw, float* s1, float* sw, int accumulate, int nthreads) {
+    const int64_t B = @BLOCK@, nb = (M + B - 1) / B, items = K * nb;
+    std::vector<double> p1(items * N), pw(items * N);
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if(items > 1 && K * N * M > 65536)
+    for (int64_t it = 0; it < items; ++it) {
+        const int64_t k = it / nb, lo = (it % nb) * B, len = (M - lo < B) ? M - lo : B;
+        if (w) item<true>(ct, w, dw, N, M, k, lo, len, accumulate, &p1[it * N], &pw[it * N]);
+        else item<false>(ct, w, dw, N, M, k, lo, len, accumulate, &p1[it * N], &pw[it * N]);
+    }
+    for (int64_t k = 0; k < K; ++k)
+        for (int64_t n = 0; n < N; ++n) {
+            double a1 = 0, aw = 0;
+            for (int64_t b = 0; b < nb; ++b) { a1 += p1[(k * nb + b) * N + n]; aw += pw[(k * nb + b) * N + n]; }
+            s1[k * N + n] = (float)a1;
+            if (w) sw[k * N + n] = (float)aw;
+        }
+    return 0;
+}
+"""
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+NATIVE = NativeLibrary("trajinv_tile_reduce", lambda: _TILE_SOURCE.replace("@BLOCK@", str(_TILE_BLOCK)),
+                       {"trajinv_tile_reduce": ([_P, _P, _I64, _I64, _I64, _P, _P, _P, _INT, _INT], _INT)},
+                       switch="TRAJINV_NATIVE_GNS", what="native CPU per-example reduction")
+
+
+_SCRATCH: dict[torch.device, torch.Tensor] = {}
+
+
+def _scratch(numel: int, device: torch.device) -> torch.Tensor:
+    """A reused fp32 buffer for the tiles (at most _CPU_CHUNK_BYTES): a fresh multi-MB
+    allocation per call costs page faults on first touch, a visible share at t = 64."""
+    buf = _SCRATCH.get(device)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[device] = torch.empty(numel, dtype=torch.float32, device=device)
+    return buf[:numel]
+
+
+def _reduce_tiles(flat: torch.Tensor, w_t: torch.Tensor | None, dw: torch.Tensor, s_1: torch.Tensor,
+                  s_w: torch.Tensor, accumulate: bool) -> None:
+    """dw (+)= sum_n flat[k, n]; s_1 = sum_m flat^2; s_w = sum_m w_t flat^2, for flat (K, N, M) fp32.
+
+    One native pass when the library is available, else torch ops (which square `flat` in place).
+    All outputs are contiguous fp32 views the caller owns; `w_t` (K, M) or None.
+    """
+    K, N, M = flat.shape
+    lib = NATIVE.get()
+    if lib is not None and flat.device.type == "cpu":
+        wp = None if w_t is None else w_t.data_ptr()
+        lib.trajinv_tile_reduce(flat.data_ptr(), wp, K, N, M, dw.data_ptr(), s_1.data_ptr(),
+                                None if w_t is None else s_w.data_ptr(), int(accumulate), torch.get_num_threads())
+        return
+    ones = torch.ones(K, 1, N, dtype=torch.float32, device=flat.device)
+    if accumulate:
+        dw.view(K, 1, M).baddbmm_(ones, flat)
+    else:
+        torch.bmm(ones, flat, out=dw.view(K, 1, M))
+    flat.square_()
+    torch.sum(flat, -1, out=s_1)
+    if w_t is not None:
+        torch.bmm(flat, w_t.view(K, M, 1), out=s_w.view(K, N, 1))
 
 
 @triton.jit
@@ -187,43 +290,26 @@ def _torch_path(
         # Small layers (the CPU presets): every member's tiles fit the budget at
         # once, so one bmm over (K*n) examples replaces K per-member loops; on
         # CPU the per-call overhead is what dominates layers this small.
-        ct = torch.bmm(_f32(a).reshape(K * N, T, d_in).transpose(1, 2), _f32(gy).reshape(K * N, T, d_out))
-        flat = ct.view(K, N, M)
-        ones = torch.ones(K, 1, N, dtype=torch.float32, device=a.device)
-        torch.bmm(ones, flat, out=dw_t.view(K, 1, M))
-        flat.square_()
-        torch.sum(flat, -1, out=s_1)
-        if precond is not None:
-            w_t = precond.float().transpose(1, 2).reshape(K, M, 1)
-            torch.bmm(flat, w_t, out=s_w.view(K, N, 1))
+        ct = _scratch(K * N * M, a.device).view(K * N, d_in, d_out)
+        torch.bmm(_f32(a).reshape(K * N, T, d_in).transpose(1, 2), _f32(gy).reshape(K * N, T, d_out), out=ct)
+        w_t = None if precond is None else precond.float().transpose(1, 2).reshape(K, M)
+        _reduce_tiles(ct.view(K, N, M), w_t, dw_t.view(K, M), s_1, s_w, accumulate=False)
     elif not empty:
         chunk = max(1, min(N, _CPU_CHUNK_BYTES // (4 * M)))
-        buf = torch.empty(chunk, d_in, d_out, dtype=torch.float32, device=a.device)
-        ones = torch.ones(1, chunk, dtype=torch.float32, device=a.device)
+        buf = _scratch(chunk * M, a.device).view(chunk, d_in, d_out)
         w_t = None if precond is None else precond.float().transpose(1, 2).reshape(K, M)
         for k in range(K):
             # Per member: a[k, n0:n1]^T is a strided (c, in, T) view that bmm takes
             # without a copy (a 4-D matmul over (K, c) would copy when c < N).
             at = a[k].transpose(1, 2)
-            dw_k = dw_t[k].view(1, M)
             for n0 in range(0, N, chunk):
                 n1 = min(N, n0 + chunk)
                 c = n1 - n0
                 ct = buf[:c]  # reused: no fresh (page-faulting) allocation per chunk
                 torch.bmm(_f32(at[n0:n1]), _f32(gy[k, n0:n1]), out=ct)  # (c, in, out)
-                # Each pass below reads the chunk while it is in cache, writing
-                # through out= (these layers are small on CPU, so temporaries
-                # and copies are a visible share of the cost). Measured: these
-                # passes add ~15% to the per-example GEMM at t = 64.
-                flat = ct.view(c, M)
-                if n0 == 0:
-                    torch.mm(ones[:, :c], flat, out=dw_k)  # sum over examples as a GEMV: faster than sum(0)
-                else:
-                    dw_k.addmm_(ones[:, :c], flat)
-                flat.square_()
-                torch.sum(flat, -1, out=s_1[k, n0:n1])
-                if w_t is not None:
-                    torch.mv(flat, w_t[k], out=s_w[k, n0:n1])
+                # reduced while the chunk is still in cache
+                _reduce_tiles(ct.view(1, c, M), None if w_t is None else w_t[k : k + 1], dw_t[k].view(1, M),
+                              s_1[k : k + 1, n0:n1], s_w[k : k + 1, n0:n1], accumulate=n0 > 0)
     if precond is None:
         s_w = s_1.clone()
     if not per_example:

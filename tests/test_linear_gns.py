@@ -145,3 +145,42 @@ def test_aot_compiles_without_spills():
         assert k.count("st.global.v4") > 0  # dW written with vector stores
         if spec.constexprs["PRECISION"] == "tf32" or not spec.constexprs["UPCAST"]:
             assert k.count("mma") > 0, "tensor-core dot expected"
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("chunk_examples", [None, 2])
+def test_cpu_path_with_and_without_the_native_reduction(native, chunk_examples, monkeypatch):
+    """The CPU path's tile reduction: native one-pass kernel and its torch-ops fallback, whole and chunked."""
+    import trajinv.kernels.linear_gns as mod
+
+    monkeypatch.setenv("TRAJINV_NATIVE_GNS", "1" if native else "0")
+    mod.NATIVE.reset()
+    try:
+        assert (mod.NATIVE.get() is not None) == native
+        a, gy, w = _inputs(3, 5, 7, 9, 2100, torch.float32)  # M > one native block; odd sizes
+        if chunk_examples:
+            monkeypatch.setattr(mod, "_CPU_CHUNK_BYTES", 4 * chunk_examples * 9 * 2100)
+        for precond in (None, w):
+            ref = linear_weight_grad_with_norms_reference(a, gy, precond, per_example=True)
+            got = linear_weight_grad_with_norms(a, gy, precond, per_example=True, backend="torch")
+            for g_, r_ in zip(got, ref):
+                torch.testing.assert_close(g_, r_, rtol=1e-5, atol=1e-4)
+    finally:
+        mod.NATIVE.reset()
+
+
+def test_native_reduction_falls_back_with_one_warning(monkeypatch, tmp_path):
+    import trajinv.kernels.linear_gns as mod
+
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    mod.NATIVE.reset()
+    try:
+        a, gy, w = _inputs(2, 3, 4, 6, 5, torch.float32)
+        with pytest.warns(RuntimeWarning, match="per-example reduction unavailable"):
+            got = linear_weight_grad_with_norms(a, gy, w, per_example=True, backend="torch")
+        ref = linear_weight_grad_with_norms_reference(a, gy, w, per_example=True)
+        for g_, r_ in zip(got, ref):
+            torch.testing.assert_close(g_, r_, rtol=1e-5, atol=1e-5)
+    finally:
+        mod.NATIVE.reset()
