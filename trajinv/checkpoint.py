@@ -9,22 +9,15 @@ removed. A crash at any moment leaves one whole, consistent checkpoint.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from trajinv.atomic import atomic_write
 
 SIDECAR = "checkpoint.json"
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
@@ -33,9 +26,9 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Ten
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"checkpoint-{step:08d}.safetensors"
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(run_dir / name, lambda p: save_file(flat, str(p)))
+    atomic_write(run_dir / name, lambda f: f.write(save(flat)))
     sidecar = dict(meta, step=step, tensor_file=name)
-    _atomic_write(run_dir / SIDECAR, lambda p: p.write_text(json.dumps(sidecar, indent=1, sort_keys=True)))
+    atomic_write(run_dir / SIDECAR, lambda f: f.write(json.dumps(sidecar, indent=1, sort_keys=True)), mode="w")
     for old in run_dir.glob("checkpoint-*.safetensors"):
         if old.name != name:
             old.unlink()

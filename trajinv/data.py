@@ -56,6 +56,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from trajinv.atomic import atomic_write
 from trajinv.tokenizer import Tokenizer, load_tokenizer, separator_ids, token_dtype
 
 DEFAULT_CACHE_DIR = ".cache/trajinv"
@@ -400,19 +401,6 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(env if env and cfg.cache_dir == DEFAULT_CACHE_DIR else cfg.cache_dir).expanduser()
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _open_cached(folder: Path, key: str) -> TokenData | None:
     try:
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -513,9 +501,9 @@ def load_data(cfg: DataConfig) -> TokenData:
         "created_unix": time.time(),
     }
     # Arrays first, manifest last: a manifest on disk means complete arrays beside it.
-    _atomic_write(folder / "train.bin", lambda f: f.write(np.ascontiguousarray(train).tobytes()))
-    _atomic_write(folder / "val.bin", lambda f: f.write(np.ascontiguousarray(val).tobytes()))
-    _atomic_write(folder / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2) + "\n"), mode="w")
+    atomic_write(folder / "train.bin", lambda f: f.write(np.ascontiguousarray(train).tobytes()))
+    atomic_write(folder / "val.bin", lambda f: f.write(np.ascontiguousarray(val).tobytes()))
+    atomic_write(folder / "manifest.json", lambda f: f.write(json.dumps(manifest, indent=2) + "\n"), mode="w")
     opened = _open_cached(folder, key)
     assert opened is not None, f"cache just written in {folder} does not read back"
     return opened

@@ -14,8 +14,6 @@ so a reader never sees a half-written PNG.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -27,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from trajinv.analyze import REL_TOL, Curve, curves, load_metrics
+from trajinv.atomic import atomic_write
 
 __all__ = ["COLOR_BY", "build_gns_figure", "build_loss_figure", "plot_loss_curves", "plot_sweep", "save_png"]
 
@@ -168,14 +167,7 @@ def save_png(fig: Figure, out_png: str | Path) -> Path:
     if out.suffix.lower() != ".png":
         raise ValueError(f"plot path must end in .png, got {str(out)!r}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}-", suffix=".png", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out, lambda f: fig.savefig(f, format="png"))
     return out
 
 

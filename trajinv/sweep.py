@@ -18,12 +18,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from trajinv.atomic import atomic_write
 from trajinv.config import Member, TrainConfig, to_dict
 from trajinv.data import DataConfig, load_data
 from trajinv.schedules import BatchSchedule
@@ -115,22 +115,21 @@ def _check_spec(out: Path, spec: SweepSpec) -> None:
             raise ValueError(f"{out} holds a sweep made by another spec; use a new --out directory")
     else:
         out.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(SPEC + ".tmp")
-        tmp.write_text(json.dumps(mine, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(json.dumps(mine, indent=1)), mode="w")
 
 
 def write_summary(out: Path, rows: list[dict]) -> Path:
     """summary.csv, atomically (a crash never leaves half a table)."""
     path = out / SUMMARY
-    tmp = path.with_name(SUMMARY + ".tmp")
     extra = [k for row in rows for k in row if k not in SUMMARY_FIELDS]
     fields = SUMMARY_FIELDS + list(dict.fromkeys(extra))
-    with open(tmp, "w", newline="") as f:
+
+    def write(f) -> None:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    os.replace(tmp, path)
+
+    atomic_write(path, write, mode="w", newline="")
     return path
 
 
