@@ -68,7 +68,8 @@ _CPU_CHUNK_BYTES = 16 * 2**20
 # is a GEMV, an in-place square, a sum and a GEMV: four passes over the tiles,
 # which at t = 64 cost about as much as forming them. Work items are (k, m-block)
 # slices; per-item partial sums (fp32 over a block, summed in double in block
-# order) make the result independent of the thread count.
+# order) make the result independent of the thread count. With per_example = 0
+# the sums come out per member, (K,), saving the caller two ops per layer.
 _TILE_BLOCK = 1024
 _TILE_SOURCE = r"""
 #include <cstdint>
@@ -101,7 +102,8 @@ static void item(const float* ct, const float* w, float* dw, int64_t N, int64_t 
     }
 }
 extern "C" int trajinv_tile_reduce(const float* ct, const float* w, int64_t K, int64_t N, int64_t M,
-                                   float* dw, float* s1, float* sw, int accumulate, int nthreads) {
+                                   float* dw, float* s1, float* sw, int accumulate, int per_example,
+                                   int nthreads) {
     const int64_t B = @BLOCK@, nb = (M + B - 1) / B, items = K * nb;
     std::vector<double> p1(items * N), pw(items * N);
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(items > 1 && K * N * M > 65536)
@@ -110,19 +112,29 @@ extern "C" int trajinv_tile_reduce(const float* ct, const float* w, int64_t K, i
         if (w) item<true>(ct, w, dw, N, M, k, lo, len, accumulate, &p1[it * N], &pw[it * N]);
         else item<false>(ct, w, dw, N, M, k, lo, len, accumulate, &p1[it * N], &pw[it * N]);
     }
-    for (int64_t k = 0; k < K; ++k)
+    for (int64_t k = 0; k < K; ++k) {
+        double t1 = 0, tw = 0;
         for (int64_t n = 0; n < N; ++n) {
             double a1 = 0, aw = 0;
             for (int64_t b = 0; b < nb; ++b) { a1 += p1[(k * nb + b) * N + n]; aw += pw[(k * nb + b) * N + n]; }
-            s1[k * N + n] = (float)a1;
-            if (w) sw[k * N + n] = (float)aw;
+            if (per_example) {
+                s1[k * N + n] = (float)a1;
+                sw[k * N + n] = (float)(w ? aw : a1);
+            }
+            t1 += a1;
+            tw += aw;
         }
+        if (!per_example) {
+            s1[k] = (float)t1;
+            sw[k] = (float)(w ? tw : t1);
+        }
+    }
     return 0;
 }
 """
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 NATIVE = NativeLibrary("trajinv_tile_reduce", lambda: _TILE_SOURCE.replace("@BLOCK@", str(_TILE_BLOCK)),
-                       {"trajinv_tile_reduce": ([_P, _P, _I64, _I64, _I64, _P, _P, _P, _INT, _INT], _INT)},
+                       {"trajinv_tile_reduce": ([_P, _P, _I64, _I64, _I64, _P, _P, _P, _INT, _INT, _INT], _INT)},
                        switch="TRAJINV_NATIVE_GNS", what="native CPU per-example reduction")
 
 
@@ -138,29 +150,31 @@ def _scratch(numel: int, device: torch.device) -> torch.Tensor:
     return buf[:numel]
 
 
-def _reduce_tiles(flat: torch.Tensor, w_t: torch.Tensor | None, dw: torch.Tensor, s_1: torch.Tensor,
-                  s_w: torch.Tensor, accumulate: bool) -> None:
-    """dw (+)= sum_n flat[k, n]; s_1 = sum_m flat^2; s_w = sum_m w_t flat^2, for flat (K, N, M) fp32.
+def _reduce_tiles(tiles: torch.Tensor, w: torch.Tensor | None, dw: torch.Tensor, s_w: torch.Tensor,
+                  s_1: torch.Tensor, accumulate: bool, per_example: bool) -> None:
+    """dw (+)= sum_n tiles[k, n]; s_1 = sum_m tiles^2; s_w = sum_m w tiles^2, for tiles (K, N, M) fp32.
 
-    One native pass when the library is available, else torch ops (which square `flat` in place).
-    All outputs are contiguous fp32 views the caller owns; `w_t` (K, M) or None.
+    Sums per example (K, N), or per member (K,) when not `per_example`; s_w = s_1 when `w` is None.
+    One native pass when the library is available, else torch ops (which square `tiles` in place).
+    Every output is a contiguous fp32 tensor the caller owns; `w` (K, M) fp32 contiguous or None.
     """
-    K, N, M = flat.shape
+    K, N, M = tiles.shape
     lib = NATIVE.get()
-    if lib is not None and flat.device.type == "cpu":
-        wp = None if w_t is None else w_t.data_ptr()
-        lib.trajinv_tile_reduce(flat.data_ptr(), wp, K, N, M, dw.data_ptr(), s_1.data_ptr(),
-                                None if w_t is None else s_w.data_ptr(), int(accumulate), torch.get_num_threads())
+    if lib is not None and tiles.device.type == "cpu":
+        lib.trajinv_tile_reduce(tiles.data_ptr(), None if w is None else w.data_ptr(), K, N, M, dw.data_ptr(),
+                                s_1.data_ptr(), s_w.data_ptr(), int(accumulate), int(per_example),
+                                torch.get_num_threads())
         return
-    ones = torch.ones(K, 1, N, dtype=torch.float32, device=flat.device)
+    ones = torch.ones(K, 1, N, dtype=torch.float32, device=tiles.device)
     if accumulate:
-        dw.view(K, 1, M).baddbmm_(ones, flat)
+        dw.view(K, 1, M).baddbmm_(ones, tiles)
     else:
-        torch.bmm(ones, flat, out=dw.view(K, 1, M))
-    flat.square_()
-    torch.sum(flat, -1, out=s_1)
-    if w_t is not None:
-        torch.bmm(flat, w_t.view(K, M, 1), out=s_w.view(K, N, 1))
+        torch.bmm(ones, tiles, out=dw.view(K, 1, M))
+    sq = tiles.square_()
+    e1 = sq.sum(-1)
+    ew = e1 if w is None else torch.bmm(sq, w.view(K, M, 1)).view(K, N)
+    s_1.view(-1).copy_((e1 if per_example else e1.sum(1)).view(-1))
+    s_w.view(-1).copy_((ew if per_example else ew.sum(1)).view(-1))
 
 
 @triton.jit
@@ -273,48 +287,46 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 def _torch_path(
     a: torch.Tensor, gy: torch.Tensor, precond: torch.Tensor | None, per_example: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Batched matmul over chunks of examples: the same GEMM flops as the plain
-    # weight gradient, plus cheap passes over each chunk of tiles while it is
-    # still in cache. Tiles are formed transposed, C_n^T = A_n^T Gy_n (in, out):
-    # CPU BLAS runs that layout about twice as fast for these short (t-long)
-    # reductions, and norms do not care about the transpose.
+    # Batched matmul forming the tiles C_n = Gy_n^T A_n (the same GEMM flops as
+    # the plain weight gradient), then one pass over them (`_reduce_tiles`)
+    # while they are still in cache, writing dW in the weight's own (out, in)
+    # layout: no transposed copies of W or dW. On CPU the per-call overhead is
+    # what dominates layers this small, so the path is kept to two calls when
+    # every member's tiles fit the budget (the CPU presets), else chunked.
     K, N, T, d_in = a.shape
     d_out = gy.shape[3]
     M = d_out * d_in
-    empty = N * T == 0 or M == 0
-    alloc = torch.zeros if empty else torch.empty  # every element is written below otherwise
-    dw_t = alloc(K, d_in, d_out, dtype=torch.float32, device=a.device)
-    s_w = alloc(K, N, dtype=torch.float32, device=a.device)
-    s_1 = alloc(K, N, dtype=torch.float32, device=a.device)
-    if not empty and K > 1 and K * N * M * 4 <= _CPU_CHUNK_BYTES:
-        # Small layers (the CPU presets): every member's tiles fit the budget at
-        # once, so one bmm over (K*n) examples replaces K per-member loops; on
-        # CPU the per-call overhead is what dominates layers this small.
-        ct = _scratch(K * N * M, a.device).view(K * N, d_in, d_out)
-        torch.bmm(_f32(a).reshape(K * N, T, d_in).transpose(1, 2), _f32(gy).reshape(K * N, T, d_out), out=ct)
-        w_t = None if precond is None else precond.float().transpose(1, 2).reshape(K, M)
-        _reduce_tiles(ct.view(K, N, M), w_t, dw_t.view(K, M), s_1, s_w, accumulate=False)
-    elif not empty:
+    if N * T == 0 or M == 0:
+        z = torch.zeros(K, N if per_example else 1, dtype=torch.float32, device=a.device)
+        z = z if per_example else z.view(K)
+        return torch.zeros(K, d_out, d_in, dtype=torch.float32, device=a.device), z, z.clone()
+    dw = torch.empty(K, d_out, d_in, dtype=torch.float32, device=a.device)
+    s_w, s_1 = torch.empty(2, K, N if per_example else 1, dtype=torch.float32, device=a.device).unbind(0)
+    w = None if precond is None else _f32(precond).reshape(K, M)
+    w = None if w is None else w.contiguous()
+    a, gy = _f32(a), _f32(gy)
+    if K * N * M * 4 <= _CPU_CHUNK_BYTES:
+        tiles = _scratch(K * N * M, a.device).view(K * N, d_out, d_in)
+        torch.bmm(gy.reshape(K * N, T, d_out).transpose(1, 2), a.reshape(K * N, T, d_in), out=tiles)
+        _reduce_tiles(tiles.view(K, N, M), w, dw.view(K, M), s_w, s_1, accumulate=False, per_example=per_example)
+    else:
         chunk = max(1, min(N, _CPU_CHUNK_BYTES // (4 * M)))
-        buf = _scratch(chunk * M, a.device).view(chunk, d_in, d_out)
-        w_t = None if precond is None else precond.float().transpose(1, 2).reshape(K, M)
+        buf = _scratch(chunk * M, a.device)
+        e_w, e_1 = (s_w, s_1) if per_example else torch.empty(2, K, N, dtype=torch.float32, device=a.device)
         for k in range(K):
-            # Per member: a[k, n0:n1]^T is a strided (c, in, T) view that bmm takes
-            # without a copy (a 4-D matmul over (K, c) would copy when c < N).
-            at = a[k].transpose(1, 2)
+            # a[k, n0:n1] and gy[k, n0:n1]^T are views bmm takes without a copy
             for n0 in range(0, N, chunk):
                 n1 = min(N, n0 + chunk)
-                c = n1 - n0
-                ct = buf[:c]  # reused: no fresh (page-faulting) allocation per chunk
-                torch.bmm(_f32(at[n0:n1]), _f32(gy[k, n0:n1]), out=ct)  # (c, in, out)
-                # reduced while the chunk is still in cache
-                _reduce_tiles(ct.view(1, c, M), None if w_t is None else w_t[k : k + 1], dw_t[k].view(1, M),
-                              s_1[k : k + 1, n0:n1], s_w[k : k + 1, n0:n1], accumulate=n0 > 0)
-    if precond is None:
-        s_w = s_1.clone()
+                tiles = buf[: (n1 - n0) * M].view(n1 - n0, d_out, d_in)  # reused: no page faults per chunk
+                torch.bmm(gy[k, n0:n1].transpose(1, 2), a[k, n0:n1], out=tiles)
+                _reduce_tiles(tiles.view(1, n1 - n0, M), None if w is None else w[k : k + 1], dw[k].view(1, M),
+                              e_w[k : k + 1, n0:n1], e_1[k : k + 1, n0:n1], accumulate=n0 > 0, per_example=True)
+        if not per_example:
+            torch.sum(e_w, 1, keepdim=True, out=s_w)
+            torch.sum(e_1, 1, keepdim=True, out=s_1)
     if not per_example:
-        s_w, s_1 = s_w.sum(1), s_1.sum(1)
-    return dw_t.transpose(1, 2).contiguous(), s_w, s_1
+        s_w, s_1 = s_w.view(K), s_1.view(K)
+    return dw, s_w, s_1
 
 
 def launch_config(upcast: bool, precision: str) -> dict[str, int]:

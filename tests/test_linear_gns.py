@@ -161,10 +161,12 @@ def test_cpu_path_with_and_without_the_native_reduction(native, chunk_examples, 
         if chunk_examples:
             monkeypatch.setattr(mod, "_CPU_CHUNK_BYTES", 4 * chunk_examples * 9 * 2100)
         for precond in (None, w):
-            ref = linear_weight_grad_with_norms_reference(a, gy, precond, per_example=True)
-            got = linear_weight_grad_with_norms(a, gy, precond, per_example=True, backend="torch")
-            for g_, r_ in zip(got, ref):
-                torch.testing.assert_close(g_, r_, rtol=1e-5, atol=1e-4)
+            for per_example in (True, False):
+                ref = linear_weight_grad_with_norms_reference(a, gy, precond, per_example=per_example)
+                got = linear_weight_grad_with_norms(a, gy, precond, per_example=per_example, backend="torch")
+                for g_, r_ in zip(got, ref):
+                    assert g_.shape == r_.shape
+                    torch.testing.assert_close(g_, r_, rtol=1e-5, atol=1e-4)
     finally:
         mod.NATIVE.reset()
 
