@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from trajinv.kernels import rmsnorm_cpu
 from trajinv.kernels.linear_gns import linear_weight_grad_with_norms
 from trajinv.kernels.rmsnorm_gns import rmsnorm_gain_grad_with_norms
 
@@ -142,6 +143,28 @@ class _RMSNormProbe(torch.autograd.Function):
         return dx, dgain, None, None
 
 
+class _RMSNormNative(torch.autograd.Function):
+    # CPU fp32, probe or not: one native pass each way (kernels/rmsnorm_cpu.py), about
+    # a tenth of the torch-ops norm's time at the CPU presets' sizes; with a probe the
+    # per-example gain norms come out of the same backward pass.
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gain: torch.Tensor, eps: float, probe: Probe | None) -> torch.Tensor:
+        y, rstd = rmsnorm_cpu.rmsnorm_forward_cpu(x, gain, eps)
+        ctx.save_for_backward(x, gain, rstd)
+        ctx.probe = probe
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy: torch.Tensor):
+        x, gain, rstd = ctx.saved_tensors
+        probe = ctx.probe
+        dx, dg, s_w, s_1 = rmsnorm_cpu.rmsnorm_backward_cpu(x, rstd, gain, gy, None if probe is None else probe.precond)
+        if probe is not None:
+            probe.add(s_w, s_1, x.shape[1])
+        return dx, dg, None, None
+
+
 def _check_probe(probe: object) -> None:
     if not isinstance(probe, Probe):
         raise TypeError(f"probe must be a trajinv.gns_ops.Probe or None, got {type(probe).__name__}")
@@ -167,14 +190,21 @@ def member_linear(x: torch.Tensor, w: torch.Tensor, probe: Probe | None = None) 
 def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float, probe: Probe | None = None) -> torch.Tensor:
     """RMSNorm over the last dim with a per-member gain (K, d); x is (K, n, t, d).
 
+    On CPU in fp32 forward and backward are native one-pass loops
+    (`trajinv.kernels.rmsnorm_cpu`), probe or not; elsewhere torch ops, or with
+    a probe the gain-gradient kernels of `trajinv.kernels.rmsnorm_gns`.
+
     With a `probe`, backward also adds sum_n |dgain_n|_W^2 and the unweighted
     sum into `probe.sq_w` / `probe.sq_1` (raw contributions, see module doc).
     """
+    if probe is not None:
+        _check_probe(probe)
+    if x.dim() != 4 or gain.dim() != 2 or tuple(gain.shape) != (x.shape[0], x.shape[3]):
+        raise ValueError(f"rms_norm needs x (K, n, t, d) and gain (K, d); got {tuple(x.shape)}, {tuple(gain.shape)}")
+    if (probe is None or probe.backend != "triton") and rmsnorm_cpu.available(x, gain):
+        return _RMSNormNative.apply(x, gain, eps, probe)
     if probe is None:
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         return (y * gain[:, None, None, :].float()).to(x.dtype)
-    _check_probe(probe)
-    if x.dim() != 4 or gain.dim() != 2 or tuple(gain.shape) != (x.shape[0], x.shape[3]):
-        raise ValueError(f"rms_norm needs x (K, n, t, d) and gain (K, d); got {tuple(x.shape)}, {tuple(gain.shape)}")
     return _RMSNormProbe.apply(x, gain, eps, probe)
