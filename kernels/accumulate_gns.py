@@ -19,7 +19,10 @@ Covers every parameter, embeddings included: the tensor is viewed flat per
 member, so its inner shape does not matter.
 
 Public API: `accumulate_grad_with_norms` (Triton on CUDA, torch on CPU) and
-`accumulate_grad_with_norms_reference`; for flat multi-tensor buffers (the
+`accumulate_grad_with_norms_reference`; `accumulate_grads_with_norms` for a
+list of tensors (what the trainer calls after each micro-batch: on CPU one
+native pass over every tensor, driven by a table of pointers, since at small
+sizes a call per tensor costs more than the arithmetic); for flat multi-tensor buffers (the
 layout `FusedAdamW` keeps), `accumulate_flat_with_norms` does every
 (tensor, member) segment in one launch, driven by a host-built block table
 (the Triton interpreter cannot follow pointers stored in memory, so one launch
@@ -28,11 +31,14 @@ over many tensors needs them in one allocation).
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+
+from trajinv.kernels.native import NativeLibrary
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -159,6 +165,132 @@ def accumulate_grad_with_norms(
     if backend == "triton":
         return _triton_path(acc, grad, precond, members)
     raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+
+
+# ---------------------------------------------------------------- list of tensors
+
+# CPU: one native pass over every tensor of the list. Work items are (tensor, member,
+# block) slices of at most _LIST_BLOCK elements; each writes its own partial sums,
+# added in item order afterwards, so results do not depend on the thread count.
+_LIST_BLOCK = 4096
+_LIST_SOURCE = r"""
+#include <cstdint>
+#include <vector>
+#include <omp.h>
+// One table row per tensor: grad, acc, W (or 0) pointers; numel; members; overwrite; measured.
+struct Row { int64_t g, acc, w, numel, members, overwrite, measured; };
+template <bool HAS_W, bool OVERWRITE>
+static void block(const float* g, float* acc, const float* w, int64_t len, double* p1, double* pw) {
+    float a1 = 0.f, aw = 0.f;
+    #pragma omp simd reduction(+:a1, aw)
+    for (int64_t j = 0; j < len; ++j) {
+        const float x = g[j], x2 = x * x;
+        if (OVERWRITE) acc[j] = x; else acc[j] += x;
+        a1 += x2;
+        if (HAS_W) aw += x2 * w[j];
+    }
+    *p1 = a1;
+    *pw = HAS_W ? aw : a1;
+}
+extern "C" int trajinv_accumulate_list(const Row* rows, int64_t n_rows, int64_t K, double* sums, int nthreads) {
+    const int64_t B = @BLOCK@;
+    std::vector<int64_t> first(n_rows + 1, 0), per(n_rows);
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const int64_t m = rows[r].numel / rows[r].members;
+        per[r] = (m + B - 1) / B;
+        first[r + 1] = first[r] + rows[r].members * per[r];
+    }
+    const int64_t items = first[n_rows];
+    std::vector<double> p1(items), pw(items);
+    std::vector<int64_t> row_of(items);
+    for (int64_t r = 0; r < n_rows; ++r)
+        for (int64_t i = first[r]; i < first[r + 1]; ++i) row_of[i] = r;
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if(items > 1 && first[n_rows] * B > 65536)
+    for (int64_t i = 0; i < items; ++i) {
+        const Row& row = rows[row_of[i]];
+        const int64_t m = row.numel / row.members, local = i - first[row_of[i]];
+        const int64_t k = local / per[row_of[i]], lo = k * m + (local % per[row_of[i]]) * B;
+        const int64_t len = (k * m + m - lo < B) ? k * m + m - lo : B;
+        const float* g = (const float*)row.g + lo;
+        float* acc = (float*)row.acc + lo;
+        const float* w = row.w ? (const float*)row.w + lo : nullptr;
+        if (w) { if (row.overwrite) block<true, true>(g, acc, w, len, &p1[i], &pw[i]);
+                 else block<true, false>(g, acc, w, len, &p1[i], &pw[i]); }
+        else   { if (row.overwrite) block<false, true>(g, acc, w, len, &p1[i], &pw[i]);
+                 else block<false, false>(g, acc, w, len, &p1[i], &pw[i]); }
+    }
+    for (int64_t r = 0; r < n_rows; ++r) {
+        if (!rows[r].measured) continue;
+        for (int64_t i = first[r]; i < first[r + 1]; ++i) {
+            const int64_t k = rows[r].members == 1 ? 0 : (i - first[r]) / per[r];
+            sums[k] += pw[i];
+            sums[K + k] += p1[i];
+        }
+    }
+    return 0;
+}
+"""
+NATIVE = NativeLibrary("trajinv_accumulate_list", lambda: _LIST_SOURCE.replace("@BLOCK@", str(_LIST_BLOCK)),
+                       {"trajinv_accumulate_list": ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                                     ctypes.c_void_p, ctypes.c_int], ctypes.c_int)},
+                       switch="TRAJINV_NATIVE_GNS", what="native CPU gradient accumulation")
+
+
+def accumulate_grads_with_norms(
+    accs: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    preconds: Sequence[torch.Tensor | None],
+    members: int = 1,
+    overwrite: Sequence[bool] | None = None,
+    measured: Sequence[bool] | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`accumulate_grad_with_norms` over a list of tensors, sums added over the list.
+
+    Args:
+        accs, grads, preconds: per tensor, as for `accumulate_grad_with_norms`
+            (every tensor has the same leading member axis `members`, or none when 1).
+        overwrite: per tensor, acc = grad instead of acc += grad (a fresh
+            accumulator needs no zeroing pass). Default: all False.
+        measured: per tensor, whether its norms enter the sums (an unmeasured
+            tensor is still accumulated). Default: all True.
+        backend: "auto" (CPU: native when built, else torch; CUDA: Triton), "triton" or "torch".
+
+    Returns:
+        (s_w, s_1) fp32 (members,): sum over measured tensors of W grad^2 and grad^2, per member.
+    """
+    n = len(accs)
+    if len(grads) != n or len(preconds) != n:
+        raise ValueError(f"accs, grads, preconds must have one entry per tensor; got {n}, {len(grads)}, {len(preconds)}")
+    overwrite = [False] * n if overwrite is None else list(overwrite)
+    measured = [True] * n if measured is None else list(measured)
+    if len(overwrite) != n or len(measured) != n:
+        raise ValueError(f"overwrite and measured need {n} entries, got {len(overwrite)} and {len(measured)}")
+    for a, g, w in zip(accs, grads, preconds):
+        _check(a, g, w, members)
+    device = accs[0].device if n else torch.device("cpu")
+    native = (backend in ("auto", "torch") and device.type == "cpu" and NATIVE.get() is not None
+              and all(t.dtype == torch.float32 and t.is_contiguous() for t in (*accs, *grads, *preconds)
+                      if t is not None))
+    if native:
+        table = (ctypes.c_int64 * (7 * n))()
+        for i, (a, g, w) in enumerate(zip(accs, grads, preconds)):
+            table[7 * i : 7 * i + 7] = [g.data_ptr(), a.data_ptr(), 0 if w is None else w.data_ptr(), a.numel(),
+                                        members, int(overwrite[i]), int(measured[i])]
+        sums = torch.zeros(2, members, dtype=torch.float64)
+        NATIVE.get().trajinv_accumulate_list(table, n, members, sums.data_ptr(), torch.get_num_threads())
+        sums = sums.float()
+        return sums[0], sums[1]
+    s_w = torch.zeros(members, dtype=torch.float32, device=device)
+    s_1 = torch.zeros(members, dtype=torch.float32, device=device)
+    for a, g, w, over, meas in zip(accs, grads, preconds, overwrite, measured):
+        if over:
+            a.zero_()
+        sw, s1 = accumulate_grad_with_norms(a, g, w, members=members, backend=backend)
+        if meas:
+            s_w += sw
+            s_1 += s1
+    return s_w, s_1
 
 
 # ---------------------------------------------------------------- flat multi-tensor variant

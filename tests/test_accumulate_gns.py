@@ -10,6 +10,7 @@ from trajinv.kernels.accumulate_gns import (
     accumulate_flat_with_norms,
     accumulate_grad_with_norms,
     accumulate_grad_with_norms_reference,
+    accumulate_grads_with_norms,
     build_flat_blocks,
 )
 
@@ -154,3 +155,66 @@ def test_aot_compiles_without_spills_with_vector_access():
     for spec, k in zip(specs, compile_kernels(specs)):
         assert not k.spills and k.registers <= 255
         assert k.count("ld.global.v4") > 0 and k.count("st.global.v4") > 0, (spec.target, spec.arch, spec.signature)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("members", [1, 3])
+def test_list_version_matches_per_tensor_reference(native, members, monkeypatch):
+    # Several tensors (odd sizes, one past a native block, one empty), some without W,
+    # one unmeasured, some overwritten: one call against the per-tensor reference.
+    import trajinv.kernels.accumulate_gns as mod
+
+    monkeypatch.setenv("TRAJINV_NATIVE_GNS", "1" if native else "0")
+    mod.NATIVE.reset()
+    try:
+        assert (mod.NATIVE.get() is not None) == native
+        shapes = [(members, 5), (members, 4100), (members, 0, 3), (members, 7, 3), (members, 1)]
+        g = torch.Generator().manual_seed(4)
+        accs = [torch.randn(s, generator=g) for s in shapes]
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        ws = [torch.rand(s, generator=g) + 0.05 for s in shapes]
+        ws[3] = None
+        overwrite = [False, True, False, True, False]
+        measured = [True, True, True, True, False]
+        ref_accs = [a.clone() for a in accs]
+        want_w, want_1 = torch.zeros(members), torch.zeros(members)
+        for a, gr, w, over, meas in zip(ref_accs, grads, ws, overwrite, measured):
+            if over:
+                a.zero_()
+            sw, s1 = accumulate_grad_with_norms_reference(a, gr, w, members)
+            if meas:
+                want_w += sw
+                want_1 += s1
+        got_w, got_1 = accumulate_grads_with_norms(accs, grads, ws, members, overwrite=overwrite, measured=measured)
+        assert got_w.shape == (members,) and got_w.dtype == torch.float32
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_1, want_1, rtol=1e-5, atol=1e-5)
+        for a, r in zip(accs, ref_accs):
+            torch.testing.assert_close(a, r, rtol=0, atol=0)  # the same fp32 adds
+    finally:
+        mod.NATIVE.reset()
+
+
+def test_list_version_is_thread_count_independent_and_takes_other_dtypes():
+    g = torch.Generator().manual_seed(6)
+    shapes = [(2, 70000), (2, 33)]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    ws = [torch.rand(s, generator=g) for s in shapes]
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            accs = [torch.zeros(s) for s in shapes]
+            outs.append(accumulate_grads_with_norms(accs, grads, ws, 2))
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    # bf16 grads are not the native path's: the torch path gives the same sums
+    accs = [torch.zeros(s, dtype=torch.bfloat16) for s in shapes]
+    bw, b1 = accumulate_grads_with_norms(accs, [x.bfloat16() for x in grads], ws, 2)
+    torch.testing.assert_close(b1, outs[0][1], rtol=1e-2, atol=0)
+    with pytest.raises(ValueError, match="one entry per tensor"):
+        accumulate_grads_with_norms(accs, grads[:1], ws, 2)
+    with pytest.raises(ValueError, match="overwrite and measured"):
+        accumulate_grads_with_norms(accs, grads, ws, 2, overwrite=[True])

@@ -12,9 +12,10 @@ Modes (see `trajinv.gns` for the maths):
 - per-example: a `Probe` on every linear weight (output head included) and
   norm gain; the backward kernels add sum_n |C_n|^2 and sum_n |C_n|_W^2. The
   big batch is the same tensors' summed gradient. Embeddings are not covered.
-- micro-batch: after each micro-batch's backward its gradient is added into an
-  accumulator by `accumulate_grad_with_norms`, which also adds the micro-batch
-  gradient's squared norms (every parameter).
+- micro-batch: after each micro-batch's backward its gradients are added into
+  accumulators by `accumulate_grads_with_norms` (one call for every tensor),
+  which also adds the micro-batch gradient's squared norms (every parameter).
+  The first micro-batch of a step overwrites the accumulators: no zeroing pass.
 
 The preconditioner W = 1/(sqrt(v_hat)+eps) is read from the optimizer state
 before this step's update, i.e. the same P the optimizer's precond_grad_sq uses.
@@ -26,27 +27,28 @@ import torch
 
 from trajinv.gns import GNSConfig, GNSTracker, micro_batch_sq_mean, per_example_sq_mean, precond_active
 from trajinv.gns_ops import Probe
-from trajinv.kernels.accumulate_gns import accumulate_grad_with_norms
+from trajinv.kernels.accumulate_gns import accumulate_grads_with_norms
 
 LOG_KEYS = ("grad_norm", "grad_norm_w", "tr_sigma", "tr_w_sigma", "g2", "g2_w",
             "b_simple", "b_precond", "b_simple_smooth", "b_precond_smooth")
 
 
 class GNSMeter:
-    def __init__(self, params: dict[str, torch.Tensor], members: int, cfg: GNSConfig, preconditioner,
+    def __init__(self, params: dict[str, torch.Tensor], members: int, cfg: GNSConfig, preconditioners,
                  model_probes: dict, backend: str = "auto"):
-        """`params`: name -> member-axis parameter; `preconditioner(name)` -> W or None;
+        """`params`: name -> member-axis parameter; `preconditioners()` -> {name: W or None};
         `model_probes`: the model's probe table, filled on measured steps only;
         `backend`: kernel backend ('auto', 'triton', 'torch')."""
         self.cfg, self.members, self.params, self.backend = cfg, members, params, backend
         self.model_probes = model_probes
         self.active = False
-        self.preconditioner = preconditioner
+        self.preconditioners = preconditioners
         self.tracker = GNSTracker(members, cfg)
         embeddings = cfg.mode == "micro-batch" and cfg.embeddings
         self.covered = [n for n in params if embeddings or n != "wte"]
         self.probes = {n: Probe(backend=backend) for n in self.covered} if cfg.mode == "per-example" else {}
         self.acc: dict[str, torch.Tensor] = {}
+        self.filled: set[str] = set()  # accumulators holding this step's sum so far
         self.W: dict[str, torch.Tensor | None] = {}
         self.sums = torch.zeros(2, members)  # rows: weighted, unweighted
         self.preconditioned = False
@@ -59,7 +61,8 @@ class GNSMeter:
             return False
         self.model_probes.update(self.probes)
         self.preconditioned = precond_active(step, self.cfg)
-        self.W = {n: self.preconditioner(n) if self.preconditioned else None for n in self.covered}
+        ws = self.preconditioners() if self.preconditioned else {}
+        self.W = {n: ws.get(n) for n in self.covered}
         if self.preconditioned and any(w is None for w in self.W.values()):
             self.preconditioned = False  # no optimizer state yet: stay on the identity
             self.W = dict.fromkeys(self.covered)
@@ -67,34 +70,35 @@ class GNSMeter:
         for name, probe in self.probes.items():
             probe.reset()
             probe.precond = self.W[name]
-        for acc in self.acc.values():
-            acc.zero_()
+        self.filled.clear()
         return True
 
     def after_backward(self) -> None:
         """Micro-batch mode: fold this micro-batch's gradients into the accumulator and the sums."""
         if self.cfg.mode != "micro-batch" or not self.active:
             return
-        for name, p in self.params.items():
-            if p.grad is None:
-                continue
+        names = [n for n, p in self.params.items() if p.grad is not None]
+        grads = [self.params[n].grad for n in names]
+        accs = []
+        for name, g in zip(names, grads):
             acc = self.acc.get(name)
-            if acc is None:
-                acc = self.acc[name] = torch.zeros_like(p.grad)
-            if name in self.W:
-                s_w, s_1 = accumulate_grad_with_norms(acc, p.grad, self.W[name], members=self.members,
-                                                      backend=self.backend)
-                self.sums[0] += s_w.cpu()
-                self.sums[1] += s_1.cpu()
-            else:  # not measured (embeddings=False): plain accumulation
-                acc.add_(p.grad)
-            p.grad = None
+            if acc is None or acc.shape != g.shape or acc.dtype != g.dtype:
+                acc = self.acc[name] = torch.empty_like(g, memory_format=torch.contiguous_format)
+            accs.append(acc)
+        s_w, s_1 = accumulate_grads_with_norms(
+            accs, grads, [self.W.get(n) for n in names], members=self.members,
+            overwrite=[n not in self.filled for n in names], measured=[n in self.W for n in names],
+            backend=self.backend)
+        self.sums[0] += s_w.cpu()
+        self.sums[1] += s_1.cpu()
+        self.filled.update(names)
+        for name in names:
+            self.params[name].grad = None
 
     def end_backward(self) -> None:
         if self.cfg.mode == "micro-batch" and self.active:
-            for name, p in self.params.items():
-                if name in self.acc:
-                    p.grad = self.acc[name]
+            for name in self.filled:
+                self.params[name].grad = self.acc[name]
 
     def end_step(self, step: int, batch_size: int, micro: int, stats: dict) -> dict[str, torch.Tensor] | None:
         """Estimates for this step from the small sums and the optimizer's (unclipped) big-batch sums;
@@ -102,17 +106,17 @@ class GNSMeter:
         if not self.active:
             return None
         if self.cfg.mode == "per-example":
-            for probe in self.probes.values():
-                if probe.sq_w is not None:
-                    self.sums[0] += probe.sq_w.cpu()
-                    self.sums[1] += probe.sq_1.cpu()
+            filled = [p for p in self.probes.values() if p.sq_w is not None]
+            if filled:
+                self.sums += torch.stack([torch.stack((p.sq_w, p.sq_1)) for p in filled]).sum(0).cpu()
             small = per_example_sq_mean(self.sums, batch_size)
             b_small = 1
         else:
             small = micro_batch_sq_mean(self.sums, batch_size // micro)
             b_small = micro
-        big_w = sum(stats[n]["precond_grad_sq"].cpu() for n in self.covered if n in stats)
-        big_1 = sum(stats[n]["grad_sq"].cpu() for n in self.covered if n in stats)
+        have = [n for n in self.covered if n in stats]
+        big_w, big_1 = torch.stack([torch.stack((stats[n]["precond_grad_sq"], stats[n]["grad_sq"]))
+                                    for n in have]).sum(0).cpu()
         w = self.preconditioned
         return self.tracker.update(step, small[0] if w else None, big_w if w else None, small[1], big_1,
                                    b_small, batch_size, preconditioned=w)
