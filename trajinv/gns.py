@@ -92,6 +92,7 @@ MODES = ("off", "per-example", "micro-batch")
 # (which restarts when W changes from the identity to Adam's preconditioner).
 _PLAIN = ("g2", "tr_sigma")
 _WEIGHTED = ("g2_w", "tr_w_sigma")
+_ROWS = _PLAIN + _WEIGHTED
 
 
 @dataclass(frozen=True)
@@ -245,10 +246,14 @@ class DebiasedEMA:
         self.ema = torch.zeros(shape, dtype=torch.float64)
         self.count = torch.zeros(shape, dtype=torch.float64)
 
-    def reset(self) -> None:
-        """Forget everything (the quantity being averaged has changed)."""
-        self.ema = torch.zeros_like(self.ema)
-        self.count = torch.zeros_like(self.count)
+    def reset(self, rows: slice | None = None) -> None:
+        """Forget everything, or only `rows` of the leading axis (the quantity averaged there has changed)."""
+        if rows is None:
+            self.ema = torch.zeros_like(self.ema)
+            self.count = torch.zeros_like(self.count)
+        else:
+            self.ema[rows] = 0.0
+            self.count[rows] = 0.0
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         """Fold in x (same shape as the EMA) and return the debiased value."""
@@ -315,7 +320,9 @@ class GNSTracker:
             raise ValueError("GNSConfig.mode is 'off': build no GNSTracker (check cfg.enabled)")
         self.members = members
         self.cfg = cfg
-        self.emas = {name: DebiasedEMA(cfg.ema, (members,)) for name in _PLAIN + _WEIGHTED}
+        # One EMA over the four quantities stacked (rows in _ROWS order): a handful of
+        # small tensor ops per step instead of four times as many.
+        self.ema = DebiasedEMA(cfg.ema, (len(_ROWS), members))
         self._preconditioned: bool | None = None  # W of the last update; None before any
 
     def update(
@@ -358,26 +365,27 @@ class GNSTracker:
                 raise ValueError(f"{name} must have shape ({self.members},), got {tuple(t.shape)}")
 
         if self._preconditioned is not None and preconditioned != self._preconditioned:
-            for name in _WEIGHTED:
-                self.emas[name].reset()
+            self.ema.reset(slice(len(_PLAIN), len(_ROWS)))
         self._preconditioned = bool(preconditioned)
 
-        g2, tr = small_big_estimates(small_sq_mean_1, big_sq_1, b_small, b_big)
-        g2_w, tr_w = small_big_estimates(small_sq_mean_w, big_sq_w, b_small, b_big)
-        smooth = {name: self.emas[name].update(x)
-                  for name, x in zip(_PLAIN + _WEIGHTED, (g2, tr, g2_w, tr_w))}
-        big_1, big_w = big_sq_1.to(torch.float64), big_sq_w.to(torch.float64)
+        # rows: unweighted, weighted
+        big = torch.stack((big_sq_1, big_sq_w)).to(torch.float64)
+        g2, tr = small_big_estimates(torch.stack((small_sq_mean_1, small_sq_mean_w)), big, b_small, b_big)
+        smooth = self.ema.update(torch.stack((g2[0], tr[0], g2[1], tr[1])))  # _ROWS order
+        # (raw, smooth) x (unweighted, weighted) in one call
+        b = noise_scale(torch.stack((tr, smooth[1::2])), torch.stack((g2, smooth[0::2])))
+        norms = big.clamp(min=0).sqrt()
         return {
-            "grad_norm": big_1.clamp(min=0).sqrt(),
-            "grad_norm_w": big_w.clamp(min=0).sqrt(),
-            "g2": g2,
-            "tr_sigma": tr,
-            "g2_w": g2_w,
-            "tr_w_sigma": tr_w,
-            "b_simple": noise_scale(tr, g2),
-            "b_precond": noise_scale(tr_w, g2_w),
-            "b_simple_smooth": noise_scale(smooth["tr_sigma"], smooth["g2"]),
-            "b_precond_smooth": noise_scale(smooth["tr_w_sigma"], smooth["g2_w"]),
+            "grad_norm": norms[0],
+            "grad_norm_w": norms[1],
+            "g2": g2[0],
+            "tr_sigma": tr[0],
+            "g2_w": g2[1],
+            "tr_w_sigma": tr[1],
+            "b_simple": b[0, 0],
+            "b_precond": b[0, 1],
+            "b_simple_smooth": b[1, 0],
+            "b_precond_smooth": b[1, 1],
             "w_identity": torch.full((self.members,), not preconditioned, dtype=torch.bool,
                                      device=g2.device),
         }
@@ -385,8 +393,9 @@ class GNSTracker:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Plain contiguous CPU tensors (safetensors-ready), flat string keys."""
         state: dict[str, torch.Tensor] = {}
-        for name, ema in self.emas.items():
-            state.update(ema.state_dict(prefix=f"{name}."))
+        full = self.ema.state_dict()
+        for i, name in enumerate(_ROWS):  # one entry per quantity, as the checkpoint format has it
+            state.update({f"{name}.{key}": full[key][i].clone() for key in ("ema", "count")})
         flag = -1 if self._preconditioned is None else int(self._preconditioned)
         state["preconditioned"] = torch.tensor([flag], dtype=torch.int64)
         return state
@@ -396,9 +405,15 @@ class GNSTracker:
         flag = state.get("preconditioned")
         if flag is None or flag.numel() != 1 or int(flag.item()) not in (-1, 0, 1):
             raise ValueError(f"GNS state has a bad or missing 'preconditioned' entry: {flag!r}")
-        for name, ema in self.emas.items():  # check everything before touching anything
-            ema.check_state_dict(state, prefix=f"{name}.")
-        for name, ema in self.emas.items():
-            ema.load_state_dict(state, prefix=f"{name}.")
+        for name in _ROWS:  # check everything before touching anything
+            for key in ("ema", "count"):
+                full = f"{name}.{key}"
+                t = state.get(full)
+                if t is None:
+                    raise KeyError(f"EMA state is missing key {full!r}")
+                if tuple(t.shape) != (self.members,):
+                    raise ValueError(f"EMA state {full!r} has shape {tuple(t.shape)}, expected ({self.members},)")
+        self.ema.load_state_dict({key: torch.stack([state[f"{name}.{key}"] for name in _ROWS])
+                                  for key in ("ema", "count")})
         value = int(flag.item())
         self._preconditioned = None if value == -1 else bool(value)
