@@ -230,6 +230,19 @@ def test_statistics_match_torch_sums(backend):
         W = opt.preconditioner(ps[2])
         want_w = 1 / ((ref.state[qs[2]]["exp_avg_sq"] / (1 - b2**step)).sqrt() + eps)
         torch.testing.assert_close(W, want_w, rtol=1e-5, atol=0)
+        # the batched read-outs agree with the per-param ones
+        all_w = opt.preconditioners()
+        assert set(all_w) == set(ps)
+        for p in ps:
+            torch.testing.assert_close(all_w[p], opt.preconditioner(p), rtol=1e-6, atol=0)
+        tables = opt.statistics_tables()
+        seen = set()
+        for params, table, starts in tables:
+            assert table.shape[1] == 4
+            for p, s0 in zip(params, starts):
+                torch.testing.assert_close(table[s0], torch.stack(list(st[p])), rtol=0, atol=0)
+                seen.add(p)
+        assert seen == set(ps)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -67,3 +67,30 @@ def test_state_round_trip(name):
     assert state.keys() == again.keys()
     assert all(torch.equal(state[k].float(), again[k].float()) for k in state)
     assert fresh.preconditioner("head") is not None and fresh.preconditioner("head").shape == (2, 11, 16)
+
+
+def test_fused_statistics_and_preconditioners_match_torch_adapter():
+    # The fused adapter builds its per-param statistics from whole-bucket tables (clipping
+    # undone per member in one op) and W from one flat pass; the torch adapter per param.
+    cfg_f, cfg_t = OptimConfig(name="fused", clip=0.5), OptimConfig(name="torch", clip=0.5)
+    models = [_model(), _model()]
+    opts = [build_optimizer(models[0], MEMBERS, cfg_f), build_optimizer(models[1], MEMBERS, cfg_t)]
+    gen = torch.Generator().manual_seed(5)
+    clip = torch.tensor([0.25, 1.0])
+    for _ in range(3):
+        grads = {n: torch.randn(p.shape, generator=gen) for n, p in models[0].named_parameters()}
+        for m in models:
+            for n, p in m.named_parameters():
+                p.grad = grads[n].clone()
+        ws = [o.preconditioners() for o in opts]
+        stats = [o.step(1.0, clip) for o in opts]
+        for n in grads:
+            if ws[1][n] is None:
+                assert ws[0][n] is None
+            else:
+                torch.testing.assert_close(ws[0][n], ws[1][n], rtol=1e-5, atol=0)
+            for key in ("grad_sq", "precond_grad_sq"):
+                assert stats[0][n][key].shape == (2,)
+                torch.testing.assert_close(stats[0][n][key], stats[1][n][key], rtol=1e-4, atol=1e-8)
+            # unclipped: the sums are of the gradient as it was handed in
+            torch.testing.assert_close(stats[0][n]["grad_sq"], grads[n].pow(2).flatten(1).sum(1), rtol=1e-4, atol=0)

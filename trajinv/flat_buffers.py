@@ -70,6 +70,8 @@ class Bucket:
         # per-tensor step counts on the host, as torch.optim.AdamW keeps them; authoritative on
         # the CPU path, refreshed from the device counters on the Triton path
         self.steps = torch.zeros(len(self.params), dtype=torch.float32)
+        self.precond_buf: torch.Tensor | None = None  # FusedAdamW.preconditioners() writes W here
+        self.precond_views: list[torch.Tensor] = []  # and hands out these views of it
         if self.use_triton:
             self.flat_param = torch.zeros(self.total, dtype=self.dtype, device=self.device)
             self.flat_grad = torch.zeros(self.total, dtype=self.dtype, device=self.device)

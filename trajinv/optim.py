@@ -131,6 +131,8 @@ class FusedAdamW(torch.optim.Optimizer):
         self._hyper_cache: dict[torch.device, tuple[list, torch.Tensor]] = {}
         self._stats: dict[torch.Tensor, AdamWStats] = {}
         self._pending: list[tuple[Bucket, torch.Tensor, torch.Tensor, list[int]]] = []
+        self._tables: list[tuple[list[torch.Tensor], torch.Tensor, list[int]]] = []
+        self._unsplit: list[tuple[Bucket, torch.Tensor, list[int]]] = []  # tables statistics() has not split yet
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- groups
@@ -297,6 +299,8 @@ class FusedAdamW(torch.optim.Optimizer):
             found_inf = getattr(self, "found_inf", None)
         self._stats = {}
         self._pending = []
+        self._tables = []
+        self._unsplit = []
         for b in self._ensure_buckets():
             active = [p.grad is not None for p in b.params]
             if not any(active):
@@ -565,11 +569,29 @@ class FusedAdamW(torch.optim.Optimizer):
         Triton path the per-block partial sums are reduced here (one small
         segment sum), so a step that nobody reads pays nothing for it.
         """
+        self._reduce_pending()
+        for b, per_seg, tensors in self._unsplit:
+            self._stats.update(self._split_stats(b, per_seg, tensors))
+        self._unsplit = []
+        return dict(self._stats)
+
+    def statistics_tables(self) -> list[tuple[list[torch.Tensor], torch.Tensor, list[int]]]:
+        """The last `step()`'s statistics before the per-param split, per bucket:
+        (params stepped, table (segments, 4) fp32 with one row per (tensor, member)
+        segment in bucket order, first row of each of those params). Fields in
+        `AdamWStats` order; a member group's param owns K consecutive rows. For
+        callers reducing over many params: a couple of ops instead of a few per param.
+        """
+        self._reduce_pending()
+        return list(self._tables)
+
+    def _reduce_pending(self) -> None:
+        """Reduce the Triton path's per-block partial sums (if any) to per-segment tables, once."""
         for b, stats, blocks, tensors in self._pending:
             per_seg = stats if blocks is None else K.reduce_block_stats(stats, blocks, len(b.segments))
-            self._stats.update(self._split_stats(b, per_seg, tensors))
+            self._unsplit.append((b, per_seg, tensors))
+            self._tables.append(([b.params[t] for t in tensors], per_seg, [b.seg_start[t] for t in tensors]))
         self._pending = []
-        return dict(self._stats)
 
     def preconditioner(self, p: torch.Tensor) -> torch.Tensor | None:
         """1/(sqrt(v_hat)+eps) from the current state (the next step's "before" P), or None before any step."""
@@ -594,6 +616,31 @@ class FusedAdamW(torch.optim.Optimizer):
         if step <= 0:
             return None
         return 1.0 / ((v / (1 - b2**step)).sqrt() + eps)
+
+    def preconditioners(self) -> dict[torch.Tensor, torch.Tensor | None]:
+        """`preconditioner(p)` for every parameter, as views of one flat W per bucket.
+
+        On the CPU path a bucket whose tensors share (beta2, eps, step), the
+        usual case, gets W from four in-place passes over its flat exp_avg_sq
+        into a reused buffer instead of four ops per tensor; otherwise per tensor.
+        The views are valid until the next call.
+        """
+        if self._buckets is None and any("exp_avg_sq" in st for st in self.state.values()):
+            self._ensure_buckets()
+        out: dict[torch.Tensor, torch.Tensor | None] = {}
+        hyper = [(float(g["betas"][1]), float(g["eps"])) for g in self.param_groups]
+        for b in self._buckets or ():
+            keys = {(*hyper[gi], step) for gi, step in zip(b.groups, b.steps.tolist())}
+            if b.use_triton or len(keys) != 1 or next(iter(keys))[2] <= 0:
+                out.update({p: self.preconditioner(p) for p in b.params})
+                continue
+            b2, eps, step = keys.pop()
+            if b.precond_buf is None:
+                b.precond_buf = torch.empty_like(b.exp_avg_sq)
+                b.precond_views = [b.view(b.precond_buf, t) for t in range(len(b.params))]
+            torch.div(b.exp_avg_sq, 1 - b2**step, out=b.precond_buf).sqrt_().add_(eps).reciprocal_()
+            out.update(zip(b.params, b.precond_views))
+        return out
 
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:

@@ -28,6 +28,8 @@ class PopulationOptimizer(Protocol):
     def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> dict[str, dict[str, torch.Tensor]]:
         """Update every member; per-parameter statistics when `stats` (else {})."""
     def preconditioner(self, name: str) -> torch.Tensor | None: ...
+    def preconditioners(self) -> dict[str, torch.Tensor | None]:
+        """`preconditioner(name)` for every parameter, in one go."""
     def state_tensors(self) -> dict[str, torch.Tensor]: ...
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
 
@@ -71,6 +73,9 @@ class TorchPopulationAdamW:
         b2 = self.cfg.betas[1]
         return torch.stack([1.0 / ((st["exp_avg_sq"] / (1 - b2 ** float(st["step"]))).sqrt() + self.cfg.eps)
                             for st in states])
+
+    def preconditioners(self) -> dict[str, torch.Tensor | None]:
+        return {name: self.preconditioner(name) for name in self.named}
 
     @torch.no_grad()
     def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> dict[str, dict[str, torch.Tensor]]:
@@ -134,6 +139,10 @@ class FusedPopulationAdamW:
     def preconditioner(self, name: str) -> torch.Tensor | None:
         return self.opt.preconditioner(self.named[name])
 
+    def preconditioners(self) -> dict[str, torch.Tensor | None]:
+        ws = self.opt.preconditioners()
+        return {name: ws.get(p) for name, p in self.named.items()}
+
     @torch.no_grad()
     def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> dict[str, dict[str, torch.Tensor]]:
         for g in self.opt.param_groups:
@@ -143,13 +152,21 @@ class FusedPopulationAdamW:
         scale = torch.where(clip_coef > 0, 1.0 / clip_coef.clamp(min=1e-30), 1.0)
         self.opt.track_statistics = stats
         self.opt.step(grad_scale=scale)
-        unclip = scale.pow(2)
         out = {}
-        for p, st in (self.opt.statistics().items() if stats else ()):
-            # K = 1 groups report 0-d sums; keep the (K,) shape the trainer indexes by member
-            st = [x.reshape(-1) for x in st]
-            out[self.name_of[id(p)]] = {"grad_sq": st[0] * unclip, "precond_grad_sq": st[1] * unclip,
-                                        "param_sq": st[2], "update_sq": st[3]}
+        if not stats:
+            return out
+        unclip = scale.pow(2)
+        K = len(self.base_lr)
+        for params, table, starts in self.opt.statistics_tables():
+            # rows are (tensor, member) segments, K per param, in member order: undo the
+            # clipping of the two gradient sums for every param at once
+            table = table.view(-1, K, 4).clone()
+            table[..., :2] *= unclip[:, None]
+            fields = table.permute(2, 0, 1)  # (4, params in the bucket, K)
+            rows = dict(zip(("grad_sq", "precond_grad_sq", "param_sq", "update_sq"), fields))
+            for p, s0 in zip(params, starts):
+                i = s0 // K
+                out[self.name_of[id(p)]] = {key: f[i] for key, f in rows.items()}
         return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
