@@ -81,7 +81,7 @@ class Trainer:
                     if not cfg.micro_batch or b % cfg.micro_batch or b // cfg.micro_batch < 2:
                         raise ValueError(f"GNS micro-batch mode needs --micro-batch dividing batch size {b} "
                                          f"into >= 2 micro-batches, got micro_batch={cfg.micro_batch}")
-            self.gns = GNSMeter(dict(self.model.named_parameters()), self.K, cfg.gns, self.optimizer.preconditioner,
+            self.gns = GNSMeter(dict(self.model.named_parameters()), self.K, cfg.gns, self.optimizer.preconditioners,
                                 self.model.probes, backend=cfg.kernels)
         self.last_gns: dict[str, torch.Tensor] = {}
         self.lrs = torch.tensor([m.lr for m in cfg.members])
