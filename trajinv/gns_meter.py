@@ -15,7 +15,8 @@ Modes (see `trajinv.gns` for the maths):
 - micro-batch: after each micro-batch's backward its gradients are added into
   accumulators by `accumulate_grads_with_norms` (one call for every tensor),
   which also adds the micro-batch gradient's squared norms (every parameter).
-  The first micro-batch of a step overwrites the accumulators: no zeroing pass.
+  A tensor's first micro-batch gradient of a step becomes its accumulator (no
+  copy, no zeroing pass).
 
 The preconditioner W = 1/(sqrt(v_hat)+eps) is read from the optimizer state
 before this step's update, i.e. the same P the optimizer's precond_grad_sq uses.
@@ -46,7 +47,12 @@ class GNSMeter:
         self.tracker = GNSTracker(members, cfg)
         embeddings = cfg.mode == "micro-batch" and cfg.embeddings
         self.covered = [n for n in params if embeddings or n != "wte"]
-        self.probes = {n: Probe(backend=backend) for n in self.covered} if cfg.mode == "per-example" else {}
+        # Probes add into rows of one (tensors, 2, K) buffer: one zero_ and one sum per step, not two per probe.
+        n_probed = len(self.covered) if cfg.mode == "per-example" else 0
+        device = next(iter(params.values())).device if params else torch.device("cpu")
+        self.probe_sums = torch.zeros(n_probed, 2, members, device=device)
+        self.probes = {n: Probe(sq_w=self.probe_sums[i, 0], sq_1=self.probe_sums[i, 1], backend=backend)
+                       for i, n in enumerate(self.covered[:n_probed])}
         self.acc: dict[str, torch.Tensor] = {}
         self.filled: set[str] = set()  # accumulators holding this step's sum so far
         self.W: dict[str, torch.Tensor | None] = {}
@@ -67,8 +73,9 @@ class GNSMeter:
             self.preconditioned = False  # no optimizer state yet: stay on the identity
             self.W = dict.fromkeys(self.covered)
         self.sums.zero_()
+        self.probe_sums.zero_()
         for name, probe in self.probes.items():
-            probe.reset()
+            probe.examples = 0
             probe.precond = self.W[name]
         self.filled.clear()
         return True
@@ -79,26 +86,23 @@ class GNSMeter:
             return
         names = [n for n, p in self.params.items() if p.grad is not None]
         grads = [self.params[n].grad for n in names]
-        accs = []
-        for name, g in zip(names, grads):
-            acc = self.acc.get(name)
-            if acc is None or acc.shape != g.shape or acc.dtype != g.dtype:
-                acc = self.acc[name] = torch.empty_like(g, memory_format=torch.contiguous_format)
-            accs.append(acc)
-        s_w, s_1 = accumulate_grads_with_norms(
-            accs, grads, [self.W.get(n) for n in names], members=self.members,
-            overwrite=[n not in self.filled for n in names], measured=[n in self.W for n in names],
-            backend=self.backend)
+        # A tensor's first gradient of the step becomes its accumulator (adopted, not copied).
+        accs = [self.acc[n] if n in self.filled else None for n in names]
+        s_w, s_1 = accumulate_grads_with_norms(accs, grads, [self.W.get(n) for n in names], members=self.members,
+                                               measured=[n in self.W for n in names], backend=self.backend)
         self.sums[0] += s_w.cpu()
         self.sums[1] += s_1.cpu()
-        self.filled.update(names)
-        for name in names:
+        for name, g, acc in zip(names, grads, accs):
+            if acc is None:
+                self.acc[name] = g if g.is_contiguous() else g.contiguous()
+                self.filled.add(name)
             self.params[name].grad = None
 
     def end_backward(self) -> None:
         if self.cfg.mode == "micro-batch" and self.active:
             for name in self.filled:
                 self.params[name].grad = self.acc[name]
+            self.acc.clear()  # .grad holds them now; keep no second reference past the step
 
     def end_step(self, step: int, batch_size: int, micro: int, stats: dict) -> dict[str, torch.Tensor] | None:
         """Estimates for this step from the small sums and the optimizer's (unclipped) big-batch sums;
@@ -106,17 +110,15 @@ class GNSMeter:
         if not self.active:
             return None
         if self.cfg.mode == "per-example":
-            filled = [p for p in self.probes.values() if p.sq_w is not None]
-            if filled:
-                self.sums += torch.stack([torch.stack((p.sq_w, p.sq_1)) for p in filled]).sum(0).cpu()
+            self.sums += self.probe_sums.sum(0).cpu()
             small = per_example_sq_mean(self.sums, batch_size)
             b_small = 1
         else:
             small = micro_batch_sq_mean(self.sums, batch_size // micro)
             b_small = micro
         have = [n for n in self.covered if n in stats]
-        big_w, big_1 = torch.stack([torch.stack((stats[n]["precond_grad_sq"], stats[n]["grad_sq"]))
-                                    for n in have]).sum(0).cpu()
+        big_w, big_1 = torch.stack([stats[n][key] for n in have for key in ("precond_grad_sq", "grad_sq")]
+                                   ).view(len(have), 2, -1).sum(0).cpu()
         w = self.preconditioned
         return self.tracker.update(step, small[0] if w else None, big_w if w else None, small[1], big_1,
                                    b_small, batch_size, preconditioned=w)
