@@ -177,15 +177,15 @@ _LIST_SOURCE = r"""
 #include <cstdint>
 #include <vector>
 #include <omp.h>
-// One table row per tensor: grad, acc, W (or 0) pointers; numel; members; overwrite; measured.
-struct Row { int64_t g, acc, w, numel, members, overwrite, measured; };
-template <bool HAS_W, bool OVERWRITE>
+// One table row per tensor: grad, acc (0: norms only), W (0: identity) pointers; numel; members; measured.
+struct Row { int64_t g, acc, w, numel, members, measured; };
+template <bool HAS_W, bool ACC>
 static void block(const float* g, float* acc, const float* w, int64_t len, double* p1, double* pw) {
     float a1 = 0.f, aw = 0.f;
     #pragma omp simd reduction(+:a1, aw)
     for (int64_t j = 0; j < len; ++j) {
         const float x = g[j], x2 = x * x;
-        if (OVERWRITE) acc[j] = x; else acc[j] += x;
+        if (ACC) acc[j] += x;
         a1 += x2;
         if (HAS_W) aw += x2 * w[j];
     }
@@ -205,18 +205,19 @@ extern "C" int trajinv_accumulate_list(const Row* rows, int64_t n_rows, int64_t 
     std::vector<int64_t> row_of(items);
     for (int64_t r = 0; r < n_rows; ++r)
         for (int64_t i = first[r]; i < first[r + 1]; ++i) row_of[i] = r;
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if(items > 1 && first[n_rows] * B > 65536)
+    #pragma omp parallel for schedule(static) num_threads(nthreads) if(items > 1 && items * B > 65536)
     for (int64_t i = 0; i < items; ++i) {
-        const Row& row = rows[row_of[i]];
-        const int64_t m = row.numel / row.members, local = i - first[row_of[i]];
-        const int64_t k = local / per[row_of[i]], lo = k * m + (local % per[row_of[i]]) * B;
+        const int64_t r = row_of[i];
+        const Row& row = rows[r];
+        const int64_t m = row.numel / row.members, local = i - first[r];
+        const int64_t k = local / per[r], lo = k * m + (local % per[r]) * B;
         const int64_t len = (k * m + m - lo < B) ? k * m + m - lo : B;
         const float* g = (const float*)row.g + lo;
-        float* acc = (float*)row.acc + lo;
+        float* acc = row.acc ? (float*)row.acc + lo : nullptr;
         const float* w = row.w ? (const float*)row.w + lo : nullptr;
-        if (w) { if (row.overwrite) block<true, true>(g, acc, w, len, &p1[i], &pw[i]);
+        if (w) { if (acc) block<true, true>(g, acc, w, len, &p1[i], &pw[i]);
                  else block<true, false>(g, acc, w, len, &p1[i], &pw[i]); }
-        else   { if (row.overwrite) block<false, true>(g, acc, w, len, &p1[i], &pw[i]);
+        else   { if (acc) block<false, true>(g, acc, w, len, &p1[i], &pw[i]);
                  else block<false, false>(g, acc, w, len, &p1[i], &pw[i]); }
     }
     for (int64_t r = 0; r < n_rows; ++r) {
@@ -236,22 +237,29 @@ NATIVE = NativeLibrary("trajinv_accumulate_list", lambda: _LIST_SOURCE.replace("
                        switch="TRAJINV_NATIVE_GNS", what="native CPU gradient accumulation")
 
 
+def _norms_only(grad: torch.Tensor, precond: torch.Tensor | None, members: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = grad.float().reshape(members, -1)
+    s_1 = torch.linalg.vecdot(g, g)
+    s_w = s_1 if precond is None else torch.linalg.vecdot(g * precond.float().reshape(members, -1), g)
+    return s_w, s_1
+
+
 def accumulate_grads_with_norms(
-    accs: Sequence[torch.Tensor],
+    accs: Sequence[torch.Tensor | None],
     grads: Sequence[torch.Tensor],
     preconds: Sequence[torch.Tensor | None],
     members: int = 1,
-    overwrite: Sequence[bool] | None = None,
     measured: Sequence[bool] | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`accumulate_grad_with_norms` over a list of tensors, sums added over the list.
 
     Args:
-        accs, grads, preconds: per tensor, as for `accumulate_grad_with_norms`
-            (every tensor has the same leading member axis `members`, or none when 1).
-        overwrite: per tensor, acc = grad instead of acc += grad (a fresh
-            accumulator needs no zeroing pass). Default: all False.
+        accs: per tensor, the accumulator (acc += grad), or None for the norms
+            only: the first micro-batch of a step adopts its gradient as the
+            accumulator, so it costs one read instead of a copy.
+        grads, preconds: per tensor, as for `accumulate_grad_with_norms` (every
+            tensor has the same leading member axis `members`, or none when 1).
         measured: per tensor, whether its norms enter the sums (an unmeasured
             tensor is still accumulated). Default: all True.
         backend: "auto" (CPU: native when built, else torch; CUDA: Triton), "triton" or "torch".
@@ -259,34 +267,34 @@ def accumulate_grads_with_norms(
     Returns:
         (s_w, s_1) fp32 (members,): sum over measured tensors of W grad^2 and grad^2, per member.
     """
-    n = len(accs)
-    if len(grads) != n or len(preconds) != n:
-        raise ValueError(f"accs, grads, preconds must have one entry per tensor; got {n}, {len(grads)}, {len(preconds)}")
-    overwrite = [False] * n if overwrite is None else list(overwrite)
+    n = len(grads)
+    if len(accs) != n or len(preconds) != n:
+        raise ValueError(f"accs, grads, preconds must have one entry per tensor; got {len(accs)}, {n}, {len(preconds)}")
     measured = [True] * n if measured is None else list(measured)
-    if len(overwrite) != n or len(measured) != n:
-        raise ValueError(f"overwrite and measured need {n} entries, got {len(overwrite)} and {len(measured)}")
+    if len(measured) != n:
+        raise ValueError(f"measured needs {n} entries, got {len(measured)}")
     for a, g, w in zip(accs, grads, preconds):
-        _check(a, g, w, members)
-    device = accs[0].device if n else torch.device("cpu")
+        _check(g if a is None else a, g, w, members)
+    device = grads[0].device if n else torch.device("cpu")
     native = (backend in ("auto", "torch") and device.type == "cpu" and NATIVE.get() is not None
               and all(t.dtype == torch.float32 and t.is_contiguous() for t in (*accs, *grads, *preconds)
                       if t is not None))
     if native:
-        table = (ctypes.c_int64 * (7 * n))()
+        table = (ctypes.c_int64 * (6 * n))()
         for i, (a, g, w) in enumerate(zip(accs, grads, preconds)):
-            table[7 * i : 7 * i + 7] = [g.data_ptr(), a.data_ptr(), 0 if w is None else w.data_ptr(), a.numel(),
-                                        members, int(overwrite[i]), int(measured[i])]
+            table[6 * i : 6 * i + 6] = [g.data_ptr(), 0 if a is None else a.data_ptr(),
+                                        0 if w is None else w.data_ptr(), g.numel(), members, int(measured[i])]
         sums = torch.zeros(2, members, dtype=torch.float64)
         NATIVE.get().trajinv_accumulate_list(table, n, members, sums.data_ptr(), torch.get_num_threads())
         sums = sums.float()
         return sums[0], sums[1]
     s_w = torch.zeros(members, dtype=torch.float32, device=device)
     s_1 = torch.zeros(members, dtype=torch.float32, device=device)
-    for a, g, w, over, meas in zip(accs, grads, preconds, overwrite, measured):
-        if over:
-            a.zero_()
-        sw, s1 = accumulate_grad_with_norms(a, g, w, members=members, backend=backend)
+    for a, g, w, meas in zip(accs, grads, preconds, measured):
+        if a is None:
+            sw, s1 = _norms_only(g, w, members)
+        else:
+            sw, s1 = accumulate_grad_with_norms(a, g, w, members=members, backend=backend)
         if meas:
             s_w += sw
             s_1 += s1

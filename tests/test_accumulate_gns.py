@@ -161,7 +161,8 @@ def test_aot_compiles_without_spills_with_vector_access():
 @pytest.mark.parametrize("members", [1, 3])
 def test_list_version_matches_per_tensor_reference(native, members, monkeypatch):
     # Several tensors (odd sizes, one past a native block, one empty), some without W,
-    # one unmeasured, some overwritten: one call against the per-tensor reference.
+    # one unmeasured, some with no accumulator (norms only): one call against the
+    # per-tensor reference.
     import trajinv.kernels.accumulate_gns as mod
 
     monkeypatch.setenv("TRAJINV_NATIVE_GNS", "1" if native else "0")
@@ -174,23 +175,25 @@ def test_list_version_matches_per_tensor_reference(native, members, monkeypatch)
         grads = [torch.randn(s, generator=g) for s in shapes]
         ws = [torch.rand(s, generator=g) + 0.05 for s in shapes]
         ws[3] = None
-        overwrite = [False, True, False, True, False]
+        accs[1] = accs[3] = None
+        grads_before = [x.clone() for x in grads]
         measured = [True, True, True, True, False]
-        ref_accs = [a.clone() for a in accs]
+        ref_accs = [None if a is None else a.clone() for a in accs]
         want_w, want_1 = torch.zeros(members), torch.zeros(members)
-        for a, gr, w, over, meas in zip(ref_accs, grads, ws, overwrite, measured):
-            if over:
-                a.zero_()
-            sw, s1 = accumulate_grad_with_norms_reference(a, gr, w, members)
+        for a, gr, w, meas in zip(ref_accs, grads, ws, measured):
+            sw, s1 = accumulate_grad_with_norms_reference(torch.zeros_like(gr) if a is None else a, gr, w, members)
             if meas:
                 want_w += sw
                 want_1 += s1
-        got_w, got_1 = accumulate_grads_with_norms(accs, grads, ws, members, overwrite=overwrite, measured=measured)
+        got_w, got_1 = accumulate_grads_with_norms(accs, grads, ws, members, measured=measured)
         assert got_w.shape == (members,) and got_w.dtype == torch.float32
         torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got_1, want_1, rtol=1e-5, atol=1e-5)
         for a, r in zip(accs, ref_accs):
-            torch.testing.assert_close(a, r, rtol=0, atol=0)  # the same fp32 adds
+            assert (a is None) == (r is None)
+            if a is not None:
+                torch.testing.assert_close(a, r, rtol=0, atol=0)  # the same fp32 adds
+        assert all(torch.equal(x, y) for x, y in zip(grads, grads_before))  # grads are only read
     finally:
         mod.NATIVE.reset()
 
@@ -206,7 +209,7 @@ def test_list_version_is_thread_count_independent_and_takes_other_dtypes():
         for threads in (1, 2):
             torch.set_num_threads(threads)
             accs = [torch.zeros(s) for s in shapes]
-            outs.append(accumulate_grads_with_norms(accs, grads, ws, 2))
+            outs.append((*accumulate_grads_with_norms(accs, grads, ws, 2), *accs))
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
@@ -216,5 +219,5 @@ def test_list_version_is_thread_count_independent_and_takes_other_dtypes():
     torch.testing.assert_close(b1, outs[0][1], rtol=1e-2, atol=0)
     with pytest.raises(ValueError, match="one entry per tensor"):
         accumulate_grads_with_norms(accs, grads[:1], ws, 2)
-    with pytest.raises(ValueError, match="overwrite and measured"):
-        accumulate_grads_with_norms(accs, grads, ws, 2, overwrite=[True])
+    with pytest.raises(ValueError, match="measured needs"):
+        accumulate_grads_with_norms(accs, grads, ws, 2, measured=[True])
