@@ -52,7 +52,8 @@ class Probe:
     """W, positive, shaped like the parameter ((K, out, in) or (K, d)); None = identity.
     Set by the GNS driver before backward (Adam's 1 / (sqrt(v_hat) + eps))."""
     sq_w: torch.Tensor | None = None
-    """(K,) fp32: sum over examples and backward calls of |C_n|_W^2 (None until the first backward)."""
+    """(K,) fp32: sum over examples and backward calls of |C_n|_W^2 (None until the first backward,
+    unless the owner hands in views of a buffer it keeps for many probes)."""
     sq_1: torch.Tensor | None = None
     """(K,) fp32: the same with W = 1."""
     examples: int = 0
