@@ -69,7 +69,8 @@ _CPU_CHUNK_BYTES = 16 * 2**20
 # which at t = 64 cost about as much as forming them. Work items are (k, m-block)
 # slices; per-item partial sums (fp32 over a block, summed in double in block
 # order) make the result independent of the thread count. With per_example = 0
-# the sums come out per member, (K,), saving the caller two ops per layer.
+# the sums come out per member, (K,), written or (add_totals) added into the
+# caller's buffer: no allocation and no add ops per layer.
 _TILE_BLOCK = 1024
 _TILE_SOURCE = r"""
 #include <cstdint>
@@ -103,7 +104,7 @@ static void item(const float* ct, const float* w, float* dw, int64_t N, int64_t 
 }
 extern "C" int trajinv_tile_reduce(const float* ct, const float* w, int64_t K, int64_t N, int64_t M,
                                    float* dw, float* s1, float* sw, int accumulate, int per_example,
-                                   int nthreads) {
+                                   int add_totals, int nthreads) {
     const int64_t B = @BLOCK@, nb = (M + B - 1) / B, items = K * nb;
     std::vector<double> p1(items * N), pw(items * N);
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(items > 1 && K * N * M > 65536)
@@ -124,7 +125,10 @@ extern "C" int trajinv_tile_reduce(const float* ct, const float* w, int64_t K, i
             t1 += a1;
             tw += aw;
         }
-        if (!per_example) {
+        if (!per_example && add_totals) {
+            s1[k] += (float)t1;
+            sw[k] += (float)(w ? tw : t1);
+        } else if (!per_example) {
             s1[k] = (float)t1;
             sw[k] = (float)(w ? tw : t1);
         }
@@ -134,7 +138,7 @@ extern "C" int trajinv_tile_reduce(const float* ct, const float* w, int64_t K, i
 """
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 NATIVE = NativeLibrary("trajinv_tile_reduce", lambda: _TILE_SOURCE.replace("@BLOCK@", str(_TILE_BLOCK)),
-                       {"trajinv_tile_reduce": ([_P, _P, _I64, _I64, _I64, _P, _P, _P, _INT, _INT, _INT], _INT)},
+                       {"trajinv_tile_reduce": ([_P, _P, _I64, _I64, _I64, _P, _P, _P, _INT, _INT, _INT, _INT], _INT)},
                        switch="TRAJINV_NATIVE_GNS", what="native CPU per-example reduction")
 
 
@@ -151,10 +155,11 @@ def _scratch(numel: int, device: torch.device) -> torch.Tensor:
 
 
 def _reduce_tiles(tiles: torch.Tensor, w: torch.Tensor | None, dw: torch.Tensor, s_w: torch.Tensor,
-                  s_1: torch.Tensor, accumulate: bool, per_example: bool) -> None:
+                  s_1: torch.Tensor, accumulate: bool, per_example: bool, add_totals: bool = False) -> None:
     """dw (+)= sum_n tiles[k, n]; s_1 = sum_m tiles^2; s_w = sum_m w tiles^2, for tiles (K, N, M) fp32.
 
-    Sums per example (K, N), or per member (K,) when not `per_example`; s_w = s_1 when `w` is None.
+    Sums per example (K, N), or per member (K,) when not `per_example` (then added into
+    s_w, s_1 when `add_totals`); s_w = s_1 when `w` is None.
     One native pass when the library is available, else torch ops (which square `tiles` in place).
     Every output is a contiguous fp32 tensor the caller owns; `w` (K, M) fp32 contiguous or None.
     """
@@ -163,7 +168,7 @@ def _reduce_tiles(tiles: torch.Tensor, w: torch.Tensor | None, dw: torch.Tensor,
     if lib is not None and tiles.device.type == "cpu":
         lib.trajinv_tile_reduce(tiles.data_ptr(), None if w is None else w.data_ptr(), K, N, M, dw.data_ptr(),
                                 s_1.data_ptr(), s_w.data_ptr(), int(accumulate), int(per_example),
-                                torch.get_num_threads())
+                                int(add_totals and not per_example), torch.get_num_threads())
         return
     ones = torch.ones(K, 1, N, dtype=torch.float32, device=tiles.device)
     if accumulate:
@@ -173,6 +178,10 @@ def _reduce_tiles(tiles: torch.Tensor, w: torch.Tensor | None, dw: torch.Tensor,
     sq = tiles.square_()
     e1 = sq.sum(-1)
     ew = e1 if w is None else torch.bmm(sq, w.view(K, M, 1)).view(K, N)
+    if add_totals and not per_example:
+        s_1.view(-1).add_(e1.sum(1))
+        s_w.view(-1).add_(ew.sum(1))
+        return
     s_1.view(-1).copy_((e1 if per_example else e1.sum(1)).view(-1))
     s_w.view(-1).copy_((ew if per_example else ew.sum(1)).view(-1))
 
@@ -285,7 +294,8 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _torch_path(
-    a: torch.Tensor, gy: torch.Tensor, precond: torch.Tensor | None, per_example: bool
+    a: torch.Tensor, gy: torch.Tensor, precond: torch.Tensor | None, per_example: bool,
+    out_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Batched matmul forming the tiles C_n = Gy_n^T A_n (the same GEMM flops as
     # the plain weight gradient), then one pass over them (`_reduce_tiles`)
@@ -299,7 +309,8 @@ def _torch_path(
     if N * T == 0 or M == 0:
         z = torch.zeros(K, N if per_example else 1, dtype=torch.float32, device=a.device)
         z = z if per_example else z.view(K)
-        return torch.zeros(K, d_out, d_in, dtype=torch.float32, device=a.device), z, z.clone()
+        dw = torch.zeros(K, d_out, d_in, dtype=torch.float32, device=a.device)
+        return (dw, z, z.clone()) if out_sums is None else (dw, out_sums[0], out_sums[1])
     dw = torch.empty(K, d_out, d_in, dtype=torch.float32, device=a.device)
     s_w, s_1 = torch.empty(2, K, N if per_example else 1, dtype=torch.float32, device=a.device).unbind(0)
     w = None if precond is None else _f32(precond).reshape(K, M)
@@ -308,6 +319,10 @@ def _torch_path(
     if K * N * M * 4 <= _CPU_CHUNK_BYTES:
         tiles = _scratch(K * N * M, a.device).view(K * N, d_out, d_in)
         torch.bmm(gy.reshape(K * N, T, d_out).transpose(1, 2), a.reshape(K * N, T, d_in), out=tiles)
+        if out_sums is not None:  # straight into the caller's sums
+            _reduce_tiles(tiles.view(K, N, M), w, dw.view(K, M), out_sums[0], out_sums[1], accumulate=False,
+                          per_example=False, add_totals=True)
+            return dw, out_sums[0], out_sums[1]
         _reduce_tiles(tiles.view(K, N, M), w, dw.view(K, M), s_w, s_1, accumulate=False, per_example=per_example)
     else:
         chunk = max(1, min(N, _CPU_CHUNK_BYTES // (4 * M)))
@@ -326,7 +341,7 @@ def _torch_path(
             torch.sum(e_1, 1, keepdim=True, out=s_1)
     if not per_example:
         s_w, s_1 = s_w.view(K), s_1.view(K)
-    return dw, s_w, s_1
+    return (dw, s_w, s_1) if out_sums is None else (dw, *_add_into(out_sums, s_w, s_1))
 
 
 def launch_config(upcast: bool, precision: str) -> dict[str, int]:
@@ -429,6 +444,7 @@ def linear_weight_grad_with_norms(
     per_example: bool = False,
     backend: str = "auto",
     splits: int | None = None,
+    out_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Weight gradient of y = a @ w.T per member, with per-example squared norms.
 
@@ -441,6 +457,9 @@ def linear_weight_grad_with_norms(
         splits: Triton only: split each member's examples into this many ranges,
             one program each, partial dW slabs summed after (None: enough to
             give ~2 programs per SM). Norms are per example, so they do not care.
+        out_sums: a (2, K) fp32 buffer to add (S_W, S_1) into in place (not with
+            per_example); the returned s_w, s_1 are then its rows. Saves the
+            caller an allocation and two adds per layer.
 
     Returns:
         (dw, s_w, s_1): dw = sum_n Gy_n^T A_n as **fp32** (K, out, in) whatever
@@ -452,10 +471,23 @@ def linear_weight_grad_with_norms(
     _check(a, gy, precond)
     if splits is not None and (not isinstance(splits, int) or splits < 1):
         raise ValueError(f"splits must be a positive int or None, got {splits!r}")
+    if out_sums is not None:
+        want = (2, a.shape[0])
+        if per_example or tuple(out_sums.shape) != want or out_sums.dtype != torch.float32 \
+                or not out_sums.is_contiguous() or out_sums.device != a.device:
+            raise ValueError(f"out_sums must be a contiguous fp32 {want} tensor on {a.device} and per_example "
+                             f"False; got {tuple(out_sums.shape)} {out_sums.dtype}, per_example={per_example}")
     if backend == "auto":
         backend = "triton" if a.is_cuda else "torch"
     if backend == "torch":
-        return _torch_path(a, gy, precond, per_example)
-    if backend == "triton":
-        return _triton_path(a, gy, precond, per_example, splits)
-    raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        return _torch_path(a, gy, precond, per_example, out_sums)
+    if backend != "triton":
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    dw, s_w, s_1 = _triton_path(a, gy, precond, per_example, splits)
+    return (dw, s_w, s_1) if out_sums is None else (dw, *_add_into(out_sums, s_w, s_1))
+
+
+def _add_into(out_sums: torch.Tensor, s_w: torch.Tensor, s_1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out_sums[0] += s_w
+    out_sums[1] += s_1
+    return out_sums[0], out_sums[1]

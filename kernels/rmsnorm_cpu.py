@@ -58,10 +58,11 @@ extern "C" int trajinv_rmsnorm_fwd(const float* x, const float* g, int64_t K, in
     return 0;
 }
 
-// dgn: (K, N, D) scratch, one private row per example; dg (K, D); s1, sw (K, N) per example.
+// dgn: (K, N, D) scratch, one private row per example; dg (K, D); s1, sw (K, N) per example,
+// or with add_totals (K,) per member, added into.
 extern "C" int trajinv_rmsnorm_bwd(const float* x, const float* rstd, const float* g, const float* gy,
                                    const float* w, int64_t K, int64_t N, int64_t T, int64_t D, float* dx,
-                                   float* dgn, float* dg, float* s1, float* sw, int nthreads) {
+                                   float* dgn, float* dg, float* s1, float* sw, int add_totals, int nthreads) {
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(K * N * T * D > 65536)
     for (int64_t e = 0; e < K * N; ++e) {
         const float* gk = g + (e / N) * D;
@@ -89,6 +90,7 @@ extern "C" int trajinv_rmsnorm_bwd(const float* x, const float* rstd, const floa
         float* d = dg + k * D;
         const float* wk = w ? w + k * D : nullptr;
         for (int64_t j = 0; j < D; ++j) d[j] = 0.f;
+        double t1 = 0, tw = 0;
         for (int64_t n = 0; n < N; ++n) {
             const float* a = dgn + (k * N + n) * D;
             double a1 = 0, aw = 0;
@@ -98,8 +100,17 @@ extern "C" int trajinv_rmsnorm_bwd(const float* x, const float* rstd, const floa
                 a1 += v2;
                 if (wk) aw += v2 * wk[j];
             }
-            s1[k * N + n] = (float)a1;
-            sw[k * N + n] = (float)(wk ? aw : a1);
+            if (!wk) aw = a1;
+            if (!add_totals) {
+                s1[k * N + n] = (float)a1;
+                sw[k * N + n] = (float)aw;
+            }
+            t1 += a1;
+            tw += aw;
+        }
+        if (add_totals) {
+            s1[k] += (float)t1;
+            sw[k] += (float)tw;
         }
     }
     return 0;
@@ -109,7 +120,7 @@ _P, _I64, _INT, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_flo
 NATIVE = NativeLibrary(
     "trajinv_rmsnorm_cpu", lambda: _SOURCE,
     {"trajinv_rmsnorm_fwd": ([_P, _P, _I64, _I64, _I64, _F, _P, _P, _INT], _INT),
-     "trajinv_rmsnorm_bwd": ([_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _INT], _INT)},
+     "trajinv_rmsnorm_bwd": ([_P, _P, _P, _P, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _INT, _INT], _INT)},
     switch="TRAJINV_NATIVE_NORM", what="native CPU RMSNorm",
 )
 
@@ -143,13 +154,14 @@ def rmsnorm_forward_cpu(x: torch.Tensor, gain: torch.Tensor, eps: float) -> tupl
 
 def rmsnorm_backward_cpu(
     x: torch.Tensor, rstd: torch.Tensor, gain: torch.Tensor, gy: torch.Tensor,
-    precond: torch.Tensor | None = None, per_example: bool = False,
+    precond: torch.Tensor | None = None, per_example: bool = False, out_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dgain, s_w, s_1) in one pass over x and gy.
 
     s_w = sum_n |dg_n|_W^2 and s_1 = sum_n |dg_n|^2 with W = `precond` (K, d) or 1,
     per example (K, n) or summed (K,); raw contributions, no rescaling for mean losses
-    (see `trajinv.kernels.rmsnorm_gns`).
+    (see `trajinv.kernels.rmsnorm_gns`). With `out_sums`, a contiguous fp32 (2, K)
+    buffer, the summed (S_W, S_1) are added into it and returned as its rows.
     """
     _check(x, gain)
     K, N, T, D = x.shape
@@ -162,12 +174,19 @@ def rmsnorm_backward_cpu(
     dx = torch.empty_like(x)
     dgn = torch.empty(K, N, D, dtype=torch.float32)
     dg = torch.empty(K, D, dtype=torch.float32)
-    s_w, s_1 = torch.empty(2, K, N, dtype=torch.float32)
+    if out_sums is not None:
+        if per_example or tuple(out_sums.shape) != (2, K) or out_sums.dtype != torch.float32 \
+                or not out_sums.is_contiguous() or out_sums.device.type != "cpu":
+            raise ValueError(f"out_sums must be a contiguous fp32 CPU {(2, K)} tensor and per_example False; "
+                             f"got {tuple(out_sums.shape)} {out_sums.dtype}, per_example={per_example}")
+        s_w, s_1 = out_sums[0], out_sums[1]
+    else:
+        s_w, s_1 = torch.empty(2, K, N, dtype=torch.float32)
     NATIVE.get().trajinv_rmsnorm_bwd(x.data_ptr(), rstd.data_ptr(), gain.data_ptr(), gy.data_ptr(),
                                      None if w is None else w.data_ptr(), K, N, T, D, dx.data_ptr(),
                                      dgn.data_ptr(), dg.data_ptr(), s_1.data_ptr(), s_w.data_ptr(),
-                                     torch.get_num_threads())
-    if not per_example:
+                                     int(out_sums is not None), torch.get_num_threads())
+    if not per_example and out_sums is None:
         s_w, s_1 = s_w.sum(1), s_1.sum(1)
     return dx, dg, s_w, s_1
 

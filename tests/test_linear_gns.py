@@ -186,3 +186,26 @@ def test_native_reduction_falls_back_with_one_warning(monkeypatch, tmp_path):
             torch.testing.assert_close(g_, r_, rtol=1e-5, atol=1e-5)
     finally:
         mod.NATIVE.reset()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("chunk_examples", [None, 2])
+def test_out_sums_are_added_in_place(backend, chunk_examples, monkeypatch):
+    import trajinv.kernels.linear_gns as mod
+
+    if chunk_examples:
+        monkeypatch.setattr(mod, "_CPU_CHUNK_BYTES", 4 * chunk_examples * 9 * 11)
+    a, gy, w = _inputs(2, 5, 3, 9, 11, torch.float32)
+    for precond in (w, None):
+        ref = linear_weight_grad_with_norms_reference(a, gy, precond)
+        out = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+        start = out.clone()
+        dw, s_w, s_1 = linear_weight_grad_with_norms(a, gy, precond, backend=backend, out_sums=out)
+        torch.testing.assert_close(dw, ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[0], start[0] + ref[1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1], start[1] + ref[2], rtol=1e-5, atol=1e-5)
+        assert s_w.data_ptr() == out.data_ptr() and s_1.data_ptr() == out[1].data_ptr()
+    with pytest.raises(ValueError, match="out_sums"):
+        linear_weight_grad_with_norms(a, gy, w, per_example=True, out_sums=torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="out_sums"):
+        linear_weight_grad_with_norms(a, gy, w, out_sums=torch.zeros(2, 3))

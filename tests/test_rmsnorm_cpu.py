@@ -134,3 +134,19 @@ def test_bad_shapes_are_rejected():
         rmsnorm_backward_cpu(x, rstd, gain, gy[:, :2], w)
     with pytest.raises(ValueError, match="precond"):
         rmsnorm_backward_cpu(x, rstd, gain, gy, w[:1])
+
+
+def test_out_sums_are_added_in_place():
+    x, gain, gy, w = _inputs(2, 3, 5, 17)
+    _, rstd = rmsnorm_forward_cpu(x, gain, EPS)
+    ref = rmsnorm_backward_reference(x, rstd, gain, gy, w)
+    out = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    start = out.clone()
+    dx, dg, s_w, s_1 = rmsnorm_backward_cpu(x, rstd, gain, gy, w, out_sums=out)
+    torch.testing.assert_close(dx, ref[0], **TOL)
+    torch.testing.assert_close(dg, ref[1], **TOL)
+    torch.testing.assert_close(out[0], start[0] + ref[2], **TOL)
+    torch.testing.assert_close(out[1], start[1] + ref[3], **TOL)
+    assert s_w.data_ptr() == out.data_ptr()
+    with pytest.raises(ValueError, match="out_sums"):
+        rmsnorm_backward_cpu(x, rstd, gain, gy, w, per_example=True, out_sums=out)

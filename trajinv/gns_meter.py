@@ -51,8 +51,7 @@ class GNSMeter:
         n_probed = len(self.covered) if cfg.mode == "per-example" else 0
         device = next(iter(params.values())).device if params else torch.device("cpu")
         self.probe_sums = torch.zeros(n_probed, 2, members, device=device)
-        self.probes = {n: Probe(sq_w=self.probe_sums[i, 0], sq_1=self.probe_sums[i, 1], backend=backend)
-                       for i, n in enumerate(self.covered[:n_probed])}
+        self.probes = {n: Probe(sums=self.probe_sums[i], backend=backend) for i, n in enumerate(self.covered[:n_probed])}
         self.acc: dict[str, torch.Tensor] = {}
         self.filled: set[str] = set()  # accumulators holding this step's sum so far
         self.W: dict[str, torch.Tensor | None] = {}

@@ -51,31 +51,42 @@ class Probe:
     precond: torch.Tensor | None = None
     """W, positive, shaped like the parameter ((K, out, in) or (K, d)); None = identity.
     Set by the GNS driver before backward (Adam's 1 / (sqrt(v_hat) + eps))."""
-    sq_w: torch.Tensor | None = None
-    """(K,) fp32: sum over examples and backward calls of |C_n|_W^2 (None until the first backward,
-    unless the owner hands in views of a buffer it keeps for many probes)."""
-    sq_1: torch.Tensor | None = None
-    """(K,) fp32: the same with W = 1."""
+    sums: torch.Tensor | None = None
+    """(2, K) fp32, rows (sum of |C_n|_W^2, sum of |C_n|^2) over examples and backward
+    calls; created by the first backward, or handed in by an owner that keeps one
+    buffer for many probes (a row of it). Kernels add into it in place."""
     examples: int = 0
     """Examples seen since the last reset (n per backward call)."""
     backend: str = "auto"
     """Kernel backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch"."""
 
+    @property
+    def sq_w(self) -> torch.Tensor | None:
+        """(K,) fp32: sum over examples and backward calls of |C_n|_W^2 (None before any backward)."""
+        return None if self.sums is None else self.sums[0]
+
+    @property
+    def sq_1(self) -> torch.Tensor | None:
+        """(K,) fp32: the same with W = 1."""
+        return None if self.sums is None else self.sums[1]
+
     def reset(self) -> None:
-        """Zero the sums (kept as tensors once created) and the example count."""
-        for s in (self.sq_w, self.sq_1):
-            if s is not None:
-                s.zero_()
+        """Zero the sums (kept as a tensor once created) and the example count."""
+        if self.sums is not None:
+            self.sums.zero_()
         self.examples = 0
+
+    def buffer(self, members: int, device: torch.device) -> torch.Tensor:
+        """The (2, K) sums, created as zeros on first use."""
+        if self.sums is None:
+            self.sums = torch.zeros(2, members, dtype=torch.float32, device=device)
+        return self.sums
 
     def add(self, s_w: torch.Tensor, s_1: torch.Tensor, n: int) -> None:
         """Accumulate one backward call's sums (K,) over n examples."""
-        if self.sq_w is None or self.sq_1 is None:
-            self.sq_w = s_w.detach().float().clone()
-            self.sq_1 = s_1.detach().float().clone()
-        else:
-            self.sq_w += s_w.detach()
-            self.sq_1 += s_1.detach()
+        sums = self.buffer(s_w.shape[0], s_w.device)
+        sums[0] += s_w.detach()
+        sums[1] += s_1.detach()
         self.examples += n
 
 
@@ -109,9 +120,11 @@ class _MemberLinearProbe(torch.autograd.Function):
             dx = torch.bmm(gy.reshape(K, n * t, -1), w.to(gy.dtype)).view(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
             probe = ctx.probe
-            dw32, s_w, s_1 = linear_weight_grad_with_norms(x, gy, probe.precond, backend=probe.backend)
+            # the kernel adds S_W, S_1 straight into the probe's (2, K) sums
+            dw32, _, _ = linear_weight_grad_with_norms(x, gy, probe.precond, backend=probe.backend,
+                                                       out_sums=probe.buffer(K, x.device))
             dw = dw32.to(w.dtype)
-            probe.add(s_w, s_1, n)
+            probe.examples += n
         return dx, dw, None
 
 
@@ -160,9 +173,12 @@ class _RMSNormNative(torch.autograd.Function):
     def backward(ctx, gy: torch.Tensor):
         x, gain, rstd = ctx.saved_tensors
         probe = ctx.probe
-        dx, dg, s_w, s_1 = rmsnorm_cpu.rmsnorm_backward_cpu(x, rstd, gain, gy, None if probe is None else probe.precond)
-        if probe is not None:
-            probe.add(s_w, s_1, x.shape[1])
+        if probe is None:
+            dx, dg, _, _ = rmsnorm_cpu.rmsnorm_backward_cpu(x, rstd, gain, gy)
+        else:  # the sums go straight into the probe's (2, K) buffer
+            dx, dg, _, _ = rmsnorm_cpu.rmsnorm_backward_cpu(x, rstd, gain, gy, probe.precond,
+                                                             out_sums=probe.buffer(x.shape[0], x.device))
+            probe.examples += x.shape[1]
         return dx, dg, None, None
 
 
