@@ -165,7 +165,7 @@ def _reduce_tiles(tiles: torch.Tensor, w: torch.Tensor | None, dw: torch.Tensor,
     """
     K, N, M = tiles.shape
     lib = NATIVE.get()
-    if lib is not None and tiles.device.type == "cpu":
+    if lib is not None and tiles.is_cpu:
         lib.trajinv_tile_reduce(tiles.data_ptr(), None if w is None else w.data_ptr(), K, N, M, dw.data_ptr(),
                                 s_1.data_ptr(), s_w.data_ptr(), int(accumulate), int(per_example),
                                 int(add_totals and not per_example), torch.get_num_threads())
@@ -312,21 +312,22 @@ def _torch_path(
         dw = torch.zeros(K, d_out, d_in, dtype=torch.float32, device=a.device)
         return (dw, z, z.clone()) if out_sums is None else (dw, out_sums[0], out_sums[1])
     dw = torch.empty(K, d_out, d_in, dtype=torch.float32, device=a.device)
-    s_w, s_1 = torch.empty(2, K, N if per_example else 1, dtype=torch.float32, device=a.device).unbind(0)
-    w = None if precond is None else _f32(precond).reshape(K, M)
-    w = None if w is None else w.contiguous()
+    w = None if precond is None else _f32(precond).reshape(K, M).contiguous()
     a, gy = _f32(a), _f32(gy)
     if K * N * M * 4 <= _CPU_CHUNK_BYTES:
-        tiles = _scratch(K * N * M, a.device).view(K * N, d_out, d_in)
-        torch.bmm(gy.reshape(K * N, T, d_out).transpose(1, 2), a.reshape(K * N, T, d_in), out=tiles)
+        tiles = _scratch(K * N * M, a.device).view(K, N, M)
+        torch.bmm(gy.reshape(K * N, T, d_out).transpose(1, 2), a.reshape(K * N, T, d_in),
+                  out=tiles.view(K * N, d_out, d_in))
         if out_sums is not None:  # straight into the caller's sums
-            _reduce_tiles(tiles.view(K, N, M), w, dw.view(K, M), out_sums[0], out_sums[1], accumulate=False,
-                          per_example=False, add_totals=True)
-            return dw, out_sums[0], out_sums[1]
-        _reduce_tiles(tiles.view(K, N, M), w, dw.view(K, M), s_w, s_1, accumulate=False, per_example=per_example)
+            s_w, s_1 = out_sums
+            _reduce_tiles(tiles, w, dw, s_w, s_1, accumulate=False, per_example=False, add_totals=True)
+            return dw, s_w, s_1
+        s_w, s_1 = torch.empty(2, K, N if per_example else 1, dtype=torch.float32, device=a.device)
+        _reduce_tiles(tiles, w, dw, s_w, s_1, accumulate=False, per_example=per_example)
     else:
         chunk = max(1, min(N, _CPU_CHUNK_BYTES // (4 * M)))
         buf = _scratch(chunk * M, a.device)
+        s_w, s_1 = torch.empty(2, K, N if per_example else 1, dtype=torch.float32, device=a.device)
         e_w, e_1 = (s_w, s_1) if per_example else torch.empty(2, K, N, dtype=torch.float32, device=a.device)
         for k in range(K):
             # a[k, n0:n1] and gy[k, n0:n1]^T are views bmm takes without a copy

@@ -5,7 +5,7 @@ import torch
 
 from trajinv.config import Member, ModelConfig, OptimConfig
 from trajinv.model import GPT
-from trajinv.population_optim import build_optimizer
+from trajinv.population_optim import STAT_FIELDS, build_optimizer
 
 MEMBERS = (Member(1e-2, 0.5), Member(4e-2, 0.25))
 
@@ -94,3 +94,12 @@ def test_fused_statistics_and_preconditioners_match_torch_adapter():
                 torch.testing.assert_close(stats[0][n][key], stats[1][n][key], rtol=1e-4, atol=1e-8)
             # unclipped: the sums are of the gradient as it was handed in
             torch.testing.assert_close(stats[0][n]["grad_sq"], grads[n].pow(2).flatten(1).sum(1), rtol=1e-4, atol=0)
+        # totals: every field summed over all params, or over a subset, in one go
+        for st in stats:
+            assert set(st) == set(grads) and len(st) == len(grads)
+            want = torch.stack([sum(st[n][f] for n in grads) for f in STAT_FIELDS])
+            torch.testing.assert_close(st.totals(), want, rtol=1e-5, atol=0)
+            some = ["head", "norm_f", "not-a-param"]
+            want = torch.stack([st["head"][f] + st["norm_f"][f] for f in STAT_FIELDS])
+            torch.testing.assert_close(st.totals(some), want, rtol=1e-5, atol=0)
+        torch.testing.assert_close(stats[0].totals()[:2], stats[1].totals()[:2], rtol=1e-4, atol=1e-8)

@@ -29,6 +29,7 @@ import torch
 from trajinv.gns import GNSConfig, GNSTracker, micro_batch_sq_mean, per_example_sq_mean, precond_active
 from trajinv.gns_ops import Probe
 from trajinv.kernels.accumulate_gns import accumulate_grads_with_norms
+from trajinv.population_optim import ParamStats
 
 LOG_KEYS = ("grad_norm", "grad_norm_w", "tr_sigma", "tr_w_sigma", "g2", "g2_w",
             "b_simple", "b_precond", "b_simple_smooth", "b_precond_smooth")
@@ -103,7 +104,7 @@ class GNSMeter:
                 self.params[name].grad = self.acc[name]
             self.acc.clear()  # .grad holds them now; keep no second reference past the step
 
-    def end_step(self, step: int, batch_size: int, micro: int, stats: dict) -> dict[str, torch.Tensor] | None:
+    def end_step(self, step: int, batch_size: int, micro: int, stats: ParamStats) -> dict[str, torch.Tensor] | None:
         """Estimates for this step from the small sums and the optimizer's (unclipped) big-batch sums;
         None when the step was not measured."""
         if not self.active:
@@ -115,9 +116,7 @@ class GNSMeter:
         else:
             small = micro_batch_sq_mean(self.sums, batch_size // micro)
             b_small = micro
-        have = [n for n in self.covered if n in stats]
-        big_w, big_1 = torch.stack([stats[n][key] for n in have for key in ("precond_grad_sq", "grad_sq")]
-                                   ).view(len(have), 2, -1).sum(0).cpu()
+        big_1, big_w = stats.totals(self.covered)[:2].cpu()  # grad_sq, precond_grad_sq
         w = self.preconditioned
         return self.tracker.update(step, small[0] if w else None, big_w if w else None, small[1], big_1,
                                    b_small, batch_size, preconditioned=w)

@@ -9,14 +9,15 @@ The trainer talks to one small interface whichever optimizer runs underneath:
   parameter becomes a leaf Parameter sharing storage with the stacked tensor, in
   param groups of its own (lr_k, wd_k). Statistics are computed with torch ops.
 
-`step()` returns per-parameter statistics, each a (K,) fp32 tensor:
-`grad_sq` and `precond_grad_sq` of the *unclipped* gradient (W = 1/(sqrt(v_hat)+eps)
-from the state before the update; W = 1 on the first step), `param_sq` and
-`update_sq`.
+`step()` returns per-parameter statistics (`ParamStats`: name -> field -> a (K,)
+fp32 tensor, backed by one table): `grad_sq` and `precond_grad_sq` of the
+*unclipped* gradient (W = 1/(sqrt(v_hat)+eps) from the state before the update;
+W = 1 on the first step), `param_sq` and `update_sq`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Protocol
 
 import torch
@@ -24,8 +25,39 @@ import torch
 from trajinv.config import Member, OptimConfig
 from trajinv.model import param_kind
 
+STAT_FIELDS = ("grad_sq", "precond_grad_sq", "param_sq", "update_sq")
+
+
+class ParamStats(Mapping):
+    """One step's statistics: `stats[name][field]` is a (K,) fp32 tensor.
+
+    Backed by one (params, 4, K) table (fields in STAT_FIELDS order), so sums over
+    many parameters are one indexing op and one sum (`totals`), not one op per
+    parameter; the per-name dicts are views made on access.
+    """
+
+    def __init__(self, names: list[str], table: torch.Tensor):
+        self.names, self.table = names, table
+        self._row = {n: i for i, n in enumerate(names)}
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(zip(STAT_FIELDS, self.table[self._row[name]].unbind(0)))
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def totals(self, names: Iterable[str] | None = None) -> torch.Tensor:
+        """(4, K): every field summed over `names` (those present; default all)."""
+        if names is None:
+            return self.table.sum(0)
+        return self.table[[self._row[n] for n in names if n in self._row]].sum(0)
+
+
 class PopulationOptimizer(Protocol):
-    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> ParamStats:
         """Update every member; per-parameter statistics when `stats` (else {})."""
     def preconditioner(self, name: str) -> torch.Tensor | None: ...
     def preconditioners(self) -> dict[str, torch.Tensor | None]:
@@ -78,7 +110,7 @@ class TorchPopulationAdamW:
         return {name: self.preconditioner(name) for name in self.named}
 
     @torch.no_grad()
-    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> ParamStats:
         out = {}
         for name, p in self.named.items():
             if p.grad is None:
@@ -100,7 +132,10 @@ class TorchPopulationAdamW:
             p = self.named[name]
             st["update_sq"] = _per_member_sq(p.detach() - st.pop("before"))
             st["param_sq"] = _per_member_sq(p.detach())
-        return out
+        K = len(self.members)
+        table = (torch.stack([torch.stack([st[f] for f in STAT_FIELDS]) for st in out.values()]) if out
+                 else torch.zeros(0, len(STAT_FIELDS), K))
+        return ParamStats(list(out), table)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -144,7 +179,7 @@ class FusedPopulationAdamW:
         return {name: ws.get(p) for name, p in self.named.items()}
 
     @torch.no_grad()
-    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> ParamStats:
         for g in self.opt.param_groups:
             g["lr"] = [lr * lr_mult for lr in self.base_lr]
         # Clipping rides along as a per-member grad scale (no extra pass over the grads);
@@ -152,22 +187,20 @@ class FusedPopulationAdamW:
         scale = torch.where(clip_coef > 0, 1.0 / clip_coef.clamp(min=1e-30), 1.0)
         self.opt.track_statistics = stats
         self.opt.step(grad_scale=scale)
-        out = {}
-        if not stats:
-            return out
-        unclip = scale.pow(2)
         K = len(self.base_lr)
+        if not stats:
+            return ParamStats([], torch.zeros(0, len(STAT_FIELDS), K, device=scale.device))
+        unclip = scale.pow(2)
+        names, parts = [], []
         for params, table, starts in self.opt.statistics_tables():
-            # rows are (tensor, member) segments, K per param, in member order: undo the
-            # clipping of the two gradient sums for every param at once
-            table = table.view(-1, K, 4).clone()
-            table[..., :2] *= unclip[:, None]
-            fields = table.permute(2, 0, 1)  # (4, params in the bucket, K)
-            rows = dict(zip(("grad_sq", "precond_grad_sq", "param_sq", "update_sq"), fields))
-            for p, s0 in zip(params, starts):
-                i = s0 // K
-                out[self.name_of[id(p)]] = {key: f[i] for key, f in rows.items()}
-        return out
+            # rows are (tensor, member) segments, K per param in member order
+            rows = [s0 // K for s0 in starts]
+            table = table.view(-1, K, len(STAT_FIELDS))
+            table = table.clone() if rows == list(range(table.shape[0])) else table[rows]
+            table[..., :2] *= unclip[:, None]  # undo the clipping of both gradient sums, every param at once
+            parts.append(table.transpose(1, 2))  # (params, 4, K)
+            names += [self.name_of[id(p)] for p in params]
+        return ParamStats(names, parts[0] if len(parts) == 1 else torch.cat(parts))
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         state = self.opt.state_dict()["state"]

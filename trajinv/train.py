@@ -28,7 +28,7 @@ from trajinv.config import TrainConfig, to_dict
 from trajinv.data import TokenData, sample_batch, validation_batches
 from trajinv.gns_meter import LOG_KEYS, GNSMeter
 from trajinv.model import GPT
-from trajinv.population_optim import build_optimizer
+from trajinv.population_optim import STAT_FIELDS, build_optimizer
 from trajinv.schedules import BatchSchedule, lr_multiplier
 
 METRICS = "metrics.jsonl"
@@ -240,7 +240,7 @@ class Trainer:
         return self.results()
 
     def _write_metrics(self, f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead) -> None:
-        sums = {key: sum(s[key] for s in stats.values()).cpu() for key in ("precond_grad_sq", "param_sq", "update_sq")}
+        sums = dict(zip(STAT_FIELDS, stats.totals().cpu()))
         for k, m in enumerate(self.cfg.members):
             if not (self.alive[k] or newly_dead[k]):
                 continue
