@@ -182,11 +182,20 @@ def test_kernel_against_fp64_reference_and_thread_count_independent():
         mm, vv, steps = m.clone(), v.clone(), torch.tensor([5.0, 5.0, 5.0])
         ptrs = torch.tensor([[p.data_ptr(), g.data_ptr()] for p, g in zip(ps, grads)], dtype=torch.int64)
         stats = torch.full((len(segs), 4), -1.0)
-        C.adamw_step(ptrs, table, mm, vv, hyper, steps, gs, stats, num_threads=threads)
+        w_out = torch.full((total,), -1.0) if threads == 2 else None  # also emit W on one of the runs
+        C.adamw_step(ptrs, table, mm, vv, hyper, steps, gs, stats, num_threads=threads, precond_out=w_out)
         for p, n, off in zip(ps, sizes, offs):
             torch.testing.assert_close(p, ref_p[off:off + n], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(mm, ref_m, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(vv, ref_v, rtol=1e-5, atol=1e-9)
+        if w_out is not None:  # W = 1/(sqrt(v_hat) + eps) of the updated state on every segment, padding untouched
+            covered = torch.zeros(total, dtype=torch.bool)
+            for sg in segs:
+                b2, eps = float(hyper[sg.slot, 3]), float(hyper[sg.slot, 4])
+                want_w = 1 / ((ref_v[sg.lo:sg.hi] / (1 - b2**5)).sqrt() + eps)
+                torch.testing.assert_close(w_out[sg.lo:sg.hi], want_w, rtol=1e-5, atol=0)
+                covered[sg.lo:sg.hi] = True
+            assert (w_out[~covered] == -1).all()
         torch.testing.assert_close(stats.double(), want, rtol=1e-5, atol=1e-7)
         results.append((ps, stats))
     # the same blocks and the same block-order reduction whatever the number of threads

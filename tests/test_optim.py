@@ -428,3 +428,25 @@ def test_preconditioner_right_after_load_state_dict(backend):
     fresh.load_state_dict(opt.state_dict())
     for p, q in zip(ps, fresh.param_groups[0]["params"]):
         torch.testing.assert_close(fresh.preconditioner(q), opt.preconditioner(p), rtol=0, atol=0)
+
+
+def test_emitted_preconditioner_matches_the_state():
+    # CPU native path: W written by the step itself is what preconditioners() returns,
+    # equal to the one computed from the state; a partial step (a grad missing) does not emit.
+    ps = _params([(7, 3), (1100,), (33,)], seed=21)
+    opt = FusedAdamW(ps, lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
+    opt.emit_preconditioner = True
+    gen = torch.Generator().manual_seed(22)
+    for step in range(3):
+        for p, g in zip(ps, _grads(ps, gen)):
+            p.grad = g
+        if step == 2:
+            ps[1].grad = None
+        opt.step()
+        bucket = opt._buckets[0]
+        assert (bucket.precond_ready is not None) == (step < 2)
+        got = opt.preconditioners()
+        for p in ps:
+            v = opt.state[p]["exp_avg_sq"]
+            bc = 1 - 0.95 ** float(opt.state[p]["step"])
+            torch.testing.assert_close(got[p], 1 / ((v / bc).sqrt() + 1e-6), rtol=1e-5, atol=0)

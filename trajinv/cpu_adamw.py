@@ -71,17 +71,21 @@ constexpr int64_t BLOCK = @BLOCK@;
 constexpr int64_t CHUNK = @CHUNK@;
 
 struct Seg {
-  float* p; const float* g; float* m; float* v;
+  float* p; const float* g; float* m; float* v; float* w;
   int64_t n, id;
   float inv_gs, decay, w1, b2, c2, step_size, bc2_sqrt, eps, c_prev, eps_prev;
 };
 
-template <bool STATS>
+// WOUT: also write the next step's preconditioner W = 1/den (den = sqrt(v_hat) + eps of the
+// updated state), which the gradient-noise estimator reads: 4 more bytes per element here
+// instead of a separate four-pass computation over v.
+template <bool STATS, bool WOUT>
 inline __attribute__((always_inline)) void body(const Seg& s, int64_t lo, int64_t hi, double* acc) {
   float* __restrict p = s.p;
   const float* __restrict g = s.g;
   float* __restrict m = s.m;
   float* __restrict v = s.v;
+  float* __restrict w = s.w;
   const float inv_gs = s.inv_gs, decay = s.decay, w1 = s.w1, b2 = s.b2, c2 = s.c2;
   const float step_size = s.step_size, bc2_sqrt = s.bc2_sqrt, eps = s.eps;
   const float c_prev = s.c_prev, eps_prev = s.eps_prev;
@@ -105,6 +109,7 @@ inline __attribute__((always_inline)) void body(const Seg& s, int64_t lo, int64_
       m[i] = m1;
       v[i] = v1;
       p[i] = p1;
+      if (WOUT) w[i] = 1.0f / den;
       if (STATS) {
         const float u = p1 - p0;
         sp += p1 * p1;
@@ -116,19 +121,22 @@ inline __attribute__((always_inline)) void body(const Seg& s, int64_t lo, int64_
   acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
 }
 
-CLONES void block_stats(const Seg& s, int64_t lo, int64_t hi, double* acc) { body<true>(s, lo, hi, acc); }
-CLONES void block_plain(const Seg& s, int64_t lo, int64_t hi, double* acc) { body<false>(s, lo, hi, acc); }
+CLONES void block_stats(const Seg& s, int64_t lo, int64_t hi, double* acc) { body<true, false>(s, lo, hi, acc); }
+CLONES void block_plain(const Seg& s, int64_t lo, int64_t hi, double* acc) { body<false, false>(s, lo, hi, acc); }
+CLONES void block_stats_w(const Seg& s, int64_t lo, int64_t hi, double* acc) { body<true, true>(s, lo, hi, acc); }
+CLONES void block_plain_w(const Seg& s, int64_t lo, int64_t hi, double* acc) { body<false, true>(s, lo, hi, acc); }
 
 }  // namespace
 
 // ptrs: (rows, 2) param and grad addresses; segs: (nseg, 7) int64
 // [tensor, ptr row, member, flat offset, length, hyper slot, segment id];
 // hyper: (slots, 5) fp32 [lr, wd_eff, beta1, beta2, eps]; steps: per tensor, already advanced;
-// gs: null, one value, or one per member; stats: (num segments, 4) fp32 or null.
+// gs: null, one value, or one per member; stats: (num segments, 4) fp32 or null;
+// wout: null, or flat fp32 laid out like m and v, receiving 1/(sqrt(v_hat) + eps) after the update.
 extern "C" int trajinv_adamw_step(
     const int64_t* ptrs, const int64_t* segs, int64_t nseg, float* m, float* v,
     const float* hyper, const float* steps, const float* gs, int gs_per_member,
-    float* stats, int nthreads) {
+    float* stats, float* wout, int nthreads) {
   std::vector<Seg> S(nseg);
   std::vector<int64_t> bseg, blo, start;  // blocks: segment, first element; start: prefix element counts
   int64_t total = 0;
@@ -144,6 +152,7 @@ extern "C" int trajinv_adamw_step(
     s.g = reinterpret_cast<const float*>(ptrs[2 * row + 1]) + j * n;
     s.m = m + off;
     s.v = v + off;
+    s.w = wout ? wout + off : nullptr;
     s.n = n;
     s.id = q[6];
     s.inv_gs = gs ? 1.0f / gs[gs_per_member ? j : 0] : 1.0f;
@@ -181,8 +190,8 @@ extern "C" int trajinv_adamw_step(
     for (int64_t k = a; k < b; ++k) {
       const Seg& s = S[bseg[k]];
       const int64_t hi = std::min(s.n, blo[k] + BLOCK);
-      if (track) block_stats(s, blo[k], hi, &acc[4 * k]);
-      else block_plain(s, blo[k], hi, &acc[4 * k]);
+      if (wout) { if (track) block_stats_w(s, blo[k], hi, &acc[4 * k]); else block_plain_w(s, blo[k], hi, &acc[4 * k]); }
+      else { if (track) block_stats(s, blo[k], hi, &acc[4 * k]); else block_plain(s, blo[k], hi, &acc[4 * k]); }
     }
   }
   if (track) {
@@ -205,7 +214,7 @@ def source() -> str:
 
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _NATIVE = NativeLibrary("trajinv_cpu_adamw", source,
-                        {"trajinv_adamw_step": ([_P, _P, _I64, _P, _P, _P, _P, _P, _INT, _P, _INT], _INT)},
+                        {"trajinv_adamw_step": ([_P, _P, _I64, _P, _P, _P, _P, _P, _INT, _P, _P, _INT], _INT)},
                         switch="TRAJINV_NATIVE_ADAMW", what="native CPU AdamW")
 
 
@@ -229,6 +238,7 @@ def adamw_step(
     grad_scale: torch.Tensor | None = None,
     stats: torch.Tensor | None = None,
     num_threads: int | None = None,
+    precond_out: torch.Tensor | None = None,
 ) -> None:
     """One fused AdamW step over the segments of `segs`, in place; statistics into `stats` if given.
 
@@ -240,6 +250,9 @@ def adamw_step(
     counts *after* this step's increment. grad_scale: () or (K,) fp32 (per member),
     grads are multiplied by its reciprocal. stats: (segments, 4) fp32, rows written
     [sum g^2, sum g^2/P, sum p_new^2, sum (p_new - p_old)^2], other rows untouched.
+    precond_out: flat fp32 like exp_avg_sq; the stepped segments receive the next step's
+    preconditioner 1/(sqrt(v_hat) + eps) from the updated state (the denominator this
+    update divided by), the rest is untouched.
     """
     for name, t, dt in (("ptrs", ptrs, torch.int64), ("segs", segs, torch.int64), ("exp_avg", exp_avg, torch.float32),
                         ("exp_avg_sq", exp_avg_sq, torch.float32), ("hyper", hyper, torch.float32),
@@ -252,6 +265,10 @@ def adamw_step(
         raise TypeError(f"grad_scale must be contiguous fp32, got {grad_scale.dtype}")
     if stats is not None and (stats.dtype != torch.float32 or not stats.is_contiguous() or stats.shape[-1] != 4):
         raise TypeError(f"stats must be a contiguous fp32 (segments, 4) tensor, got {stats.dtype} {tuple(stats.shape)}")
+    if precond_out is not None and (precond_out.dtype != torch.float32 or not precond_out.is_contiguous()
+                                    or precond_out.shape != exp_avg_sq.shape):
+        raise TypeError(f"precond_out must be contiguous fp32 shaped like exp_avg_sq {tuple(exp_avg_sq.shape)}, "
+                        f"got {precond_out.dtype} {tuple(precond_out.shape)}")
     k = lib()
     if k is None:
         raise RuntimeError("native CPU AdamW is unavailable (see the warning lib() gave)")
@@ -259,5 +276,6 @@ def adamw_step(
     k.trajinv_adamw_step(
         ptrs.data_ptr(), segs.data_ptr(), segs.shape[0], exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
         hyper.data_ptr(), steps.data_ptr(), None if grad_scale is None else grad_scale.data_ptr(), per_member,
-        None if stats is None else stats.data_ptr(), num_threads or torch.get_num_threads(),
+        None if stats is None else stats.data_ptr(), None if precond_out is None else precond_out.data_ptr(),
+        num_threads or torch.get_num_threads(),
     )

@@ -72,6 +72,7 @@ class Bucket:
         self.steps = torch.zeros(len(self.params), dtype=torch.float32)
         self.precond_buf: torch.Tensor | None = None  # FusedAdamW.preconditioners() writes W here
         self.precond_views: list[torch.Tensor] = []  # and hands out these views of it
+        self.precond_ready: set | None = None  # the (beta2, eps, step) keys precond_buf is valid for
         if self.use_triton:
             self.flat_param = torch.zeros(self.total, dtype=self.dtype, device=self.device)
             self.flat_grad = torch.zeros(self.total, dtype=self.dtype, device=self.device)

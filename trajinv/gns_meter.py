@@ -59,6 +59,10 @@ class GNSMeter:
         self.sums = torch.zeros(2, members)  # rows: weighted, unweighted
         self.preconditioned = False
 
+    def measures_with_w(self, step: int) -> bool:
+        """Will step `step` be measured under Adam's W (so the optimizer may emit W for it)?"""
+        return step % self.cfg.every == 0 and precond_active(step, self.cfg)
+
     def begin_step(self, step: int) -> bool:
         """Prepare step `step`; False when this step is not measured (see GNSConfig.every)."""
         self.active = step % self.cfg.every == 0

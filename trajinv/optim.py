@@ -125,6 +125,9 @@ class FusedAdamW(torch.optim.Optimizer):
         self.master_weights = master_weights
         self.stochastic_rounding = stochastic_rounding
         self.track_statistics = track_statistics
+        # CPU native path: the step also writes next step's W = 1/(sqrt(v_hat)+eps) into a flat
+        # buffer (4 bytes per element in the same pass), so preconditioners() need not recompute it.
+        self.emit_preconditioner = False
         self._native_cpu = True  # fp32 CPU steps through trajinv.cpu_adamw when it builds (False: torch ops)
         self.seed = int(seed)
         self._buckets: list[Bucket] | None = None
@@ -302,6 +305,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self._tables = []
         self._unsplit = []
         for b in self._ensure_buckets():
+            b.precond_ready = None  # the state changes now; the native step may emit a fresh W
             active = [p.grad is not None for p in b.params]
             if not any(active):
                 continue
@@ -432,8 +436,12 @@ class FusedAdamW(torch.optim.Optimizer):
             b.steps += 1
         else:
             b.steps += plan["inc"]
+        emit = self.emit_preconditioner and plan["all"]
         cpu_adamw.adamw_step(torch.tensor(ptrs, dtype=torch.int64), plan["table"], b.exp_avg, b.exp_avg_sq,
-                             self._hyper_rows(b.device), b.steps, gs, stats)
+                             self._hyper_rows(b.device), b.steps, gs, stats,
+                             precond_out=self._precond_buffer(b) if emit else None)
+        if emit:
+            b.precond_ready = self._precond_key(b)
         if track:
             self._pending.append((b, stats, None, plan["idx"]))
         return True
@@ -621,26 +629,36 @@ class FusedAdamW(torch.optim.Optimizer):
         """`preconditioner(p)` for every parameter, as views of one flat W per bucket.
 
         On the CPU path a bucket whose tensors share (beta2, eps, step), the
-        usual case, gets W from four in-place passes over its flat exp_avg_sq
-        into a reused buffer instead of four ops per tensor; otherwise per tensor.
-        The views are valid until the next call.
+        usual case, gets W from the last step when it emitted it
+        (`emit_preconditioner`), else from four in-place passes over its flat
+        exp_avg_sq into a reused buffer instead of four ops per tensor;
+        otherwise per tensor. The views are valid until the next call or step.
         """
         if self._buckets is None and any("exp_avg_sq" in st for st in self.state.values()):
             self._ensure_buckets()
         out: dict[torch.Tensor, torch.Tensor | None] = {}
-        hyper = [(float(g["betas"][1]), float(g["eps"])) for g in self.param_groups]
         for b in self._buckets or ():
-            keys = {(*hyper[gi], step) for gi, step in zip(b.groups, b.steps.tolist())}
-            if b.use_triton or len(keys) != 1 or next(iter(keys))[2] <= 0:
+            key = self._precond_key(b)
+            if b.use_triton or len(key) != 1 or next(iter(key))[2] <= 0:
                 out.update({p: self.preconditioner(p) for p in b.params})
                 continue
-            b2, eps, step = keys.pop()
-            if b.precond_buf is None:
-                b.precond_buf = torch.empty_like(b.exp_avg_sq)
-                b.precond_views = [b.view(b.precond_buf, t) for t in range(len(b.params))]
-            torch.div(b.exp_avg_sq, 1 - b2**step, out=b.precond_buf).sqrt_().add_(eps).reciprocal_()
+            if b.precond_ready != key:
+                b2, eps, step = next(iter(key))
+                torch.div(b.exp_avg_sq, 1 - b2**step, out=self._precond_buffer(b)).sqrt_().add_(eps).reciprocal_()
+                b.precond_ready = key
             out.update(zip(b.params, b.precond_views))
         return out
+
+    def _precond_key(self, b: Bucket) -> set[tuple[float, float, float]]:
+        """The (beta2, eps, step) of a bucket's tensors: W in its buffer is valid for exactly this."""
+        return {(float(self.param_groups[gi]["betas"][1]), float(self.param_groups[gi]["eps"]), step)
+                for gi, step in zip(b.groups, b.steps.tolist())}
+
+    def _precond_buffer(self, b: Bucket) -> torch.Tensor:
+        if b.precond_buf is None:
+            b.precond_buf = torch.empty_like(b.exp_avg_sq)
+            b.precond_views = [b.view(b.precond_buf, t) for t in range(len(b.params))]
+        return b.precond_buf
 
     # ------------------------------------------------------------- state dict
     def state_dict(self) -> dict[str, Any]:

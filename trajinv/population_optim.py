@@ -57,8 +57,10 @@ class ParamStats(Mapping):
 
 
 class PopulationOptimizer(Protocol):
-    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> ParamStats:
-        """Update every member; per-parameter statistics when `stats` (else {})."""
+    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True,
+             emit_preconditioner: bool = False) -> ParamStats:
+        """Update every member; per-parameter statistics when `stats` (else none). With
+        `emit_preconditioner` the next `preconditioners()` call may reuse W written by this step."""
     def preconditioner(self, name: str) -> torch.Tensor | None: ...
     def preconditioners(self) -> dict[str, torch.Tensor | None]:
         """`preconditioner(name)` for every parameter, in one go."""
@@ -110,7 +112,8 @@ class TorchPopulationAdamW:
         return {name: self.preconditioner(name) for name in self.named}
 
     @torch.no_grad()
-    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> ParamStats:
+    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True,
+             emit_preconditioner: bool = False) -> ParamStats:
         out = {}
         for name, p in self.named.items():
             if p.grad is None:
@@ -179,13 +182,15 @@ class FusedPopulationAdamW:
         return {name: ws.get(p) for name, p in self.named.items()}
 
     @torch.no_grad()
-    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True) -> ParamStats:
+    def step(self, lr_mult: float, clip_coef: torch.Tensor, stats: bool = True,
+             emit_preconditioner: bool = False) -> ParamStats:
         for g in self.opt.param_groups:
             g["lr"] = [lr * lr_mult for lr in self.base_lr]
         # Clipping rides along as a per-member grad scale (no extra pass over the grads);
         # frozen (diverged) members have coef 0 and zeroed grads: scale 1 keeps them finite.
         scale = torch.where(clip_coef > 0, 1.0 / clip_coef.clamp(min=1e-30), 1.0)
         self.opt.track_statistics = stats
+        self.opt.emit_preconditioner = emit_preconditioner
         self.opt.step(grad_scale=scale)
         K = len(self.base_lr)
         if not stats:

@@ -217,7 +217,9 @@ class Trainer:
                 evaluated = done % cfg.eval_every == 0 or done == cfg.steps
                 logging = evaluated or done % cfg.log_every == 0 or bool(newly_dead.any())
                 # Statistics cost extra passes on CPU: ask for them only when logged or measured.
-                stats = self.optimizer.step(mult, clip.to(cfg.device), stats=logging or measured)
+                emit = self.gns is not None and self.gns.measures_with_w(done)
+                stats = self.optimizer.step(mult, clip.to(cfg.device), stats=logging or measured,
+                                            emit_preconditioner=emit)
                 gns = None
                 if measured:
                     gns = self.gns.end_step(step, bs, cfg.micro_batch or bs, stats)
