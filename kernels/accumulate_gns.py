@@ -251,6 +251,7 @@ def accumulate_grads_with_norms(
     members: int = 1,
     measured: Sequence[bool] | None = None,
     backend: str = "auto",
+    out_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`accumulate_grad_with_norms` over a list of tensors, sums added over the list.
 
@@ -263,9 +264,12 @@ def accumulate_grads_with_norms(
         measured: per tensor, whether its norms enter the sums (an unmeasured
             tensor is still accumulated). Default: all True.
         backend: "auto" (CPU: native when built, else torch; CUDA: Triton), "triton" or "torch".
+        out_sums: a contiguous (2, members) fp64 CPU buffer to add (s_w, s_1) into
+            (the trainer's running sums over micro-batches); returned as its rows.
 
     Returns:
-        (s_w, s_1) fp32 (members,): sum over measured tensors of W grad^2 and grad^2, per member.
+        (s_w, s_1) fp32 (members,): sum over measured tensors of W grad^2 and grad^2, per member
+        (fp64 rows of `out_sums` when given).
     """
     n = len(grads)
     if len(accs) != n or len(preconds) != n:
@@ -273,21 +277,31 @@ def accumulate_grads_with_norms(
     measured = [True] * n if measured is None else list(measured)
     if len(measured) != n:
         raise ValueError(f"measured needs {n} entries, got {len(measured)}")
-    for a, g, w in zip(accs, grads, preconds):
-        _check(g if a is None else a, g, w, members)
+    if not isinstance(members, int) or members < 1:
+        raise ValueError(f"members must be a positive int, got {members!r}")
+    if out_sums is not None and (out_sums.shape != (2, members) or out_sums.dtype != torch.float64
+                                 or not out_sums.is_contiguous() or out_sums.device.type != "cpu"):
+        raise ValueError(f"out_sums must be a contiguous fp64 CPU (2, {members}) tensor, "
+                         f"got {out_sums.dtype} {tuple(out_sums.shape)} on {out_sums.device}")
     device = grads[0].device if n else torch.device("cpu")
     native = (backend in ("auto", "torch") and device.type == "cpu" and NATIVE.get() is not None
               and all(t.dtype == torch.float32 and t.is_contiguous() for t in (*accs, *grads, *preconds)
                       if t is not None))
     if native:
+        # Called per micro-batch over every tensor: only the checks the native pass needs
+        # (same shapes, the member axis); dtype and layout were checked just above.
         table = (ctypes.c_int64 * (6 * n))()
         for i, (a, g, w) in enumerate(zip(accs, grads, preconds)):
+            if (a is not None and a.shape != g.shape) or (w is not None and w.shape != g.shape) \
+                    or (members > 1 and (g.dim() == 0 or g.shape[0] != members)):
+                _check(g if a is None else a, g, w, members)  # raises the full one-line error
             table[6 * i : 6 * i + 6] = [g.data_ptr(), 0 if a is None else a.data_ptr(),
                                         0 if w is None else w.data_ptr(), g.numel(), members, int(measured[i])]
-        sums = torch.zeros(2, members, dtype=torch.float64)
+        sums = torch.zeros(2, members, dtype=torch.float64) if out_sums is None else out_sums
         NATIVE.get().trajinv_accumulate_list(table, n, members, sums.data_ptr(), torch.get_num_threads())
-        sums = sums.float()
-        return sums[0], sums[1]
+        return (sums[0], sums[1]) if out_sums is not None else (sums[0].float(), sums[1].float())
+    for a, g, w in zip(accs, grads, preconds):
+        _check(g if a is None else a, g, w, members)
     s_w = torch.zeros(members, dtype=torch.float32, device=device)
     s_1 = torch.zeros(members, dtype=torch.float32, device=device)
     for a, g, w, meas in zip(accs, grads, preconds, measured):
@@ -298,7 +312,11 @@ def accumulate_grads_with_norms(
         if meas:
             s_w += sw
             s_1 += s1
-    return s_w, s_1
+    if out_sums is None:
+        return s_w, s_1
+    out_sums[0] += s_w.cpu()
+    out_sums[1] += s_1.cpu()
+    return out_sums[0], out_sums[1]
 
 
 # ---------------------------------------------------------------- flat multi-tensor variant

@@ -221,3 +221,15 @@ def test_list_version_is_thread_count_independent_and_takes_other_dtypes():
         accumulate_grads_with_norms(accs, grads[:1], ws, 2)
     with pytest.raises(ValueError, match="measured needs"):
         accumulate_grads_with_norms(accs, grads, ws, 2, measured=[True])
+    with pytest.raises(ValueError, match="members"):
+        accumulate_grads_with_norms(accs, grads, ws, 0)
+    fp32 = [torch.zeros(s) for s in shapes]
+    with pytest.raises(ValueError, match="differs"):  # the native path's fast check still names the shapes
+        accumulate_grads_with_norms(fp32, [grads[1], grads[0]], [None, None], 2)
+    # out_sums: added into, in fp64, and returned as its rows
+    out = torch.ones(2, 2, dtype=torch.float64)
+    rw, r1 = accumulate_grads_with_norms([None, None], grads, ws, 2, out_sums=out)
+    torch.testing.assert_close(out[1], 1 + outs[0][1].double(), rtol=1e-6, atol=0)
+    assert rw.data_ptr() == out.data_ptr()
+    with pytest.raises(ValueError, match="out_sums"):
+        accumulate_grads_with_norms([None, None], grads, ws, 2, out_sums=torch.ones(2, 2))

@@ -56,7 +56,7 @@ class GNSMeter:
         self.acc: dict[str, torch.Tensor] = {}
         self.filled: set[str] = set()  # accumulators holding this step's sum so far
         self.W: dict[str, torch.Tensor | None] = {}
-        self.sums = torch.zeros(2, members)  # rows: weighted, unweighted
+        self.sums = torch.zeros(2, members, dtype=torch.float64)  # rows: weighted, unweighted (host)
         self.preconditioned = False
 
     def measures_with_w(self, step: int) -> bool:
@@ -92,10 +92,8 @@ class GNSMeter:
         grads = [self.params[n].grad for n in names]
         # A tensor's first gradient of the step becomes its accumulator (adopted, not copied).
         accs = [self.acc[n] if n in self.filled else None for n in names]
-        s_w, s_1 = accumulate_grads_with_norms(accs, grads, [self.W.get(n) for n in names], members=self.members,
-                                               measured=[n in self.W for n in names], backend=self.backend)
-        self.sums[0] += s_w.cpu()
-        self.sums[1] += s_1.cpu()
+        accumulate_grads_with_norms(accs, grads, [self.W.get(n) for n in names], members=self.members,
+                                    measured=[n in self.W for n in names], backend=self.backend, out_sums=self.sums)
         for name, g, acc in zip(names, grads, accs):
             if acc is None:
                 self.acc[name] = g if g.is_contiguous() else g.contiguous()

@@ -47,6 +47,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from trajinv import cpu_adamw
@@ -55,6 +56,24 @@ from trajinv.kernels import fused_adamw as K
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
+
+
+def _precond_host(v: torch.Tensor, b2: float, eps: float, step: float, out: torch.Tensor) -> torch.Tensor:
+    """out = 1 / (sqrt(v) / sqrt(1 - b2^step) + eps) for fp32 CPU v, with the native step's
+    arithmetic exactly: fp32 beta2 and eps (as its hyper table holds them), correctly rounded
+    fp32 ops. numpy, because torch's CPU sqrt is not correctly rounded (about 1 in 6 results
+    differ in the last bit), and an emitted W must equal a recomputed one bitwise: a resumed
+    run then measures exactly what the uninterrupted one did."""
+    b2, eps = np.float32(b2), np.float32(eps)
+    bc2_sqrt = np.float32(math.sqrt(1 - float(b2) ** step))
+    if not v.is_cpu:  # device buffers: the same formula with torch ops
+        return torch.sqrt(v, out=out).div_(float(bc2_sqrt)).add_(float(eps)).reciprocal_()
+    w = out.numpy()
+    np.sqrt(v.numpy(), out=w)
+    np.divide(w, bc2_sqrt, out=w)
+    np.add(w, eps, out=w)
+    np.divide(np.float32(1), w, out=w)
+    return out
 
 
 class AdamWStats(NamedTuple):
@@ -623,7 +642,7 @@ class FusedAdamW(torch.optim.Optimizer):
         step = float(b.steps[t])
         if step <= 0:
             return None
-        return 1.0 / ((v / (1 - b2**step)).sqrt() + eps)
+        return _precond_host(v, b2, eps, step, torch.empty_like(v))
 
     def preconditioners(self) -> dict[torch.Tensor, torch.Tensor | None]:
         """`preconditioner(p)` for every parameter, as views of one flat W per bucket.
@@ -643,8 +662,7 @@ class FusedAdamW(torch.optim.Optimizer):
                 out.update({p: self.preconditioner(p) for p in b.params})
                 continue
             if b.precond_ready != key:
-                b2, eps, step = next(iter(key))
-                torch.div(b.exp_avg_sq, 1 - b2**step, out=self._precond_buffer(b)).sqrt_().add_(eps).reciprocal_()
+                _precond_host(b.exp_avg_sq, *next(iter(key)), self._precond_buffer(b))
                 b.precond_ready = key
             out.update(zip(b.params, b.precond_views))
         return out
