@@ -11,11 +11,14 @@ presets, per kernel:
   buffer once; both variants re-read the same operand tiles from L2, so the
   tile re-reads cancel) plus the per-program partial sums and their host-side
   reduction.
-* **Measured CPU-path time** (what the trainer runs on CPU), with vs without
-  norms, median of interleaved repeats, 1 thread: linear = plain
-  `bmm(Gy^T, A)` vs `linear_weight_grad_with_norms`; RMSNorm = plain einsum
-  gain gradient vs `rmsnorm_gain_grad_with_norms`; accumulate = `acc.add_(g)`
-  vs `accumulate_grad_with_norms`.
+* **Measured CPU-path time**, with vs without norms, median of interleaved
+  repeats, 1 thread: linear = plain `bmm(Gy^T, A)` vs
+  `linear_weight_grad_with_norms` (what the trainer runs); RMSNorm = plain
+  einsum gain gradient vs `rmsnorm_gain_grad_with_norms`, and the trainer's
+  native norm backward (`rmsnorm_cpu`) without vs with the per-example norms;
+  accumulate = `acc.add_(g)` vs `accumulate_grad_with_norms`, and every
+  parameter of a micro-batch: `torch._foreach_add_` vs the trainer's one-call
+  `accumulate_grads_with_norms`.
 
     .venv/bin/python bench/bench_gns_kernels.py [--quick]
 
@@ -171,6 +174,29 @@ def time_rmsnorm(K, n, t, d, reps):
     return min(ta, tb), tf
 
 
+def time_rmsnorm_native(K, n, t, d, reps):
+    from trajinv.kernels import rmsnorm_cpu as NORM
+
+    x, gy = torch.randn(K, n, t, d), torch.randn(K, n, t, d)
+    gain, w, sums = torch.rand(K, d) + 0.5, torch.rand(K, d) + 0.1, torch.zeros(2, K)
+    rstd = NORM.rmsnorm_forward_cpu(x, gain, 1e-6)[1]
+    plain = lambda: NORM.rmsnorm_backward_cpu(x, rstd, gain, gy)  # noqa: E731
+    fused = lambda: NORM.rmsnorm_backward_cpu(x, rstd, gain, gy, w, out_sums=sums)  # noqa: E731
+    return _interleaved([plain, fused], reps)
+
+
+def time_accumulate_list(sizes, reps):
+    """Every parameter's micro-batch gradient: foreach add vs the one native call with norms."""
+    accs = [torch.zeros(numel) for _, numel in sizes]
+    grads = [torch.randn(numel) for _, numel in sizes]
+    ws = [torch.rand(numel) + 0.1 for _, numel in sizes]
+    K, sums = sizes[0][0], torch.zeros(2, sizes[0][0], dtype=torch.float64)
+    accs, grads, ws = ([x.view(K, -1) for x in xs] for xs in (accs, grads, ws))
+    plain = lambda: torch._foreach_add_(accs, grads)  # noqa: E731
+    fused = lambda: ACC.accumulate_grads_with_norms(accs, grads, ws, K, out_sums=sums)  # noqa: E731
+    return _interleaved([plain, fused], reps)
+
+
 def time_flat(segments, n, reps):
     acc, g = torch.zeros(n), torch.randn(n)
     w = torch.rand(n) + 0.1
@@ -233,6 +259,10 @@ def rows(quick: bool) -> list[dict]:
             if act == 4:
                 r["cpu_plain_ms"], r["cpu_fused_ms"] = time_rmsnorm(K, n, t, d, reps)
             out.append(r)
+        r = dict(model=model, kernel="rmsnorm native bwd", tensor="gain", shape=f"n{n} t{t} d{d}", dtype="fp32",
+                 note="trainer's CPU norm backward (dx and dgain) without vs with the per-example gain norms")
+        r["cpu_plain_ms"], r["cpu_fused_ms"] = time_rmsnorm_native(K, n, t, d, reps)
+        out.append(r)
         for name, shp in {"w_up": (1, _hidden(d), d), "wte": (1, VOCAB, d), "K=9 w_up": (9, _hidden(d), d)}.items():
             members = shp[0]
             r = dict(model=model, kernel="accumulate", tensor=name, shape="x".join(map(str, shp)), dtype="fp32")
@@ -247,6 +277,10 @@ def rows(quick: bool) -> list[dict]:
             counts, segments, total = flat_counts(sizes, 4)
             r.update(counts)
             r["cpu_plain_ms"], r["cpu_fused_ms"] = time_flat(segments, total, reps)
+            out.append(r)
+            r = dict(model=model, kernel="accumulate list", tensor=f"all params K={K}", dtype="fp32",
+                     shape=f"{len(sizes)} tensors", note="foreach add vs one native call with norms (trainer)")
+            r["cpu_plain_ms"], r["cpu_fused_ms"] = time_accumulate_list(sizes, reps)
             out.append(r)
     steps = [("tiny", 1), ("tiny", 9)] + ([] if quick else [("small", 1)])
     for model, K in steps:

@@ -76,10 +76,16 @@ _TILE_SOURCE = r"""
 #include <cstdint>
 #include <vector>
 #include <omp.h>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define CLONES
+#endif
 // One row of one tile: d (+)= c, and the row's sums of c^2 and w c^2. Templated so the
-// inner loop has no branch and vectorises (omp simd keeps IEEE semantics otherwise).
+// inner loop has no branch and vectorises (omp simd keeps IEEE semantics otherwise);
+// compiled for AVX2/AVX-512 too, picked at load time (CLONES).
 template <bool HAS_W, bool ACC>
-static inline void row(const float* c, const float* w, float* d, int64_t len, double* p1, double* pw) {
+CLONES static void row(const float* c, const float* w, float* d, int64_t len, double* p1, double* pw) {
     float a1 = 0.f, aw = 0.f;
     #pragma omp simd reduction(+:a1, aw)
     for (int64_t j = 0; j < len; ++j) {

@@ -39,21 +39,43 @@ _SOURCE = r"""
 #include <cmath>
 #include <vector>
 #include <omp.h>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define CLONES
+#endif
+
+// One row: y = x * rstd * g. Compiled for AVX2/AVX-512 too, picked at load time (CLONES).
+CLONES static float fwd_row(const float* xr, const float* gk, float* yr, int64_t D, float eps) {
+    float ss = 0.f;
+    #pragma omp simd reduction(+:ss)
+    for (int64_t j = 0; j < D; ++j) ss += xr[j] * xr[j];
+    const float rs = 1.0f / std::sqrt(ss / (float)D + eps);
+    #pragma omp simd
+    for (int64_t j = 0; j < D; ++j) yr[j] = (xr[j] * rs) * gk[j];
+    return rs;
+}
+
+// One row of the backward: dx, and the example's gain gradient accumulated into acc.
+CLONES static void bwd_row(const float* xr, const float* gr, const float* gk, float r, float* dr, float* acc,
+                           int64_t D) {
+    float dot = 0.f;
+    #pragma omp simd reduction(+:dot)
+    for (int64_t j = 0; j < D; ++j) {
+        const float xh = xr[j] * r;
+        dot += (gr[j] * gk[j]) * xh;
+        acc[j] += gr[j] * xh;
+    }
+    const float c = dot / (float)D;
+    #pragma omp simd
+    for (int64_t j = 0; j < D; ++j) dr[j] = r * (gr[j] * gk[j] - (xr[j] * r) * c);
+}
 
 extern "C" int trajinv_rmsnorm_fwd(const float* x, const float* g, int64_t K, int64_t R, int64_t D, float eps,
                                    float* y, float* rstd, int nthreads) {
     #pragma omp parallel for schedule(static) num_threads(nthreads) if(K * R * D > 65536)
     for (int64_t r = 0; r < K * R; ++r) {
-        const float* xr = x + r * D;
-        const float* gk = g + (r / R) * D;
-        float* yr = y + r * D;
-        float ss = 0.f;
-        #pragma omp simd reduction(+:ss)
-        for (int64_t j = 0; j < D; ++j) ss += xr[j] * xr[j];
-        const float rs = 1.0f / std::sqrt(ss / (float)D + eps);
-        rstd[r] = rs;
-        #pragma omp simd
-        for (int64_t j = 0; j < D; ++j) yr[j] = (xr[j] * rs) * gk[j];
+        rstd[r] = fwd_row(x + r * D, g + (r / R) * D, y + r * D, D, eps);
     }
     return 0;
 }
@@ -70,20 +92,7 @@ extern "C" int trajinv_rmsnorm_bwd(const float* x, const float* rstd, const floa
         for (int64_t j = 0; j < D; ++j) acc[j] = 0.f;
         for (int64_t t = 0; t < T; ++t) {
             const int64_t row = e * T + t;
-            const float r = rstd[row];
-            const float* xr = x + row * D;
-            const float* gr = gy + row * D;
-            float* dr = dx + row * D;
-            float dot = 0.f;
-            #pragma omp simd reduction(+:dot)
-            for (int64_t j = 0; j < D; ++j) {
-                const float xh = xr[j] * r;
-                dot += (gr[j] * gk[j]) * xh;
-                acc[j] += gr[j] * xh;
-            }
-            const float c = dot / (float)D;
-            #pragma omp simd
-            for (int64_t j = 0; j < D; ++j) dr[j] = r * (gr[j] * gk[j] - (xr[j] * r) * c);
+            bwd_row(x + row * D, gy + row * D, gk, rstd[row], dx + row * D, acc, D);
         }
     }
     for (int64_t k = 0; k < K; ++k) {
