@@ -177,11 +177,6 @@ _LIST_SOURCE = r"""
 #include <cstdint>
 #include <vector>
 #include <omp.h>
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define CLONES
-#endif
 // One table row per tensor: grad, acc (0: norms only), W (0: identity) pointers; numel; members; measured.
 struct Row { int64_t g, acc, w, numel, members, measured; };
 template <bool HAS_W, bool ACC>

@@ -76,11 +76,6 @@ _TILE_SOURCE = r"""
 #include <cstdint>
 #include <vector>
 #include <omp.h>
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define CLONES
-#endif
 // One row of one tile: d (+)= c, and the row's sums of c^2 and w c^2. Templated so the
 // inner loop has no branch and vectorises (omp simd keeps IEEE semantics otherwise);
 // compiled for AVX2/AVX-512 too, picked at load time (CLONES).

@@ -30,6 +30,17 @@ from pathlib import Path
 # between CPUs; -fno-math-errno only lets sqrt vectorise.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 
+# Put before every source. CLONES: compile a function for baseline x86-64, AVX2 and
+# AVX-512 and pick one when the library loads, so one portable build runs the
+# machine's widest vectors (the default flags target baseline SSE2 only).
+PRELUDE = r"""
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define CLONES
+#endif
+"""
+
 
 class NativeLibrary:
     """One C++ source, built on first `get()` and cached on disk and in the process."""
@@ -61,7 +72,7 @@ class NativeLibrary:
         exe = shutil.which(cxx)
         if exe is None:
             raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (set CXX)")
-        src = self.source()
+        src = PRELUDE + self.source()
         key = hashlib.sha256("\0".join([src, *FLAGS, os.path.realpath(exe)]).encode()).hexdigest()[:16]
         so = Path(get_default_build_root()) / f"{self.name}_{key}" / f"{self.name}.so"
         if not so.exists():

@@ -39,11 +39,6 @@ _SOURCE = r"""
 #include <cmath>
 #include <vector>
 #include <omp.h>
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define CLONES
-#endif
 
 // One row: y = x * rstd * g. Compiled for AVX2/AVX-512 too, picked at load time (CLONES).
 CLONES static float fwd_row(const float* xr, const float* gk, float* yr, int64_t D, float eps) {
