@@ -133,7 +133,12 @@ def available(x: torch.Tensor, gain: torch.Tensor) -> bool:
     """Can the native path run these operands (CPU, fp32, library built, no torch.func transform:
     vmap/grad wrap tensors, and raw pointers would bypass them)?"""
     return (x.device.type == "cpu" and x.dtype == torch.float32 and gain.dtype == torch.float32
-            and not torch._C._are_functorch_transforms_active() and NATIVE.get() is not None)
+            and not _functorch_active() and NATIVE.get() is not None)
+
+
+def _functorch_active() -> bool:
+    check = getattr(torch._C, "_are_functorch_transforms_active", None)  # private: absent means unknown
+    return True if check is None else bool(check())
 
 
 def _check(x: torch.Tensor, gain: torch.Tensor) -> None:
