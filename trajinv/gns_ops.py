@@ -158,9 +158,10 @@ class _RMSNormProbe(torch.autograd.Function):
 
 
 class _RMSNormNative(torch.autograd.Function):
-    # CPU fp32, probe or not: one native pass each way (kernels/rmsnorm_cpu.py), about
-    # a tenth of the torch-ops norm's time at the CPU presets' sizes; with a probe the
-    # per-example gain norms come out of the same backward pass.
+    # CPU fp32, probe or not: one native pass each way (kernels/rmsnorm_cpu.py); measured
+    # forward + backward at the tiny preset's sizes, 119 -> 58 us (K=1) and 800 -> 250 us
+    # (K=9) against torch ops. With a probe the per-example gain norms come out of the
+    # same backward pass.
     @staticmethod
     def forward(ctx, x: torch.Tensor, gain: torch.Tensor, eps: float, probe: Probe | None) -> torch.Tensor:
         y, rstd = rmsnorm_cpu.rmsnorm_forward_cpu(x, gain, eps)
