@@ -45,10 +45,13 @@ TARGETS = {"off": 1.0, "micro-batch": 1.03, "per-example": 1.10}
 def step_times(trainers: dict[str, Trainer], steps: int) -> dict[str, list[float]]:
     """Advance every trainer one step at a time, in turn; seconds per step per mode."""
     times = {mode: [] for mode in trainers}
+    cuda = any(tr.cfg.device == "cuda" for tr in trainers.values())
     for _ in range(steps):
         for mode, tr in trainers.items():
             start = time.perf_counter()
             tr.train(until=tr.step + 1)
+            if cuda:
+                torch.cuda.synchronize()  # the step's kernels, not just their launches
             times[mode].append(time.perf_counter() - start)
     return times
 
@@ -67,6 +70,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--quick", action="store_true", help="tiny only, 4 steps")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                    help="where the trainers run (cuda: the Triton kernels)")
     args = ap.parse_args()
     cases = ["tiny:1"] if args.quick else args.cases.split(",")
     default_steps = {"tiny": 48, "small": 12}
@@ -82,7 +87,8 @@ def main() -> None:
                 # eval and logging far apart: the timed steps are training steps only
                 cfg = TrainConfig(model=model, members=members, steps=10**6, batch_size=str(args.batch),
                                   micro_batch=args.micro, eval_every=10**9, eval_seqs=8, log_every=10**9,
-                                  checkpoint_every=0, gns=GNSConfig(mode=mode, precond_warmup=1, every=every))
+                                  checkpoint_every=0, gns=GNSConfig(mode=mode, precond_warmup=1, every=every),
+                                  device=args.device)
                 trainers[label] = Trainer(cfg, data, Path(tmp) / f"{case}-{label}".replace("/", "-"))
             steps = 4 if args.quick else args.steps or default_steps.get(name, 12)
             step_times(trainers, 4)  # warm-up, and past the identity-W step; cycles stay aligned
@@ -92,7 +98,7 @@ def main() -> None:
                 ratio = paired_ratio(times[label], times["off"], every)
                 rows.append({"preset": name, "members": int(k), "mode": label, "steps": steps, "step_ms": t * 1e3,
                              "ratio_to_off": ratio, "target": TARGETS[mode], "meets_target": ratio <= TARGETS[mode]})
-    print(f"batch={args.batch} micro={args.micro} threads={torch.get_num_threads()}")
+    print(f"device={args.device} batch={args.batch} micro={args.micro} threads={torch.get_num_threads()}")
     print(f"{'preset':8s} {'K':>3s} {'mode':14s} {'step ms':>9s} {'x off':>7s} {'target':>7s}")
     for r in rows:
         print(f"{r['preset']:8s} {r['members']:3d} {r['mode']:14s} {r['step_ms']:9.1f} {r['ratio_to_off']:7.3f} "
