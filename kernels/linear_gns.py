@@ -38,9 +38,16 @@ accumulation) on the GPU; fp32 operands use tf32 or full fp32 following
 arithmetic, so there the operands are cast to fp32 after loading (exact:
 bf16 -> fp32 is lossless), which the tests use.
 
-Public API: `linear_weight_grad_with_norms` (Triton on CUDA, chunked torch on
-CPU) and `linear_weight_grad_with_norms_reference` (the obvious per-example
-einsum, for tests).
+CPU path. The tiles are formed by one batched matmul (same GEMM flops) into a
+reused scratch buffer and reduced in one native pass (dW, S_1, S_W read each tile
+element once); they do reach memory there, bounded by a chunk budget. At the
+CPU presets' sizes this costs the tiny preset's layers ~1.3-1.7x the plain dW
+GEMM per call, most of it the reduction pass and per-call overhead.
+
+Public API: `linear_weight_grad_with_norms` (Triton on CUDA, the CPU path
+otherwise; `out_sums=` adds the sums into a caller's buffer, as the autograd
+op does) and `linear_weight_grad_with_norms_reference` (the obvious
+per-example einsum, for tests).
 """
 
 from __future__ import annotations
