@@ -320,14 +320,15 @@ def _torch_path(
         dw = torch.zeros(K, d_out, d_in, dtype=torch.float32, device=a.device)
         return (dw, z, z.clone()) if out_sums is None else (dw, out_sums[0], out_sums[1])
     dw = torch.empty(K, d_out, d_in, dtype=torch.float32, device=a.device)
-    w = None if precond is None else _f32(precond).reshape(K, M).contiguous()
+    w = None if precond is None else _f32(precond)
+    w = None if w is None else (w if w.is_contiguous() else w.contiguous()).view(K, M)
     a, gy = _f32(a), _f32(gy)
     if K * N * M * 4 <= _CPU_CHUNK_BYTES:
         tiles = _scratch(K * N * M, a.device).view(K, N, M)
         torch.bmm(gy.reshape(K * N, T, d_out).transpose(1, 2), a.reshape(K * N, T, d_in),
                   out=tiles.view(K * N, d_out, d_in))
         if out_sums is not None:  # straight into the caller's sums
-            s_w, s_1 = out_sums
+            s_w, s_1 = out_sums[0], out_sums[1]
             _reduce_tiles(tiles, w, dw, s_w, s_1, accumulate=False, per_example=False, add_totals=True)
             return dw, s_w, s_1
         s_w, s_1 = torch.empty(2, K, N if per_example else 1, dtype=torch.float32, device=a.device)
@@ -482,7 +483,7 @@ def linear_weight_grad_with_norms(
         raise ValueError(f"splits must be a positive int or None, got {splits!r}")
     if out_sums is not None:
         want = (2, a.shape[0])
-        if per_example or tuple(out_sums.shape) != want or out_sums.dtype != torch.float32 \
+        if per_example or out_sums.shape != want or out_sums.dtype != torch.float32 \
                 or not out_sums.is_contiguous() or out_sums.device != a.device:
             raise ValueError(f"out_sums must be a contiguous fp32 {want} tensor on {a.device} and per_example "
                              f"False; got {tuple(out_sums.shape)} {out_sums.dtype}, per_example={per_example}")
