@@ -151,10 +151,8 @@ class FusedAdamW(torch.optim.Optimizer):
         self.seed = int(seed)
         self._buckets: list[Bucket] | None = None
         self._hyper_cache: dict[torch.device, tuple[list, torch.Tensor]] = {}
-        self._stats: dict[torch.Tensor, AdamWStats] = {}
         self._pending: list[tuple[Bucket, torch.Tensor, torch.Tensor, list[int]]] = []
-        self._tables: list[tuple[list[torch.Tensor], torch.Tensor, list[int]]] = []
-        self._unsplit: list[tuple[Bucket, torch.Tensor, list[int]]] = []  # tables statistics() has not split yet
+        self._tables: list[tuple[Bucket, torch.Tensor, list[int]]] = []  # per-segment statistics, reduced
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- groups
@@ -319,10 +317,8 @@ class FusedAdamW(torch.optim.Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
-        self._stats = {}
         self._pending = []
         self._tables = []
-        self._unsplit = []
         for b in self._ensure_buckets():
             b.precond_ready = None  # the state changes now; the native step may emit a fresh W
             active = [p.grad is not None for p in b.params]
@@ -597,10 +593,10 @@ class FusedAdamW(torch.optim.Optimizer):
         segment sum), so a step that nobody reads pays nothing for it.
         """
         self._reduce_pending()
-        for b, per_seg, tensors in self._unsplit:
-            self._stats.update(self._split_stats(b, per_seg, tensors))
-        self._unsplit = []
-        return dict(self._stats)
+        out: dict[torch.Tensor, AdamWStats] = {}
+        for b, per_seg, tensors in self._tables:
+            out.update(self._split_stats(b, per_seg, tensors))
+        return out
 
     def statistics_tables(self) -> list[tuple[list[torch.Tensor], torch.Tensor, list[int]]]:
         """The last `step()`'s statistics before the per-param split, per bucket:
@@ -610,14 +606,14 @@ class FusedAdamW(torch.optim.Optimizer):
         callers reducing over many params: a couple of ops instead of a few per param.
         """
         self._reduce_pending()
-        return list(self._tables)
+        return [([b.params[t] for t in tensors], per_seg, [b.seg_start[t] for t in tensors])
+                for b, per_seg, tensors in self._tables]
 
     def _reduce_pending(self) -> None:
         """Reduce the Triton path's per-block partial sums (if any) to per-segment tables, once."""
         for b, stats, blocks, tensors in self._pending:
             per_seg = stats if blocks is None else K.reduce_block_stats(stats, blocks, len(b.segments))
-            self._unsplit.append((b, per_seg, tensors))
-            self._tables.append(([b.params[t] for t in tensors], per_seg, [b.seg_start[t] for t in tensors]))
+            self._tables.append((b, per_seg, tensors))
         self._pending = []
 
     def preconditioner(self, p: torch.Tensor) -> torch.Tensor | None:
