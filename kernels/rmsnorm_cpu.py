@@ -200,8 +200,9 @@ def rmsnorm_backward_cpu(
     return dx, dg, s_w, s_1
 
 
-def rmsnorm_forward_reference(x: torch.Tensor, gain: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The torch-ops forward (what the model runs without the native path). For tests."""
+def rmsnorm_forward_torch(x: torch.Tensor, gain: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same forward with torch ops, any dtype or device: what `trajinv.gns_ops.rms_norm`
+    runs where the native path cannot (autograd goes through it), and the tests' reference."""
     xf = x.float()
     rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
     return (xf * rstd[..., None] * gain[:, None, None, :].float()).to(x.dtype), rstd

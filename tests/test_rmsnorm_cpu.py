@@ -11,7 +11,7 @@ from trajinv.kernels.rmsnorm_cpu import (
     rmsnorm_backward_cpu,
     rmsnorm_backward_reference,
     rmsnorm_forward_cpu,
-    rmsnorm_forward_reference,
+    rmsnorm_forward_torch,
 )
 
 EPS = 1e-6
@@ -36,7 +36,7 @@ pytestmark = pytest.mark.skipif(rmsnorm_cpu.NATIVE.get() is None, reason="no C++
 def test_forward_matches_reference(shape):
     x, gain, _, _ = _inputs(*shape)
     y, rstd = rmsnorm_forward_cpu(x, gain, EPS)
-    y_ref, rstd_ref = rmsnorm_forward_reference(x, gain, EPS)
+    y_ref, rstd_ref = rmsnorm_forward_torch(x, gain, EPS)
     assert y.shape == x.shape and rstd.shape == shape[:3]
     torch.testing.assert_close(y, y_ref, **TOL)
     torch.testing.assert_close(rstd, rstd_ref, **TOL)
@@ -45,7 +45,7 @@ def test_forward_matches_reference(shape):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backward_matches_reference(shape):
     x, gain, gy, w = _inputs(*shape)
-    _, rstd = rmsnorm_forward_reference(x, gain, EPS)
+    _, rstd = rmsnorm_forward_torch(x, gain, EPS)
     for precond in (None, w):
         for per_example in (False, True):
             got = rmsnorm_backward_cpu(x, rstd, gain, gy, precond, per_example)
@@ -60,7 +60,7 @@ def test_gain_norms_match_torch_func_per_sample_gradients():
     x, gain, target, w = _inputs(K, n, t, d, seed=3)
 
     def loss(gn, xs, ts):  # one example: xs (K, 1, t, d)
-        return (torch.sin(rmsnorm_forward_reference(xs, gn, EPS)[0]) * ts).sum()
+        return (torch.sin(rmsnorm_forward_torch(xs, gn, EPS)[0]) * ts).sum()
 
     per_sample = vmap(grad(loss), in_dims=(None, 1, 1))(gain, x[:, :, None], target[:, :, None])  # (n, K, d)
     xv = x.clone().requires_grad_()
@@ -82,12 +82,12 @@ def test_rms_norm_autograd_matches_torch_ops(probe):
     assert y.grad_fn is not None and "Native" in type(y.grad_fn).__name__
     y.backward(gy)
     xb, gb = x.clone().requires_grad_(), gain.clone().requires_grad_()
-    rmsnorm_forward_reference(xb, gb, EPS)[0].backward(gy)
-    torch.testing.assert_close(y, rmsnorm_forward_reference(x, gain, EPS)[0], **TOL)
+    rmsnorm_forward_torch(xb, gb, EPS)[0].backward(gy)
+    torch.testing.assert_close(y, rmsnorm_forward_torch(x, gain, EPS)[0], **TOL)
     torch.testing.assert_close(xa.grad, xb.grad, **TOL)
     torch.testing.assert_close(ga.grad, gb.grad, **TOL)
     if probe:
-        ref = rmsnorm_backward_reference(x, rmsnorm_forward_reference(x, gain, EPS)[1], gain, gy, w)
+        ref = rmsnorm_backward_reference(x, rmsnorm_forward_torch(x, gain, EPS)[1], gain, gy, w)
         torch.testing.assert_close(pr.sq_w, ref[2], **TOL)
         torch.testing.assert_close(pr.sq_1, ref[3], **TOL)
         assert pr.examples == 3
@@ -120,7 +120,7 @@ def test_torch_ops_when_off_or_not_fp32(monkeypatch):
         assert not rmsnorm_cpu.available(x, gain)
         y = rms_norm(x.requires_grad_(), gain, EPS)
         assert "Native" not in type(y.grad_fn).__name__
-        torch.testing.assert_close(y, rmsnorm_forward_reference(x, gain, EPS)[0])
+        torch.testing.assert_close(y, rmsnorm_forward_torch(x, gain, EPS)[0])
     finally:
         rmsnorm_cpu.NATIVE.reset()
 

@@ -131,13 +131,10 @@ class _MemberLinearProbe(torch.autograd.Function):
 class _RMSNormProbe(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, gain: torch.Tensor, eps: float, probe: Probe) -> torch.Tensor:
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)  # (K, n, t), fp32
+        y, rstd = rmsnorm_cpu.rmsnorm_forward_torch(x, gain, eps)  # the plain path's forward, rstd (K, n, t)
         ctx.save_for_backward(x, gain, rstd)
         ctx.probe = probe
-        # Same operation order as the plain path, so forward values agree bitwise.
-        y = xf * rstd[..., None]
-        return (y * gain[:, None, None, :].float()).to(x.dtype)
+        return y
 
     @staticmethod
     @once_differentiable
@@ -222,7 +219,5 @@ def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float, probe: Probe | Non
     if (probe is None or probe.backend != "triton") and rmsnorm_cpu.available(x, gain):
         return _RMSNormNative.apply(x, gain, eps, probe)
     if probe is None:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return (y * gain[:, None, None, :].float()).to(x.dtype)
+        return rmsnorm_cpu.rmsnorm_forward_torch(x, gain, eps)[0]
     return _RMSNormProbe.apply(x, gain, eps, probe)
