@@ -59,13 +59,17 @@ class GNSMeter:
         self.sums = torch.zeros(2, members, dtype=torch.float64)  # rows: weighted, unweighted (host)
         self.preconditioned = False
 
+    def measures(self, step: int) -> bool:
+        """Is step `step` measured (see GNSConfig.every)?"""
+        return step % self.cfg.every == 0
+
     def measures_with_w(self, step: int) -> bool:
         """Will step `step` be measured under Adam's W (so the optimizer may emit W for it)?"""
-        return step % self.cfg.every == 0 and precond_active(step, self.cfg)
+        return self.measures(step) and precond_active(step, self.cfg)
 
     def begin_step(self, step: int) -> bool:
-        """Prepare step `step`; False when this step is not measured (see GNSConfig.every)."""
-        self.active = step % self.cfg.every == 0
+        """Prepare step `step`; False when this step is not measured."""
+        self.active = self.measures(step)
         self.model_probes.clear()
         if not self.active:
             return False
