@@ -269,7 +269,7 @@ class DebiasedEMA:
         if not 0.0 <= float(beta) < 1.0:
             raise ValueError(f"EMA beta must be in [0, 1), got {beta}")
         self.beta = float(beta)
-        # host float64 tensors, updated in place through numpy views (see the estimator note)
+        # host float64 tensors, read and rewritten as Python floats (see the estimator note)
         self.ema = torch.zeros(shape, dtype=torch.float64)
         self.count = torch.zeros(shape, dtype=torch.float64)
 
@@ -310,22 +310,23 @@ class DebiasedEMA:
         return {f"{prefix}ema": self.ema.detach().cpu().clone(),
                 f"{prefix}count": self.count.detach().cpu().clone()}
 
-    def check_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
-        """Raise (KeyError/ValueError) unless `state` holds this EMA's entries with its shape."""
+    def check_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "",
+                         shape: tuple[int, ...] | None = None) -> None:
+        """Raise (KeyError/ValueError) unless `state` holds this EMA's entries with its shape
+        (or `shape`: a slice of it, as `GNSTracker` stores one row per quantity)."""
+        want = tuple(self.ema.shape) if shape is None else tuple(shape)
         for key in ("ema", "count"):
             t = state.get(prefix + key)
             if t is None:
                 raise KeyError(f"EMA state is missing key {prefix + key!r}")
-            if tuple(t.shape) != tuple(self.ema.shape):
-                raise ValueError(
-                    f"EMA state {prefix + key!r} has shape {tuple(t.shape)}, expected {tuple(self.ema.shape)}"
-                )
+            if tuple(t.shape) != want:
+                raise ValueError(f"EMA state {prefix + key!r} has shape {tuple(t.shape)}, expected {want}")
 
     def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "") -> None:
         """Restore from `state_dict(prefix)`; shapes must match."""
         self.check_state_dict(state, prefix)
-        self.ema = state[prefix + "ema"].to("cpu", torch.float64).clone().contiguous()
-        self.count = state[prefix + "count"].to("cpu", torch.float64).clone().contiguous()
+        self.ema = state[prefix + "ema"].to("cpu", torch.float64).clone()
+        self.count = state[prefix + "count"].to("cpu", torch.float64).clone()
 
 
 # ---------------------------------------------------------------------------
@@ -349,8 +350,8 @@ class GNSTracker:
             raise ValueError("GNSConfig.mode is 'off': build no GNSTracker (check cfg.enabled)")
         self.members = members
         self.cfg = cfg
-        # One EMA over the four quantities stacked (rows in _ROWS order): a handful of
-        # small tensor ops per step instead of four times as many.
+        # One EMA over the four quantities stacked (rows in _ROWS order): one flat list
+        # of floats per step.
         self.ema = DebiasedEMA(cfg.ema, (len(_ROWS), members))
         self._preconditioned: bool | None = None  # W of the last update; None before any
 
@@ -432,13 +433,7 @@ class GNSTracker:
         if flag is None or flag.numel() != 1 or int(flag.item()) not in (-1, 0, 1):
             raise ValueError(f"GNS state has a bad or missing 'preconditioned' entry: {flag!r}")
         for name in _ROWS:  # check everything before touching anything
-            for key in ("ema", "count"):
-                full = f"{name}.{key}"
-                t = state.get(full)
-                if t is None:
-                    raise KeyError(f"EMA state is missing key {full!r}")
-                if tuple(t.shape) != (self.members,):
-                    raise ValueError(f"EMA state {full!r} has shape {tuple(t.shape)}, expected ({self.members},)")
+            self.ema.check_state_dict(state, prefix=f"{name}.", shape=(self.members,))
         self.ema.load_state_dict({key: torch.stack([state[f"{name}.{key}"] for name in _ROWS])
                                   for key in ("ema", "count")})
         value = int(flag.item())
