@@ -13,7 +13,7 @@ a lower bound for composite ones (an op that reads an input twice counts once).
 The Triton kernel is not an aten op; its bytes are counted from the block
 table it is launched with (elements x bytes of each buffer it loads/stores,
 plus the 16 B of statistics and 32 B of table per block), and any grad
-gather copies show up as aten ops. The native CPU kernel (trajinv.cpu_adamw, the
+gather copies show up as aten ops. The native CPU kernel (trajinv.kernels.adamw, the
 fp32 CPU path of "ours-cpu") is not an aten op either: its bytes are counted
 from its segment table (28 B per fp32 param, 16 B of statistics per segment,
 its table and pointers); "ours-cpu-torchops" rows are the same optimizer
@@ -41,8 +41,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trajinv import cpu_adamw  # noqa: E402
-from trajinv.kernels import fused_adamw as F  # noqa: E402
+from trajinv.kernels import adamw as F  # noqa: E402
 from trajinv.optim import FusedAdamW  # noqa: E402
 
 HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
@@ -102,19 +101,22 @@ def providers(device: str):
         "torch-fused": lambda ps: torch.optim.AdamW(ps, fused=True, **HP),
     }
     if device == "cpu":
-        out["ours-cpu"] = lambda ps: FusedAdamW(ps, backend="torch", **HP)
-        out["ours-cpu-nostats"] = lambda ps: FusedAdamW(ps, backend="torch", track_statistics=False, **HP)
-        if cpu_adamw.lib() is not None:  # the same two without the native kernel: torch ops only
-            out["ours-cpu-torchops"] = lambda ps: _torch_ops(FusedAdamW(ps, backend="torch", **HP))
-            out["ours-cpu-torchops-nostats"] = lambda ps: _torch_ops(
-                FusedAdamW(ps, backend="torch", track_statistics=False, **HP))
+        out["ours-cpu"] = lambda ps: FusedAdamW(ps, backend="cpu", **HP)
+        out["ours-cpu-nostats"] = lambda ps: _no_stats(FusedAdamW(ps, backend="cpu", **HP))
+        if F.NATIVE.get() is not None:  # the same two without the native kernel: torch ops only
+            out["ours-cpu-torchops"] = lambda ps: FusedAdamW(ps, backend="cpu", native_cpu=False, **HP)
+            out["ours-cpu-torchops-nostats"] = lambda ps: _no_stats(
+                FusedAdamW(ps, backend="cpu", native_cpu=False, **HP))
     else:
         out["ours-triton"] = lambda ps: FusedAdamW(ps, backend="triton", **HP)
     return out
 
 
-def _torch_ops(opt: FusedAdamW) -> FusedAdamW:
-    opt._native_cpu = False
+def _no_stats(opt: FusedAdamW) -> FusedAdamW:
+    """Every step of this optimizer asks for no statistics (what the bench's loop calls is step())."""
+    step = opt.step
+    opt.step = lambda *a, **k: step(*a, statistics=False, **k)
+    opt.statistics_off = True
     return opt
 
 
@@ -123,13 +125,13 @@ def native_bytes(opt: FusedAdamW) -> int:
     (read p, g, m, v; write p, m, v), its segment table, pointers and statistics rows."""
     total = 0
     for b in opt._buckets or []:
-        if not getattr(opt, "_native_cpu", True) or b.dtype != torch.float32 or not getattr(b, "native_plans", None):
+        if not opt.native_cpu or b.dtype != torch.float32 or not b.native_plans:
             continue
         plan = b.native_plans[tuple(p.grad is not None for p in b.params)]
-        n = sum(b.segments[s].hi - b.segments[s].lo for s in plan["segs"])
-        total += 28 * n + plan["table"].numel() * 8 + 16 * len(plan["idx"])
-        if opt.track_statistics:
-            total += 16 * len(plan["segs"])
+        n = sum(b.segments[s].hi - b.segments[s].lo for s in plan.segs)
+        total += 28 * n + plan.table.numel() * 8 + 16 * len(plan.idx)
+        if not getattr(opt, "statistics_off", False):
+            total += 16 * len(plan.segs)
     return total
 
 
@@ -155,8 +157,9 @@ def copy_bandwidth(device: str, n: int) -> float:
 def triton_bytes(opt: FusedAdamW) -> int:
     """Bytes the kernel launches of the last step move, from their block tables."""
     total = 0
-    for b, stats, blocks, _ in opt._pending:
-        n = int((blocks[:, 2] - blocks[:, 1]).sum())
+    for st in opt._step_stats:
+        b, blocks = st.bucket, st.blocks
+        n = int((blocks[:, F.COL_HI] - blocks[:, F.COL_LO]).sum())
         ps = b.flat_param.element_size()
         if b.master is None:
             per = (2 * ps + 8) + (ps + 8)  # read p, g, m, v; write p, m, v

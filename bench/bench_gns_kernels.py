@@ -15,7 +15,7 @@ presets, per kernel:
   repeats, 1 thread: linear = plain `bmm(Gy^T, A)` vs
   `linear_weight_grad_with_norms` (what the trainer runs); RMSNorm = plain
   einsum gain gradient vs `rmsnorm_gain_grad_with_norms`, and the trainer's
-  native norm backward (`rmsnorm_cpu`) without vs with the per-example norms;
+  native norm backward (`rmsnorm_backward_cpu`) without vs with the per-example norms;
   accumulate = `acc.add_(g)` vs `accumulate_grad_with_norms`, and every
   parameter of a micro-batch: `torch._foreach_add_` vs the trainer's one-call
   `accumulate_grads_with_norms`.
@@ -37,9 +37,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trajinv.kernels import accumulate_gns as ACC  # noqa: E402
+from trajinv.kernels import accumulate as ACC  # noqa: E402
 from trajinv.kernels import linear_gns as LIN  # noqa: E402
-from trajinv.kernels import rmsnorm_gns as RMS  # noqa: E402
+from trajinv.kernels import rmsnorm as RMS  # noqa: E402
 
 MODELS = {"tiny": dict(d=64, t=64, n=32), "small": dict(d=256, t=256, n=16)}
 VOCAB = 256  # byte-level data
@@ -117,22 +117,6 @@ def accumulate_counts(members: int, numel: int, grad_bytes: int, has_w: bool = T
                 extra_bytes=extra_bytes, note=f"BLOCK={block}, P={P}")  # fmt: skip
 
 
-def flat_counts(sizes: list[tuple[int, int]], grad_bytes: int) -> tuple[dict, list[tuple[int, int]], int]:
-    """Flat multi-tensor accumulate over (members, numel) tensors: counts, segments, buffer length."""
-    segments, off = [], 0
-    for k, numel in sizes:
-        m = numel // k
-        segments += [(off + j * m, off + (j + 1) * m) for j in range(k)]
-        off = -(-(off + numel) // 16) * 16
-    blocks = ACC.build_flat_blocks(segments, off)
-    B = blocks.shape[0]
-    plain_bytes = off * (grad_bytes + 4 + 4)
-    extra_bytes = 4 * off + 2 * 2 * B * 4 + B * 4 * 8  # W, partials w+r, block table
-    r = dict(plain_flops=off, extra_flops=4 * off + 2 * B, plain_bytes=plain_bytes, extra_bytes=extra_bytes,
-             note=f"{len(sizes)} tensors, {len(segments)} segments, {B} blocks, one launch")  # fmt: skip
-    return r, segments, off
-
-
 def model_param_sizes(d: int, K: int, n_layers: int) -> list[tuple[int, int]]:
     f = _hidden(d)
     per_block = [d, 3 * d * d, d * d, d, f * d, f * d, d * f]
@@ -158,7 +142,7 @@ def time_linear(K, n, t, d_in, d_out, reps):
     a, gy = torch.randn(K, n, t, d_in), torch.randn(K, n, t, d_out)
     w = torch.rand(K, d_out, d_in) + 0.1
     plain = lambda: torch.bmm(gy.reshape(K, n * t, d_out).transpose(1, 2), a.reshape(K, n * t, d_in))  # noqa: E731
-    fused = lambda: LIN.linear_weight_grad_with_norms(a, gy, w, backend="torch")  # noqa: E731
+    fused = lambda: LIN.linear_weight_grad_with_norms(a, gy, w, backend="cpu")  # noqa: E731
     return _interleaved([plain, fused], reps)
 
 
@@ -169,19 +153,18 @@ def time_rmsnorm(K, n, t, d, reps):
     # Two ways to get the plain gain gradient; the faster one is the baseline.
     plain_a = lambda: torch.einsum("kntd,kntd->kd", gy, x * rstd[..., None])  # noqa: E731
     plain_b = lambda: torch.einsum("kntd,kntd->knd", gy, x * rstd[..., None]).sum(1)  # noqa: E731
-    fused = lambda: RMS.rmsnorm_gain_grad_with_norms(x, rstd, gy, w, backend="torch")  # noqa: E731
+    fused = lambda: RMS.rmsnorm_gain_grad_with_norms(x, rstd, gy, w, backend="cpu")  # noqa: E731
     ta, tb, tf = _interleaved([plain_a, plain_b, fused], reps)
     return min(ta, tb), tf
 
 
 def time_rmsnorm_native(K, n, t, d, reps):
-    from trajinv.kernels import rmsnorm_cpu as NORM
 
     x, gy = torch.randn(K, n, t, d), torch.randn(K, n, t, d)
     gain, w, sums = torch.rand(K, d) + 0.5, torch.rand(K, d) + 0.1, torch.zeros(2, K)
-    rstd = NORM.rmsnorm_forward_cpu(x, gain, 1e-6)[1]
-    plain = lambda: NORM.rmsnorm_backward_cpu(x, rstd, gain, gy)  # noqa: E731
-    fused = lambda: NORM.rmsnorm_backward_cpu(x, rstd, gain, gy, w, out_sums=sums)  # noqa: E731
+    rstd = RMS.rmsnorm_forward_cpu(x, gain, 1e-6)[1]
+    plain = lambda: RMS.rmsnorm_backward_cpu(x, rstd, gain, gy)  # noqa: E731
+    fused = lambda: RMS.rmsnorm_backward_cpu(x, rstd, gain, gy, w, out_sums=sums)  # noqa: E731
     return _interleaved([plain, fused], reps)
 
 
@@ -197,20 +180,12 @@ def time_accumulate_list(sizes, reps):
     return _interleaved([plain, fused], reps)
 
 
-def time_flat(segments, n, reps):
-    acc, g = torch.zeros(n), torch.randn(n)
-    w = torch.rand(n) + 0.1
-    plain = lambda: acc.add_(g)  # noqa: E731
-    fused = lambda: ACC.accumulate_flat_with_norms(acc, g, w, segments, backend="torch")  # noqa: E731
-    return _interleaved([plain, fused], reps)
-
-
 def time_model_step(d: int, t: int, n: int, K: int, reps: int) -> tuple[float, float]:
     """Forward + backward of the GPT preset, probes on every linear and gain vs none."""
     import dataclasses
 
     from trajinv.config import PRESETS
-    from trajinv.gns_ops import Probe
+    from trajinv.ops import Probe
     from trajinv.model import GPT
 
     name = next(k for k, c in PRESETS.items() if c.d_model == d and c.context == t)
@@ -233,7 +208,7 @@ def time_accumulate(shape, members, reps):
     acc, g = torch.zeros(shape), torch.randn(shape)
     w = torch.rand(shape) + 0.1
     plain = lambda: acc.add_(g)  # noqa: E731
-    fused = lambda: ACC.accumulate_grad_with_norms(acc, g, w, members=members, backend="torch")  # noqa: E731
+    fused = lambda: ACC.accumulate_grad_with_norms(acc, g, w, members=members, backend="cpu")  # noqa: E731
     return _interleaved([plain, fused], reps)
 
 
@@ -272,12 +247,6 @@ def rows(quick: bool) -> list[dict]:
         layers = 2 if model == "tiny" else 4
         for K in (1, 9):
             sizes = model_param_sizes(d, K, layers)
-            r = dict(model=model, kernel="accumulate flat", tensor=f"all params K={K}", dtype="fp32",
-                     shape=f"{sum(x for _, x in sizes)} elements")  # fmt: skip
-            counts, segments, total = flat_counts(sizes, 4)
-            r.update(counts)
-            r["cpu_plain_ms"], r["cpu_fused_ms"] = time_flat(segments, total, reps)
-            out.append(r)
             r = dict(model=model, kernel="accumulate list", tensor=f"all params K={K}", dtype="fp32",
                      shape=f"{len(sizes)} tensors", note="foreach add vs one native call with norms (trainer)")
             r["cpu_plain_ms"], r["cpu_fused_ms"] = time_accumulate_list(sizes, reps)
@@ -329,7 +298,7 @@ def main() -> None:
         w.writeheader()
         for r in table:
             w.writerow({c: r.get(c, "") for c in COLUMNS})
-    print(f"wrote {args.out}  (CPU times: torch path, 1 thread, median of interleaved repeats)")
+    print(f"wrote {args.out}  (CPU times: CPU path, 1 thread, median of interleaved repeats)")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 For a linear layer y = x @ w.T with input A (n, t, in) and output gradient
 Gy (n, t, out), example n contributes C_n = Gy_n^T A_n to the weight gradient
-dW = sum_n C_n. The gradient-noise-scale estimator (DESIGN.md, "Gradient noise
-scale, exactly") needs, besides dW,
+dW = sum_n C_n. The gradient-noise-scale estimator (docs/design.md, "The
+gradient noise scale") needs, besides dW,
 
     S_W = sum_n |C_n|_W^2 = sum_n sum_ij W_ij C_n[i, j]^2     (W > 0, shaped like w)
     S_1 = sum_n |C_n|^2                                          (W = 1)
@@ -59,9 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
+from trajinv.kernels.backend import FLOAT_DTYPES, resolve_backend
 from trajinv.kernels.native import NativeLibrary
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # CPU path: per-example tiles are formed this many bytes at a time (fp32), so
 # memory stays bounded whatever n is, while batches stay big enough for BLAS.
@@ -69,85 +68,15 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # with per-example GNS against 1.12-1.14x at 4 MiB (fewer, larger bmm calls).
 _CPU_CHUNK_BYTES = 16 * 2**20
 
-# The CPU path's reduction of the per-example tiles, as one native pass: for tiles
-# C (K, N, M) it forms dW (K, M) = sum_n C[k, n], S_1 (K, N) = sum_m C^2 and
-# S_W (K, N) = sum_m W C^2 reading each tile element once. With torch ops that
-# is a GEMV, an in-place square, a sum and a GEMV: four passes over the tiles,
-# which at t = 64 cost about as much as forming them. Work items are (k, m-block)
-# slices; per-item partial sums (fp32 over a block, summed in double in block
-# order) make the result independent of the thread count. With per_example = 0
-# the sums come out per member, (K,), written or (add_totals) added into the
-# caller's buffer: no allocation and no add ops per layer.
-_TILE_BLOCK = 1024
-_TILE_SOURCE = r"""
-#include <cstdint>
-#include <vector>
-#include <omp.h>
-// One row of one tile: d (+)= c, and the row's sums of c^2 and w c^2. Templated so the
-// inner loop has no branch and vectorises (omp simd keeps IEEE semantics otherwise);
-// compiled for AVX2/AVX-512 too, picked at load time (CLONES).
-template <bool HAS_W, bool ACC>
-CLONES static void row(const float* c, const float* w, float* d, int64_t len, double* p1, double* pw) {
-    float a1 = 0.f, aw = 0.f;
-    #pragma omp simd reduction(+:a1, aw)
-    for (int64_t j = 0; j < len; ++j) {
-        const float x = c[j], x2 = x * x;
-        if (ACC) d[j] += x; else d[j] = x;
-        a1 += x2;
-        if (HAS_W) aw += x2 * w[j];
-    }
-    *p1 = a1;
-    if (HAS_W) *pw = aw;
-}
-template <bool HAS_W>
-static void item(const float* ct, const float* w, float* dw, int64_t N, int64_t M, int64_t k, int64_t lo,
-                 int64_t len, int accumulate, double* p1, double* pw) {
-    float* d = dw + k * M + lo;
-    const float* wk = HAS_W ? w + k * M + lo : nullptr;
-    for (int64_t n = 0; n < N; ++n) {
-        const float* c = ct + (k * N + n) * M + lo;
-        if (n == 0 && !accumulate) row<HAS_W, false>(c, wk, d, len, p1 + n, pw + n);
-        else row<HAS_W, true>(c, wk, d, len, p1 + n, pw + n);
-    }
-}
-extern "C" int trajinv_tile_reduce(const float* ct, const float* w, int64_t K, int64_t N, int64_t M,
-                                   float* dw, float* s1, float* sw, int accumulate, int per_example,
-                                   int add_totals, int nthreads) {
-    const int64_t B = @BLOCK@, nb = (M + B - 1) / B, items = K * nb;
-    std::vector<double> p1(items * N), pw(items * N);
-    #pragma omp parallel for schedule(static) num_threads(nthreads) if(items > 1 && K * N * M > 65536)
-    for (int64_t it = 0; it < items; ++it) {
-        const int64_t k = it / nb, lo = (it % nb) * B, len = (M - lo < B) ? M - lo : B;
-        if (w) item<true>(ct, w, dw, N, M, k, lo, len, accumulate, &p1[it * N], &pw[it * N]);
-        else item<false>(ct, w, dw, N, M, k, lo, len, accumulate, &p1[it * N], &pw[it * N]);
-    }
-    for (int64_t k = 0; k < K; ++k) {
-        double t1 = 0, tw = 0;
-        for (int64_t n = 0; n < N; ++n) {
-            double a1 = 0, aw = 0;
-            for (int64_t b = 0; b < nb; ++b) { a1 += p1[(k * nb + b) * N + n]; aw += pw[(k * nb + b) * N + n]; }
-            if (per_example) {
-                s1[k * N + n] = (float)a1;
-                sw[k * N + n] = (float)(w ? aw : a1);
-            }
-            t1 += a1;
-            tw += aw;
-        }
-        if (!per_example && add_totals) {
-            s1[k] += (float)t1;
-            sw[k] += (float)(w ? tw : t1);
-        } else if (!per_example) {
-            s1[k] = (float)t1;
-            sw[k] = (float)(w ? tw : t1);
-        }
-    }
-    return 0;
-}
-"""
+# The CPU path reduces the per-example tiles in one native pass (csrc/linear_gns.cpp): dW,
+# S_1 and S_W read each tile element once, where torch ops take four passes (a GEMV, an
+# in-place square, a sum and a GEMV), which at t = 64 cost about as much as forming the tiles.
+_TILE_BLOCK = 1024  # elements of a tile row per work item
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-NATIVE = NativeLibrary("trajinv_tile_reduce", lambda: _TILE_SOURCE.replace("@BLOCK@", str(_TILE_BLOCK)),
+NATIVE = NativeLibrary("trajinv_tile_reduce", "linear_gns.cpp",
                        {"trajinv_tile_reduce": ([_P, _P, _I64, _I64, _I64, _P, _P, _P, _INT, _INT, _INT, _INT], _INT)},
-                       switch="TRAJINV_NATIVE_GNS", what="native CPU per-example reduction")
+                       switch="TRAJINV_NATIVE_GNS", what="native CPU per-example reduction",
+                       defines={"BLOCK": _TILE_BLOCK})
 
 
 _SCRATCH: dict[torch.device, torch.Tensor] = {}
@@ -273,7 +202,7 @@ def _check(a: torch.Tensor, gy: torch.Tensor, precond: torch.Tensor | None) -> N
     if a.shape[:3] != gy.shape[:3]:
         raise ValueError(f"a {tuple(a.shape)} and gy {tuple(gy.shape)} disagree on (K, n, t)")
     for name, x in (("a", a), ("gy", gy), ("precond", precond)):
-        if x is not None and x.dtype not in _FLOAT_DTYPES:
+        if x is not None and x.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be fp32/fp16/bf16, got {x.dtype}")
     if precond is not None:
         want = (a.shape[0], gy.shape[3], a.shape[3])
@@ -301,7 +230,7 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
-def _torch_path(
+def _cpu_path(
     a: torch.Tensor, gy: torch.Tensor, precond: torch.Tensor | None, per_example: bool,
     out_sums: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -463,7 +392,7 @@ def linear_weight_grad_with_norms(
         gy: output gradient (K, n, t, out), same (K, n, t) as `a`.
         precond: positive weights W (K, out, in), or None for W = 1.
         per_example: return the norms per example, (K, n), instead of summed, (K,).
-        backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
+        backend: "auto" (Triton on CUDA, the CPU path otherwise), "triton" or "cpu" (kernels.backend).
         splits: Triton only: split each member's examples into this many ranges,
             one program each, partial dW slabs summed after (None: enough to
             give ~2 programs per SM). Norms are per example, so they do not care.
@@ -487,12 +416,8 @@ def linear_weight_grad_with_norms(
                 or not out_sums.is_contiguous() or out_sums.device != a.device:
             raise ValueError(f"out_sums must be a contiguous fp32 {want} tensor on {a.device} and per_example "
                              f"False; got {tuple(out_sums.shape)} {out_sums.dtype}, per_example={per_example}")
-    if backend == "auto":
-        backend = "triton" if a.is_cuda else "torch"
-    if backend == "torch":
-        return _torch_path(a, gy, precond, per_example, out_sums)
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if resolve_backend(backend, a.device) == "cpu":
+        return _cpu_path(a, gy, precond, per_example, out_sums)
     dw, s_w, s_1 = _triton_path(a, gy, precond, per_example, splits)
     return (dw, s_w, s_1) if out_sums is None else (dw, *_add_into(out_sums, s_w, s_1))
 

@@ -2,15 +2,17 @@
 
 Torch ops cost one pass over memory each; a fused CPU loop that reads its
 operands once is what keeps the CPU paths of our kernels near the cost of the
-plain operation. Each library is plain C++ with a C ABI (no torch headers, so a
-build takes about a second and needs no ninja), compiled by the system C++
-compiler (``$CXX`` or ``c++``) into torch's extension cache
-(``$TORCH_EXTENSIONS_DIR``), keyed by a hash of source, flags and compiler, and
-written atomically so concurrent processes never load half a file. The .so
-links libgomp, which resolves to the copy torch already loaded, so OpenMP
-threads are torch's. If anything fails (no compiler, a sandbox without exec),
-`NativeLibrary.get()` returns None with a one-time warning and the caller keeps
-its torch path; an environment switch turns a library off.
+plain operation. Each library is one plain C++ file under ``csrc/`` (shipped as
+package data) with a C ABI: no torch headers, so a build takes about a second
+and needs no ninja. The system C++ compiler (``$CXX`` or ``c++``) builds it into
+torch's extension cache (``$TORCH_EXTENSIONS_DIR``), keyed by a hash of the
+sources, flags, sizes and compiler, and writes it atomically so concurrent
+processes never load half a file. Sizes the Python side also needs (block
+lengths) are passed as ``-DTRAJINV_<NAME>=<value>``, so each has one source.
+The .so links libgomp, which resolves to the copy torch already loaded, so
+OpenMP threads are torch's. If anything fails (no compiler, a sandbox without
+exec), `NativeLibrary.get()` returns None with a one-time warning and the caller
+keeps its torch path; an environment switch turns a library off.
 """
 
 from __future__ import annotations
@@ -23,44 +25,36 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 # IEEE semantics (no -ffast-math); no FMA contraction, so rounding does not change
 # between CPUs; -fno-math-errno only lets sqrt vectorise.
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 
-# Put before every source. CLONES: compile a function for baseline x86-64, AVX2 and
-# AVX-512 and pick one when the library loads, so one portable build runs the
-# machine's widest vectors (the default flags target baseline SSE2 only).
-PRELUDE = r"""
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
-#else
-#define CLONES
-#endif
-"""
+CSRC = Path(__file__).parent / "csrc"
+PRELUDE = CSRC / "prelude.h"  # CLONES and shared includes; part of every build's hash
 
 
 class NativeLibrary:
     """One C++ source, built on first `get()` and cached on disk and in the process."""
 
-    def __init__(self, name: str, source: Callable[[], str], signatures: dict[str, tuple[list, object]],
-                 switch: str, what: str):
-        """`signatures`: function name -> (argtypes, restype); `switch`: env var, '0' disables;
-        `what`: how the warning names it ("native CPU AdamW")."""
-        self.name, self.source, self.signatures, self.switch, self.what = name, source, signatures, switch, what
+    def __init__(self, name: str, source: str, signatures: dict[str, tuple[list, object]], switch: str,
+                 what: str, defines: dict[str, int] | None = None):
+        """`source`: a file name under csrc/; `signatures`: function name -> (argtypes, restype);
+        `switch`: env var, '0' disables; `what`: how the warning names it ("native CPU AdamW");
+        `defines`: NAME -> value, compiled in as TRAJINV_NAME."""
+        self.name, self.source, self.signatures, self.switch, self.what = name, CSRC / source, signatures, switch, what
+        self.flags = FLAGS + [f"-I{CSRC}"] + [f"-DTRAJINV_{k}={v}" for k, v in (defines or {}).items()]
         self._lock = threading.Lock()
         self._lib: ctypes.CDLL | None = None
         self._tried = False
 
-    def _compile(self, cxx: str, src: str, so: Path) -> None:
+    def _compile(self, cxx: str, so: Path) -> None:
         so.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=so.parent) as tmp:
-            cpp = Path(tmp) / f"{self.name}.cpp"
-            cpp.write_text(src)
             out = Path(tmp) / so.name
-            res = subprocess.run([cxx, *FLAGS, str(cpp), "-o", str(out)], capture_output=True, text=True, timeout=300)
+            res = subprocess.run([cxx, *self.flags, str(self.source), "-o", str(out)], capture_output=True, text=True,
+                                 timeout=300)
             if res.returncode != 0:
                 raise RuntimeError(f"{cxx} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
             os.replace(out, so)
@@ -72,11 +66,13 @@ class NativeLibrary:
         exe = shutil.which(cxx)
         if exe is None:
             raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (set CXX)")
-        src = PRELUDE + self.source()
-        key = hashlib.sha256("\0".join([src, *FLAGS, os.path.realpath(exe)]).encode()).hexdigest()[:16]
+        texts = [PRELUDE.read_text(), self.source.read_text()]
+        # the include path differs between installs; the sources, flags and compiler are what matter
+        flags = [f for f in self.flags if not f.startswith("-I")]
+        key = hashlib.sha256("\0".join([*texts, *flags, os.path.realpath(exe)]).encode()).hexdigest()[:16]
         so = Path(get_default_build_root()) / f"{self.name}_{key}" / f"{self.name}.so"
         if not so.exists():
-            self._compile(exe, src, so)
+            self._compile(exe, so)
         lib = ctypes.CDLL(str(so))
         for fn_name, (argtypes, restype) in self.signatures.items():
             fn = getattr(lib, fn_name)

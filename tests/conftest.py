@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
+from helpers import metrics_without_time  # noqa: E402
 
 # Token caches of the whole session go to one scratch folder, never the repo.
 os.environ.setdefault("TRAJINV_CACHE", tempfile.mkdtemp(prefix="trajinv-cache-"))
@@ -59,12 +60,3 @@ def interrupted_run(tiny_data):
         return start, metrics_without_time(run_dir)
 
     return run
-
-
-def metrics_without_time(run_dir):
-    import json
-
-    from trajinv.train import METRICS
-
-    lines = (run_dir / METRICS).read_text().splitlines()
-    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]

@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+import sysconfig
+
 from trajinv import data as D
+from trajinv.data import tokens as T
+from trajinv.data.tokenizer import load_tokenizer
 from trajinv.data import DataConfig, DataError, load_data, sample_batch, validation_batches
 
 
@@ -30,7 +34,7 @@ def _no_retokenize(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("retokenized although the cache matches")
 
-    monkeypatch.setattr(D, "_tokenize", boom)
+    monkeypatch.setattr(T, "_tokenize", boom)
 
 
 # ----------------------------------------------------------------------------- stdlib
@@ -38,7 +42,7 @@ def _no_retokenize(monkeypatch):
 
 def test_stdlib_files_sorted_without_tests():
     files = D.stdlib_files()
-    root = Path(D.sysconfig.get_paths()["stdlib"])
+    root = Path(sysconfig.get_paths()["stdlib"])
     rel = [f.relative_to(root).as_posix() for f in files]
     assert len(rel) > 300 and rel == sorted(rel)
     assert all(r.endswith(".py") for r in rel)
@@ -202,10 +206,10 @@ def test_streaming_path_matches_map_path():
 
     docs = _docs(50) + [""]
     ds = datasets.Dataset.from_dict({"text": docs})
-    tok = D.load_tokenizer("bytes")
+    tok = load_tokenizer("bytes")
     for cap in (None, 1_234):
-        a = D._tokenize(ds, "text", tok, cap)
-        b = D._tokenize(ds.to_iterable_dataset(), "text", tok, cap if cap else None)
+        a = T._tokenize(ds, "text", tok, cap)
+        b = T._tokenize(ds.to_iterable_dataset(), "text", tok, cap if cap else None)
         np.testing.assert_array_equal(a[0], b[0])
         np.testing.assert_array_equal(a[1], b[1])
         if cap is None:

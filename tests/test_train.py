@@ -8,7 +8,7 @@ import torch
 
 from trajinv.checkpoint import load_checkpoint, save_checkpoint
 from trajinv.config import Member, OptimConfig
-from conftest import metrics_without_time
+from helpers import metrics_without_time
 from trajinv.train import METRICS, Trainer
 
 

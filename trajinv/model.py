@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from trajinv.config import ModelConfig
-from trajinv.gns_ops import member_linear, rms_norm
+from trajinv.ops import member_linear, rms_norm
 
 
 def rope_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

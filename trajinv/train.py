@@ -16,19 +16,17 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from trajinv.checkpoint import SIDECAR, load_checkpoint, save_checkpoint
-from dataclasses import replace
-
 from trajinv.config import TrainConfig, to_dict
 from trajinv.data import TokenData, sample_batch, validation_batches
-from trajinv.gns_meter import LOG_KEYS, GNSMeter
+from trajinv.gns.meter import LOG_KEYS, GNSMeter
 from trajinv.model import GPT
-from trajinv.population_optim import STAT_FIELDS, build_optimizer
+from trajinv.optim.population import STAT_FIELDS, build_optimizer
 from trajinv.schedules import BatchSchedule, lr_multiplier
 
 METRICS = "metrics.jsonl"
@@ -81,8 +79,8 @@ class Trainer:
                     if not cfg.micro_batch or b % cfg.micro_batch or b // cfg.micro_batch < 2:
                         raise ValueError(f"GNS micro-batch mode needs --micro-batch dividing batch size {b} "
                                          f"into >= 2 micro-batches, got micro_batch={cfg.micro_batch}")
-            self.gns = GNSMeter(dict(self.model.named_parameters()), self.K, cfg.gns, self.optimizer.preconditioners,
-                                self.model.probes, backend=cfg.kernels)
+            self.gns = GNSMeter(dict(self.model.named_parameters()), self.K, cfg.gns, self.model.probes,
+                                backend=cfg.kernels)
         self.last_gns: dict[str, torch.Tensor] = {}
         self.lrs = torch.tensor([m.lr for m in cfg.members])
         self.wds = torch.tensor([m.wd for m in cfg.members])
@@ -142,14 +140,20 @@ class Trainer:
 
     # ------------------------------------------------------------- training
     def _forward_backward(self, step: int, batch_size: int) -> torch.Tensor:
-        """Mean train loss per member (K,) over the step's batch; gradients in .grad."""
+        """Mean train loss per member (K,) over the step's batch; gradients in .grad.
+
+        The trainer owns `.grad`: it clears them here, and when the GNS meter sums the
+        micro-batches itself (micro-batch mode) it hands each micro-batch's gradients
+        over and puts the step's sums back at the end."""
         cfg = self.cfg
         x, y = sample_batch(self.data.train, batch_size, cfg.model.context, cfg.seed, step)
         x, y = x.to(cfg.device), y.to(cfg.device)
         micro = cfg.micro_batch or batch_size
         total = torch.zeros(self.K, device=cfg.device)
-        for p in self.model.parameters():
+        params = dict(self.model.named_parameters())
+        for p in params.values():
             p.grad = None
+        handover = self.gns is not None and self.gns.accumulates
         for start in range(0, batch_size, micro):
             xs, ys = x[start : start + micro], y[start : start + micro]
             with _autocast(cfg):
@@ -158,11 +162,14 @@ class Trainer:
             loss = loss * (xs.shape[0] / batch_size)
             # Diverged members are frozen: keep their NaNs out of the backward.
             torch.where(self.alive.to(loss.device), loss, 0.0).sum().backward()
-            if self.gns is not None:
-                self.gns.after_backward()
+            if handover:
+                self.gns.accumulate({n: p.grad for n, p in params.items() if p.grad is not None})
+                for p in params.values():
+                    p.grad = None
             total += loss.detach().float()
-        if self.gns is not None:
-            self.gns.end_backward()
+        if handover:
+            for name, g in self.gns.accumulated().items():
+                params[name].grad = g
         return total.cpu()
 
     def _grad_norms(self) -> torch.Tensor:
@@ -198,7 +205,8 @@ class Trainer:
                 step = self.step
                 bs = self.batches.at(step, cfg.steps)
                 mult = lr_multiplier(step, cfg.steps, cfg.schedule)
-                measured = self.gns is not None and self.gns.begin_step(step)
+                measured = self.gns is not None and self.gns.begin_step(
+                    step, self.optimizer.preconditioners() if self.gns.wants_preconditioner(step) else None)
                 loss = self._forward_backward(step, bs)
                 finite = torch.isfinite(loss)
                 newly_dead = self.alive & ~finite
@@ -217,7 +225,7 @@ class Trainer:
                 evaluated = done % cfg.eval_every == 0 or done == cfg.steps
                 logging = evaluated or done % cfg.log_every == 0 or bool(newly_dead.any())
                 # Statistics cost extra passes on CPU: ask for them only when logged or measured.
-                emit = self.gns is not None and self.gns.measures_with_w(done)
+                emit = self.gns is not None and self.gns.wants_preconditioner(done)
                 stats = self.optimizer.step(mult, clip.to(cfg.device), stats=logging or measured,
                                             emit_preconditioner=emit)
                 gns = None

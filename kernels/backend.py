@@ -1,0 +1,47 @@
+"""What every op family shares: the dtypes it takes and which code path runs.
+
+Each op family in this package has two paths:
+
+- ``"triton"``: the fused Triton kernel. Runs on CUDA; on CPU only under
+  ``TRITON_INTERPRET=1`` (the interpreter the tests use to run the GPU code).
+- ``"cpu"``: the CPU path, mostly small native C++ loops (`kernels.native`)
+  with torch ops as the fallback where a native loop cannot run.
+
+``"auto"`` picks Triton for CUDA tensors and the CPU path otherwise. ``"torch"``
+is accepted as the old name of ``"cpu"``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal, get_args
+
+import torch
+
+Backend = Literal["auto", "triton", "cpu"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+ALIASES = {"torch": "cpu"}  # earlier name of the CPU paths
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def normalize_backend(backend: str) -> str:
+    """The canonical name of `backend` ('torch' -> 'cpu'); one-line error for an unknown name."""
+    name = ALIASES.get(backend, backend)
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)} (or 'torch', an alias of 'cpu'), "
+                         f"got {backend!r}")
+    return name
+
+
+def resolve_backend(backend: str, device: torch.device) -> Literal["triton", "cpu"]:
+    """The path that runs for tensors on `device`: 'auto' becomes 'triton' on CUDA, 'cpu' elsewhere."""
+    name = normalize_backend(backend)
+    if name == "auto":
+        return "triton" if device.type == "cuda" else "cpu"
+    return name  # type: ignore[return-value]
+
+
+def triton_available() -> bool:
+    """Can Triton kernels run in this process (a CUDA device, or the CPU interpreter)?"""
+    return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()

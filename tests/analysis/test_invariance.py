@@ -1,0 +1,225 @@
+"""Invariance analysis on synthetic curves whose overlap structure is known."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from trajinv.analysis.invariance import analyze_sweep, invariance_report, iso_elr_groups, iso_lr_groups, transition_step
+from trajinv.analysis.records import curves, load_metrics, load_summary
+
+LRS = (2e-3, 4e-3, 8e-3)
+WDS = (0.05, 0.1, 0.2)
+
+
+def f(x):  # early: a function of lr * step only
+    return 2.0 + 3.0 * math.exp(-x)
+
+
+def g(y):  # late: a function of lr * wd * step only
+    return 1.5 + math.exp(-y)
+
+
+def blended(lr, wd, s):
+    """f(lr*s) fading into g(lr*wd*s) on the 1/(lr*wd) time scale."""
+    a = math.exp(-lr * wd * s)
+    return a * f(lr * s) + (1 - a) * g(lr * wd * s)
+
+
+def switched(lr, wd, s, t=300):
+    """Exactly LR-invariant before step t, exactly ELR-invariant from t on."""
+    return f(lr * s) if s < t else g(lr * wd * s)
+
+
+def make_records(loss, lrs=LRS, wds=WDS, steps=range(0, 1001, 50), bs=32, run_id="r0"):
+    recs, m = [], 0
+    for lr in lrs:
+        for wd in wds:
+            for s in steps:
+                v = loss(lr, wd, s)
+                recs.append({"run_id": run_id, "member": m, "name": f"lr={lr:g},wd={wd:g}", "step": s,
+                             "tokens": s * bs * 64, "lr": lr, "base_lr": lr, "wd": wd, "elr": lr * wd,
+                             "batch_size": bs, "train_loss": v, "val_loss": v})
+            m += 1
+    return recs
+
+
+def group_spreads(loss, step, kind, lrs=LRS, wds=WDS):
+    """Hand computation of the mean spread, independent of the module's grouping."""
+    members = [(lr, wd) for lr in lrs for wd in wds]
+    if kind == "LR":
+        groups = [[m for m in members if m[0] == lr] for lr in lrs]
+    else:
+        elrs = sorted({round(lr * wd, 12) for lr, wd in members})
+        groups = [[m for m in members if round(m[0] * m[1], 12) == e] for e in elrs]
+        groups = [grp for grp in groups if len({lr for lr, _ in grp}) >= 2]
+    spreads = [max(loss(*m, step) for m in grp) - min(loss(*m, step) for m in grp) for grp in groups]
+    return float(np.mean(spreads)), len(groups)
+
+
+def test_switched_curves_give_exact_spreads_verdicts_and_transition():
+    rep = invariance_report(make_records(switched))
+    assert (rep.early_step, rep.late_step) == (100, 1000)  # 10% of the last common step
+    assert rep.iso_lr_early == 0.0 and rep.iso_elr_late == 0.0
+    want_elr_early, n_elr = group_spreads(switched, 100, "ELR")
+    want_lr_late, n_lr = group_spreads(switched, 1000, "LR")
+    assert (n_lr, n_elr) == (3, 3)
+    assert rep.iso_elr_early == pytest.approx(want_elr_early, rel=1e-12)
+    assert rep.iso_lr_late == pytest.approx(want_lr_late, rel=1e-12)
+    assert (rep.verdict_early, rep.verdict_late) == ("LR", "ELR")
+    assert rep.transition_step == 300
+    lo, hi = rep.transition_elr_steps
+    assert lo == pytest.approx(2e-3 * 0.05 * 300) and hi == pytest.approx(8e-3 * 0.2 * 300)
+    assert rep.diverged == ()
+
+
+def test_blended_curves_lr_early_elr_late():
+    recs = make_records(blended, steps=range(0, 5001, 100))
+    rep = invariance_report(recs)
+    assert (rep.early_step, rep.late_step) == (500, 5000)
+    assert (rep.verdict_early, rep.verdict_late) == ("LR", "ELR")
+    for step, lr_s, elr_s in ((500, rep.iso_lr_early, rep.iso_elr_early), (5000, rep.iso_lr_late, rep.iso_elr_late)):
+        assert lr_s == pytest.approx(group_spreads(blended, step, "LR")[0], rel=1e-9)
+        assert elr_s == pytest.approx(group_spreads(blended, step, "ELR")[0], rel=1e-9, abs=1e-12)
+    t = rep.transition_step
+    assert t is not None and 500 < t < 5000
+    # From t on the ELR spread stays below the LR spread, just before it does not.
+    lr_g, elr_g = {s: group_spreads(blended, s, "LR")[0] for s in (t - 100, t)}, \
+        {s: group_spreads(blended, s, "ELR")[0] for s in (t - 100, t)}
+    assert elr_g[t] < lr_g[t] and elr_g[t - 100] >= lr_g[t - 100]
+    assert transition_step(recs) == t
+
+
+def test_hand_computed_table_and_diverged_member_excluded():
+    table = {  # (lr, wd): (loss at step 10, loss at step 100)
+        (0.01, 1.0): (3.00, 2.00), (0.01, 2.0): (3.10, 1.80),
+        (0.02, 0.5): (2.50, 2.05), (0.02, 1.0): (2.60, 1.78),
+    }
+    recs = []
+    for m, ((lr, wd), vals) in enumerate(table.items()):
+        for s, v in zip((10, 100), vals):
+            recs.append({"run_id": "a", "member": m, "step": s, "base_lr": lr, "wd": wd, "elr": lr * wd,
+                         "batch_size": 8, "train_loss": v, "val_loss": v})
+    # A diverged fifth member in the lr=0.01 group: far off at step 10, NaN later.
+    recs += [{"run_id": "a", "member": 4, "name": "blowup", "step": 10, "base_lr": 0.01, "wd": 4.0,
+              "batch_size": 8, "train_loss": 9.0, "val_loss": 9.0},
+             {"run_id": "a", "member": 4, "name": "blowup", "step": 100, "base_lr": 0.01, "wd": 4.0,
+              "batch_size": 8, "train_loss": float("nan"), "val_loss": None}]
+    rep = invariance_report(recs, early_step=10, late_step=100)
+    assert rep.iso_lr_early == pytest.approx(0.10)  # mean(|3.0-3.1|, |2.5-2.6|)
+    assert rep.iso_elr_early == pytest.approx(0.50)  # mean(|3.0-2.5|, |3.1-2.6|)
+    assert rep.iso_lr_late == pytest.approx((0.20 + 0.27) / 2)
+    assert rep.iso_elr_late == pytest.approx((0.05 + 0.02) / 2)
+    assert (rep.verdict_early, rep.verdict_late) == ("LR", "ELR")
+    assert rep.diverged == ("blowup",)
+    assert all("blowup" not in g.members for g in rep.groups)
+    assert rep.transition_step == 100
+    text = rep.format(details=True)
+    assert "blowup" in text and "early (step 10)" in text and "late (step 100)" in text
+    assert len(text.splitlines()) <= 12
+    json.dumps(rep.to_dict())
+
+
+def test_identical_curves_are_a_tie_not_a_transition():
+    recs = make_records(lambda lr, wd, s: f(s / 100))
+    rep = invariance_report(recs)
+    assert (rep.verdict_early, rep.verdict_late) == ("tie", "tie")
+    assert rep.iso_lr_late == 0.0 and rep.transition_step is None
+
+
+def test_no_transition_when_curves_only_depend_on_lr():
+    recs = make_records(lambda lr, wd, s: f(lr * s))
+    assert transition_step(recs) is None
+    rep = invariance_report(recs)
+    assert rep.verdict_late == "LR" and rep.transition_step is None
+    assert "not observed" in rep.format()
+
+
+def test_grouping_tolerance_and_batch_sizes_kept_apart():
+    assert 0.1 * 3.0 != 0.3 * 1.0  # floating point: 0.30000000000000004
+    recs = make_records(switched, lrs=(0.1, 0.3), wds=(1.0, 3.0), steps=(0, 10))
+    cs = curves(recs).values()
+    (elr_group,) = iso_elr_groups(cs)
+    assert elr_group.value == pytest.approx(0.3) and len(elr_group.members) == 2
+    assert len(iso_lr_groups(cs)) == 2
+    # Same lr, different wd, but different batch sizes: no group.
+    mixed = make_records(switched, lrs=(0.1,), wds=(0.3,), bs=8, run_id="x") + \
+        make_records(switched, lrs=(0.1,), wds=(1.0,), bs=64, run_id="y")
+    assert iso_lr_groups(curves(mixed).values()) == []
+    rep = invariance_report(mixed)
+    assert rep.verdict_early == "n/a" and rep.transition_step is None
+
+
+def test_curves_skip_nulls_and_interpolate():
+    recs = make_records(switched, lrs=(0.01,), wds=(1.0,), steps=range(0, 101, 10))
+    for r in recs:
+        if r["step"] % 20:
+            r["val_loss"] = None
+    (c,) = curves(recs).values()
+    assert list(c.steps) == [0, 20, 40, 60, 80, 100]
+    assert c.at(30) == pytest.approx((c.at(20) + c.at(40)) / 2)
+    assert math.isnan(c.at(101)) and not c.diverged
+
+
+def test_running_member_sets_late_step():
+    recs = make_records(switched)
+    recs = [r for r in recs if not (r["member"] == 0 and r["step"] > 600)]
+    rep = invariance_report(recs)
+    assert (rep.early_step, rep.late_step) == (50, 600)
+
+
+def test_bad_input_errors():
+    with pytest.raises(ValueError, match="-5"):
+        invariance_report(make_records(switched), early_step=-5)
+    with pytest.raises(ValueError, match="member 3 lacks wd"):
+        curves([{"run_id": "r", "member": 3, "step": 1, "base_lr": 0.1, "val_loss": 2.0}])
+    with pytest.raises(ValueError, match="no metric records"):
+        curves([])
+
+
+def _write_sweep(root, recs, status=None):
+    by_run = {}
+    for r in recs:
+        by_run.setdefault(r["run_id"], []).append(r)
+    for run_id, rs in by_run.items():
+        d = root / "runs" / run_id
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rs))
+    rows = ["run_id,member,name,lr,wd,elr,batch_size,steps,status"]
+    seen = {}
+    for r in recs:
+        seen[(r["run_id"], r["member"])] = r
+    for (run_id, m), r in seen.items():
+        st = (status or {}).get(m, "done")
+        rows.append(f"{run_id},{m},\"{r['name']}\",{r['lr']},{r['wd']},{r['elr']},{r['batch_size']},{r['step']},{st}")
+    (root / "summary.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_sweep_dir_round_trip(tmp_path):
+    recs = make_records(switched, run_id="0001")
+    _write_sweep(tmp_path, recs, status={4: "diverged"})
+    # A live run leaves a half-written last line: it is skipped, not an error.
+    with (tmp_path / "runs" / "0001" / "metrics.jsonl").open("a") as fh:
+        fh.write('{"run_id": "0001", "memb')
+    loaded = load_metrics(tmp_path)
+    assert len(loaded) == len(recs) and loaded[0] == recs[0]
+    rows = load_summary(tmp_path)
+    assert rows[0]["run_id"] == "0001" and rows[0]["member"] == 0 and rows[0]["lr"] == 2e-3
+    rep = analyze_sweep(tmp_path)
+    assert rep.diverged == (recs[4 * 21]["name"],)  # member 4, marked by the summary only
+    assert (rep.verdict_early, rep.verdict_late) == ("LR", "ELR")
+
+
+def test_missing_empty_and_malformed_sweep_dirs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_metrics(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no metric records"):
+        load_metrics(tmp_path)
+    with pytest.raises(FileNotFoundError, match="summary.csv"):
+        load_summary(tmp_path)
+    d = tmp_path / "runs" / "r"
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text('{"step": 1\n{"step": 2}\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:1"):
+        load_metrics(tmp_path)

@@ -1,0 +1,94 @@
+"""Plots: one line per member, colour and style encode the invariance groups, valid PNGs."""
+
+import json
+import math
+
+import pytest
+from matplotlib.colors import to_rgba
+
+from trajinv.analysis.plots import build_gns_figure, build_loss_figure, plot_loss_curves, plot_sweep
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def make_records(lrs=(4e-3, 8e-3, 1.6e-2), wds=(0.5, 1.0, 2.0), steps=range(0, 201, 20), gns=False):
+    recs, m = [], 0
+    for lr in lrs:
+        for wd in wds:
+            for s in steps:
+                v = 2.0 + 3.0 * math.exp(-lr * s) + math.exp(-lr * wd * s)
+                r = {"run_id": "r0", "member": m, "name": f"lr={lr:g},wd={wd:g}", "step": s, "lr": lr,
+                     "base_lr": lr, "wd": wd, "elr": lr * wd, "batch_size": 32, "train_loss": v,
+                     "val_loss": v if s % 40 == 0 else None}
+                if gns:
+                    r["b_precond_smooth"] = 10.0 + s
+                recs.append(r)
+            m += 1
+    return recs
+
+
+def _by_name(fig):
+    return {line.get_label(): line for line in fig.axes[0].lines}
+
+
+@pytest.mark.parametrize("color_by", ["lr", "elr"])
+def test_one_line_per_member_with_colorbar(color_by):
+    fig = build_loss_figure(make_records(), color_by=color_by, logx=True)
+    lines = _by_name(fig)
+    assert len(lines) == 9 and len(fig.axes) == 2  # plot + colorbar
+    assert list(lines["lr=0.008,wd=1"].get_xdata()) == [0, 40, 80, 120, 160, 200]  # nulls skipped
+    same_lr = [lines[f"lr=0.008,wd={wd:g}"] for wd in (0.5, 1, 2)]
+    same_elr = [lines[n] for n in ("lr=0.004,wd=2", "lr=0.008,wd=1", "lr=0.016,wd=0.5")]
+    shared, varied = (same_lr, same_elr) if color_by == "lr" else (same_elr, same_lr)
+    # Members sharing the coloured quantity share a colour and differ in line style.
+    assert len({to_rgba(ln.get_color()) for ln in shared}) == 1
+    assert len({str(ln.get_linestyle()) for ln in shared}) == 3
+    assert len({to_rgba(ln.get_color()) for ln in varied}) == 3
+    assert fig.axes[0].get_xscale() == "symlog"
+
+
+def test_bad_color_by_and_missing_key():
+    with pytest.raises(ValueError, match="'wd'"):
+        build_loss_figure(make_records(), color_by="wd")
+    with pytest.raises(ValueError, match="'grad_norm'"):
+        build_loss_figure(make_records(), key="grad_norm")
+
+
+def test_diverged_member_drawn_faintly():
+    recs = make_records(lrs=(4e-3,), wds=(0.5, 1.0))
+    for r in recs:
+        if r["member"] == 1 and r["step"] >= 100:
+            r["train_loss"] = float("nan")
+            r["val_loss"] = None
+    lines = _by_name(build_loss_figure(recs))
+    assert lines["lr=0.004,wd=1"].get_alpha() < lines["lr=0.004,wd=0.5"].get_alpha()
+    assert max(lines["lr=0.004,wd=1"].get_xdata()) == 80
+
+
+def test_plot_loss_curves_writes_png_atomically(tmp_path):
+    out = plot_loss_curves(make_records(), tmp_path / "sub" / "x.png", color_by="elr", title="t")
+    data = out.read_bytes()
+    assert out == tmp_path / "sub" / "x.png" and data.startswith(PNG_SIGNATURE) and len(data) > 1000
+    assert [p.name for p in out.parent.iterdir()] == ["x.png"]  # no temporary left behind
+    with pytest.raises(ValueError, match="x.jpg"):
+        plot_loss_curves(make_records(), tmp_path / "x.jpg")
+
+
+@pytest.mark.parametrize("gns", [False, True])
+def test_plot_sweep(tmp_path, gns):
+    d = tmp_path / "runs" / "r0"
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_records(gns=gns)))
+    paths = plot_sweep(tmp_path)
+    want = ["val_loss_by_lr.png", "val_loss_by_elr.png"] + (["gns.png"] if gns else [])
+    assert [p.name for p in paths] == want
+    for p in paths:
+        assert p.parent == tmp_path and p.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_gns_figure_has_batch_size_line():
+    fig = build_gns_figure(make_records(gns=True))
+    ax = fig.axes[0]
+    hlines = [ln for ln in ax.lines if list(ln.get_ydata()) == [32, 32]]
+    assert len(ax.lines) == 9 + 1 and len(hlines) == 1 and ax.get_yscale() == "log"
+    assert build_gns_figure(make_records()) is None

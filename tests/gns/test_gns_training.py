@@ -1,0 +1,128 @@
+"""Gradient noise scale in the trainer: both modes, agreement, logs, summary, resume, off costs nothing."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from trajinv.config import Member, ModelConfig, OptimConfig
+from trajinv.gns import GNSConfig
+from helpers import metrics_without_time
+from trajinv.train import METRICS, Trainer
+
+
+def _cfg(tiny_train_config, mode, **kw):
+    base = dict(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, context=32), members=(Member(1e-2, 0.1),),
+                steps=100, batch_size="16", micro_batch=2, eval_every=100, log_every=1, checkpoint_every=0,
+                gns=GNSConfig(mode=mode, precond_warmup=5, embeddings=False))
+    base.update(kw)
+    return tiny_train_config(**base)
+
+
+def _records(path):
+    return [json.loads(line) for line in (path / METRICS).read_text().splitlines()]
+
+
+def _ratio_of_means(recs, num, den):
+    a, b = np.array([r[num] for r in recs]), np.array([r[den] for r in recs])
+    rel_se = math.hypot(a.std() / a.mean(), b.std() / b.mean()) / math.sqrt(len(a))
+    return a.mean() / b.mean(), rel_se
+
+
+def test_per_example_and_micro_batch_agree_within_noise(tiny_data, tiny_train_config, tmp_path):
+    """Same run, same tensors measured: B_simple and B_precond agree within 3 standard errors."""
+    out = {}
+    for mode in ("per-example", "micro-batch"):
+        Trainer(_cfg(tiny_train_config, mode), tiny_data, tmp_path / mode).train()
+        out[mode] = _records(tmp_path / mode)[20:]
+    for num, den in (("tr_sigma", "g2"), ("tr_w_sigma", "g2_w")):
+        b_pe, se_pe = _ratio_of_means(out["per-example"], num, den)
+        b_mb, se_mb = _ratio_of_means(out["micro-batch"], num, den)
+        assert b_pe > 0 and b_mb > 0
+        assert abs(math.log(b_pe / b_mb)) < 3 * math.hypot(se_pe, se_mb), (num, b_pe, b_mb)
+
+
+def test_logs_identity_warmup_then_preconditioned(tiny_data, tiny_train_config, tmp_path):
+    Trainer(_cfg(tiny_train_config, "per-example", steps=8), tiny_data, tmp_path).train()
+    recs = _records(tmp_path)
+    assert [r["gns_w_identity"] for r in recs] == [True] * 5 + [False] * 3
+    for key in ("gns_grad_norm", "gns_grad_norm_w", "tr_sigma", "tr_w_sigma", "b_simple", "b_precond",
+                "b_simple_smooth", "b_precond_smooth"):
+        assert key in recs[-1]
+    # Under W = 1 the weighted and plain quantities coincide.
+    assert recs[0]["tr_w_sigma"] == pytest.approx(recs[0]["tr_sigma"])
+
+
+def test_gns_does_not_change_training(tiny_data, tiny_train_config, tmp_path):
+    losses = {}
+    for mode in ("off", "per-example", "micro-batch"):
+        Trainer(_cfg(tiny_train_config, mode, steps=5), tiny_data, tmp_path / mode).train()
+        losses[mode] = [r["train_loss"] for r in _records(tmp_path / mode)]
+    assert losses["per-example"] == pytest.approx(losses["off"], rel=1e-5)
+    assert losses["micro-batch"] == pytest.approx(losses["off"], rel=1e-5)
+    assert "b_precond" not in _records(tmp_path / "off")[0]
+
+
+def test_off_attaches_no_probes(tiny_data, tiny_train_config, tmp_path):
+    tr = Trainer(_cfg(tiny_train_config, "off"), tiny_data, tmp_path)
+    assert tr.gns is None and tr.model.probes == {}
+
+
+def test_summary_records_noise_scale_and_regime(tiny_data, tiny_train_config, tmp_path):
+    res = Trainer(_cfg(tiny_train_config, "per-example", steps=30), tiny_data, tmp_path).train()
+    b = res[0].extra["b_precond"]
+    assert b is not None and b > 0
+    assert res[0].extra["batch_regime"] == ("small" if 16 < b else "large")
+
+
+@pytest.mark.parametrize("optimizer", ["torch", "fused"])
+def test_resume_with_gns_is_bit_identical(tiny_data, tiny_train_config, tmp_path, optimizer, interrupted_run):
+    # resume at step 4, after the identity warm-up: W must come from the restored optimizer state
+    cfg = _cfg(tiny_train_config, "micro-batch", steps=10, checkpoint_every=4, optim=OptimConfig(name=optimizer),
+               gns=GNSConfig(mode="micro-batch", precond_warmup=2))
+    Trainer(cfg, tiny_data, tmp_path / "a").train()
+    start, resumed = interrupted_run(cfg, tmp_path / "b", stop_at=6)
+    assert start == 4
+    assert resumed == metrics_without_time(tmp_path / "a")
+
+
+@pytest.mark.parametrize("micro", [0, 3, 16])
+def test_micro_batch_mode_needs_two_equal_micro_batches(tiny_data, tiny_train_config, tmp_path, micro):
+    with pytest.raises(ValueError, match="micro-batch"):
+        Trainer(_cfg(tiny_train_config, "micro-batch", micro_batch=micro), tiny_data, tmp_path)
+
+
+def test_every_nth_step_measured_and_probes_detached_between(tiny_data, tiny_train_config, tmp_path):
+    cfg = _cfg(tiny_train_config, "per-example", steps=6, gns=GNSConfig(mode="per-example", every=3))
+    tr = Trainer(cfg, tiny_data, tmp_path)
+    tr.train(until=2)
+    assert tr.model.probes == {}  # step 1 was not measured: plain autograd
+    tr.train()
+    measured = [r["step"] for r in _records(tmp_path) if "b_precond" in r]
+    assert measured == [1, 4]  # steps 0 and 3 (0-based), logged after the update
+
+
+def test_bad_gns_every():
+    with pytest.raises(ValueError, match="every"):
+        GNSConfig(mode="micro-batch", every=0)
+
+
+@pytest.mark.parametrize("mode", ["per-example", "micro-batch"])
+def test_triton_code_path_matches_cpu_path(tiny_data, tiny_train_config, tmp_path, mode):
+    """The trainer on the GPU code path (Triton AdamW and GNS kernels, interpreter) equals the CPU path."""
+    base = dict(model=ModelConfig(d_model=16, n_layers=1, n_heads=2, context=8), members=(Member(1e-2, 0.1),
+                Member(2e-2, 0.5)), steps=3, batch_size="4", micro_batch=2, eval_every=3, eval_seqs=4,
+                log_every=1, optim=OptimConfig(name="fused"),
+                # no embedding: its never-seen rows have W = 1/eps = 1e8, which turns fp32 summation-order
+                # differences into visible ones (|G|_W^2 is then a difference of ~1e9-sized terms)
+                gns=GNSConfig(mode=mode, precond_warmup=1, embeddings=False))
+    runs = {}
+    for kernels in ("torch", "triton"):
+        Trainer(tiny_train_config(**base, kernels=kernels), tiny_data, tmp_path / kernels).train()
+        runs[kernels] = _records(tmp_path / kernels)
+    assert len(runs["torch"]) == len(runs["triton"]) == 6
+    for a, b in zip(runs["torch"], runs["triton"]):
+        for key in ("train_loss", "grad_norm", "precond_grad_norm", "weight_norm", "update_norm",
+                    "tr_sigma", "tr_w_sigma", "g2", "g2_w"):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key

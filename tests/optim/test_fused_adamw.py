@@ -1,0 +1,455 @@
+"""FusedAdamW against torch.optim.AdamW, on the CPU path and the Triton path (interpreter)."""
+
+import math
+
+import pytest
+import torch
+
+from trajinv.kernels import adamw as F
+from trajinv.optim import AdamWStats, FusedAdamW, stochastic_round_bf16
+
+BACKENDS = ["torch", "triton"]
+SHAPES = [(0,), (1,), (7, 3), (1100,), (33,)]  # empty, 1, odd, > one kernel block
+
+
+def _params(shapes, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(dtype)) for s in shapes]
+
+
+def _clone(ps, dtype=None):
+    return [torch.nn.Parameter(p.detach().clone().to(dtype or p.dtype)) for p in ps]
+
+
+def _grads(ps, gen, scale=1.0):
+    return [torch.randn(p.shape, generator=gen) * scale for p in ps]
+
+
+def _groups(ps):
+    return [{"params": ps[:3]}, {"params": ps[3:], "lr": 3e-3, "weight_decay": 0.2, "betas": (0.8, 0.99)}]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp32_matches_torch_adamw_over_20_steps(backend):
+    ps = _params(SHAPES)
+    qs = _clone(ps)
+    opt = FusedAdamW(_groups(ps), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, backend=backend)
+    ref = torch.optim.AdamW(_groups(qs), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        for p, q, g in zip(ps, qs, _grads(ps, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_params_track_fp32_adamw(backend, dtype):
+    """16-bit params, fp32 states: a few ulps from fp32 AdamW fed the same (rounded) grads,
+    and no further from it than torch.optim.AdamW run on the 16-bit params themselves."""
+    ps = _params([(5, 40), (1100,)], dtype)
+    mw, ts = _clone(ps), _clone(ps)
+    qs = _clone(ps, torch.float32)
+    opt = FusedAdamW(ps, lr=1e-2, weight_decay=0.1, backend=backend)
+    opt_m = FusedAdamW(mw, lr=1e-2, weight_decay=0.1, backend=backend, master_weights=True)
+    ref = torch.optim.AdamW(qs, lr=1e-2, weight_decay=0.1, foreach=False)
+    ref16 = torch.optim.AdamW(ts, lr=1e-2, weight_decay=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        for p, m, t, q, g in zip(ps, mw, ts, qs, _grads(ps, gen)):
+            g = g.to(dtype)
+            p.grad, m.grad, t.grad, q.grad = g.clone(), g.clone(), g.clone(), g.float()
+        for o in (opt, opt_m, ref, ref16):
+            o.step()
+    mant = {torch.bfloat16: 7, torch.float16: 10}[dtype]
+    for p, m, t, q in zip(ps, mw, ts, qs):
+        # master weights: the fp32 copy follows fp32 AdamW tightly, the param is its rounding
+        torch.testing.assert_close(opt_m.state[m]["master_param"], q.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(m.detach(), q.detach().to(dtype))
+        # without: per-step rounding drifts, by a few ulps of the value over 20 steps
+        q = q.detach()
+        ulp = torch.exp2(torch.floor(torch.log2(q.abs().clamp_min(2**-6))) - mant)
+        err = ((p.detach().float() - q).abs() / ulp)
+        err16 = ((t.detach().float() - q).abs() / ulp)
+        assert err.max() <= 8 and err.mean() <= 1.5, (err.max(), err.mean())
+        assert err.mean() <= err16.mean() * 1.05, (err.mean(), err16.mean())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_stochastic_rounding_without_master_is_unbiased(backend):
+    """Many small updates that round-to-nearest would drop: SR keeps the mean on track."""
+    n = 2048
+    p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    opt = FusedAdamW([p], lr=1e-3, weight_decay=0.0, backend=backend, stochastic_rounding=True, seed=3)
+    q = torch.nn.Parameter(torch.ones(n))
+    ref = torch.optim.AdamW([q], lr=1e-3, weight_decay=0.0, foreach=False)
+    for _ in range(6):
+        p.grad = torch.ones(n, dtype=torch.bfloat16)
+        q.grad = torch.ones(n)
+        opt.step()
+        ref.step()
+    # each step moves by ~1e-3 < half a bf16 ulp below 1 (2**-9): round-to-nearest would stay at 1.0
+    target = q[0].item()
+    assert abs(p.double().mean().item() - target) < 4 * 2**-8 / math.sqrt(n)
+    assert p.float().std() > 0
+
+
+def test_stochastic_round_helper_is_unbiased():
+    x = torch.full((1 << 14,), 1.0 + 2**-10)
+    y = stochastic_round_bf16(x, seed=0).double()
+    assert set(y.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert abs(y.mean().item() - (1.0 + 2**-10)) < 4 * 2**-7 / 2 / 128
+
+
+def _member_setup(backend, k=3):
+    lrs, wds = [1e-3, 2e-3, 4e-2], [0.1, 0.0, 0.05]
+    decayed = _params([(k, 5, 7), (k, 300), (k, 0)], seed=4)  # and an empty member-axis param
+    gains = _params([(k, 9)], seed=5)
+    opt = FusedAdamW([{"params": decayed, "lr": lrs, "weight_decay": wds},
+                      {"params": gains, "lr": torch.tensor(lrs), "weight_decay": 0.0}],
+                     betas=(0.9, 0.95), backend=backend)
+    refs = []
+    for j in range(k):
+        d = [torch.nn.Parameter(p.detach()[j].clone()) for p in decayed]
+        g = [torch.nn.Parameter(p.detach()[j].clone()) for p in gains]
+        refs.append((d + g, torch.optim.AdamW([{"params": d, "lr": lrs[j], "weight_decay": wds[j]},
+                                               {"params": g, "lr": lrs[j], "weight_decay": 0.0}],
+                                              betas=(0.9, 0.95), foreach=False)))
+    return decayed + gains, opt, refs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_member_axis_matches_k_separate_torch_optimizers(backend):
+    ps, opt, refs = _member_setup(backend)
+    gen = torch.Generator().manual_seed(6)
+    gs = torch.tensor([1.0, 2.0, 4.0])  # per-member grad scale (the trainer's per-member clipping)
+    for i in range(12):
+        grads = _grads(ps, gen)
+        if i == 5:  # the trainer's schedule: new per-member lr every step, as a list
+            opt.param_groups[0]["lr"] = [2e-3, 1e-3, 2e-2]
+            opt.param_groups[1]["lr"].mul_(0.5)  # or in place on the tensor
+            for j, (_, ref) in enumerate(refs):
+                ref.param_groups[0]["lr"] = [2e-3, 1e-3, 2e-2][j]
+                ref.param_groups[1]["lr"] *= 0.5
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        for j, (qs, ref) in enumerate(refs):
+            for q, g in zip(qs, grads):
+                q.grad = g[j] / gs[j]
+            ref.step()
+        opt.step(grad_scale=gs)
+    for pi, p in enumerate(ps):
+        for j, (qs, _) in enumerate(refs):
+            torch.testing.assert_close(p.detach()[j], qs[pi].detach(), rtol=1e-5, atol=1e-6)
+    st = opt.statistics()
+    assert all(f.shape == (3,) and f.dtype == torch.float32 for s in st.values() for f in s)
+
+
+def test_member_group_rejects_params_without_the_axis():
+    with pytest.raises(ValueError, match=r"\(4, 5\)"):
+        FusedAdamW([{"params": [torch.nn.Parameter(torch.zeros(4, 5))], "lr": [1e-3, 2e-3, 3e-3]}])
+    with pytest.raises(ValueError, match="differ in length"):
+        FusedAdamW([{"params": [torch.nn.Parameter(torch.zeros(3, 5))], "lr": [1, 2, 3], "weight_decay": [1, 2]}])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_independent_decay_against_hand_written_reference(backend):
+    p = _params([(50,)], seed=7)[0]
+    x = p.detach().clone().double()
+    lr0, wd, b1, b2, eps = 1e-2, 0.01, 0.9, 0.99, 1e-8
+    opt = FusedAdamW([p], lr=lr0, betas=(b1, b2), eps=eps, weight_decay=wd, decay_mode="independent",
+                     backend=backend)
+    m = torch.zeros_like(x)
+    v = torch.zeros_like(x)
+    gen = torch.Generator().manual_seed(8)
+    for t in range(1, 9):
+        lr = lr0 * (1 - t / 10)  # a schedule: the decay follows lr / lr0
+        opt.param_groups[0]["lr"] = lr
+        g = torch.randn(50, generator=gen)
+        p.grad = g.clone()
+        opt.step()
+        x = x * (1 - wd * lr / lr0)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        x = x - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+    torch.testing.assert_close(p.detach().double(), x, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scale_and_found_inf(backend):
+    ps = _params([(20,), (1100,)], seed=9)
+    qs = _clone(ps)
+    opt = FusedAdamW(ps, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(qs, lr=1e-2, foreach=False)
+    gen = torch.Generator().manual_seed(10)
+    for i in range(4):
+        grads = _grads(ps, gen, 1024.0)
+        for p, q, g in zip(ps, qs, grads):
+            p.grad, q.grad = g.clone(), g / 1024.0
+        inf = torch.tensor(1.0 if i == 2 else 0.0)
+        before = [p.detach().clone() for p in ps]
+        opt.step(grad_scale=torch.tensor(1024.0), found_inf=inf)
+        if i == 2:  # skipped: nothing moved, the step counter did not advance
+            assert all(torch.equal(p, b) for p, b in zip(ps, before))
+            assert int(opt.state_dict()["state"][0]["step"]) == 2
+        else:
+            ref.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert int(opt.state_dict()["state"][1]["step"]) == 3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_statistics_match_torch_sums(backend):
+    ps = _params([(1,), (3, 7), (1100,)], seed=11)
+    qs = _clone(ps)
+    b2, eps = 0.95, 1e-8
+    opt = FusedAdamW(ps, lr=1e-2, betas=(0.9, b2), eps=eps, weight_decay=0.1, backend=backend)
+    ref = torch.optim.AdamW(qs, lr=1e-2, betas=(0.9, b2), eps=eps, weight_decay=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(12)
+    for step in range(1, 4):
+        grads = _grads(ps, gen)
+        old = [q.detach().clone() for q in qs]
+        prev_v = [ref.state[q]["exp_avg_sq"].clone() if q in ref.state else None for q in qs]
+        for p, q, g in zip(ps, qs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+        st = opt.statistics()
+        for p, q, g, o, v in zip(ps, qs, grads, old, prev_v):
+            P = torch.ones_like(g) if v is None else (v / (1 - b2 ** (step - 1))).sqrt() + eps
+            want = [g.pow(2).sum(), (g * g / P).sum(), q.detach().pow(2).sum(), (q.detach() - o).pow(2).sum()]
+            assert isinstance(st[p], AdamWStats)
+            for got, w in zip(st[p], want):
+                assert got.shape == () and got.dtype == torch.float32
+                torch.testing.assert_close(got.double(), w.double(), rtol=1e-4, atol=1e-9)
+        W = opt.preconditioner(ps[2])
+        want_w = 1 / ((ref.state[qs[2]]["exp_avg_sq"] / (1 - b2**step)).sqrt() + eps)
+        torch.testing.assert_close(W, want_w, rtol=1e-5, atol=0)
+        # the batched read-outs agree with the per-param ones
+        all_w = opt.preconditioners()
+        assert set(all_w) == set(ps)
+        for p in ps:
+            torch.testing.assert_close(all_w[p], opt.preconditioner(p), rtol=1e-6, atol=0)
+        tables = opt.statistics_tables()
+        seen = set()
+        for params, table, starts in tables:
+            assert table.shape[1] == 4
+            for p, s0 in zip(params, starts):
+                torch.testing.assert_close(table[s0], torch.stack(list(st[p])), rtol=0, atol=0)
+                seen.add(p)
+        assert seen == set(ps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preconditioner_is_none_before_the_first_step(backend):
+    p = _params([(4,)])[0]
+    opt = FusedAdamW([p], backend=backend)
+    assert opt.preconditioner(p) is None
+    p.grad = torch.ones(4)
+    opt.step(found_inf=torch.tensor(1.0))  # a skipped first step leaves no state: W = 1 or None
+    w = opt.preconditioner(p)
+    assert w is None or torch.equal(w, torch.ones(4))
+    opt.step()
+    torch.testing.assert_close(opt.preconditioner(p), 1 / ((opt.state[p]["exp_avg_sq"] / 0.001).sqrt() + 1e-8))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_round_trips_with_torch_adamw(backend):
+    ps = _params([(6, 5), (1100,)], seed=13)
+    gen = torch.Generator().manual_seed(14)
+    grads = [_grads(ps, gen) for _ in range(6)]
+
+    def run(opt, params, steps):
+        for gs in steps:
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            opt.step()
+
+    # A: ours 3 steps -> torch 3 steps; B: torch 3 steps -> ours 3 steps; C: torch 6 steps
+    a = _clone(ps)
+    opt_a = FusedAdamW(a, lr=1e-2, weight_decay=0.1, backend=backend)
+    run(opt_a, a, grads[:3])
+    sd = opt_a.state_dict()
+    assert set(sd["state"][0]) >= {"step", "exp_avg", "exp_avg_sq"}
+    assert sd["state"][0]["exp_avg"].shape == (6, 5) and sd["state"][0]["step"].shape == ()
+    ta = torch.optim.AdamW(a, lr=1e-2, weight_decay=0.1, foreach=False)
+    ta.load_state_dict(sd)
+    run(ta, a, grads[3:])
+
+    b = _clone(ps)
+    tb = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=False)
+    run(tb, b, grads[:3])
+    opt_b = FusedAdamW(b, lr=1e-2, weight_decay=0.1, backend=backend)
+    opt_b.load_state_dict(tb.state_dict())
+    run(opt_b, b, grads[3:])
+    assert int(opt_b.state_dict()["state"][1]["step"]) == 6
+
+    c = _clone(ps)
+    run(torch.optim.AdamW(c, lr=1e-2, weight_decay=0.1, foreach=False), c, grads)
+    for x, y, z in zip(a, b, c):
+        torch.testing.assert_close(x, z, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(y, z, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_grad_none_grads_and_replaced_grads(backend):
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 1))
+    frozen_out = torch.nn.Parameter(torch.randn(3))  # never gets a grad
+    ref_model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 1))
+    ref_model.load_state_dict(model.state_dict())
+    opt = FusedAdamW(list(model.parameters()) + [frozen_out], lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, foreach=False)
+    gen = torch.Generator().manual_seed(15)
+    x0 = frozen_out.detach().clone()
+    for i in range(5):
+        x = torch.randn(8, 6, generator=gen)
+        for mdl in (model, ref_model):
+            mdl(x).pow(2).mean().backward()
+        if i == 1:
+            model[0].bias.grad = model[0].bias.grad.clone()  # replaced .grad
+        if i == 3:
+            model[1].bias.grad = None  # a param without grad this step: not stepped
+            ref_model[1].bias.grad = None
+        opt.step()
+        ref.step()
+        if i % 2:
+            opt.zero_grad(set_to_none=True)
+            assert all(p.grad is None for p in model.parameters())
+        else:
+            model.zero_grad()  # torch's default: grads to None
+        ref_model.zero_grad()
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert torch.equal(frozen_out.detach(), x0)
+    sd = opt.state_dict()["state"]
+    assert int(sd[3]["step"]) == 4 and int(sd[0]["step"]) == 5
+    assert 4 not in sd or int(sd[4]["step"]) == 0
+
+
+def test_zero_grad_keeps_flat_grad_views_on_triton_path():
+    ps = _params([(3, 4), (5,)])
+    opt = FusedAdamW(ps, backend="triton")
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=False)
+    b = opt._buckets[0]
+    assert all(b.grad_in_place(t) and not p.grad.any() for t, p in enumerate(ps))
+    assert all(b.param_in_place(t) for t in range(len(ps)))
+
+
+def test_one_launch_per_dtype_group_per_step():
+    ps = _params([(3,)] * 999 + [(1100,)])
+    hs = _params([(5,)] * 40, torch.bfloat16)
+    opt = FusedAdamW([{"params": ps}, {"params": hs, "lr": 1e-3}], backend="triton")
+    for _ in range(2):
+        for p in ps + hs:
+            p.grad = torch.ones_like(p)
+        before = F.LAUNCHES
+        opt.step()
+        assert F.LAUNCHES - before == 2  # 1,040 tensors, 2 dtypes
+
+
+def test_unsupported_options_fail_at_construction():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="amsgrad"):
+        FusedAdamW([p], amsgrad=True)
+    with pytest.raises(ValueError, match="complex"):
+        FusedAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="sparse"):
+        FusedAdamW([torch.nn.Parameter(torch.zeros(3).to_sparse())])
+    with pytest.raises(TypeError, match="float64"):
+        FusedAdamW([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))])
+    with pytest.raises(ValueError, match="decay_mode"):
+        FusedAdamW([p], decay_mode="l2")
+    with pytest.raises(ValueError, match="backend"):
+        FusedAdamW([p], backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_works_under_torch_grad_scaler(backend):
+    """GradScaler hands us grad_scale/found_inf as attributes; an inf step is skipped, as torch's."""
+    ps = _params([(4, 6), (7,)], seed=16)
+    qs = _clone(ps)
+    opt = FusedAdamW(ps, lr=1e-2, backend=backend)
+    ref = torch.optim.AdamW(qs, lr=1e-2, foreach=False)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=256.0) for _ in range(2)]
+    gen = torch.Generator().manual_seed(17)
+    for i in range(4):
+        grads = _grads(ps, gen)
+        if i == 1:
+            grads[0][0, 0] = float("inf")
+        for o, params, sc in ((opt, ps, scalers[0]), (ref, qs, scalers[1])):
+            loss = sum((p * g).sum() for p, g in zip(params, grads))
+            sc.scale(loss).backward()
+            sc.step(o)
+            sc.update()
+            o.zero_grad()
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 128.0  # the inf step halved the scale
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert int(opt.state_dict()["state"][0]["step"]) == 3
+
+
+def test_statistics_can_be_switched_off_on_the_cpu_path_between_steps():
+    """The trainer turns statistics on for logged steps only; the maths never changes."""
+    ps = _params([(5, 3), (40,)], seed=18)
+    qs = _clone(ps)
+    opt = FusedAdamW(ps, lr=1e-2, backend="torch")
+    ref = torch.optim.AdamW(qs, lr=1e-2, foreach=False)
+    gen = torch.Generator().manual_seed(19)
+    for i in range(4):
+        for p, q, g in zip(ps, qs, _grads(ps, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step(statistics=i == 2)
+        ref.step()
+        st = opt.statistics()
+        assert (len(st) == 2) == (i == 2)
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_preconditioner_right_after_load_state_dict(backend):
+    """A resumed run reads W before its first step: it must be the loaded state's."""
+    ps = _params([(6, 5), (33,)], seed=20)
+    opt = FusedAdamW(ps, lr=1e-2, backend=backend)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    opt.step()
+    fresh = FusedAdamW(_clone(ps), lr=1e-2, backend=backend)
+    fresh.load_state_dict(opt.state_dict())
+    for p, q in zip(ps, fresh.param_groups[0]["params"]):
+        torch.testing.assert_close(fresh.preconditioner(q), opt.preconditioner(p), rtol=0, atol=0)
+
+
+def test_emitted_preconditioner_matches_the_state():
+    # CPU native path: W written by the step itself is what preconditioners() returns,
+    # equal to the one computed from the state; a partial step (a grad missing) does not emit.
+    ps = _params([(7, 3), (1100,), (33,)], seed=21)
+    opt = FusedAdamW(ps, lr=1e-2, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(22)
+    for step in range(3):
+        for p, g in zip(ps, _grads(ps, gen)):
+            p.grad = g
+        if step == 2:
+            ps[1].grad = None
+        opt.step(emit_preconditioner=True)
+        bucket = opt._buckets[0]
+        assert (bucket.precond_ready is not None) == (step < 2)
+        got = opt.preconditioners()
+        if step < 2:  # the emitted W is bitwise the one computed from the state (resumed runs rely on it)
+            emitted = {p: w.clone() for p, w in got.items()}
+            bucket.precond_ready = None
+            again = opt.preconditioners()
+            assert all(torch.equal(again[p], emitted[p]) for p in ps)
+        for p in ps:
+            v = opt.state[p]["exp_avg_sq"]
+            bc = 1 - 0.95 ** float(opt.state[p]["step"])
+            torch.testing.assert_close(got[p], 1 / ((v / bc).sqrt() + 1e-6), rtol=1e-5, atol=0)

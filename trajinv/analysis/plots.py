@@ -1,0 +1,199 @@
+"""PNG plots of a sweep: loss curves coloured by lr or by ELR, and the GNS.
+
+Coloured by lr, iso-LR members share a colour and differ in line style (wd):
+early in training they should sit on top of each other. Coloured by ELR,
+iso-ELR members share a colour and differ in line style (lr): late in training
+they should. Looking at the two side by side shows the LR -> ELR transition.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never
+through pyplot: no global figure state, no GUI backend, nothing to close, and
+safe in threads and tests. Files are written to a temporary name and renamed,
+so a reader never sees a half-written PNG.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from trajinv.analysis.records import REL_TOL, Curve, curves, load_metrics
+from trajinv.atomic import atomic_write
+
+__all__ = ["COLOR_BY", "build_gns_figure", "build_loss_figure", "plot_loss_curves", "plot_sweep", "save_png"]
+
+COLOR_BY = ("lr", "elr")
+_STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 3)), (0, (3, 1, 1, 1, 1, 1))]
+_GNS_KEYS = ("b_precond_smooth", "b_precond")
+_CMAP = "viridis"
+
+
+def _distinct(values: Iterable[float]) -> list[float]:
+    out: list[float] = []
+    for v in sorted(values):
+        if not out or not math.isclose(v, out[-1], rel_tol=REL_TOL, abs_tol=0.0):
+            out.append(v)
+    return out
+
+
+def _index(values: list[float], v: float) -> int:
+    return min(range(len(values)), key=lambda i: abs(values[i] - v))
+
+
+def _log_norm(values: list[float]) -> LogNorm:
+    lo, hi = min(values), max(values)
+    if lo <= 0:
+        raise ValueError(f"colour scale is logarithmic: values must be > 0, got {lo!r}")
+    if hi <= lo:  # a single value: LogNorm needs a non-empty range
+        lo, hi = lo / 2, hi * 2
+    return LogNorm(vmin=lo, vmax=hi)
+
+
+def _style_curves(cs: list[Curve], color_by: str):
+    """(norm, colour of each curve, linestyle of each curve, legend proxies)."""
+    if color_by not in COLOR_BY:
+        raise ValueError(f"color_by must be one of {COLOR_BY}, got {color_by!r}")
+    colour_vals = [c.lr if color_by == "lr" else c.elr for c in cs]
+    # Colour fixes one quantity; the line style tells apart the one that varies within a colour.
+    style_name = "wd" if color_by == "lr" else "lr"
+    style_vals = [c.wd if color_by == "lr" else c.lr for c in cs]
+    norm = _log_norm(colour_vals)
+    cmap = ScalarMappable(norm=norm, cmap=_CMAP)
+    distinct = _distinct(style_vals)
+    styles = [_STYLES[_index(distinct, v) % len(_STYLES)] for v in style_vals]
+    proxies = [Line2D([], [], color="0.3", linestyle=_STYLES[i % len(_STYLES)], label=f"{style_name}={v:.3g}")
+               for i, v in enumerate(distinct)]
+    return cmap, [cmap.to_rgba(v) for v in colour_vals], styles, proxies
+
+
+def _check_curves(records, key: str) -> list[Curve]:
+    cs = [c for c in curves(records, key).values() if len(c.steps)]
+    if not cs:
+        raise ValueError(f"no finite {key!r} values in the records")
+    return cs
+
+
+def build_loss_figure(
+    records: Iterable[dict],
+    color_by: str = "lr",
+    key: str = "val_loss",
+    title: str | None = None,
+    logx: bool = False,
+) -> Figure:
+    """The figure behind plot_loss_curves: exactly one line per member in
+    ``fig.axes[0].lines`` (legend entries are proxies, not axes lines)."""
+    if color_by not in COLOR_BY:
+        raise ValueError(f"color_by must be one of {COLOR_BY}, got {color_by!r}")
+    cs = _check_curves(records, key)
+    cmap, colours, styles, proxies = _style_curves(cs, color_by)
+    fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for c, col, ls in zip(cs, colours, styles):
+        # A diverged member is drawn faintly up to its last finite value.
+        ax.plot(c.steps, c.values, color=col, linestyle=ls, lw=1.5,
+                alpha=0.35 if c.diverged else 0.95, label=c.name)
+    if logx:
+        # symlog keeps step 0 on the axis; linear below the first positive step.
+        pos = [float(s) for c in cs for s in c.steps if s > 0]
+        ax.set_xscale("symlog", linthresh=min(pos) if pos else 1.0)
+    _clip_ylim(ax, cs)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.grid(True, alpha=0.3)
+    what = "lr" if color_by == "lr" else "ELR = lr*wd"
+    ax.set_title(title or f"{key} coloured by {what}")
+    fig.colorbar(cmap, ax=ax, label=what)
+    if any(c.diverged for c in cs):
+        proxies.append(Line2D([], [], color="0.3", alpha=0.35, label="diverged"))
+    ax.legend(handles=proxies, fontsize="small", loc="upper right")
+    return fig
+
+
+def _clip_ylim(ax, cs: list[Curve]) -> None:
+    # The loss at initialisation is far above the rest: clip the top at the
+    # 98th percentile so the part where curves are compared stays readable.
+    vals = np.concatenate([c.values for c in cs])
+    lo, hi = float(vals.min()), float(np.quantile(vals, 0.98))
+    if hi > lo:
+        pad = 0.05 * (hi - lo)
+        ax.set_ylim(lo - pad, hi + pad)
+
+
+def build_gns_figure(records: Iterable[dict], title: str | None = None) -> Figure | None:
+    """B_precond (smoothed if logged) against step, one line per member and a
+    dashed horizontal line per batch size; None when no GNS values were logged."""
+    records = list(records)
+    key = next((k for k in _GNS_KEYS if any(_positive(r.get(k)) for r in records)), None)
+    if key is None:
+        return None
+    cs = [c for c in curves(records, key).values() if len(c.steps)]
+    cs = [Curve(**{**c.__dict__, "steps": c.steps[c.values > 0], "values": c.values[c.values > 0]}) for c in cs]
+    cs = [c for c in cs if len(c.steps)]
+    cmap, colours, styles, proxies = _style_curves(cs, "lr")
+    fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for c, col, ls in zip(cs, colours, styles):
+        ax.plot(c.steps, c.values, color=col, linestyle=ls, lw=1.5)
+    for b in sorted({int(r["batch_size"]) for r in records if r.get("batch_size")}):
+        ax.axhline(b, color="crimson", lw=1, linestyle=(0, (4, 4)))
+        ax.annotate(f"B={b}", (0.01, b), xycoords=("axes fraction", "data"), color="crimson",
+                    fontsize="small", va="bottom")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.set_title(title or "preconditioned gradient noise scale (B below it: small-batch regime)")
+    fig.colorbar(cmap, ax=ax, label="lr")
+    ax.legend(handles=proxies, fontsize="small", loc="upper right")
+    return fig
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def save_png(fig: Figure, out_png: str | Path) -> Path:
+    """Write ``fig`` as PNG atomically (temporary file in the same folder, then rename)."""
+    out = Path(out_png)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"plot path must end in .png, got {str(out)!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda f: fig.savefig(f, format="png"))
+    return out
+
+
+def plot_loss_curves(
+    records: Iterable[dict],
+    out_png: str | Path,
+    color_by: str = "lr",
+    key: str = "val_loss",
+    title: str | None = None,
+    logx: bool = False,
+) -> Path:
+    """One line per member of ``key`` against step, colour = log-scaled lr or
+    ELR (colorbar), line style = wd (colour by lr) or lr (colour by ELR)."""
+    return save_png(build_loss_figure(records, color_by, key, title, logx), out_png)
+
+
+def plot_sweep(sweep_dir: str | Path, key: str = "val_loss", logx: bool = False) -> list[Path]:
+    """Write ``<key>_by_lr.png`` and ``<key>_by_elr.png`` into the sweep folder,
+    plus ``gns.png`` when B_precond was logged. Returns the paths written."""
+    root = Path(sweep_dir)
+    records = load_metrics(root)
+    paths = [
+        plot_loss_curves(records, root / f"{key}_by_{cb}.png", color_by=cb, key=key, logx=logx)
+        for cb in COLOR_BY
+    ]
+    gns = build_gns_figure(records)
+    if gns is not None:
+        paths.append(save_png(gns, root / "gns.png"))
+    return paths

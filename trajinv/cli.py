@@ -1,0 +1,254 @@
+"""The trajinv command line: builds configs from options and hands them to the library.
+
+The `trajinv` console script, `python -m trajinv` and the checkout's top-level
+``cli.py`` all run `main`. Every option that sets a config field takes its
+default, type, choices and help text from that field (`trajinv.config`), so the
+defaults have one source; the commands hold no logic.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import click
+
+from trajinv.config import (
+    DEFAULT_PRESET,
+    PRESETS,
+    DataConfig,
+    GNSConfig,
+    Member,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    choices,
+    default,
+    field_doc,
+)
+
+DEMO_LRS = (4e-3, 8e-3, 1.6e-2)
+DEMO_WDS = (0.5, 1.0, 2.0)
+
+
+def _fail_cleanly(fn):
+    """Bad input becomes one line on stderr and exit code 1; nothing written is lost."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+    return wrapper
+
+
+def field_option(cls: type, name: str, *decls: str, param: str | None = None, **overrides):
+    """A click option for field `name` of config dataclass `cls`: default, type, choices and
+    help come from the field (`overrides` for what differs, e.g. one element of a tuple field).
+    `decls` default to --the-field-name; the command receives it as `param` (default: the
+    first option name, --gns-every -> gns_every)."""
+    dashed = name.replace("_", "-")
+    kw = {"default": default(cls, name), "show_default": True, "help": field_doc(cls, name).split("\n\n")[0]}
+    allowed = choices(cls, name)
+    if allowed:
+        kw["type"] = click.Choice(list(allowed))
+    elif isinstance(kw["default"], bool):
+        decls = decls or (f"--{dashed}/--no-{dashed}",)
+    elif isinstance(kw["default"], (int, float)):
+        kw["type"] = type(kw["default"])
+    kw.update(overrides)
+    decls = decls or (f"--{dashed}",)
+    param = param or decls[0].split("/")[0].lstrip("-").replace("-", "_")
+    return click.option(*decls, param, **kw)
+
+
+def _kernels_choice() -> click.Choice:
+    from trajinv.kernels.backend import ALIASES
+
+    return click.Choice(list(choices(TrainConfig, "kernels")) + list(ALIASES))
+
+
+# Options shared by train, sweep and tune: (dataclass, field, option names, overrides).
+_COMMON = [
+    (ModelConfig, None, ("--preset",), dict(default=DEFAULT_PRESET, type=click.Choice(list(PRESETS)),
+                                            help="Model preset.")),
+    (TrainConfig, "steps", (), {}),
+    (TrainConfig, "micro_batch", (), {}),
+    (ScheduleConfig, "kind", ("--schedule",), {}),
+    (ScheduleConfig, "warmup", (), {}),
+    (ScheduleConfig, "decay_fraction", (), {}),
+    (OptimConfig, "name", ("--optimizer",), {}),
+    (OptimConfig, "decay_mode", (), {}),
+    (OptimConfig, "betas", ("--beta1",), dict(default=default(OptimConfig, "betas")[0], type=float,
+                                              help="Adam first-moment decay rate.")),
+    (OptimConfig, "betas", ("--beta2",), dict(default=default(OptimConfig, "betas")[1], type=float,
+                                              help="Adam second-moment decay rate.")),
+    (OptimConfig, "clip", (), {}),
+    (TrainConfig, "eval_every", (), {}),
+    (TrainConfig, "eval_seqs", (), {}),
+    (TrainConfig, "log_every", (), {}),
+    (TrainConfig, "checkpoint_every", (), {}),
+    (TrainConfig, "seed", (), {}),
+    (TrainConfig, "device", (), {}),
+    (TrainConfig, "dtype", (), {}),
+    (TrainConfig, "kernels", (), dict(type=_kernels_choice())),
+    (DataConfig, "source", ("--data",), {}),
+    (DataConfig, "tokenizer", (), {}),
+    (GNSConfig, "mode", ("--gns",), {}),
+    (GNSConfig, "every", ("--gns-every",), {}),
+    (GNSConfig, "precond_warmup", ("--gns-warmup",), {}),
+    (GNSConfig, "embeddings", ("--gns-embeddings/--no-gns-embeddings",), {}),
+]
+
+
+def _common(fn):
+    """Options shared by train, sweep and tune."""
+    for cls, name, decls, overrides in reversed(_COMMON):
+        opt = (click.option(*decls, show_default=True, **overrides) if name is None
+               else field_option(cls, name, *decls, **overrides))
+        fn = opt(fn)
+    return fn
+
+
+def _configs(o: dict, members: tuple[Member, ...] | None = None, batch_size: str | None = None
+             ) -> tuple[TrainConfig, DataConfig]:
+    from trajinv.config import preset
+
+    train = TrainConfig(
+        model=preset(o["preset"]),
+        members=members or default(TrainConfig, "members"),
+        steps=o["steps"], batch_size=batch_size or default(TrainConfig, "batch_size"), micro_batch=o["micro_batch"],
+        optim=OptimConfig(name=o["optimizer"], betas=(o["beta1"], o["beta2"]), clip=o["clip"],
+                          decay_mode=o["decay_mode"]),
+        schedule=ScheduleConfig(kind=o["schedule"], warmup=o["warmup"], decay_fraction=o["decay_fraction"]),
+        eval_every=o["eval_every"], eval_seqs=o["eval_seqs"], log_every=o["log_every"],
+        checkpoint_every=o["checkpoint_every"], seed=o["seed"], device=o["device"], dtype=o["dtype"],
+        kernels=o["kernels"],
+        gns=GNSConfig(mode=o["gns"], every=o["gns_every"], precond_warmup=o["gns_warmup"],
+                      embeddings=o["gns_embeddings"]),
+    )
+    return train, DataConfig(source=o["data"], tokenizer=o["tokenizer"], seed=o["seed"])
+
+
+class _Progress:
+    """A rich progress bar fed by the library's progress events."""
+
+    def __init__(self, label: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            TextColumn("{task.description}"))
+        self.task = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def __call__(self, kind: str, **info) -> None:
+        if kind == "start":
+            self.task = self.bar.add_task("", total=info["total"])
+        elif kind == "advance":
+            self.bar.advance(self.task, info["steps"])
+        elif kind == "population":
+            note = "done, skipped" if info["skipped"] else f"{info['members']} members"
+            self.bar.update(self.task, description=f"{info['run_id']} ({note})")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="trajinv")
+def main() -> None:
+    """trajinv: tune lr and weight decay along the trajectory-invariance direction."""
+
+
+@main.command()
+@_common
+@field_option(Member, "lr", param="lrs", multiple=True, default=(default(Member, "lr"),),
+              help="Peak lr of a member; repeat with --wd for several members.")
+@field_option(Member, "wd", param="wds", multiple=True, default=(default(Member, "wd"),),
+              help="Weight decay of a member (paired with --lr in order).")
+@field_option(TrainConfig, "batch_size")
+@click.option("--out", default="runs/train", show_default=True, type=click.Path(file_okay=False),
+              help="Run directory: metrics.jsonl, checkpoints, summary.csv.")
+@click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
+@_fail_cleanly
+def train(lrs, wds, batch_size, out, resume, **o):
+    """Train one population: one member per (--lr, --wd) pair."""
+    from trajinv.data import load_data
+    from trajinv.sweep import summary_rows, write_summary
+    from trajinv.train import Trainer
+
+    if len(lrs) != len(wds):
+        raise ValueError(f"--lr given {len(lrs)} times but --wd {len(wds)} times; pair them")
+    cfg, data_cfg = _configs(o, tuple(Member(lr, wd) for lr, wd in zip(lrs, wds)), batch_size)
+    trainer = Trainer(cfg, load_data(data_cfg), out, run_id=Path(out).name)
+    if trainer.has_checkpoint() and not resume:
+        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    if resume and not trainer.resume():
+        click.echo(f"no checkpoint in {out}; starting from step 0", err=True)
+    with _Progress("train") as bar:
+        bar("start", total=cfg.steps)
+        bar("advance", steps=trainer.step)
+        results = trainer.train(progress=lambda step: bar("advance", steps=1))
+    write_summary(Path(out), summary_rows(Path(out).name, cfg, results))
+    for r in results:
+        click.echo(f"{r.name:24s} {r.status:9s} train {r.train_loss}  val {r.val_loss}")
+
+
+@main.command()
+@_common
+@click.option("--lr", "lrs", multiple=True, type=float, help=f"Grid learning rates [default: {DEMO_LRS}].")
+@click.option("--lr-log2", default=None, help="Learning rates as a log2 range LO:HI[:STEP], e.g. -12:-8.")
+@click.option("--wd", "wds", multiple=True, type=float, help=f"Grid weight decays [default: {DEMO_WDS}].")
+@click.option("--wd-log2", default=None, help="Weight decays as a log2 range LO:HI[:STEP].")
+@click.option("--elr", "elrs", multiple=True, type=float,
+              help="Iso-ELR lines: one member per --lr with wd = elr/lr.")
+@click.option("--batch-size", "batch_sizes", multiple=True, default=(default(TrainConfig, "batch_size"),),
+              show_default=True, help="Batch sizes or schedules; each trains as its own population.")
+@click.option("--population", default=0, show_default=True, type=int,
+              help="Most members trained together; 0 = all of a batch size.")
+@click.option("--out", default="runs/sweep", show_default=True, type=click.Path(file_okay=False),
+              help="Sweep directory; rerunning the same command resumes it.")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots and print the analysis.")
+@_fail_cleanly
+def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots, **o):
+    """Sweep lr x wd (x batch size); the defaults are the CPU demo (iso-LR and iso-ELR groups)."""
+    from trajinv.sweep import SweepSpec, log2_range, run_sweep
+
+    lrs = tuple(lrs) + (log2_range(lr_log2) if lr_log2 else ())
+    wds = tuple(wds) + (log2_range(wd_log2) if wd_log2 else ())
+    if not lrs and not wds and not elrs:
+        lrs, wds = DEMO_LRS, DEMO_WDS
+    train_cfg, data_cfg = _configs(o)
+    spec = SweepSpec(train=train_cfg, data=data_cfg, lrs=lrs, wds=wds, elrs=tuple(elrs),
+                     batch_sizes=tuple(batch_sizes), population=population)
+    with _Progress("sweep") as bar:
+        rows = run_sweep(spec, out, progress=bar)
+    click.echo(f"{len(rows)} members -> {Path(out) / 'summary.csv'}")
+    if plots:
+        _report(Path(out))
+
+
+def _report(out: Path) -> None:
+    from trajinv.analysis import analyze_sweep, plot_sweep
+
+    click.echo(analyze_sweep(out).format())
+    for path in plot_sweep(out):
+        click.echo(f"plot: {path}")
+
+
+@main.command()
+@click.argument("sweep_dir", type=click.Path(file_okay=False))
+@_fail_cleanly
+def analyze(sweep_dir):
+    """Print the LR-vs-ELR invariance summary of a sweep and write its plots."""
+    _report(Path(sweep_dir))
+
+
+if __name__ == "__main__":
+    main()

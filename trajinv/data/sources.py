@@ -1,0 +1,183 @@
+"""Where documents come from: the embedded stdlib corpus, local files, or a hub dataset.
+
+Each source is resolved to a `_Source`: a readable slug, an identity that goes
+into the cache key (file names, sizes, mtimes; the dataset name), and a loader
+that returns a Hugging Face dataset and its text column.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from trajinv.config import DataConfig
+
+_TEXT_EXT = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", "idle_test"}
+
+
+class DataError(ValueError):
+    """Bad data input; the message is one line and names the bad value."""
+
+
+@dataclass
+class _Source:
+    kind: str  # "stdlib" | "files" | "hub"
+    slug: str  # readable prefix of the cache folder
+    identity: dict  # goes into the cache key
+    load: Callable[[Path], Any]  # scratch dir -> (Dataset | IterableDataset, text column)
+
+
+def _is_test_dir(part: str) -> bool:
+    return part.startswith("test") or part in _SKIP_DIRS
+
+
+def stdlib_files(root: str | os.PathLike | None = None) -> list[Path]:
+    """The standard library's ``.py`` files, sorted by relative path, test folders excluded."""
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    rels = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Prune in place so site-packages (often far larger than the stdlib) is never walked.
+        dirnames[:] = [d for d in dirnames if not _is_test_dir(d)]
+        rel_dir = Path(dirpath).relative_to(root)
+        rels.extend((rel_dir / f).as_posix() for f in filenames if f.endswith(".py"))
+    return [root / r for r in sorted(rels)]
+
+
+def _stat_list(files: list[Path], root: Path) -> list[tuple[str, int, int]]:
+    out = []
+    for p in files:
+        st = p.stat()
+        out.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def _files_digest(stats: list[tuple[str, int, int]]) -> str:
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+
+
+def _stdlib_source() -> _Source:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = stdlib_files(root)
+    if not files:
+        raise DataError(f"no .py files found in the standard library folder {str(root)!r}")
+    identity = {
+        "kind": "stdlib",
+        "root": str(root),
+        "python": sys.version.split()[0],
+        "n_files": len(files),
+        "files_sha256": _files_digest(_stat_list(files, root)),
+    }
+
+    def load(scratch: Path):
+        import datasets
+
+        texts = [p.read_text(encoding="utf-8", errors="replace") for p in files]
+        return datasets.Dataset.from_dict({"text": texts}), "text"
+
+    return _Source("stdlib", "stdlib", identity, load)
+
+
+def _file_source(source: str, text_field: str) -> _Source:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_EXT and not p.name.startswith(".")),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise DataError(f"no .txt/.jsonl/.parquet files in data folder {source!r}")
+        root = path
+    elif path.is_file():
+        if path.suffix.lower() not in _TEXT_EXT:
+            raise DataError(f"unsupported data file type {path.suffix!r} for {source!r} (use .txt, .jsonl or .parquet)")
+        files, root = [path], path.parent
+    else:
+        raise DataError(
+            f"data source not found: {source!r} (expected 'stdlib', a .txt/.jsonl/.parquet file or folder, or 'hf:<name>[:<config>]')"
+        )
+    identity = {
+        "kind": "files",
+        "path": str(path.resolve()),
+        "n_files": len(files),
+        "files_sha256": _files_digest(_stat_list(files, root)),
+    }
+
+    def load(scratch: Path):
+        import datasets
+
+        # Group by builder, keeping sorted order within each group; HF's own cache
+        # goes to a scratch folder inside ours, deleted after tokenization.
+        parts = []
+        for builder in ("text", "json", "parquet"):
+            group = [str(p) for p in files if _TEXT_EXT[p.suffix.lower()] == builder]
+            if not group:
+                continue
+            kwargs = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
+            try:
+                ds = datasets.load_dataset(
+                    builder, data_files=group, split="train", cache_dir=str(scratch), keep_in_memory=True, **kwargs
+                )
+            except Exception as e:
+                raise DataError(f"cannot read {builder} data from {source!r}: {one_line(e)}") from None
+            column = "text" if builder == "text" else text_field
+            if column not in ds.column_names:
+                raise DataError(f"text_field {column!r} not found in {source!r} (columns: {', '.join(ds.column_names)})")
+            ds = ds.select_columns([column])
+            # One column name across builders (so they concatenate), and errors name the user's field.
+            parts.append(ds.rename_column(column, text_field) if column != text_field else ds)
+        ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+        return ds, text_field
+
+    return _Source("files", _slug(path.stem or path.name), identity, load)
+
+
+def _hub_source(source: str, text_field: str, max_tokens: int | None, cache_root: Path) -> _Source:
+    spec = source[3:]
+    name, _, config = spec.partition(":")
+    if not name:
+        raise DataError(f"hub source needs a dataset name: {source!r} (use 'hf:<name>[:<config>]')")
+    config = config or None
+    identity = {"kind": "hub", "name": name, "config": config, "split": "train"}
+
+    def load(scratch: Path):
+        import datasets
+
+        label = f"{name!r}" + (f" (config {config!r})" if config else "")
+        try:
+            ds = datasets.load_dataset(
+                name, config, split="train", cache_dir=str(cache_root / "hf"), streaming=max_tokens is not None
+            )
+        except Exception as e:
+            raise DataError(f"cannot load hub dataset {label}: {one_line(e)}") from None
+        if ds.column_names is not None and text_field not in ds.column_names:
+            raise DataError(f"text_field {text_field!r} not found in hub dataset {label} (columns: {', '.join(ds.column_names)})")
+        return ds, text_field
+
+    return _Source("hub", _slug(name), identity, load)
+
+
+def resolve_source(cfg: DataConfig, cache_root: Path) -> _Source:
+    if cfg.source == "stdlib":
+        return _stdlib_source()
+    if cfg.source.startswith("hf:"):
+        return _hub_source(cfg.source, cfg.text_field, cfg.max_tokens, cache_root)
+    return _file_source(cfg.source, cfg.text_field)
+
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    msg = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {msg[0]}" if msg else type(e).__name__
+
+
+def _slug(s: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
+    return keep.strip("._")[:40] or "data"

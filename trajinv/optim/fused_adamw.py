@@ -1,0 +1,399 @@
+"""FusedAdamW: AdamW in one kernel launch per (device, dtype), with per-member lr/wd and statistics.
+
+Drop-in for ``torch.optim.AdamW`` (same maths, same state_dict keys and shapes:
+``step``, ``exp_avg``, ``exp_avg_sq``; state dicts load both ways) plus:
+
+* per-member hyperparameters: a group whose ``lr`` and/or ``weight_decay`` is a
+  sequence or 1-D tensor of length K treats the leading dim of each of its
+  params as a member axis (docs/design.md, "The population axis");
+* ``decay_mode="torch"`` (``p *= 1 - lr*wd``, ELR = lr*wd) or ``"independent"``
+  (``p *= 1 - wd * lr/lr_0``: wd follows the lr schedule's multiplier, with
+  ``lr_0 = group["initial_lr"]``, set at construction as torch's schedulers do);
+* statistics of a step, per parameter and member, read by :meth:`statistics`:
+  sums of g^2, g^2/P, p^2 and update^2, where g is the unscaled gradient,
+  P = sqrt(v_hat) + eps from the state *before* the step (P = 1 on a tensor's
+  first step: there is no state yet), p the updated parameter and update =
+  p_new - p_old (decay included, before 16-bit rounding);
+* the preconditioner W = 1/P of the next step, :meth:`preconditioner` /
+  :meth:`preconditioners`, which the fp32 CPU step can write in its own pass
+  (``step(emit_preconditioner=True)``);
+* 16-bit params with fp32 states, an fp32 master copy (``master_weights``) or
+  bf16 stochastic rounding (``stochastic_rounding``);
+* AMP: ``step(grad_scale=, found_inf=)`` (or the ``grad_scale``/``found_inf``
+  attributes GradScaler sets); grad_scale may be (K,) for member groups.
+
+The class holds groups and state; the maths are the engines of
+:mod:`trajinv.optim.engines` over the flat buckets of :mod:`trajinv.optim.buckets`.
+Backends (`trajinv.kernels.backend`): ``"auto"`` runs the Triton kernel on CUDA
+tensors and the CPU path on CPU; ``"triton"`` forces the kernel (on CPU only
+under ``TRITON_INTERPRET=1``); ``"cpu"`` (alias ``"torch"``) forces the CPU path,
+which runs fp32 buckets through the native one-pass kernel and 16-bit buckets
+(or anything, when that kernel cannot be built: a one-time warning, or with
+``native_cpu=False``) through torch's fused CPU AdamW plus foreach sums.
+
+Statistics cost: on the Triton and native paths they ride in the update's
+registers (bench/bench_adamw.py); on the torch-ops path they take extra passes
+(about 4x the update): pass ``step(statistics=False)`` for steps whose
+statistics nobody reads.
+
+On the Triton path the step counts live on the device; ``opt.state[p]["step"]``
+is refreshed from them by ``state_dict()`` (refreshing it every step would cost
+a launch and a sync), so read steps through ``state_dict()`` there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from trajinv.kernels import adamw as K
+from trajinv.kernels.backend import normalize_backend, resolve_backend, triton_available
+from trajinv.optim import engines
+from trajinv.optim.buckets import Bucket
+from trajinv.optim.hyper import HyperTable, group_members
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
+
+
+class AdamWStats(NamedTuple):
+    """Per-step sums for one parameter: shape (K,) for member groups, () otherwise, fp32."""
+
+    grad_sq: torch.Tensor
+    precond_grad_sq: torch.Tensor
+    param_sq: torch.Tensor
+    update_sq: torch.Tensor
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    """AdamW with one fused update per (device, dtype) and free per-member statistics (module doc)."""
+
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float | Sequence[float] | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float | Sequence[float] | torch.Tensor = 1e-2,
+        decay_mode: str = "torch",
+        backend: str = "auto",
+        master_weights: bool = False,
+        stochastic_rounding: bool = False,
+        *,
+        native_cpu: bool = True,
+        seed: int = 0,
+        amsgrad: bool = False,
+        maximize: bool = False,
+    ) -> None:
+        if amsgrad:
+            raise ValueError("FusedAdamW does not support amsgrad=True")
+        if maximize:
+            raise ValueError("FusedAdamW does not support maximize=True")
+        backend = normalize_backend(backend)
+        if backend == "triton" and not triton_available():
+            raise ValueError("backend='triton' needs CUDA or TRITON_INTERPRET=1")
+        if master_weights and stochastic_rounding:
+            raise ValueError("choose master_weights or stochastic_rounding, not both")
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decay_mode=decay_mode,
+            # torch.optim.AdamW's keys, so state dicts load into it unchanged
+            amsgrad=False, maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+        )
+        self.backend = backend
+        self.master_weights = master_weights
+        self.stochastic_rounding = stochastic_rounding
+        self.native_cpu = native_cpu  # False keeps fp32 CPU buckets on torch ops (comparisons)
+        self.seed = int(seed)
+        self._buckets: list[Bucket] | None = None
+        self._key: list | None = None  # the layout the buckets were built for
+        self._where: dict[int, tuple[Bucket, int]] = {}  # id(param) -> (bucket, tensor index)
+        self._hyper = HyperTable()
+        self._step_stats: list[engines.StepStats] = []  # the last step's, per bucket, reduced on read
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        self._check_group(group)
+        lr = group["lr"]
+        # a copy: the trainer may change lr in place, the schedule's base must not move
+        lr0 = lr.clone() if isinstance(lr, torch.Tensor) else list(lr) if isinstance(lr, (list, tuple)) else lr
+        group.setdefault("initial_lr", lr0)
+        self._buckets = None
+
+    def _check_group(self, group: dict) -> None:
+        if group["decay_mode"] not in ("torch", "independent"):
+            raise ValueError(f"decay_mode must be 'torch' or 'independent', got {group['decay_mode']!r}")
+        if group.get("amsgrad") or group.get("maximize"):
+            raise ValueError("FusedAdamW does not support amsgrad or maximize")
+        b1, b2 = (float(b) for b in group["betas"])
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {group['betas']}")
+        k = group_members(group)
+        for p in group["params"]:
+            if p.is_sparse:
+                raise ValueError(f"FusedAdamW does not support sparse params (shape {tuple(p.shape)})")
+            if p.is_complex():
+                raise ValueError(f"FusedAdamW does not support complex params (dtype {p.dtype})")
+            if p.dtype not in _FLOAT_DTYPES:
+                raise TypeError(f"param dtype must be float32, bfloat16 or float16, got {p.dtype}")
+            if k > 1 and (p.dim() == 0 or p.shape[0] != k):
+                raise ValueError(f"param of shape {tuple(p.shape)} lacks the member axis of size {k}")
+            if self.stochastic_rounding and p.dtype == torch.float16:
+                raise ValueError("stochastic_rounding supports bfloat16 params, got float16")
+
+    def _use_triton(self, device: torch.device) -> bool:
+        if self.backend == "cpu" and device.type != "cpu":
+            raise ValueError(f"backend='cpu' is the CPU path; params on {device} need 'auto' or 'triton'")
+        return resolve_backend(self.backend, device) == "triton"
+
+    # ---------------------------------------------------------------- buckets
+    def _layout_key(self) -> list:
+        key = []
+        for g in self.param_groups:
+            key.append(group_members(g))
+            key.extend((id(p), p.dtype, p.device) for p in g["params"])
+        return key
+
+    def _build(self) -> None:
+        """(Re)build the flat buckets, carrying over any existing state (loaded or previous)."""
+        for b in self._buckets or []:
+            self._sync_steps(b)
+        self._hyper.layout(self.param_groups)
+        by_key: dict[tuple, list] = {}
+        for gi, g in enumerate(self.param_groups):
+            k, slot = group_members(g), self._hyper.first_slot[gi]
+            for p in g["params"]:
+                by_key.setdefault((p.device, p.dtype), []).append((p, k, slot, gi))
+        buckets = []
+        for (device, dtype), items in by_key.items():
+            b = Bucket(device, dtype, *(list(col) for col in zip(*items)), use_triton=self._use_triton(device),
+                       master_weights=self.master_weights)
+            for t, p in enumerate(b.params):
+                st = self.state.get(p, {})
+                if "exp_avg" in st:
+                    b.view(b.exp_avg, t).copy_(st["exp_avg"])
+                    b.view(b.exp_avg_sq, t).copy_(st["exp_avg_sq"])
+                    b.steps[t] = float(st["step"])
+                if b.master is not None:
+                    b.view(b.master, t).copy_(st.get("master_param", p.detach()))
+                if b.use_triton:
+                    b.repoint(t)
+                    if p.grad is not None:
+                        b.view(b.flat_grad, t).copy_(p.grad)
+                        p.grad = b.view(b.flat_grad, t)
+                self._expose_state(b, t)
+            if b.use_triton:
+                b.counters.copy_(b.steps.to(b.counters.device).long() * b.nblk_dev)
+                b.launched = [bool(s > 0) for s in b.steps.tolist()]
+            buckets.append(b)
+        self._buckets = buckets
+        self._where = {id(p): (b, t) for b in buckets for t, p in enumerate(b.params)}
+        self._key = self._layout_key()
+
+    def _expose_state(self, b: Bucket, t: int) -> None:
+        st = {"step": b.steps[t], "exp_avg": b.view(b.exp_avg, t), "exp_avg_sq": b.view(b.exp_avg_sq, t)}
+        if b.master is not None:
+            st["master_param"] = b.view(b.master, t)
+        self.state[b.params[t]] = st
+
+    def _sync_steps(self, b: Bucket) -> None:
+        """Triton path: the step counters live in `b.counters` (units of blocks); refresh `steps`."""
+        if b.use_triton:
+            b.steps.copy_((b.counters // b.nblk_dev).to("cpu", b.steps.dtype))
+
+    def _ensure_buckets(self) -> list[Bucket]:
+        if self._buckets is None or self._layout_key() != self._key:
+            self._build()
+        return self._buckets
+
+    # ------------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self, closure=None, *, grad_scale: torch.Tensor | float | None = None,
+             found_inf: torch.Tensor | None = None, statistics: bool = True,
+             emit_preconditioner: bool = False):
+        """One AdamW step over every param with a grad; grads are divided by `grad_scale`.
+
+        `found_inf > 0` skips the step (no state change, step counters stay), like
+        torch's fused AdamW; on the Triton path this is decided on the device.
+        `statistics=False`: nobody will read this step's statistics (saves passes on the
+        torch-ops path). `emit_preconditioner`: the fp32 CPU path also writes next step's
+        W in its pass, so the next `preconditioners()` costs nothing.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        self._step_stats = []
+        for b in self._ensure_buckets():
+            b.precond_ready = None  # the state changes now; the native step may emit a fresh W
+            active = tuple(p.grad is not None for p in b.params)
+            if not any(active):
+                continue
+            for p in b.params:
+                if p.grad is not None and (p.grad.is_sparse or p.grad.dtype != p.dtype):
+                    layout = "sparse" if p.grad.is_sparse else "dense"
+                    raise TypeError(f"grad of param {tuple(p.shape)} must be a dense {p.dtype} tensor, "
+                                    f"got a {layout} {p.grad.dtype} one")
+            gs = self._grad_scale_for(b, grad_scale)
+            inf = None if found_inf is None else found_inf.to(b.device, torch.float32).reshape(())
+            out = self._step_bucket(b, active, gs, inf, statistics, emit_preconditioner)
+            if out is not None:
+                self._step_stats.append(out)
+        return loss
+
+    def _step_bucket(self, b: Bucket, active: tuple[bool, ...], gs, inf, statistics: bool,
+                     emit: bool) -> engines.StepStats | None:
+        if b.use_triton:
+            return engines.triton_step(b, active, self._hyper.rows(self.param_groups, b.device), gs, inf,
+                                       self.seed, self.stochastic_rounding)
+        if b.dtype == torch.float32 and self.native_cpu and K.NATIVE.get() is not None:
+            emit = emit and all(active)
+            out = engines.native_step(b, active, self._hyper.rows(self.param_groups, b.device), gs, inf,
+                                      statistics, b.precond_buffer() if emit else None)
+            if out is not False:
+                if emit:
+                    b.precond_ready = self._precond_keys(b)
+                return out
+        return engines.torch_step(b, active, self._hyper.rows(self.param_groups, b.device).tolist(), gs, inf,
+                                  statistics, self.stochastic_rounding, self.seed)
+
+    def _grad_scale_for(self, b: Bucket, grad_scale) -> torch.Tensor | None:
+        if grad_scale is None:
+            return None
+        gs = torch.as_tensor(grad_scale, dtype=torch.float32).to(b.device)
+        if gs.dim() == 1 and gs.numel() > 1:
+            bad = [tuple(p.shape) for p, k in zip(b.params, b.members) if k != gs.numel()]
+            if bad:
+                raise ValueError(f"grad_scale of shape {tuple(gs.shape)} needs member groups of that size; "
+                                 f"params {bad[:3]} are not")
+            return gs.contiguous()
+        return gs.reshape(())
+
+    # -------------------------------------------------------------- read-outs
+    def statistics(self) -> dict[torch.Tensor, AdamWStats]:
+        """Statistics of the last `step()` for each param it updated (module doc for the definitions).
+
+        Each field is fp32, shape (K,) for member groups and () otherwise. On the
+        Triton path the per-block partial sums are reduced here (one small
+        segment sum), so a step that nobody reads pays nothing for it.
+        """
+        out: dict[torch.Tensor, AdamWStats] = {}
+        for s in self._reduced_stats():
+            cols = s.table.t().contiguous()  # (4, segments): one row slice per field
+            for t in s.tensors:
+                k, s0 = s.bucket.members[t], s.bucket.seg_start[t]
+                out[s.bucket.params[t]] = AdamWStats(*(cols[:, s0 : s0 + k] if k > 1 else cols[:, s0]).unbind(0))
+        return out
+
+    def statistics_tables(self) -> list[tuple[list[torch.Tensor], torch.Tensor, list[int]]]:
+        """The last `step()`'s statistics before the per-param split, per bucket:
+        (params stepped, table (segments, 4) fp32 with one row per (tensor, member)
+        segment in bucket order, first row of each of those params). Fields in
+        `AdamWStats` order; a member group's param owns K consecutive rows. For
+        callers reducing over many params: a couple of ops instead of a few per param.
+        """
+        return [([s.bucket.params[t] for t in s.tensors], s.table, [s.bucket.seg_start[t] for t in s.tensors])
+                for s in self._reduced_stats()]
+
+    def _reduced_stats(self) -> list[engines.StepStats]:
+        self._step_stats = [s.reduced() for s in self._step_stats]  # once: later reads reuse them
+        return self._step_stats
+
+    def preconditioner(self, p: torch.Tensor) -> torch.Tensor | None:
+        """1/(sqrt(v_hat)+eps) from the current state (the next step's "before" P), or None before any step."""
+        where = self._where.get(id(p)) if self._laid_out() else None
+        if where is None:
+            return None
+        b, t = where
+        g = self.param_groups[b.groups[t]]
+        b2, eps = float(g["betas"][1]), float(g["eps"])
+        v = b.view(b.exp_avg_sq, t)
+        if b.use_triton:
+            # the step count stays on the device: no host sync. A tensor whose only
+            # launches were skipped (found_inf) still has step 0 there: W = 1 then.
+            if not b.launched[t]:
+                return None
+            step = (b.counters[t] // b.nblk_dev[t]).float()
+            w = 1.0 / ((v / (1 - torch.pow(b2, step))).sqrt() + eps)
+            return torch.where(step > 0, w, torch.ones_like(w))
+        step = float(b.steps[t])
+        if step <= 0:
+            return None
+        return engines.precond_from_state(v, b2, eps, step, torch.empty_like(v))
+
+    def preconditioners(self) -> dict[torch.Tensor, torch.Tensor | None]:
+        """`preconditioner(p)` for every parameter, as views of one flat W per bucket.
+
+        On the CPU path a bucket whose tensors share (beta2, eps, step), the
+        usual case, gets W from the last step when it emitted it, else from four
+        in-place passes over its flat exp_avg_sq into a reused buffer instead of
+        four ops per tensor; otherwise per tensor. The views are valid until the
+        next call or step.
+        """
+        out: dict[torch.Tensor, torch.Tensor | None] = {}
+        for b in self._buckets if self._laid_out() else ():
+            key = self._precond_keys(b)
+            if b.use_triton or len(key) != 1 or next(iter(key))[2] <= 0:
+                out.update({p: self.preconditioner(p) for p in b.params})
+                continue
+            if b.precond_ready != key:
+                engines.precond_from_state(b.exp_avg_sq, *next(iter(key)), b.precond_buffer())
+                b.precond_ready = key
+            out.update(zip(b.params, b.precond_views))
+        return out
+
+    def _laid_out(self) -> bool:
+        """Buckets exist (laid out now if a state was loaded and no step has run since)."""
+        if self._buckets is None and any("exp_avg_sq" in st for st in self.state.values()):
+            self._ensure_buckets()
+        return self._buckets is not None
+
+    def _precond_keys(self, b: Bucket) -> set[tuple[float, float, float]]:
+        """The (beta2, eps, step) of a bucket's tensors: W in its buffer is valid for exactly this."""
+        return {(float(self.param_groups[gi]["betas"][1]), float(self.param_groups[gi]["eps"]), step)
+                for gi, step in zip(b.groups, b.steps.tolist())}
+
+    # ------------------------------------------------------------- state dict
+    def state_dict(self) -> dict[str, Any]:
+        for b in self._buckets or []:
+            self._sync_steps(b)
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load ours or torch.optim.AdamW's; states stay fp32 even for 16-bit params."""
+        saved = {i: {k: v for k, v in s.items() if k in _STATE_KEYS} for i, s in state_dict["state"].items()}
+        for b in self._buckets or []:
+            self._sync_steps(b)
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, st in saved.items():
+            p = params[i]
+            for key, val in st.items():
+                self.state[p][key] = val.to(device=p.device, dtype=torch.float32)
+            self.state[p]["step"] = torch.as_tensor(float(self.state[p]["step"]), dtype=torch.float32)
+        for g in self.param_groups:
+            g.setdefault("decay_mode", "torch")
+            g.setdefault("initial_lr", g["lr"])
+            self._check_group(g)
+        self._buckets = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch; with set_to_none=False the flat grad buffers are zeroed in one op and stay in place."""
+        if set_to_none or self._buckets is None:
+            return super().zero_grad(set_to_none)
+        for b in self._buckets:
+            for t, p in enumerate(b.params):
+                if p.grad is not None and not (b.use_triton and b.grad_in_place(t)):
+                    p.grad.zero_()
+            if b.use_triton:
+                b.flat_grad.zero_()
