@@ -12,11 +12,8 @@ Two paths, one maths (the torch reference `adamw_reference` is their twin):
   ``torch._fused_adamw_`` in fp32 (bias corrections and step size in double,
   then cast), and it agrees with ``torch.optim.AdamW`` to fp32 rounding.
 
-The Triton kernel
------------------
-
-The Triton interpreter cannot follow pointers stored in
-memory, so instead of a pointer table the bucket lives in *flat* buffers
+The Triton kernel. The interpreter cannot follow pointers stored in memory,
+so instead of a pointer table the bucket lives in *flat* buffers
 (parameters, gradients, exp_avg, exp_avg_sq, optional fp32 master copy) and a
 host-built int32 *block table* says what each program does::
 
@@ -50,10 +47,8 @@ small next to the 28 KB each block moves. ``inc`` is 0 when ``found_inf > 0``
 (the step is skipped: no state changes, the counter does not advance), so AMP
 skipping needs no host sync.
 
-Weight decay: the kernel always applies ``p *= 1 - lr * wd_eff``. torch mode
-passes ``wd_eff = wd`` (ELR = lr * wd); independent mode passes
-``wd_eff = wd / lr_0`` so that ``p *= 1 - wd * (lr / lr_0)``: wd scheduled
-with the lr multiplier. The host builds wd_eff, the kernel does not care.
+Weight decay: both paths apply ``p *= 1 - lr * wd_eff``; the host folds the
+decay convention into ``wd_eff`` (`trajinv.optim.hyper`).
 
 Stochastic rounding (bf16 params without master weights): add 16 random bits
 below the bf16 mantissa of the fp32 result, then truncate. Random bits come

@@ -29,11 +29,13 @@ Every per-step decision that depends only on which tensors have a gradient
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from trajinv.kernels.adamw import ALIGN, BLOCK, COL_TENSOR, SEG_COLS, Segment, blocks_per_tensor, build_block_table
+from trajinv.optim.hyper import group_members
 
 Active = tuple[bool, ...]
 """Which tensors of a bucket have a gradient this step (the key of every cached plan)."""
@@ -170,6 +172,13 @@ class Bucket:
             return [self.view(flat, t)]
         return list(self.view(flat, t).reshape(k, self.params[t].numel() // k).unbind(0))
 
+    def exposed_state(self, t: int) -> dict[str, torch.Tensor]:
+        """Tensor t's optimizer state as torch.optim.AdamW keeps it, as views of the flat buffers."""
+        st = {"step": self.steps[t], "exp_avg": self.view(self.exp_avg, t), "exp_avg_sq": self.view(self.exp_avg_sq, t)}
+        if self.master is not None:
+            st["master_param"] = self.view(self.master, t)
+        return st
+
     # ---------------------------------------------------------------- Triton
     def blocks_for(self, active: Active) -> torch.Tensor:
         """Block table rows of the tensors stepped now, on the device (cached per active set)."""
@@ -250,3 +259,42 @@ class Bucket:
             plan.scratch_p = [s1[t][j] for t, j in plan.order]
             plan.scratch_old = [s2[t][j] for t, j in plan.order]
         return plan
+
+
+def build_buckets(groups: list[dict], first_slot: list[int], state: dict, use_triton: Callable[[torch.device], bool],
+                  master_weights: bool) -> list[Bucket]:
+    """One bucket per (device, dtype) of the params in `groups`, in first-seen order.
+
+    Existing per-param `state` (loaded, or from earlier buckets) is copied into the
+    flat buffers, and `state[p]` is replaced by views of them, as torch.optim.AdamW
+    exposes it (``step``, ``exp_avg``, ``exp_avg_sq``, ``master_param``). On the Triton
+    path params (and existing grads) are re-pointed into the flat buffers.
+    """
+    by_key: dict[tuple, list] = {}
+    for gi, g in enumerate(groups):
+        k = group_members(g)
+        for p in g["params"]:
+            by_key.setdefault((p.device, p.dtype), []).append((p, k, first_slot[gi], gi))
+    buckets = []
+    for (device, dtype), items in by_key.items():
+        b = Bucket(device, dtype, *(list(col) for col in zip(*items)), use_triton=use_triton(device),
+                   master_weights=master_weights)
+        for t, p in enumerate(b.params):
+            st = state.get(p, {})
+            if "exp_avg" in st:
+                b.view(b.exp_avg, t).copy_(st["exp_avg"])
+                b.view(b.exp_avg_sq, t).copy_(st["exp_avg_sq"])
+                b.steps[t] = float(st["step"])
+            if b.master is not None:
+                b.view(b.master, t).copy_(st.get("master_param", p.detach()))
+            if b.use_triton:
+                b.repoint(t)
+                if p.grad is not None:
+                    b.view(b.flat_grad, t).copy_(p.grad)
+                    p.grad = b.view(b.flat_grad, t)
+            state[p] = b.exposed_state(t)
+        if b.use_triton:
+            b.counters.copy_(b.steps.to(b.counters.device).long() * b.nblk_dev)
+            b.launched = [bool(s > 0) for s in b.steps.tolist()]
+        buckets.append(b)
+    return buckets

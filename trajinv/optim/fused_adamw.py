@@ -51,7 +51,7 @@ import torch
 from trajinv.kernels import adamw as K
 from trajinv.kernels.backend import normalize_backend, resolve_backend, triton_available
 from trajinv.optim import engines
-from trajinv.optim.buckets import Bucket
+from trajinv.optim.buckets import Bucket, build_buckets
 from trajinv.optim.hyper import HyperTable, group_members
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -165,42 +165,10 @@ class FusedAdamW(torch.optim.Optimizer):
         for b in self._buckets or []:
             self._sync_steps(b)
         self._hyper.layout(self.param_groups)
-        by_key: dict[tuple, list] = {}
-        for gi, g in enumerate(self.param_groups):
-            k, slot = group_members(g), self._hyper.first_slot[gi]
-            for p in g["params"]:
-                by_key.setdefault((p.device, p.dtype), []).append((p, k, slot, gi))
-        buckets = []
-        for (device, dtype), items in by_key.items():
-            b = Bucket(device, dtype, *(list(col) for col in zip(*items)), use_triton=self._use_triton(device),
-                       master_weights=self.master_weights)
-            for t, p in enumerate(b.params):
-                st = self.state.get(p, {})
-                if "exp_avg" in st:
-                    b.view(b.exp_avg, t).copy_(st["exp_avg"])
-                    b.view(b.exp_avg_sq, t).copy_(st["exp_avg_sq"])
-                    b.steps[t] = float(st["step"])
-                if b.master is not None:
-                    b.view(b.master, t).copy_(st.get("master_param", p.detach()))
-                if b.use_triton:
-                    b.repoint(t)
-                    if p.grad is not None:
-                        b.view(b.flat_grad, t).copy_(p.grad)
-                        p.grad = b.view(b.flat_grad, t)
-                self._expose_state(b, t)
-            if b.use_triton:
-                b.counters.copy_(b.steps.to(b.counters.device).long() * b.nblk_dev)
-                b.launched = [bool(s > 0) for s in b.steps.tolist()]
-            buckets.append(b)
-        self._buckets = buckets
-        self._where = {id(p): (b, t) for b in buckets for t, p in enumerate(b.params)}
+        self._buckets = build_buckets(self.param_groups, self._hyper.first_slot, self.state, self._use_triton,
+                                      self.master_weights)
+        self._where = {id(p): (b, t) for b in self._buckets for t, p in enumerate(b.params)}
         self._key = self._layout_key()
-
-    def _expose_state(self, b: Bucket, t: int) -> None:
-        st = {"step": b.steps[t], "exp_avg": b.view(b.exp_avg, t), "exp_avg_sq": b.view(b.exp_avg_sq, t)}
-        if b.master is not None:
-            st["master_param"] = b.view(b.master, t)
-        self.state[b.params[t]] = st
 
     def _sync_steps(self, b: Bucket) -> None:
         """Triton path: the step counters live in `b.counters` (units of blocks); refresh `steps`."""
