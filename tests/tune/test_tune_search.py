@@ -178,6 +178,18 @@ def test_diverged_members_are_excluded_and_never_shifted_into():
     assert '"loss": null' in text
 
 
+def test_a_check_line_that_diverges_confirms_nothing():
+    # ELR-invariant, but every lr other than the scanned one diverges: a spread of 0 over one point is no evidence.
+    def oracle(p: Point) -> Outcome:
+        return elr_surface(C + 0.3)(p) if p.lr == LR else Outcome(p, math.inf)
+    result = simulate(SearchConfig(), oracle)
+    check = result.invariant_check
+    assert [o.finite for o in check.outcomes] == [True, False, False, False, False]
+    assert not check.within_noise and "rescan" not in kinds(result)
+    assert any("4 of 5 members" in n for n in result.notes)
+    assert any("invariance not confirmed" in n for n in result.notes)
+
+
 def test_all_diverged_shifts_toward_smaller_values_then_gives_up():
     def oracle(p: Point) -> Outcome:
         return Outcome(p, None)
@@ -237,8 +249,9 @@ def test_grid_equivalent_covers_every_evaluated_lr_and_wd():
 
 # ---- determinism and the driving protocol -----------------------------------------------
 
-def test_replaying_recorded_outcomes_gives_identical_stages():
-    recorded = json.loads(json.dumps(simulate(SearchConfig(), neither).to_dict()))  # as read back from disk
+@pytest.mark.parametrize("oracle", [neither, elr_surface(C + 1.2, diverge_above=C + 1.5)], ids=["rescan", "diverged"])
+def test_replaying_recorded_outcomes_gives_identical_stages(oracle):
+    recorded = json.loads(json.dumps(simulate(SearchConfig(), oracle).to_dict(), allow_nan=False))  # read back
     search = Search(SearchConfig())
     for stage_dict in recorded["stages"]:
         stage = search.next_stage()
@@ -247,6 +260,9 @@ def test_replaying_recorded_outcomes_gives_identical_stages():
         search.tell(stage, [Outcome(Point(o["lr"], o["wd"]), o["loss"], o["se"]) for o in stage_dict["outcomes"]])
     assert search.next_stage() is None
     assert search.result().to_dict() == recorded
+
+
+def test_the_same_outcomes_give_the_same_result():
     assert simulate(SearchConfig(), neither) == simulate(SearchConfig(), neither)
 
 

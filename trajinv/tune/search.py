@@ -23,8 +23,8 @@ check     members on the invariant line through the best point: lr*f, wd/f (same
           the 1-D answer stands.
 rescan    otherwise a scan of +-2 s along the axis through the best member of that line (its
           lr for "elr", its wd for "lr"), then shift/zoom/check as above, at most
-          `max_rescans` times. Not when the best on the line is the recommendation itself
-          (it is then best in both directions) or that line was scanned already.
+          `max_rescans` times. Not when the best on the line is the recommendation itself:
+          it is then best in both directions.
 
 The recommendation is the best *evaluated* point: its loss was measured, with its se,
 while the fit's vertex is a prediction of a model that is only locally right and was
@@ -223,7 +223,6 @@ class Search:
         self._line = _Line(cfg.axis, cfg.lr if cfg.axis == "elr" else cfg.wd)
         default_centre = cfg.lr * cfg.wd if cfg.axis == "elr" else cfg.lr
         self._centre = math.log2(cfg.center if cfg.center is not None else default_centre)
-        self._scanned = {_log2key(self._line.fixed)}  # lines scanned, by their fixed value
         self._history: list[tuple[Stage, tuple[Outcome, ...]]] = []
         self._seen: dict[tuple[float, float], Outcome] = {}  # insertion order = evaluation order
         self._pending: Stage | None = None
@@ -360,25 +359,25 @@ class Search:
         finite = [o for o in check.outcomes if o.finite]
         top = min(finite, key=lambda o: o.loss)  # the recommendation wins ties: it is listed first
         self._notes.append(f"invariant check: spread {check.spread:.4g} > threshold {check.threshold:.4g}")
-        line = _Line.through(self.cfg.axis, top.point)
         if top.point.key == self._checked_at.key:
             self._notes.append("the checked point is best on its invariant line too (best in both directions): "
                                "no rescan")
         elif self._rescans >= self.cfg.max_rescans:
             self._notes.append(f"rescans exhausted ({self._rescans}): the answer is the best evaluated point")
-        elif _log2key(line.fixed) in self._scanned:
-            self._notes.append(f"the {line.describe()} was scanned already: no rescan")
         else:
-            self._rescans += 1
-            self._shifts = 0
-            self._line = line
-            self._scanned.add(_log2key(line.fixed))
-            self._phase = "explore"
-            xc, s = line.x(top.point), self.cfg.spacing
-            return "rescan", [line.point(xc + k * s) for k in range(-_RESCAN_HALF_WIDTH, _RESCAN_HALF_WIDTH + 1)]
+            return self._rescan(top.point)
         return None
 
     # ---- helpers ---------------------------------------------------------------------
+    def _rescan(self, through: Point) -> tuple[StageKind, list[Point]]:
+        """A new line along the axis through `through`: +-2 spacings around it, then explore it."""
+        self._rescans += 1
+        self._shifts = 0
+        self._line = line = _Line.through(self.cfg.axis, through)
+        self._phase = "explore"
+        xc, s = line.x(through), self.cfg.spacing
+        return "rescan", [line.point(xc + k * s) for k in range(-_RESCAN_HALF_WIDTH, _RESCAN_HALF_WIDTH + 1)]
+
     def _shift(self, edge: float, direction: int) -> tuple[StageKind, list[Point]]:
         self._shifts += 1
         s, count = self.cfg.spacing, max(2, self.cfg.points // 2)
