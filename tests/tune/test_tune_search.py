@@ -1,0 +1,345 @@
+"""The tune search on synthetic loss surfaces: no training, oracles stand in for the runner."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from trajinv.schedules import BatchSchedule
+from trajinv.tune.fit import fit_quadratic
+from trajinv.tune.search import (Outcome, Point, Search, SearchConfig, Stage, TuneResult, classify_regime,
+                                 simulate)
+
+LR = 8e-3
+C = math.log2(LR)  # default centre: log2(lr * wd) with wd = 1
+
+
+def elr_surface(x0: float, curvature: float = 0.1, diverge_above: float = math.inf):
+    """Loss depends on lr*wd only: a parabola in log2 ELR with its minimum at x0."""
+    def oracle(p: Point) -> Outcome:
+        x = math.log2(p.elr)
+        return Outcome(p, math.nan if x > diverge_above else 3.0 + curvature * (x - x0) ** 2)
+    return oracle
+
+
+def within_zoom_spacing(result: TuneResult, x0: float, value=lambda p: p.elr) -> bool:
+    """The recommendation lies within one zoom spacing (scan spacing / 4) of the optimum x0."""
+    return abs(math.log2(value(result.best)) - x0) <= SearchConfig().spacing / 4 + 1e-9
+
+
+def kinds(result: TuneResult) -> list[str]:
+    return [stage.kind for stage, _ in result.stages]
+
+
+# ---- the 1-D search on invariant surfaces -----------------------------------------------
+
+def test_elr_invariant_surface_finds_the_optimum_and_the_check_stands():
+    x0 = C + 1.3
+    result = simulate(SearchConfig(), elr_surface(x0))
+    assert kinds(result) == ["scan", "zoom", "check"]
+    assert within_zoom_spacing(result, x0)
+    assert math.log2(result.fit.vertex) == pytest.approx(x0, abs=1e-6)  # an exact parabola: exact vertex
+    assert result.fit.loss == pytest.approx(3.0) and result.fit.curvature == pytest.approx(0.2)
+    assert result.invariant_check.within_noise
+    assert result.invariant_check.outcomes[0].point == result.best
+    assert [o.point.elr for o in result.invariant_check.outcomes] == pytest.approx([result.best.elr] * 5)
+
+
+def test_a_wrong_answer_fails_the_optimum_check():
+    # The assertion the tests rely on is discriminating: an answer one scan spacing off is rejected.
+    result = simulate(SearchConfig(), elr_surface(C + 1.3))
+    assert not within_zoom_spacing(result, C + 1.3 + SearchConfig().spacing)
+
+
+def test_lr_invariant_surface_along_the_lr_axis():
+    l0 = C + 0.6
+    def oracle(p: Point) -> Outcome:
+        return Outcome(p, 3.0 + 0.1 * (math.log2(p.lr) - l0) ** 2)
+    result = simulate(SearchConfig(axis="lr", wd=0.1), oracle)
+    assert kinds(result) == ["scan", "zoom", "check"]
+    assert all(p.wd == 0.1 for stage, _ in result.stages[:2] for p in stage.points)
+    assert within_zoom_spacing(result, l0, value=lambda p: p.lr)
+    # The iso-LR check varies wd at the recommended lr.
+    assert {o.point.lr for o in result.invariant_check.outcomes} == {result.best.lr}
+    assert result.invariant_check.within_noise
+
+
+def test_zoom_skips_points_already_evaluated():
+    # Vertex half-way between two scan members: its +-spacing/2 zoom members are those members.
+    result = simulate(SearchConfig(), elr_surface(C + 0.5))
+    zoom = [stage for stage, _ in result.stages if stage.kind == "zoom"][0]
+    assert [math.log2(p.elr) - C for p in zoom.points] == pytest.approx([0.25, 0.75])
+
+
+# ---- the check and the rescan -----------------------------------------------------------
+
+def neither(p: Point) -> Outcome:
+    """Minimum in lr and in wd separately (at lr 2e-3, wd 0.25): not ELR-invariant."""
+    return Outcome(p, 3.0 + 0.05 * math.log2(p.lr / 2e-3) ** 2 + 0.08 * math.log2(p.wd / 0.25) ** 2)
+
+
+def test_non_invariant_surface_fails_the_check_and_the_rescan_improves():
+    result = simulate(SearchConfig(), neither)
+    names = [stage.name for stage, _ in result.stages]
+    assert names == ["1-scan", "2-zoom", "3-check", "4-rescan", "5-zoom", "6-check"]
+    first = [o.loss for stage, outs in result.stages[:3] for o in outs]
+    assert result.loss < min(first)
+    # The rescan runs along ELR at the best lr of the failed check line (lr/2 = 4e-3).
+    rescan = result.stages[3][0]
+    assert [p.lr for p in rescan.points] == pytest.approx([4e-3] * len(rescan.points))
+    assert (result.best.lr, result.best.wd) == pytest.approx((4e-3, 0.25))
+    assert any("spread" in n and ">" in n for n in result.notes)
+    assert any("best in both directions" in n for n in result.notes)  # the second check: no new rescan
+
+
+def test_max_rescans_zero_keeps_the_best_evaluated_point():
+    result = simulate(SearchConfig(max_rescans=0), neither)
+    assert "rescan" not in kinds(result)
+    assert not result.invariant_check.within_noise
+    assert result.loss == min(o.loss for _, outs in result.stages for o in outs)
+    assert any("rescans exhausted" in n for n in result.notes)
+
+
+def test_wrong_axis_is_caught_by_the_check():
+    # An lr-invariant surface searched along ELR: the scan is flat, the iso-ELR check is not.
+    l0 = C - 1.0
+    def oracle(p: Point) -> Outcome:
+        return Outcome(p, 3.0 + 0.1 * (math.log2(p.lr) - l0) ** 2)
+    result = simulate(SearchConfig(), oracle)
+    assert "rescan" in kinds(result)
+    assert not result.invariant_check.within_noise
+    assert result.best.lr == pytest.approx(2.0 ** l0)
+
+
+def lr_tilted(tilt: float, se: float = 0.0):
+    """ELR-invariant plus `tilt` nat per octave of lr: spread on the check line = 4 * tilt."""
+    def oracle(p: Point) -> Outcome:
+        return Outcome(p, 3.0 + 0.1 * (math.log2(p.elr) - C) ** 2 + tilt * math.log2(p.lr / LR), se)
+    return oracle
+
+
+@pytest.mark.parametrize("tilt, rescans", [(0.001, False), (0.01, True)])
+def test_noise_floor_decides_the_check(tilt, rescans):
+    result = simulate(SearchConfig(noise=0.01), lr_tilted(tilt))
+    check = next(outs for stage, outs in result.stages if stage.kind == "check")
+    assert ("rescan" in kinds(result)) is rescans
+    assert result.invariant_check.threshold == 0.01
+    spread = max(o.loss for o in check) - min(o.loss for o in check)
+    assert spread == pytest.approx(4 * tilt, rel=1e-3)
+
+
+@pytest.mark.parametrize("se, stands", [(0.01, True), (0.0, False)])
+def test_standard_errors_set_the_check_threshold(se, stands):
+    result = simulate(SearchConfig(max_rescans=0), lr_tilted(0.005, se))
+    check = result.invariant_check
+    assert check.threshold == pytest.approx(2 * math.sqrt(2) * se)  # 0.028 > spread 0.02 when se = 0.01
+    assert check.within_noise is stands
+
+
+def test_fit_weights_follow_the_standard_errors():
+    xs = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    ys = [(x - 0.3) ** 2 for x in xs]
+    ys[4] += 3.0  # an outlier ...
+    weighted = fit_quadratic(xs, ys, [0.01, 0.01, 0.01, 0.01, 10.0])  # ... with a large se
+    plain = fit_quadratic(xs, ys, [0.0] * 5)
+    assert weighted.vertex == pytest.approx(0.3, abs=1e-3)
+    assert abs(plain.vertex - 0.3) > 0.1
+    assert fit_quadratic([0.0, 1.0, 1.0], [1.0, 2.0, 2.0], [0.0] * 3) is None  # two distinct x
+
+
+# ---- shifts and divergence --------------------------------------------------------------
+
+def test_optimum_beyond_the_bracket_is_reached_by_a_shift():
+    x0 = C + 4.6
+    result = simulate(SearchConfig(), elr_surface(x0))
+    assert kinds(result) == ["scan", "shift", "zoom", "check"]
+    shift = result.stages[1][0]
+    assert [math.log2(p.elr) - C for p in shift.points] == pytest.approx([4.0, 5.0, 6.0])
+    assert within_zoom_spacing(result, x0)
+
+
+@pytest.mark.parametrize("max_shifts", [0, 1, 2])
+def test_shifts_are_bounded(max_shifts):
+    result = simulate(SearchConfig(max_shifts=max_shifts), elr_surface(C + 30))
+    assert kinds(result).count("shift") == max_shifts
+    assert math.log2(result.best.elr) - C == pytest.approx(3.0 + 3 * max_shifts + 0.5)  # last zoom +s/2
+    assert any("upper edge" in n for n in result.notes)
+
+
+def test_diverged_members_are_excluded_and_never_shifted_into():
+    result = simulate(SearchConfig(), elr_surface(C + 4, diverge_above=C + 1.5))
+    assert "shift" not in kinds(result)
+    assert math.log2(result.best.elr) <= C + 1.5
+    assert math.isfinite(result.loss)
+    assert any("divergence boundary" in n for n in result.notes)
+    text = json.dumps(result.to_dict(), allow_nan=False)  # diverged losses are null in JSON
+    assert '"loss": null' in text
+
+
+def test_a_check_line_that_diverges_confirms_nothing():
+    # ELR-invariant, but every lr other than the scanned one diverges: a spread of 0 over one point is no evidence.
+    def oracle(p: Point) -> Outcome:
+        return elr_surface(C + 0.3)(p) if p.lr == LR else Outcome(p, math.inf)
+    result = simulate(SearchConfig(), oracle)
+    check = result.invariant_check
+    assert [o.finite for o in check.outcomes] == [True, False, False, False, False]
+    assert not check.within_noise and "rescan" not in kinds(result)
+    assert any("4 of 5 members" in n for n in result.notes)
+    assert any("invariance not confirmed" in n for n in result.notes)
+
+
+def test_all_diverged_shifts_toward_smaller_values_then_gives_up():
+    def oracle(p: Point) -> Outcome:
+        return Outcome(p, None)
+    result = simulate(SearchConfig(max_shifts=2), oracle)
+    assert kinds(result) == ["scan", "shift", "shift"]
+    lows = [min(p.elr for p in stage.points) for stage, _ in result.stages]
+    for (stage, _), previous_low in zip(result.stages[1:], lows):
+        assert max(p.elr for p in stage.points) < previous_low
+    assert result.best is None and result.loss is None and result.fit is None
+    assert result.invariant_check is None
+    assert any("every member diverged" in n for n in result.notes)
+
+
+def test_all_diverged_scan_recovers_below():
+    x0 = C - 5
+    result = simulate(SearchConfig(), elr_surface(x0, diverge_above=C - 3.5))
+    assert kinds(result)[:2] == ["scan", "shift"]
+    assert within_zoom_spacing(result, x0)
+
+
+# ---- budget -----------------------------------------------------------------------------
+
+def test_budget_trims_to_the_points_nearest_the_best_then_finishes():
+    cfg = SearchConfig(steps_per_member=10, budget=100)
+    result = simulate(cfg, elr_surface(C + 0.1))
+    assert result.cost_member_steps == 100
+    zoom = result.stages[1][0]
+    # Vertex at +0.1: +-0.25/+-0.5 members at -0.4, -0.15, 0.35, 0.6; the one farthest from the best (x=0) goes.
+    assert [math.log2(p.elr) - C for p in zoom.points] == pytest.approx([-0.4, -0.15, 0.35])
+    assert any("2-zoom trimmed to 3 of 4" in n for n in result.notes)
+    assert any("3-check skipped" in n for n in result.notes)
+    assert result.invariant_check is None
+
+
+def test_budget_of_exactly_the_scan_skips_everything_after():
+    result = simulate(SearchConfig(steps_per_member=10, budget=70), elr_surface(C))
+    assert kinds(result) == ["scan"] and result.cost_member_steps == 70
+    assert math.log2(result.best.elr) == pytest.approx(C)
+
+
+def test_budget_below_the_first_scan_is_an_error():
+    with pytest.raises(ValueError) as err:
+        SearchConfig(steps_per_member=10, budget=60)
+    message = str(err.value)
+    assert "60" in message and "70" in message and "\n" not in message
+
+
+def test_grid_equivalent_covers_every_evaluated_lr_and_wd():
+    cfg = SearchConfig(points=3, octaves=2.0, zoom_points=0, check_factors=(2.0,), steps_per_member=5)
+    result = simulate(cfg, elr_surface(C))
+    # wd over 2 octaves (3 values), lr over 1 octave from the check (2 values): a 3 x 2 grid.
+    assert kinds(result) == ["scan", "check"]
+    assert result.cost_member_steps == 4 * 5
+    assert result.grid_equivalent_points == 6
+    assert result.grid_equivalent_member_steps == 30
+
+
+# ---- determinism and the driving protocol -----------------------------------------------
+
+@pytest.mark.parametrize("oracle", [neither, elr_surface(C + 1.2, diverge_above=C + 1.5)], ids=["rescan", "diverged"])
+def test_replaying_recorded_outcomes_gives_identical_stages(oracle):
+    recorded = json.loads(json.dumps(simulate(SearchConfig(), oracle).to_dict(), allow_nan=False))  # read back
+    search = Search(SearchConfig())
+    for stage_dict in recorded["stages"]:
+        stage = search.next_stage()
+        assert stage.name == stage_dict["name"] and stage.kind == stage_dict["kind"]
+        assert [(p.lr, p.wd) for p in stage.points] == [(p["lr"], p["wd"]) for p in stage_dict["points"]]
+        search.tell(stage, [Outcome(Point(o["lr"], o["wd"]), o["loss"], o["se"]) for o in stage_dict["outcomes"]])
+    assert search.next_stage() is None
+    assert search.result().to_dict() == recorded
+
+
+def test_the_same_outcomes_give_the_same_result():
+    assert simulate(SearchConfig(), neither) == simulate(SearchConfig(), neither)
+
+
+def test_tell_rejects_a_wrong_oracle():
+    search = Search(SearchConfig())
+    stage = search.next_stage()
+    assert search.next_stage() is stage  # the same stage until told
+    shifted = [Outcome(Point(p.lr * 1.5, p.wd), 3.0) for p in stage.points]  # trained the wrong points
+    with pytest.raises(ValueError, match="1-scan"):
+        search.tell(stage, shifted)
+    with pytest.raises(ValueError, match="needs one outcome per point"):
+        search.tell(stage, [Outcome(p, 3.0) for p in stage.points[:-1]])
+    with pytest.raises(ValueError, match="pending stage"):
+        search.tell(Stage("9-zoom", "zoom", stage.points), [Outcome(p, 3.0) for p in stage.points])
+    with pytest.raises(RuntimeError):
+        search.result()
+    search.tell(stage, [Outcome(p, 3.0) for p in reversed(stage.points)])  # any order is fine
+    with pytest.raises(ValueError, match="pending stage is"):
+        search.tell(stage, [Outcome(p, 3.0) for p in stage.points])  # told twice
+
+
+# ---- regime -----------------------------------------------------------------------------
+
+def test_small_batch_and_long_run_is_elr():
+    regime = classify_regime(100.0, 32, 10_000, 8e-3, 0.1)
+    assert (regime.axis, regime.small_batch, regime.enough_iterations) == ("elr", True, True)
+    assert regime.batch_schedule is None and "small batch" in regime.reason and "enough steps" in regime.reason
+
+
+@pytest.mark.parametrize("b_precond", [None, math.nan])
+def test_unmeasured_noise_scale_assumes_elr_and_says_so(b_precond):
+    regime = classify_regime(b_precond, 32, 10_000, 8e-3, 0.1)
+    assert (regime.axis, regime.small_batch, regime.b_precond) == ("elr", None, None)
+    assert "unmeasured" in regime.reason
+
+
+def test_too_few_iterations_is_lr():
+    regime = classify_regime(100.0, 32, 100, 8e-3, 0.1)  # 100 * 8e-4 = 0.08 transitions
+    assert (regime.axis, regime.small_batch, regime.enough_iterations) == ("lr", True, False)
+    assert "too few steps" in regime.reason and regime.batch_schedule is None
+
+
+@pytest.mark.parametrize("b_precond, batch, steps, schedule", [
+    (100.0, 256, 20_000, "64@0.19,256"),  # 3 / 8e-4 = 3750 steps = 0.1875 of the run
+    (64.0, 64, 20_000, "32@0.19,64"),  # at B_precond is large; B1 strictly below it
+    (100.0, 256, 1_000, "64@0.5,256"),  # capped at half the run
+])
+def test_large_batch_is_lr_with_a_small_batch_first_schedule(b_precond, batch, steps, schedule):
+    regime = classify_regime(b_precond, batch, steps, 8e-3, 0.1)
+    assert (regime.axis, regime.small_batch) == ("lr", False)
+    assert "large batch" in regime.reason and schedule in regime.reason
+    assert ("more steps are needed" in regime.reason) is (steps * 8e-4 / 2 < 3)
+    assert regime.batch_schedule == schedule
+    assert str(BatchSchedule.parse(regime.batch_schedule)) == schedule  # the trainer's syntax
+
+
+def test_no_power_of_two_below_a_tiny_noise_scale():
+    assert classify_regime(0.5, 4, 20_000, 8e-3, 0.1).batch_schedule is None
+
+
+# ---- validation -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value", [
+    ("axis", "wd"), ("lr", 0.0), ("wd", -1.0), ("center", math.nan), ("octaves", -2.0),
+    ("points", 2), ("zoom_points", -1), ("max_shifts", 1.5), ("max_rescans", -1),
+    ("check_factors", (0.5, 1.0)), ("check_factors", ()), ("noise", -0.1),
+    ("steps_per_member", 0), ("budget", 0),
+])
+def test_config_errors_are_one_line_and_name_the_value(field, value):
+    with pytest.raises(ValueError) as err:
+        SearchConfig(**{field: value})
+    message = str(err.value)
+    assert "\n" not in message and field in message and repr(value) in message
+
+
+def test_classify_regime_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="batch_size"):
+        classify_regime(100.0, 0, 1000, 8e-3, 0.1)
+    with pytest.raises(ValueError, match="wd"):
+        classify_regime(100.0, 32, 1000, 8e-3, 0.0)

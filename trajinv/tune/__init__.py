@@ -1,0 +1,1 @@
+"""`trajinv tune`: search lr and weight decay along the salient (ELR or LR) direction."""
