@@ -1,0 +1,1 @@
+"""Analyses of finished tuning runs: optimum scaling with the token budget, and tuning curves."""
