@@ -154,6 +154,13 @@ def test_power_law_refusals():
         fit_power_law([1, 2, 2], [1, 2, 3])
     with pytest.raises(ValueError, match="positive"):
         fit_power_law([1, 2, 3], [1, -2, 3])
+    with pytest.raises(ValueError, match="n_boot=1"):
+        fit_power_law([1, 2, 3], [1, 2, 3], n_boot=1)
+
+
+def test_budget_needs_positive_tokens_and_steps():
+    with pytest.raises(ValueError, match="empty: .*steps=0"):
+        BudgetOptimum(tokens=2.0**20, steps=0, lr=1e-3, wd=0.1, elr=1e-4, log2_se={}, at_edge=False, source="empty")
 
 
 # --- fit_scaling --------------------------------------------------------------
@@ -197,6 +204,14 @@ def test_claims_fail_when_wd_does_not_decrease():
 def test_claims_are_inconclusive_when_the_interval_straddles_the_zone():
     report = fit_scaling(scaling_optima(0.1, -1.0, se=0.3, n=3))
     assert [c.verdict for c in report.claims] == ["inconclusive", "inconclusive"]
+
+
+def test_lr_tolerance_sets_how_small_a_constant_exponent_must_be():
+    opts = scaling_optima(0.15, -0.5, se=0.02)
+    assert fit_scaling(opts).claims[0].verdict == "fails"
+    assert fit_scaling(opts, lr_tolerance=0.3).claims[0].verdict == "holds"
+    with pytest.raises(ValueError, match="target_tokens"):
+        fit_scaling(opts, target_tokens=0.0)
 
 
 def test_lr_claim_is_inconclusive_when_lr_was_held_fixed():

@@ -90,6 +90,11 @@ class BudgetOptimum:
     tuned_axes: tuple[str, ...] = _AXES
     """Which axes the runs varied: an ELR scan at fixed lr tunes only 'wd'."""
 
+    def __post_init__(self) -> None:
+        if not (self.tokens > 0 and math.isfinite(self.tokens) and self.steps > 0):
+            raise ValueError(f"{self.source or 'budget'}: tokens and steps must be positive, "
+                             f"got tokens={self.tokens!r}, steps={self.steps!r}")
+
 
 def tau_iter(lr: float, wd: float) -> float:
     """1/(lr*wd) steps: the timescale of AdamW's weight-decay EMA (Wang & Aitchison 2024)."""
@@ -247,8 +252,8 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], y_log2_se: Sequence[fl
         raise ValueError(f"x and y differ in length: {n} and {len(ly)}")
     if len(np.unique(lx)) < n:
         raise ValueError(f"x values must be distinct, got {list(map(float, x))}")
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    if not (0 < ci < 1 and n_boot >= 2):
+        raise ValueError(f"need 0 < ci < 1 and n_boot >= 2, got ci={ci}, n_boot={n_boot}")
     se = np.zeros(n) if y_log2_se is None else np.asarray(y_log2_se, dtype=float)
     if se.shape != (n,) or not np.all(np.isfinite(se) & (se >= 0)):
         raise ValueError(f"y_log2_se must be {n} finite values >= 0, got {y_log2_se!r}")
