@@ -90,6 +90,12 @@ def test_tuning_curve_refuses_bad_input(losses, lo, hi, match):
         tuning_curve(losses, [1, 2], lower_bound=lo, upper_bound=hi)
 
 
+@pytest.mark.parametrize("ns,confidence,match", [([0, 1], 0.8, "ns"), ([], 0.8, "ns"), ([1, 2], 1.0, "confidence")])
+def test_tuning_curve_refuses_bad_ns_and_confidence(ns, confidence, match):
+    with pytest.raises(ValueError, match=match):
+        tuning_curve([3.0, 4.0], ns, lower_bound=0.0, upper_bound=5.0, confidence=confidence)
+
+
 def test_missing_opda_gives_a_one_line_import_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "opda", None)
     monkeypatch.setitem(sys.modules, "opda.nonparametric", None)
