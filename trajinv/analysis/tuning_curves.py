@@ -1,0 +1,201 @@
+"""Tuning curves: the best validation loss to expect after n random-search trials, with confidence bands.
+
+A sweep is a sample from the distribution of final losses that random search over
+its box would produce. The expected best (minimum) of n draws from that sample's
+empirical distribution is the tuning curve (Dodge et al. 2019); it says what the
+search cost buys, and comparing the 2-D lr x wd search with the 1-D search along
+the ELR line at fixed lr shows what the trajectory-invariance tuner saves.
+
+The bands come from opda (Lourie, He & Cho): simultaneous confidence bands for the
+CDF of the loss distribution, carried to the tuning curve. The expected minimum is
+monotone in the CDF (a distribution with more mass at low losses has a lower
+expected minimum for every n), so the CDF band's upper edge gives the curve's lower
+band and its lower edge the upper band, and the bands hold for all n at once.
+They need a bounded support: the band's edges put mass at the bounds, so an
+infinite bound makes the expected minimum infinite. A cross-entropy is >= 0, and a
+diverged run is worse than any finite one, so it counts as `upper_bound`. Ties
+(several diverged runs) only make these order-statistic bands conservative.
+Past the sample size the lower band sinks towards `lower_bound`: a finite sample
+cannot rule out rare, better configurations it never drew.
+
+Bands use opda's "ld_equal_tailed" method in one process with a fixed seed:
+almost as tight as its default "ld_highest_density" (per opda's notes) at a
+fraction of the cost, reproducible, and without a process pool on a shared machine.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from trajinv.atomic import atomic_write
+
+__all__ = ["TuningCurve", "plot_tuning_curves", "sweep_tuning_curves", "tuning_curve"]
+
+OPDA_MISSING = "tuning curves need opda: pip install 'trajinv[hpo]'"
+_BAND_METHOD = "ld_equal_tailed"
+_BAND_SEED = 0  # opda simulates the bands' critical value; a fixed seed makes them reproducible
+
+
+@dataclass(frozen=True)
+class TuningCurve:
+    """Expected best loss after n trials (`expected`) with simultaneous `confidence` bands; `trials` = sample size."""
+
+    label: str
+    n: np.ndarray
+    expected: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    confidence: float
+    trials: int
+
+    def trials_to_reach(self, loss: float) -> int | None:
+        """The fewest trials among `n` whose expected best loss is <= `loss`; None if none reaches it."""
+        hit = np.flatnonzero(self.expected <= loss)
+        return int(np.min(self.n[hit])) if hit.size else None
+
+
+def _empirical_distribution():
+    """opda's EmpiricalDistribution, imported only here: opda is an optional dependency."""
+    try:
+        from opda.nonparametric import EmpiricalDistribution
+    except ImportError:
+        raise ImportError(OPDA_MISSING) from None
+    return EmpiricalDistribution
+
+
+def _sample(losses: Sequence[float | None], lower_bound: float, upper_bound: float) -> np.ndarray:
+    """Losses as floats, diverged (None or non-finite) ones set to `upper_bound`, all inside the bounds."""
+    if not (math.isfinite(lower_bound) and math.isfinite(upper_bound) and lower_bound < upper_bound):
+        raise ValueError(f"bounds must be finite with lower < upper for finite bands, "
+                         f"got lower_bound={lower_bound!r}, upper_bound={upper_bound!r}")
+    ys = np.array([upper_bound if v is None or not math.isfinite(v) else float(v) for v in losses], dtype=float)
+    if ys.size == 0:
+        raise ValueError("a tuning curve needs at least one loss")
+    outside = ys[(ys < lower_bound) | (ys > upper_bound)]
+    if outside.size:
+        raise ValueError(f"loss {outside[0]!r} lies outside [lower_bound={lower_bound!r}, upper_bound={upper_bound!r}]")
+    return ys
+
+
+def tuning_curve(losses: Sequence[float | None], ns: Sequence[int], lower_bound: float, upper_bound: float,
+                 confidence: float = 0.8, label: str = "") -> TuningCurve:
+    """Expected best (minimum) loss after n random-search trials, for each n in `ns`, with simultaneous bands.
+
+    Trials are draws with replacement from the empirical distribution of `losses`;
+    diverged losses (None or non-finite) count as `upper_bound`.
+    """
+    ys = _sample(losses, lower_bound, upper_bound)
+    n = np.asarray(ns, dtype=int)
+    if n.ndim != 1 or n.size == 0 or np.any(n < 1):
+        raise ValueError(f"ns must be a non-empty list of positive integers, got {ns!r}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    dist = _empirical_distribution()
+    with warnings.catch_warnings():
+        # opda warns that ties spoil exact coverage; with ties the bands are conservative (module docstring).
+        warnings.filterwarnings("ignore", message="Duplicates detected", category=RuntimeWarning)
+        cdf_lo, cdf_point, cdf_hi = dist.confidence_bands(
+            ys, confidence, a=lower_bound, b=upper_bound, generator=np.random.default_rng(_BAND_SEED),
+            method=_BAND_METHOD, n_jobs=1)
+    return TuningCurve(label=label, n=n, expected=cdf_point.average_tuning_curve(n, minimize=True),
+                       lower=cdf_hi.average_tuning_curve(n, minimize=True),
+                       upper=cdf_lo.average_tuning_curve(n, minimize=True), confidence=confidence, trials=len(ys))
+
+
+def _float_or_none(value) -> float | None:
+    """A summary.csv cell as a float; '' and None (missing) as None."""
+    return None if value is None or value == "" else float(value)
+
+
+def _trials(rows: Sequence[dict]) -> list[tuple[float, float | None]]:
+    """(lr, loss) of every finished member: 'done' with its loss, 'diverged' as None.
+
+    Members still running, or done without a recorded loss, are not finished trials and are left out;
+    a 'done' member with a non-finite loss diverged at the end and counts as diverged.
+    """
+    out = []
+    for row in rows:
+        loss = _float_or_none(row.get("final_val_loss"))
+        if row.get("status") == "diverged":
+            out.append((float(row["lr"]), None))
+        elif row.get("status") == "done" and loss is not None:
+            out.append((float(row["lr"]), loss if math.isfinite(loss) else None))
+    return out
+
+
+def _line_lr(trials: list[tuple[float, float | None]]) -> float:
+    """The lr with the most members; among equals, the one holding the best finite loss."""
+    def key(lr: float) -> tuple[int, float]:
+        losses = [v for x, v in trials if x == lr]
+        return len(losses), -min((v for v in losses if v is not None), default=math.inf)
+    return max(sorted({lr for lr, _ in trials}), key=key)
+
+
+def sweep_tuning_curves(rows: Sequence[dict], ns: Sequence[int] | None = None, confidence: float = 0.8,
+                        lower_bound: float = 0.0, upper_bound: float | None = None,
+                        vocab_size: int | None = None) -> dict[str, TuningCurve]:
+    """Tuning curves of a sweep's summary rows: "2d" over every member, "1d" along one lr's ELR line.
+
+    "2d" is random search over the lr x wd box; "1d" is random search over the
+    members of a single lr, which is what the 1-D tuner searches once lr is fixed.
+    Its lr is the one with the most members (an iso-lr ELR scan inside a grid has
+    more than a grid row), ties going to the lr of the best member: on a full grid
+    that is the row through the optimum, the line a tuner that fixed lr well
+    would search. `ns` defaults to 1..(number of members) for both curves.
+    `upper_bound` defaults to the worst finite loss or, if `vocab_size` is given,
+    ln(vocab_size) (the loss of a uniform guess) when that is larger.
+    """
+    trials = _trials(rows)
+    if not trials:
+        raise ValueError(f"no finished member (status 'done' with a loss, or 'diverged') among {len(rows)} rows")
+    finite = [v for _, v in trials if v is not None]
+    if upper_bound is None:
+        candidates = finite + ([math.log(vocab_size)] if vocab_size else [])
+        if not candidates:
+            raise ValueError(f"all {len(trials)} members diverged; pass upper_bound or vocab_size")
+        upper_bound = max(candidates)
+    ns = range(1, len(trials) + 1) if ns is None else ns
+    lr = _line_lr(trials)
+    line = [v for x, v in trials if x == lr]
+    return {
+        "2d": tuning_curve([v for _, v in trials], ns, lower_bound, upper_bound, confidence,
+                           label=f"lr x wd, {len(trials)} trials"),
+        "1d": tuning_curve(line, ns, lower_bound, upper_bound, confidence,
+                           label=f"ELR line at lr={lr:.3g}, {len(line)} trials"),
+    }
+
+
+def plot_tuning_curves(curves: dict[str, TuningCurve], out_png: str | Path) -> Path:
+    """Expected best loss against trials (log x), one colour per curve with its band shaded.
+
+    The y-axis reaches as far below the best expected loss as the upper bands reach above it;
+    a lower band that sinks further (towards lower_bound, see the module docstring) runs off the
+    bottom rather than squash the curves into a line.
+    """
+    if not curves:
+        raise ValueError("plot_tuning_curves needs at least one curve")
+    fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for k, (key, c) in enumerate(curves.items()):
+        ax.plot(c.n, c.expected, color=f"C{k}", marker="." if len(c.n) < 30 else None, label=c.label or key)
+        ax.fill_between(c.n, c.lower, c.upper, color=f"C{k}", alpha=0.2)
+    confidence = {c.confidence for c in curves.values()}
+    ax.set(xscale="log", xlabel="random-search trials n", ylabel="expected best validation loss",
+           title="tuning curves, bands " + ", ".join(f"{p:.0%}" for p in sorted(confidence)))
+    best = min(float(c.expected.min()) for c in curves.values())
+    top = max(float(c.upper.max()) for c in curves.values())
+    ax.set_ylim(best - (top - best) - 1e-9, top + 0.05 * (top - best) + 1e-9)  # 1e-9: a flat curve still has a range
+    ax.legend()
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda f: fig.savefig(f, format="png"))
+    return out
