@@ -1,0 +1,1 @@
+"""Analyses of logged runs that need nothing but the metric records."""
