@@ -15,7 +15,10 @@ from trajinv.analysis.phase import (
     MemberPhase,
     equilibrium_relative_update,
     equilibrium_weight_norm,
+    format_phases,
     member_phases,
+    plot_phases,
+    predicted_transition_step,
 )
 
 # ------------------------------------------------- real AdamW on a scale-invariant toy problem
@@ -349,3 +352,55 @@ def test_relogged_steps_keep_the_last_record():
 def test_records_without_basic_keys_are_rejected():
     with pytest.raises(ValueError, match="base_lr"):
         member_phases([{"run_id": "r", "member": 0, "step": 1, "lr": 1e-3, "wd": 0.1}])
+
+
+# ---------------------------------------------------------------- sweep level and output
+
+
+def _phase(step, phase_at_end="ELR phase", regime="chaotic equilibrium", name="m", member=0) -> MemberPhase:
+    return MemberPhase("r", member, name, 1e-2, 0.1, step, None if step is None else step * 1e-3, phase_at_end,
+                       regime, {"ratio_end": 1.02, "drift_end": 0.01})
+
+
+def test_predicted_transition_step_is_the_median_equilibrium_step():
+    assert predicted_transition_step([_phase(300), _phase(100), _phase(200)]) == 200.0
+    assert predicted_transition_step([_phase(100), _phase(200), _phase(None)]) == 200.0
+    assert predicted_transition_step([_phase(100), _phase(None), _phase(300), _phase(None)]) is None
+    # Members without norms and diverged members cannot equilibrate: left out.
+    mixed = [_phase(None, "n/a"), _phase(200), _phase(400, regime="divergence"), _phase(None, "n/a")]
+    assert predicted_transition_step(mixed) == 200.0
+    assert predicted_transition_step([_phase(None, "n/a")]) is None
+
+
+def test_format_phases_table():
+    text = format_phases([_phase(1500, name="a"), _phase(None, "LR phase", "convergence", name="bb", member=1)])
+    head, first, second = text.splitlines()
+    assert head.split() == ["run", "member", "name", "lr", "wd", "elr", "eq", "step", "eq", "tau", "phase",
+                            "regime", "ratio", "drift"]
+    assert "1500" in first and "1.50" in first and "ELR phase" in first and "chaotic equilibrium" in first
+    assert second.split()[6:8] == ["-", "-"]
+    assert head.index("phase") == first.index("ELR phase") == second.index("LR phase")
+
+
+def test_plot_phases_writes_png(synthetic, tmp_path, monkeypatch):
+    records = _member(0, "chaotic", _plateau) + _member(8, "old", _plateau, kinds=())
+    phases = member_phases(records, beta1=0.0)
+    out = plot_phases(records, phases, tmp_path / "phases.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [f.name for f in tmp_path.iterdir()] == ["phases.png"]  # no temporary left behind
+    figures = []
+    monkeypatch.setattr(phase, "save_png", lambda fig, path: figures.append(fig))
+    plot_phases(records, phases, tmp_path / "again.png")
+    top, bottom = figures[0].axes[:2]
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["chaotic (chaotic equilibrium)"]
+    assert top.get_xscale() == "log"
+    marked = [ln for ln in top.lines if ln.get_linestyle() == ":"]
+    assert [ln.get_xdata()[0] for ln in marked] == [pytest.approx(phases[0].equilibrium_tau)]
+    assert len(bottom.lines) == 2  # the norm and its equilibrium step
+
+
+def test_plot_phases_without_norms_and_bad_suffix(tmp_path):
+    records = _member(8, "old", _plateau, kinds=())
+    assert plot_phases(records, member_phases(records), tmp_path / "old.png").is_file()
+    with pytest.raises(ValueError, match="png"):
+        plot_phases(records, member_phases(records), tmp_path / "old.jpg")

@@ -80,10 +80,15 @@ The loss criteria assume a positive loss (cross-entropy). Decay in the
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from trajinv.plots import save_png
 
 __all__ = [
     "DEFAULT_BETA1",
@@ -92,7 +97,10 @@ __all__ = [
     "MemberPhase",
     "equilibrium_relative_update",
     "equilibrium_weight_norm",
+    "format_phases",
     "member_phases",
+    "plot_phases",
+    "predicted_transition_step",
 ]
 
 KINDS = ("matrix", "embedding", "gain")
@@ -351,3 +359,72 @@ def member_phases(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     return [_member_phase(k, recs, kind, beta1, criteria) for k, recs in sorted(_group(records).items())]
+
+
+def predicted_transition_step(phases: Sequence[MemberPhase]) -> float | None:
+    """The step by which half of the members are in equilibrium: the sweep's predicted LR -> ELR switch.
+
+    Median equilibrium step over the members that can equilibrate (norms logged,
+    not diverged), one that never got there counting as later than any; None when
+    fewer than half did or no member qualifies.
+    """
+    steps = [math.inf if p.equilibrium_step is None else float(p.equilibrium_step)
+             for p in phases if p.phase_at_end != "n/a" and p.regime != "divergence"]
+    if not steps:
+        return None
+    median = float(np.median(steps))
+    return median if math.isfinite(median) else None
+
+
+def format_phases(phases: Sequence[MemberPhase]) -> str:
+    """A plain-text table, one row per member."""
+    head = ("run", "member", "name", "lr", "wd", "elr", "eq step", "eq tau", "phase", "regime", "ratio", "drift")
+
+    def cell(v, fmt: str = "{:.3g}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    rows = [(p.run_id, str(p.member), p.name, cell(p.lr), cell(p.wd), cell(p.lr * p.wd),
+             cell(p.equilibrium_step, "{}"), cell(p.equilibrium_tau, "{:.2f}"), p.phase_at_end, p.regime,
+             cell(p.evidence.get("ratio_end")), cell(p.evidence.get("drift_end")))
+            for p in phases]
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (head, *rows))
+
+
+def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png: str | Path) -> Path:
+    """Top: median rho/rho_eq against step/tau (log x), equilibrium steps dotted, regime in the
+    legend, tolerance band shaded; bottom: the weight norm against step. PNG written atomically."""
+    groups = _group(records)
+    fig = Figure(figsize=(8, 7.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_r, ax_w = fig.subplots(2, 1)
+    drawn = [p for p in phases if p.phase_at_end != "n/a" and p.wd > 0 and (p.run_id, p.member) in groups]
+    for i, p in enumerate(drawn):
+        crit = Criteria(**p.evidence["criteria"])
+        s = _series(groups[(p.run_id, p.member)], p.evidence["kind"])
+        m = _measure(s, p.wd, p.evidence["beta1"], crit)
+        x, colour = s.steps * p.lr * p.wd, f"C{i % 10}"
+        ax_r.plot(x, m.ratio, color=colour, alpha=0.2, lw=0.7)
+        ax_r.plot(x, m.ratio_smooth, color=colour, lw=1.6, label=f"{p.name} ({p.regime})")
+        ax_w.plot(s.steps, s.norm, color=colour, lw=1.4, label=p.name)
+        if p.equilibrium_step is not None:
+            ax_r.axvline(p.equilibrium_tau, color=colour, ls=":", lw=1.2)
+            ax_w.axvline(p.equilibrium_step, color=colour, ls=":", lw=1.2)
+    if drawn:
+        tol = drawn[0].evidence["criteria"]["rel_tol"]
+        ax_r.axhspan(1 / (1 + tol), 1 + tol, color="0.85", zorder=0)
+        ax_r.axhline(1.0, color="0.3", lw=1)
+        ax_r.set_xscale("log")
+        ax_r.set_yscale("log")
+        ax_r.legend(fontsize="small", loc="best")
+        ax_w.set_yscale("log")  # members' norms differ by sqrt(lr/wd), often by orders of magnitude
+    else:
+        ax_r.text(0.5, 0.5, "no weight/update norms logged", transform=ax_r.transAxes, ha="center")
+    ax_r.set_xlabel("step / tau,  tau = 1/(lr*wd)")
+    ax_r.set_ylabel("|dw|/|w|  /  equilibrium value")
+    ax_r.set_title("relative update against its equilibrium (dotted: equilibrium reached)")
+    ax_w.set_xlabel("step")
+    ax_w.set_ylabel("weight norm")
+    for ax in (ax_r, ax_w):
+        ax.grid(True, alpha=0.3)
+    return save_png(fig, out_png)
