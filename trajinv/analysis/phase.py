@@ -36,10 +36,12 @@ variance) ``E[u_s . u_t] = N rho_u^2 beta1^|s-t|`` with
 which is ``2a`` at b = 0 and ``2a (1 - b)/(1 + b)`` for small ``a`` (Kosson et
 al.'s AdamW value; 0.229 * sqrt(2a) at b = 0.9), while the norm stays
 ``sqrt(eta N / (2 lambda))`` (gradients of unit variance after Adam's scaling):
-momentum shrinks each step but the correlated steps add up to the same growth. Neglected: any gradient
-*signal* (coherent across steps, it raises the b > 0 value towards sqrt(2a)),
-fluctuations of v_hat and eps, bias correction, the matrices being only
-approximately scale-invariant, and E-ratio vs ratio-of-E (N large).
+momentum shrinks each step, but the correlated steps add up to the same growth.
+
+Neglected: any gradient *signal* (coherent across steps, it raises the b > 0
+value towards sqrt(2a)), fluctuations of v_hat and eps, bias correction, the
+matrices being only approximately scale-invariant, and mean ratio vs ratio of
+means (N large).
 
 Measurement
 -----------
