@@ -1,0 +1,406 @@
+"""trajinv.analysis.phase: the equilibrium formulas against real AdamW, and the verdicts on synthetic records."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from trajinv.analysis import phase
+from trajinv.analysis.phase import (
+    DEFAULT_BETA1,
+    Criteria,
+    MemberPhase,
+    equilibrium_relative_update,
+    equilibrium_weight_norm,
+    format_phases,
+    member_phases,
+    plot_phases,
+    predicted_transition_step,
+)
+
+# ------------------------------------------------- real AdamW on a scale-invariant toy problem
+
+NUMEL = 4096
+A, B, D = (2e-2, 0.2), (4e-2, 0.1), (2e-2, 0.8)  # A, B: ELR 4e-3 (tau = 250 steps); D: ELR 1.6e-2
+TOY_STEPS, TOY_LOG = 1500, 5
+
+
+def _adamw_toy(settings, beta1: float, seed: int = 0) -> tuple[list[dict], list[float]]:
+    """torch.optim.AdamW (decoupled decay) on loss(w) = 1 - (w/|w|) . (3 t + xi), xi ~ N(0, I) a step.
+
+    The loss depends on the direction only, so its gradient is orthogonal to w;
+    |xi| = 64 against a signal of 3 makes the gradients noise-dominated. Each
+    member starts at 0.3 times its equilibrium norm. Returns metric records (as
+    the trainer writes them) and each member's mean rms of the Adam direction
+    over the second half.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.randn(NUMEL, generator=gen)
+    target /= target.norm()
+    ws = [torch.nn.Parameter(torch.randn(NUMEL, generator=gen)) for _ in settings]
+    with torch.no_grad():
+        for w, (lr, wd) in zip(ws, settings):
+            w.mul_(0.3 * math.sqrt(lr * NUMEL / (2 * wd)) / w.norm())
+    opt = torch.optim.AdamW([{"params": [w], "lr": lr, "weight_decay": wd} for w, (lr, wd) in zip(ws, settings)],
+                            betas=(beta1, 0.95), eps=1e-12)
+    records, rms = [], [[] for _ in settings]
+    for step in range(1, TOY_STEPS + 1):
+        with torch.no_grad():
+            W = torch.stack([w.detach() for w in ws])
+            norm = W.norm(dim=1, keepdim=True)
+            unit = W / norm
+            v = 3.0 * target + torch.randn(len(ws), NUMEL, generator=gen)
+            for w, g in zip(ws, -(v - unit * (unit * v).sum(1, keepdim=True)) / norm):
+                w.grad = g.clone()
+        opt.step()
+        if step % TOY_LOG:
+            continue
+        for k, ((lr, wd), w, old) in enumerate(zip(settings, ws, W)):
+            new = w.detach()
+            if step > TOY_STEPS // 2:
+                rms[k].append(float(((old * (1 - lr * wd) - new) / lr).pow(2).mean().sqrt()))
+            records.append({"run_id": f"toy-b{beta1}", "member": k, "name": f"lr={lr:g},wd={wd:g}", "step": step,
+                            "lr": lr, "base_lr": lr, "wd": wd, "elr": lr * wd,
+                            "train_loss": 1.0 - float(new @ target / new.norm()), "val_loss": None,
+                            "status": "running", "weight_norm_matrix": float(new.norm()),
+                            "update_norm_matrix": float((new - old).norm())})
+    return records, [float(np.mean(r)) for r in rms]
+
+
+@pytest.fixture(scope="module")
+def toy() -> dict[float, tuple[list[dict], list[float], list[tuple[float, float]]]]:
+    # Tensors this small only lose by intra-op threads (30x slower on two busy cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {0.0: (*_adamw_toy([A, B, D], 0.0), [A, B, D]), 0.9: (*_adamw_toy([A, D], 0.9), [A, D])}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _late(records: list[dict], member: int, key: str) -> float:
+    """Mean of ``key`` (or of the relative update) over the second half of the toy run."""
+    recs = [r for r in records if r["member"] == member and r["step"] > TOY_STEPS // 2]
+    if key == "rho":
+        return float(np.mean([r["update_norm_matrix"] / r["weight_norm_matrix"] for r in recs]))
+    return float(np.mean([r[key] for r in recs]))
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_adamw_relative_update_converges_to_the_equilibrium_value(toy, beta1):
+    records, _, settings = toy[beta1]
+    for k, (lr, wd) in enumerate(settings):
+        measured = _late(records, k, "rho")
+        assert measured == pytest.approx(equilibrium_relative_update(lr, wd, beta1), rel=0.03)
+        # The wrong formulas are off by far more than that tolerance: the factor 2
+        # (sqrt 2 = 1.41) without momentum, the momentum factor (4.4) with it.
+        wrong = math.sqrt(lr * wd) if beta1 == 0 else math.sqrt(2 * lr * wd)
+        assert abs(measured / wrong - 1) > 0.25
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_adamw_weight_norm_matches_equilibrium_weight_norm(toy, beta1):
+    records, rms, settings = toy[beta1]
+    for k, (lr, wd) in enumerate(settings):
+        predicted = equilibrium_weight_norm(lr, wd, rms[k], NUMEL, beta1)
+        assert _late(records, k, "weight_norm_matrix") == pytest.approx(predicted, rel=0.03)
+    # Momentum shrinks each step to rms sqrt((1-b)/(1+b)) but leaves the norm alone.
+    assert rms[0] == pytest.approx(math.sqrt((1 - beta1) / (1 + beta1)), rel=0.06)
+
+
+def test_adamw_norm_scales_as_sqrt_lr_over_wd_and_update_with_elr(toy):
+    records, _, _ = toy[0.0]
+    norm = [_late(records, k, "weight_norm_matrix") for k in range(3)]
+    rho = [_late(records, k, "rho") for k in range(3)]
+    # B: same ELR as A, lr/wd four times larger; D: ELR four times A's, lr/wd a quarter.
+    assert norm[1] / norm[0] == pytest.approx(2.0, rel=0.05)
+    assert norm[2] / norm[0] == pytest.approx(0.5, rel=0.05)
+    assert rho[1] / rho[0] == pytest.approx(1.0, rel=0.03)
+    assert rho[2] / rho[0] == pytest.approx(2.0, rel=0.03)
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_adamw_equilibrium_step_is_of_order_tau(toy, beta1):
+    records, _, settings = toy[beta1]
+    phases = member_phases(records, beta1=beta1)
+    assert [(p.lr, p.wd) for p in phases] == settings
+    for p in phases:
+        assert p.phase_at_end == "ELR phase"
+        assert 0.3 <= p.equilibrium_tau <= 3.0
+        assert p.evidence["ratio_end"] == pytest.approx(1.0, abs=0.1)
+    if beta1 == 0.0:  # A and B share the ELR and equilibrate at the same number of tau
+        assert phases[0].equilibrium_tau == pytest.approx(phases[1].equilibrium_tau, rel=0.2)
+
+
+def test_adamw_wrong_formulas_find_no_equilibrium(toy, monkeypatch):
+    records, _, _ = toy[0.9]
+    ignored = member_phases(records, beta1=0.0)  # momentum left out of the formula
+    assert [p.equilibrium_step for p in ignored] == [None, None]
+    assert all(p.evidence["ratio_end"] < 0.3 for p in ignored)
+    records, _, _ = toy[0.0]
+    monkeypatch.setattr(phase, "equilibrium_relative_update", lambda lr, wd, beta1=0.0: math.sqrt(lr * wd))
+    no_two = member_phases(records, beta1=0.0)
+    assert [p.phase_at_end for p in no_two] == ["LR phase"] * 3
+    assert all(p.evidence["ratio_end"] == pytest.approx(math.sqrt(2), rel=0.05) for p in no_two)
+
+
+# ------------------------------------------------------------------------- formulas
+
+
+def test_equilibrium_relative_update_closed_forms():
+    for a in (1e-4, 4e-3, 0.1, 0.5):
+        assert equilibrium_relative_update(a / 0.1, 0.1) == pytest.approx(math.sqrt(2 * a), rel=1e-12)
+    # Small lr*wd with momentum: Kosson et al.'s sqrt(2 lr wd (1-b)/(1+b)).
+    assert equilibrium_relative_update(1e-3, 0.1, 0.9) == pytest.approx(math.sqrt(2e-4 * 0.1 / 1.9), rel=1e-3)
+    assert equilibrium_relative_update(1e-3, 0.0, 0.9) == 0.0
+    for bad in [(0.0, 0.1, 0.0), (1e-3, -0.1, 0.0), (1e-3, 0.1, 1.0), (2.0, 0.5, 0.0)]:
+        with pytest.raises(ValueError):
+            equilibrium_relative_update(*bad)
+
+
+def test_equilibrium_weight_norm_closed_form():
+    lr, wd, rms, n = 3e-3, 0.1, 0.8, 1000
+    a = lr * wd
+    w = equilibrium_weight_norm(lr, wd, rms, n)
+    assert w == pytest.approx(math.sqrt(lr * n * rms**2 / (wd * (2 - a))), rel=1e-12)
+    # Without momentum the norm and the relative update balance: (rho w)^2 = a^2 w^2 + lr^2 |u|^2.
+    assert (equilibrium_relative_update(lr, wd) * w) ** 2 == pytest.approx(a * a * w * w + lr * lr * n * rms**2)
+    assert equilibrium_weight_norm(lr, 0.0, rms, n) == math.inf
+    for bad in [(lr, wd, -1.0, n), (lr, wd, rms, 0)]:
+        with pytest.raises(ValueError):
+            equilibrium_weight_norm(*bad)
+
+
+def test_default_beta1_is_the_trainers():
+    from trajinv.config import OptimConfig
+
+    assert DEFAULT_BETA1 == OptimConfig().betas[0]
+
+
+# -------------------------------------------------------------- synthetic records per regime
+
+LR, WD, N = 1e-2, 0.1, 10_000  # tau = 1000 steps
+TAU = 1.0 / (LR * WD)
+
+
+def _member(member: int, name: str, loss, *, lr=lambda t: LR, wd: float = WD, steps: int = 8000, every: int = 20,
+            kinds=("matrix",), noise: float = 0.05, status_at: int | None = None, seed: int = 0) -> list[dict]:
+    """Records of the mean-field AdamW (beta1 = 0, unit-rms directions orthogonal to w, peak lr LR)
+    from 0.3 times the equilibrium norm.
+
+    The update norm gets log-normal noise of sd ``noise``, the loss 1% noise;
+    ``loss`` may return nan. From ``status_at`` on the member is marked diverged.
+    """
+    rng = np.random.default_rng(seed)
+    w2 = (0.3 * equilibrium_weight_norm(LR, wd, 1.0, N)) ** 2 if wd > 0 else 1.0
+    out = []
+    for t in range(1, steps + 1):
+        eta = lr(t)
+        a = eta * wd
+        step2 = a * a * w2 + eta * eta * N
+        w2 = (1 - a) ** 2 * w2 + eta * eta * N
+        if t % every:
+            continue
+        rec = {"run_id": "syn", "member": member, "name": name, "step": t, "lr": eta, "base_lr": LR, "wd": wd,
+               "elr": LR * wd, "train_loss": float(loss(t)) * (1 + 0.01 * rng.standard_normal()),
+               "val_loss": None, "status": "diverged" if status_at is not None and t >= status_at else "running"}
+        for kind in kinds:
+            rec[f"weight_norm_{kind}"] = math.sqrt(w2)
+            rec[f"update_norm_{kind}"] = math.sqrt(step2) * math.exp(noise * rng.standard_normal())
+        out.append(rec)
+    return out
+
+
+def _plateau(t):
+    return 2.0 + 3.5 * math.exp(-t / 500)
+
+
+def _wsd(t, steps=8000):
+    return LR * min(1.0, (steps - t) / (0.2 * steps))
+
+
+def _wsd_loss(t, steps=8000):
+    return _plateau(t) - 0.5 * max(0.0, t - 0.8 * steps) / (0.2 * steps)
+
+
+def _warmup_cosine(t, steps=30_000, warm=500):
+    return LR * (t / warm if t < warm else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - warm) / (steps - warm))))
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> dict[str, MemberPhase]:
+    members = [
+        _member(0, "chaotic", _plateau),
+        _member(1, "wsd", _wsd_loss, lr=_wsd),
+        _member(2, "cosine", _plateau, lr=_warmup_cosine, steps=30_000, every=50),
+        _member(3, "falling", lambda t: 5.5 * (1 + t / TAU) ** -0.5),
+        _member(4, "small-wd", _plateau, wd=1e-4),
+        _member(5, "nan", lambda t: _plateau(t) if t < 4000 else math.nan, steps=4020, status_at=4020),
+        _member(6, "stuck", lambda t: 5.5),
+        _member(7, "blowup", lambda t: 5.5 + t / 2000),
+        _member(8, "old", _plateau, kinds=()),
+        _member(9, "noisy", _plateau, noise=0.15, seed=9),
+        _member(10, "embedding-only", _plateau, kinds=("embedding",)),
+        _member(11, "no-decay", _plateau, wd=0.0),
+        _member(12, "old-wsd", _wsd_loss, lr=_wsd, kinds=()),
+    ]
+    return {p.name: p for p in member_phases([r for m in members for r in m], beta1=0.0)}
+
+
+def test_constant_lr_reaches_chaotic_equilibrium(synthetic):
+    p = synthetic["chaotic"]
+    assert (p.phase_at_end, p.regime) == ("ELR phase", "chaotic equilibrium")
+    assert 0.3 <= p.equilibrium_tau <= 3.0
+    assert p.equilibrium_tau == pytest.approx(p.equilibrium_step / TAU)
+
+
+def test_wsd_decay_is_neither_divergence_nor_lost_equilibrium(synthetic):
+    p, constant = synthetic["wsd"], synthetic["chaotic"]
+    assert (p.phase_at_end, p.regime) == ("ELR phase", "chaotic equilibrium")
+    assert p.equilibrium_step == constant.equilibrium_step
+    assert p.evidence["ratio_last"] < 1 / 1.3  # the decay leaves equilibrium behind...
+    naive = member_phases(_member(1, "wsd", _wsd_loss, lr=_wsd), beta1=0.0, criteria=Criteria(sched_tol=math.inf))
+    assert naive[0].equilibrium_step is None  # ...which counts against it unless decay steps are set aside
+
+
+def test_equilibrium_value_follows_the_scheduled_lr(synthetic):
+    p = synthetic["cosine"]
+    assert p.phase_at_end == "ELR phase"
+    assert p.equilibrium_step > 500  # not before the warm-up ends
+    assert p.evidence["ratio_end"] == pytest.approx(1.0, abs=0.1)
+    records = _member(2, "cosine", _plateau, lr=_warmup_cosine, steps=30_000, every=50)
+    for r in records:
+        r["lr"] = r["base_lr"]  # as if the equilibrium value ignored the schedule
+    assert member_phases(records, beta1=0.0)[0].equilibrium_step is None
+
+
+def test_falling_loss_in_equilibrium_is_convergence(synthetic):
+    p = synthetic["falling"]
+    assert (p.phase_at_end, p.regime) == ("ELR phase", "convergence")
+    assert p.evidence["loss_drop_last_tau"] > 0.02
+
+
+def test_norm_not_settled_is_lr_phase_and_convergence(synthetic):
+    p = synthetic["small-wd"]  # tau = 1e6 steps: the run is far too short
+    assert (p.equilibrium_step, p.phase_at_end, p.regime) == (None, "LR phase", "convergence")
+
+
+@pytest.mark.parametrize("name, reason", [("nan", "status diverged"), ("stuck", "stuck"), ("blowup", "stuck")])
+def test_divergence(synthetic, name, reason):
+    p = synthetic[name]
+    assert p.regime == "divergence"
+    assert reason in p.evidence["divergence"]
+
+
+def test_nonfinite_loss_without_status_is_divergence():
+    records = _member(0, "nan", lambda t: _plateau(t) if t < 4000 else math.nan, steps=4020)
+    assert member_phases(records, beta1=0.0)[0].evidence["divergence"] == "non-finite loss"
+
+
+def test_records_without_norms_are_na(synthetic):
+    p = synthetic["old"]
+    assert (p.equilibrium_step, p.equilibrium_tau, p.phase_at_end) == (None, None, "n/a")
+    assert p.regime == "chaotic equilibrium"  # the loss alone: a plateau
+    assert "no matrix norms" in p.evidence["reason"]
+    # The plateau is read before a terminal decay whether or not norms were logged.
+    assert synthetic["old-wsd"].regime == "chaotic equilibrium"
+
+
+def test_kind_selects_the_norms(synthetic):
+    assert synthetic["embedding-only"].phase_at_end == "n/a"
+    records = _member(10, "embedding-only", _plateau, kinds=("embedding",))
+    assert member_phases(records, "embedding", beta1=0.0)[0].phase_at_end == "ELR phase"
+    with pytest.raises(ValueError, match="kind"):
+        member_phases(records, "bias")
+
+
+def test_noisy_update_norms_are_smoothed(synthetic):
+    assert 0.3 <= synthetic["noisy"].equilibrium_tau <= 3.0
+    records = _member(9, "noisy", _plateau, noise=0.15, seed=9)
+    raw = member_phases(records, beta1=0.0, criteria=Criteria(window_tau=0.0, min_points=1))[0]
+    # Unsmoothed, a noisy point breaks the equilibrium again and again: found late, if at all.
+    assert raw.equilibrium_tau is None or raw.equilibrium_tau > 3.0
+
+
+def test_drifting_norm_is_not_equilibrium_even_with_balanced_updates():
+    # Relative update exactly at its equilibrium value throughout, but the norm
+    # grows by half an e-fold per tau until 4 tau, then holds.
+    records = [{**r, "weight_norm_matrix": 10 * math.exp(0.5 * min(r["step"] / TAU, 4.0)),
+                "update_norm_matrix": 10 * math.exp(0.5 * min(r["step"] / TAU, 4.0)) * math.sqrt(2 * LR * WD)}
+               for r in _member(0, "drifting", _plateau)]
+    p = member_phases(records, beta1=0.0)[0]
+    assert p.phase_at_end == "ELR phase"
+    assert 4.0 < p.equilibrium_tau < 4.0 + Criteria().drift_tau  # found once the drift window has cleared
+
+
+def test_no_weight_decay_has_no_equilibrium(synthetic):
+    p = synthetic["no-decay"]
+    assert (p.phase_at_end, p.regime) == ("LR phase", "convergence")
+    assert "wd = 0" in p.evidence["reason"]
+
+
+def test_relogged_steps_keep_the_last_record():
+    good = _member(0, "chaotic", _plateau)
+    stale = [{**r, "update_norm_matrix": 10 * r["update_norm_matrix"]} for r in good[len(good) // 2:]]
+    assert member_phases(good[: len(good) // 2] + stale + good[len(good) // 2:], beta1=0.0) == member_phases(
+        good, beta1=0.0)
+
+
+def test_records_without_basic_keys_are_rejected():
+    with pytest.raises(ValueError, match="base_lr"):
+        member_phases([{"run_id": "r", "member": 0, "step": 1, "lr": 1e-3, "wd": 0.1}])
+
+
+# ---------------------------------------------------------------- sweep level and output
+
+
+def _phase(step, phase_at_end="ELR phase", regime="chaotic equilibrium", name="m", member=0) -> MemberPhase:
+    return MemberPhase("r", member, name, 1e-2, 0.1, step, None if step is None else step * 1e-3, phase_at_end,
+                       regime, {"ratio_end": 1.02, "drift_end": 0.01})
+
+
+def test_predicted_transition_step_is_the_median_equilibrium_step():
+    assert predicted_transition_step([_phase(300), _phase(100), _phase(200)]) == 200.0
+    assert predicted_transition_step([_phase(100), _phase(200), _phase(None)]) == 200.0
+    assert predicted_transition_step([_phase(100), _phase(None), _phase(300), _phase(None)]) is None
+    # Members without norms and diverged members cannot equilibrate: left out.
+    mixed = [_phase(None, "n/a"), _phase(200), _phase(400, regime="divergence"), _phase(None, "n/a")]
+    assert predicted_transition_step(mixed) == 200.0
+    assert predicted_transition_step([_phase(None, "n/a")]) is None
+
+
+def test_format_phases_table():
+    text = format_phases([_phase(1500, name="a"), _phase(None, "LR phase", "convergence", name="bb", member=1)])
+    head, first, second = text.splitlines()
+    assert head.split() == ["run", "member", "name", "lr", "wd", "elr", "eq", "step", "eq", "tau", "phase",
+                            "regime", "ratio", "drift"]
+    assert "1500" in first and "1.50" in first and "ELR phase" in first and "chaotic equilibrium" in first
+    assert second.split()[6:8] == ["-", "-"]
+    assert head.index("phase") == first.index("ELR phase") == second.index("LR phase")
+
+
+def test_plot_phases_writes_png(synthetic, tmp_path, monkeypatch):
+    records = _member(0, "chaotic", _plateau) + _member(8, "old", _plateau, kinds=())
+    phases = member_phases(records, beta1=0.0)
+    out = plot_phases(records, phases, tmp_path / "phases.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [f.name for f in tmp_path.iterdir()] == ["phases.png"]  # no temporary left behind
+    figures = []
+    monkeypatch.setattr(phase, "save_png", lambda fig, path: figures.append(fig))
+    plot_phases(records, phases, tmp_path / "again.png")
+    top, bottom = figures[0].axes[:2]
+    assert [t.get_text() for t in top.get_legend().get_texts()] == ["chaotic (chaotic equilibrium)"]
+    assert top.get_xscale() == "log"
+    marked = [ln for ln in top.lines if ln.get_linestyle() == ":"]
+    assert [ln.get_xdata()[0] for ln in marked] == [pytest.approx(phases[0].equilibrium_tau)]
+    assert len(bottom.lines) == 2  # the norm and its equilibrium step
+
+
+def test_plot_phases_without_norms_and_bad_suffix(tmp_path):
+    records = _member(8, "old", _plateau, kinds=())
+    assert plot_phases(records, member_phases(records), tmp_path / "old.png").is_file()
+    with pytest.raises(ValueError, match="png"):
+        plot_phases(records, member_phases(records), tmp_path / "old.jpg")

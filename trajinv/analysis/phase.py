@@ -1,0 +1,432 @@
+"""Whether and when each member reached rotational equilibrium, and its regime, from its own records.
+
+Early in training loss curves depend on lr alone (LR phase), late on ELR = lr*wd
+alone (ELR phase; Li et al. 2025). The switch is the weight norm of the
+scale-invariant matrices settling where weight decay balances the growth from
+the updates (Kosson et al. 2023, "rotational equilibrium"): once there, the
+norm and the relative update depend on lr*wd only, and the memory of the
+initial norm decays as exp(-2 * theta), theta = wd * sum_s lr_s (the number of
+tau = 1/(lr*wd) elapsed). This module reads that off one run's logged weight
+and update norms, no grid needed.
+
+Derivation (AdamW, torch convention, noise-dominated)
+-----------------------------------------------------
+Per step ``w' = r w - eta u`` with ``a = eta*lambda``, ``r = 1 - a`` and
+``u = m_hat / (sqrt(v_hat) + eps)`` the Adam direction, of per-element rms
+``rho_u``. Scale invariance makes the gradient orthogonal to ``w``.
+
+*Without momentum* (beta1 = 0) ``u_t`` is orthogonal to ``w_t``, so
+``E|w'|^2 = r^2 |w|^2 + eta^2 |u|^2`` and at equilibrium
+``|w|^2 = eta |u|^2 / (lambda (2 - a))``. The step is ``dw = -a w - eta u``
+(decay plus update, orthogonal), ``|dw|^2 = a^2 |w|^2 + eta^2 |u|^2
+= (a^2 + a(2 - a)) |w|^2``: **|dw|/|w| = sqrt(2 eta lambda)** exactly, the decay
+part ``a`` and the rotation ``sqrt(a(2 - a))`` summing in squares to ``2a``.
+This uses only stationarity and orthogonality, no noise model.
+
+*With momentum* the directions are correlated over ~1/(1 - beta1) steps and
+``u_t`` is no longer orthogonal to ``w_t`` (which contains ``-eta u_{t-1}``).
+For noise-dominated gradients (independent across steps; ``v_hat`` the noise
+variance) ``E[u_s . u_t] = N rho_u^2 beta1^|s-t|`` with
+``rho_u^2 = (1 - beta1)/(1 + beta1)``. Unrolling ``w_t = -eta sum_j r^j u_{t-1-j}``:
+
+    E|w|^2     = eta^2 N rho_u^2 (1 + r b) / ((1 - r^2)(1 - r b))        (b = beta1)
+    E[w_t.u_t] = -eta N rho_u^2 b / (1 - r b)
+    |dw|^2/|w|^2 = a^2 + a (2 - a) (1 - b - a b) / (1 + b - a b)
+
+which is ``2a`` at b = 0 and ``2a (1 - b)/(1 + b)`` for small ``a`` (Kosson et
+al.'s AdamW value; 0.229 * sqrt(2a) at b = 0.9), while the norm stays
+``sqrt(eta N / (2 lambda))`` (gradients of unit variance after Adam's scaling):
+momentum shrinks each step, but the correlated steps add up to the same growth.
+
+Neglected: any gradient *signal* (coherent across steps, it raises the b > 0
+value towards sqrt(2a)), fluctuations of v_hat and eps, bias correction, the
+matrices being only approximately scale-invariant, and mean ratio vs ratio of
+means (N large).
+
+Measurement
+-----------
+``rho_t = update_norm_<kind> / weight_norm_<kind>`` of one record (the norm after
+the step; it differs from the one before by O(a)), divided by the equilibrium
+value at that record's *scheduled* lr. Single steps are noisy, so the ratio is
+the median over a trailing window; windows are measured in theta, the clock of
+the relaxation, so warm-up and decay stretch them in steps. ``nu = |w| sqrt(wd/lr_t)``
+is the norm with its (quasi-static) equilibrium scaling taken out.
+
+Criteria (defaults in `Criteria`)
+---------------------------------
+=====================  ===============================================  ===============================================
+verdict                criterion                                        why
+=====================  ===============================================  ===============================================
+quasi-static step      lr varied <= 10% over the last 1/(2 lr_t wd)     the norm relaxes on that time; a decay (WSD,
+                       steps                                            cosine tail) outruns it and is neither
+                                                                        equilibrium nor a departure from it
+relative update        median ratio within [1/1.3, 1.3] (over the       the model neglects signal; a missing factor 2
+                       last 0.25 tau, >= 5 points)                      (1.41) or momentum (4.4) falls outside
+norm stopped drifting  |d ln nu / d theta| <= 0.1 per tau (least        relaxing as exp(-2 theta), that slope is the
+                       squares over the last 0.5 tau)                   fraction |w|^2 still has to go: <= ~10%
+equilibrium_step       first quasi-static step from which every later   "reached and stays"; the windows trail, so it
+                       quasi-static step passes both                    lags the true moment by ~0.25-0.5 tau
+phase_at_end           ELR phase iff equilibrium_step; n/a without      equilibrium is what makes curves ELR-only
+                       norms
+divergence             status diverged, non-finite loss, or end loss    blown up, or stuck near the initial value
+                       >= 90% of the first logged one                   (Kodryan et al.'s high-ELR regime)
+chaotic equilibrium    loss fell < 2% over the last tau of the quasi-   stationary at an ELR-dependent level with the
+                       static part, norm in equilibrium (when logged)   norm stationary (Kodryan et al.)
+convergence            otherwise: loss still falling or norm unsettled  small effective step, still descending
+=====================  ===============================================  ===============================================
+
+The loss criteria assume a positive loss (cross-entropy). Decay in the
+``independent`` mode (wd scaled by the lr multiplier) is not modelled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from trajinv.plots import save_png
+
+__all__ = [
+    "DEFAULT_BETA1",
+    "KINDS",
+    "Criteria",
+    "MemberPhase",
+    "equilibrium_relative_update",
+    "equilibrium_weight_norm",
+    "format_phases",
+    "member_phases",
+    "plot_phases",
+    "predicted_transition_step",
+]
+
+KINDS = ("matrix", "embedding", "gain")
+DEFAULT_BETA1 = 0.9
+"""beta1 of the trainer's AdamW (``OptimConfig.betas[0]``); the records do not log it."""
+
+
+def _decay_per_step(lr: float, wd: float, beta1: float) -> float:
+    if not (lr > 0 and wd >= 0 and 0 <= beta1 < 1):
+        raise ValueError(f"need lr > 0, wd >= 0, 0 <= beta1 < 1; got lr={lr!r}, wd={wd!r}, beta1={beta1!r}")
+    if lr * wd >= 1:
+        raise ValueError(f"lr*wd = {lr * wd!r} >= 1: the decay would zero or flip the weights each step")
+    return lr * wd
+
+
+def equilibrium_relative_update(lr: float, wd: float, beta1: float = 0.0) -> float:
+    """|dw|/|w| per step at rotational equilibrium, decay included (module docstring).
+
+    ``sqrt(a^2 + a(2-a)(1-b-ab)/(1+b-ab))`` with a = lr*wd, b = beta1: exactly
+    sqrt(2 lr wd) without momentum, ~sqrt(2 lr wd (1-b)/(1+b)) with it; 0 when wd = 0.
+    """
+    a, b = _decay_per_step(lr, wd, beta1), beta1
+    return math.sqrt(a * a + a * (2 - a) * (1 - b - a * b) / (1 + b - a * b))
+
+
+def equilibrium_weight_norm(lr: float, wd: float, update_rms: float, numel: int, beta1: float = 0.0) -> float:
+    """|w| at equilibrium for Adam directions of per-element rms ``update_rms`` over ``numel`` weights.
+
+    ``lr * rms * sqrt(N (1+rb) / ((1-r^2)(1-rb)))``, r = 1 - lr*wd: sqrt(lr N rms^2 / (wd (2 - lr wd)))
+    without momentum; with it, the directions' correlation is the noise-dominated
+    b^|s-t|. Infinite when wd = 0 (the norm grows forever).
+    """
+    a = _decay_per_step(lr, wd, beta1)
+    if update_rms < 0 or numel < 1:
+        raise ValueError(f"need update_rms >= 0 and numel >= 1, got {update_rms!r}, {numel!r}")
+    if a == 0:
+        return math.inf
+    r, b = 1 - a, beta1
+    return lr * update_rms * math.sqrt(numel * (1 + r * b) / ((1 - r * r) * (1 - r * b)))
+
+
+@dataclass(frozen=True)
+class Criteria:
+    """Thresholds of the verdicts; the module docstring gives the reasons."""
+
+    rel_tol: float = 0.3
+    """The median of rho/rho_eq must lie within [1/(1+rel_tol), 1+rel_tol]."""
+    drift_tol: float = 0.1
+    """Largest |d ln nu / d theta| (per tau) of a norm that stopped drifting."""
+    window_tau: float = 0.25
+    """Trailing window (in tau, i.e. theta) of the medians of rho/rho_eq and of the loss."""
+    drift_tau: float = 0.5
+    """Trailing window (in tau) of the least-squares slope of ln nu."""
+    min_points: int = 5
+    """Fewest logged points in a window; a window reaches further back to get them."""
+    sched_tol: float = 0.1
+    """Quasi-static: lr within this fraction of lr_t over the last 1/(2 lr_t wd) steps."""
+    plateau_tol: float = 0.02
+    """Plateau: the loss fell by less than this fraction over the last plateau_tau."""
+    plateau_tau: float = 1.0
+    """Look-back (in tau) of the plateau test."""
+    stuck_frac: float = 0.1
+    """Divergence: the end loss is above (1 - stuck_frac) times the first logged one."""
+
+
+@dataclass(frozen=True)
+class MemberPhase:
+    """Verdicts on one member; ``evidence`` holds the numbers behind them."""
+
+    run_id: str
+    member: int
+    name: str
+    lr: float
+    wd: float
+    equilibrium_step: int | None
+    equilibrium_tau: float | None
+    phase_at_end: str
+    regime: str
+    evidence: dict
+
+
+@dataclass(frozen=True)
+class _Series:
+    steps: np.ndarray
+    lr: np.ndarray
+    theta: np.ndarray
+    loss: np.ndarray  # nan where non-finite
+    norm: np.ndarray  # nan where not logged
+    update: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Measured:
+    ratio: np.ndarray  # rho / rho_eq per record
+    ratio_smooth: np.ndarray
+    drift: np.ndarray  # d ln nu / d theta, trailing
+
+
+def _num(v) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else math.nan
+
+
+def _group(records: Iterable[dict]) -> dict[tuple[str, int], list[dict]]:
+    """Records per (run_id, member), sorted by step; a resumed run's re-logged step keeps its last record."""
+    acc: dict[tuple[str, int], dict[int, dict]] = {}
+    for rec in records:
+        missing = [k for k in ("step", "lr", "base_lr", "wd") if rec.get(k) is None]
+        if missing:
+            raise ValueError(f"metric record {rec.get('run_id')!r}/{rec.get('member')} lacks {', '.join(missing)}")
+        acc.setdefault((str(rec.get("run_id", "")), int(rec.get("member", 0))), {})[int(rec["step"])] = rec
+    return {k: [by_step[s] for s in sorted(by_step)] for k, by_step in acc.items()}
+
+
+def _series(recs: list[dict], kind: str) -> _Series:
+    steps = np.array([r["step"] for r in recs], dtype=np.float64)
+    lr = np.array([float(r["lr"]) for r in recs])
+    wd = float(recs[0]["wd"])
+    # theta = wd * sum of the scheduled lr (trapezoids between logged steps, the first span at its lr).
+    spans = np.concatenate([[lr[0] * steps[0]], 0.5 * (lr[1:] + lr[:-1]) * np.diff(steps)])
+    theta = wd * np.cumsum(spans)
+
+    def col(key: str) -> np.ndarray:
+        return np.array([_num(r.get(key)) for r in recs])
+
+    norm, update = col(f"weight_norm_{kind}"), col(f"update_norm_{kind}")
+    bad = ~(np.isfinite(norm) & np.isfinite(update) & (norm > 0))
+    norm[bad] = update[bad] = np.nan
+    return _Series(steps, lr, theta, col("train_loss"), norm, update)
+
+
+def _window_starts(theta: np.ndarray, span: float, min_points: int) -> np.ndarray:
+    """First index of the trailing window of each point; -1 where fewer than min_points exist yet."""
+    idx = np.arange(len(theta))
+    starts = np.minimum(np.searchsorted(theta, theta - span, side="left"), idx - min_points + 1)
+    return np.where(idx + 1 >= min_points, np.maximum(starts, 0), -1)
+
+
+def _trailing_median(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    out = np.full(len(x), np.nan)
+    for i, s in enumerate(starts):
+        w = x[s : i + 1] if s >= 0 else x[:0]
+        w = w[np.isfinite(w)]
+        if len(w):
+            out[i] = np.median(w)
+    return out
+
+
+def _trailing_slope(t: np.ndarray, y: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Least-squares slope of y on t over each trailing window (nan points left out), by prefix sums."""
+    ok = np.isfinite(y)
+    t0 = np.where(ok, t - t[0], 0.0)  # shifted so the sums keep their precision
+    y0 = np.where(ok, y, 0.0)
+    cums = [np.concatenate([[0.0], np.cumsum(v)]) for v in (ok.astype(float), t0, y0, t0 * t0, t0 * y0)]
+    i = np.arange(len(t))
+    lo = np.maximum(starts, 0)
+    n, st, sy, stt, sty = (c[i + 1] - c[lo] for c in cums)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        slope = (n * sty - st * sy) / (n * stt - st * st)
+    return np.where((starts >= 0) & (n >= 2), slope, np.nan)
+
+
+def _quasi_static(s: _Series, wd: float, tol: float) -> np.ndarray:
+    """Whether lr stayed within tol of lr_t over the last 1/(2 lr_t wd) steps (the norm's relaxation time)."""
+    out = np.zeros(len(s.steps), dtype=bool)
+    for i, lr in enumerate(s.lr):
+        if lr > 0 and wd > 0:
+            lo = np.searchsorted(s.steps, s.steps[i] - 1.0 / (2.0 * lr * wd), side="left")
+            out[i] = bool(np.all(np.abs(s.lr[lo : i + 1] - lr) <= tol * lr))
+    return out
+
+
+def _measure(s: _Series, wd: float, beta1: float, crit: Criteria) -> _Measured:
+    rho_eq = np.array([equilibrium_relative_update(lr, wd, beta1) if lr > 0 else np.nan for lr in s.lr])
+    ratio = s.update / s.norm / rho_eq
+    ln_nu = np.log(s.norm) + 0.5 * np.log(wd / np.where(s.lr > 0, s.lr, np.nan))
+    return _Measured(
+        ratio=ratio,
+        ratio_smooth=_trailing_median(ratio, _window_starts(s.theta, crit.window_tau, crit.min_points)),
+        drift=_trailing_slope(s.theta, ln_nu, _window_starts(s.theta, crit.drift_tau, crit.min_points)),
+    )
+
+
+def _equilibrium_index(m: _Measured, q: np.ndarray, crit: Criteria) -> int | None:
+    """First quasi-static index (of ``q``) from which every later one passes both tests."""
+    with np.errstate(invalid="ignore"):
+        ok = (np.abs(np.log(m.ratio_smooth)) <= math.log1p(crit.rel_tol)) & (np.abs(m.drift) <= crit.drift_tol)
+    failed = q[~ok[q]]
+    later = q if not len(failed) else q[q > failed[-1]]
+    return int(later[0]) if len(later) else None
+
+
+def _f(x) -> float | None:
+    return float(x) if x is not None and math.isfinite(x) else None
+
+
+def _regime(s: _Series, end: int, equilibrated: bool, diverged: bool, crit: Criteria) -> tuple[str, dict]:
+    """Kodryan et al.'s regime from the loss (and the norm's equilibrium); see the criteria table."""
+    finite = np.isfinite(s.loss)
+    if diverged or not finite.all():
+        return "divergence", {"divergence": "status diverged" if diverged else "non-finite loss"}
+    # Early on a window holds what there is, so every point has a smoothed loss.
+    smooth = _trailing_median(s.loss, np.maximum(_window_starts(s.theta, crit.window_tau, crit.min_points), 0))
+    first, last = float(s.loss[0]), float(smooth[-1])
+    ev: dict = {"initial_loss": first, "final_loss": last}
+    if last >= (1 - crit.stuck_frac) * first:
+        return "divergence", {**ev, "divergence": "loss stuck near or above its initial value"}
+    back = np.flatnonzero(s.theta <= s.theta[end] - crit.plateau_tau)
+    drop = (smooth[back[-1]] - smooth[end]) / abs(smooth[end]) if len(back) else None
+    ev["loss_drop_last_tau"] = _f(drop)
+    plateau = drop is not None and drop < crit.plateau_tol
+    return ("chaotic equilibrium" if plateau and equilibrated else "convergence"), ev
+
+
+def _member_phase(key: tuple[str, int], recs: list[dict], kind: str, beta1: float, crit: Criteria) -> MemberPhase:
+    first = recs[0]
+    lr, wd = float(first["base_lr"]), float(first["wd"])
+    s = _series(recs, kind)
+    logged = bool(np.isfinite(s.norm).any())
+    ev: dict = {"kind": kind, "beta1": beta1, "criteria": asdict(crit), "points": len(recs),
+                "theta_end": float(s.theta[-1])}
+    # Verdicts are taken at the last quasi-static step: after it a terminal decay anneals, neither
+    # equilibrium nor departure from it (without norms too, so the loss plateau is read before it).
+    q = np.flatnonzero(_quasi_static(s, wd, crit.sched_tol))
+    end = int(q[-1]) if len(q) else len(s.steps) - 1
+    ev["quasi_static_points"] = len(q)
+    eq = None
+    if logged and wd > 0:
+        m = _measure(s, wd, beta1, crit)
+        eq = _equilibrium_index(m, q, crit)
+        ev.update(ratio_end=_f(m.ratio_smooth[end]), drift_end=_f(m.drift[end]),
+                  ratio_last=_f(m.ratio_smooth[-1]), weight_norm_end=_f(s.norm[end]),
+                  equilibrium_theta=None if eq is None else float(s.theta[eq]))
+    elif logged:
+        ev["reason"] = "wd = 0: nothing balances the growth of the norm"
+    else:
+        ev["reason"] = f"no {kind} norms logged"
+    diverged = any(r.get("status") == "diverged" for r in recs)
+    regime, loss_ev = _regime(s, end, eq is not None or not logged, diverged, crit)
+    step = None if eq is None else int(s.steps[eq])
+    return MemberPhase(
+        run_id=key[0], member=key[1], name=str(first.get("name") or f"lr={lr:g},wd={wd:g}"), lr=lr, wd=wd,
+        equilibrium_step=step, equilibrium_tau=None if step is None else step * lr * wd,
+        phase_at_end="n/a" if not logged else ("ELR phase" if eq is not None else "LR phase"),
+        regime=regime, evidence={**ev, **loss_ev},
+    )
+
+
+def member_phases(
+    records: Iterable[dict], kind: str = "matrix", *, beta1: float = DEFAULT_BETA1, criteria: Criteria = Criteria()
+) -> list[MemberPhase]:
+    """One MemberPhase per (run_id, member) of ``records``, sorted, judged on the norms of ``kind``.
+
+    ``beta1`` is the Adam momentum the run used; the member's wd must be the decay
+    ``kind`` got (gains are not decayed by default).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return [_member_phase(k, recs, kind, beta1, criteria) for k, recs in sorted(_group(records).items())]
+
+
+def predicted_transition_step(phases: Sequence[MemberPhase]) -> float | None:
+    """The step by which half of the members are in equilibrium: the sweep's predicted LR -> ELR switch.
+
+    Median equilibrium step over the members that can equilibrate (norms logged,
+    not diverged), one that never got there counting as later than any; None when
+    fewer than half did or no member qualifies.
+    """
+    steps = [math.inf if p.equilibrium_step is None else float(p.equilibrium_step)
+             for p in phases if p.phase_at_end != "n/a" and p.regime != "divergence"]
+    if not steps:
+        return None
+    median = float(np.median(steps))
+    return median if math.isfinite(median) else None
+
+
+def format_phases(phases: Sequence[MemberPhase]) -> str:
+    """A plain-text table, one row per member."""
+    head = ("run", "member", "name", "lr", "wd", "elr", "eq step", "eq tau", "phase", "regime", "ratio", "drift")
+
+    def cell(v, fmt: str = "{:.3g}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    rows = [(p.run_id, str(p.member), p.name, cell(p.lr), cell(p.wd), cell(p.lr * p.wd),
+             cell(p.equilibrium_step, "{}"), cell(p.equilibrium_tau, "{:.2f}"), p.phase_at_end, p.regime,
+             cell(p.evidence.get("ratio_end")), cell(p.evidence.get("drift_end")))
+            for p in phases]
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in (head, *rows))
+
+
+def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png: str | Path) -> Path:
+    """Top: median rho/rho_eq against step/tau (log x), equilibrium steps dotted, regime in the
+    legend, tolerance band shaded; bottom: the weight norm against step. PNG written atomically."""
+    groups = _group(records)
+    fig = Figure(figsize=(8, 7.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_r, ax_w = fig.subplots(2, 1)
+    drawn = [p for p in phases if p.phase_at_end != "n/a" and p.wd > 0 and (p.run_id, p.member) in groups]
+    for i, p in enumerate(drawn):
+        crit = Criteria(**p.evidence["criteria"])
+        s = _series(groups[(p.run_id, p.member)], p.evidence["kind"])
+        m = _measure(s, p.wd, p.evidence["beta1"], crit)
+        x, colour = s.steps * p.lr * p.wd, f"C{i % 10}"
+        ax_r.plot(x, m.ratio, color=colour, alpha=0.2, lw=0.7)
+        ax_r.plot(x, m.ratio_smooth, color=colour, lw=1.6, label=f"{p.name} ({p.regime})")
+        ax_w.plot(s.steps, s.norm, color=colour, lw=1.4, label=p.name)
+        if p.equilibrium_step is not None:
+            ax_r.axvline(p.equilibrium_tau, color=colour, ls=":", lw=1.2)
+            ax_w.axvline(p.equilibrium_step, color=colour, ls=":", lw=1.2)
+    if drawn:
+        tol = drawn[0].evidence["criteria"]["rel_tol"]
+        ax_r.axhspan(1 / (1 + tol), 1 + tol, color="0.85", zorder=0)
+        ax_r.axhline(1.0, color="0.3", lw=1)
+        ax_r.set_xscale("log")
+        ax_r.set_yscale("log")
+        ax_r.legend(fontsize="small", loc="best")
+        ax_w.set_yscale("log")  # members' norms differ by sqrt(lr/wd), often by orders of magnitude
+    else:
+        ax_r.text(0.5, 0.5, "no weight/update norms logged", transform=ax_r.transAxes, ha="center")
+    ax_r.set_xlabel("step / tau,  tau = 1/(lr*wd)")
+    ax_r.set_ylabel("|dw|/|w|  /  equilibrium value")
+    ax_r.set_title("relative update against its equilibrium (dotted: equilibrium reached)")
+    ax_w.set_xlabel("step")
+    ax_w.set_ylabel("weight norm")
+    for ax in (ax_r, ax_w):
+        ax.grid(True, alpha=0.3)
+    return save_png(fig, out_png)
