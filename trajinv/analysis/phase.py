@@ -90,7 +90,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from trajinv.plots import save_png
+from trajinv.analysis.plots import save_png
 
 __all__ = [
     "DEFAULT_BETA1",
