@@ -95,7 +95,7 @@ def compile_kernel(
 class KernelSpec:
     """One kernel to compile: `module:name` plus what `compile_kernel` takes."""
 
-    target: str  # "trajinv.kernels.fused_adamw:_adamw_kernel"
+    target: str  # "trajinv.kernels.adamw:_adamw_kernel"
     signature: dict[str, str]
     constexprs: dict[str, Any]
     aligned: tuple[str, ...] = ()

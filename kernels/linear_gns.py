@@ -287,7 +287,7 @@ def launch_config(upcast: bool, precision: str) -> dict[str, int]:
     """Largest tiles the launcher uses, per operand path, and the warp count.
 
     Chosen so that every variant compiles for sm_80 and sm_90 without register
-    spills (tests/test_linear_gns.py compiles exactly these): full-fp32 ("ieee")
+    spills (tests/kernels/test_linear_gns.py compiles exactly these): full-fp32 ("ieee")
     dots run on CUDA cores and need a shorter token chunk.
     """
     block_t = 16 if (upcast and precision == "ieee") else 32

@@ -1,5 +1,5 @@
 // One-pass AdamW over fp32 CPU tensors with per-(tensor, member) statistics: the CPU path of
-// trajinv.kernels.adamw (the Python wrapper `adamw_step` documents the arguments).
+// trajinv.kernels.adamw (the Python wrapper `native_adamw_step` documents the arguments).
 //
 // Work split: each (tensor, member) *segment* is cut into blocks of TRAJINV_BLOCK elements;
 // each OpenMP thread takes a contiguous run of blocks holding an equal share of the elements

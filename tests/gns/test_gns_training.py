@@ -64,9 +64,20 @@ def test_gns_does_not_change_training(tiny_data, tiny_train_config, tmp_path):
     assert "b_precond" not in _records(tmp_path / "off")[0]
 
 
-def test_off_attaches_no_probes(tiny_data, tiny_train_config, tmp_path):
-    tr = Trainer(_cfg(tiny_train_config, "off"), tiny_data, tmp_path)
+def test_off_attaches_no_probes(tiny_data, tiny_train_config, tmp_path, monkeypatch):
+    """GNS off: no meter, no probe ever attached, and no probed kernel runs while training."""
+    import trajinv.ops as ops
+
+    def forbidden(*a, **k):
+        raise AssertionError("a GNS probe kernel ran with GNS off")
+
+    monkeypatch.setattr(ops, "linear_weight_grad_with_norms", forbidden)
+    monkeypatch.setattr(ops.R, "rmsnorm_gain_grad_with_norms", forbidden)
+    tr = Trainer(_cfg(tiny_train_config, "off", steps=2), tiny_data, tmp_path)
     assert tr.gns is None and tr.model.probes == {}
+    tr.train()
+    assert tr.step == 2 and tr.model.probes == {}
+    assert not any(k.startswith(("gns_", "b_")) for k in _records(tmp_path)[-1])
 
 
 def test_summary_records_noise_scale_and_regime(tiny_data, tiny_train_config, tmp_path):

@@ -1,9 +1,12 @@
-"""What a sweep says: its records, the invariance it shows, and pictures of both.
+"""What training runs say: their records, the invariance they show, and pictures of it.
 
 - `records`: read metrics and the summary; one `Curve` per member.
 - `invariance`: iso-LR and iso-ELR groups, their spreads early and late, the
   LR -> ELR transition (`analyze_sweep`).
 - `plots`: PNG figures of a sweep (`plot_sweep`).
+- `phase`: one run's weight-norm equilibrium and regime, without a grid.
+- `scaling`: optimal lr / wd / ELR against the token budget, as power laws.
+- `tuning_curves`: expected best loss after n random-search trials (opda).
 """
 
 from trajinv.analysis.invariance import InvarianceReport, analyze_sweep, invariance_report, transition_step

@@ -1,0 +1,84 @@
+"""Configs are the one source of defaults: every CLI option agrees with its dataclass field."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import click
+import pytest
+
+from trajinv import cli
+from trajinv.config import (
+    DataConfig,
+    GNSConfig,
+    Member,
+    ModelConfig,
+    OptimConfig,
+    ScheduleConfig,
+    TrainConfig,
+    choices,
+    field_doc,
+)
+
+CONFIGS = [ModelConfig, OptimConfig, ScheduleConfig, Member, GNSConfig, DataConfig, TrainConfig]
+
+
+def _defaults(command: click.Command) -> dict:
+    return {p.name: p.default for p in command.params if isinstance(p, click.Option)}
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+def test_cli_defaults_build_the_default_configs(command):
+    """Configs built from nothing but the CLI's defaults equal the dataclasses' defaults."""
+    o = _defaults(cli.main.commands[command])
+    train, data = cli._configs(o)
+    assert train == TrainConfig()
+    assert data == DataConfig()
+
+
+def test_every_common_option_names_its_field_default_and_choices():
+    opts = {p.name: p for p in cli.main.commands["train"].params if isinstance(p, click.Option)}
+    for cls, name, decls, overrides in cli._COMMON:
+        if name is None:
+            continue
+        param = opts[decls[0].split("/")[0].lstrip("-").replace("-", "_") if decls else name]
+        if "default" not in overrides:
+            want = getattr(cls(), name) if cls is not Member else getattr(Member(), name)
+            assert param.default == want, (cls.__name__, name)
+        allowed = choices(cls, name)
+        if allowed and "type" not in overrides:
+            assert tuple(param.type.choices) == allowed, (cls.__name__, name)
+    assert opts["lrs"].default == (Member().lr,) and opts["wds"].default == (Member().wd,)
+    assert opts["batch_size"].default == TrainConfig().batch_size
+
+
+def test_a_changed_default_is_caught(monkeypatch):
+    """The agreement test above fails if a dataclass default and the CLI part ways."""
+    o = _defaults(cli.main.commands["train"])
+    o["eval_seqs"] = 256  # as if the option had its own literal default
+    train, _ = cli._configs(o)
+    assert train != TrainConfig()
+
+
+@pytest.mark.parametrize("cls", CONFIGS)
+def test_every_field_has_a_docstring(cls):
+    for f in dataclasses.fields(cls):
+        assert field_doc(cls, f.name), f"{cls.__name__}.{f.name} has no docstring"
+
+
+def test_choices_are_literals_and_validated():
+    assert choices(ScheduleConfig, "kind") == ("constant", "cosine", "wsd")
+    assert choices(TrainConfig, "kernels") == ("auto", "triton", "cpu")
+    assert choices(TrainConfig, "steps") == ()
+    with pytest.raises(ValueError, match="'cosin'"):
+        ScheduleConfig(kind="cosin").validate()
+    with pytest.raises(ValueError, match="'gpu'"):
+        TrainConfig(device="gpu").validate()
+    with pytest.raises(ValueError, match="'sometimes'"):
+        GNSConfig(mode="sometimes")
+
+
+def test_torch_is_an_alias_of_the_cpu_backend():
+    assert TrainConfig(kernels="torch").kernels == "cpu"
+    assert "torch" in cli.main.commands["train"].params[[p.name for p in cli.main.commands["train"].params]
+                                                       .index("kernels")].type.choices
