@@ -27,6 +27,8 @@ from trajinv.config import (
     default,
     field_doc,
 )
+from trajinv.tune.runner import TuneSpec
+from trajinv.tune.search import SearchConfig
 
 DEMO_LRS = (4e-3, 8e-3, 1.6e-2)
 DEMO_WDS = (0.5, 1.0, 2.0)
@@ -232,6 +234,45 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
     click.echo(f"{len(rows)} members -> {Path(out) / 'summary.csv'}")
     if plots:
         _report(Path(out))
+
+
+@main.command()
+@_common
+@field_option(TrainConfig, "batch_size")
+@field_option(SearchConfig, "lr")
+@field_option(SearchConfig, "center", "--center-elr", type=float,
+              help="Centre of the first ELR scan; default: lr x the default member's wd.")
+@field_option(SearchConfig, "octaves")
+@field_option(SearchConfig, "points")
+@field_option(SearchConfig, "zoom_points")
+@field_option(SearchConfig, "max_shifts")
+@field_option(SearchConfig, "max_rescans")
+@field_option(SearchConfig, "check_factors", "--check-factor", multiple=True, type=float)
+@field_option(SearchConfig, "noise")
+@field_option(SearchConfig, "budget", type=int)
+@field_option(TuneSpec, "min_transitions")
+@field_option(TuneSpec, "population")
+@click.option("--out", default="runs/tune", show_default=True, type=click.Path(file_okay=False),
+              help="Tune directory (a sweep directory per stage); rerunning the same command resumes it.")
+@_fail_cleanly
+def tune(batch_size, lr, center_elr, octaves, points, zoom_points, max_shifts, max_rescans, check_factor, noise,
+         budget, min_transitions, population, out, **o):
+    """Find lr and wd along the salient direction (ELR late in small-batch training, else lr)."""
+    from trajinv.tune.report import format_summary, write_report
+    from trajinv.tune.runner import run_tune
+
+    train_cfg, data_cfg = _configs(o, batch_size=batch_size)
+    search = SearchConfig(lr=lr, center=center_elr, octaves=octaves, points=points, zoom_points=zoom_points,
+                          max_shifts=max_shifts, max_rescans=max_rescans, check_factors=tuple(check_factor),
+                          noise=noise, budget=budget, steps_per_member=train_cfg.steps)
+    spec = TuneSpec(train=train_cfg, data=data_cfg, search=search, population=population,
+                    min_transitions=min_transitions)
+    with _Progress("tune") as bar:
+        run = run_tune(spec, out, progress=bar)
+    paths = write_report(run, Path(out))
+    click.echo(format_summary(run))
+    for path in paths:
+        click.echo(f"wrote: {path}")
 
 
 def _report(out: Path) -> None:

@@ -63,6 +63,8 @@ class SweepSpec:
     """Weight decays of the lr x wd grid."""
     elrs: tuple[float, ...] = ()
     """Iso-ELR lines: for each value, one member per lr with wd = elr / lr."""
+    points: tuple[tuple[float, float], ...] = ()
+    """Explicit (lr, wd) members, besides the grid and the lines (what `trajinv tune` trains)."""
     batch_sizes: tuple[str, ...] = ("32",)
     """Batch sizes or batch-size schedules; each is its own population."""
     population: int = 0
@@ -72,15 +74,16 @@ class SweepSpec:
         seen: dict[tuple[float, float], Member] = {}
         pairs = [(lr, wd) for lr in self.lrs for wd in self.wds]
         pairs += [(lr, elr / lr) for elr in self.elrs for lr in self.lrs]
+        pairs += [(float(lr), float(wd)) for lr, wd in self.points]
         for lr, wd in pairs:
             key = (float(f"{lr:.12g}"), float(f"{wd:.12g}"))
             seen.setdefault(key, Member(*key))
         return tuple(sorted(seen.values(), key=lambda m: (m.lr, m.wd)))
 
     def validate(self) -> None:
-        if not self.lrs:
+        if not self.lrs and not self.points:
             raise ValueError("a sweep needs at least one lr")
-        if not (self.wds or self.elrs):
+        if self.lrs and not (self.wds or self.elrs):
             raise ValueError("a sweep needs weight decays (--wd) or iso-ELR values (--elr)")
         for v in self.elrs:
             if not v > 0:

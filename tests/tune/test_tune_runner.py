@@ -1,0 +1,89 @@
+"""`trajinv tune` end to end on a tiny model: stages as sweeps, the report, resume after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from trajinv import cli
+from trajinv.config import DataConfig, Member, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
+from trajinv.tune.report import HEATMAP_PNG, RESULT, CURVE_PNG, format_summary, to_json, write_report
+from trajinv.tune.runner import STAGES, TuneSpec, run_tune
+from trajinv.tune.search import SearchConfig
+
+TINY = dict(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, context=16), members=(Member(),), steps=10,
+            batch_size="8", optim=OptimConfig(), schedule=ScheduleConfig(warmup=2), eval_every=5, eval_seqs=8,
+            log_every=5, checkpoint_every=4)
+
+
+def _spec(**search) -> TuneSpec:
+    s = dict(lr=1e-2, octaves=4.0, points=3, zoom_points=1, max_shifts=1, check_factors=(0.5, 2.0), max_rescans=1)
+    s.update(search)
+    return TuneSpec(train=TrainConfig(**TINY), data=DataConfig(max_tokens=200_000), search=SearchConfig(**s))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
+    spec = _spec()
+    run = run_tune(spec, tmp_path)
+    names = [sr.directory.name for sr in run.stages]
+    assert names[0] == "1-scan" and all((tmp_path / STAGES / n / "summary.csv").is_file() for n in names)
+    assert all(sr.stage.points and len(sr.outcomes) == len(sr.stage.points) for sr in run.stages)
+    # every stage trains with micro-batch GNS on (B_precond for the regime, at no extra runs)
+    assert spec.stage_train().gns.mode == "micro-batch" and spec.stage_train().micro_batch == 2
+    assert run.stages[0].b_precond, "the first stage measured no B_precond"
+    assert run.regime is not None and run.regime.axis in ("elr", "lr")
+    paths = write_report(run, tmp_path)
+    assert [p.name for p in paths] == [RESULT, CURVE_PNG, HEATMAP_PNG] and all(p.stat().st_size for p in paths)
+    data = json.loads((tmp_path / RESULT).read_text())
+    reco = data["recommendation"]
+    assert reco["elr"] == pytest.approx(reco["lr"] * reco["wd"])
+    finite = [o["loss"] for s in data["stages"] for o in s["outcomes"] if o["loss"] is not None]
+    assert reco["val_loss"] == min(finite)  # the best evaluated point, not a prediction
+    assert data["cost"]["member_steps"] == sum(s["member_steps"] for s in data["stages"])
+    assert data["cost"]["member_steps"] == sum(len(s["points"]) for s in data["stages"]) * TINY["steps"]
+    assert data["cost"]["grid_points"] >= 3 and data["regime"]["reason"]
+    assert "recommended: lr=" in format_summary(run) and "cost:" in format_summary(run)
+
+
+def test_resume_after_an_interruption_gives_identical_results(tmp_path, tiny_data):
+    spec = _spec()
+    whole = to_json(run_tune(spec, tmp_path / "whole"))
+    events = {"n": 0}
+
+    def interrupt(kind, **info):  # Ctrl-C in the middle of the second stage
+        if kind == "advance":
+            events["n"] += 1
+            if events["n"] == TINY["steps"] * 1 + 4:
+                raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_tune(spec, tmp_path / "cut", progress=interrupt)
+    resumed = to_json(run_tune(spec, tmp_path / "cut"))
+    for d in (whole, resumed):
+        d.pop("spec")
+        for s in d["stages"]:
+            s.pop("directory")
+    assert resumed == whole
+
+
+def test_a_directory_of_another_tune_is_refused(tmp_path, tiny_data):
+    run_tune(_spec(zoom_points=0, check_factors=(2.0,), max_rescans=0), tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="another spec"):
+        run_tune(_spec(zoom_points=0, check_factors=(2.0,), max_rescans=0, lr=2e-2), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_cli_tune_rejects_a_budget_below_the_first_scan(tmp_path):
+    args = ["tune", "--steps", "6", "--eval-every", "3", "--eval-seqs", "8", "--log-every", "3", "--batch-size", "8",
+            "--points", "3", "--octaves", "4", "--zoom-points", "0", "--check-factor", "2", "--max-rescans", "0",
+            "--warmup", "1", "--out", str(tmp_path / "t")]
+    res = CliRunner().invoke(cli.main, args + ["--budget", "10"])
+    assert res.exit_code == 1 and "budget of 10 member-steps" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "t").exists()

@@ -1,0 +1,193 @@
+"""What `trajinv tune` writes and prints: tune.json, tune.png, tune_heatmap.png, a summary.
+
+- ``tune.json``: the recommendation (lr, wd, ELR, validation loss ± its standard
+  error), the regime and B_precond behind it, the invariance check, every stage
+  with its members and cost (member-steps, tokens), and the cost of a 2-D grid of
+  the same resolution.
+- ``tune.png``: validation loss against ELR (lr for an lr search), one marker style
+  per stage, the fitted quadratic around the optimum, the recommendation starred.
+- ``tune_heatmap.png``: every evaluated (lr, wd), coloured by loss, on log axes with
+  iso-ELR diagonals: a 1-D search in a 2-D picture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from trajinv.analysis.plots import save_png
+from trajinv.atomic import atomic_write
+from trajinv.config import to_dict
+from trajinv.tune.fit import grid_size
+from trajinv.tune.runner import TuneRun
+
+RESULT = "tune.json"
+CURVE_PNG = "tune.png"
+HEATMAP_PNG = "tune_heatmap.png"
+_MARKERS = "osD^vP*Xh<>"
+
+
+def to_json(run: TuneRun) -> dict:
+    """The JSON-ready record of a tune (see the module doc)."""
+    r = run.result
+    stages = []
+    for sr in run.stages:
+        stages.append({**sr.stage.to_dict(), "directory": str(sr.directory), "member_steps": sr.member_steps,
+                       "tokens": sr.tokens, "outcomes": [o.to_dict() for o in sr.outcomes],
+                       "b_precond": sr.b_precond})
+    spent = sum(sr.member_steps for sr in run.stages)
+    # a 2-D grid at the scan's spacing over the box spanned by every evaluated lr and wd (all stages)
+    points = [o.point for sr in run.stages for o in sr.outcomes]
+    spacing = run.spec.search.octaves / (run.spec.search.points - 1)
+    grid_points = grid_size([p.lr for p in points], spacing) * grid_size([p.wd for p in points], spacing)
+    grid_steps = grid_points * run.spec.train.steps
+    reco = None
+    if r.best is not None:
+        reco = {"lr": r.best.lr, "wd": r.best.wd, "elr": r.best.elr, "val_loss": r.loss, "val_loss_se": r.se}
+    regime = run.regime
+    return {
+        "recommendation": reco,
+        "regime": None if regime is None else {
+            "axis": regime.axis, "small_batch": regime.small_batch, "enough_iterations": regime.enough_iterations,
+            "b_precond": regime.b_precond, "reason": regime.reason, "batch_schedule": regime.batch_schedule},
+        "fit": r.fit.to_dict() if r.fit else None,
+        "invariant_check": r.invariant_check.to_dict() if r.invariant_check else None,
+        "cost": {"member_steps": spent, "tokens": sum(sr.tokens for sr in run.stages),
+                 "grid_points": grid_points, "grid_member_steps": grid_steps,
+                 "fraction_of_grid": spent / grid_steps if grid_steps else None},
+        "stages": stages,
+        "notes": list(r.notes),
+        "spec": to_dict(run.spec),
+    }
+
+
+def write_json(run: TuneRun, out: Path) -> Path:
+    data = to_json(run)
+    return atomic_write(out / RESULT, lambda f: f.write(json.dumps(data, indent=1, allow_nan=False)), mode="w")
+
+
+def format_summary(run: TuneRun) -> str:
+    """The printed summary: recommendation, regime, evidence, cost against a grid."""
+    r, data = run.result, to_json(run)
+    lines = []
+    if r.best is None:
+        lines.append("no recommendation: every member diverged")
+    else:
+        lines.append(f"recommended: lr={r.best.lr:.4g}  wd={r.best.wd:.4g}  (ELR={r.best.elr:.4g})  "
+                     f"val_loss {r.loss:.4f} ± {r.se or 0:.4f}")
+    if run.regime is not None:
+        lines.append(f"regime: tune along {'ELR' if r.axis == 'elr' else 'lr'} ({run.regime.reason})")
+    if r.fit is not None:
+        what = "ELR" if r.axis == "elr" else "lr"
+        lines.append(f"quadratic fit in log2 {what}: minimum at {what}={r.fit.vertex:.4g}, predicted loss "
+                     f"{r.fit.loss:.4f} (curvature {r.fit.curvature:.3g} nat/octave^2, {r.fit.points} members)")
+    check = r.invariant_check
+    if check is not None:
+        verdict = "within noise: the 1-D answer stands" if check.within_noise else "beyond noise"
+        line = "iso-ELR" if r.axis == "elr" else "iso-LR"
+        lines.append(f"{line} check ({len(check.outcomes)} members): spread {check.spread:.4f} vs threshold "
+                     f"{check.threshold:.4f}: {verdict}")
+    cost = data["cost"]
+    frac = cost["fraction_of_grid"]
+    lines.append(f"cost: {cost['member_steps']} member-steps in {len(run.stages)} stages "
+                 f"({cost['tokens']:,} member-tokens); a 2-D grid of the same resolution: {cost['grid_points']} "
+                 f"points, {cost['grid_member_steps']} member-steps" + (f" ({frac:.0%} of it)" if frac else ""))
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
+
+
+def _x(axis: str, p) -> float:
+    return p.lr * p.wd if axis == "elr" else p.lr
+
+
+def build_curve_figure(run: TuneRun) -> Figure:
+    """Loss against the searched axis, per stage, with the fit and the recommendation; a second
+    panel when the regime switched the search to lr (the first ELR scan stays on its own axis)."""
+    r = run.result
+    axes_used = list(dict.fromkeys(sr.axis for sr in run.stages))
+    fig = Figure(figsize=(7.5 * len(axes_used), 4.8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    panels = {a: fig.add_subplot(1, len(axes_used), i + 1) for i, a in enumerate(axes_used)}
+    for i, sr in enumerate(run.stages):
+        ax = panels[sr.axis]
+        marker = _MARKERS[i % len(_MARKERS)]
+        label = f"{sr.directory.name} ({sr.stage.kind})"
+        pts = [(_x(sr.axis, o.point), o.loss, o.se) for o in sr.outcomes if o.finite]
+        if pts:
+            x, y, e = (np.array(v) for v in zip(*pts))
+            ax.errorbar(x, y, yerr=e, fmt=marker, ms=6, capsize=2, alpha=0.85, label=label)
+        for o in sr.outcomes:
+            if not o.finite:
+                ax.axvline(_x(sr.axis, o.point), color="crimson", lw=0.8, ls=":", alpha=0.7)
+    ax = panels.get(r.axis)
+    if ax is not None and r.fit is not None:  # loss = min + curvature/2 (log2 x - log2 vertex)^2, fitted window
+        half = 1.5 * run.spec.search.octaves / (run.spec.search.points - 1)
+        u = np.linspace(-half, half, 101)
+        ax.plot(r.fit.vertex * 2.0 ** u, r.fit.loss + 0.5 * r.fit.curvature * u * u, color="k", lw=1.2, ls="--",
+                label="quadratic fit in log2")
+    if ax is not None and r.best is not None:
+        ax.plot([_x(r.axis, r.best)], [r.loss], marker="*", ms=16, color="gold", mec="k", ls="none",
+                label="recommended")
+    for a, ax in panels.items():
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("ELR = lr x wd" if a == "elr" else "lr")
+        ax.set_ylabel("final validation loss")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.set_title("loss along ELR" + (" (the regime's first scan)" if a != r.axis else "")
+                     if a == "elr" else "loss along lr (large batch or few steps)")
+        ax.legend(fontsize="small")
+    fig.suptitle("trajinv tune (dotted lines: diverged members)")
+    return fig
+
+
+def build_heatmap_figure(run: TuneRun) -> Figure:
+    """Every evaluated (lr, wd) coloured by loss, with iso-ELR diagonals."""
+    pts = [(o.point.lr, o.point.wd, o.loss) for sr in run.stages for o in sr.outcomes]
+    fig = Figure(figsize=(6.8, 5.4), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    lrs = np.array([p[0] for p in pts])
+    wds = np.array([p[1] for p in pts])
+    finite = [(lr, wd, loss) for lr, wd, loss in pts if loss is not None and math.isfinite(loss)]
+    if finite:
+        flr, fwd, floss = (np.array(v) for v in zip(*finite))
+        hi = float(np.quantile(floss, 0.9)) if len(floss) > 3 else float(floss.max())
+        sc = ax.scatter(flr, fwd, c=floss, cmap="viridis_r", norm=Normalize(float(floss.min()), max(hi, floss.min() + 1e-9)),
+                        s=70, edgecolors="k", linewidths=0.4, zorder=3)
+        fig.colorbar(sc, ax=ax, label="final validation loss (clipped at the 90th percentile)")
+    dead = [(lr, wd) for lr, wd, loss in pts if loss is None or not math.isfinite(loss)]
+    if dead:
+        ax.scatter(*zip(*dead), marker="x", color="crimson", s=50, zorder=3, label="diverged")
+    lo_lr, hi_lr = lrs.min() / 2, lrs.max() * 2
+    lo_wd, hi_wd = wds.min() / 2, wds.max() * 2
+    elrs = 2.0 ** np.arange(math.floor(math.log2(lo_lr * lo_wd)), math.ceil(math.log2(hi_lr * hi_wd)) + 1)
+    xs = np.geomspace(lo_lr, hi_lr, 50)
+    for e in elrs:
+        ax.plot(xs, e / xs, color="0.6", lw=0.6, ls="--", zorder=1)
+    r = run.result
+    if r.best is not None:
+        ax.plot([r.best.lr], [r.best.wd], marker="*", ms=18, color="gold", mec="k", ls="none", zorder=4,
+                label="recommended")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlim(lo_lr, hi_lr)
+    ax.set_ylim(lo_wd, hi_wd)
+    ax.set_xlabel("lr")
+    ax.set_ylabel("wd")
+    ax.set_title("evaluated (lr, wd); dashed: iso-ELR lines (factor 2 apart)")
+    if dead or r.best is not None:
+        ax.legend(fontsize="small", loc="upper right")
+    return fig
+
+
+def write_report(run: TuneRun, out: str | Path) -> list[Path]:
+    """tune.json, tune.png and tune_heatmap.png into `out`; returns their paths."""
+    out = Path(out)
+    return [write_json(run, out), save_png(build_curve_figure(run), out / CURVE_PNG),
+            save_png(build_heatmap_figure(run), out / HEATMAP_PNG)]

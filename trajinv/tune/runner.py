@@ -1,0 +1,213 @@
+"""`trajinv tune`: run the search of `trajinv.tune.search`, one stage = one sweep directory.
+
+    DIR/tune_spec.json            what was asked; a rerun must match it
+    DIR/stages/<stage>/           a sweep directory per stage (spec.json, summary.csv, runs/...)
+    DIR/tune.json, tune.png, tune_heatmap.png   the result (`trajinv.tune.report`)
+
+Regime first. Every stage trains with micro-batch GNS on (`--gns-every` amortises
+it), so the first stage, a scan of ELR at a fixed lr, also measures B_precond at no
+extra runs. Its median over the scan's members (the median: robust to a member or
+two whose estimate is dominated by noise) and the best member's steps*lr*wd decide
+the regime (`classify_regime`): small batch with enough iterations -> keep scanning
+ELR; otherwise the salient direction is lr, and a second search scans lr at the wd
+of the first scan's best member (its stages are named ``lr-<stage>``).
+
+Resume. The search is a pure function of the outcomes it was told, so a rerun of
+the same command replays it: each stage's sweep resumes or, when finished, only
+reads its summary. Interrupting anywhere and rerunning gives the same stages, the
+same numbers and the same recommendation.
+
+Outcomes. A member's loss is its final validation loss (None when it diverged); its
+standard error is the validation-window bootstrap SE of that loss when the trainer
+logged one (`val_loss_se`), else 0 (then `SearchConfig.noise` is the only floor).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from trajinv.analysis.records import load_metrics
+from trajinv.atomic import atomic_write
+from trajinv.config import DataConfig, TrainConfig, to_dict
+from trajinv.schedules import BatchSchedule
+from trajinv.sweep import SweepSpec, run_sweep
+from trajinv.tune.search import Outcome, Point, Regime, Search, SearchConfig, Stage, TuneResult, classify_regime
+
+SPEC = "tune_spec.json"
+STAGES = "stages"
+LR_PREFIX = "lr-"  # stages of the lr-axis search that follows a large-batch verdict
+
+
+@dataclass(frozen=True)
+class TuneSpec:
+    """What to tune; every setting not listed here comes from `train`."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Shared training settings; `members` is replaced per stage, GNS is switched on (micro-batch)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The corpus every stage trains on."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """The search along the salient direction (its budget and cost unit are set from `train`)."""
+    population: int = 0
+    """Most members trained together per stage (memory); 0 = a whole stage at once."""
+    min_transitions: float = 3.0
+    """Enough iterations for ELR invariance: steps*lr*wd of the scan's best member at least this."""
+
+    def stage_train(self) -> TrainConfig:
+        """The training config of every stage: micro-batch GNS on, with >= 2 micro-batches."""
+        cfg = self.train
+        micro = cfg.micro_batch
+        smallest = min(BatchSchedule.parse(cfg.batch_size).sizes)
+        if not micro or smallest % micro or smallest // micro < 2:
+            micro = _micro_batch_for(smallest)
+        gns = cfg.gns if cfg.gns.mode == "micro-batch" else replace(cfg.gns, mode="micro-batch")
+        return replace(cfg, micro_batch=micro, gns=gns)
+
+    def search_config(self, axis: str = "elr", **overrides) -> SearchConfig:
+        """The search's config with its cost unit: one member trains `train.steps` steps."""
+        return replace(self.search, axis=axis, steps_per_member=self.train.steps, **overrides)
+
+    def validate(self) -> None:
+        self.stage_train().validate()
+        self.search_config()  # validates (budget against the first scan, ...)
+        if self.population < 0:
+            raise ValueError(f"population must be >= 0, got {self.population}")
+        if not (math.isfinite(self.min_transitions) and self.min_transitions > 0):
+            raise ValueError(f"min_transitions must be finite and > 0, got {self.min_transitions}")
+
+
+def _micro_batch_for(batch: int) -> int:
+    """The largest divisor of `batch` that gives at least 4 micro-batches (2 for tiny batches)."""
+    for parts in (4, 3, 2):
+        if batch % parts == 0:
+            return batch // parts
+    raise ValueError(f"micro-batch GNS needs a batch size with a divisor >= 2, got {batch}")
+
+
+@dataclass
+class StageRun:
+    """One trained stage: what it was, where it lives, what came out, what it cost."""
+
+    stage: Stage
+    axis: str  # the search it belongs to: "elr" or "lr"
+    directory: Path
+    outcomes: tuple[Outcome, ...]
+    b_precond: list[float]
+    member_steps: int
+    tokens: int
+
+
+@dataclass
+class TuneRun:
+    """Everything `trajinv.tune.report` writes: the result, the regime, every stage."""
+
+    spec: TuneSpec
+    result: TuneResult
+    regime: Regime
+    stages: list[StageRun]
+
+
+def _check_spec(out: Path, spec: TuneSpec) -> None:
+    """Refuse a directory made by another spec; write ours (atomically) if there is none."""
+    path = out / SPEC
+    mine = json.loads(json.dumps(to_dict(spec)))
+    if path.exists():
+        try:
+            theirs = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is unreadable ({type(e).__name__}); use a new --out directory") from None
+        if theirs != mine:
+            raise ValueError(f"{out} holds a tune made by another spec; use a new --out directory")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(mine, indent=1)), mode="w")
+
+
+def _outcomes(stage: Stage, rows: list[dict], directory: Path) -> tuple[tuple[Outcome, ...], list[float]]:
+    """Each point's final loss (None if diverged) and SE, and the members' B_precond."""
+    se = _final_se(directory)
+    by_key = {Point(r["lr"], r["wd"]).key: r for r in rows}
+    out, bp = [], []
+    for p in stage.points:
+        row = by_key.get(p.key)
+        if row is None:
+            raise RuntimeError(f"stage {stage.name}: no summary row for lr={p.lr:.6g}, wd={p.wd:.6g}")
+        loss = row.get("final_val_loss")
+        ok = row.get("status") == "done" and loss is not None and math.isfinite(float(loss))
+        out.append(Outcome(p, float(loss) if ok else None, se.get((row["run_id"], int(row["member"])), 0.0)))
+        b = row.get("b_precond")
+        if ok and b is not None and math.isfinite(float(b)):
+            bp.append(float(b))
+    return tuple(out), bp
+
+
+def _final_se(directory: Path) -> dict[tuple[str, int], float]:
+    """The last logged `val_loss_se` of each member (empty when the trainer logged none)."""
+    se: dict[tuple[str, int], float] = {}
+    for rec in load_metrics(directory):
+        v = rec.get("val_loss_se")
+        if v is not None and rec.get("val_loss") is not None and math.isfinite(v):
+            se[(str(rec["run_id"]), int(rec["member"]))] = float(v)
+    return se
+
+
+def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progress: Callable | None) -> StageRun:
+    sweep = SweepSpec(train=spec.stage_train(), data=spec.data, points=tuple((p.lr, p.wd) for p in stage.points),
+                      batch_sizes=(spec.train.batch_size,), population=spec.population)
+    rows = run_sweep(sweep, directory, progress=progress)
+    outcomes, bp = _outcomes(stage, rows, directory)
+    steps = sum(int(r["steps"]) for r in rows)
+    tokens = sum(int(r["tokens"]) for r in rows)
+    return StageRun(stage, axis, directory, outcomes, bp, steps, tokens)
+
+
+def _drive(search: Search, spec: TuneSpec, out: Path, prefix: str, progress: Callable | None,
+           runs: list[StageRun], after_first: Callable[[StageRun], bool] | None = None) -> bool:
+    """Train the search's stages until it finishes; False when `after_first` stops it early."""
+    while (stage := search.next_stage()) is not None:
+        if progress is not None:
+            progress("stage", name=prefix + stage.name, stage_kind=stage.kind, members=len(stage.points))
+        run = _run_stage(spec, stage, search.cfg.axis, out / STAGES / (prefix + stage.name), progress)
+        search.tell(stage, run.outcomes)
+        runs.append(run)
+        if after_first is not None and len(runs) == 1 and not after_first(run):
+            return False
+    return True
+
+
+def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None) -> TuneRun:
+    """Tune `spec` into `out` (resuming what is there) and return the run; see the module doc.
+
+    `progress(kind, **info)` receives the sweeps' events plus ('stage', name=, stage_kind=, members=).
+    """
+    spec.validate()
+    out = Path(out)
+    _check_spec(out, spec)
+    stage_cfg = spec.stage_train()
+    batch = BatchSchedule.parse(stage_cfg.batch_size).sizes[-1]
+    runs: list[StageRun] = []
+    regime: Regime | None = None
+
+    def classify(first: StageRun) -> bool:
+        nonlocal regime
+        finite = [o for o in first.outcomes if o.finite]
+        best = min(finite, key=lambda o: o.loss).point if finite else first.stage.points[len(first.stage.points) // 2]
+        b = statistics.median(first.b_precond) if first.b_precond else None
+        regime = classify_regime(b, batch, stage_cfg.steps, best.lr, best.wd, spec.min_transitions)
+        return regime.axis == "elr"
+
+    search = Search(spec.search_config("elr"))
+    if not _drive(search, spec, out, "", progress, runs, classify):
+        # large batch or too few steps: the loss follows lr; scan it at the wd of the scan's best member
+        finite = [o for o in runs[0].outcomes if o.finite]
+        wd = min(finite, key=lambda o: o.loss).point.wd if finite else spec.search.wd
+        spent = runs[0].member_steps
+        budget = None if spec.search.budget is None else spec.search.budget - spent
+        search = Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=budget))
+        _drive(search, spec, out, LR_PREFIX, progress, runs)
+    return TuneRun(spec, search.result(), regime, runs)
