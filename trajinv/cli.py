@@ -275,6 +275,22 @@ def tune(batch_size, lr, center_elr, octaves, points, zoom_points, max_shifts, m
         click.echo(f"wrote: {path}")
 
 
+@main.command()
+@click.argument("dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--target-tokens", type=float, default=None, help="Predict the optimal lr, wd and ELR at this budget.")
+@click.option("--out", default="runs/fit", show_default=True, type=click.Path(file_okay=False),
+              help="Where scaling.json and scaling.png go.")
+@_fail_cleanly
+def fit(dirs, target_tokens, out):
+    """Fit the optimal lr, wd and ELR against tokens across tunes or sweeps at >= 3 budgets."""
+    from trajinv.analysis.budgets import fit_directories, write_scaling
+
+    report = fit_directories(dirs, target_tokens=target_tokens)
+    click.echo(report.format())
+    for path in write_scaling(report, out):
+        click.echo(f"wrote: {path}")
+
+
 def _report(out: Path) -> None:
     from trajinv.analysis import analyze_sweep, plot_sweep
 

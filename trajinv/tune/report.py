@@ -25,7 +25,7 @@ from trajinv.analysis.plots import save_png
 from trajinv.atomic import atomic_write
 from trajinv.config import to_dict
 from trajinv.tune.fit import grid_size
-from trajinv.tune.runner import TuneRun
+from trajinv.tune.runner import STAGES, TuneRun
 
 RESULT = "tune.json"
 CURVE_PNG = "tune.png"
@@ -38,7 +38,8 @@ def to_json(run: TuneRun) -> dict:
     r = run.result
     stages = []
     for sr in run.stages:
-        stages.append({**sr.stage.to_dict(), "directory": str(sr.directory), "member_steps": sr.member_steps,
+        stages.append({**sr.stage.to_dict(), "directory": f"{STAGES}/{sr.directory.name}", "axis": sr.axis,
+                       "member_steps": sr.member_steps,
                        "tokens": sr.tokens, "outcomes": [o.to_dict() for o in sr.outcomes],
                        "b_precond": sr.b_precond})
     spent = sum(sr.member_steps for sr in run.stages)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from trajinv.analysis.records import load_metrics
+from trajinv.analysis.budgets import final_val_loss_se
 from trajinv.atomic import atomic_write
 from trajinv.config import DataConfig, TrainConfig, to_dict
 from trajinv.schedules import BatchSchedule
@@ -130,7 +130,7 @@ def _check_spec(out: Path, spec: TuneSpec) -> None:
 
 def _outcomes(stage: Stage, rows: list[dict], directory: Path) -> tuple[tuple[Outcome, ...], list[float]]:
     """Each point's final loss (None if diverged) and SE, and the members' B_precond."""
-    se = _final_se(directory)
+    se = final_val_loss_se(directory)
     by_key = {Point(r["lr"], r["wd"]).key: r for r in rows}
     out, bp = [], []
     for p in stage.points:
@@ -144,16 +144,6 @@ def _outcomes(stage: Stage, rows: list[dict], directory: Path) -> tuple[tuple[Ou
         if ok and b is not None and math.isfinite(float(b)):
             bp.append(float(b))
     return tuple(out), bp
-
-
-def _final_se(directory: Path) -> dict[tuple[str, int], float]:
-    """The last logged `val_loss_se` of each member (empty when the trainer logged none)."""
-    se: dict[tuple[str, int], float] = {}
-    for rec in load_metrics(directory):
-        v = rec.get("val_loss_se")
-        if v is not None and rec.get("val_loss") is not None and math.isfinite(v):
-            se[(str(rec["run_id"]), int(rec["member"]))] = float(v)
-    return se
 
 
 def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progress: Callable | None) -> StageRun:

@@ -1,0 +1,121 @@
+"""One token budget's optimum, read from what `trajinv sweep` or `trajinv tune` wrote.
+
+A **sweep directory** (an lr x wd grid, or any members) gives its members' final
+validation losses straight to `scaling.optimum_from_members`.
+
+A **tune directory** (``tune.json``) is two lines through the optimum rather than a
+grid: the ELR line at the tune's fixed lr (scan, shifts, zoom), and the iso-ELR
+check line through the recommendation (lr varied, ELR fixed). A 2-D quadratic is
+not identifiable from two crossing lines, so each line gets its own 1-D fit: the
+ELR line locates the optimal ELR, the check line the optimal lr at that ELR; the
+optimal wd is their ratio, its log2 variance the sum of theirs. A tune without a
+check line (or an lr-axis tune) leaves the quantity it did not vary untuned.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from trajinv.analysis.records import load_metrics, load_summary
+from trajinv.analysis.scaling import BudgetOptimum, MemberLoss, ScalingReport, fit_scaling, optimum_from_members, plot_scaling
+from trajinv.atomic import atomic_write
+
+TUNE_RESULT = "tune.json"  # trajinv.tune.report.RESULT (analysis does not import the tuner)
+
+
+def load_budget(directory: str | Path, n_boot: int = 500, seed: int = 0) -> BudgetOptimum:
+    """The optimum of the sweep or tune in `directory` (see the module doc); one-line errors."""
+    root = Path(directory)
+    if (root / TUNE_RESULT).is_file():
+        return _from_tune(root, n_boot, seed)
+    if (root / "summary.csv").is_file():
+        return _from_sweep(root, n_boot, seed)
+    raise FileNotFoundError(f"{str(root)!r} holds neither a tune ({TUNE_RESULT}) nor a sweep (summary.csv)")
+
+
+def fit_directories(directories, target_tokens: float | None = None) -> ScalingReport:
+    """`fit_scaling` over the optima of tune or sweep directories at several budgets."""
+    return fit_scaling([load_budget(d) for d in directories], target_tokens=target_tokens)
+
+
+def write_scaling(report: ScalingReport, out: str | Path) -> list[Path]:
+    """scaling.json and scaling.png into `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = json.dumps(report.to_dict(), indent=1)
+    return [atomic_write(out / "scaling.json", lambda f: f.write(data), mode="w"),
+            plot_scaling(report, out / "scaling.png")]
+
+
+def _from_sweep(root: Path, n_boot: int, seed: int) -> BudgetOptimum:
+    rows = load_summary(root)
+    if not rows:
+        raise ValueError(f"{root}/summary.csv has no members")
+    se = final_val_loss_se(root)
+    members = [MemberLoss(float(r["lr"]), float(r["wd"]), _loss(r), se.get((str(r["run_id"]), int(r["member"])), 0.0))
+               for r in rows]
+    tokens, steps = _budget(rows, root)
+    return optimum_from_members(members, tokens, steps, source=root.name, n_boot=n_boot, seed=seed)
+
+
+def _from_tune(root: Path, n_boot: int, seed: int) -> BudgetOptimum:
+    try:
+        data = json.loads((root / TUNE_RESULT).read_text())
+    except ValueError:
+        raise ValueError(f"{root / TUNE_RESULT} is not valid JSON") from None
+    reco = data.get("recommendation")
+    if not reco:
+        raise ValueError(f"the tune in {root} has no recommendation (every member diverged)")
+    outcomes = [o for s in data["stages"] for o in s["outcomes"]]
+    rows = [r for s in data["stages"] for r in load_summary(root / s["directory"])]
+    tokens, steps = _budget(rows, root)
+    on = lambda o, key: math.isclose(o[key], reco[key], rel_tol=1e-6)  # noqa: E731
+    # the ELR line: the recommendation's lr, wd varied; the check line: the recommendation's ELR, lr varied
+    elr_line = _unique([MemberLoss(o["lr"], o["wd"], o["loss"], o["se"] or 0.0) for o in outcomes if on(o, "lr")])
+    lr_line = _unique([MemberLoss(o["lr"], reco["elr"], o["loss"], o["se"] or 0.0) for o in outcomes
+                       if on(o, "elr")])  # (lr, ELR) coordinates: only lr varies along the line
+    by_elr = optimum_from_members(elr_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed)
+    if len({m.lr for m in lr_line}) < 3:
+        return by_elr  # lr not varied (or too little to fit): untuned, and the report says so
+    by_lr = optimum_from_members(lr_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed + 1)
+    lr, elr = by_lr.lr, by_elr.elr
+    se_lr, se_elr = by_lr.log2_se["lr"], by_elr.log2_se["elr"]
+    edges = tuple(dict.fromkeys(("elr",) * by_elr.at_edge + ("lr",) * by_lr.at_edge))
+    return BudgetOptimum(tokens=tokens, steps=steps, lr=lr, wd=elr / lr, elr=elr,
+                         log2_se={"lr": se_lr, "wd": math.hypot(se_lr, se_elr), "elr": se_elr},
+                         at_edge=bool(edges), source=root.name, edge_axes=edges, tuned_axes=("lr", "wd"))
+
+
+def _unique(members: list[MemberLoss]) -> list[MemberLoss]:
+    """One member per (lr, wd): a point evaluated by two stages counts once (the first)."""
+    seen: dict[tuple[float, float], MemberLoss] = {}
+    for m in members:
+        seen.setdefault((round(math.log2(m.lr), 9), round(math.log2(m.wd), 9)), m)
+    return list(seen.values())
+
+
+def _loss(row: dict) -> float | None:
+    v = row.get("final_val_loss")
+    return float(v) if row.get("status") == "done" and v is not None and math.isfinite(float(v)) else None
+
+
+def _budget(rows: list[dict], root: Path) -> tuple[float, int]:
+    """(tokens, steps) of a finished member's run: the budget every member of a directory shares."""
+    done = [r for r in rows if r.get("status") == "done"]
+    if not done:
+        raise ValueError(f"no finished member in {root}: its token budget is unknown")
+    return float(done[0]["tokens"]), int(done[0]["steps"])
+
+
+def final_val_loss_se(root: str | Path) -> dict[tuple[str, int], float]:
+    """The last logged `val_loss_se` of each (run_id, member) of a sweep (empty when none was logged)."""
+    se: dict[tuple[str, int], float] = {}
+    if not any(Path(root).glob("runs/*/metrics.jsonl")):
+        return se
+    for rec in load_metrics(root):
+        v = rec.get("val_loss_se")
+        if v is not None and rec.get("val_loss") is not None and math.isfinite(v):
+            se[(str(rec["run_id"]), int(rec["member"]))] = float(v)
+    return se
