@@ -75,7 +75,11 @@ def test_known_optimum_and_exponents_are_recovered(tmp_path, make):
         o = load_budget(d, n_boot=50)
         lr0, wd0 = _optimum(s)
         assert o.tokens == STEPS[s] * 2048 and o.steps == STEPS[s]
-        assert math.log2(o.lr / lr0) == pytest.approx(0, abs=0.05) and math.log2(o.wd / wd0) == pytest.approx(0, abs=0.05)
+        # a tune's two crossing lines locate lr at its recommended ELR, a little off the true one: the
+        # cross term moves the line's minimum (0.09 octave here); a grid's joint quadratic is exact
+        tol = 0.05 if make is _sweep_dir else 0.15
+        assert math.log2(o.lr / lr0) == pytest.approx(0, abs=tol)
+        assert math.log2(o.wd / wd0) == pytest.approx(0, abs=tol)
         assert set(o.tuned_axes) == {"lr", "wd"} and not o.at_edge
     report = fit_directories(dirs, target_tokens=8 * STEPS[1] * 2048)
     assert report.fits["wd"].b == pytest.approx(-0.5, abs=0.05)
