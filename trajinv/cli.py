@@ -292,10 +292,11 @@ def fit(dirs, target_tokens, out):
 
 
 def _report(out: Path) -> None:
-    from trajinv.analysis import analyze_sweep, plot_sweep
+    from trajinv.analysis.report import sweep_report
 
-    click.echo(analyze_sweep(out).format())
-    for path in plot_sweep(out):
+    text, paths = sweep_report(out)
+    click.echo(text)
+    for path in paths:
         click.echo(f"plot: {path}")
 
 

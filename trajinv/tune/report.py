@@ -63,7 +63,7 @@ def to_json(run: TuneRun) -> dict:
                  "grid_points": grid_points, "grid_member_steps": grid_steps,
                  "fraction_of_grid": spent / grid_steps if grid_steps else None},
         "stages": stages,
-        "notes": list(r.notes),
+        "notes": run.notes + list(r.notes),
         "spec": to_dict(run.spec),
     }
 
@@ -99,7 +99,7 @@ def format_summary(run: TuneRun) -> str:
     lines.append(f"cost: {cost['member_steps']} member-steps in {len(run.stages)} stages "
                  f"({cost['tokens']:,} member-tokens); a 2-D grid of the same resolution: {cost['grid_points']} "
                  f"points, {cost['grid_member_steps']} member-steps" + (f" ({frac:.0%} of it)" if frac else ""))
-    lines += [f"note: {n}" for n in r.notes]
+    lines += [f"note: {n}" for n in run.notes + list(r.notes)]
     return "\n".join(lines)
 
 

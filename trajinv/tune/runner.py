@@ -110,6 +110,8 @@ class TuneRun:
     result: TuneResult
     regime: Regime
     stages: list[StageRun]
+    notes: list[str] = field(default_factory=list)
+    """What the runner decided beyond the search (e.g. why it did not switch to lr)."""
 
 
 def _check_spec(out: Path, spec: TuneSpec) -> None:
@@ -191,13 +193,18 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None) 
         regime = classify_regime(b, batch, stage_cfg.steps, best.lr, best.wd, spec.min_transitions)
         return regime.axis == "elr"
 
+    notes: list[str] = []
     search = Search(spec.search_config("elr"))
     if not _drive(search, spec, out, "", progress, runs, classify):
         # large batch or too few steps: the loss follows lr; scan it at the wd of the scan's best member
         finite = [o for o in runs[0].outcomes if o.finite]
         wd = min(finite, key=lambda o: o.loss).point.wd if finite else spec.search.wd
-        spent = runs[0].member_steps
-        budget = None if spec.search.budget is None else spec.search.budget - spent
-        search = Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=budget))
-        _drive(search, spec, out, LR_PREFIX, progress, runs)
-    return TuneRun(spec, search.result(), regime, runs)
+        left = None if spec.search.budget is None else spec.search.budget - runs[0].member_steps
+        if left is None or left >= spec.search_config().scan_cost:
+            search = Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=left))
+            _drive(search, spec, out, LR_PREFIX, progress, runs)
+        else:
+            notes.append(f"the regime calls for tuning lr, but the budget left ({left} member-steps) is below an "
+                         f"lr scan ({spec.search_config().scan_cost}): the ELR search went on; raise --budget")
+            _drive(search, spec, out, "", progress, runs)
+    return TuneRun(spec, search.result(), regime, runs, notes)

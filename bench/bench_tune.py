@@ -1,0 +1,206 @@
+"""Bench: `trajinv tune` against 2-D search, at equal member-step budgets.
+
+The claim under test: following the salient direction (ELR, late in small-batch
+training) finds lr and wd as good as a dense 2-D grid for a fraction of its cost,
+and better than generic 2-D search at that cost.
+
+1. A dense **reference grid** (`GRID` lr x wd, log2 spacing 1) on a setting whose
+   optimum is interior in both lr and wd, once per training seed; cached as sweep
+   directories under bench/results/tune/ (a rerun reuses or resumes them).
+2. **Seed noise**: the std over seeds of the final loss at each grid point, taken
+   at the grid's best few points (where the comparisons happen).
+3. **`trajinv tune`** per seed (real training, cached too), its budget a third of
+   the grid's member-steps; regret = its best loss - the grid's best (same seed).
+4. **Random search** over the 2-D box and **Optuna's TPE**, both *tabular*: their
+   trials are points of the same seed's grid, looked up instead of trained (the
+   grid is the box at its own resolution; training them again would give the same
+   numbers). TPE asks for a population of trials at a time and is told their
+   losses together, as populations train. Many repetitions per seed.
+5. Regret against member-steps for each method; the targets: tune within 2x the
+   seed noise of the grid's best at <= 1/3 of the grid's member-steps, and its
+   median regret below random search's and TPE's at that budget.
+
+    python bench/bench_tune.py [--quick] [--seeds 0 1 2] [--reps 200]
+
+Prints a table and the verdicts; writes bench/results/tune.csv and tune.png.
+Random search needs nothing extra; TPE needs optuna and the expected-best curve
+opda (`pip install 'trajinv[hpo]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from results_csv import RESULTS_DIR, write_csv
+from trajinv.analysis.plots import save_png
+from trajinv.config import DataConfig, Member, ScheduleConfig, TrainConfig, preset
+from trajinv.sweep import SweepSpec, run_sweep
+from trajinv.tune.runner import TuneSpec, run_tune
+from trajinv.tune.search import SearchConfig
+
+OUT = RESULTS_DIR / "tune"
+# The setting: tiny on byte tokens, WSD (as the paper), long enough for the ELR phase.
+SETTING = dict(steps=800, batch_size="32", schedule=ScheduleConfig(kind="wsd", warmup=50, decay_fraction=0.2),
+               eval_every=100, log_every=20, checkpoint_every=400)
+LR_LOG2 = range(-10, -3)  # 2^-10 .. 2^-4
+WD_LOG2 = range(-5, 2)  # 2^-5 .. 2^1
+TUNE = dict(lr=2.0 ** -7, center=2.0 ** -9, octaves=6.0, points=7)
+QUICK = dict(steps=30, eval_every=15, log_every=15, checkpoint_every=0, eval_seqs=64)
+
+
+def train_config(seed: int, quick: bool) -> TrainConfig:
+    extra = QUICK if quick else {}
+    return TrainConfig(model=preset("tiny"), members=(Member(),), seed=seed, **{**SETTING, **extra})
+
+
+def grid_axes(quick: bool) -> tuple[list[float], list[float]]:
+    lrs, wds = [2.0 ** e for e in LR_LOG2], [2.0 ** e for e in WD_LOG2]
+    return (lrs[2:5], wds[2:5]) if quick else (lrs, wds)
+
+
+def reference_grid(seed: int, quick: bool, data: DataConfig) -> dict[tuple[float, float], float | None]:
+    """(lr, wd) -> final validation loss (None: diverged) of the seed's grid, trained or read back."""
+    lrs, wds = grid_axes(quick)
+    spec = SweepSpec(train=train_config(seed, quick), data=data, lrs=tuple(lrs), wds=tuple(wds))
+    rows = run_sweep(spec, OUT / (("quick-" if quick else "") + f"grid-s{seed}"))
+    return {(r["lr"], r["wd"]): (r["final_val_loss"] if r["status"] == "done" else None) for r in rows}
+
+
+def tune_once(seed: int, quick: bool, data: DataConfig, budget: int) -> dict:
+    cfg = train_config(seed, quick)
+    small = dict(points=3, octaves=2.0, zoom_points=1, check_factors=(0.5, 2.0)) if quick else {}
+    search = SearchConfig(**{**TUNE, **small}, budget=budget, steps_per_member=cfg.steps)
+    run = run_tune(TuneSpec(train=cfg, data=data, search=search), OUT / (("quick-" if quick else "") + f"tune-s{seed}"))
+    r = run.result
+    return {"loss": r.loss, "member_steps": sum(s.member_steps for s in run.stages), "lr": r.best.lr,
+            "wd": r.best.wd, "axis": r.axis, "check": r.invariant_check.within_noise if r.invariant_check else None}
+
+
+def random_search(losses: list[float], trials: int, rng: np.random.Generator) -> float:
+    """Best of `trials` grid points drawn without replacement (a diverged point counts as +inf)."""
+    pick = rng.choice(len(losses), size=min(trials, len(losses)), replace=False)
+    return min(losses[i] for i in pick)
+
+
+def tpe_search(grid: dict, lrs: list[float], wds: list[float], trials: int, population: int, seed: int) -> float:
+    """Optuna TPE over the grid's (lr, wd) indices, asked `population` trials at a time."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=population))
+    best, done = math.inf, 0
+    while done < trials:
+        batch = [study.ask() for _ in range(min(population, trials - done))]
+        for t in batch:
+            i, j = t.suggest_int("lr", 0, len(lrs) - 1), t.suggest_int("wd", 0, len(wds) - 1)
+            loss = grid[(lrs[i], wds[j])]
+            value = math.inf if loss is None else loss
+            study.tell(t, value if math.isfinite(value) else 1e9)
+            best = min(best, value)
+        done += len(batch)
+    return best
+
+
+def seed_noise(grids: list[dict]) -> float:
+    """Std over seeds of the final loss, median over the 5 best grid points (by their mean)."""
+    keys = [k for k in grids[0] if all(g[k] is not None for g in grids)]
+    mean = sorted(keys, key=lambda k: statistics.fmean(g[k] for g in grids))[:5]
+    return statistics.median(statistics.stdev([g[k] for g in grids]) for k in mean)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a 3x3 grid of a few steps, one seed: smoke only")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
+    ap.add_argument("--reps", type=int, default=None, help="repetitions of random search per seed (TPE: reps/10)")
+    args = ap.parse_args()
+    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
+    reps = args.reps or (20 if args.quick else 200)
+    data = DataConfig(max_tokens=300_000) if args.quick else DataConfig()
+    lrs, wds = grid_axes(args.quick)
+    steps = train_config(0, args.quick).steps
+    grid_cost = len(lrs) * len(wds) * steps
+    budget = grid_cost if args.quick else grid_cost // 3  # quick: room for the lr search its few steps call for
+    grids = [reference_grid(s, args.quick, data) for s in seeds]
+    sigma = seed_noise(grids) if len(grids) > 1 else float("nan")
+    rows, per_method = [], {"random": {}, "tpe": {}}
+    population = TUNE["points"]
+    budgets = sorted({budget, grid_cost // 6, grid_cost // 2, grid_cost})
+    for seed, grid in zip(seeds, grids):
+        best = min(v for v in grid.values() if v is not None)
+        tuned = tune_once(seed, args.quick, data, budget)
+        rows.append({"method": "tune", "seed": seed, "member_steps": tuned["member_steps"],
+                     "regret": tuned["loss"] - best, "grid_best": best, "lr": tuned["lr"], "wd": tuned["wd"],
+                     "axis": tuned["axis"], "check_within_noise": tuned["check"]})
+        losses = [math.inf if v is None else v for v in grid.values()]
+        rng = np.random.default_rng(seed)
+        for b in budgets:
+            trials = b // steps
+            rs = [random_search(losses, trials, rng) - best for _ in range(reps)]
+            tp = [tpe_search(grid, lrs, wds, trials, population, seed * 1000 + r) - best
+                  for r in range(max(2, reps // 10))]
+            per_method["random"].setdefault(b, []).extend(rs)
+            per_method["tpe"].setdefault(b, []).extend(tp)
+    for method, by_budget in per_method.items():
+        for b, regrets in by_budget.items():
+            q25, q50, q75 = np.quantile(regrets, [0.25, 0.5, 0.75])
+            rows.append({"method": method, "member_steps": b, "regret": float(q50), "regret_q25": float(q25),
+                         "regret_q75": float(q75), "runs": len(regrets)})
+    tune_rows = [r for r in rows if r["method"] == "tune"]
+    print(f"setting: tiny, {steps} steps, batch {SETTING['batch_size']}, WSD; grid {len(lrs)}x{len(wds)} "
+          f"= {grid_cost} member-steps; seeds {seeds}; seed noise sigma = {sigma:.4f} nat")
+    print(f"{'method':<8} {'member-steps':>13} {'regret (median)':>16} {'[q25, q75]':>20}")
+    for r in rows:
+        spread = f"[{r['regret_q25']:.4f}, {r['regret_q75']:.4f}]" if "regret_q25" in r else f"seed {r['seed']}"
+        print(f"{r['method']:<8} {r['member_steps']:>13} {r['regret']:>16.4f} {spread:>20}")
+    tune_regret = statistics.median(r["regret"] for r in tune_rows)
+    tune_cost = max(r["member_steps"] for r in tune_rows)
+    at = min(b for b in budgets if b >= budget)
+    print(f"tune: median regret {tune_regret:.4f} at <= {tune_cost} member-steps "
+          f"({tune_cost / grid_cost:.0%} of the grid)")
+    if math.isfinite(sigma):
+        ok = all(r["regret"] <= 2 * sigma for r in tune_rows) and tune_cost <= grid_cost / 3
+        print(f"target 1 (within 2 sigma = {2 * sigma:.4f} of the grid's best at <= 1/3 of its cost): "
+              f"{'MET' if ok else 'MISSED'}")
+    for method in ("random", "tpe"):
+        other = statistics.median(per_method[method][at])
+        print(f"target 2 vs {method} at {at} member-steps: tune {tune_regret:.4f} vs {other:.4f}: "
+              f"{'MET' if tune_regret < other else 'MISSED'}")
+    write_csv(RESULTS_DIR / "tune.csv", rows, ["method", "seed", "member_steps", "regret", "regret_q25",
+                                               "regret_q75", "runs", "grid_best", "lr", "wd", "axis",
+                                               "check_within_noise"])
+    plot(per_method, tune_rows, sigma, grid_cost, RESULTS_DIR / "tune.png")
+
+
+def plot(per_method: dict, tune_rows: list[dict], sigma: float, grid_cost: int, out: Path) -> Path:
+    fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for (method, by_budget), colour in zip(per_method.items(), ("C0", "C1")):
+        bs = sorted(by_budget)
+        q = np.array([np.quantile(by_budget[b], [0.25, 0.5, 0.75]) for b in bs])
+        label = "random search (2-D, tabular)" if method == "random" else "TPE (2-D, tabular)"
+        ax.plot(bs, q[:, 1], "o-", color=colour, label=f"{label}: median")
+        ax.fill_between(bs, q[:, 0], q[:, 2], color=colour, alpha=0.2)
+    ax.plot([r["member_steps"] for r in tune_rows], [r["regret"] for r in tune_rows], "*", ms=14, color="C3",
+            mec="k", label="trajinv tune (one per seed)")
+    if math.isfinite(sigma):
+        ax.axhspan(0, 2 * sigma, color="0.85", zorder=0, label="within 2x seed noise")
+    ax.axvline(grid_cost, color="k", ls=":", lw=1, label="full grid")
+    ax.set_xscale("log")
+    ax.set_xlabel("member-steps spent")
+    ax.set_ylabel("regret: best loss found - grid best (nat)")
+    ax.set_title("tuning lr and wd: 1-D along ELR vs 2-D search")
+    ax.legend(fontsize="small")
+    return save_png(fig, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""`trajinv analyze`'s report: invariance, phases when the norms are logged, tuning curves when opda is there."""
+
+from __future__ import annotations
+
+import pytest
+
+from trajinv.analysis.report import CURVES_PNG, sweep_report
+from trajinv.config import ModelConfig, OptimConfig, TrainConfig
+from trajinv.data import DataConfig
+from trajinv.sweep import SweepSpec, run_sweep
+
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory, tiny_data):
+    out = tmp_path_factory.mktemp("sweep")
+    train = TrainConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, context=16), steps=12, batch_size="4",
+                        optim=OptimConfig(), eval_every=6, eval_seqs=8, log_every=3, checkpoint_every=0)
+    spec = SweepSpec(train=train, data=DataConfig(max_tokens=200_000), lrs=(4e-3, 8e-3), wds=(0.5, 1.0),
+                     elrs=(4e-3,))
+    run_sweep(spec, out)
+    return out
+
+
+def test_report_has_invariance_and_writes_plots(small_sweep):
+    text, paths = sweep_report(small_sweep)
+    assert "iso-LR" in text and "iso-ELR" in text
+    assert {p.name for p in paths} >= {"val_loss_by_lr.png", "val_loss_by_elr.png"}
+    assert all(p.is_file() and p.stat().st_size for p in paths)
+
+
+def test_tuning_curves_when_opda_is_installed(small_sweep):
+    pytest.importorskip("opda")
+    text, paths = sweep_report(small_sweep)
+    assert "tuning curves" in text and "ELR line at lr=" in text
+    assert (small_sweep / CURVES_PNG) in paths

@@ -1,0 +1,77 @@
+"""Everything `trajinv analyze` says about a sweep, as text and PNG files.
+
+1. The invariance report (`invariance`): spreads within iso-LR and iso-ELR
+   groups, early and late, and the observed LR -> ELR transition; loss plots.
+2. The phase of each member from its own weight and update norms (`phase`):
+   equilibrium step, phase at the end, regime; the sweep-level transition those
+   single runs predict, beside the observed one. Needs the per-kind norms the
+   trainer logs (`weight_norm_matrix`, ...); older metrics files skip it.
+3. Tuning curves (`tuning_curves`): the expected best loss after n random-search
+   trials over the 2-D box and along one ELR line. Needs opda and at least
+   `MIN_TRIALS` finished members; skipped (with a note) otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from trajinv.analysis.invariance import analyze_sweep
+from trajinv.analysis.phase import format_phases, member_phases, plot_phases, predicted_transition_step
+from trajinv.analysis.plots import plot_sweep
+from trajinv.analysis.records import load_metrics, load_summary
+
+MIN_TRIALS = 4  # fewer finished members make a tuning curve of a handful of points: not worth a figure
+PHASES_PNG = "phases.png"
+CURVES_PNG = "tuning_curves.png"
+
+
+def sweep_report(sweep_dir: str | Path, key: str = "val_loss") -> tuple[str, list[Path]]:
+    """(printed report, PNG paths written into the sweep directory)."""
+    root = Path(sweep_dir)
+    report = analyze_sweep(root, key=key)
+    sections = [report.format()]
+    paths = plot_sweep(root, key=key)
+    records = load_metrics(root)
+    phases = member_phases(records)
+    if any(p.phase_at_end != "n/a" for p in phases):
+        sections.append(format_phases(phases))
+        predicted = predicted_transition_step(phases)
+        observed = report.transition_step
+        if predicted is not None and observed:
+            sections.append(f"LR -> ELR transition: observed at step {observed}, predicted from single runs' "
+                            f"equilibrium at step {predicted:.0f} (ratio {predicted / observed:.2f})")
+        paths.append(plot_phases(records, phases, root / PHASES_PNG))
+    text, curve_png = _tuning_curves(root)
+    if text:
+        sections.append(text)
+    if curve_png is not None:
+        paths.append(curve_png)
+    return "\n\n".join(sections), paths
+
+
+def _tuning_curves(root: Path) -> tuple[str, Path | None]:
+    try:
+        rows = load_summary(root)
+    except FileNotFoundError:
+        return "", None
+    finished = [r for r in rows if r.get("status") == "done" and r.get("final_val_loss") is not None]
+    if len(finished) < MIN_TRIALS:
+        return "", None
+    try:
+        from trajinv.analysis.tuning_curves import plot_tuning_curves, sweep_tuning_curves
+
+        curves = sweep_tuning_curves(rows)
+    except ImportError as e:
+        return f"tuning curves skipped: {e}", None
+    except ValueError as e:  # e.g. no lr with two or more members: no 1-D line to compare
+        return f"tuning curves skipped: {e}", None
+    best = min(float(r["final_val_loss"]) for r in finished)
+    lines = ["expected best validation loss after n random-search trials (tuning curves):"]
+    for name, c in curves.items():
+        where = {n: v for n, v in zip(c.n, c.expected)}
+        shown = ", ".join(f"n={n}: {where[n]:.4f}" for n in (1, 2, 4, 8) if n in where)
+        near = c.trials_to_reach(best + 0.01)
+        lines.append(f"  {c.label or name}: {shown}; within 0.01 of the best member after "
+                     + (f"{near} trials" if near is not None and math.isfinite(near) else "more trials than shown"))
+    return "\n".join(lines), plot_tuning_curves(curves, root / CURVES_PNG)
