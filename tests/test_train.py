@@ -60,6 +60,16 @@ def test_diverged_member_is_frozen_and_others_go_on(tiny_data, tiny_train_config
     assert len([r for r in recs if r["member"] == 0]) == 6
 
 
+def test_weight_and_update_norms_per_parameter_kind(tiny_data, tiny_train_config, tmp_path):
+    """The phase analysis reads these: per kind they add up (in squares) to the totals."""
+    Trainer(tiny_train_config(steps=2), tiny_data, tmp_path).train()
+    for rec in _records(tmp_path):
+        for what in ("weight", "update"):
+            parts = [rec[f"{what}_norm_{kind}"] for kind in ("matrix", "embedding", "gain")]
+            assert all(p > 0 for p in parts[:2]) and parts[2] >= 0
+            assert math.sqrt(sum(p * p for p in parts)) == pytest.approx(rec[f"{what}_norm"], rel=1e-5)
+
+
 @pytest.mark.parametrize("micro_batch", [1, 2, 3])  # 3: an uneven last micro-batch (4 = 3 + 1)
 def test_gradient_accumulation_matches_whole_batch(tiny_data, tiny_train_config, tmp_path, micro_batch):
     """Train loss and gradient norm of every step, not only the final validation loss: under Adam

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 
 from trajinv.checkpoint import SIDECAR, load_checkpoint, save_checkpoint
-from trajinv.config import TrainConfig, to_dict
+from trajinv.config import PARAM_KINDS, TrainConfig, to_dict
 from trajinv.data import TokenData, sample_batch, validation_batches
 from trajinv.gns.meter import LOG_KEYS, GNSMeter
-from trajinv.model import GPT
+from trajinv.model import GPT, param_kind
 from trajinv.optim.population import STAT_FIELDS, build_optimizer
 from trajinv.schedules import BatchSchedule, lr_multiplier
 
@@ -72,6 +72,8 @@ class Trainer:
         self.model = GPT(cfg.model, members=self.K).to(dev)
         self.model.init_weights(torch.Generator(device="cpu").manual_seed(cfg.seed))
         self.optimizer = build_optimizer(self.model, cfg.members, cfg.optim, backend=cfg.kernels)
+        self.kinds = {kind: [n for n, p in self.model.named_parameters() if param_kind(n, p) == kind]
+                      for kind in PARAM_KINDS}
         self.gns = None
         if cfg.gns.enabled:
             if cfg.gns.mode == "micro-batch":
@@ -251,6 +253,8 @@ class Trainer:
 
     def _write_metrics(self, f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead) -> None:
         sums = dict(zip(STAT_FIELDS, stats.totals().cpu()))
+        # per parameter kind: the weight norm and the step's update norm, the phase analysis' input
+        by_kind = {kind: stats.totals(names)[2:].sqrt().cpu() for kind, names in self.kinds.items()}
         for k, m in enumerate(self.cfg.members):
             if not (self.alive[k] or newly_dead[k]):
                 continue
@@ -259,6 +263,8 @@ class Trainer:
                    "train_loss": _num(loss[k]), "val_loss": _num(self.last_val[k]) if evaluated else None,
                    "grad_norm": _num(grad_norm[k]), "precond_grad_norm": _num(sums["precond_grad_sq"][k].sqrt()),
                    "weight_norm": _num(sums["param_sq"][k].sqrt()), "update_norm": _num(sums["update_sq"][k].sqrt()),
+                   **{f"{what}_norm_{kind}": _num(v[i, k]) for kind, v in by_kind.items()
+                      for i, what in enumerate(("weight", "update"))},
                    "seconds": round(self.seconds, 3), "status": "diverged" if newly_dead[k] else "running"}
             if gns is not None:
                 rec.update({f"gns_{key}" if "norm" in key else key: _num(gns[key][k]) for key in LOG_KEYS})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from trajinv.analysis.report import CURVES_PNG, sweep_report
+from trajinv.analysis.report import CURVES_PNG, PHASES_PNG, sweep_report
 from trajinv.config import ModelConfig, OptimConfig, TrainConfig
 from trajinv.data import DataConfig
 from trajinv.sweep import SweepSpec, run_sweep
@@ -21,10 +21,11 @@ def small_sweep(tmp_path_factory, tiny_data):
     return out
 
 
-def test_report_has_invariance_and_writes_plots(small_sweep):
+def test_report_has_invariance_phases_and_writes_plots(small_sweep):
     text, paths = sweep_report(small_sweep)
     assert "iso-LR" in text and "iso-ELR" in text
-    assert {p.name for p in paths} >= {"val_loss_by_lr.png", "val_loss_by_elr.png"}
+    assert "eq step" in text and "LR phase" in text  # the phase table: the trainer logs per-kind norms
+    assert {p.name for p in paths} >= {"val_loss_by_lr.png", "val_loss_by_elr.png", PHASES_PNG}
     assert all(p.is_file() and p.stat().st_size for p in paths)
 
 
