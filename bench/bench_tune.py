@@ -52,7 +52,7 @@ SETTING = dict(steps=800, batch_size="32", schedule=ScheduleConfig(kind="wsd", w
 LR_LOG2 = range(-10, -3)  # 2^-10 .. 2^-4
 WD_LOG2 = range(-5, 2)  # 2^-5 .. 2^1
 TUNE = dict(lr=2.0 ** -7, center=2.0 ** -9, octaves=6.0, points=7)
-QUICK = dict(steps=30, eval_every=15, log_every=15, checkpoint_every=0, eval_seqs=64)
+QUICK = dict(steps=16, eval_every=8, log_every=8, checkpoint_every=0, eval_seqs=32)
 
 
 def train_config(seed: int, quick: bool) -> TrainConfig:
@@ -117,12 +117,12 @@ def seed_noise(grids: list[dict]) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a 3x3 grid of a few steps, one seed: smoke only")
+    ap.add_argument("--quick", action="store_true", help="a 3x3 grid of a few steps, one seed: a smoke test")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions of random search per seed (TPE: reps/10)")
     args = ap.parse_args()
-    seeds = args.seeds or ([0, 1] if args.quick else [0, 1, 2])
-    reps = args.reps or (20 if args.quick else 200)
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    reps = args.reps or (10 if args.quick else 200)
     data = DataConfig(max_tokens=300_000) if args.quick else DataConfig()
     lrs, wds = grid_axes(args.quick)
     steps = train_config(0, args.quick).steps
