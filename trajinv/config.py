@@ -208,9 +208,9 @@ class GNSConfig:
     """How (and whether) the trainer measures the gradient noise scale (trajinv.gns)."""
 
     mode: Literal["off", "per-example", "micro-batch"] = "off"
-    """off (no probes, no cost), per-example (B_small = 1: linear layers incl. the output head
-    and norm gains; not embeddings) or micro-batch (B_small = micro-batch size, every
-    parameter; needs >= 2 micro-batches per step)."""
+    """off (no probes, no cost), per-example (B_small = 1) or micro-batch (B_small = micro-batch
+    size; needs >= 2 micro-batches per step). Both cover every linear weight (output head
+    included) and norm gain; the token embedding only with `embeddings`."""
 
     precond_warmup: int = 10
     """Steps (0-based index < precond_warmup) that use W = 1 before switching to
@@ -225,10 +225,11 @@ class GNSConfig:
     """Measure on every N-th step only (others train with no probes and no extra
     passes): amortises the cost; the EMAs then average the measured steps."""
 
-    embeddings: bool = True
-    """micro-batch mode: include the token embedding (per-example mode never does).
-    Rows of rare tokens have tiny v, so W = 1/(sqrt(v_hat)+eps) is huge there and
-    can dominate tr(W Sigma); False measures the same tensors as per-example mode."""
+    embeddings: bool = False
+    """micro-batch mode only: also measure the token embedding (per-example mode cannot).
+    Rows of rare tokens have tiny v_hat, so W = 1/(sqrt(v_hat)+eps) is huge there; when
+    included, W of the embedding is formed with v_hat floored at the member's mean v_hat
+    over the embedding (trajinv.gns.meter). Off: both modes measure the same tensors."""
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -242,6 +243,9 @@ class GNSConfig:
             raise TypeError(f"GNSConfig.ema must be a float, got {self.ema!r}")
         if not 0.0 <= float(self.ema) < 1.0:
             raise ValueError(f"GNSConfig.ema must be in [0, 1), got {self.ema}")
+        if self.embeddings and self.mode == "per-example":
+            raise ValueError("GNSConfig.embeddings=True needs mode 'micro-batch': per-example mode "
+                             "cannot measure the embedding")
 
     @property
     def enabled(self) -> bool:

@@ -80,7 +80,7 @@ class Trainer:
                         raise ValueError(f"GNS micro-batch mode needs --micro-batch dividing batch size {b} "
                                          f"into >= 2 micro-batches, got micro_batch={cfg.micro_batch}")
             self.gns = GNSMeter(dict(self.model.named_parameters()), self.K, cfg.gns, self.model.probes,
-                                backend=cfg.kernels)
+                                backend=cfg.kernels, eps=cfg.optim.eps)
         self.last_gns: dict[str, torch.Tensor] = {}
         self.lrs = torch.tensor([m.lr for m in cfg.members])
         self.wds = torch.tensor([m.wd for m in cfg.members])
@@ -231,7 +231,8 @@ class Trainer:
                 gns = None
                 if measured:
                     gns = self.gns.end_step(step, bs, cfg.micro_batch or bs, stats)
-                    self.last_gns = {k: gns[k].float() for k in ("b_precond_smooth", "b_simple_smooth")}
+                    self.last_gns = {k: gns[k].float() for k in ("b_precond_smooth", "b_simple_smooth",
+                                                                 "b_precond_robust")}
                 self.step = done
                 self.tokens += bs * cfg.model.context
                 self.seconds = time.perf_counter() - clock
@@ -271,9 +272,14 @@ class Trainer:
             status = "diverged" if not self.alive[k] else ("done" if self.step >= self.cfg.steps else "running")
             extra = {}
             if "b_precond_smooth" in self.last_gns:
-                b = _num(self.last_gns["b_precond_smooth"][k])
-                extra = {"b_precond": b, "b_simple": _num(self.last_gns["b_simple_smooth"][k]),
-                         "batch_regime": "" if b is None else ("small" if self.batches.sizes[-1] < b else "large")}
+                extra = {"b_precond": _num(self.last_gns["b_precond_smooth"][k]),
+                         "b_simple": _num(self.last_gns["b_simple_smooth"][k])}
+                # The label comes from the robust statistic (trajinv.gns.estimator, "The regime"),
+                # so a few spiky steps cannot decide it.
+                robust = self.last_gns.get("b_precond_robust")
+                b = None if robust is None else _num(robust[k])
+                extra["b_precond_robust"] = b
+                extra["batch_regime"] = "" if b is None else ("small" if self.batches.sizes[-1] < b else "large")
             out.append(MemberResult(m.name, m.lr, m.wd, status, self.step, self.tokens,
                                     _num(self.last_train[k]), _num(self.last_val[k]), extra))
         return out
