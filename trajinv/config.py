@@ -315,6 +315,9 @@ class TrainConfig:
     """Write a metrics line every N steps (and at every eval)."""
     checkpoint_every: int = 200
     """Checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in a run directory (the newest N): a damaged newest one falls back
+    to the one before. May change between a run and its resume."""
     seed: int = 0
     """Seeds initialisation and batch order (shared by all members)."""
     device: Literal["cpu", "cuda"] = "cpu"
@@ -343,6 +346,21 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.micro_batch < 0 or self.checkpoint_every < 0:
             raise ValueError(f"micro_batch and checkpoint_every must be >= 0, got {self.micro_batch}, {self.checkpoint_every}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+
+
+RESUME_NEUTRAL = frozenset({"keep_checkpoints"})
+"""TrainConfig fields that do not change what a run computes: a resume (or a sweep rerun) may
+change them, and configurations stored before they existed still match."""
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Whether two `to_dict(TrainConfig)` views describe the same run (RESUME_NEUTRAL aside)."""
+    def strip(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in RESUME_NEUTRAL}
+
+    return isinstance(a, dict) and isinstance(b, dict) and strip(a) == strip(b)
 
 
 def to_dict(obj: Any) -> Any:
