@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import math
 import textwrap
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -52,6 +53,18 @@ def default(cls: type, name: str) -> Any:
     """A field's default value (its factory called for mutable defaults)."""
     f = next(f for f in fields(cls) if f.name == name)
     return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_finite(name: str, value: Any, low: float = -math.inf, *, strict: bool = False) -> None:
+    """One-line ValueError unless `value` is a finite number >= low (> low when `strict`)."""
+    ok = _is_number(value) and math.isfinite(value) and (value > low if strict else value >= low)
+    if not ok:
+        bound = "" if low == -math.inf else f" {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
 
 
 def _check_choices(obj: Any) -> None:
@@ -100,6 +113,13 @@ class ModelConfig:
             raise ValueError(
                 f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size"
             )
+        for name in ("vocab_size", "d_ff"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"model {name} must be an int >= 1 (or None), got {v!r}")
+        check_finite("model rope_theta", self.rope_theta, 0.0, strict=True)
+        check_finite("model norm_eps", self.norm_eps, 0.0)
+        check_finite("model init_std", self.init_std, 0.0)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -144,10 +164,10 @@ class OptimConfig:
 
     def validate(self) -> None:
         _check_choices(self)
-        if not all(0.0 <= b < 1.0 for b in self.betas):
+        if len(self.betas) != 2 or not all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
-        if self.clip < 0:
-            raise ValueError(f"clip must be >= 0, got {self.clip}")
+        check_finite("eps", self.eps, 0.0)
+        check_finite("clip", self.clip, 0.0)
         bad = [k for k in self.decay if k not in PARAM_KINDS]
         if bad:
             raise ValueError(f"unknown parameter kind(s) {bad} in decay; kinds are {PARAM_KINDS}")
@@ -186,10 +206,10 @@ class Member:
     """Weight decay (torch convention: decay per step is lr * wd)."""
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not self.wd >= 0:
-            raise ValueError(f"weight decay must be >= 0, got {self.wd}")
+        if not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (_is_number(self.wd) and math.isfinite(self.wd) and self.wd >= 0):
+            raise ValueError(f"weight decay must be a finite number >= 0, got {self.wd!r}")
 
     @property
     def elr(self) -> float:
@@ -348,6 +368,9 @@ class TrainConfig:
             raise ValueError(f"micro_batch and checkpoint_every must be >= 0, got {self.micro_batch}, {self.checkpoint_every}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        from trajinv.schedules import BatchSchedule  # it imports this module
+
+        BatchSchedule.parse(self.batch_size)
 
 
 RESUME_NEUTRAL = frozenset({"keep_checkpoints"})

@@ -41,12 +41,17 @@ def log2_range(text: str) -> tuple[float, ...]:
         parts = [float(p) for p in text.split(":")]
         lo, hi = parts[0], parts[1]
         step = parts[2] if len(parts) == 3 else 1.0
-        if len(parts) not in (2, 3) or step <= 0 or hi < lo:
+        if len(parts) not in (2, 3) or not all(map(math.isfinite, parts)) or step <= 0 or hi < lo:
             raise ValueError
     except (ValueError, IndexError):
         raise ValueError(f"bad log2 range {text!r}; use LO:HI or LO:HI:STEP with LO <= HI") from None
     n = int(math.floor((hi - lo) / step + 1e-9)) + 1
-    return tuple(2.0 ** (lo + i * step) for i in range(n))
+    if n > 10_000:
+        raise ValueError(f"log2 range {text!r} has {n} values; at most 10000")
+    try:
+        return tuple(2.0 ** (lo + i * step) for i in range(n))
+    except OverflowError:
+        raise ValueError(f"log2 range {text!r} overflows a float (2^{hi:g}); keep LO and HI within -1074..1023") from None
 
 
 @dataclass(frozen=True)
