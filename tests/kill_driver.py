@@ -22,7 +22,7 @@ Kill specs (JSON objects; `n` counts the calls that match, from 1):
 
 Modes:
 
-    python tests/kill_driver.py run JOB      one job (JSON: args, kill, cwd, env) in this process
+    python tests/kill_driver.py run JOB      one job (JSON: args, kill, cwd, env, max_file_bytes) here
     python tests/kill_driver.py serve        import once, then fork a child per JSON job line on
                                              stdin and answer each with {"rc": exit status}
 
@@ -145,9 +145,15 @@ def _install(spec: dict) -> None:
 
 
 def run(job: dict) -> None:
-    """Run the CLI with job["args"] in job["cwd"] (env overrides job["env"]), killed per job["kill"]."""
+    """Run the CLI with job["args"] in job["cwd"] (env overrides job["env"]), killed per job["kill"];
+    job["max_file_bytes"] makes every larger file write fail (EFBIG), as a full disk would."""
     os.chdir(job.get("cwd", "."))
     os.environ.update(job.get("env", {}))
+    if job.get("max_file_bytes"):
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (job["max_file_bytes"], resource.RLIM_INFINITY))
     _import_product()
     if job.get("kill"):
         _install(job["kill"])

@@ -40,10 +40,12 @@ class Driver:
         self.proc = subprocess.Popen([sys.executable, str(DRIVER), "serve"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, text=True)
 
-    def run(self, args: list[str], kill: dict | None = None, env: dict | None = None, timeout: float = 180) -> int:
+    def run(self, args: list[str], kill: dict | None = None, env: dict | None = None, timeout: float = 180,
+            max_file_bytes: int = 0) -> int:
         self.n += 1
         log = self.logs / f"job{self.n}.log"
-        job = {"args": args, "kill": kill, "env": env or {}, "cwd": str(self.logs), "log": str(log)}
+        job = {"args": args, "kill": kill, "env": env or {}, "cwd": str(self.logs), "log": str(log),
+               "max_file_bytes": max_file_bytes}
         self.proc.stdin.write(json.dumps(job) + "\n")
         self.proc.stdin.flush()
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
@@ -200,3 +202,21 @@ def test_kill_during_first_tokenization(world):
     kill_then_finish(world, "tokenize", [{"at": "tokenize"}], env={"TRAJINV_CACHE": str(cache)})
     assert not list(cache.glob(".hf-scratch-*")), "the killed tokenization's scratch folder is still there"
     assert not list(cache.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("command", ["sweep", "train"])
+def test_full_disk_is_one_line_then_the_rerun_finishes(world, command):
+    """Every file write beyond 100 kB fails (EFBIG, as ENOSPC would): the first checkpoint
+    cannot be written. One line naming it, exit code 1, nothing half-written left; the rerun
+    with room to write ends where an uninterrupted run does."""
+    driver, args = world["driver"], world["args"][command]
+    out = world["root"] / "scenarios" / f"full-disk-{command}" / "run"
+    rc = driver.run(args + ["--out", str(out)], max_file_bytes=100_000)
+    lines = [line for line in driver.last_log.splitlines() if line.startswith("Error")]
+    assert rc == 1 and len(lines) == 1 and "Traceback" not in driver.last_log, driver.last_log[-2000:]
+    assert "File too large" in lines[0] and str(out / "runs/bs4" if command == "sweep" else out) in lines[0]
+    assert "checkpoint-00000002.safetensors" in lines[0]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    rc = driver.run(args + ["--out", str(out)] + (["--resume"] if command == "train" else []))
+    assert rc == 0, driver.last_log[-2000:]
+    assert_same(snapshot(out), world["refs"][command])

@@ -55,7 +55,9 @@ contributions, not per-example gradients, hence the rescaling below.
   returns sum_m |h_m|^2 where h_m = grad(loss_m) / M is micro-batch m's
   contribution to the accumulated gradient. The micro-batch mean gradient is
   g_m = M h_m, so mean_m |g_m|^2 = (1/M) sum_m M^2 |h_m|^2 = M sum_m |h_m|^2
-  (`micro_batch_sq_mean`). Covers every parameter. Needs M >= 2 (b < B).
+  (`micro_batch_sq_mean`). Covers whatever tensors the meter hands over: by
+  default the same ones as per-example mode (the embedding only when opted in,
+  `GNSConfig.embeddings`). Needs M >= 2 (b < B).
 * The big batch in both modes: |g_big|^2 = |sum of contributions|^2, the squared
   norm of the accumulated gradient (per-(tensor, member) sums of g^2 and W g^2
   that the fused optimizer already writes, summed over tensors).
