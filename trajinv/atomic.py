@@ -49,7 +49,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[Any]], Any], mode: str = 
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=TEMP_SUFFIX)
     try:
-        os.fchmod(fd, _new_file_mode(path))
+        try:
+            os.fchmod(fd, _new_file_mode(path))
+        except OSError:
+            pass  # a file system without modes (some network or FUSE mounts): keep what it gives
         with os.fdopen(fd, mode, **open_kwargs) as f:
             write(f)
             f.flush()
