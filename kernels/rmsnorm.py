@@ -291,10 +291,12 @@ def rmsnorm_backward_cpu(
 
 def rmsnorm_forward_torch(x: torch.Tensor, gain: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The same forward with torch ops, any dtype or device: what `trajinv.ops.rms_norm`
-    runs where the native path cannot (autograd goes through it), and the tests' reference."""
-    xf = x.float()
+    runs where the native path cannot (autograd goes through it), and the tests' reference.
+    Computes in fp32, or in fp64 when x is fp64 (rstd then fp64 too)."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(ct)
     rstd = torch.rsqrt(xf.pow(2).mean(-1) + eps)
-    return (xf * rstd[..., None] * gain[:, None, None, :].float()).to(x.dtype), rstd
+    return (xf * rstd[..., None] * gain[:, None, None, :].to(ct)).to(x.dtype), rstd
 
 
 def rmsnorm_backward_reference(

@@ -97,6 +97,29 @@ def test_cache_env_and_corrupt_cache_rebuilt(tmp_path, monkeypatch):
     np.testing.assert_array_equal(d2.train, train)
 
 
+def test_leftovers_of_a_killed_tokenization_are_removed(tmp_path, monkeypatch):
+    """A process killed while tokenizing leaves its scratch folder (and maybe half-written
+    arrays); the next load_data removes what belongs to processes that are gone."""
+    monkeypatch.setenv("TRAJINV_CACHE", str(tmp_path))
+    dead = tmp_path / ".hf-scratch-999999999-abcd"  # no such pid
+    (dead / "downloads").mkdir(parents=True)
+    (dead / "downloads" / "x.arrow").write_bytes(b"x" * 10)
+    old_style = tmp_path / ".hf-scratch-k2j4h5"  # no pid in its name: an older version's
+    old_style.mkdir()
+    live = tmp_path / f".hf-scratch-{os.getppid()}-efgh"  # a running tokenization's: kept
+    live.mkdir()
+    d = load_data(DataConfig(max_tokens=5_000))
+    assert not dead.exists() and not old_style.exists() and live.exists()
+    (folder,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    # a kill while the arrays were written leaves temporary files beside them: removed on rebuild
+    (folder / "manifest.json").unlink()
+    stale = folder / ".train.bin.999999999.abcdefgh.tmp"
+    stale.write_bytes(b"half")
+    d2 = load_data(DataConfig(max_tokens=5_000))
+    np.testing.assert_array_equal(d2.train, d.train)
+    assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "train.bin", "val.bin"]
+
+
 # ----------------------------------------------------------------------------- local files
 
 

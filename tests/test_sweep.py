@@ -92,3 +92,28 @@ def test_sweep_dir_of_another_spec_is_refused(tiny_train_config, tmp_path):
         run_sweep(_spec(tiny_train_config, lrs=(0.03,)), tmp_path)
     assert (tmp_path / "spec.json").read_text() == spec_before
     assert json.loads(spec_before)["lrs"] == [0.01, 0.02]
+
+
+@pytest.mark.parametrize("bad", [
+    dict(data=DataConfig(source="/no/such/corpus.txt")),                                      # fails loading data
+    dict(train_kw=dict(micro_batch=3)),                                                        # fails in the trainer's checks
+])
+def test_a_failed_sweep_does_not_block_the_corrected_command(tiny_train_config, tmp_path, bad):
+    kw = dict(bad)
+    train_kw = kw.pop("train_kw", {})
+    if train_kw:
+        from trajinv.config import GNSConfig
+
+        kw["train"] = tiny_train_config(steps=4, checkpoint_every=2, gns=GNSConfig(mode="micro-batch"), **train_kw)
+    with pytest.raises(ValueError):
+        run_sweep(_spec(tiny_train_config, **kw), tmp_path / "out")
+    assert not (tmp_path / "out" / "spec.json").exists()
+    rows = run_sweep(_spec(tiny_train_config), tmp_path / "out")  # the corrected command
+    assert len(rows) == 3
+
+
+def test_keep_checkpoints_may_change_on_a_rerun(tiny_train_config, tmp_path):
+    run_sweep(_spec(tiny_train_config, train=tiny_train_config(steps=4, checkpoint_every=1)), tmp_path)
+    assert len(list((tmp_path / "runs/bs4").glob("checkpoint-*.json"))) == 2
+    spec = _spec(tiny_train_config, train=tiny_train_config(steps=4, checkpoint_every=1, keep_checkpoints=3))
+    assert len(run_sweep(spec, tmp_path)) == 3  # the same sweep: a rerun, not "another spec"

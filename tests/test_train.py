@@ -122,7 +122,7 @@ def test_checkpoint_commit_is_atomic(tmp_path, monkeypatch, crash_on):
     real = ckpt.atomic_write
 
     def crashing(path, write, **kw):
-        is_sidecar = path.name == ckpt.SIDECAR
+        is_sidecar = path.suffix == ".json"
         if is_sidecar == (crash_on == "sidecar"):
             def half(f):  # some bytes out, then the process dies
                 f.write(b"{" if "b" in kw.get("mode", "wb") else "{")
@@ -155,3 +155,112 @@ def test_fused_and_torch_optimizers_agree(tiny_data, tiny_train_config, tmp_path
     for a, b in zip(runs["torch"], runs["fused"]):
         for key in ("train_loss", "grad_norm", "precond_grad_norm", "weight_norm", "update_norm"):
             assert a[key] == pytest.approx(b[key], rel=2e-4), key
+
+
+def test_no_duplicate_metrics_after_an_interruption_before_the_first_checkpoint(tiny_data, tiny_train_config, tmp_path):
+    """Killed (or Ctrl-C) before any checkpoint: the rerun starts the metrics afresh."""
+    cfg = tiny_train_config(steps=5, checkpoint_every=4)
+    Trainer(cfg, tiny_data, tmp_path / "a").train()
+    Trainer(cfg, tiny_data, tmp_path / "b").train(until=3)
+    again = Trainer(cfg, tiny_data, tmp_path / "b")
+    assert not again.resume()
+    again.train()
+    assert metrics_without_time(tmp_path / "b") == metrics_without_time(tmp_path / "a")
+
+
+def _run_to(tiny_data, cfg, run_dir, until):
+    Trainer(cfg, tiny_data, run_dir).train(until=until)
+    return (run_dir / METRICS).read_bytes()
+
+
+def test_half_written_last_metrics_line_is_dropped_with_a_note(tiny_data, tiny_train_config, tmp_path, capsys):
+    cfg = tiny_train_config(steps=6, checkpoint_every=3)
+    Trainer(cfg, tiny_data, tmp_path / "a").train()
+    before = _run_to(tiny_data, cfg, tmp_path / "b", 3)
+    with open(tmp_path / "b" / METRICS, "ab") as f:
+        f.write(b'{"run_id": "run", "member": 0, "st')  # a full disk or a host crash mid-line
+    capsys.readouterr()
+    tr = Trainer(cfg, tiny_data, tmp_path / "b")
+    assert tr.resume() and tr.step == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path / "b" / METRICS) in err[0] and "half-written" in err[0]
+    assert (tmp_path / "b" / METRICS).read_bytes() == before
+    tr.train()
+    assert metrics_without_time(tmp_path / "b") == metrics_without_time(tmp_path / "a")
+
+
+@pytest.mark.parametrize("bad", [b"not json\n", b"[1, 2]\n", b'{"member": 0}\n', b'{"step": "3"}\n'])
+def test_bad_metrics_line_elsewhere_names_file_and_line(tiny_data, tiny_train_config, tmp_path, bad):
+    cfg = tiny_train_config(steps=6, checkpoint_every=3)
+    lines = _run_to(tiny_data, cfg, tmp_path, 3).splitlines(keepends=True)
+    damaged = b"".join(lines[:2] + [bad] + lines[2:])
+    (tmp_path / METRICS).write_bytes(damaged)
+    with pytest.raises(ValueError, match=f"{METRICS}:3 ") as e:
+        Trainer(cfg, tiny_data, tmp_path).resume()
+    assert "\n" not in str(e.value)
+    assert (tmp_path / METRICS).read_bytes() == damaged  # nothing touched
+
+
+def test_resume_metrics_rewrite_survives_a_failed_write(tiny_data, tiny_train_config, tmp_path):
+    """The rewrite goes to a new file renamed over the old one: a write that fails part-way
+    (here: the file size limit, as a full disk would) leaves every line where it was."""
+    import resource
+    import signal
+
+    cfg = tiny_train_config(steps=8, checkpoint_every=3)
+    before = _run_to(tiny_data, cfg, tmp_path, 5)  # checkpoint at 3: the resume drops 2 steps of lines
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    tr = Trainer(cfg, tiny_data, tmp_path)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 3, hard))
+        with pytest.raises(OSError) as e:
+            tr.resume()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert e.value.filename is not None and METRICS in str(e.value.filename)
+    assert (tmp_path / METRICS).read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_metrics_reach_the_disk_before_each_checkpoint_commits(tiny_data, tiny_train_config, tmp_path, monkeypatch):
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else fd))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("commit", os.fspath(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    Trainer(tiny_train_config(steps=6, checkpoint_every=3), tiny_data, tmp_path).train()
+    commits = [i for i, (kind, path) in enumerate(events) if kind == "commit" and path.endswith(".json")]
+    assert len(commits) == 2
+    previous = -1
+    for i in commits:  # between the previous commit and this one, metrics.jsonl was fsynced
+        assert any(kind == "fsync" and str(path).endswith(METRICS) for kind, path in events[previous + 1 : i]), \
+            "metrics not fsynced before this checkpoint's commit"
+        previous = i
+
+
+def test_diverged_member_summary_shows_where_it_stopped(tiny_data, tiny_train_config, tmp_path):
+    cfg = tiny_train_config(members=(Member(1e-2, 0.1), Member(1e6, 0.0)), steps=6, optim=OptimConfig(clip=0.0),
+                            checkpoint_every=2)
+    tr = Trainer(cfg, tiny_data, tmp_path / "a")
+    with torch.no_grad():
+        tr.model.head[1].fill_(float("nan"))
+    tr.train(until=3)
+    res = tr.results()
+    assert res[1].status == "diverged" and (res[1].steps, res[1].tokens) == (1, 1 * 4 * 16)
+    resumed = Trainer(cfg, tiny_data, tmp_path / "a")
+    assert resumed.resume()
+    res = resumed.train()
+    assert (res[0].steps, res[0].tokens) == (6, 6 * 4 * 16)
+    assert (res[1].steps, res[1].tokens) == (1, 1 * 4 * 16)  # kept through the checkpoint

@@ -34,15 +34,26 @@ DEMO_LRS = (4e-3, 8e-3, 1.6e-2)
 DEMO_WDS = (0.5, 1.0, 2.0)
 
 
+def _one_line(e: BaseException) -> str:
+    """The first line of an error's message, naming the path for an OSError."""
+    if isinstance(e, OSError) and e.filename is not None:
+        what = e.strerror or type(e).__name__
+        paths = " -> ".join(repr(str(p)) for p in (e.filename, e.filename2) if p is not None)
+        return f"{what}: {paths}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _fail_cleanly(fn):
-    """Bad input becomes one line on stderr and exit code 1; nothing written is lost."""
+    """Bad input, and a file system that refuses (permission, read-only, full disk), become one
+    line on stderr and exit code 1; nothing already written is lost (README: What survives what)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-            raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        except (ValueError, OSError, OverflowError) as e:
+            raise click.ClickException(_one_line(e)) from None
 
     return wrapper
 
@@ -93,6 +104,7 @@ _COMMON = [
     (TrainConfig, "eval_seqs", (), {}),
     (TrainConfig, "log_every", (), {}),
     (TrainConfig, "checkpoint_every", (), {}),
+    (TrainConfig, "keep_checkpoints", (), {}),
     (TrainConfig, "seed", (), {}),
     (TrainConfig, "device", (), {}),
     (TrainConfig, "dtype", (), {}),
@@ -127,7 +139,7 @@ def _configs(o: dict, members: tuple[Member, ...] | None = None, batch_size: str
                           decay_mode=o["decay_mode"]),
         schedule=ScheduleConfig(kind=o["schedule"], warmup=o["warmup"], decay_fraction=o["decay_fraction"]),
         eval_every=o["eval_every"], eval_seqs=o["eval_seqs"], log_every=o["log_every"],
-        checkpoint_every=o["checkpoint_every"], seed=o["seed"], device=o["device"], dtype=o["dtype"],
+        checkpoint_every=o["checkpoint_every"], keep_checkpoints=o["keep_checkpoints"], seed=o["seed"], device=o["device"], dtype=o["dtype"],
         kernels=o["kernels"],
         gns=GNSConfig(mode=o["gns"], every=o["gns_every"], precond_warmup=o["gns_warmup"],
                       embeddings=o["gns_embeddings"]),
@@ -162,7 +174,41 @@ class _Progress:
             self.bar.update(self.task, description=f"{info['run_id']} ({note})")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _UsageError(click.ClickException):
+    exit_code = 1
+
+
+# click >= 8.2 shows the help for a bare `trajinv` through this UsageError: leave it alone
+_NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class _Group(click.Group):
+    """click's group, except that a usage error (an unknown option, a value of the wrong type or
+    outside the choices) is one line on stderr and exit code 1, like every other bad input."""
+
+    @staticmethod
+    def _one_line(e: click.UsageError) -> _UsageError:
+        hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        return _UsageError(e.format_message().strip().replace("\n", " ") + hint)
+
+    def make_context(self, *args, **kwargs):
+        try:
+            return super().make_context(*args, **kwargs)
+        except _NO_ARGS_HELP:
+            raise
+        except click.UsageError as e:
+            raise self._one_line(e) from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except _NO_ARGS_HELP:
+            raise
+        except click.UsageError as e:
+            raise self._one_line(e) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="trajinv")
 def main() -> None:
     """trajinv: tune lr and weight decay along the trajectory-invariance direction."""
@@ -188,6 +234,7 @@ def train(lrs, wds, batch_size, out, resume, **o):
     if len(lrs) != len(wds):
         raise ValueError(f"--lr given {len(lrs)} times but --wd {len(wds)} times; pair them")
     cfg, data_cfg = _configs(o, tuple(Member(lr, wd) for lr, wd in zip(lrs, wds)), batch_size)
+    cfg.validate()  # before the data loads: a bad value fails fast
     trainer = Trainer(cfg, load_data(data_cfg), out, run_id=Path(out).name)
     if trainer.has_checkpoint() and not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")

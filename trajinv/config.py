@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import math
 import textwrap
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -52,6 +53,18 @@ def default(cls: type, name: str) -> Any:
     """A field's default value (its factory called for mutable defaults)."""
     f = next(f for f in fields(cls) if f.name == name)
     return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_finite(name: str, value: Any, low: float = -math.inf, *, strict: bool = False) -> None:
+    """One-line ValueError unless `value` is a finite number >= low (> low when `strict`)."""
+    ok = _is_number(value) and math.isfinite(value) and (value > low if strict else value >= low)
+    if not ok:
+        bound = "" if low == -math.inf else f" {'>' if strict else '>='} {low:g}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
 
 
 def _check_choices(obj: Any) -> None:
@@ -100,6 +113,13 @@ class ModelConfig:
             raise ValueError(
                 f"d_model={self.d_model} must split into n_heads={self.n_heads} heads of even size"
             )
+        for name in ("vocab_size", "d_ff"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"model {name} must be an int >= 1 (or None), got {v!r}")
+        check_finite("model rope_theta", self.rope_theta, 0.0, strict=True)
+        check_finite("model norm_eps", self.norm_eps, 0.0)
+        check_finite("model init_std", self.init_std, 0.0)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -144,10 +164,10 @@ class OptimConfig:
 
     def validate(self) -> None:
         _check_choices(self)
-        if not all(0.0 <= b < 1.0 for b in self.betas):
+        if len(self.betas) != 2 or not all(_is_number(b) and 0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas must lie in [0, 1), got {self.betas}")
-        if self.clip < 0:
-            raise ValueError(f"clip must be >= 0, got {self.clip}")
+        check_finite("eps", self.eps, 0.0)
+        check_finite("clip", self.clip, 0.0)
         bad = [k for k in self.decay if k not in PARAM_KINDS]
         if bad:
             raise ValueError(f"unknown parameter kind(s) {bad} in decay; kinds are {PARAM_KINDS}")
@@ -186,10 +206,10 @@ class Member:
     """Weight decay (torch convention: decay per step is lr * wd)."""
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if not self.wd >= 0:
-            raise ValueError(f"weight decay must be >= 0, got {self.wd}")
+        if not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if not (_is_number(self.wd) and math.isfinite(self.wd) and self.wd >= 0):
+            raise ValueError(f"weight decay must be a finite number >= 0, got {self.wd!r}")
 
     @property
     def elr(self) -> float:
@@ -208,9 +228,9 @@ class GNSConfig:
     """How (and whether) the trainer measures the gradient noise scale (trajinv.gns)."""
 
     mode: Literal["off", "per-example", "micro-batch"] = "off"
-    """off (no probes, no cost), per-example (B_small = 1: linear layers incl. the output head
-    and norm gains; not embeddings) or micro-batch (B_small = micro-batch size, every
-    parameter; needs >= 2 micro-batches per step)."""
+    """off (no probes, no cost), per-example (B_small = 1) or micro-batch (B_small = micro-batch
+    size; needs >= 2 micro-batches per step). Both cover every linear weight (output head
+    included) and norm gain; the token embedding only with `embeddings`."""
 
     precond_warmup: int = 10
     """Steps (0-based index < precond_warmup) that use W = 1 before switching to
@@ -225,10 +245,11 @@ class GNSConfig:
     """Measure on every N-th step only (others train with no probes and no extra
     passes): amortises the cost; the EMAs then average the measured steps."""
 
-    embeddings: bool = True
-    """micro-batch mode: include the token embedding (per-example mode never does).
-    Rows of rare tokens have tiny v, so W = 1/(sqrt(v_hat)+eps) is huge there and
-    can dominate tr(W Sigma); False measures the same tensors as per-example mode."""
+    embeddings: bool = False
+    """micro-batch mode only: also measure the token embedding (per-example mode cannot).
+    Rows of rare tokens have tiny v_hat, so W = 1/(sqrt(v_hat)+eps) is huge there; when
+    included, W of the embedding is formed with v_hat floored at the member's mean v_hat
+    over the embedding (trajinv.gns.meter). Off: both modes measure the same tensors."""
 
     def __post_init__(self) -> None:
         _check_choices(self)
@@ -242,6 +263,9 @@ class GNSConfig:
             raise TypeError(f"GNSConfig.ema must be a float, got {self.ema!r}")
         if not 0.0 <= float(self.ema) < 1.0:
             raise ValueError(f"GNSConfig.ema must be in [0, 1), got {self.ema}")
+        if self.embeddings and self.mode == "per-example":
+            raise ValueError("GNSConfig.embeddings=True needs mode 'micro-batch': per-example mode "
+                             "cannot measure the embedding")
 
     @property
     def enabled(self) -> bool:
@@ -311,6 +335,9 @@ class TrainConfig:
     """Write a metrics line every N steps (and at every eval)."""
     checkpoint_every: int = 200
     """Checkpoint every N steps (and at the end); 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in a run directory (the newest N): a damaged newest one falls back
+    to the one before. May change between a run and its resume."""
     seed: int = 0
     """Seeds initialisation and batch order (shared by all members)."""
     device: Literal["cpu", "cuda"] = "cpu"
@@ -339,6 +366,24 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.micro_batch < 0 or self.checkpoint_every < 0:
             raise ValueError(f"micro_batch and checkpoint_every must be >= 0, got {self.micro_batch}, {self.checkpoint_every}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
+        from trajinv.schedules import BatchSchedule  # it imports this module
+
+        BatchSchedule.parse(self.batch_size)
+
+
+RESUME_NEUTRAL = frozenset({"keep_checkpoints"})
+"""TrainConfig fields that do not change what a run computes: a resume (or a sweep rerun) may
+change them, and configurations stored before they existed still match."""
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Whether two `to_dict(TrainConfig)` views describe the same run (RESUME_NEUTRAL aside)."""
+    def strip(d: dict) -> dict:
+        return {k: v for k, v in d.items() if k not in RESUME_NEUTRAL}
+
+    return isinstance(a, dict) and isinstance(b, dict) and strip(a) == strip(b)
 
 
 def to_dict(obj: Any) -> Any:

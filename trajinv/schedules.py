@@ -58,6 +58,8 @@ class BatchSchedule:
             raise ValueError(f"bad batch-size schedule {text!r}; use e.g. '32' or '8@0.2,32'") from None
         if any(s <= 0 for s in sizes):
             raise ValueError(f"batch sizes must be positive, got {text!r}")
+        if not all(math.isfinite(u) for u in until):
+            raise ValueError(f"batch-size schedule fractions must be finite, got {text!r}")
         if until and (until != sorted(until) or until[0] <= 0 or until[-1] >= 1):
             raise ValueError(f"batch-size schedule fractions must increase inside (0, 1), got {text!r}")
         return cls(tuple(sizes), tuple(until))

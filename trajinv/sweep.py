@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from trajinv.atomic import atomic_write
-from trajinv.config import Member, TrainConfig, to_dict
+from trajinv.atomic import atomic_write, remove_stale_temps
+from trajinv.config import Member, TrainConfig, same_run, to_dict
 from trajinv.data import DataConfig, load_data
 from trajinv.schedules import BatchSchedule
 from trajinv.train import MemberResult, Trainer
@@ -41,12 +41,17 @@ def log2_range(text: str) -> tuple[float, ...]:
         parts = [float(p) for p in text.split(":")]
         lo, hi = parts[0], parts[1]
         step = parts[2] if len(parts) == 3 else 1.0
-        if len(parts) not in (2, 3) or step <= 0 or hi < lo:
+        if len(parts) not in (2, 3) or not all(map(math.isfinite, parts)) or step <= 0 or hi < lo:
             raise ValueError
     except (ValueError, IndexError):
         raise ValueError(f"bad log2 range {text!r}; use LO:HI or LO:HI:STEP with LO <= HI") from None
     n = int(math.floor((hi - lo) / step + 1e-9)) + 1
-    return tuple(2.0 ** (lo + i * step) for i in range(n))
+    if n > 10_000:
+        raise ValueError(f"log2 range {text!r} has {n} values; at most 10000")
+    try:
+        return tuple(2.0 ** (lo + i * step) for i in range(n))
+    except OverflowError:
+        raise ValueError(f"log2 range {text!r} overflows a float (2^{hi:g}); keep LO and HI within -1074..1023") from None
 
 
 @dataclass(frozen=True)
@@ -109,16 +114,25 @@ class SweepSpec:
         return out
 
 
-def _check_spec(out: Path, spec: SweepSpec) -> None:
+def _same_spec(theirs: object, mine: dict) -> bool:
+    if not isinstance(theirs, dict) or "train" not in theirs:
+        return False
+    rest = {k: v for k, v in theirs.items() if k != "train"}
+    return rest == {k: v for k, v in mine.items() if k != "train"} and same_run(theirs["train"], mine["train"])
+
+
+def _check_spec(out: Path, spec: SweepSpec) -> bool:
+    """Whether `out` already holds this spec; ValueError if it holds another (nothing written)."""
     path = out / SPEC
-    mine = to_dict(spec)
-    if path.exists():
+    if not path.exists():
+        return False
+    try:
         theirs = json.loads(path.read_text())
-        if theirs != json.loads(json.dumps(mine)):
-            raise ValueError(f"{out} holds a sweep made by another spec; use a new --out directory")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: f.write(json.dumps(mine, indent=1)), mode="w")
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not valid JSON; fix or remove it, or use a new --out directory") from None
+    if not _same_spec(theirs, json.loads(json.dumps(to_dict(spec)))):
+        raise ValueError(f"{out} holds a sweep made by another spec; use a new --out directory")
+    return True
 
 
 def write_summary(out: Path, rows: list[dict]) -> Path:
@@ -151,9 +165,17 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None
     """
     spec.validate()
     out = Path(out)
-    _check_spec(out, spec)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file, not a directory")
+    exists = _check_spec(out, spec)
     data = load_data(spec.data)
     pops = spec.populations()
+    for _, cfg in pops:  # everything checked before the spec is written: a failure leaves nothing behind
+        Trainer.check(cfg, data)
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
+    if not exists:
+        atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
     notify = progress or (lambda kind, **info: None)
     notify("start", total=sum(cfg.steps for _, cfg in pops))
     rows: list[dict] = []

@@ -8,6 +8,12 @@ Determinism: the batch of step s is drawn from a generator seeded by (seed, s),
 so the data position is the step counter; with the model, optimizer and
 estimator state restored from a checkpoint, a resumed run reproduces the
 uninterrupted one bit for bit on CPU.
+
+Crash consistency (docs/design.md, "Determinism and resume"): metrics are flushed
+and fsynced before a checkpoint commits; `resume` removes what interrupted writes
+left, loads the newest valid checkpoint and rewrites `metrics.jsonl` atomically to
+exactly its lines up to that checkpoint's step; a run with no checkpoint starts its
+metrics afresh.
 """
 
 from __future__ import annotations
@@ -15,14 +21,17 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from trajinv.checkpoint import SIDECAR, load_checkpoint, save_checkpoint
-from trajinv.config import PARAM_KINDS, TrainConfig, to_dict
+from trajinv.atomic import atomic_write
+from trajinv.checkpoint import CheckpointError, clean_run_dir, has_checkpoint, load_checkpoint, save_checkpoint
+from trajinv.config import PARAM_KINDS, TrainConfig, same_run, to_dict
 from trajinv.data import TokenData, sample_batch, validation_batches
 from trajinv.gns.meter import LOG_KEYS, GNSMeter
 from trajinv.model import GPT, param_kind
@@ -41,7 +50,9 @@ class MemberResult:
     wd: float
     status: str  # 'done', 'diverged' or 'running' (stopped early)
     steps: int
+    """Steps trained: a diverged member's is the step its loss turned non-finite."""
     tokens: int
+    """Tokens trained, through `steps`."""
     train_loss: float | None
     val_loss: float | None
     extra: dict = field(default_factory=dict)
@@ -57,13 +68,26 @@ def _autocast(cfg: TrainConfig):
 class Trainer:
     """Trains `cfg.members` on `data`, writing metrics and checkpoints into `run_dir`."""
 
-    def __init__(self, cfg: TrainConfig, data: TokenData, run_dir: str | Path, run_id: str = "run"):
+    @staticmethod
+    def check(cfg: TrainConfig, data: TokenData) -> TrainConfig:
+        """Validate `cfg` against `data` without building anything; returns it with the data's
+        vocabulary filled in. Raises ValueError naming the bad value."""
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size))
         cfg.validate()
         if data.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"data vocabulary {data.vocab_size} exceeds model vocab_size {cfg.model.vocab_size}")
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but no CUDA device is available")
+        batches = BatchSchedule.parse(cfg.batch_size)
+        if cfg.gns.mode == "micro-batch":
+            for b in batches.sizes:
+                if not cfg.micro_batch or b % cfg.micro_batch or b // cfg.micro_batch < 2:
+                    raise ValueError(f"GNS micro-batch mode needs --micro-batch dividing batch size {b} "
+                                     f"into >= 2 micro-batches, got micro_batch={cfg.micro_batch}")
+        return cfg
+
+    def __init__(self, cfg: TrainConfig, data: TokenData, run_dir: str | Path, run_id: str = "run"):
+        cfg = self.check(cfg, data)
         self.cfg, self.data, self.run_id = cfg, data, run_id
         self.run_dir = Path(run_dir)
         self.batches = BatchSchedule.parse(cfg.batch_size)
@@ -76,13 +100,8 @@ class Trainer:
                       for kind in PARAM_KINDS}
         self.gns = None
         if cfg.gns.enabled:
-            if cfg.gns.mode == "micro-batch":
-                for b in self.batches.sizes:
-                    if not cfg.micro_batch or b % cfg.micro_batch or b // cfg.micro_batch < 2:
-                        raise ValueError(f"GNS micro-batch mode needs --micro-batch dividing batch size {b} "
-                                         f"into >= 2 micro-batches, got micro_batch={cfg.micro_batch}")
             self.gns = GNSMeter(dict(self.model.named_parameters()), self.K, cfg.gns, self.model.probes,
-                                backend=cfg.kernels)
+                                backend=cfg.kernels, eps=cfg.optim.eps)
         self.last_gns: dict[str, torch.Tensor] = {}
         self.lrs = torch.tensor([m.lr for m in cfg.members])
         self.wds = torch.tensor([m.wd for m in cfg.members])
@@ -93,12 +112,16 @@ class Trainer:
         self.alive = torch.ones(self.K, dtype=torch.bool)
         self.last_train = torch.full((self.K,), math.nan)
         self.last_val = torch.full((self.K,), math.nan)
+        # where each member stopped when its loss turned non-finite (step, tokens); -1 while alive
+        self.diverged_at = torch.full((2, self.K), -1, dtype=torch.int64)
+        self._saved_step = -1
 
     # ----------------------------------------------------------------- state
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         t.update({f"optim.{k}": v for k, v in self.optimizer.state_tensors().items()})
         t["alive"] = self.alive.to(torch.uint8)
+        t["diverged_at"] = self.diverged_at
         t["last_train"], t["last_val"] = self.last_train, self.last_val
         t["rng"] = torch.get_rng_state()
         if self.gns is not None:
@@ -108,37 +131,105 @@ class Trainer:
 
     def save(self) -> None:
         meta = {"run_id": self.run_id, "tokens": self.tokens, "seconds": self.seconds, "config": to_dict(self.cfg)}
-        save_checkpoint(self.run_dir, self.step, self._state_tensors(), meta)
+        save_checkpoint(self.run_dir, self.step, self._state_tensors(), meta, keep=self.cfg.keep_checkpoints)
+        self._saved_step = self.step
 
     def has_checkpoint(self) -> bool:
-        return (self.run_dir / SIDECAR).exists()
+        return has_checkpoint(self.run_dir)
 
     def resume(self) -> bool:
-        """Load the run directory's checkpoint if there is one; drop metrics logged after it."""
-        ckpt = load_checkpoint(self.run_dir)
+        """Continue from the run directory's newest valid checkpoint, if there is one.
+
+        Removes leftovers of interrupted writes first. A damaged newest checkpoint is
+        reported (one line on stderr) and the one before is used. With a checkpoint,
+        `metrics.jsonl` is rewritten atomically to exactly its lines up to the
+        checkpoint's step; without one, `train` starts the metrics afresh.
+        Raises ValueError for a checkpoint of another configuration or a metrics line
+        that is not JSON (other than a half-written last line, which is dropped with a note).
+        """
+        if not self.run_dir.is_dir():
+            return False
+        clean_run_dir(self.run_dir)
+        ckpt = load_checkpoint(self.run_dir, check_meta=self._check_meta, check_tensors=self._load_state)
         if ckpt is None:
             return False
-        tensors, meta = ckpt
-        if meta["config"] != to_dict(self.cfg):
-            raise ValueError(f"checkpoint in {self.run_dir} was made by a different configuration; "
-                             "use a new output directory")
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.optimizer.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
-        self.alive = tensors["alive"].bool()
-        self.last_train, self.last_val = tensors["last_train"], tensors["last_val"]
-        torch.set_rng_state(tensors["rng"])
-        if self.gns is not None:
-            self.gns.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("gns.")})
-            self.last_gns = {k[9:]: v for k, v in tensors.items() if k.startswith("last_gns.")}
+        _, meta = ckpt
         self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], meta["seconds"]
-        self._truncate_metrics(self.step)
+        self._saved_step = self.step
+        self._rewrite_metrics(self.step)
         return True
 
-    def _truncate_metrics(self, step: int) -> None:
+    def _check_meta(self, meta: dict, sidecar: Path) -> None:
+        missing = [k for k in ("run_id", "tokens", "seconds", "config") if k not in meta]
+        if missing:
+            raise CheckpointError(f"checkpoint sidecar {sidecar} lacks the key(s) {', '.join(map(repr, missing))}")
+        for key in ("tokens", "seconds"):
+            if isinstance(meta[key], bool) or not isinstance(meta[key], (int, float)) or meta[key] < 0:
+                raise CheckpointError(f"checkpoint sidecar {sidecar} has a bad {key} {meta[key]!r}")
+        if not same_run(meta["config"], to_dict(self.cfg)):
+            raise ValueError(f"checkpoint in {self.run_dir} was made by a different configuration; "
+                             "use a new output directory")
+
+    def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Put a checkpoint's tensors in place; CheckpointError if they do not fit this run.
+
+        A failure part-way is harmless: the older checkpoint then tried overwrites every part."""
+        where = self.run_dir / meta["tensor_file"]
+        K = self.K
+        want = {f"model.{k}": tuple(v.shape) for k, v in self.model.state_dict().items()}
+        want.update({"alive": (K,), "last_train": (K,), "last_val": (K,)})
+        for key, shape in want.items():
+            t = tensors.get(key)
+            if t is None or tuple(t.shape) != shape:
+                got = "missing" if t is None else f"shape {tuple(t.shape)}"
+                raise CheckpointError(f"checkpoint tensor file {where}: tensor {key!r} is {got}, expected {shape}")
+        try:
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            self.optimizer.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
+            if self.gns is not None:
+                self.gns.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("gns.")})
+                self.last_gns = {k[9:]: v for k, v in tensors.items() if k.startswith("last_gns.")}
+            torch.set_rng_state(tensors["rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint tensor file {where} does not fit this run ({reason})") from None
+        self.alive = tensors["alive"].bool()
+        self.last_train, self.last_val = tensors["last_train"], tensors["last_val"]
+        at = tensors.get("diverged_at")
+        if at is None or tuple(at.shape) != (2, K):  # older checkpoints: the step of the checkpoint
+            at = torch.where(self.alive, -1, torch.tensor([[meta["step"]], [meta["tokens"]]], dtype=torch.int64))
+        self.diverged_at = at.to(torch.int64)
+
+    def _rewrite_metrics(self, step: int) -> None:
+        """Keep exactly the metrics lines with step <= `step`, atomically (a kill leaves the old file).
+
+        A last line that is not JSON (half-written: full disk, host crash) is dropped with a
+        note on stderr; a bad line elsewhere is a ValueError naming the file and line."""
         path = self.run_dir / METRICS
-        if path.exists():
-            keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in keep))
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return
+        lines = raw.split(b"\n")
+        if lines and not lines[-1]:
+            lines.pop()  # the file ends with a newline
+        keep = []
+        for i, line in enumerate(lines):
+            try:
+                rec_step = json.loads(line)["step"]
+                if isinstance(rec_step, bool) or not isinstance(rec_step, int):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError, IndexError):
+                if i == len(lines) - 1:
+                    print(f"note: dropped the half-written last line {i + 1} of {path}", file=sys.stderr, flush=True)
+                    break
+                raise ValueError(f"malformed metrics line {path}:{i + 1} (not a JSON record with a step); "
+                                 "fix or delete that line to resume") from None
+            if rec_step <= step:
+                keep.append(line)
+        new = b"".join(line + b"\n" for line in keep)
+        if new != raw:
+            atomic_write(path, lambda f: f.write(new))
 
     # ------------------------------------------------------------- training
     def _forward_backward(self, step: int, batch_size: int) -> torch.Tensor:
@@ -201,7 +292,8 @@ class Trainer:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         clock = time.perf_counter() - self.seconds
-        with open(self.run_dir / METRICS, "a") as f:
+        # From step 0 the metrics start afresh: lines of an attempt that never checkpointed go.
+        with open(self.run_dir / METRICS, "w" if self.step == 0 else "a") as f:
             stop = cfg.steps if until is None else min(until, cfg.steps)
             while self.step < stop and bool(self.alive.any()):
                 step = self.step
@@ -233,23 +325,45 @@ class Trainer:
                 gns = None
                 if measured:
                     gns = self.gns.end_step(step, bs, cfg.micro_batch or bs, stats)
-                    self.last_gns = {k: gns[k].float() for k in ("b_precond_smooth", "b_simple_smooth")}
+                    self.last_gns = {k: gns[k].float() for k in ("b_precond_smooth", "b_simple_smooth",
+                                                                 "b_precond_robust")}
                 self.step = done
                 self.tokens += bs * cfg.model.context
                 self.seconds = time.perf_counter() - clock
                 self.last_train = torch.where(finite, loss, self.last_train)
+                self.diverged_at[0, newly_dead] = done
+                self.diverged_at[1, newly_dead] = self.tokens
                 if evaluated:
                     self.last_val = torch.where(self.alive, self.evaluate(), self.last_val)
                 if logging:
-                    self._write_metrics(f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead)
-                    f.flush()  # a checkpoint never runs ahead of the metrics it resumes from
+                    with self._naming_errors(f):
+                        self._write_metrics(f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead)
+                        f.flush()
                 if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
+                    self._sync(f)
                     self.save()
                 if progress is not None:
                     progress(self.step)
-        if not bool(self.alive.any()):
-            self.save()
+            if not bool(self.alive.any()) and self._saved_step != self.step:
+                self._sync(f)
+                self.save()
         return self.results()
+
+    @contextlib.contextmanager
+    def _naming_errors(self, f):
+        """A failed write to the metrics file (a full disk) names the file."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is None:
+                e.filename = f.name
+            raise
+
+    def _sync(self, f) -> None:
+        """Metrics on disk before a checkpoint commits: a checkpoint never runs ahead of its metrics."""
+        with self._naming_errors(f):
+            f.flush()
+            os.fsync(f.fileno())
 
     def _write_metrics(self, f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead) -> None:
         sums = dict(zip(STAT_FIELDS, stats.totals().cpu()))
@@ -277,10 +391,18 @@ class Trainer:
             status = "diverged" if not self.alive[k] else ("done" if self.step >= self.cfg.steps else "running")
             extra = {}
             if "b_precond_smooth" in self.last_gns:
-                b = _num(self.last_gns["b_precond_smooth"][k])
-                extra = {"b_precond": b, "b_simple": _num(self.last_gns["b_simple_smooth"][k]),
-                         "batch_regime": "" if b is None else ("small" if self.batches.sizes[-1] < b else "large")}
-            out.append(MemberResult(m.name, m.lr, m.wd, status, self.step, self.tokens,
+                extra = {"b_precond": _num(self.last_gns["b_precond_smooth"][k]),
+                         "b_simple": _num(self.last_gns["b_simple_smooth"][k])}
+                # The label comes from the robust statistic (trajinv.gns.estimator, "The regime"),
+                # so a few spiky steps cannot decide it.
+                robust = self.last_gns.get("b_precond_robust")
+                b = None if robust is None else _num(robust[k])
+                extra["b_precond_robust"] = b
+                extra["batch_regime"] = "" if b is None else ("small" if self.batches.sizes[-1] < b else "large")
+            steps, tokens = self.step, self.tokens
+            if not self.alive[k] and int(self.diverged_at[0, k]) >= 0:
+                steps, tokens = int(self.diverged_at[0, k]), int(self.diverged_at[1, k])
+            out.append(MemberResult(m.name, m.lr, m.wd, status, steps, tokens,
                                     _num(self.last_train[k]), _num(self.last_val[k]), extra))
         return out
 

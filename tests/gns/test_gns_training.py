@@ -82,7 +82,8 @@ def test_off_attaches_no_probes(tiny_data, tiny_train_config, tmp_path, monkeypa
 
 def test_summary_records_noise_scale_and_regime(tiny_data, tiny_train_config, tmp_path):
     res = Trainer(_cfg(tiny_train_config, "per-example", steps=30), tiny_data, tmp_path).train()
-    b = res[0].extra["b_precond"]
+    assert res[0].extra["b_precond"] is not None and res[0].extra["b_precond"] > 0
+    b = res[0].extra["b_precond_robust"]  # the label's statistic: robust to spikes
     assert b is not None and b > 0
     assert res[0].extra["batch_regime"] == ("small" if 16 < b else "large")
 

@@ -209,3 +209,28 @@ def test_out_sums_are_added_in_place(backend, chunk_examples, monkeypatch):
         linear_weight_grad_with_norms(a, gy, w, per_example=True, out_sums=torch.zeros(2, 2))
     with pytest.raises(ValueError, match="out_sums"):
         linear_weight_grad_with_norms(a, gy, w, out_sums=torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("precond", [False, True])
+def test_torch_fallback_sums_accurately_at_512x2048(monkeypatch, precond):
+    """S_1 and S_W over 1M elements per example: the torch-ops fallback (native reduction off)
+    must accumulate them accurately (as one fp32 GEMV it was off by ~2e-4, relative)."""
+    import trajinv.kernels.linear_gns as mod
+
+    monkeypatch.setenv("TRAJINV_NATIVE_GNS", "0")
+    mod.NATIVE.reset()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        K, n, t, d_in, d_out = 1, 2, 8, 2048, 512
+        a = torch.randn(K, n, t, d_in, generator=gen)
+        gy = torch.randn(K, n, t, d_out, generator=gen)
+        w = torch.rand(K, d_out, d_in, generator=gen) * 1e3 + 1.0 if precond else None
+        _, s_w, s_1 = linear_weight_grad_with_norms(a, gy, w, per_example=True, backend="cpu")
+        c = torch.einsum("kntO,kntI->knOI", gy.double(), a.double())
+        want_1 = c.square().sum((2, 3))
+        want_w = want_1 if w is None else (c.square() * w.double()[:, None]).sum((2, 3))
+        for got, want in ((s_1, want_1), (s_w, want_w)):
+            rel = ((got.double() - want).abs() / want).max().item()
+            assert rel < 2e-7, rel  # fp32 output rounding, nothing more
+    finally:
+        mod.NATIVE.reset()

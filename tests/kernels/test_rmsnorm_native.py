@@ -150,3 +150,15 @@ def test_out_sums_are_added_in_place():
     assert s_w.data_ptr() == out.data_ptr()
     with pytest.raises(ValueError, match="out_sums"):
         rmsnorm_backward_cpu(x, rstd, gain, gy, w, per_example=True, out_sums=out)
+
+
+def test_torch_forward_keeps_fp64_in_fp64():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 16, generator=gen, dtype=torch.float64) * 1e3
+    gain = torch.rand(2, 16, generator=gen, dtype=torch.float64) + 0.5
+    y, rstd = rmsnorm_cpu.rmsnorm_forward_torch(x, gain, 1e-6)
+    want_rstd = 1.0 / torch.sqrt(x.square().mean(-1) + 1e-6)
+    want = x * want_rstd[..., None] * gain[:, None, None, :]
+    assert y.dtype == rstd.dtype == torch.float64
+    torch.testing.assert_close(rstd, want_rstd, rtol=1e-13, atol=0)
+    torch.testing.assert_close(y, want, rtol=1e-13, atol=0)

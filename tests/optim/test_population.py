@@ -99,7 +99,9 @@ def test_fused_statistics_and_preconditioners_match_torch_adapter():
             assert set(st) == set(grads) and len(st) == len(grads)
             want = torch.stack([sum(st[n][f] for n in grads) for f in STAT_FIELDS])
             torch.testing.assert_close(st.totals(), want, rtol=1e-5, atol=0)
-            some = ["head", "norm_f", "not-a-param"]
+            some = ["head", "norm_f"]
             want = torch.stack([st["head"][f] + st["norm_f"][f] for f in STAT_FIELDS])
             torch.testing.assert_close(st.totals(some), want, rtol=1e-5, atol=0)
+            with pytest.raises(KeyError, match="'not-a-param'"):  # a missing tensor must not shift the sum
+                st.totals(some + ["not-a-param"])
         torch.testing.assert_close(stats[0].totals()[:2], stats[1].totals()[:2], rtol=1e-4, atol=1e-8)

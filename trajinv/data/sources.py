@@ -102,11 +102,14 @@ def _file_source(source: str, text_field: str) -> _Source:
         raise DataError(
             f"data source not found: {source!r} (expected 'stdlib', a .txt/.jsonl/.parquet file or folder, or 'hf:<name>[:<config>]')"
         )
+    stats = _stat_list(files, root)
+    if not any(size for _, size, _ in stats):
+        raise DataError(f"data source {source!r} is empty (0 bytes)")
     identity = {
         "kind": "files",
         "path": str(path.resolve()),
         "n_files": len(files),
-        "files_sha256": _files_digest(_stat_list(files, root)),
+        "files_sha256": _files_digest(stats),
     }
 
     def load(scratch: Path):

@@ -2,7 +2,10 @@
 
 The cache folder ``cache_dir/<source>-<key>/`` holds ``train.bin``, ``val.bin``
 and ``manifest.json``, written atomically, arrays first: a manifest on disk
-means complete arrays beside it. The key hashes the source identity, the
+means complete arrays beside it. Tokenization works in a scratch folder
+``cache_dir/.hf-scratch-<pid>-*`` removed afterwards; what a killed process left
+(its scratch folder, temporary files of interrupted writes) is removed by the next
+`load_data` once that pid no longer runs. The key hashes the source identity, the
 tokenizer, ``text_field``, ``val_fraction`` and ``max_tokens``.
 """
 
@@ -12,6 +15,7 @@ import hashlib
 import json
 import numbers
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trajinv.atomic import atomic_write
+from trajinv.atomic import pid_alive, atomic_write, remove_stale_temps
 from trajinv.config import DataConfig, default
 from trajinv.data.batches import check_int
 from trajinv.data.sources import DataError, one_line, resolve_source
@@ -188,6 +192,18 @@ def _open_cached(folder: Path, key: str) -> TokenData | None:
     return TokenData(train=arrays[0], val=arrays[1], vocab_size=int(manifest["vocab_size"]), manifest=manifest)
 
 
+_SCRATCH = ".hf-scratch-"
+
+
+def _remove_stale_scratch(root: Path) -> None:
+    """Scratch folders of tokenizations whose process is gone (killed mid-way)."""
+    for d in root.glob(f"{_SCRATCH}*"):
+        pid = d.name[len(_SCRATCH):].split("-")[0]
+        if pid.isdigit() and pid_alive(int(pid)):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+
+
 def _validate(cfg: DataConfig) -> None:
     if not isinstance(cfg.source, str) or not cfg.source:
         raise DataError(f"data source must be a non-empty string, got {cfg.source!r}")
@@ -232,10 +248,11 @@ def load_data(cfg: DataConfig) -> TokenData:
         return cached
 
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cannot create cache folder {str(folder)!r}: {one_line(e)}") from None
-    with tempfile.TemporaryDirectory(dir=root, prefix=".hf-scratch-") as scratch:
+        raise DataError(f"cannot create cache folder {str(root)!r}: {one_line(e)}") from None
+    _remove_stale_scratch(root)
+    with tempfile.TemporaryDirectory(dir=root, prefix=f"{_SCRATCH}{os.getpid()}-") as scratch:
         ds, column = src.load(Path(scratch))
         flat, lens, content_hash, n_read = _tokenize(ds, column, tok, cfg.max_tokens)
     if flat.size < 2:
@@ -269,6 +286,11 @@ def load_data(cfg: DataConfig) -> TokenData:
         "max_tokens": key_fields["max_tokens"],
         "created_unix": time.time(),
     }
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create cache folder {str(folder)!r}: {one_line(e)}") from None
+    remove_stale_temps(folder)
     # Arrays first, manifest last: a manifest on disk means complete arrays beside it.
     atomic_write(folder / "train.bin", lambda f: f.write(np.ascontiguousarray(train).tobytes()))
     atomic_write(folder / "val.bin", lambda f: f.write(np.ascontiguousarray(val).tobytes()))

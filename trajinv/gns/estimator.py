@@ -55,7 +55,9 @@ contributions, not per-example gradients, hence the rescaling below.
   returns sum_m |h_m|^2 where h_m = grad(loss_m) / M is micro-batch m's
   contribution to the accumulated gradient. The micro-batch mean gradient is
   g_m = M h_m, so mean_m |g_m|^2 = (1/M) sum_m M^2 |h_m|^2 = M sum_m |h_m|^2
-  (`micro_batch_sq_mean`). Covers every parameter. Needs M >= 2 (b < B).
+  (`micro_batch_sq_mean`). Covers whatever tensors the meter hands over: by
+  default the same ones as per-example mode (the embedding only when opted in,
+  `GNSConfig.embeddings`). Needs M >= 2 (b < B).
 * The big batch in both modes: |g_big|^2 = |sum of contributions|^2, the squared
   norm of the accumulated gradient (per-(tensor, member) sums of g^2 and W g^2
   that the fused optimizer already writes, summed over tensors).
@@ -77,12 +79,28 @@ raw or smoothed (`noise_scale`):
     num or den not finite  -> nan
 
 A single step's estimate is very noisy; the smoothed B from the EMAs of
-numerator and denominator is the one to read.
+numerator and denominator is the one to read. Numerator and denominator of a
+noise scale are folded in together: if either is not finite on a step, neither is,
+so both average over the same steps.
+
+The regime
+----------
+An EMA of heavy-tailed inputs is moved for dozens of steps by one spike (a rare
+token's row with tiny v_hat, say). Whether a batch is small or large against
+B_precond is therefore decided by a robust statistic, `b_precond_robust`:
+
+    median of tr(W Sigma) / median of |G|_W^2   over the last REGIME_WINDOW measured steps
+
+(raw per-step estimates, steps where either is non-finite left out, medians per member,
+the ratio by the rule above). The window restarts with the W-weighted EMAs when W
+switches, so it never mixes W = 1 with Adam's W. Fewer than half of the window's steps
+spiking cannot move it.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 
 import torch
@@ -94,6 +112,8 @@ from trajinv.config import GNSConfig
 _PLAIN = ("g2", "tr_sigma")
 _WEIGHTED = ("g2_w", "tr_w_sigma")
 _ROWS = _PLAIN + _WEIGHTED
+REGIME_WINDOW = 32
+"""Measured steps over which `b_precond_robust` takes its medians (module doc, "The regime")."""
 
 
 def precond_active(step: int, cfg: GNSConfig) -> bool:
@@ -214,7 +234,9 @@ class DebiasedEMA:
     value_t = beta value_{t-1} + (1 - beta) x_t, reported as value_t / (1 - beta^t),
     so the first update returns x_1 exactly. Non-finite entries of x are skipped
     for that element (its own count t does not advance), so one overflowed step
-    cannot poison a member forever. Elements never updated read as nan.
+    cannot poison a member forever; `update(x, valid)` skips the elements where
+    `valid` is False too (GNSTracker skips numerator and denominator together).
+    Elements never updated read as nan.
     """
 
     def __init__(self, beta: float, shape: tuple[int, ...] | torch.Size = ()) -> None:
@@ -230,17 +252,21 @@ class DebiasedEMA:
         self.ema[slice(None) if rows is None else rows] = 0.0
         self.count[slice(None) if rows is None else rows] = 0.0
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        """Fold in x (same shape as the EMA) and return the debiased value (float64, on the host)."""
+    def update(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Fold in x (same shape as the EMA) where finite (and `valid`, a bool tensor of the same
+        shape) and return the debiased value (float64, on the host)."""
         if tuple(x.shape) != tuple(self.ema.shape):
             raise ValueError(f"EMA expects shape {tuple(self.ema.shape)}, got {tuple(x.shape)}")
-        return torch.tensor(self._update(_floats(x)), dtype=torch.float64).view(self.ema.shape)
+        if valid is not None and tuple(valid.shape) != tuple(self.ema.shape):
+            raise ValueError(f"EMA valid mask must have shape {tuple(self.ema.shape)}, got {tuple(valid.shape)}")
+        keep = None if valid is None else valid.reshape(-1).tolist()
+        return torch.tensor(self._update(_floats(x), keep), dtype=torch.float64).view(self.ema.shape)
 
-    def _update(self, xs: list[float]) -> list[float]:
+    def _update(self, xs: list[float], valid: list[bool] | None = None) -> list[float]:
         """`update` on the flattened values, as Python floats (see the estimator note)."""
         ema, count = self.ema.reshape(-1).tolist(), self.count.reshape(-1).tolist()
         for i, x in enumerate(xs):
-            if math.isfinite(x):
+            if math.isfinite(x) and (valid is None or valid[i]):
                 ema[i] = self.beta * ema[i] + (1.0 - self.beta) * x
                 count[i] += 1.0
         self.ema = torch.tensor(ema, dtype=torch.float64).view(self.ema.shape)
@@ -306,6 +332,9 @@ class GNSTracker:
         # of floats per step.
         self.ema = DebiasedEMA(cfg.ema, (len(_ROWS), members))
         self._preconditioned: bool | None = None  # W of the last update; None before any
+        # the last REGIME_WINDOW raw (tr_w_sigma, g2_w) per member, oldest overwritten first
+        self.window = torch.full((REGIME_WINDOW, 2, members), math.nan, dtype=torch.float64)
+        self.window_count = 0  # steps written since the window last restarted
 
     def update(
         self,
@@ -330,7 +359,8 @@ class GNSTracker:
         Returns: grad_norm (|g_big|), grad_norm_w (|g_big|_W), g2, tr_sigma, g2_w,
         tr_w_sigma (this step's estimates), b_simple, b_precond (raw: from this
         step's estimates), b_simple_smooth, b_precond_smooth (ratio of the
-        debiased EMAs of numerator and denominator), w_identity (bool, True
+        debiased EMAs of numerator and denominator), b_precond_robust (module doc,
+        "The regime"), w_identity (bool, True
         where W was the identity). All float64 except w_identity.
         """
         if preconditioned is None:
@@ -348,6 +378,8 @@ class GNSTracker:
 
         if self._preconditioned is not None and preconditioned != self._preconditioned:
             self.ema.reset(slice(len(_PLAIN), len(_ROWS)))
+            self.window.fill_(math.nan)
+            self.window_count = 0
         self._preconditioned = bool(preconditioned)
 
         _check_b(b_small, b_big)
@@ -356,17 +388,34 @@ class GNSTracker:
         weighted = [_estimates(s_, b_, b_small, b_big) for s_, b_ in zip(sw, bw)]
         raw = {"g2": [e[0] for e in plain], "tr_sigma": [e[1] for e in plain],
                "g2_w": [e[0] for e in weighted], "tr_w_sigma": [e[1] for e in weighted]}
-        flat = self.ema._update([x for name in _ROWS for x in raw[name]])
+        # numerator and denominator of a noise scale skip the same steps
+        ok_plain = [math.isfinite(a) and math.isfinite(b) for a, b in zip(raw["g2"], raw["tr_sigma"])]
+        ok_w = [math.isfinite(a) and math.isfinite(b) for a, b in zip(raw["g2_w"], raw["tr_w_sigma"])]
+        flat = self.ema._update([x for name in _ROWS for x in raw[name]], ok_plain * 2 + ok_w * 2)
         K = self.members
         smooth = {name: flat[i * K : (i + 1) * K] for i, name in enumerate(_ROWS)}
+        self.window[self.window_count % REGIME_WINDOW] = torch.tensor(
+            [[x if ok else math.nan for x, ok in zip(raw[name], ok_w)] for name in ("tr_w_sigma", "g2_w")],
+            dtype=torch.float64)
+        self.window_count += 1
         out = {"grad_norm": [math.sqrt(max(x, 0.0)) for x in b1], "grad_norm_w": [math.sqrt(max(x, 0.0)) for x in bw],
                **raw,
                "b_simple": list(map(_ratio, raw["tr_sigma"], raw["g2"])),
                "b_precond": list(map(_ratio, raw["tr_w_sigma"], raw["g2_w"])),
                "b_simple_smooth": list(map(_ratio, smooth["tr_sigma"], smooth["g2"])),
-               "b_precond_smooth": list(map(_ratio, smooth["tr_w_sigma"], smooth["g2_w"]))}
+               "b_precond_smooth": list(map(_ratio, smooth["tr_w_sigma"], smooth["g2_w"])),
+               "b_precond_robust": self.robust()}
         out = {key: torch.tensor(v, dtype=torch.float64) for key, v in out.items()}
         out["w_identity"] = torch.full((K,), not preconditioned, dtype=torch.bool)
+        return out
+
+    def robust(self) -> list[float]:
+        """Per member: median tr(W Sigma) / median |G|_W^2 over the window (module doc, "The regime")."""
+        out = []
+        for k in range(self.members):
+            rows = [(n, d) for n, d in self.window[:, :, k].tolist() if math.isfinite(n) and math.isfinite(d)]
+            out.append(_ratio(statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows))
+                       if rows else math.nan)
         return out
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -377,6 +426,8 @@ class GNSTracker:
             state.update({f"{name}.{key}": full[key][i].clone() for key in ("ema", "count")})
         flag = -1 if self._preconditioned is None else int(self._preconditioned)
         state["preconditioned"] = torch.tensor([flag], dtype=torch.int64)
+        state["window"] = self.window.clone()
+        state["window_count"] = torch.tensor([self.window_count], dtype=torch.int64)
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -386,7 +437,16 @@ class GNSTracker:
             raise ValueError(f"GNS state has a bad or missing 'preconditioned' entry: {flag!r}")
         for name in _ROWS:  # check everything before touching anything
             self.ema.check_state_dict(state, prefix=f"{name}.", shape=(self.members,))
+        window, count = state.get("window"), state.get("window_count")
+        if window is not None and tuple(window.shape) != tuple(self.window.shape):
+            raise ValueError(f"GNS state 'window' has shape {tuple(window.shape)}, expected {tuple(self.window.shape)}")
         self.ema.load_state_dict({key: torch.stack([state[f"{name}.{key}"] for name in _ROWS])
                                   for key in ("ema", "count")})
         value = int(flag.item())
         self._preconditioned = None if value == -1 else bool(value)
+        if window is None or count is None:  # older checkpoints: the window starts empty
+            self.window.fill_(math.nan)
+            self.window_count = 0
+        else:
+            self.window = window.to(torch.float64).clone()
+            self.window_count = int(count.reshape(-1)[0])

@@ -16,11 +16,20 @@ Modes (see `trajinv.gns.estimator` for the maths):
   big batch is the same tensors' summed gradient. Embeddings are not covered.
 - micro-batch: each micro-batch's gradients are added into accumulators by
   `accumulate_grads_with_norms` (one call for every tensor), which also adds
-  the micro-batch gradient's squared norms (every parameter). A tensor's first
-  micro-batch gradient of a step becomes its accumulator (no copy, no zeroing).
+  the micro-batch gradient's squared norms. A tensor's first micro-batch
+  gradient of a step becomes its accumulator (no copy, no zeroing). It covers
+  the same tensors as per-example mode, plus the token embedding when
+  `GNSConfig.embeddings` is set.
 
 The preconditioner W = 1/(sqrt(v_hat)+eps) is the optimizer state before this
-step's update, i.e. the same P the optimizer's precond_grad_sq uses.
+step's update, i.e. the same P the optimizer's precond_grad_sq uses. One
+exception: with the embedding included, its W is formed with v_hat floored at the
+member's mean v_hat over the embedding, W_emb = 1/(sqrt(max(v_hat, mean v_hat))+eps).
+Rows of rare tokens have v_hat ~ 0, so W ~ 1/eps there, and the step such a token
+appears in would put a spike of up to ~1e6 times a typical row's weight into
+tr(W Sigma). The floor caps a row's weight at that of a row with average second
+moment. The big-batch |g|_W^2 of the embedding is then taken by the meter with the
+same floored W (the optimizer's precond_grad_sq uses the unfloored one).
 """
 
 from __future__ import annotations
@@ -36,21 +45,25 @@ from trajinv.ops import Probe
 from trajinv.optim.population import ParamStats
 
 LOG_KEYS = ("grad_norm", "grad_norm_w", "tr_sigma", "tr_w_sigma", "g2", "g2_w",
-            "b_simple", "b_precond", "b_simple_smooth", "b_precond_smooth")
+            "b_simple", "b_precond", "b_simple_smooth", "b_precond_smooth", "b_precond_robust")
+EMBEDDING = "wte"
 
 
 class GNSMeter:
     def __init__(self, shapes: Mapping[str, torch.Tensor], members: int, cfg: GNSConfig, model_probes: dict,
-                 backend: str = "auto"):
+                 backend: str = "auto", eps: float = 1e-8):
         """`shapes`: name -> member-axis parameter (only names, devices and order are read);
         `model_probes`: the model's probe table, filled on measured steps only;
-        `backend`: kernel backend ('auto', 'triton', 'cpu')."""
-        self.cfg, self.members, self.backend = cfg, members, backend
+        `backend`: kernel backend ('auto', 'triton', 'cpu'); `eps`: the optimizer's eps
+        (to recover v_hat from W for the embedding's floor)."""
+        self.cfg, self.members, self.backend, self.eps = cfg, members, backend, float(eps)
         self.model_probes = model_probes
         self.active = False
         self.tracker = GNSTracker(members, cfg)
         embeddings = cfg.mode == "micro-batch" and cfg.embeddings
-        self.covered = [n for n in shapes if embeddings or n != "wte"]
+        self.covered = [n for n in shapes if embeddings or n != EMBEDDING]
+        self.floored = EMBEDDING in self.covered  # its W has v_hat floored, its big-batch |g|_W^2 is ours
+        self.emb_big_w: torch.Tensor | None = None
         # Probes add into rows of one (tensors, 2, K) buffer: one zero_ and one sum per step, not two per probe.
         n_probed = len(self.covered) if cfg.mode == "per-example" else 0
         device = next(iter(shapes.values())).device if shapes else torch.device("cpu")
@@ -83,6 +96,9 @@ class GNSMeter:
         if self.preconditioned and any(w is None for w in self.W.values()):
             self.preconditioned = False  # no optimizer state yet: stay on the identity
             self.W = dict.fromkeys(self.covered)
+        if self.floored and self.preconditioned:
+            self.W[EMBEDDING] = floor_embedding_w(self.W[EMBEDDING], self.eps)
+        self.emb_big_w = None
         self.sums.zero_()
         self.probe_sums.zero_()
         for name, probe in self.probes.items():
@@ -115,6 +131,10 @@ class GNSMeter:
     def accumulated(self) -> dict[str, torch.Tensor]:
         """The step's summed gradients by name (handed over: the meter keeps no reference)."""
         out, self.acc = self.acc, {}
+        if self.floored and self.preconditioned and EMBEDDING in out:
+            # the big batch's |g|_W^2 under the floored W, before anything clips or masks the gradient
+            g, w = out[EMBEDDING], self.W[EMBEDDING]
+            self.emb_big_w = (g.double().square() * w.double()).flatten(1).sum(1).cpu()
         return out
 
     def end_step(self, step: int, batch_size: int, micro: int, stats: ParamStats) -> dict[str, torch.Tensor] | None:
@@ -131,6 +151,11 @@ class GNSMeter:
             b_small = micro
         big_1, big_w = stats.totals(self.covered)[:2].cpu()  # grad_sq, precond_grad_sq
         w = self.preconditioned
+        if w and self.floored:
+            if self.emb_big_w is None:
+                raise RuntimeError("micro-batch GNS: accumulated() was not called this step")
+            others = [n for n in self.covered if n != EMBEDDING]
+            big_w = stats.totals(others)[1].cpu().double() + self.emb_big_w
         return self.tracker.update(step, small[0] if w else None, big_w if w else None, small[1], big_1,
                                    b_small, batch_size, preconditioned=w)
 
@@ -139,3 +164,12 @@ class GNSMeter:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.tracker.load_state_dict(state)
+
+
+def floor_embedding_w(w: torch.Tensor, eps: float) -> torch.Tensor:
+    """W = 1/(sqrt(v_hat)+eps) of a (K, ...) tensor with v_hat floored at each member's mean:
+    1/(sqrt(max(v_hat, mean v_hat))+eps) (module doc). A new tensor; `w` is not changed."""
+    sqrt_v = (1.0 / w.double() - eps).clamp(min=0.0)
+    mean_v = sqrt_v.square().flatten(1).mean(1)
+    cap = 1.0 / (mean_v.sqrt() + eps)  # the weight of a row with the mean second moment
+    return torch.minimum(w.double(), cap.view(-1, *([1] * (w.dim() - 1)))).to(w.dtype).contiguous()

@@ -43,6 +43,8 @@ a launch and a sync), so read steps through ``state_dict()`` there.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -52,7 +54,7 @@ from trajinv.kernels import adamw as K
 from trajinv.kernels.backend import normalize_backend, resolve_backend, triton_available
 from trajinv.optim import engines
 from trajinv.optim.buckets import Bucket, build_buckets
-from trajinv.optim.hyper import HyperTable, group_members
+from trajinv.optim.hyper import HyperTable, group_members, is_vector
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
@@ -134,6 +136,15 @@ class FusedAdamW(torch.optim.Optimizer):
         b1, b2 = (float(b) for b in group["betas"])
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {group['betas']}")
+        # torch.optim.AdamW's checks (lr >= 0, eps >= 0, weight_decay >= 0), and finite
+        for key, what in (("lr", "learning rate"), ("eps", "epsilon value"), ("weight_decay", "weight_decay value")):
+            value = group[key]
+            values = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else (
+                list(value) if isinstance(value, (list, tuple)) else [value])
+            for i, v in enumerate(values):
+                if not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0.0):
+                    where = f" (member {i})" if len(values) > 1 or is_vector(value) else ""
+                    raise ValueError(f"Invalid {what}: {v!r}{where}; must be a finite number >= 0")
         k = group_members(group)
         for p in group["params"]:
             if p.is_sparse:
@@ -208,10 +219,12 @@ class FusedAdamW(torch.optim.Optimizer):
             if not any(active):
                 continue
             for p in b.params:
-                if p.grad is not None and (p.grad.is_sparse or p.grad.dtype != p.dtype):
-                    layout = "sparse" if p.grad.is_sparse else "dense"
-                    raise TypeError(f"grad of param {tuple(p.shape)} must be a dense {p.dtype} tensor, "
-                                    f"got a {layout} {p.grad.dtype} one")
+                if p.grad is not None and p.grad.is_sparse:
+                    raise TypeError(f"FusedAdamW does not support sparse gradients (param {tuple(p.shape)} has a "
+                                    f"sparse {p.grad.dtype} grad; torch.optim.SparseAdam handles those)")
+                if p.grad is not None and p.grad.dtype != p.dtype:
+                    raise TypeError(f"grad of param {tuple(p.shape)} must be {p.dtype} like the param, "
+                                    f"got {p.grad.dtype}")
             gs = self._grad_scale_for(b, grad_scale)
             inf = None if found_inf is None else found_inf.to(b.device, torch.float32).reshape(())
             out = self._step_bucket(b, active, gs, inf, statistics, emit_preconditioner)

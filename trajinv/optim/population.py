@@ -51,10 +51,17 @@ class ParamStats(Mapping):
         return len(self.names)
 
     def totals(self, names: Iterable[str] | None = None) -> torch.Tensor:
-        """(4, K): every field summed over `names` (those present; default all)."""
+        """(4, K): every field summed over `names` (default all); a name without statistics
+        is a KeyError naming it (a missing tensor would silently shift the sum)."""
         if names is None:
             return self.table.sum(0)
-        return self.table[[self._row[n] for n in names if n in self._row]].sum(0)
+        rows = []
+        for n in names:
+            if n not in self._row:
+                raise KeyError(f"no optimizer statistics for parameter {n!r} (no gradient this step, "
+                               "or statistics not requested)")
+            rows.append(self._row[n])
+        return self.table[rows].sum(0)
 
 
 class PopulationOptimizer(Protocol):
