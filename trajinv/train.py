@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from trajinv.data import TokenData, sample_batch, validation_batches
 from trajinv.gns.meter import LOG_KEYS, GNSMeter
 from trajinv.model import GPT
 from trajinv.optim.population import STAT_FIELDS, build_optimizer
+from trajinv.parallel.ddp import SINGLE, DistContext
 from trajinv.schedules import BatchSchedule, lr_multiplier
 
 METRICS = "metrics.jsonl"
@@ -57,9 +59,14 @@ def _autocast(cfg: TrainConfig):
 class Trainer:
     """Trains `cfg.members` on `data`, writing metrics and checkpoints into `run_dir`."""
 
-    def __init__(self, cfg: TrainConfig, data: TokenData, run_dir: str | Path, run_id: str = "run"):
+    def __init__(self, cfg: TrainConfig, data: TokenData, run_dir: str | Path, run_id: str = "run",
+                 dist: DistContext | None = None):
+        """`dist`: the ranks this population is data-parallel over (trajinv.parallel.ddp); None = one process."""
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size))
         cfg.validate()
+        self.dist = dist or SINGLE  # scale-out: checked before any rank waits on another
+        self.dist.check(cfg)
+        self.dist.start(cfg.device)
         if data.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"data vocabulary {data.vocab_size} exceeds model vocab_size {cfg.model.vocab_size}")
         if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -76,7 +83,8 @@ class Trainer:
         if cfg.gns.enabled:
             if cfg.gns.mode == "micro-batch":
                 for b in self.batches.sizes:
-                    if not cfg.micro_batch or b % cfg.micro_batch or b // cfg.micro_batch < 2:
+                    small = self.dist.small_batch(b, cfg.micro_batch)  # scale-out: a rank's batch is a small batch
+                    if not small or b % small or b // small < 2:
                         raise ValueError(f"GNS micro-batch mode needs --micro-batch dividing batch size {b} "
                                          f"into >= 2 micro-batches, got micro_batch={cfg.micro_batch}")
             self.gns = GNSMeter(dict(self.model.named_parameters()), self.K, cfg.gns, self.model.probes,
@@ -105,6 +113,8 @@ class Trainer:
         return t
 
     def save(self) -> None:
+        if not self.dist.is_main:  # scale-out: rank 0 writes
+            return
         meta = {"run_id": self.run_id, "tokens": self.tokens, "seconds": self.seconds, "config": to_dict(self.cfg)}
         save_checkpoint(self.run_dir, self.step, self._state_tensors(), meta)
 
@@ -129,7 +139,8 @@ class Trainer:
             self.gns.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("gns.")})
             self.last_gns = {k[9:]: v for k, v in tensors.items() if k.startswith("last_gns.")}
         self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], meta["seconds"]
-        self._truncate_metrics(self.step)
+        if self.dist.is_main:  # scale-out: rank 0 writes
+            self._truncate_metrics(self.step)
         return True
 
     def _truncate_metrics(self, step: int) -> None:
@@ -147,8 +158,9 @@ class Trainer:
         over and puts the step's sums back at the end."""
         cfg = self.cfg
         x, y = sample_batch(self.data.train, batch_size, cfg.model.context, cfg.seed, step)
-        x, y = x.to(cfg.device), y.to(cfg.device)
-        micro = cfg.micro_batch or batch_size
+        rows = self.dist.shard(batch_size)  # scale-out: this rank's share of the global batch
+        x, y = x[rows].to(cfg.device), y[rows].to(cfg.device)
+        micro = cfg.micro_batch or x.shape[0]
         total = torch.zeros(self.K, device=cfg.device)
         params = dict(self.model.named_parameters())
         for p in params.values():
@@ -170,6 +182,11 @@ class Trainer:
         if handover:
             for name, g in self.gns.accumulated().items():
                 params[name].grad = g
+        if self.dist.active:  # scale-out: sum the ranks' shares (gradients, loss, GNS small-batch sums)
+            self.dist.all_reduce_grads_(params.values())
+            self.dist.all_reduce_(total)
+            if self.gns is not None:
+                self.gns.reduce(self.dist.all_reduce_)
         return total.cpu()
 
     def _grad_norms(self) -> torch.Tensor:
@@ -183,11 +200,14 @@ class Trainer:
         """Mean validation loss per member over the fixed validation set."""
         self.model.eval()
         total, count = torch.zeros(self.K), 0
-        for x, y in self.val:
+        for x, y in self.val[self.dist.rank :: self.dist.world_size]:  # scale-out: ranks split the set
             with _autocast(self.cfg):
                 _, loss = self.model(x.to(self.cfg.device), y.to(self.cfg.device))
             total += loss.float().cpu() * x.shape[0]
             count += x.shape[0]
+        if self.dist.active:
+            total = self.dist.all_reduce_(torch.cat([total, torch.tensor([float(count)])]))
+            total, count = total[:-1], int(total[-1])
         self.model.train()
         return total / count
 
@@ -199,7 +219,7 @@ class Trainer:
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         clock = time.perf_counter() - self.seconds
-        with open(self.run_dir / METRICS, "a") as f:
+        with open(self.run_dir / METRICS if self.dist.is_main else os.devnull, "a") as f:  # scale-out: rank 0 writes
             stop = cfg.steps if until is None else min(until, cfg.steps)
             while self.step < stop and bool(self.alive.any()):
                 step = self.step
@@ -230,7 +250,7 @@ class Trainer:
                                             emit_preconditioner=emit)
                 gns = None
                 if measured:
-                    gns = self.gns.end_step(step, bs, cfg.micro_batch or bs, stats)
+                    gns = self.gns.end_step(step, bs, self.dist.small_batch(bs, cfg.micro_batch), stats)
                     self.last_gns = {k: gns[k].float() for k in ("b_precond_smooth", "b_simple_smooth")}
                 self.step = done
                 self.tokens += bs * cfg.model.context

@@ -117,6 +117,13 @@ class GNSMeter:
         out, self.acc = self.acc, {}
         return out
 
+    def reduce(self, all_reduce) -> None:
+        """Data-parallel ranks: sum this step's small-batch sums over ranks (`all_reduce` sums a tensor in
+        place) before `end_step`; each rank's gradients are small batches of the global one."""
+        if self.active:
+            all_reduce(self.sums)
+            all_reduce(self.probe_sums)
+
     def end_step(self, step: int, batch_size: int, micro: int, stats: ParamStats) -> dict[str, torch.Tensor] | None:
         """Estimates for this step from the small sums and the optimizer's (unclipped) big-batch sums;
         None when the step was not measured."""
