@@ -21,7 +21,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from trajinv.atomic import atomic_write
 from trajinv.config import Member, TrainConfig, to_dict
@@ -140,14 +140,26 @@ def summary_rows(run_id: str, cfg: TrainConfig, results: list[MemberResult]) -> 
             for k, r in enumerate(results)]
 
 
-def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None) -> list[dict]:
+def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None,
+              devices: str | Sequence[str] | None = None, ray: str | None = None, ray_cpus: int = 1) -> list[dict]:
     """Train every population of `spec` into `out` (resuming what is there); returns summary rows.
 
     `progress(kind, **info)` receives ('start', total=...), ('advance', steps=...) and
     ('population', run_id=..., skipped=bool) events.
+    `devices` ('cpu,cpu', 'cuda:0,cuda:1', 'all') or `ray` ('auto', 'local', an address) train
+    populations concurrently (trajinv.parallel); then failures are rows with status 'failed'.
     """
     spec.validate()
     out = Path(out)
+    # --- scale-out (trajinv.parallel): other devices or Ray; members per population by memory
+    from trajinv.parallel.memory import free_bytes, size_populations
+
+    if devices is not None or ray is not None:
+        from trajinv.parallel.runner import run_scaled
+
+        return run_scaled(spec, out, progress, devices=devices, ray=ray, ray_cpus=ray_cpus)
+    spec = size_populations(spec, out, lambda: free_bytes(spec.train.device), spec.train.device)
+    # --- end scale-out
     _check_spec(out, spec)
     data = load_data(spec.data)
     pops = spec.populations()
