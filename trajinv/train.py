@@ -166,7 +166,7 @@ class Trainer:
         for p in params.values():
             p.grad = None
         handover = self.gns is not None and self.gns.accumulates
-        for start in range(0, batch_size, micro):
+        for start in range(0, x.shape[0], micro):
             xs, ys = x[start : start + micro], y[start : start + micro]
             with _autocast(cfg):
                 _, loss = self.model(xs, ys)
