@@ -84,3 +84,11 @@ def test_a_node_that_writes_elsewhere_fails_the_check_in_one_line(local_ray, tmp
             pass
     assert "\n" not in str(e.value)
     assert not list(tmp_path.glob(f"{PROBE}*"))
+
+
+@pytest.mark.parametrize("kw, match", [(dict(cpus=3), "no Ray node has 3 CPU"), (dict(gpu=True), "has 1 GPU")])
+def test_tasks_no_node_can_run_fail_in_one_line(local_ray, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        with RayCluster("auto", tmp_path, **kw):
+            pass
+    assert ray.is_initialized()  # a Ray instance this process did not start is left running

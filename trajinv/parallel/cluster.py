@@ -98,13 +98,27 @@ class RayCluster:
                 ray.init(address=self.address, **kw)
             self.owned = True
         self.resources = {"num_cpus": 1 if self.gpu else self.cpus, "num_gpus": 1 if self.gpu else 0}
-        self.check_storage()
+        try:
+            self.check_resources()
+            self.check_storage()
+        except BaseException:
+            self.__exit__(None, None, None)  # `with` does not exit what failed to enter
+            raise
         return self
 
     def __exit__(self, *exc) -> None:
         if self.owned:
             self.ray.shutdown()
             self.owned = False
+
+    def check_resources(self) -> None:
+        """One-line error unless some node can run a task at all (Ray would leave it pending forever)."""
+        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        key, need = ("GPU", 1) if self.gpu else ("CPU", self.cpus)
+        if not any(r.get(key, 0) >= need for r in nodes):
+            have = max((r.get(key, 0) for r in nodes), default=0)
+            raise ValueError(f"no Ray node has {need} {key}(s) for a population (the most is {have:g}); "
+                             + ("train on CPU with --device cpu" if self.gpu else "lower --ray-cpus"))
 
     def check_storage(self) -> None:
         """One-line error unless every alive node can read and write `out` (the same directory)."""

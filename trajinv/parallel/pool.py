@@ -81,7 +81,8 @@ class LocalPool:
         if cpu:
             return free_bytes("cpu", share=len(cpu))
         futures = [self._executor(i).submit(_free, "cuda") for i in range(len(self.places))]
-        return min(f.result() for f in futures)
+        sharing = [sum(q.device == p.device for q in self.places) for p in self.places]  # cuda:0,cuda:0
+        return min(f.result() // n for f, n in zip(futures, sharing))
 
     def portable(self, data):
         """The DataConfig as workers see it: spawned workers share this process's cwd and environment."""
