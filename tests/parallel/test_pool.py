@@ -113,3 +113,8 @@ def test_bad_device_lists_are_one_line_errors(tiny_train_config, tmp_path, devic
     with pytest.raises(ValueError, match=match):
         run_sweep(_spec(tiny_train_config), tmp_path, devices=devices)
     assert not (tmp_path / "spec.json").exists()
+
+
+def test_devices_and_ray_exclude_each_other(tiny_train_config, tmp_path):
+    with pytest.raises(ValueError, match="--devices or --ray, not both"):
+        run_sweep(_spec(tiny_train_config), tmp_path, devices="cpu", ray="auto")

@@ -39,7 +39,7 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
     from trajinv.sweep import _check_spec, write_summary
 
     if (devices is None) == (ray is None):
-        raise ValueError("give either devices or a Ray address, not both" if devices else "give devices or ray")
+        raise ValueError("give --devices or --ray, not both" if devices is not None else "give --devices or --ray")
     spec.validate()
     out = Path(out)
     notify = progress or (lambda kind, **info: None)
