@@ -27,6 +27,7 @@ from trajinv.config import (
     default,
     field_doc,
 )
+from trajinv.parallel.options import scale_kwargs, scale_options
 from trajinv.tune.runner import TuneSpec
 from trajinv.tune.search import SearchConfig
 
@@ -172,6 +173,10 @@ class _Progress:
         elif kind == "population":
             note = "done, skipped" if info["skipped"] else f"{info['members']} members"
             self.bar.update(self.task, description=f"{info['run_id']} ({note})")
+        elif kind == "failed":  # scale-out: a population failed, the others go on
+            from rich.markup import escape
+
+            self.bar.console.print(f"[red]{escape(info['run_id'])} failed:[/red] {escape(info['error'])}")
 
 
 class _UsageError(click.ClickException):
@@ -227,7 +232,9 @@ def main() -> None:
 @_fail_cleanly
 def train(lrs, wds, batch_size, out, resume, **o):
     """Train one population: one member per (--lr, --wd) pair."""
-    from trajinv.data import load_data
+    import contextlib
+
+    from trajinv.parallel import ddp
     from trajinv.sweep import summary_rows, write_summary
     from trajinv.train import Trainer
 
@@ -235,15 +242,20 @@ def train(lrs, wds, batch_size, out, resume, **o):
         raise ValueError(f"--lr given {len(lrs)} times but --wd {len(wds)} times; pair them")
     cfg, data_cfg = _configs(o, tuple(Member(lr, wd) for lr, wd in zip(lrs, wds)), batch_size)
     cfg.validate()  # before the data loads: a bad value fails fast
-    trainer = Trainer(cfg, load_data(data_cfg), out, run_id=Path(out).name)
+    dist, data = ddp.setup(cfg, data_cfg)  # under torchrun: one population over the ranks; rank 0 writes
+    trainer = Trainer(cfg, data, out, run_id=Path(out).name, dist=dist)
     if trainer.has_checkpoint() and not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
-    if resume and not trainer.resume():
+    if resume and not trainer.resume() and dist.is_main:
         click.echo(f"no checkpoint in {out}; starting from step 0", err=True)
-    with _Progress("train") as bar:
+    quiet = contextlib.nullcontext(lambda kind, **info: None)
+    with _Progress("train") if dist.is_main else quiet as bar:
         bar("start", total=cfg.steps)
         bar("advance", steps=trainer.step)
         results = trainer.train(progress=lambda step: bar("advance", steps=1))
+    dist.close()
+    if not dist.is_main:
+        return
     write_summary(Path(out), summary_rows(Path(out).name, cfg, results))
     for r in results:
         click.echo(f"{r.name:24s} {r.status:9s} train {r.train_loss}  val {r.val_loss}")
@@ -264,10 +276,14 @@ def train(lrs, wds, batch_size, out, resume, **o):
 @click.option("--out", default="runs/sweep", show_default=True, type=click.Path(file_okay=False),
               help="Sweep directory; rerunning the same command resumes it.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots and print the analysis.")
+@scale_options
 @_fail_cleanly
 def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots, **o):
     """Sweep lr x wd (x batch size); the defaults are the CPU demo (iso-LR and iso-ELR groups)."""
+    from trajinv.parallel.runner import failures
     from trajinv.sweep import SweepSpec, log2_range, run_sweep
+
+    scale = scale_kwargs(o)
 
     lrs = tuple(lrs) + (log2_range(lr_log2) if lr_log2 else ())
     wds = tuple(wds) + (log2_range(wd_log2) if wd_log2 else ())
@@ -277,8 +293,12 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
     spec = SweepSpec(train=train_cfg, data=data_cfg, lrs=lrs, wds=wds, elrs=tuple(elrs),
                      batch_sizes=tuple(batch_sizes), population=population)
     with _Progress("sweep") as bar:
-        rows = run_sweep(spec, out, progress=bar)
+        rows = run_sweep(spec, out, progress=bar, **scale)
     click.echo(f"{len(rows)} members -> {Path(out) / 'summary.csv'}")
+    failed = failures(rows)
+    if failed:
+        raise ValueError(f"{len(failed)} population(s) failed ({', '.join(failed)}; errors in summary.csv); "
+                         "rerun the same command to retry them")
     if plots:
         _report(Path(out))
 

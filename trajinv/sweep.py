@@ -21,11 +21,12 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from trajinv.atomic import atomic_write, remove_stale_temps
 from trajinv.config import Member, TrainConfig, same_run, to_dict
-from trajinv.data import DataConfig, load_data
+from trajinv.data import DataConfig, TokenData, load_data
+from trajinv.parallel.memory import free_bytes, size_populations
 from trajinv.schedules import BatchSchedule
 from trajinv.train import MemberResult, Trainer
 
@@ -157,25 +158,41 @@ def summary_rows(run_id: str, cfg: TrainConfig, results: list[MemberResult]) -> 
             for k, r in enumerate(results)]
 
 
-def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None) -> list[dict]:
-    """Train every population of `spec` into `out` (resuming what is there); returns summary rows.
-
-    `progress(kind, **info)` receives ('start', total=...), ('advance', steps=...) and
-    ('population', run_id=..., skipped=bool) events.
-    """
-    spec.validate()
-    out = Path(out)
+def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str, TrainConfig]]]:
+    """Check `spec` against `out` and the data, then (only then) create `out` and write its spec.json:
+    a sweep that fails its checks leaves nothing behind to block the corrected command.
+    Returns the data and the populations (run_id, config)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a directory")
     exists = _check_spec(out, spec)
     data = load_data(spec.data)
     pops = spec.populations()
-    for _, cfg in pops:  # everything checked before the spec is written: a failure leaves nothing behind
+    for _, cfg in pops:
         Trainer.check(cfg, data)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     if not exists:
         atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
+    return data, pops
+
+
+def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None,
+              devices: str | Sequence[str] | None = None, ray: str | None = None, ray_cpus: int = 1) -> list[dict]:
+    """Train every population of `spec` into `out` (resuming what is there); returns summary rows.
+
+    `progress(kind, **info)` receives ('start', total=...), ('advance', steps=...) and
+    ('population', run_id=..., skipped=bool) events.
+    `devices` ('cpu,cpu', 'cuda:0,cuda:1', 'all') or `ray` ('auto', 'local', an address) train
+    populations concurrently (trajinv.parallel); then failures are rows with status 'failed'.
+    """
+    spec.validate()
+    out = Path(out)
+    if devices is not None or ray is not None:  # scale-out (trajinv.parallel): other devices or Ray
+        from trajinv.parallel.runner import run_scaled
+
+        return run_scaled(spec, out, progress, devices=devices, ray=ray, ray_cpus=ray_cpus)
+    spec = size_populations(spec, out, lambda: free_bytes(spec.train.device), spec.train.device)
+    data, pops = prepare_sweep(spec, out)
     notify = progress or (lambda kind, **info: None)
     notify("start", total=sum(cfg.steps for _, cfg in pops))
     rows: list[dict] = []

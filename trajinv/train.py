@@ -36,6 +36,7 @@ from trajinv.data import TokenData, sample_batch, validation_batches
 from trajinv.gns.meter import LOG_KEYS, GNSMeter
 from trajinv.model import GPT, param_kind
 from trajinv.optim.population import STAT_FIELDS, build_optimizer
+from trajinv.parallel.ddp import SINGLE, DistContext
 from trajinv.schedules import BatchSchedule, lr_multiplier
 
 METRICS = "metrics.jsonl"
@@ -69,11 +70,13 @@ class Trainer:
     """Trains `cfg.members` on `data`, writing metrics and checkpoints into `run_dir`."""
 
     @staticmethod
-    def check(cfg: TrainConfig, data: TokenData) -> TrainConfig:
-        """Validate `cfg` against `data` without building anything; returns it with the data's
-        vocabulary filled in. Raises ValueError naming the bad value."""
+    def check(cfg: TrainConfig, data: TokenData, dist: DistContext | None = None) -> TrainConfig:
+        """Validate `cfg` against `data` (and the ranks of `dist`) without building anything; returns
+        it with the data's vocabulary filled in. Raises ValueError naming the bad value."""
         cfg = replace(cfg, model=replace(cfg.model, vocab_size=cfg.model.vocab_size or data.vocab_size))
         cfg.validate()
+        dist = dist or SINGLE
+        dist.check(cfg)
         if data.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"data vocabulary {data.vocab_size} exceeds model vocab_size {cfg.model.vocab_size}")
         if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -81,13 +84,18 @@ class Trainer:
         batches = BatchSchedule.parse(cfg.batch_size)
         if cfg.gns.mode == "micro-batch":
             for b in batches.sizes:
-                if not cfg.micro_batch or b % cfg.micro_batch or b // cfg.micro_batch < 2:
+                small = dist.small_batch(b, cfg.micro_batch)  # scale-out: a rank's batch is a small batch
+                if not small or b % small or b // small < 2:
                     raise ValueError(f"GNS micro-batch mode needs --micro-batch dividing batch size {b} "
                                      f"into >= 2 micro-batches, got micro_batch={cfg.micro_batch}")
         return cfg
 
-    def __init__(self, cfg: TrainConfig, data: TokenData, run_dir: str | Path, run_id: str = "run"):
-        cfg = self.check(cfg, data)
+    def __init__(self, cfg: TrainConfig, data: TokenData, run_dir: str | Path, run_id: str = "run",
+                 dist: DistContext | None = None):
+        """`dist`: the ranks this population is data-parallel over (trajinv.parallel.ddp); None = one process."""
+        self.dist = dist or SINGLE
+        cfg = self.check(cfg, data, self.dist)
+        self.dist.start(cfg.device)  # after the checks: a bad value fails on every rank before any waits
         self.cfg, self.data, self.run_id = cfg, data, run_id
         self.run_dir = Path(run_dir)
         self.batches = BatchSchedule.parse(cfg.batch_size)
@@ -130,6 +138,8 @@ class Trainer:
         return t
 
     def save(self) -> None:
+        if not self.dist.is_main:  # scale-out: rank 0 writes
+            return
         meta = {"run_id": self.run_id, "tokens": self.tokens, "seconds": self.seconds, "config": to_dict(self.cfg)}
         save_checkpoint(self.run_dir, self.step, self._state_tensors(), meta, keep=self.cfg.keep_checkpoints)
         self._saved_step = self.step
@@ -156,7 +166,8 @@ class Trainer:
         _, meta = ckpt
         self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], meta["seconds"]
         self._saved_step = self.step
-        self._rewrite_metrics(self.step)
+        if self.dist.is_main:  # scale-out: rank 0 writes
+            self._rewrite_metrics(self.step)
         return True
 
     def _check_meta(self, meta: dict, sidecar: Path) -> None:
@@ -240,14 +251,15 @@ class Trainer:
         over and puts the step's sums back at the end."""
         cfg = self.cfg
         x, y = sample_batch(self.data.train, batch_size, cfg.model.context, cfg.seed, step)
-        x, y = x.to(cfg.device), y.to(cfg.device)
-        micro = cfg.micro_batch or batch_size
+        rows = self.dist.shard(batch_size)  # scale-out: this rank's share of the global batch
+        x, y = x[rows].to(cfg.device), y[rows].to(cfg.device)
+        micro = cfg.micro_batch or x.shape[0]
         total = torch.zeros(self.K, device=cfg.device)
         params = dict(self.model.named_parameters())
         for p in params.values():
             p.grad = None
         handover = self.gns is not None and self.gns.accumulates
-        for start in range(0, batch_size, micro):
+        for start in range(0, x.shape[0], micro):
             xs, ys = x[start : start + micro], y[start : start + micro]
             with _autocast(cfg):
                 _, loss = self.model(xs, ys)
@@ -263,6 +275,11 @@ class Trainer:
         if handover:
             for name, g in self.gns.accumulated().items():
                 params[name].grad = g
+        if self.dist.active:  # scale-out: sum the ranks' shares (gradients, loss, GNS small-batch sums)
+            self.dist.all_reduce_grads_(params.values())
+            self.dist.all_reduce_(total)
+            if self.gns is not None:
+                self.gns.reduce(self.dist.all_reduce_)
         return total.cpu()
 
     def _grad_norms(self) -> torch.Tensor:
@@ -276,11 +293,14 @@ class Trainer:
         """Mean validation loss per member over the fixed validation set."""
         self.model.eval()
         total, count = torch.zeros(self.K), 0
-        for x, y in self.val:
+        for x, y in self.val[self.dist.rank :: self.dist.world_size]:  # scale-out: ranks split the set
             with _autocast(self.cfg):
                 _, loss = self.model(x.to(self.cfg.device), y.to(self.cfg.device))
             total += loss.float().cpu() * x.shape[0]
             count += x.shape[0]
+        if self.dist.active:
+            total = self.dist.all_reduce_(torch.cat([total, torch.tensor([float(count)])]))
+            total, count = total[:-1], int(total[-1])
         self.model.train()
         return total / count
 
@@ -293,7 +313,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         clock = time.perf_counter() - self.seconds
         # From step 0 the metrics start afresh: lines of an attempt that never checkpointed go.
-        with open(self.run_dir / METRICS, "w" if self.step == 0 else "a") as f:
+        # Under DDP (trajinv.parallel) rank 0 writes.
+        with open(self.run_dir / METRICS if self.dist.is_main else os.devnull, "w" if self.step == 0 else "a") as f:
             stop = cfg.steps if until is None else min(until, cfg.steps)
             while self.step < stop and bool(self.alive.any()):
                 step = self.step
@@ -324,7 +345,7 @@ class Trainer:
                                             emit_preconditioner=emit)
                 gns = None
                 if measured:
-                    gns = self.gns.end_step(step, bs, cfg.micro_batch or bs, stats)
+                    gns = self.gns.end_step(step, bs, self.dist.small_batch(bs, cfg.micro_batch), stats)
                     self.last_gns = {k: gns[k].float() for k in ("b_precond_smooth", "b_simple_smooth",
                                                                  "b_precond_robust")}
                 self.step = done

@@ -137,6 +137,13 @@ class GNSMeter:
             self.emb_big_w = (g.double().square() * w.double()).flatten(1).sum(1).cpu()
         return out
 
+    def reduce(self, all_reduce) -> None:
+        """Data-parallel ranks: sum this step's small-batch sums over ranks (`all_reduce` sums a tensor in
+        place) before `end_step`; each rank's gradients are small batches of the global one."""
+        if self.active:
+            all_reduce(self.sums)
+            all_reduce(self.probe_sums)
+
     def end_step(self, step: int, batch_size: int, micro: int, stats: ParamStats) -> dict[str, torch.Tensor] | None:
         """Estimates for this step from the small sums and the optimizer's (unclipped) big-batch sums;
         None when the step was not measured."""

@@ -1,0 +1,169 @@
+"""One population over two gloo ranks on CPU: the single process's numbers, GNS from the ranks, resume,
+rank 0 writes, one-line errors on every rank, and `torchrun -m trajinv train` end to end."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import spawned
+import torch
+import torch.multiprocessing as tmp
+from helpers import metrics_without_time
+
+from trajinv.config import GNSConfig, OptimConfig
+from trajinv.parallel.ddp import DistContext
+from trajinv.train import Trainer
+
+KEYS = ("train_loss", "grad_norm", "precond_grad_norm", "weight_norm", "update_norm", "val_loss")
+GNS_KEYS = ("gns_grad_norm", "gns_grad_norm_w", "g2", "g2_w", "tr_sigma", "tr_w_sigma", "b_simple", "b_precond")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ranks(cfg, run_dir, out, until=None, world=2):
+    out.mkdir(parents=True, exist_ok=True)
+    tmp.spawn(spawned.ddp_rank, args=(world, _port(), cfg, str(run_dir), str(out), until), nprocs=world)
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+def _cfg(tiny_train_config, **kw):
+    base = dict(steps=6, batch_size="8", eval_every=3, checkpoint_every=3, optim=OptimConfig(name="fused"),
+                gns=GNSConfig(mode="micro-batch", precond_warmup=2))
+    base.update(kw)
+    return tiny_train_config(**base)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, tiny_data):
+    """Six steps on two ranks, no local micro-batches: each rank's 4 sequences are GNS's small batch."""
+    from trajinv.config import Member, ModelConfig, TrainConfig
+
+    def tiny(**kw):  # tiny_train_config is function-scoped; the same settings
+        base = dict(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, context=16),
+                    members=(Member(1e-2, 0.1), Member(2e-2, 0.5)), steps=8, batch_size="4",
+                    optim=OptimConfig(name="torch"), eval_every=4, eval_seqs=8, log_every=1, checkpoint_every=3)
+        base.update(kw)
+        return TrainConfig(**base)
+
+    root = tmp_path_factory.mktemp("ddp")
+    cfg = _cfg(tiny)
+    ranks = _ranks(cfg, root / "run", root / "out")
+    return cfg, root / "run", ranks
+
+
+def _close(got, want, rel=2e-5, abs=1e-7):
+    return got == pytest.approx(want, rel=rel, abs=abs)
+
+
+def test_two_ranks_give_the_single_process_losses_gradients_and_gns(two_ranks, tiny_data, tmp_path):
+    cfg, run_dir, ranks = two_ranks
+    # one process, same global batch of 8, split the way the ranks split it: GNS small batches of 4
+    single = Trainer(replace(cfg, micro_batch=4), tiny_data, tmp_path)
+    single.train()
+    want, got = metrics_without_time(tmp_path), metrics_without_time(run_dir)
+    assert len(got) == len(want) == 6 * 2  # rank 0 alone wrote: one line per step and member
+    for g, w in zip(got, want):
+        for key in KEYS + GNS_KEYS:
+            assert (g[key] is None) == (w[key] is None) and (g[key] is None or _close(g[key], w[key])), key
+    for name, p in single.model.named_parameters():  # the last step's reduced gradient, on both ranks
+        assert torch.allclose(ranks[0]["grads"][name], p.grad, rtol=1e-5, atol=1e-8), name
+        assert torch.equal(ranks[0]["grads"][name], ranks[1]["grads"][name]), name
+        assert torch.allclose(ranks[0]["weights"][name], p.detach(), rtol=1e-5, atol=1e-7), name
+    for key, value in single.last_gns.items():
+        assert torch.allclose(ranks[1]["last_gns"][key], value, rtol=1e-4), key
+    assert (run_dir / "checkpoint.json").exists()
+
+
+def test_local_micro_batches_and_ranks_give_the_single_process_micro_batch_gns(tiny_train_config, tiny_data,
+                                                                                  tmp_path):
+    """Two ranks each accumulating two micro-batches of 2: four small batches of 2, as one process with
+    micro-batches of 2 has."""
+    cfg = _cfg(tiny_train_config, steps=3, micro_batch=2, eval_every=3)
+    _ranks(cfg, tmp_path / "ddp", tmp_path / "out")
+    Trainer(cfg, tiny_data, tmp_path / "one").train()
+    for g, w in zip(metrics_without_time(tmp_path / "ddp"), metrics_without_time(tmp_path / "one"), strict=True):
+        for key in KEYS + GNS_KEYS:
+            assert (g[key] is None) == (w[key] is None) and (g[key] is None or _close(g[key], w[key])), key
+
+
+def test_two_rank_resume_is_bit_identical(two_ranks, tmp_path):
+    cfg, run_dir, _ = two_ranks
+    _ranks(cfg, tmp_path / "run", tmp_path / "a", until=5)  # stopped after step 5: the checkpoint is step 3
+    ranks = _ranks(cfg, tmp_path / "run", tmp_path / "b")  # every rank loads it and goes on
+    assert ranks[0]["step"] == ranks[1]["step"] == 6
+    assert metrics_without_time(tmp_path / "run") == metrics_without_time(run_dir)
+
+
+def _rank_env(rank, world, port):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    return env
+
+
+TRAIN = ["--steps", "3", "--eval-every", "3", "--eval-seqs", "8", "--log-every", "1", "--warmup", "1",
+         "--lr", "0.01", "--wd", "0.1", "--lr", "0.02", "--wd", "0.5", "--optimizer", "torch"]
+
+
+def test_a_batch_that_does_not_split_fails_in_one_line_on_every_rank(tmp_path, tiny_data):
+    port = _port()
+    procs = [subprocess.Popen([sys.executable, "-m", "trajinv", "train", *TRAIN, "--batch-size", "6",
+                               "--micro-batch", "2", "--out", str(tmp_path / "run")], env=_rank_env(r, 2, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)  # no rank waits for another: the check comes first
+        assert p.returncode == 1
+        assert err.strip().splitlines() == ["Error: batch size 6 does not split into 2 ranks x micro-batches "
+                                            "of 2; use a multiple of 4"], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchrun_trains_one_population_like_one_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(Path(sys.modules[Trainer.__module__].__file__).read_text())  # some real text
+    common = [*TRAIN, "--batch-size", "8", "--data", str(corpus)]
+    one = subprocess.run([sys.executable, "-m", "trajinv", "train", *common, "--out", str(tmp_path / "one")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "trajinv", "train", *common, "--out", str(tmp_path / "two")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("lr=0.01,wd=0.1") == 1  # rank 0 alone reports
+    rows = [list(csv.DictReader(open(tmp_path / d / "summary.csv"))) for d in ("one", "two")]
+    for a, b in zip(*rows, strict=True):
+        assert a["status"] == b["status"] == "done"
+        for key in ("final_train_loss", "final_val_loss"):
+            assert _close(float(b[key]), float(a[key])), key
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 1, 2, 2, 3, 3]
+
+
+def test_context_from_the_torchrun_environment():
+    assert not DistContext.from_env({}).active and DistContext.from_env({}).is_main
+    ctx = DistContext.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert ctx.active and not ctx.is_main
+    assert ctx.shard(8) == slice(4, 8) and ctx.small_batch(8, 0) == 4 and ctx.small_batch(8, 2) == 2
+    assert DistContext().shard(8) == slice(0, 8) and DistContext().small_batch(8, 0) == 8
+    with pytest.raises(ValueError, match="RANK=2 WORLD_SIZE=2"):
+        DistContext.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="'x'"):
+        DistContext.from_env({"RANK": "x"})
+
+
+def test_world_size_one_is_a_single_process(tiny_train_config, tiny_data, tmp_path):
+    cfg = tiny_train_config(steps=2)
+    Trainer(cfg, tiny_data, tmp_path / "a").train()
+    Trainer(cfg, tiny_data, tmp_path / "b", dist=DistContext.from_env({"RANK": "0", "WORLD_SIZE": "1"})).train()
+    assert metrics_without_time(tmp_path / "a") == metrics_without_time(tmp_path / "b")

@@ -1,0 +1,120 @@
+"""Every device of a node: worker processes fed from a queue, failures as rows, resume, bit-identity on CPU."""
+
+import csv
+
+import pytest
+import spawned
+from click.testing import CliRunner
+from helpers import metrics_without_time
+
+from trajinv.config import GNSConfig, OptimConfig
+from trajinv.data import DataConfig
+from trajinv.parallel.runner import failures, run_scaled
+from trajinv.sweep import SweepSpec, run_sweep
+
+
+def _spec(tiny_train_config, **kw):
+    # three populations of one member for two workers: the queue hands out the third
+    base = dict(train=tiny_train_config(steps=4, checkpoint_every=2, micro_batch=2, optim=OptimConfig(name="fused"),
+                                        gns=GNSConfig(mode="micro-batch", precond_warmup=2)),
+                data=DataConfig(max_tokens=200_000), lrs=(0.01, 0.02), wds=(0.5,), elrs=(0.01,), batch_sizes=("4",),
+                population=1)
+    base.update(kw)
+    return SweepSpec(**base)
+
+
+ERROR = "ValueError: unknown device 'tpu'; choose cpu, cuda"
+
+
+def _table(path):
+    with open(path / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_cpu_workers_give_the_sequential_numbers_bit_for_bit(tiny_train_config, tmp_path):
+    spec = _spec(tiny_train_config)
+    run_sweep(spec, tmp_path / "seq")
+    events = []
+    rows = run_sweep(spec, tmp_path / "pool", devices="cpu,cpu", progress=lambda kind, **i: events.append((kind, i)))
+    assert _table(tmp_path / "pool") == _table(tmp_path / "seq")  # every column, spec order
+    assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p1", "bs4-p2"]
+    for run_id in ("bs4-p0", "bs4-p1", "bs4-p2"):
+        assert (metrics_without_time(tmp_path / "pool" / "runs" / run_id)
+                == metrics_without_time(tmp_path / "seq" / "runs" / run_id))
+    # one stream of events for one display: the total, every population, every step
+    assert events[0] == ("start", {"total": 12})
+    assert sorted(i["run_id"] for k, i in events if k == "population") == ["bs4-p0", "bs4-p1", "bs4-p2"]
+    assert sum(i["steps"] for k, i in events if k == "advance") == 12
+
+
+def test_a_failing_population_is_a_row_the_others_finish_and_a_rerun_resumes_only_it(tiny_train_config, tmp_path):
+    spec = _spec(tiny_train_config)
+    events = []
+    rows = run_scaled(spec, tmp_path, lambda kind, **i: events.append((kind, i)), devices="cpu,cpu",
+                      task=spawned.fail_second_population)
+    assert [(r["run_id"], r["status"]) for r in rows] == [("bs4-p0", "done"), ("bs4-p1", "failed"),
+                                                          ("bs4-p2", "done")]
+    table = _table(tmp_path)
+    assert [r["status"] for r in table] == ["done", "failed", "done"]
+    assert table[1]["error"] == ERROR and table[0]["error"] == ""
+    assert ("failed", {"run_id": "bs4-p1", "error": ERROR}) in events
+    assert failures(rows) == {"bs4-p1": ERROR}
+    assert "unknown device" in (tmp_path / "runs/bs4-p1/error.log").read_text()  # the traceback
+
+    events.clear()
+    rerun = run_sweep(spec, tmp_path, devices="cpu,cpu", progress=lambda kind, **i: events.append((kind, i)))
+    skipped = {i["run_id"]: i["skipped"] for k, i in events if k == "population"}
+    assert skipped == {"bs4-p0": True, "bs4-p1": False, "bs4-p2": True}
+    assert [r["status"] for r in rerun] == ["done"] * 3 and "error" not in _table(tmp_path)[0]
+    assert not (tmp_path / "runs/bs4-p1/error.log").exists()
+    run_sweep(spec, tmp_path / "seq")
+    assert _table(tmp_path) == _table(tmp_path / "seq")
+
+
+def test_a_killed_worker_fails_its_population_only(tiny_train_config, tmp_path):
+    spec = _spec(tiny_train_config)
+    rows = run_scaled(spec, tmp_path, devices="cpu,cpu", task=spawned.kill_second_population)
+    assert [(r["run_id"], r["status"]) for r in rows] == [("bs4-p0", "done"), ("bs4-p1", "failed"),
+                                                          ("bs4-p2", "done")]
+    assert "worker process on cpu died" in rows[1]["error"] and rows[1]["steps"] == 0
+
+
+def test_cpu_workers_get_disjoint_shares_of_the_cores(tiny_train_config, tmp_path):
+    rows = run_scaled(_spec(tiny_train_config, population=2), tmp_path, devices="cpu,cpu",
+                      task=spawned.report_pinning)
+    assert len(rows) == 2
+    a, b = (set(r["cores"]) for r in rows)
+    if len(a | b) >= 2:  # a machine with a single core gives both workers that core
+        assert not a & b
+    assert all(r["threads"] == len(r["cores"]) for r in rows)
+
+
+def test_cli_sweep_passes_devices_and_a_failure_exits_with_one_line(tmp_path, monkeypatch):
+    import trajinv.sweep
+    from trajinv import cli
+
+    def failing(spec, out, progress=None, devices=None, ray=None, ray_cpus=1):
+        assert devices == "cpu,cpu" and ray is None
+        return run_scaled(spec, out, progress, devices=devices, task=spawned.fail_second_population)
+
+    monkeypatch.setattr(trajinv.sweep, "run_sweep", failing)
+    res = CliRunner().invoke(cli.main, ["sweep", "--steps", "2", "--eval-every", "2", "--eval-seqs", "8", "--warmup",
+                                        "1", "--lr", "0.01", "--lr", "0.02", "--wd", "0.5", "--batch-size", "4",
+                                        "--population", "1", "--devices", "cpu,cpu", "--out", str(tmp_path)])
+    assert res.exit_code == 1
+    assert [r["status"] for r in _table(tmp_path)] == ["done", "failed"]
+    assert f"bs4-p1 failed: {ERROR}" in " ".join(res.output.split())  # on the console as it happens
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "1 population(s) failed (bs4-p1" in errors[0] and "rerun" in errors[0]
+
+
+@pytest.mark.parametrize("devices, match", [("cpu,gpu", "'gpu'"), ("cpu,cuda:0", "mixes"), ("", "empty")])
+def test_bad_device_lists_are_one_line_errors(tiny_train_config, tmp_path, devices, match):
+    with pytest.raises(ValueError, match=match):
+        run_sweep(_spec(tiny_train_config), tmp_path, devices=devices)
+    assert not (tmp_path / "spec.json").exists()
+
+
+def test_devices_and_ray_exclude_each_other(tiny_train_config, tmp_path):
+    with pytest.raises(ValueError, match="--devices or --ray, not both"):
+        run_sweep(_spec(tiny_train_config), tmp_path, devices="cpu", ray="auto")

@@ -1,0 +1,94 @@
+"""Populations as Ray tasks on a local instance (ray.init(num_cpus=2)): the sequential sweep's numbers,
+failures as rows, resume by rerun, the shared-storage check."""
+
+import csv
+import sys
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'trajinv[ray]'")
+
+from trajinv.config import OptimConfig  # noqa: E402
+from trajinv.data import DataConfig  # noqa: E402
+from trajinv.parallel.cluster import PROBE, RayCluster, _probe_storage  # noqa: E402
+from trajinv.parallel.runner import run_scaled  # noqa: E402
+from trajinv.sweep import SweepSpec, run_sweep  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=80 * 2**20)
+    # tasks from this module are shipped by value: Ray workers cannot import test modules by name
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    ray.shutdown()
+
+
+def _spec(tiny_train_config):
+    return SweepSpec(train=tiny_train_config(steps=4, checkpoint_every=2, optim=OptimConfig(name="fused")),
+                     data=DataConfig(max_tokens=200_000), lrs=(0.01, 0.02), wds=(0.5, 1.0), batch_sizes=("4",),
+                     population=2)
+
+
+def _table(path):
+    with open(path / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_sweep_through_ray_gives_the_sequential_numbers(local_ray, tiny_train_config, tmp_path):
+    spec = _spec(tiny_train_config)
+    run_sweep(spec, tmp_path / "seq")
+    events = []
+    rows = run_sweep(spec, tmp_path / "ray", ray="auto", progress=lambda kind, **i: events.append((kind, i)))
+    assert [r["status"] for r in rows] == ["done"] * 4
+    assert _table(tmp_path / "ray") == _table(tmp_path / "seq")
+    assert sum(i["steps"] for k, i in events if k == "advance") == 8  # progress came back through the queue
+    assert not list((tmp_path / "ray").glob(f"{PROBE}*"))  # the storage probe cleaned up
+
+
+def fail_first(job, emit):
+    from trajinv.parallel.worker import run_job
+
+    if job.run_id.endswith("-p0"):
+        raise RuntimeError("injected")
+    return run_job(job, emit)
+
+
+def test_a_failed_task_is_a_row_and_a_rerun_resumes_only_it(local_ray, tiny_train_config, tmp_path):
+    spec = _spec(tiny_train_config)
+    rows = run_scaled(spec, tmp_path, ray="auto", task=fail_first)
+    assert [(r["run_id"], r["status"]) for r in rows] == [("bs4-p0", "failed")] * 2 + [("bs4-p1", "done")] * 2
+    assert rows[0]["error"] == "RuntimeError: injected"
+    events = []
+    run_sweep(spec, tmp_path, ray="auto", progress=lambda kind, **i: events.append((kind, i)))
+    assert {i["run_id"]: i["skipped"] for k, i in events if k == "population"} == {"bs4-p0": False, "bs4-p1": True}
+    assert [r["status"] for r in _table(tmp_path)] == ["done"] * 4
+
+
+def test_storage_probe_names_what_a_node_cannot_do(tmp_path):
+    (tmp_path / f"{PROBE}-tok").write_text("tok")
+    assert _probe_storage(str(tmp_path), "tok", "n1") is None and (tmp_path / f"{PROBE}-tok-n1").exists()
+    (tmp_path / f"{PROBE}-tok").write_text("other")
+    assert "sees a different" in _probe_storage(str(tmp_path), "tok", "n1")
+    assert "cannot use it (FileNotFoundError" in _probe_storage(str(tmp_path / "elsewhere"), "tok", "n1")
+
+
+def test_a_node_that_writes_elsewhere_fails_the_check_in_one_line(local_ray, tmp_path, monkeypatch):
+    """A node whose probe succeeds on its own disk but whose file the driver cannot see (the same path on
+    unshared storage): simulated by a probe that reports success without writing."""
+    import trajinv.parallel.cluster as cluster
+
+    monkeypatch.setattr(cluster, "_probe_storage", lambda out, token, node: None)
+    with pytest.raises(ValueError, match="not on storage every Ray node sees: node .* writes somewhere") as e:
+        with RayCluster("auto", tmp_path):
+            pass
+    assert "\n" not in str(e.value)
+    assert not list(tmp_path.glob(f"{PROBE}*"))
+
+
+@pytest.mark.parametrize("kw, match", [(dict(cpus=3), "no Ray node has 3 CPU"), (dict(gpu=True), "has 1 GPU")])
+def test_tasks_no_node_can_run_fail_in_one_line(local_ray, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        with RayCluster("auto", tmp_path, **kw):
+            pass
+    assert ray.is_initialized()  # a Ray instance this process did not start is left running
