@@ -75,6 +75,16 @@ def checkpoint_steps(run_dir: str | Path) -> list[int]:
     return sorted(int(m.group(1)) for p in run_dir.iterdir() if (m := _SIDECAR_RE.fullmatch(p.name)))
 
 
+def latest_meta(run_dir: str | Path) -> dict[str, Any] | None:
+    """The sidecar of the newest checkpoint that parses (no tensor checks), or None: where a run got to."""
+    for step in reversed(checkpoint_steps(run_dir)):
+        try:
+            return json.loads((Path(run_dir) / sidecar_name(step)).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def has_checkpoint(run_dir: str | Path) -> bool:
     """Whether run_dir holds a committed checkpoint (valid or not)."""
     return bool(checkpoint_steps(run_dir)) or (Path(run_dir) / LEGACY_SIDECAR).is_file()

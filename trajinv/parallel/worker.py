@@ -11,14 +11,13 @@ the other populations finish. Killed workers are the caller's to report
 
 from __future__ import annotations
 
-import json
 import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trajinv.checkpoint import SIDECAR
+from trajinv.checkpoint import latest_meta
 from trajinv.config import DataConfig, TrainConfig
 
 ERROR_LOG = "error.log"
@@ -105,11 +104,8 @@ def run_job(job: Job, emit: Emit) -> Outcome:
 
 def failed_outcome(job: Job, error: str) -> Outcome:
     """Summary rows of a failed population: its members, the step its last checkpoint reached, the error."""
-    step, tokens = 0, 0
-    sidecar = Path(job.run_dir, SIDECAR)
-    if sidecar.exists():
-        meta = json.loads(sidecar.read_text())
-        step, tokens = meta.get("step", 0), meta.get("tokens", 0)
+    meta = latest_meta(job.run_dir) or {}
+    step, tokens = meta.get("step", 0), meta.get("tokens", 0)
     rows = [{"run_id": job.run_id, "member": k, "name": m.name, "lr": m.lr, "wd": m.wd, "elr": m.elr,
              "batch_size": job.cfg.batch_size, "steps": step, "tokens": tokens, "final_train_loss": None,
              "final_val_loss": None, "status": "failed", "error": error}
