@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 from trajinv.atomic import atomic_write, remove_stale_temps
 from trajinv.config import Member, TrainConfig, same_run, to_dict
 from trajinv.data import DataConfig, TokenData, load_data
-from trajinv.parallel.memory import free_bytes, size_populations
+from trajinv.parallel import memory
 from trajinv.schedules import BatchSchedule
 from trajinv.train import MemberResult, Trainer
 
@@ -191,7 +191,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None
         from trajinv.parallel.runner import run_scaled
 
         return run_scaled(spec, out, progress, devices=devices, ray=ray, ray_cpus=ray_cpus)
-    spec = size_populations(spec, out, lambda: free_bytes(spec.train.device), spec.train.device)
+    spec = memory.size_populations(spec, out, lambda: memory.free_bytes(spec.train.device), spec.train.device)
     data, pops = prepare_sweep(spec, out)
     notify = progress or (lambda kind, **info: None)
     notify("start", total=sum(cfg.steps for _, cfg in pops))

@@ -382,6 +382,8 @@ class Trainer:
 
     def _sync(self, f) -> None:
         """Metrics on disk before a checkpoint commits: a checkpoint never runs ahead of its metrics."""
+        if not self.dist.is_main:  # scale-out: other ranks write nothing
+            return
         with self._naming_errors(f):
             f.flush()
             os.fsync(f.fileno())
