@@ -67,6 +67,9 @@ def test_sweep_writes_summary_and_plots(corpus, tmp_path):
     (["analyze", "/no/such/sweep"], "/no/such/sweep"),
     (["train", "--gns", "micro-batch", "--gns-every", "0"], "every"),
     (["train", "--gns", "micro-batch", "--micro-batch", "5"], "micro-batch"),
+    (["train", "--steps", "5", "--tokens", "4096"], "--steps 5 disagrees with --tokens 4096"),
+    (["sweep", "--steps", "2", "--tokens", "4096", "--batch-size", "32", "--batch-size", "64"], "'64' makes that 1"),
+    (["train", "--tokens", "0"], "tokens must be a positive integer, got 0"),
 ])
 def test_bad_input_one_line_error(args, needle, tmp_path):
     res = CliRunner().invoke(cli.main, args + ["--out", str(tmp_path / "o")] if args[0] != "analyze" else args)
@@ -100,3 +103,4 @@ def test_sweep_with_gns_records_noise_scale(corpus, tmp_path):
     assert all("b_precond" in r and r["batch_regime"] in ("small", "large", "") for r in rows)
     assert any(r["b_precond"] for r in rows)
     assert (out / "gns.png").exists()
+

@@ -74,11 +74,25 @@ def test_gradient_accumulation_matches_whole_batch(tiny_data, tiny_train_config,
         assert got == pytest.approx(want, rel=1e-5), key
 
 
-def test_batch_size_schedule_changes_tokens(tiny_data, tiny_train_config, tmp_path):
+def test_batch_size_schedule_switches_at_a_fraction_of_the_tokens(tiny_data, tiny_train_config, tmp_path):
+    # 256 tokens at context 16: the first half (128 tokens) is 4 steps of 2, the second 2 steps of 4.
+    tr = Trainer(tiny_train_config(tokens=256, batch_size="2@0.5,4"), tiny_data, tmp_path)
+    assert tr.cfg.steps == 6
+    results = tr.train()
+    recs = [r for r in _records(tmp_path) if r["member"] == 0]
+    assert [r["batch_size"] for r in recs] == [2, 2, 2, 2, 4, 4]
+    assert [r["tokens"] for r in recs] == [32, 64, 96, 128, 192, 256]
+    assert {r["batch_schedule"] for r in recs} == {"2@0.5,4"}
+    assert tr.tokens == 256 and results[0].steps == 6 and results[0].tokens == 256
+
+
+def test_a_step_count_runs_exactly_that_many_steps(tiny_data, tiny_train_config, tmp_path):
+    # 4 steps of '2@0.5,4': the largest budget with 4 steps is 160 tokens; its first half
+    # (80 tokens) takes 3 steps of 2 (96 tokens), the rest 1 step of 4.
     tr = Trainer(tiny_train_config(steps=4, batch_size="2@0.5,4"), tiny_data, tmp_path)
     tr.train()
-    assert [r["batch_size"] for r in _records(tmp_path) if r["member"] == 0] == [2, 2, 4, 4]
-    assert tr.tokens == (2 + 2 + 4 + 4) * 16
+    assert [r["batch_size"] for r in _records(tmp_path) if r["member"] == 0] == [2, 2, 2, 4]
+    assert tr.tokens == (2 + 2 + 2 + 4) * 16
 
 
 def test_bf16_autocast_trains_on_cpu(tiny_data, tiny_train_config, tmp_path):

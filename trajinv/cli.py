@@ -76,6 +76,7 @@ _COMMON = [
     (ModelConfig, None, ("--preset",), dict(default=DEFAULT_PRESET, type=click.Choice(list(PRESETS)),
                                             help="Model preset.")),
     (TrainConfig, "steps", (), {}),
+    (TrainConfig, "tokens", (), dict(type=int)),
     (TrainConfig, "micro_batch", (), {}),
     (ScheduleConfig, "kind", ("--schedule",), {}),
     (ScheduleConfig, "warmup", (), {}),
@@ -120,7 +121,8 @@ def _configs(o: dict, members: tuple[Member, ...] | None = None, batch_size: str
     train = TrainConfig(
         model=preset(o["preset"]),
         members=members or default(TrainConfig, "members"),
-        steps=o["steps"], batch_size=batch_size or default(TrainConfig, "batch_size"), micro_batch=o["micro_batch"],
+        steps=o["steps"], tokens=o["tokens"], batch_size=batch_size or default(TrainConfig, "batch_size"),
+        micro_batch=o["micro_batch"],
         optim=OptimConfig(name=o["optimizer"], betas=(o["beta1"], o["beta2"]), clip=o["clip"],
                           decay_mode=o["decay_mode"]),
         schedule=ScheduleConfig(kind=o["schedule"], warmup=o["warmup"], decay_fraction=o["decay_fraction"]),
@@ -131,6 +133,22 @@ def _configs(o: dict, members: tuple[Member, ...] | None = None, batch_size: str
                       embeddings=o["gns_embeddings"]),
     )
     return train, DataConfig(source=o["data"], tokenizer=o["tokenizer"], seed=o["seed"])
+
+
+def _check_steps_and_tokens(o: dict, train: TrainConfig, batch_sizes) -> None:
+    """--tokens decides the length; a --steps also on the command line must agree with it for
+    every batch size (a default --steps is not a request)."""
+    from dataclasses import replace
+
+    ctx = click.get_current_context(silent=True)
+    given = ctx is not None and ctx.get_parameter_source("steps") not in (None, click.core.ParameterSource.DEFAULT)
+    if o["tokens"] is None or not given:
+        return
+    for bs in batch_sizes:
+        derived = replace(train, batch_size=bs).steps
+        if derived != o["steps"]:
+            raise ValueError(f"--steps {o['steps']} disagrees with --tokens {o['tokens']}: batch size {bs!r} "
+                             f"makes that {derived} steps; give one of them")
 
 
 class _Progress:
@@ -186,6 +204,7 @@ def train(lrs, wds, batch_size, out, resume, **o):
     if len(lrs) != len(wds):
         raise ValueError(f"--lr given {len(lrs)} times but --wd {len(wds)} times; pair them")
     cfg, data_cfg = _configs(o, tuple(Member(lr, wd) for lr, wd in zip(lrs, wds)), batch_size)
+    _check_steps_and_tokens(o, cfg, (batch_size,))
     trainer = Trainer(cfg, load_data(data_cfg), out, run_id=Path(out).name)
     if trainer.has_checkpoint() and not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
@@ -225,6 +244,7 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
     if not lrs and not wds and not elrs:
         lrs, wds = DEMO_LRS, DEMO_WDS
     train_cfg, data_cfg = _configs(o)
+    _check_steps_and_tokens(o, train_cfg, batch_sizes)
     spec = SweepSpec(train=train_cfg, data=data_cfg, lrs=lrs, wds=wds, elrs=tuple(elrs),
                      batch_sizes=tuple(batch_sizes), population=population)
     with _Progress("sweep") as bar:

@@ -293,9 +293,16 @@ class TrainConfig:
     members: tuple[Member, ...] = (Member(),)
     """The population; K = len(members); K = 1 is an ordinary run."""
     steps: int = 800
-    """Optimizer steps per run."""
+    """Optimizer steps per run (with `tokens` set: derived from the token budget instead)."""
+    tokens: int | None = None
+    """Token budget (sequences x context over all steps), an alternative to --steps: when set, the
+    steps are derived from it through the batch-size plan (trajinv.schedules) and replace `steps`.
+
+    The last step may pass the budget by less than one batch; `steps` given with it is ignored
+    (the CLI refuses --steps and --tokens that disagree)."""
     batch_size: str = "32"
-    """Sequences per step, or a schedule like '8@0.2,32' (8 until 20% of the steps, then 32)."""
+    """Sequences per step, or a schedule like '32@0.1,256' (32 for the first 10% of the run's tokens,
+    then 256)."""
     micro_batch: int = 0
     """Largest micro-batch per forward/backward (gradient accumulation); 0 = whole batch."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -326,6 +333,20 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.kernels in BACKEND_ALIASES:
             object.__setattr__(self, "kernels", BACKEND_ALIASES[self.kernels])
+        if self.tokens is not None:
+            # The budget decides: re-derived on every construction, so replace() with another
+            # batch size or context keeps steps consistent with the tokens.
+            object.__setattr__(self, "steps", self.batch_plan().steps)
+
+    def batch_plan(self):
+        """The run's `trajinv.schedules.BatchPlan`: steps per batch-size stage, from `tokens` if
+        set, else from `steps`; a one-line ValueError when the schedule cannot fit them."""
+        from trajinv.schedules import BatchSchedule  # schedules imports this module
+
+        schedule = BatchSchedule.parse(self.batch_size)
+        if self.tokens is not None:
+            return schedule.plan_for_tokens(self.tokens, self.model.context)
+        return schedule.plan_for_steps(self.steps, self.model.context)
 
     def validate(self) -> None:
         self.model.validate()
@@ -339,6 +360,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.micro_batch < 0 or self.checkpoint_every < 0:
             raise ValueError(f"micro_batch and checkpoint_every must be >= 0, got {self.micro_batch}, {self.checkpoint_every}")
+        self.batch_plan()  # the schedule parses and fits the run's length
 
 
 def to_dict(obj: Any) -> Any:

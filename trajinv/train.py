@@ -67,6 +67,7 @@ class Trainer:
         self.cfg, self.data, self.run_id = cfg, data, run_id
         self.run_dir = Path(run_dir)
         self.batches = BatchSchedule.parse(cfg.batch_size)
+        self.plan = cfg.batch_plan()  # steps per batch-size stage: from cfg.tokens or cfg.steps
         self.K = len(cfg.members)
         dev = torch.device(cfg.device)
         self.model = GPT(cfg.model, members=self.K).to(dev)
@@ -203,7 +204,7 @@ class Trainer:
             stop = cfg.steps if until is None else min(until, cfg.steps)
             while self.step < stop and bool(self.alive.any()):
                 step = self.step
-                bs = self.batches.at(step, cfg.steps)
+                bs = self.plan.at(step)
                 mult = lr_multiplier(step, cfg.steps, cfg.schedule)
                 measured = self.gns is not None and self.gns.begin_step(
                     step, self.optimizer.preconditioners() if self.gns.wants_preconditioner(step) else None)
@@ -256,6 +257,7 @@ class Trainer:
                 continue
             rec = {"run_id": self.run_id, "member": k, "name": m.name, "step": self.step, "tokens": self.tokens,
                    "lr": m.lr * mult, "base_lr": m.lr, "wd": m.wd, "elr": m.elr, "batch_size": bs,
+                   "batch_schedule": str(self.batches),
                    "train_loss": _num(loss[k]), "val_loss": _num(self.last_val[k]) if evaluated else None,
                    "grad_norm": _num(grad_norm[k]), "precond_grad_norm": _num(sums["precond_grad_sq"][k].sqrt()),
                    "weight_norm": _num(sums["param_sq"][k].sqrt()), "update_norm": _num(sums["update_sq"][k].sqrt()),
