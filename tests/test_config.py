@@ -104,7 +104,8 @@ def test_bad_token_budgets(kw, match):
         TrainConfig(**kw)
 
 
-@pytest.mark.parametrize("kw, match", [(dict(steps=1, batch_size="8@0.5,32"), "1 steps are too few")])
-def test_validate_checks_the_plan(kw, match):
+@pytest.mark.parametrize("kw, match", [(dict(steps=1, batch_size="8@0.5,32"), "1 steps are too few"),
+                                       (dict(eval_boot=1), "eval_boot must be 0 or >= 2, got 1")])
+def test_validate_checks_the_plan_and_the_bootstrap(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw).validate()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from trajinv.checkpoint import load_checkpoint, save_checkpoint
+from trajinv.data import boot_means, boot_se, window_resamples
 from trajinv.config import Member, OptimConfig
 from helpers import metrics_without_time
 from trajinv.train import METRICS, Trainer
@@ -22,8 +23,8 @@ def test_metrics_lines_per_step_and_member(tiny_data, tiny_train_config, tmp_pat
     recs = _records(tmp_path)
     assert len(recs) == cfg.steps * 2
     r = recs[-1]
-    for key in ("step", "tokens", "lr", "wd", "elr", "batch_size", "train_loss", "val_loss", "grad_norm",
-                "weight_norm", "update_norm", "precond_grad_norm", "seconds"):
+    for key in ("step", "tokens", "lr", "wd", "elr", "batch_size", "batch_schedule", "train_loss", "val_loss",
+                "val_loss_boot", "val_loss_se", "grad_norm", "weight_norm", "update_norm", "precond_grad_norm", "seconds"):
         assert key in r, key
     assert r["elr"] == pytest.approx(2e-2 * 0.5) and r["tokens"] == 8 * 4 * 16
     assert [x["val_loss"] is not None for x in recs if x["member"] == 0] == [s % 4 == 0 for s in range(1, 9)]
@@ -159,3 +160,37 @@ def test_fused_and_torch_optimizers_agree(tiny_data, tiny_train_config, tmp_path
     for a, b in zip(runs["torch"], runs["fused"]):
         for key in ("train_loss", "grad_norm", "precond_grad_norm", "weight_norm", "update_norm"):
             assert a[key] == pytest.approx(b[key], rel=2e-4), key
+
+
+def test_validation_bootstrap_is_logged_per_member_at_each_eval(tiny_data, tiny_train_config, tmp_path):
+    cfg = tiny_train_config(eval_boot=16)
+    tr = Trainer(cfg, tiny_data, tmp_path)
+    tr.train()
+    recs = _records(tmp_path)
+    evals = [r for r in recs if r["val_loss"] is not None]
+    assert {r["step"] for r in evals} == {4, 8}
+    assert all(r["val_loss_boot"] is None and r["val_loss_se"] is None for r in recs if r["val_loss"] is None)
+    # The last eval: the means of the per-window losses under the fixed resamples of the 8 windows.
+    assert tr.val_windows.shape == (2, 8)
+    assert tr.val_windows.double().mean(1).numpy() == pytest.approx([r["val_loss"] for r in evals[-2:]], rel=1e-6)
+    want = boot_means(tr.val_windows, window_resamples(8, 16))
+    for r in evals[-2:]:
+        assert len(r["val_loss_boot"]) == 16
+        assert r["val_loss_boot"] == pytest.approx(list(want[r["member"]]), abs=1e-6)
+        assert r["val_loss_se"] == pytest.approx(float(boot_se(want[r["member"]])), rel=1e-9)
+        assert r["val_loss_se"] > 0
+
+
+def test_per_window_losses_leave_the_validation_loss_unchanged(tiny_data, tiny_train_config, tmp_path):
+    """evaluate() keeps per-window losses; its mean is bit for bit the model's batch mean."""
+    tr = Trainer(tiny_train_config(), tiny_data, tmp_path)
+    total = torch.zeros(tr.K)
+    with torch.no_grad():
+        for x, y in tr.val:
+            total += tr.model(x, y)[1] * x.shape[0]
+    assert torch.equal(tr.evaluate(), total / sum(x.shape[0] for x, _ in tr.val))
+
+
+def test_no_bootstrap_logs_no_resamples(tiny_data, tiny_train_config, tmp_path):
+    Trainer(tiny_train_config(eval_boot=0, steps=4), tiny_data, tmp_path).train()
+    assert all("val_loss_boot" not in r and "val_loss_se" not in r for r in _records(tmp_path))

@@ -23,7 +23,7 @@ import torch
 
 from trajinv.checkpoint import SIDECAR, load_checkpoint, save_checkpoint
 from trajinv.config import TrainConfig, to_dict
-from trajinv.data import TokenData, sample_batch, validation_batches
+from trajinv.data import TokenData, boot_means, boot_se, sample_batch, validation_batches, window_resamples
 from trajinv.gns.meter import LOG_KEYS, GNSMeter
 from trajinv.model import GPT
 from trajinv.optim.population import STAT_FIELDS, build_optimizer
@@ -86,19 +86,22 @@ class Trainer:
         self.lrs = torch.tensor([m.lr for m in cfg.members])
         self.wds = torch.tensor([m.wd for m in cfg.members])
         self.val = validation_batches(data.val, cfg.model.context, cfg.eval_seqs, batch_size=64)
+        self.boot_counts = window_resamples(cfg.eval_seqs, cfg.eval_boot)
+        self.val_windows = torch.full((self.K, cfg.eval_seqs), math.nan)
         self.step = 0
         self.tokens = 0
         self.seconds = 0.0
         self.alive = torch.ones(self.K, dtype=torch.bool)
         self.last_train = torch.full((self.K,), math.nan)
         self.last_val = torch.full((self.K,), math.nan)
+        self.last_boot = torch.full((self.K, cfg.eval_boot), math.nan, dtype=torch.float64)
 
     # ----------------------------------------------------------------- state
     def _state_tensors(self) -> dict[str, torch.Tensor]:
         t = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         t.update({f"optim.{k}": v for k, v in self.optimizer.state_tensors().items()})
         t["alive"] = self.alive.to(torch.uint8)
-        t["last_train"], t["last_val"] = self.last_train, self.last_val
+        t["last_train"], t["last_val"], t["last_boot"] = self.last_train, self.last_val, self.last_boot
         t["rng"] = torch.get_rng_state()
         if self.gns is not None:
             t.update({f"gns.{k}": v for k, v in self.gns.state_dict().items()})
@@ -125,6 +128,7 @@ class Trainer:
         self.optimizer.load_state_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("optim.")})
         self.alive = tensors["alive"].bool()
         self.last_train, self.last_val = tensors["last_train"], tensors["last_val"]
+        self.last_boot = tensors["last_boot"]
         torch.set_rng_state(tensors["rng"])
         if self.gns is not None:
             self.gns.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("gns.")})
@@ -181,15 +185,22 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> torch.Tensor:
-        """Mean validation loss per member over the fixed validation set."""
+        """Mean validation loss per member over the fixed validation set.
+
+        Each window's mean loss is kept in `val_windows` (K, eval_seqs): the bootstrap
+        (`trajinv.data.bootstrap`) resamples those."""
         self.model.eval()
-        total, count = torch.zeros(self.K), 0
+        total, count, windows = torch.zeros(self.K), 0, []
         for x, y in self.val:
             with _autocast(self.cfg):
-                _, loss = self.model(x.to(self.cfg.device), y.to(self.cfg.device))
-            total += loss.float().cpu() * x.shape[0]
-            count += x.shape[0]
+                _, tok = self.model(x.to(self.cfg.device), y.to(self.cfg.device), reduction="none")
+            n, t = x.shape
+            loss = tok.reshape(self.K, n * t).mean(1)  # exactly the model's mean loss
+            windows.append(tok.mean(2).float().cpu())
+            total += loss.float().cpu() * n
+            count += n
         self.model.train()
+        self.val_windows = torch.cat(windows, dim=1)
         return total / count
 
     def train(self, progress=None, until: int | None = None) -> list[MemberResult]:
@@ -239,6 +250,8 @@ class Trainer:
                 self.last_train = torch.where(finite, loss, self.last_train)
                 if evaluated:
                     self.last_val = torch.where(self.alive, self.evaluate(), self.last_val)
+                    boot = torch.from_numpy(boot_means(self.val_windows, self.boot_counts))
+                    self.last_boot = torch.where(self.alive[:, None], boot, self.last_boot)
                 if logging:
                     self._write_metrics(f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead)
                     f.flush()  # a checkpoint never runs ahead of the metrics it resumes from
@@ -252,6 +265,7 @@ class Trainer:
 
     def _write_metrics(self, f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead) -> None:
         sums = dict(zip(STAT_FIELDS, stats.totals().cpu()))
+        se = boot_se(self.last_boot.numpy())
         for k, m in enumerate(self.cfg.members):
             if not (self.alive[k] or newly_dead[k]):
                 continue
@@ -262,6 +276,11 @@ class Trainer:
                    "grad_norm": _num(grad_norm[k]), "precond_grad_norm": _num(sums["precond_grad_sq"][k].sqrt()),
                    "weight_norm": _num(sums["param_sq"][k].sqrt()), "update_norm": _num(sums["update_sq"][k].sqrt()),
                    "seconds": round(self.seconds, 3), "status": "diverged" if newly_dead[k] else "running"}
+            if self.cfg.eval_boot:
+                # Rounded to 1e-6 nat: far below any spread's noise, and a third of the bytes.
+                boot = [round(float(v), 6) for v in self.last_boot[k]] if evaluated else None
+                rec["val_loss_boot"] = boot if boot and all(map(math.isfinite, boot)) else None
+                rec["val_loss_se"] = _num(se[k]) if evaluated else None
             if gns is not None:
                 rec.update({f"gns_{key}" if "norm" in key else key: _num(gns[key][k]) for key in LOG_KEYS})
                 rec["gns_w_identity"] = bool(gns["w_identity"][k])
