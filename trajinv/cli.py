@@ -235,8 +235,10 @@ def train(lrs, wds, batch_size, out, resume, **o):
 @click.option("--out", default="runs/sweep", show_default=True, type=click.Path(file_okay=False),
               help="Sweep directory; rerunning the same command resumes it.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots and print the analysis.")
+@click.option("--x", "x", default="step", show_default=True, type=click.Choice(["step", "tokens"]),
+              help="Axis of the analysis and plots: steps, or tokens trained (batch sizes compared at equal data).")
 @_fail_cleanly
-def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots, **o):
+def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots, x, **o):
     """Sweep lr x wd (x batch size); the defaults are the CPU demo (iso-LR and iso-ELR groups)."""
     from trajinv.sweep import SweepSpec, log2_range, run_sweep
 
@@ -252,23 +254,25 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
         rows = run_sweep(spec, out, progress=bar)
     click.echo(f"{len(rows)} members -> {Path(out) / 'summary.csv'}")
     if plots:
-        _report(Path(out))
+        _report(Path(out), x)
 
 
-def _report(out: Path) -> None:
+def _report(out: Path, x: str = "step") -> None:
     from trajinv.analysis import analyze_sweep, plot_sweep
 
-    click.echo(analyze_sweep(out).format())
-    for path in plot_sweep(out):
+    click.echo(analyze_sweep(out, x=x).format())
+    for path in plot_sweep(out, x=x):
         click.echo(f"plot: {path}")
 
 
 @main.command()
 @click.argument("sweep_dir", type=click.Path(file_okay=False))
+@click.option("--x", "x", default="step", show_default=True, type=click.Choice(["step", "tokens"]),
+              help="Axis of the analysis and plots: steps, or tokens trained (batch sizes compared at equal data).")
 @_fail_cleanly
-def analyze(sweep_dir):
+def analyze(sweep_dir, x):
     """Print the LR-vs-ELR invariance summary of a sweep and write its plots."""
-    _report(Path(sweep_dir))
+    _report(Path(sweep_dir), x)
 
 
 if __name__ == "__main__":
