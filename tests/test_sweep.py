@@ -36,7 +36,8 @@ def test_populations_split_by_batch_size_and_size():
 
 
 def test_populations_at_a_token_budget_get_their_own_steps():
-    spec = SweepSpec(train=TrainConfig(tokens=64 * 64 * 10), lrs=(0.01,), wds=(1.0,), batch_sizes=("32", "64", "32@0.5,64"))
+    spec = SweepSpec(train=TrainConfig(tokens=64 * 64 * 10), lrs=(0.01,), wds=(1.0,),
+                     batch_sizes=("32", "64", "32@0.5,64"))
     assert [(cfg.steps, cfg.batch_plan().tokens) for _, cfg in spec.populations()] == [
         (20, 64 * 64 * 10), (10, 64 * 64 * 10), (10 + 5, 64 * 64 * 10)]
 

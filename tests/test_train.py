@@ -24,7 +24,8 @@ def test_metrics_lines_per_step_and_member(tiny_data, tiny_train_config, tmp_pat
     assert len(recs) == cfg.steps * 2
     r = recs[-1]
     for key in ("step", "tokens", "lr", "wd", "elr", "batch_size", "batch_schedule", "train_loss", "val_loss",
-                "val_loss_boot", "val_loss_se", "grad_norm", "weight_norm", "update_norm", "precond_grad_norm", "seconds"):
+                "val_loss_boot", "val_loss_se", "grad_norm", "weight_norm", "update_norm", "precond_grad_norm",
+                "seconds"):
         assert key in r, key
     assert r["elr"] == pytest.approx(2e-2 * 0.5) and r["tokens"] == 8 * 4 * 16
     assert [x["val_loss"] is not None for x in recs if x["member"] == 0] == [s % 4 == 0 for s in range(1, 9)]

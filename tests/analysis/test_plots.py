@@ -110,7 +110,8 @@ def test_tokens_axis_and_a_marker_per_batch_schedule(tmp_path):
     d = tmp_path / "runs" / "r0"
     d.mkdir(parents=True)
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in a + b))
-    assert [p.name for p in plot_sweep(tmp_path, x="tokens")] == ["val_loss_by_lr_tokens.png", "val_loss_by_elr_tokens.png"]
+    written = [p.name for p in plot_sweep(tmp_path, x="tokens")]
+    assert written == ["val_loss_by_lr_tokens.png", "val_loss_by_elr_tokens.png"]
     with pytest.raises(ValueError, match="'epochs'"):
         build_loss_figure(a, x="epochs")
     with pytest.raises(ValueError, match="no logged tokens"):
