@@ -12,10 +12,13 @@ import functools
 import inspect
 import textwrap
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
 from trajinv.kernels.backend import ALIASES as BACKEND_ALIASES
 from trajinv.kernels.backend import Backend
+
+if TYPE_CHECKING:
+    from trajinv.schedules import BatchPlan
 
 ParamKind = Literal["matrix", "embedding", "gain"]
 PARAM_KINDS: tuple[str, ...] = get_args(ParamKind)
@@ -341,7 +344,7 @@ class TrainConfig:
             # batch size or context keeps steps consistent with the tokens.
             object.__setattr__(self, "steps", self.batch_plan().steps)
 
-    def batch_plan(self):
+    def batch_plan(self) -> BatchPlan:
         """The run's `trajinv.schedules.BatchPlan`: steps per batch-size stage, from `tokens` if
         set, else from `steps`; a one-line ValueError when the schedule cannot fit them."""
         from trajinv.schedules import BatchSchedule  # schedules imports this module

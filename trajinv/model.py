@@ -112,6 +112,8 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
         """Logits (K, n, t, vocab); with targets also the per-member mean loss (K,), or with
         reduction="none" every token's loss (K, n, t) (the evaluator's per-window losses)."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         n, t = idx.shape
         if t > self.cfg.context:
             raise ValueError(f"sequence length {t} exceeds the model context {self.cfg.context}")
