@@ -67,6 +67,10 @@ def test_sweep_writes_summary_and_plots(corpus, tmp_path):
     (["analyze", "/no/such/sweep"], "/no/such/sweep"),
     (["train", "--gns", "micro-batch", "--gns-every", "0"], "every"),
     (["train", "--gns", "micro-batch", "--micro-batch", "5"], "micro-batch"),
+    (["train", "--steps", "5", "--tokens", "4096"], "--steps 5 disagrees with --tokens 4096"),
+    (["sweep", "--steps", "2", "--tokens", "4096", "--batch-size", "32", "--batch-size", "64"], "'64' makes that 1"),
+    (["train", "--tokens", "0"], "tokens must be a positive integer, got 0"),
+    (["analyze", "/no/such/sweep", "--x", "tokens"], "/no/such/sweep"),
 ])
 def test_bad_input_one_line_error(args, needle, tmp_path):
     res = CliRunner().invoke(cli.main, args + ["--out", str(tmp_path / "o")] if args[0] != "analyze" else args)
@@ -100,3 +104,22 @@ def test_sweep_with_gns_records_noise_scale(corpus, tmp_path):
     assert all("b_precond" in r and r["batch_regime"] in ("small", "large", "") for r in rows)
     assert any(r["b_precond"] for r in rows)
     assert (out / "gns.png").exists()
+
+
+def test_sweep_at_equal_tokens_across_batch_sizes(corpus, tmp_path):
+    """--tokens gives each batch size the steps that train the same tokens; --x tokens compares them there."""
+    import csv
+
+    out = tmp_path / "tok"
+    args = ["--tokens", "1024", "--eval-every", "2", "--eval-seqs", "8", "--log-every", "1", "--warmup", "1",
+            "--data", corpus]
+    res = run("sweep", *args, "--lr", "0.01", "--wd", "0.5", "--wd", "1", "--batch-size", "4", "--batch-size", "8",
+              "--x", "tokens", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["batch_size"], r["steps"], r["tokens"]) for r in rows} == {("4", "4", "1024"), ("8", "2", "1024")}
+    assert "early (tokens" in res.output and (out / "val_loss_by_elr_tokens.png").exists()
+    # A --steps that agrees with --tokens is accepted.
+    agree = run("train", "--steps", "4", "--batch-size", "4", *args, "--out", str(tmp_path / "t"))
+    assert agree.exit_code == 0, agree.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import replace
 
 import click
 import pytest
@@ -82,3 +83,29 @@ def test_torch_is_an_alias_of_the_cpu_backend():
     assert TrainConfig(kernels="torch").kernels == "cpu"
     assert "torch" in cli.main.commands["train"].params[[p.name for p in cli.main.commands["train"].params]
                                                        .index("kernels")].type.choices
+
+
+def test_a_token_budget_decides_the_steps():
+    cfg = TrainConfig(tokens=32 * 64 * 100)  # 100 batches of 32 at context 64
+    assert cfg.steps == 100 and cfg.batch_plan().tokens == 32 * 64 * 100
+    # replace() re-derives: the budget, not a stale step count, decides.
+    assert replace(cfg, batch_size="256").steps == 13  # 12.5 batches of 256: the 13th passes the budget
+    assert replace(cfg, batch_size="32@0.5,64").steps == 50 + 25
+    assert TrainConfig(steps=5, tokens=32 * 64 * 100).steps == 100
+    assert TrainConfig().tokens is None and TrainConfig().batch_plan().counts == (800,)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(tokens=-1), "tokens must be a positive integer, got -1"),
+    (dict(tokens=64, batch_size="8@0.5,x"), "8@0.5,x"),
+])
+def test_bad_token_budgets(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw)
+
+
+@pytest.mark.parametrize("kw, match", [(dict(steps=1, batch_size="8@0.5,32"), "1 steps are too few"),
+                                       (dict(eval_boot=1), "eval_boot must be 0 or >= 2, got 1")])
+def test_validate_checks_the_plan_and_the_bootstrap(kw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kw).validate()

@@ -21,6 +21,19 @@ def test_forward_shapes_and_loss_near_uniform_at_init():
     assert torch.allclose(loss, torch.full((2,), torch.log(torch.tensor(50.0)).item()), atol=0.1)
 
 
+def test_token_losses_average_to_the_mean_loss():
+    """reduction="none" gives every token's loss; their mean over a member is exactly its mean loss."""
+    torch.manual_seed(0)
+    m = GPT(_tiny(), members=2)
+    m.init_weights()
+    idx, tgt = torch.randint(0, 50, (3, 16)), torch.randint(0, 50, (3, 16))
+    _, loss = m(idx, tgt)
+    _, tok = m(idx, tgt, reduction="none")
+    assert tok.shape == (2, 3, 16) and torch.equal(tok.reshape(2, 48).mean(1), loss)
+    with pytest.raises(ValueError, match="'sum'"):
+        m(idx, tgt, reduction="sum")
+
+
 def test_population_equals_separate_models():
     """Each member of a K=3 model matches a K=1 model with its weights: loss and every gradient."""
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from trajinv.config import Member
+from trajinv.config import Member, TrainConfig
 from trajinv.data import DataConfig
 from trajinv.sweep import SweepSpec, log2_range, run_sweep
 
@@ -35,8 +35,17 @@ def test_populations_split_by_batch_size_and_size():
     assert pops[2][1].batch_size == "4@0.5,16"
 
 
+def test_populations_at_a_token_budget_get_their_own_steps():
+    spec = SweepSpec(train=TrainConfig(tokens=64 * 64 * 10), lrs=(0.01,), wds=(1.0,),
+                     batch_sizes=("32", "64", "32@0.5,64"))
+    assert [(cfg.steps, cfg.batch_plan().tokens) for _, cfg in spec.populations()] == [
+        (20, 64 * 64 * 10), (10, 64 * 64 * 10), (10 + 5, 64 * 64 * 10)]
+
+
 @pytest.mark.parametrize("kw, match", [(dict(lrs=()), "lr"), (dict(wds=()), "--wd"), (dict(lrs=(-1.0,)), "-1"),
-                                       (dict(batch_sizes=("x",)), "x"), (dict(elrs=(0.0,), wds=()), "elr")])
+                                       (dict(batch_sizes=("x",)), "x"), (dict(elrs=(0.0,), wds=()), "elr"),
+                                       (dict(batch_sizes=("32", "8@0.5,32"), train=TrainConfig(steps=1)),
+                                        "1 steps are too few for batch-size schedule '8@0.5,32'")])
 def test_bad_specs(kw, match):
     base = dict(lrs=(0.01,), wds=(1.0,))
     base.update(kw)

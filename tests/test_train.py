@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from trajinv.checkpoint import load_checkpoint, save_checkpoint
+from trajinv.data import boot_means, boot_se, window_resamples
 from trajinv.config import Member, OptimConfig
 from helpers import metrics_without_time
 from trajinv.train import METRICS, Trainer
@@ -22,8 +23,9 @@ def test_metrics_lines_per_step_and_member(tiny_data, tiny_train_config, tmp_pat
     recs = _records(tmp_path)
     assert len(recs) == cfg.steps * 2
     r = recs[-1]
-    for key in ("step", "tokens", "lr", "wd", "elr", "batch_size", "train_loss", "val_loss", "grad_norm",
-                "weight_norm", "update_norm", "precond_grad_norm", "seconds"):
+    for key in ("step", "tokens", "lr", "wd", "elr", "batch_size", "batch_schedule", "train_loss", "val_loss",
+                "val_loss_boot", "val_loss_se", "grad_norm", "weight_norm", "update_norm", "precond_grad_norm",
+                "seconds"):
         assert key in r, key
     assert r["elr"] == pytest.approx(2e-2 * 0.5) and r["tokens"] == 8 * 4 * 16
     assert [x["val_loss"] is not None for x in recs if x["member"] == 0] == [s % 4 == 0 for s in range(1, 9)]
@@ -84,11 +86,25 @@ def test_gradient_accumulation_matches_whole_batch(tiny_data, tiny_train_config,
         assert got == pytest.approx(want, rel=1e-5), key
 
 
-def test_batch_size_schedule_changes_tokens(tiny_data, tiny_train_config, tmp_path):
+def test_batch_size_schedule_switches_at_a_fraction_of_the_tokens(tiny_data, tiny_train_config, tmp_path):
+    # 256 tokens at context 16: the first half (128 tokens) is 4 steps of 2, the second 2 steps of 4.
+    tr = Trainer(tiny_train_config(tokens=256, batch_size="2@0.5,4"), tiny_data, tmp_path)
+    assert tr.cfg.steps == 6
+    results = tr.train()
+    recs = [r for r in _records(tmp_path) if r["member"] == 0]
+    assert [r["batch_size"] for r in recs] == [2, 2, 2, 2, 4, 4]
+    assert [r["tokens"] for r in recs] == [32, 64, 96, 128, 192, 256]
+    assert {r["batch_schedule"] for r in recs} == {"2@0.5,4"}
+    assert tr.tokens == 256 and results[0].steps == 6 and results[0].tokens == 256
+
+
+def test_a_step_count_runs_exactly_that_many_steps(tiny_data, tiny_train_config, tmp_path):
+    # 4 steps of '2@0.5,4': the largest budget with 4 steps is 160 tokens; its first half
+    # (80 tokens) takes 3 steps of 2 (96 tokens), the rest 1 step of 4.
     tr = Trainer(tiny_train_config(steps=4, batch_size="2@0.5,4"), tiny_data, tmp_path)
     tr.train()
-    assert [r["batch_size"] for r in _records(tmp_path) if r["member"] == 0] == [2, 2, 4, 4]
-    assert tr.tokens == (2 + 2 + 4 + 4) * 16
+    assert [r["batch_size"] for r in _records(tmp_path) if r["member"] == 0] == [2, 2, 2, 4]
+    assert tr.tokens == (2 + 2 + 2 + 4) * 16
 
 
 def test_bf16_autocast_trains_on_cpu(tiny_data, tiny_train_config, tmp_path):
@@ -264,3 +280,37 @@ def test_diverged_member_summary_shows_where_it_stopped(tiny_data, tiny_train_co
     res = resumed.train()
     assert (res[0].steps, res[0].tokens) == (6, 6 * 4 * 16)
     assert (res[1].steps, res[1].tokens) == (1, 1 * 4 * 16)  # kept through the checkpoint
+
+
+def test_validation_bootstrap_is_logged_per_member_at_each_eval(tiny_data, tiny_train_config, tmp_path):
+    cfg = tiny_train_config(eval_boot=16)
+    tr = Trainer(cfg, tiny_data, tmp_path)
+    tr.train()
+    recs = _records(tmp_path)
+    evals = [r for r in recs if r["val_loss"] is not None]
+    assert {r["step"] for r in evals} == {4, 8}
+    assert all(r["val_loss_boot"] is None and r["val_loss_se"] is None for r in recs if r["val_loss"] is None)
+    # The last eval: the means of the per-window losses under the fixed resamples of the 8 windows.
+    assert tr.val_windows.shape == (2, 8)
+    assert tr.val_windows.double().mean(1).numpy() == pytest.approx([r["val_loss"] for r in evals[-2:]], rel=1e-6)
+    want = boot_means(tr.val_windows, window_resamples(8, 16))
+    for r in evals[-2:]:
+        assert len(r["val_loss_boot"]) == 16
+        assert r["val_loss_boot"] == pytest.approx(list(want[r["member"]]), abs=1e-6)
+        assert r["val_loss_se"] == pytest.approx(float(boot_se(want[r["member"]])), rel=1e-9)
+        assert r["val_loss_se"] > 0
+
+
+def test_per_window_losses_leave_the_validation_loss_unchanged(tiny_data, tiny_train_config, tmp_path):
+    """evaluate() keeps per-window losses; its mean is bit for bit the model's batch mean."""
+    tr = Trainer(tiny_train_config(), tiny_data, tmp_path)
+    total = torch.zeros(tr.K)
+    with torch.no_grad():
+        for x, y in tr.val:
+            total += tr.model(x, y)[1] * x.shape[0]
+    assert torch.equal(tr.evaluate(), total / sum(x.shape[0] for x, _ in tr.val))
+
+
+def test_no_bootstrap_logs_no_resamples(tiny_data, tiny_train_config, tmp_path):
+    Trainer(tiny_train_config(eval_boot=0, steps=4), tiny_data, tmp_path).train()
+    assert all("val_loss_boot" not in r and "val_loss_se" not in r for r in _records(tmp_path))

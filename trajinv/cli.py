@@ -90,6 +90,7 @@ _COMMON = [
     (ModelConfig, None, ("--preset",), dict(default=DEFAULT_PRESET, type=click.Choice(list(PRESETS)),
                                             help="Model preset.")),
     (TrainConfig, "steps", (), {}),
+    (TrainConfig, "tokens", (), dict(type=int)),
     (TrainConfig, "micro_batch", (), {}),
     (ScheduleConfig, "kind", ("--schedule",), {}),
     (ScheduleConfig, "warmup", (), {}),
@@ -103,6 +104,7 @@ _COMMON = [
     (OptimConfig, "clip", (), {}),
     (TrainConfig, "eval_every", (), {}),
     (TrainConfig, "eval_seqs", (), {}),
+    (TrainConfig, "eval_boot", (), {}),
     (TrainConfig, "log_every", (), {}),
     (TrainConfig, "checkpoint_every", (), {}),
     (TrainConfig, "keep_checkpoints", (), {}),
@@ -135,17 +137,35 @@ def _configs(o: dict, members: tuple[Member, ...] | None = None, batch_size: str
     train = TrainConfig(
         model=preset(o["preset"]),
         members=members or default(TrainConfig, "members"),
-        steps=o["steps"], batch_size=batch_size or default(TrainConfig, "batch_size"), micro_batch=o["micro_batch"],
+        steps=o["steps"], tokens=o["tokens"], batch_size=batch_size or default(TrainConfig, "batch_size"),
+        micro_batch=o["micro_batch"],
         optim=OptimConfig(name=o["optimizer"], betas=(o["beta1"], o["beta2"]), clip=o["clip"],
                           decay_mode=o["decay_mode"]),
         schedule=ScheduleConfig(kind=o["schedule"], warmup=o["warmup"], decay_fraction=o["decay_fraction"]),
-        eval_every=o["eval_every"], eval_seqs=o["eval_seqs"], log_every=o["log_every"],
-        checkpoint_every=o["checkpoint_every"], keep_checkpoints=o["keep_checkpoints"], seed=o["seed"], device=o["device"], dtype=o["dtype"],
+        eval_every=o["eval_every"], eval_seqs=o["eval_seqs"], eval_boot=o["eval_boot"], log_every=o["log_every"],
+        checkpoint_every=o["checkpoint_every"], keep_checkpoints=o["keep_checkpoints"], seed=o["seed"],
+        device=o["device"], dtype=o["dtype"],
         kernels=o["kernels"],
         gns=GNSConfig(mode=o["gns"], every=o["gns_every"], precond_warmup=o["gns_warmup"],
                       embeddings=o["gns_embeddings"]),
     )
     return train, DataConfig(source=o["data"], tokenizer=o["tokenizer"], seed=o["seed"])
+
+
+def _check_steps_and_tokens(o: dict, train: TrainConfig, batch_sizes) -> None:
+    """--tokens decides the length; a --steps also on the command line must agree with it for
+    every batch size (a default --steps is not a request)."""
+    from dataclasses import replace
+
+    ctx = click.get_current_context(silent=True)
+    given = ctx is not None and ctx.get_parameter_source("steps") not in (None, click.core.ParameterSource.DEFAULT)
+    if o["tokens"] is None or not given:
+        return
+    for bs in batch_sizes:
+        derived = replace(train, batch_size=bs).steps
+        if derived != o["steps"]:
+            raise ValueError(f"--steps {o['steps']} disagrees with --tokens {o['tokens']}: batch size {bs!r} "
+                             f"makes that {derived} steps; give one of them")
 
 
 class _Progress:
@@ -242,6 +262,7 @@ def train(lrs, wds, batch_size, out, resume, **o):
         raise ValueError(f"--lr given {len(lrs)} times but --wd {len(wds)} times; pair them")
     cfg, data_cfg = _configs(o, tuple(Member(lr, wd) for lr, wd in zip(lrs, wds)), batch_size)
     cfg.validate()  # before the data loads: a bad value fails fast
+    _check_steps_and_tokens(o, cfg, (batch_size,))
     dist, data = ddp.setup(cfg, data_cfg)  # under torchrun: one population over the ranks; rank 0 writes
     trainer = Trainer(cfg, data, out, run_id=Path(out).name, dist=dist)
     if trainer.has_checkpoint() and not resume:
@@ -277,8 +298,10 @@ def train(lrs, wds, batch_size, out, resume, **o):
               help="Sweep directory; rerunning the same command resumes it.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots and print the analysis.")
 @scale_options
+@click.option("--x", "x", default="step", show_default=True, type=click.Choice(["step", "tokens"]),
+              help="Axis of the analysis and plots: steps, or tokens trained (batch sizes compared at equal data).")
 @_fail_cleanly
-def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots, **o):
+def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots, x, **o):
     """Sweep lr x wd (x batch size); the defaults are the CPU demo (iso-LR and iso-ELR groups)."""
     from trajinv.parallel.runner import failures
     from trajinv.sweep import SweepSpec, log2_range, run_sweep
@@ -290,6 +313,7 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
     if not lrs and not wds and not elrs:
         lrs, wds = DEMO_LRS, DEMO_WDS
     train_cfg, data_cfg = _configs(o)
+    _check_steps_and_tokens(o, train_cfg, batch_sizes)
     spec = SweepSpec(train=train_cfg, data=data_cfg, lrs=lrs, wds=wds, elrs=tuple(elrs),
                      batch_sizes=tuple(batch_sizes), population=population)
     with _Progress("sweep") as bar:
@@ -300,7 +324,7 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
         raise ValueError(f"{len(failed)} population(s) failed ({', '.join(failed)}; errors in summary.csv); "
                          "rerun the same command to retry them")
     if plots:
-        _report(Path(out))
+        _report(Path(out), x)
 
 
 @main.command()
@@ -358,10 +382,10 @@ def fit(dirs, target_tokens, out):
         click.echo(f"wrote: {path}")
 
 
-def _report(out: Path) -> None:
+def _report(out: Path, x: str = "step") -> None:
     from trajinv.analysis.report import sweep_report
 
-    text, paths = sweep_report(out)
+    text, paths = sweep_report(out, x=x)
     click.echo(text)
     for path in paths:
         click.echo(f"plot: {path}")
@@ -369,10 +393,12 @@ def _report(out: Path) -> None:
 
 @main.command()
 @click.argument("sweep_dir", type=click.Path(file_okay=False))
+@click.option("--x", "x", default="step", show_default=True, type=click.Choice(["step", "tokens"]),
+              help="Axis of the analysis and plots: steps, or tokens trained (batch sizes compared at equal data).")
 @_fail_cleanly
-def analyze(sweep_dir):
+def analyze(sweep_dir, x):
     """Print the LR-vs-ELR invariance summary of a sweep and write its plots."""
-    _report(Path(sweep_dir))
+    _report(Path(sweep_dir), x)
 
 
 if __name__ == "__main__":

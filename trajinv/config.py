@@ -13,10 +13,13 @@ import inspect
 import math
 import textwrap
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
 from trajinv.kernels.backend import ALIASES as BACKEND_ALIASES
 from trajinv.kernels.backend import Backend
+
+if TYPE_CHECKING:
+    from trajinv.schedules import BatchPlan
 
 ParamKind = Literal["matrix", "embedding", "gain"]
 PARAM_KINDS: tuple[str, ...] = get_args(ParamKind)
@@ -317,9 +320,16 @@ class TrainConfig:
     members: tuple[Member, ...] = (Member(),)
     """The population; K = len(members); K = 1 is an ordinary run."""
     steps: int = 800
-    """Optimizer steps per run."""
+    """Optimizer steps per run (with `tokens` set: derived from the token budget instead)."""
+    tokens: int | None = None
+    """Token budget (sequences x context over all steps), an alternative to --steps: when set, the
+    steps are derived from it through the batch-size plan (trajinv.schedules) and replace `steps`.
+
+    The last step may pass the budget by less than one batch; `steps` given with it is ignored
+    (the CLI refuses --steps and --tokens that disagree)."""
     batch_size: str = "32"
-    """Sequences per step, or a schedule like '8@0.2,32' (8 until 20% of the steps, then 32)."""
+    """Sequences per step, or a schedule like '32@0.1,256' (32 for the first 10% of the run's tokens,
+    then 256)."""
     micro_batch: int = 0
     """Largest micro-batch per forward/backward (gradient accumulation); 0 = whole batch."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -331,6 +341,9 @@ class TrainConfig:
     eval_seqs: int = 512
     """Validation sequences (a fixed set); 512 windows at context 64 measured a standard error
     of the mean loss of ~0.02 nat, against 0.09 for 16 (trajinv.data)."""
+    eval_boot: int = 64
+    """Bootstrap resamples of the validation windows behind each eval's val_loss_boot and val_loss_se
+    (0: none). The same resamples for every member and step, so analysis resamples spreads jointly."""
     log_every: int = 10
     """Write a metrics line every N steps (and at every eval)."""
     checkpoint_every: int = 200
@@ -353,6 +366,20 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.kernels in BACKEND_ALIASES:
             object.__setattr__(self, "kernels", BACKEND_ALIASES[self.kernels])
+        if self.tokens is not None:
+            # The budget decides: re-derived on every construction, so replace() with another
+            # batch size or context keeps steps consistent with the tokens.
+            object.__setattr__(self, "steps", self.batch_plan().steps)
+
+    def batch_plan(self) -> BatchPlan:
+        """The run's `trajinv.schedules.BatchPlan`: steps per batch-size stage, from `tokens` if
+        set, else from `steps`; a one-line ValueError when the schedule cannot fit them."""
+        from trajinv.schedules import BatchSchedule  # schedules imports this module
+
+        schedule = BatchSchedule.parse(self.batch_size)
+        if self.tokens is not None:
+            return schedule.plan_for_tokens(self.tokens, self.model.context)
+        return schedule.plan_for_steps(self.steps, self.model.context)
 
     def validate(self) -> None:
         self.model.validate()
@@ -368,9 +395,9 @@ class TrainConfig:
             raise ValueError(f"micro_batch and checkpoint_every must be >= 0, got {self.micro_batch}, {self.checkpoint_every}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        from trajinv.schedules import BatchSchedule  # it imports this module
-
-        BatchSchedule.parse(self.batch_size)
+        if self.eval_boot < 0 or self.eval_boot == 1:
+            raise ValueError(f"eval_boot must be 0 or >= 2, got {self.eval_boot}")
+        self.batch_plan()  # the schedule parses and fits the run's length
 
 
 RESUME_NEUTRAL = frozenset({"keep_checkpoints"})

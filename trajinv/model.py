@@ -109,8 +109,11 @@ class GPT(nn.Module):
             one = torch.empty(p.shape[1:], device=p.device).normal_(0.0, s, generator=generator)
             p.copy_(one.expand_as(p))
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (K, n, t, vocab); with targets also the per-member mean loss (K,)."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        """Logits (K, n, t, vocab); with targets also the per-member mean loss (K,), or with
+        reduction="none" every token's loss (K, n, t) (the evaluator's per-window losses)."""
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
         n, t = idx.shape
         if t > self.cfg.context:
             raise ValueError(f"sequence length {t} exceeds the model context {self.cfg.context}")
@@ -126,6 +129,8 @@ class GPT(nn.Module):
             logits.reshape(K * n * t, V).float(), targets.reshape(1, n * t).expand(K, -1).reshape(-1),
             reduction="none",
         )
+        if reduction == "none":
+            return logits, loss.view(K, n, t)
         return logits, loss.view(K, n * t).mean(1)
 
 

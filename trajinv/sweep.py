@@ -98,8 +98,9 @@ class SweepSpec:
             raise ValueError(f"population must be >= 0, got {self.population}")
         for b in self.batch_sizes:
             BatchSchedule.parse(b)
-        self.members()  # validates every lr and wd
-        replace(self.train, members=self.members()).validate()
+        members = self.members()  # validates every lr and wd
+        for b in self.batch_sizes:  # each population's schedule must fit the run's steps or tokens
+            replace(self.train, members=members, batch_size=b).validate()
 
     def populations(self) -> list[tuple[str, TrainConfig]]:
         """(run_id, config) per population, in a stable order."""

@@ -32,7 +32,7 @@ import torch
 from trajinv.atomic import atomic_write
 from trajinv.checkpoint import CheckpointError, clean_run_dir, has_checkpoint, load_checkpoint, save_checkpoint
 from trajinv.config import PARAM_KINDS, TrainConfig, same_run, to_dict
-from trajinv.data import TokenData, sample_batch, validation_batches
+from trajinv.data import TokenData, boot_means, boot_se, sample_batch, validation_batches, window_resamples
 from trajinv.gns.meter import LOG_KEYS, GNSMeter
 from trajinv.model import GPT, param_kind
 from trajinv.optim.population import STAT_FIELDS, build_optimizer
@@ -99,6 +99,7 @@ class Trainer:
         self.cfg, self.data, self.run_id = cfg, data, run_id
         self.run_dir = Path(run_dir)
         self.batches = BatchSchedule.parse(cfg.batch_size)
+        self.plan = cfg.batch_plan()  # steps per batch-size stage: from cfg.tokens or cfg.steps
         self.K = len(cfg.members)
         dev = torch.device(cfg.device)
         self.model = GPT(cfg.model, members=self.K).to(dev)
@@ -114,12 +115,15 @@ class Trainer:
         self.lrs = torch.tensor([m.lr for m in cfg.members])
         self.wds = torch.tensor([m.wd for m in cfg.members])
         self.val = validation_batches(data.val, cfg.model.context, cfg.eval_seqs, batch_size=64)
+        self.boot_counts = window_resamples(cfg.eval_seqs, cfg.eval_boot)
+        self.val_windows = torch.full((self.K, cfg.eval_seqs), math.nan)
         self.step = 0
         self.tokens = 0
         self.seconds = 0.0
         self.alive = torch.ones(self.K, dtype=torch.bool)
         self.last_train = torch.full((self.K,), math.nan)
         self.last_val = torch.full((self.K,), math.nan)
+        self.last_boot = torch.full((self.K, cfg.eval_boot), math.nan, dtype=torch.float64)
         # where each member stopped when its loss turned non-finite (step, tokens); -1 while alive
         self.diverged_at = torch.full((2, self.K), -1, dtype=torch.int64)
         self._saved_step = -1
@@ -130,7 +134,7 @@ class Trainer:
         t.update({f"optim.{k}": v for k, v in self.optimizer.state_tensors().items()})
         t["alive"] = self.alive.to(torch.uint8)
         t["diverged_at"] = self.diverged_at
-        t["last_train"], t["last_val"] = self.last_train, self.last_val
+        t["last_train"], t["last_val"], t["last_boot"] = self.last_train, self.last_val, self.last_boot
         t["rng"] = torch.get_rng_state()
         if self.gns is not None:
             t.update({f"gns.{k}": v for k, v in self.gns.state_dict().items()})
@@ -188,7 +192,7 @@ class Trainer:
         where = self.run_dir / meta["tensor_file"]
         K = self.K
         want = {f"model.{k}": tuple(v.shape) for k, v in self.model.state_dict().items()}
-        want.update({"alive": (K,), "last_train": (K,), "last_val": (K,)})
+        want.update({"alive": (K,), "last_train": (K,), "last_val": (K,), "last_boot": tuple(self.last_boot.shape)})
         for key, shape in want.items():
             t = tensors.get(key)
             if t is None or tuple(t.shape) != shape:
@@ -206,6 +210,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint tensor file {where} does not fit this run ({reason})") from None
         self.alive = tensors["alive"].bool()
         self.last_train, self.last_val = tensors["last_train"], tensors["last_val"]
+        self.last_boot = tensors["last_boot"]
         at = tensors.get("diverged_at")
         if at is None or tuple(at.shape) != (2, K):  # older checkpoints: the step of the checkpoint
             at = torch.where(self.alive, -1, torch.tensor([[meta["step"]], [meta["tokens"]]], dtype=torch.int64))
@@ -290,18 +295,30 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> torch.Tensor:
-        """Mean validation loss per member over the fixed validation set."""
+        """Mean validation loss per member over the fixed validation set.
+
+        Each window's mean loss is kept in `val_windows` (K, eval_seqs): the bootstrap
+        (`trajinv.data.bootstrap`) resamples those."""
         self.model.eval()
         total, count = torch.zeros(self.K), 0
-        for x, y in self.val[self.dist.rank :: self.dist.world_size]:  # scale-out: ranks split the set
-            with _autocast(self.cfg):
-                _, loss = self.model(x.to(self.cfg.device), y.to(self.cfg.device))
-            total += loss.float().cpu() * x.shape[0]
-            count += x.shape[0]
-        if self.dist.active:
+        windows = torch.zeros(self.K, sum(x.shape[0] for x, _ in self.val))
+        start = 0
+        for i, (x, y) in enumerate(self.val):
+            n, t = x.shape
+            if i % self.dist.world_size == self.dist.rank:  # scale-out: ranks split the set
+                with _autocast(self.cfg):
+                    _, tok = self.model(x.to(self.cfg.device), y.to(self.cfg.device), reduction="none")
+                loss = tok.reshape(self.K, n * t).mean(1)  # exactly the model's mean loss
+                windows[:, start : start + n] = tok.mean(2).float().cpu()
+                total += loss.float().cpu() * n
+                count += n
+            start += n
+        if self.dist.active:  # every rank gets the whole set's sums and per-window losses
             total = self.dist.all_reduce_(torch.cat([total, torch.tensor([float(count)])]))
             total, count = total[:-1], int(total[-1])
+            windows = self.dist.all_reduce_(windows)
         self.model.train()
+        self.val_windows = windows
         return total / count
 
     def train(self, progress=None, until: int | None = None) -> list[MemberResult]:
@@ -318,7 +335,7 @@ class Trainer:
             stop = cfg.steps if until is None else min(until, cfg.steps)
             while self.step < stop and bool(self.alive.any()):
                 step = self.step
-                bs = self.batches.at(step, cfg.steps)
+                bs = self.plan.at(step)
                 mult = lr_multiplier(step, cfg.steps, cfg.schedule)
                 measured = self.gns is not None and self.gns.begin_step(
                     step, self.optimizer.preconditioners() if self.gns.wants_preconditioner(step) else None)
@@ -356,6 +373,8 @@ class Trainer:
                 self.diverged_at[1, newly_dead] = self.tokens
                 if evaluated:
                     self.last_val = torch.where(self.alive, self.evaluate(), self.last_val)
+                    boot = torch.from_numpy(boot_means(self.val_windows, self.boot_counts))
+                    self.last_boot = torch.where(self.alive[:, None], boot, self.last_boot)
                 if logging:
                     with self._naming_errors(f):
                         self._write_metrics(f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead)
@@ -390,6 +409,7 @@ class Trainer:
 
     def _write_metrics(self, f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead) -> None:
         sums = dict(zip(STAT_FIELDS, stats.totals().cpu()))
+        se = boot_se(self.last_boot.numpy())
         # per parameter kind: the weight norm and the step's update norm, the phase analysis' input
         by_kind = {kind: stats.totals(names)[2:].sqrt().cpu() for kind, names in self.kinds.items()}
         for k, m in enumerate(self.cfg.members):
@@ -397,12 +417,18 @@ class Trainer:
                 continue
             rec = {"run_id": self.run_id, "member": k, "name": m.name, "step": self.step, "tokens": self.tokens,
                    "lr": m.lr * mult, "base_lr": m.lr, "wd": m.wd, "elr": m.elr, "batch_size": bs,
+                   "batch_schedule": str(self.batches),
                    "train_loss": _num(loss[k]), "val_loss": _num(self.last_val[k]) if evaluated else None,
                    "grad_norm": _num(grad_norm[k]), "precond_grad_norm": _num(sums["precond_grad_sq"][k].sqrt()),
                    "weight_norm": _num(sums["param_sq"][k].sqrt()), "update_norm": _num(sums["update_sq"][k].sqrt()),
                    **{f"{what}_norm_{kind}": _num(v[i, k]) for kind, v in by_kind.items()
                       for i, what in enumerate(("weight", "update"))},
                    "seconds": round(self.seconds, 3), "status": "diverged" if newly_dead[k] else "running"}
+            if self.cfg.eval_boot:
+                # Rounded to 1e-6 nat: far below any spread's noise, and a third of the bytes.
+                boot = [round(float(v), 6) for v in self.last_boot[k]] if evaluated else None
+                rec["val_loss_boot"] = boot if boot and all(map(math.isfinite, boot)) else None
+                rec["val_loss_se"] = _num(se[k]) if evaluated else None
             if gns is not None:
                 rec.update({f"gns_{key}" if "norm" in key else key: _num(gns[key][k]) for key in LOG_KEYS})
                 rec["gns_w_identity"] = bool(gns["w_identity"][k])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from trajinv.analysis.invariance import analyze_sweep, invariance_report, iso_elr_groups, iso_lr_groups, transition_step
+from trajinv.analysis.spreads import NOISE_Z
 from trajinv.analysis.records import curves, load_metrics, load_summary
 
 LRS = (2e-3, 4e-3, 8e-3)
@@ -223,3 +224,172 @@ def test_missing_empty_and_malformed_sweep_dirs(tmp_path):
     (d / "metrics.jsonl").write_text('{"step": 1\n{"step": 2}\n')
     with pytest.raises(ValueError, match="metrics.jsonl:1"):
         load_metrics(tmp_path)
+
+
+# ------------------------------------------------------------- batch-size schedules
+
+
+def schedule_records(loss, schedule, run_id, lrs=(0.01, 0.02), wds=(0.5, 1.0, 2.0), steps=range(0, 1001, 50),
+                     sizes=None, member0=0, context=64):
+    """Records of one population; `sizes(step)` is the batch of a step (constant: int(schedule))."""
+    sizes = sizes or (lambda s: int(schedule))
+    recs, m = [], member0
+    for lr in lrs:
+        for wd in wds:
+            tokens = 0
+            for s in range(max(steps) + 1):
+                if s in steps:
+                    v = loss(lr, wd, s)
+                    recs.append({"run_id": run_id, "member": m, "name": f"lr={lr:g},wd={wd:g}", "step": s,
+                                 "tokens": tokens, "lr": lr, "base_lr": lr, "wd": wd, "elr": lr * wd,
+                                 "batch_size": sizes(s), "batch_schedule": schedule, "train_loss": v, "val_loss": v})
+                tokens += sizes(s) * context
+            m += 1
+    return recs
+
+
+def test_populations_of_different_schedules_are_never_grouped_together():
+    """The issue's case: a '32@0.1,256' population beside a constant-32 one. Both start at batch 32,
+    so grouping by the first batch size put them in one iso-LR group, whose spread was then the gap
+    between the runs (0.51 here), though each run alone is exactly LR-invariant."""
+    lr_only = lambda lr, wd, s: f(lr * s)  # noqa: E731
+    const = schedule_records(lr_only, "32", "bs32")
+    sched = schedule_records(lambda lr, wd, s: lr_only(lr, wd, s) + 0.51, "32@0.1,256", "bs32at0.1-256",
+                             sizes=lambda s: 32 if s < 100 else 256)
+    recs = const + sched
+    # Today's grouping, by hand: by base lr within the first logged batch size (32 for everyone).
+    late = {}
+    for r in recs:
+        if r["step"] == 1000:
+            late.setdefault(r["base_lr"], []).append(r["val_loss"])
+    assert np.mean([max(v) - min(v) for v in late.values()]) == pytest.approx(0.51)
+    rep = invariance_report(recs)
+    assert rep.iso_lr_early == 0.0 and rep.iso_lr_late == 0.0 and rep.verdict_late == "LR"
+    lr_groups = [g for g in rep.groups if g.kind == "LR"]
+    assert len(lr_groups) == 4 and {g.batch_schedule for g in lr_groups} == {"32", "32@0.1,256"}
+    assert all(len(g.members) == 3 for g in lr_groups)
+    assert "B=32@0.1,256" in rep.format(details=True)
+    # Records written before batch_schedule was logged: the batch sizes seen tell the runs apart.
+    legacy = [{k: v for k, v in r.items() if k != "batch_schedule"} for r in recs]
+    assert {c.batch_schedule for c in curves(legacy).values()} == {"32", "32,256"}
+    assert invariance_report(legacy).iso_lr_late == 0.0
+
+
+def test_one_schedule_split_over_populations_still_groups_together():
+    recs = schedule_records(switched, "32", "bs32-p0", lrs=(2e-3,)) + \
+        schedule_records(switched, "32", "bs32-p1", lrs=(4e-3, 8e-3), member0=0)
+    groups = iso_elr_groups(curves(recs).values())
+    assert any({c.run_id for c in g.members} == {"bs32-p0", "bs32-p1"} for g in groups)
+    assert invariance_report(recs).transition_step == 300
+
+
+def test_tokens_axis_reads_the_same_curves_at_tokens_trained():
+    recs = schedule_records(switched, "32", "bs32", lrs=LRS, wds=WDS)
+    by_step, by_tokens = invariance_report(recs), invariance_report(recs, x="tokens")
+    per_step = 32 * 64
+    assert (by_tokens.early_step, by_tokens.late_step) == (100 * per_step, 1000 * per_step)
+    assert by_tokens.transition_step == 300 * per_step and by_tokens.x == "tokens"
+    assert by_tokens.transition_elr_steps == pytest.approx(by_step.transition_elr_steps)  # still lr*wd*step
+    for k in ("iso_lr_early", "iso_elr_early", "iso_lr_late", "iso_elr_late"):
+        assert getattr(by_tokens, k) == pytest.approx(getattr(by_step, k), abs=1e-15), k
+    assert f"early (tokens {100 * per_step})" in by_tokens.format()
+    with pytest.raises(ValueError, match="'epochs'"):
+        invariance_report(recs, x="epochs")
+
+
+def test_tokens_axis_compares_batch_sizes_at_equal_data():
+    """Batch 32 for 1000 steps and batch 64 for 500 steps train the same tokens: on the step axis
+    the late point is where the batch-64 run ends, halfway through the batch-32 run; on the
+    tokens axis it is the end of both."""
+    small = schedule_records(switched, "32", "bs32")
+    large = schedule_records(switched, "64", "bs64", steps=range(0, 501, 25))
+    rep_step, rep_tok = invariance_report(small + large), invariance_report(small + large, x="tokens")
+    assert rep_step.late_step == 500
+    assert rep_tok.late_step == 1000 * 32 * 64
+    assert {g.batch_schedule for g in rep_tok.groups} == {"32", "64"}
+    g32 = next(g for g in rep_tok.groups if g.kind == "LR" and g.batch_schedule == "32" and g.value == 0.01)
+    want = max(switched(0.01, wd, 1000) for wd in (0.5, 1, 2)) - min(switched(0.01, wd, 1000) for wd in (0.5, 1, 2))
+    assert g32.late == pytest.approx(want)
+
+
+# ------------------------------------------------------------------ noise
+
+
+def noisy_records(means, n=512, sigma=0.05, steps=(100, 1000), seed=0, boot=64):
+    """Records whose val_loss is the mean of per-window losses mu + window difficulty + member noise,
+    with val_loss_boot as the trainer logs it (the same resamples for every member)."""
+    from trajinv.data import boot_means, window_resamples
+
+    rng = np.random.default_rng(seed)
+    counts = window_resamples(n, boot)
+    recs, noise = [], {}
+    for s in steps:
+        shared = rng.normal(0.0, 0.4, size=n)
+        for m, ((lr, wd), mu) in enumerate(means.items()):
+            eps = rng.normal(0.0, sigma, size=n)
+            noise[m, s] = eps
+            w = mu(s) + shared + eps
+            recs.append({"run_id": "r", "member": m, "name": f"lr={lr:g},wd={wd:g}", "step": s, "tokens": s * 2048,
+                         "base_lr": lr, "wd": wd, "elr": lr * wd, "batch_size": 32, "batch_schedule": "32",
+                         "train_loss": float(w.mean()), "val_loss": float(w.mean()),
+                         "val_loss_boot": [round(float(v), 6) for v in boot_means(w[None], counts)[0]]})
+    return recs, noise
+
+
+def test_spread_standard_errors_and_within_noise_flags():
+    # lr=0.01: wd 1 vs 2 differ by 0.1 (far beyond noise); lr=0.02: wd 0.5 vs 1 by 0.0005 (within it).
+    means = {(0.01, 1.0): lambda s: 3.0, (0.01, 2.0): lambda s: 3.1,
+             (0.02, 0.5): lambda s: 3.0, (0.02, 1.0): lambda s: 3.0005}
+    recs, noise = noisy_records(means)
+    rep = invariance_report(recs, early_step=100, late_step=1000)
+    far, close = (next(g for g in rep.groups if g.kind == "LR" and g.value == lr) for lr in (0.01, 0.02))
+    analytic = np.std(noise[1, 1000] - noise[0, 1000], ddof=1) / np.sqrt(512)  # SE of a paired mean gap
+    assert far.late_se == pytest.approx(analytic, rel=0.3)
+    assert far.late_within_noise is False and close.late_within_noise is True
+    assert close.late < NOISE_Z * analytic
+    # The shared window difficulty (0.4 / sqrt(512) = 0.018 per member) cancels in every spread.
+    assert rep.iso_lr_late_se < 0.005
+    assert far.late_octave == pytest.approx(far.late, rel=1e-12)  # two members one octave apart
+    text = rep.format(details=True)
+    assert " ± " in text and "~" in text and "within noise" in text
+    d = rep.to_dict()
+    assert d["iso_lr_late_se"] == rep.iso_lr_late_se and d["groups"][0]["late_se"] == rep.groups[0].late_se
+    json.dumps(d)
+
+
+def test_an_lr_vs_elr_difference_within_noise_is_flagged():
+    # iso-LR group lr=0.01 (3.0 vs 3.02) and iso-ELR group elr=0.02 (3.02 vs 3.0401): gaps 0.02 and
+    # 0.0201 differ by far less than their noise, so the verdict rests on noise.
+    means = {(0.01, 1.0): lambda s: 3.0, (0.01, 2.0): lambda s: 3.02, (0.02, 1.0): lambda s: 3.0401}
+    recs, _ = noisy_records(means)
+    rep = invariance_report(recs, early_step=100, late_step=1000)
+    assert rep.verdict_late in ("LR", "ELR") and rep.within_noise_late is True
+    assert abs(rep.iso_lr_late - rep.iso_elr_late) <= NOISE_Z * rep.difference_late_se
+    assert f"{rep.verdict_late} (within noise)" in rep.format()
+    # A clear difference is not flagged.
+    means[(0.02, 1.0)] = lambda s: 3.3
+    rep = invariance_report(noisy_records(means)[0], early_step=100, late_step=1000)
+    assert rep.verdict_late == "LR" and rep.within_noise_late is False and "within noise" not in rep.format()
+
+
+def test_reports_without_resamples_have_no_uncertainty():
+    rep = invariance_report(make_records(switched))
+    assert math.isnan(rep.iso_lr_late_se) and rep.within_noise_late is None
+    assert " ± " not in rep.format()
+    late = {(lr, wd): switched(lr, wd, 1000) for lr in LRS for wd in WDS}  # wd 0.05, 0.1, 0.2: factor 2 apart
+    octave = [np.mean([abs(late[lr, 0.1] - late[lr, 0.05]), abs(late[lr, 0.2] - late[lr, 0.1])]) for lr in LRS]
+    assert rep.iso_lr_late_octave == pytest.approx(np.mean(octave))
+
+
+def test_curves_carry_schedule_tokens_and_resamples():
+    recs, _ = noisy_records({(0.01, 1.0): lambda s: 3.0}, steps=(100, 200), boot=8)
+    recs.append({**recs[0], "step": 150, "val_loss": None, "val_loss_boot": None})  # a logged step without eval
+    (c,) = curves(recs).values()
+    assert c.batch_schedule == "32" and c.run_id == "r" and list(c.tokens) == [100 * 2048, 200 * 2048]
+    assert c.boot.shape == (2, 8)
+    mid = c.boot_at(150)
+    assert mid == pytest.approx((c.boot[0] + c.boot[1]) / 2) and c.boot_at(250) is None
+    assert list(c.boot_at(150 * 2048, x="tokens")) == list(mid) and c.step_at(150 * 2048, "tokens") == 150
+    assert list(c.select(c.steps > 100).boot[0]) == list(c.boot[1])
+    partial = [r if r["step"] == 100 else {**r, "val_loss_boot": None} for r in recs]
+    assert next(iter(curves(partial).values())).boot is None  # resamples missing at a point: none at all

@@ -92,3 +92,27 @@ def test_gns_figure_has_batch_size_line():
     hlines = [ln for ln in ax.lines if list(ln.get_ydata()) == [32, 32]]
     assert len(ax.lines) == 9 + 1 and len(hlines) == 1 and ax.get_yscale() == "log"
     assert build_gns_figure(make_records()) is None
+
+
+def test_tokens_axis_and_a_marker_per_batch_schedule(tmp_path):
+    a = make_records(lrs=(4e-3,), wds=(0.5, 1.0))
+    b = [{**r, "run_id": "r1", "batch_size": 64, "batch_schedule": "32@0.1,64"} for r in a]
+    for r in a:
+        r["batch_schedule"] = "32"
+    for r in a + b:
+        r["tokens"] = r["step"] * r["batch_size"] * 64
+    lines = build_loss_figure(a + b, x="tokens").axes[0].lines
+    assert len(lines) == 4
+    assert {ln.get_marker() for ln in lines} == {"o", "s"}  # one marker per schedule
+    assert max(lines[0].get_xdata()) == 200 * 32 * 64 and max(lines[-1].get_xdata()) == 200 * 64 * 64
+    fig = build_loss_figure(a, x="tokens")
+    assert fig.axes[0].get_xlabel() == "tokens trained" and {ln.get_marker() for ln in fig.axes[0].lines} == {"None"}
+    d = tmp_path / "runs" / "r0"
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in a + b))
+    written = [p.name for p in plot_sweep(tmp_path, x="tokens")]
+    assert written == ["val_loss_by_lr_tokens.png", "val_loss_by_elr_tokens.png"]
+    with pytest.raises(ValueError, match="'epochs'"):
+        build_loss_figure(a, x="epochs")
+    with pytest.raises(ValueError, match="no logged tokens"):
+        build_loss_figure(make_records(), x="tokens")

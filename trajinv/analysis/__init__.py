@@ -1,8 +1,9 @@
 """What training runs say: their records, the invariance they show, and pictures of it.
 
 - `records`: read metrics and the summary; one `Curve` per member.
-- `invariance`: iso-LR and iso-ELR groups, their spreads early and late, the
-  LR -> ELR transition (`analyze_sweep`).
+- `invariance`: iso-LR and iso-ELR groups (within one batch-size schedule), their
+  spreads early and late, the LR -> ELR transition (`analyze_sweep`).
+- `spreads`: max-min, the per-octave gap, and their validation-bootstrap noise.
 - `plots`: PNG figures of a sweep (`plot_sweep`).
 - `phase`: one run's weight-norm equilibrium and regime, without a grid.
 - `scaling`: optimal lr / wd / ELR against the token budget, as power laws.

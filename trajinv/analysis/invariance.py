@@ -6,13 +6,21 @@ invariance), and later curves with the same effective learning rate
 ``ELR = lr * wd`` overlap (ELR invariance), the switch happening after about
 ``1 / (lr * wd)`` steps. This module measures exactly that on logged metrics:
 
-* iso-LR groups: members with the same base lr (and batch size) and at least
-  two distinct weight decays;
-* iso-ELR groups: members with the same ``lr * wd`` (and batch size) and at
-  least two distinct learning rates;
+* iso-LR groups: members with the same base lr (and batch-size schedule) and at
+  least two distinct weight decays;
+* iso-ELR groups: members with the same ``lr * wd`` (and batch-size schedule) and
+  at least two distinct learning rates;
 * the *spread* of a group at a step is ``max - min`` of the metric over its
-  members; a small spread means the curves coincide there;
-* the verdict of a phase is the kind of group with the smaller mean spread.
+  members; a small spread means the curves coincide there. Beside it, the
+  *per-octave gap* (comparable across group sizes and spans) and the standard
+  error of both from the validation-window bootstrap (`trajinv.analysis.spreads`);
+* the verdict of a phase is the kind of group with the smaller mean spread,
+  flagged when the difference is within noise.
+
+Groups never mix batch-size schedules: members of one schedule see the same batches
+at the same step, whatever population (run) they trained in; members of different
+schedules do not. Positions are steps by default; ``x="tokens"`` reads every curve
+at the same number of tokens trained, to compare schedules at equal data.
 
 Everything here is pure functions over metric records (`trajinv.analysis.records`),
 so the analysis can be tested on synthetic curves and reused on partial (still
@@ -28,7 +36,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from trajinv.analysis.records import REL_TOL, Curve, MemberKey, curves, load_metrics, load_summary
+from trajinv.analysis.records import REL_TOL, X_AXES, Curve, MemberKey, curves, load_metrics, load_summary
+from trajinv.analysis.spreads import NOISE_Z, GroupStats, group_stats, mean_boot, se, within_noise
 
 EARLY_FRACTION = 0.1
 """Default early step: the evaluated step closest to this fraction of the late
@@ -40,17 +49,29 @@ the usual grids, where the paper sees LR invariance."""
 
 @dataclass(frozen=True)
 class Group:
-    """Members sharing one value of lr (kind "LR") or of lr*wd (kind "ELR")."""
+    """Members of one batch-size schedule sharing one value of lr (kind "LR") or of lr*wd
+    (kind "ELR"), sorted by the varying hyperparameter (wd, or lr)."""
 
     kind: str
     value: float
     batch_size: int | None
     members: tuple[Curve, ...]
+    batch_schedule: str | None = None
 
-    def spread_at(self, step: float) -> float:
-        """max - min of the members' values at ``step`` (NaN if < 2 have one)."""
-        vals = [v for v in (c.at(step) for c in self.members) if math.isfinite(v)]
+    @property
+    def varying(self) -> list[float]:
+        """Each member's value of the hyperparameter that varies: wd (iso-LR) or lr (iso-ELR)."""
+        return [c.wd if self.kind == "LR" else c.lr for c in self.members]
+
+    def spread_at(self, pos: float, x: str = "step") -> float:
+        """max - min of the members' values at ``pos`` (NaN if < 2 have one)."""
+        vals = [v for v in (c.at(pos, x) for c in self.members) if math.isfinite(v)]
         return max(vals) - min(vals) if len(vals) >= 2 else math.nan
+
+    def stats_at(self, pos: float, x: str = "step") -> GroupStats:
+        """Spread, per-octave gap and their bootstrap at ``pos`` (`trajinv.analysis.spreads`)."""
+        return group_stats(self.varying, [c.at(pos, x) for c in self.members],
+                           [c.boot_at(pos, x) for c in self.members], spread=self.spread_at(pos, x))
 
 
 def _cluster(values: Sequence[float]) -> list[list[int]]:
@@ -65,66 +86,91 @@ def _cluster(values: Sequence[float]) -> list[list[int]]:
     return out
 
 
+def _schedule(c: Curve):
+    return c.batch_schedule if c.batch_schedule is not None else c.batch_size
+
+
 def _groups(cs: Iterable[Curve], kind: str) -> list[Group]:
-    # Curves at different batch sizes follow different step clocks: never mix them.
+    # Curves of different batch-size schedules see different batches at a step (a '32@0.1,256'
+    # population and a constant-32 one share the first batch size, not the run): never mix them.
     live = [c for c in cs if not c.diverged]
-    by_bs: dict = {}
+    by_schedule: dict = {}
     for c in live:
-        by_bs.setdefault(c.batch_size, []).append(c)
+        by_schedule.setdefault(_schedule(c), []).append(c)
     out = []
-    for bs, members in sorted(by_bs.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
+    order = sorted(by_schedule.items(), key=lambda kv: (kv[0] is None, kv[1][0].batch_size or 0, str(kv[0])))
+    for schedule, members in order:
         shared = [c.lr if kind == "LR" else c.elr for c in members]
         for idx in _cluster(shared):
             g = [members[i] for i in idx]
             varying = [c.wd if kind == "LR" else c.lr for c in g]
             if len(_cluster(varying)) >= 2:
                 g.sort(key=lambda c: c.wd if kind == "LR" else c.lr)
-                out.append(Group(kind, float(np.mean([shared[i] for i in idx])), bs, tuple(g)))
+                out.append(Group(kind, float(np.mean([shared[i] for i in idx])), g[0].batch_size, tuple(g),
+                                 None if schedule is None else str(schedule)))
     return out
 
 
 def iso_lr_groups(cs: Iterable[Curve]) -> list[Group]:
-    """Non-diverged members with equal lr (and batch size) and >= 2 distinct wd."""
+    """Non-diverged members with equal lr (and batch-size schedule) and >= 2 distinct wd."""
     return _groups(cs, "LR")
 
 
 def iso_elr_groups(cs: Iterable[Curve]) -> list[Group]:
-    """Non-diverged members with equal lr*wd (and batch size) and >= 2 distinct lr."""
+    """Non-diverged members with equal lr*wd (and batch-size schedule) and >= 2 distinct lr."""
     return _groups(cs, "ELR")
 
 
-def _mean_spread(groups: Sequence[Group], step: float) -> float:
-    s = [g.spread_at(step) for g in groups]
-    s = [x for x in s if math.isfinite(x)]
+def _mean_spread(groups: Sequence[Group], pos: float, x: str = "step") -> float:
+    s = [g.spread_at(pos, x) for g in groups]
+    s = [v for v in s if math.isfinite(v)]
     return float(np.mean(s)) if s else math.nan
+
+
+@dataclass(frozen=True)
+class _KindStats:
+    """Means over one kind's groups at one position, with their resampled values."""
+
+    spread: float
+    spread_boot: np.ndarray | None
+    octave: float
+    octave_boot: np.ndarray | None
+
+
+def _kind_stats(groups: Sequence[Group], stats: Sequence[GroupStats], pos: float, x: str) -> _KindStats:
+    finite = [st for st in stats if math.isfinite(st.spread)]
+    octaves = [st for st in stats if math.isfinite(st.octave)]
+    return _KindStats(_mean_spread(groups, pos, x), mean_boot([st.spread_boot for st in finite]),
+                      float(np.mean([st.octave for st in octaves])) if octaves else math.nan,
+                      mean_boot([st.octave_boot for st in octaves]))
 
 
 # ------------------------------------------------------------------------- steps
 
 
-def default_steps(cs: Iterable[Curve]) -> tuple[int, int]:
-    """(early, late) steps used when the caller gives none.
+def default_steps(cs: Iterable[Curve], x: str = "step") -> tuple[int, int]:
+    """(early, late) positions (steps, or tokens with x="tokens") used when the caller gives none.
 
-    late: the last step every non-diverged member has reached (the smallest
-    of their last logged steps; with a shared eval grid, the last eval step
+    late: the last position every non-diverged member has reached (the smallest
+    of their last logged positions; with a shared eval grid, the last eval step
     common to all). early: see _early_step.
     """
     live = [c for c in cs if not c.diverged and len(c.steps)]
     if not live:
         raise ValueError("no non-diverged member has a logged value")
-    late = int(min(c.steps[-1] for c in live))
-    return _early_step(live, late), late
+    late = int(min(c.axis(x)[-1] for c in live))
+    return _early_step(live, late, x), late
 
 
-def _early_step(live: Sequence[Curve], late: int) -> int:
-    # The logged step closest to EARLY_FRACTION of late; step 0 is excluded
+def _early_step(live: Sequence[Curve], late: int, x: str = "step") -> int:
+    # The logged position closest to EARLY_FRACTION of late; position 0 is excluded
     # because all members share the initialisation, so it says nothing.
-    cand = _eval_steps(live, late) or [late]
+    cand = _eval_steps(live, late, x) or [late]
     return min(cand, key=lambda s: (abs(s - EARLY_FRACTION * late), s))
 
 
-def _eval_steps(cs: Sequence[Curve], late: int) -> list[int]:
-    return sorted({int(s) for c in cs for s in c.steps if 0 < s <= late})
+def _eval_steps(cs: Sequence[Curve], late: int, x: str = "step") -> list[int]:
+    return sorted({int(s) for c in cs for s in c.axis(x) if 0 < s <= late})
 
 
 def transition_step(
@@ -132,26 +178,28 @@ def transition_step(
     key: str = "val_loss",
     late_step: int | None = None,
     diverged: Iterable[MemberKey] = (),
+    x: str = "step",
 ) -> int | None:
-    """First logged step from which the iso-ELR mean spread stays below the
-    iso-LR mean spread up to ``late_step``: the observed LR -> ELR switch.
+    """First logged step (or token count, x="tokens") from which the iso-ELR mean spread
+    stays below the iso-LR mean spread up to ``late_step``: the observed LR -> ELR switch.
 
     None when it never happens (or when one kind of group is missing).
-    Steps where either mean spread is undefined are ignored.
+    Positions where either mean spread is undefined are ignored.
     """
     cs = records if isinstance(records, dict) else curves(records, key, diverged)
-    return _transition(list(cs.values()), iso_lr_groups(cs.values()), iso_elr_groups(cs.values()), late_step)
+    return _transition(list(cs.values()), iso_lr_groups(cs.values()), iso_elr_groups(cs.values()), late_step, x)
 
 
-def _transition(cs: list[Curve], lr_g: list[Group], elr_g: list[Group], late: int | None) -> int | None:
+def _transition(cs: list[Curve], lr_g: list[Group], elr_g: list[Group], late: int | None,
+                x: str = "step") -> int | None:
     if not lr_g or not elr_g:
         return None
     if late is None:
-        late = default_steps(cs)[1]
+        late = default_steps(cs, x)[1]
     members = [c for g in (*lr_g, *elr_g) for c in g.members]
     found = None
-    for s in _eval_steps(members, late):
-        a, b = _mean_spread(lr_g, s), _mean_spread(elr_g, s)
+    for s in _eval_steps(members, late, x):
+        a, b = _mean_spread(lr_g, s, x), _mean_spread(elr_g, s, x)
         if not (math.isfinite(a) and math.isfinite(b)):
             continue
         if b < a:
@@ -166,7 +214,7 @@ def _transition(cs: list[Curve], lr_g: list[Group], elr_g: list[Group], late: in
 
 @dataclass(frozen=True)
 class GroupSpread:
-    """One group's spread at the early and late steps."""
+    """One group's spread at the early and late positions, with its per-octave gap and noise."""
 
     kind: str
     """"LR" (same lr, wd varies) or "ELR" (same lr*wd, lr varies)."""
@@ -175,12 +223,24 @@ class GroupSpread:
     members: tuple[str, ...]
     early: float
     late: float
+    batch_schedule: str | None = None
+    early_se: float = math.nan
+    """Bootstrap standard error of ``early`` (NaN when resamples were not logged)."""
+    late_se: float = math.nan
+    early_octave: float = math.nan
+    """Per-octave gap (`trajinv.analysis.spreads`) at the early position."""
+    early_octave_se: float = math.nan
+    late_octave: float = math.nan
+    late_octave_se: float = math.nan
+    early_within_noise: bool | None = None
+    """The spread is at most NOISE_Z standard errors of the extreme pair's difference."""
+    late_within_noise: bool | None = None
 
     @property
     def label(self) -> str:
         what = "lr" if self.kind == "LR" else "lr*wd"
-        bs = "" if self.batch_size is None else f",B={self.batch_size}"
-        return f"{what}={self.value:.3g}{bs}"
+        bs = self.batch_schedule if self.batch_schedule is not None else self.batch_size
+        return f"{what}={self.value:.3g}" + ("" if bs is None else f",B={bs}")
 
 
 def _verdict(lr_spread: float, elr_spread: float) -> str:
@@ -198,6 +258,7 @@ class InvarianceReport:
     key: str
     """The metric compared (validation loss by default)."""
     early_step: int
+    """The early position: a step, or a token count when ``x`` is "tokens"."""
     late_step: int
     iso_lr_early: float
     """Mean spread (max - min) over iso-LR groups at the early step."""
@@ -211,35 +272,72 @@ class InvarianceReport:
     diverged: tuple[str, ...] = ()
     """Names of the members left out of every spread."""
     transition_step: int | None = None
-    """First step from which iso-ELR curves stay closer than iso-LR ones."""
+    """First step (token count with x="tokens") from which iso-ELR curves stay closer than iso-LR ones."""
     transition_elr_steps: tuple[float, float] | None = None
     """(min, max) of lr*wd*transition_step over the grouped members: the principle
-    expects the switch after about 1/(lr*wd) steps, i.e. a value of order 1."""
+    expects the switch after about 1/(lr*wd) steps, i.e. a value of order 1 (with
+    x="tokens", each member's step at the transition's token count)."""
+    x: str = "step"
+    """What the positions count: "step" or "tokens"."""
+    iso_lr_early_se: float = math.nan
+    """Bootstrap standard error of iso_lr_early (NaN without logged resamples); likewise below."""
+    iso_elr_early_se: float = math.nan
+    iso_lr_late_se: float = math.nan
+    iso_elr_late_se: float = math.nan
+    iso_lr_early_octave: float = math.nan
+    """Mean per-octave gap over iso-LR groups at the early step; likewise below."""
+    iso_elr_early_octave: float = math.nan
+    iso_lr_late_octave: float = math.nan
+    iso_elr_late_octave: float = math.nan
+    iso_lr_early_octave_se: float = math.nan
+    iso_elr_early_octave_se: float = math.nan
+    iso_lr_late_octave_se: float = math.nan
+    iso_elr_late_octave_se: float = math.nan
+    difference_early_se: float = math.nan
+    """Bootstrap SE of iso_lr_early - iso_elr_early (resampled jointly: paired across members)."""
+    difference_late_se: float = math.nan
+    within_noise_early: bool | None = None
+    """|iso_lr_early - iso_elr_early| <= NOISE_Z * difference_early_se: the verdict is not
+    resolved by the validation set; None when the SE is unknown."""
+    within_noise_late: bool | None = None
 
     def format(self, details: bool = False) -> str:
         """A short plain-text table; ``details`` adds one line per group."""
         n_lr = sum(g.kind == "LR" for g in self.groups)
         n_elr = len(self.groups) - n_lr
         head = f"{self.key} spread (max-min) within groups"
-        e_col, l_col = f"early (step {self.early_step})", f"late (step {self.late_step})"
+        where = "step" if self.x == "step" else "tokens"
+        e_col, l_col = f"early ({where} {self.early_step})", f"late ({where} {self.late_step})"
         rows = [
             (head, e_col, l_col),
-            (f"iso-LR  ({n_lr} groups: same lr, wd varies)", _f(self.iso_lr_early), _f(self.iso_lr_late)),
-            (f"iso-ELR ({n_elr} groups: same lr*wd, lr varies)", _f(self.iso_elr_early), _f(self.iso_elr_late)),
-            ("curves overlap along", self.verdict_early, self.verdict_late),
+            (f"iso-LR  ({n_lr} groups: same lr, wd varies)", _pm(self.iso_lr_early, self.iso_lr_early_se),
+             _pm(self.iso_lr_late, self.iso_lr_late_se)),
+            (f"iso-ELR ({n_elr} groups: same lr*wd, lr varies)", _pm(self.iso_elr_early, self.iso_elr_early_se),
+             _pm(self.iso_elr_late, self.iso_elr_late_se)),
+            ("per octave: iso-LR", _pm(self.iso_lr_early_octave, self.iso_lr_early_octave_se),
+             _pm(self.iso_lr_late_octave, self.iso_lr_late_octave_se)),
+            ("per octave: iso-ELR", _pm(self.iso_elr_early_octave, self.iso_elr_early_octave_se),
+             _pm(self.iso_elr_late_octave, self.iso_elr_late_octave_se)),
+            ("curves overlap along", _noted(self.verdict_early, self.within_noise_early),
+             _noted(self.verdict_late, self.within_noise_late)),
         ]
         if details:
-            rows += [(f"  {g.kind:<3} {g.label} ({len(g.members)} members)", _f(g.early), _f(g.late))
+            rows += [(f"  {g.kind:<3} {g.label} ({len(g.members)} members)",
+                      _pm(g.early, g.early_se) + (" ~" if g.early_within_noise else ""),
+                      _pm(g.late, g.late_se) + (" ~" if g.late_within_noise else ""))
                      for g in self.groups]
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(r[1]) for r in rows)
-        lines = [f"{a:<{w0}}  {b:>{w1}}  {c:>{len(l_col)}}" for a, b, c in rows]
+        w2 = max(len(r[2]) for r in rows)
+        lines = [f"{a:<{w0}}  {b:>{w1}}  {c:>{w2}}" for a, b, c in rows]
         if self.transition_step is None:
             lines.append("LR -> ELR transition: not observed up to the late step")
         else:
             lo, hi = self.transition_elr_steps or (math.nan, math.nan)
-            lines.append(f"LR -> ELR transition: step {self.transition_step} "
+            lines.append(f"LR -> ELR transition: {where} {self.transition_step} "
                          f"(lr*wd*step {lo:.3g}..{hi:.3g}; expected order 1)")
+        if details and any(g.early_within_noise or g.late_within_noise for g in self.groups):
+            lines.append(f"~ within noise: max-min <= {NOISE_Z:g} SE of the paired gap between its extreme members")
         if self.diverged:
             lines.append("diverged (excluded): " + ", ".join(self.diverged))
         return "\n".join(lines)
@@ -258,47 +356,87 @@ def _f(x: float) -> str:
     return "-" if not math.isfinite(x) else f"{x:.4f}"
 
 
+def _pm(value: float, stderr: float) -> str:
+    """'0.1810 ± 0.0120', or the value alone when its SE is unknown."""
+    return _f(value) + (f" ± {stderr:.4f}" if math.isfinite(value) and math.isfinite(stderr) else "")
+
+
+def _noted(verdict: str, noise: bool | None) -> str:
+    return f"{verdict} (within noise)" if noise and verdict in ("LR", "ELR") else verdict
+
+
 def invariance_report(
     records: Iterable[dict] | dict[MemberKey, Curve],
     early_step: int | None = None,
     late_step: int | None = None,
     key: str = "val_loss",
     diverged: Iterable[MemberKey] = (),
+    x: str = "step",
 ) -> InvarianceReport:
-    """Spreads of ``key`` within iso-LR and iso-ELR groups, early and late.
+    """Spreads of ``key`` within iso-LR and iso-ELR groups, early and late, with their
+    per-octave gaps and bootstrap standard errors.
 
     ``records`` are metric dicts (as from load_metrics) or ready curves.
-    Defaults: see default_steps. A step not logged by a member is linearly
+    Defaults: see default_steps. A position not logged by a member is linearly
     interpolated from its neighbours. Diverged members are excluded and listed.
+    ``x="tokens"`` takes ``early_step``/``late_step`` and reports positions as tokens
+    trained: curves of different batch-size schedules are then read at equal data.
     """
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
     cs = records if isinstance(records, dict) else curves(records, key, diverged)
     all_c = list(cs.values())
     lr_g, elr_g = iso_lr_groups(all_c), iso_elr_groups(all_c)
-    late = default_steps(all_c)[1] if late_step is None else int(late_step)
+    late = default_steps(all_c, x)[1] if late_step is None else int(late_step)
     live = [c for c in all_c if not c.diverged]
-    early = _early_step(live, late) if early_step is None else int(early_step)
+    early = _early_step(live, late, x) if early_step is None else int(early_step)
     for name, s in (("early_step", early), ("late_step", late)):
         if s < 0:
             raise ValueError(f"{name} must be >= 0, got {s}")
+    groups = (*lr_g, *elr_g)
+    stats = {pos: [g.stats_at(pos, x) for g in groups] for pos in (early, late)}
     spreads = tuple(
-        GroupSpread(g.kind, g.value, g.batch_size, tuple(c.name for c in g.members),
-                    g.spread_at(early), g.spread_at(late))
-        for g in (*lr_g, *elr_g)
+        GroupSpread(g.kind, g.value, g.batch_size, tuple(c.name for c in g.members), e.spread, lt.spread,
+                    batch_schedule=g.batch_schedule, early_se=e.spread_se, late_se=lt.spread_se,
+                    early_octave=e.octave, early_octave_se=e.octave_se,
+                    late_octave=lt.octave, late_octave_se=lt.octave_se,
+                    early_within_noise=e.within_noise, late_within_noise=lt.within_noise)
+        for g, e, lt in zip(groups, stats[early], stats[late])
     )
-    t = _transition(all_c, lr_g, elr_g, late)
+    t = _transition(all_c, lr_g, elr_g, late, x)
     t_elr = None
     if t is not None:
-        prods = [c.elr * t for g in (*lr_g, *elr_g) for c in g.members]
+        prods = [c.elr * c.step_at(t, x) for g in groups for c in g.members]
         t_elr = (float(min(prods)), float(max(prods)))
-    lr_e, elr_e = _mean_spread(lr_g, early), _mean_spread(elr_g, early)
-    lr_l, elr_l = _mean_spread(lr_g, late), _mean_spread(elr_g, late)
+    n_lr = len(lr_g)
+    kinds = {(kind, pos): _kind_stats(gs, st, pos, x)
+             for pos in (early, late)
+             for kind, gs, st in (("LR", lr_g, stats[pos][:n_lr]), ("ELR", elr_g, stats[pos][n_lr:]))}
+    lr_e, elr_e, lr_l, elr_l = (kinds[k, p] for p in (early, late) for k in ("LR", "ELR"))
+    diff_e, diff_l = _difference_se(lr_e, elr_e), _difference_se(lr_l, elr_l)
     return InvarianceReport(
         key=key, early_step=early, late_step=late,
-        iso_lr_early=lr_e, iso_elr_early=elr_e, iso_lr_late=lr_l, iso_elr_late=elr_l,
-        verdict_early=_verdict(lr_e, elr_e), verdict_late=_verdict(lr_l, elr_l),
+        iso_lr_early=lr_e.spread, iso_elr_early=elr_e.spread, iso_lr_late=lr_l.spread, iso_elr_late=elr_l.spread,
+        verdict_early=_verdict(lr_e.spread, elr_e.spread), verdict_late=_verdict(lr_l.spread, elr_l.spread),
         groups=spreads, diverged=tuple(c.name for c in all_c if c.diverged),
-        transition_step=t, transition_elr_steps=t_elr,
+        transition_step=t, transition_elr_steps=t_elr, x=x,
+        iso_lr_early_se=se(lr_e.spread_boot), iso_elr_early_se=se(elr_e.spread_boot),
+        iso_lr_late_se=se(lr_l.spread_boot), iso_elr_late_se=se(elr_l.spread_boot),
+        iso_lr_early_octave=lr_e.octave, iso_elr_early_octave=elr_e.octave,
+        iso_lr_late_octave=lr_l.octave, iso_elr_late_octave=elr_l.octave,
+        iso_lr_early_octave_se=se(lr_e.octave_boot), iso_elr_early_octave_se=se(elr_e.octave_boot),
+        iso_lr_late_octave_se=se(lr_l.octave_boot), iso_elr_late_octave_se=se(elr_l.octave_boot),
+        difference_early_se=diff_e, difference_late_se=diff_l,
+        within_noise_early=within_noise(lr_e.spread - elr_e.spread, diff_e),
+        within_noise_late=within_noise(lr_l.spread - elr_l.spread, diff_l),
     )
+
+
+def _difference_se(lr: _KindStats, elr: _KindStats) -> float:
+    """SE of the iso-LR minus iso-ELR mean spread, resampled jointly (paired across members)."""
+    if lr.spread_boot is None or elr.spread_boot is None:
+        return math.nan
+    return se(lr.spread_boot - elr.spread_boot)
 
 
 def analyze_sweep(sweep_dir: str | Path, key: str = "val_loss", **kw) -> InvarianceReport:

@@ -3,7 +3,9 @@
 Coloured by lr, iso-LR members share a colour and differ in line style (wd):
 early in training they should sit on top of each other. Coloured by ELR,
 iso-ELR members share a colour and differ in line style (lr): late in training
-they should. Looking at the two side by side shows the LR -> ELR transition.
+they should. Looking at the two side by side shows the LR -> ELR transition. When a sweep holds
+several batch-size schedules, each gets its own marker; ``x="tokens"`` puts the curves
+on a tokens-trained axis, where schedules compare at equal data.
 
 Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas, never
 through pyplot: no global figure state, no GUI backend, nothing to close, and
@@ -24,13 +26,14 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from trajinv.analysis.records import REL_TOL, Curve, curves, load_metrics
+from trajinv.analysis.records import REL_TOL, X_AXES, Curve, curves, load_metrics
 from trajinv.atomic import atomic_write
 
 __all__ = ["COLOR_BY", "build_gns_figure", "build_loss_figure", "plot_loss_curves", "plot_sweep", "save_png"]
 
 COLOR_BY = ("lr", "elr")
 _STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 3)), (0, (3, 1, 1, 1, 1, 1))]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
 _GNS_KEYS = ("b_precond_smooth", "b_precond")
 _CMAP = "viridis"
 
@@ -80,32 +83,46 @@ def _check_curves(records, key: str) -> list[Curve]:
     return cs
 
 
+def _schedule_markers(cs: list[Curve]) -> tuple[list[str | None], list[Line2D]]:
+    """A marker per batch-size schedule when there are several (None each when there is one)."""
+    schedules = sorted({str(c.batch_schedule) for c in cs})
+    if len(schedules) < 2:
+        return [None] * len(cs), []
+    mark = {s: _MARKERS[i % len(_MARKERS)] for i, s in enumerate(schedules)}
+    proxies = [Line2D([], [], color="0.3", marker=mark[s], linestyle="none", label=f"B={s}") for s in schedules]
+    return [mark[str(c.batch_schedule)] for c in cs], proxies
+
+
 def build_loss_figure(
     records: Iterable[dict],
     color_by: str = "lr",
     key: str = "val_loss",
     title: str | None = None,
     logx: bool = False,
+    x: str = "step",
 ) -> Figure:
     """The figure behind plot_loss_curves: exactly one line per member in
     ``fig.axes[0].lines`` (legend entries are proxies, not axes lines)."""
     if color_by not in COLOR_BY:
         raise ValueError(f"color_by must be one of {COLOR_BY}, got {color_by!r}")
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
     cs = _check_curves(records, key)
     cmap, colours, styles, proxies = _style_curves(cs, color_by)
+    markers, schedule_proxies = _schedule_markers(cs)
     fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for c, col, ls in zip(cs, colours, styles):
+    for c, col, ls, mk in zip(cs, colours, styles, markers):
         # A diverged member is drawn faintly up to its last finite value.
-        ax.plot(c.steps, c.values, color=col, linestyle=ls, lw=1.5,
-                alpha=0.35 if c.diverged else 0.95, label=c.name)
+        ax.plot(c.axis(x), c.values, color=col, linestyle=ls, lw=1.5, marker=mk, markersize=4,
+                markevery=max(1, len(c.steps) // 8), alpha=0.35 if c.diverged else 0.95, label=c.name)
     if logx:
-        # symlog keeps step 0 on the axis; linear below the first positive step.
-        pos = [float(s) for c in cs for s in c.steps if s > 0]
+        # symlog keeps position 0 on the axis; linear below the first positive position.
+        pos = [float(s) for c in cs for s in c.axis(x) if s > 0]
         ax.set_xscale("symlog", linthresh=min(pos) if pos else 1.0)
     _clip_ylim(ax, cs)
-    ax.set_xlabel("step")
+    ax.set_xlabel("tokens trained" if x == "tokens" else "step")
     ax.set_ylabel(key)
     ax.grid(True, alpha=0.3)
     what = "lr" if color_by == "lr" else "ELR = lr*wd"
@@ -113,7 +130,7 @@ def build_loss_figure(
     fig.colorbar(cmap, ax=ax, label=what)
     if any(c.diverged for c in cs):
         proxies.append(Line2D([], [], color="0.3", alpha=0.35, label="diverged"))
-    ax.legend(handles=proxies, fontsize="small", loc="upper right")
+    ax.legend(handles=proxies + schedule_proxies, fontsize="small", loc="upper right")
     return fig
 
 
@@ -135,7 +152,7 @@ def build_gns_figure(records: Iterable[dict], title: str | None = None) -> Figur
     if key is None:
         return None
     cs = [c for c in curves(records, key).values() if len(c.steps)]
-    cs = [Curve(**{**c.__dict__, "steps": c.steps[c.values > 0], "values": c.values[c.values > 0]}) for c in cs]
+    cs = [c.select(c.values > 0) for c in cs]
     cs = [c for c in cs if len(c.steps)]
     cmap, colours, styles, proxies = _style_curves(cs, "lr")
     fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="constrained")
@@ -178,19 +195,23 @@ def plot_loss_curves(
     key: str = "val_loss",
     title: str | None = None,
     logx: bool = False,
+    x: str = "step",
 ) -> Path:
-    """One line per member of ``key`` against step, colour = log-scaled lr or
-    ELR (colorbar), line style = wd (colour by lr) or lr (colour by ELR)."""
-    return save_png(build_loss_figure(records, color_by, key, title, logx), out_png)
+    """One line per member of ``key`` against step (or tokens trained, x="tokens"),
+    colour = log-scaled lr or ELR (colorbar), line style = wd (colour by lr) or lr
+    (colour by ELR), marker = batch-size schedule when there are several."""
+    return save_png(build_loss_figure(records, color_by, key, title, logx, x), out_png)
 
 
-def plot_sweep(sweep_dir: str | Path, key: str = "val_loss", logx: bool = False) -> list[Path]:
-    """Write ``<key>_by_lr.png`` and ``<key>_by_elr.png`` into the sweep folder,
-    plus ``gns.png`` when B_precond was logged. Returns the paths written."""
+def plot_sweep(sweep_dir: str | Path, key: str = "val_loss", logx: bool = False, x: str = "step") -> list[Path]:
+    """Write ``<key>_by_lr.png`` and ``<key>_by_elr.png`` into the sweep folder
+    (``<key>_by_lr_tokens.png`` ... with x="tokens"), plus ``gns.png`` when B_precond
+    was logged. Returns the paths written."""
     root = Path(sweep_dir)
     records = load_metrics(root)
+    suffix = "" if x == "step" else f"_{x}"
     paths = [
-        plot_loss_curves(records, root / f"{key}_by_{cb}.png", color_by=cb, key=key, logx=logx)
+        plot_loss_curves(records, root / f"{key}_by_{cb}{suffix}.png", color_by=cb, key=key, logx=logx, x=x)
         for cb in COLOR_BY
     ]
     gns = build_gns_figure(records)

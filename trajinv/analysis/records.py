@@ -15,7 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -109,15 +109,22 @@ def _parse_cell(col: str, v: str | None):
 # ------------------------------------------------------------------------ curves
 
 
+X_AXES = ("step", "tokens")
+"""Positions a curve can be read at: optimizer steps, or tokens trained (to compare
+populations with different batch-size schedules at equal data)."""
+
+
 @dataclass(frozen=True)
 class Curve:
     """One member's metric against step, with its hyperparameters.
 
     ``steps``/``values`` hold only finite logged values (null and NaN dropped);
-    ``diverged`` says whether a non-finite loss was ever logged.
+    ``diverged`` says whether a non-finite loss was ever logged. ``tokens`` and
+    ``boot`` are aligned with ``steps`` (None when some logged point lacks them).
     """
 
     run_id: str
+    """The population (run) the member trained in; with ``member`` it names the member."""
     member: int
     name: str
     lr: float
@@ -128,17 +135,59 @@ class Curve:
     steps: np.ndarray
     values: np.ndarray
     diverged: bool = False
+    batch_schedule: str | None = None
+    """The population's batch-size schedule as logged ('32', '32@0.1,256'); for records written
+    before it was logged, the batch sizes seen in order ('32', '32,256'; fractions unknown)."""
+    tokens: np.ndarray | None = None
+    """Tokens trained at each logged step."""
+    boot: np.ndarray | None = None
+    """(len(steps), B): the metric under B fixed resamples of the validation windows at each
+    logged step (``<key>_boot`` records; the same resamples for every member)."""
 
     @property
     def key(self) -> MemberKey:
         return (self.run_id, self.member)
 
-    def at(self, step: float) -> float:
-        """Value at ``step``: exact if logged there, linear interpolation between
-        logged steps, NaN outside the logged range."""
-        if len(self.steps) == 0 or step < self.steps[0] or step > self.steps[-1]:
+    def axis(self, x: str = "step") -> np.ndarray:
+        """Logged positions in units of ``x`` ("step" or "tokens")."""
+        if x not in X_AXES:
+            raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
+        if x == "step":
+            return self.steps
+        if self.tokens is None:
+            raise ValueError(f"member {self.name!r} has no logged tokens to put on a tokens axis")
+        return self.tokens
+
+    def at(self, pos: float, x: str = "step") -> float:
+        """Value at ``pos`` (a step, or tokens with x="tokens"): exact if logged there,
+        linear interpolation between logged points, NaN outside the logged range."""
+        grid = self.axis(x)
+        if len(grid) == 0 or pos < grid[0] or pos > grid[-1]:
             return math.nan
-        return float(np.interp(step, self.steps, self.values))
+        return float(np.interp(pos, grid, self.values))
+
+    def boot_at(self, pos: float, x: str = "step") -> np.ndarray | None:
+        """The B resampled values at ``pos``, interpolated like ``at`` with the same weights
+        for every resample (so resample b stays the mean over index set b); None when
+        not logged or outside the logged range."""
+        grid = self.axis(x)
+        if self.boot is None or len(grid) == 0 or pos < grid[0] or pos > grid[-1]:
+            return None
+        i = int(np.searchsorted(grid, pos, side="left"))
+        if grid[i] == pos:
+            return self.boot[i]
+        w = (pos - grid[i - 1]) / (grid[i] - grid[i - 1])
+        return (1 - w) * self.boot[i - 1] + w * self.boot[i]
+
+    def step_at(self, pos: float, x: str = "step") -> float:
+        """The step at which the member reached ``pos`` (interpolated between logged points)."""
+        return float(pos) if x == "step" else float(np.interp(pos, self.axis(x), self.steps))
+
+    def select(self, mask: np.ndarray) -> "Curve":
+        """The curve restricted to the logged points where ``mask`` is true (every aligned array)."""
+        return replace(self, steps=self.steps[mask], values=self.values[mask],
+                       tokens=None if self.tokens is None else self.tokens[mask],
+                       boot=None if self.boot is None else self.boot[mask])
 
 
 def curves(
@@ -149,7 +198,8 @@ def curves(
     Records whose ``key`` is null or missing are skipped (validation is only
     evaluated every few steps). A member is flagged diverged when ``key`` or
     the training loss is non-finite in any record, when a record says
-    ``status: diverged``, or when listed in ``diverged``.
+    ``status: diverged``, or when listed in ``diverged``. ``<key>_boot`` lists
+    (the validation-window bootstrap) become ``Curve.boot``.
     """
     bad = {(str(r), int(m)) for r, m in diverged}
     acc: dict[MemberKey, dict] = {}
@@ -168,14 +218,23 @@ def curves(
             c = acc[mk] = {
                 "name": str(rec.get("name") or f"lr={lr:g},wd={wd:g}"),
                 "lr": lr, "wd": wd, "elr": elr,
-                "batch_size": rec.get("batch_size"),
-                "points": {}, "diverged": mk in bad,
+                "batch_size": rec.get("batch_size"), "schedule": rec.get("batch_schedule"), "seen": [],
+                "points": {}, "tokens": {}, "boot": {}, "diverged": mk in bad,
             }
+        bs = rec.get("batch_size")
+        if bs is not None and (not c["seen"] or c["seen"][-1] != int(bs)):
+            c["seen"].append(int(bs))
         if rec.get("status") == "diverged" or any(_nonfinite(rec.get(k)) for k in (key, *_DIVERGENCE_KEYS)):
             c["diverged"] = True
         v = rec.get(key)
         if v is not None and not _nonfinite(v):
-            c["points"][int(rec["step"])] = float(v)
+            step = int(rec["step"])
+            c["points"][step] = float(v)
+            if rec.get("tokens") is not None:
+                c["tokens"][step] = int(rec["tokens"])
+            boot = rec.get(f"{key}_boot")
+            if isinstance(boot, list) and boot and not any(b is None or _nonfinite(b) for b in boot):
+                c["boot"][step] = boot
     if not acc:
         raise ValueError("no metric records to analyse")
     names = [c["name"] for c in acc.values()]
@@ -183,13 +242,25 @@ def curves(
     for mk, c in sorted(acc.items()):
         steps = np.array(sorted(c["points"]), dtype=np.int64)
         name = c["name"] if names.count(c["name"]) == 1 else f"{mk[0]}/{c['name']}"
+        schedule = c["schedule"] or (",".join(map(str, c["seen"])) if c["seen"] else None)
         out[mk] = Curve(
             run_id=mk[0], member=mk[1], name=name, lr=c["lr"], wd=c["wd"], elr=c["elr"],
             batch_size=None if c["batch_size"] is None else int(c["batch_size"]),
             steps=steps, values=np.array([c["points"][s] for s in steps], dtype=np.float64),
-            diverged=c["diverged"],
+            diverged=c["diverged"], batch_schedule=None if schedule is None else str(schedule),
+            tokens=_aligned(c["tokens"], steps, np.int64), boot=_aligned(c["boot"], steps, np.float64),
         )
     return out
+
+
+def _aligned(points: dict, steps: np.ndarray, dtype) -> np.ndarray | None:
+    """The values of ``points`` at every step, or None if one is missing (or boot lengths differ)."""
+    if len(steps) == 0 or any(int(s) not in points for s in steps):
+        return None
+    try:
+        return np.array([points[int(s)] for s in steps], dtype=dtype)
+    except ValueError:  # ragged resample lists
+        return None
 
 
 def _nonfinite(v) -> bool:

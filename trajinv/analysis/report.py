@@ -26,18 +26,19 @@ PHASES_PNG = "phases.png"
 CURVES_PNG = "tuning_curves.png"
 
 
-def sweep_report(sweep_dir: str | Path, key: str = "val_loss") -> tuple[str, list[Path]]:
-    """(printed report, PNG paths written into the sweep directory)."""
+def sweep_report(sweep_dir: str | Path, key: str = "val_loss", x: str = "step") -> tuple[str, list[Path]]:
+    """(printed report, PNG paths written into the sweep directory); `x`: "step" or "tokens" (the axis
+    of the invariance report and plots; the phases always follow steps, the clock of weight decay)."""
     root = Path(sweep_dir)
-    report = analyze_sweep(root, key=key)
+    report = analyze_sweep(root, key=key, x=x)
     sections = [report.format()]
-    paths = plot_sweep(root, key=key)
+    paths = plot_sweep(root, key=key, x=x)
     records = load_metrics(root)
     phases = member_phases(records)
     if any(p.phase_at_end != "n/a" for p in phases):
         sections.append(format_phases(phases))
         predicted = predicted_transition_step(phases)
-        observed = report.transition_step
+        observed = report.transition_step if x == "step" else None
         if predicted is not None and observed:
             sections.append(f"LR -> ELR transition: observed at step {observed}, predicted from single runs' "
                             f"equilibrium at step {predicted:.0f} (ratio {predicted / observed:.2f})")

@@ -1,7 +1,8 @@
 """Token data: load text through Hugging Face `datasets`, tokenize once, cache as memmaps.
 
 Modules: `sources` (where documents come from), `tokens` (tokenize, split, cache:
-`load_data`), `batches` (`sample_batch`, `validation_batches`), `tokenizer`.
+`load_data`), `batches` (`sample_batch`, `validation_batches`), `bootstrap` (fixed
+resamples of the validation windows: `window_resamples`, `boot_means`), `tokenizer`.
 
 Sources (``DataConfig.source``):
 
@@ -44,6 +45,7 @@ fixed set are paired, so they are less noisy still.
 
 from trajinv.config import DataConfig
 from trajinv.data.batches import sample_batch, validation_batches
+from trajinv.data.bootstrap import boot_means, boot_se, window_resamples
 from trajinv.data.sources import DataError, stdlib_files
 from trajinv.data.tokens import TokenData, cache_root, load_data, split_documents
 
@@ -51,10 +53,13 @@ __all__ = [
     "DataConfig",
     "DataError",
     "TokenData",
+    "boot_means",
+    "boot_se",
     "cache_root",
     "load_data",
     "sample_batch",
     "split_documents",
     "stdlib_files",
     "validation_batches",
+    "window_resamples",
 ]
