@@ -343,6 +343,7 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
 @field_option(SearchConfig, "budget", type=int)
 @field_option(TuneSpec, "min_transitions")
 @field_option(TuneSpec, "population")
+@scale_options
 @click.option("--out", default="runs/tune", show_default=True, type=click.Path(file_okay=False),
               help="Tune directory (a sweep directory per stage); rerunning the same command resumes it.")
 @_fail_cleanly
@@ -352,14 +353,16 @@ def tune(batch_size, lr, center_elr, octaves, points, zoom_points, max_shifts, m
     from trajinv.tune.report import format_summary, write_report
     from trajinv.tune.runner import run_tune
 
+    scale = scale_kwargs(o)
     train_cfg, data_cfg = _configs(o, batch_size=batch_size)
+    _check_steps_and_tokens(o, train_cfg, (batch_size,))
     search = SearchConfig(lr=lr, center=center_elr, octaves=octaves, points=points, zoom_points=zoom_points,
                           max_shifts=max_shifts, max_rescans=max_rescans, check_factors=tuple(check_factor),
                           noise=noise, budget=budget, steps_per_member=train_cfg.steps)
     spec = TuneSpec(train=train_cfg, data=data_cfg, search=search, population=population,
                     min_transitions=min_transitions)
     with _Progress("tune") as bar:
-        run = run_tune(spec, out, progress=bar)
+        run = run_tune(spec, out, progress=bar, **scale)
     paths = write_report(run, Path(out))
     click.echo(format_summary(run))
     for path in paths:

@@ -87,3 +87,19 @@ def test_cli_tune_rejects_a_budget_below_the_first_scan(tmp_path):
     res = CliRunner().invoke(cli.main, args + ["--budget", "10"])
     assert res.exit_code == 1 and "budget of 10 member-steps" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "t").exists()
+
+
+def test_scale_out_options_reach_every_stage(tmp_path, monkeypatch):
+    """--devices / --ray are handed to each stage's sweep (they change where it trains, not what)."""
+    import trajinv.tune.runner as runner
+
+    seen = []
+    real = runner.run_sweep
+
+    def spy(spec, out, progress=None, **scale):
+        seen.append(scale)
+        return real(spec, out, progress=progress)
+
+    monkeypatch.setattr(runner, "run_sweep", spy)
+    run_tune(_spec(zoom_points=0, check_factors=(2.0,), max_rescans=0), tmp_path, devices="cpu,cpu")
+    assert seen and all(s == {"devices": "cpu,cpu"} for s in seen)

@@ -306,15 +306,17 @@ def test_too_few_iterations_is_lr():
 
 
 @pytest.mark.parametrize("b_precond, batch, steps, schedule", [
-    (100.0, 256, 20_000, "64@0.19,256"),  # 3 / 8e-4 = 3750 steps = 0.1875 of the run
-    (64.0, 64, 20_000, "32@0.19,64"),  # at B_precond is large; B1 strictly below it
-    (100.0, 256, 1_000, "64@0.5,256"),  # capped at half the run
+    # 3 / 8e-4 = 3750 steps at 64 sequences = 0.0469 of 20,000 steps x 256: the tokens' fraction
+    (100.0, 256, 20_000, "64@0.05,256"),
+    (64.0, 64, 20_000, "32@0.1,64"),  # at B_precond is large; B1 strictly below it: 3750 x 32 / (20,000 x 64)
+    (100.0, 256, 1_000, "64@0.5,256"),  # capped at half the run's tokens
 ])
 def test_large_batch_is_lr_with_a_small_batch_first_schedule(b_precond, batch, steps, schedule):
     regime = classify_regime(b_precond, batch, steps, 8e-3, 0.1)
     assert (regime.axis, regime.small_batch) == ("lr", False)
     assert "large batch" in regime.reason and schedule in regime.reason
-    assert ("more steps are needed" in regime.reason) is (steps * 8e-4 / 2 < 3)
+    small = int(schedule.split("@")[0])
+    assert ("more tokens are needed" in regime.reason) is (0.5 * steps * batch / small * 8e-4 < 3)
     assert regime.batch_schedule == schedule
     assert str(BatchSchedule.parse(regime.batch_schedule)) == schedule  # the trainer's syntax
 

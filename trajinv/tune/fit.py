@@ -217,16 +217,22 @@ def classify_regime(b_precond: float | None, batch_size: int, steps: int, lr: fl
     schedule = _small_batch_first(b_precond, batch_size, steps, lr * wd, min_transitions) if small is False else None
     if schedule:
         reasons.append(f"a small-batch phase first recovers ELR invariance: batch-size schedule {schedule}")
-        if steps * lr * wd / 2 < min_transitions:  # the phase is capped at half the run
-            reasons.append("even half the run is too short for the transition: more steps are needed too")
+        small_batch = int(schedule.split("@")[0])
+        # the phase is capped at half the run's tokens: that many tokens at the small batch
+        if 0.5 * steps * batch_size / small_batch * lr * wd < min_transitions:
+            reasons.append("even half the run's tokens at the small batch are too few steps for the transition: "
+                           "more tokens are needed too")
     return Regime(axis, small, enough, b_precond if measured else None, "; ".join(reasons), schedule)
 
 
 def _small_batch_first(b_precond: float, batch_size: int, steps: int, elr: float, transitions: float) -> str | None:
-    """'B1@f,B2': B1 the largest power of two below B_precond for the fraction f of the steps that
-    makes ~`transitions`/ELR steps (rounded up to 0.01, capped at half the run); None if B_precond <= 1."""
+    """'B1@f,B2' at the run's token budget (steps x B2 sequences): B1 the largest power of two below
+    B_precond for the fraction f of the *tokens* (the schedule's convention) that gives ~`transitions`/ELR
+    steps at B1, i.e. f = n1 B1 / (steps B2) (rounded up to 0.01, capped at half the tokens);
+    None if B_precond <= 1."""
     if b_precond <= 1:
         return None
     small = 2 ** (math.ceil(math.log2(b_precond)) - 1)
-    fraction = min(0.5, math.ceil(transitions / elr / steps * 100 - 1e-9) / 100)  # 1e-9: 0.2 stays 0.2
+    share = transitions / elr * small / (steps * batch_size)
+    fraction = min(0.5, max(0.01, math.ceil(share * 100 - 1e-9) / 100))  # 1e-9: 0.2 stays 0.2
     return f"{small}@{fraction:g},{batch_size}"

@@ -148,10 +148,15 @@ def _outcomes(stage: Stage, rows: list[dict], directory: Path) -> tuple[tuple[Ou
     return tuple(out), bp
 
 
-def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progress: Callable | None) -> StageRun:
+def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progress: Callable | None,
+               scale: dict) -> StageRun:
     sweep = SweepSpec(train=spec.stage_train(), data=spec.data, points=tuple((p.lr, p.wd) for p in stage.points),
                       batch_sizes=(spec.train.batch_size,), population=spec.population)
-    rows = run_sweep(sweep, directory, progress=progress)
+    rows = run_sweep(sweep, directory, progress=progress, **scale)
+    failed = [r["run_id"] for r in rows if r.get("status") == "failed"]
+    if failed:
+        raise RuntimeError(f"stage {directory.name}: population(s) {', '.join(dict.fromkeys(failed))} failed "
+                           f"(errors in {directory / 'summary.csv'}); rerun the same command to retry them")
     outcomes, bp = _outcomes(stage, rows, directory)
     steps = sum(int(r["steps"]) for r in rows)
     tokens = sum(int(r["tokens"]) for r in rows)
@@ -159,12 +164,12 @@ def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progres
 
 
 def _drive(search: Search, spec: TuneSpec, out: Path, prefix: str, progress: Callable | None,
-           runs: list[StageRun], after_first: Callable[[StageRun], bool] | None = None) -> bool:
+           runs: list[StageRun], scale: dict, after_first: Callable[[StageRun], bool] | None = None) -> bool:
     """Train the search's stages until it finishes; False when `after_first` stops it early."""
     while (stage := search.next_stage()) is not None:
         if progress is not None:
             progress("stage", name=prefix + stage.name, stage_kind=stage.kind, members=len(stage.points))
-        run = _run_stage(spec, stage, search.cfg.axis, out / STAGES / (prefix + stage.name), progress)
+        run = _run_stage(spec, stage, search.cfg.axis, out / STAGES / (prefix + stage.name), progress, scale)
         search.tell(stage, run.outcomes)
         runs.append(run)
         if after_first is not None and len(runs) == 1 and not after_first(run):
@@ -172,10 +177,12 @@ def _drive(search: Search, spec: TuneSpec, out: Path, prefix: str, progress: Cal
     return True
 
 
-def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None) -> TuneRun:
+def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, **scale) -> TuneRun:
     """Tune `spec` into `out` (resuming what is there) and return the run; see the module doc.
 
     `progress(kind, **info)` receives the sweeps' events plus ('stage', name=, stage_kind=, members=).
+    `scale`: `run_sweep`'s devices / ray / ray_cpus: each stage's populations on several devices or a
+    Ray cluster (trajinv.parallel); they change where stages train, not what they compute.
     """
     spec.validate()
     out = Path(out)
@@ -195,16 +202,16 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None) 
 
     notes: list[str] = []
     search = Search(spec.search_config("elr"))
-    if not _drive(search, spec, out, "", progress, runs, classify):
+    if not _drive(search, spec, out, "", progress, runs, scale, classify):
         # large batch or too few steps: the loss follows lr; scan it at the wd of the scan's best member
         finite = [o for o in runs[0].outcomes if o.finite]
         wd = min(finite, key=lambda o: o.loss).point.wd if finite else spec.search.wd
         left = None if spec.search.budget is None else spec.search.budget - runs[0].member_steps
         if left is None or left >= spec.search_config().scan_cost:
             search = Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=left))
-            _drive(search, spec, out, LR_PREFIX, progress, runs)
+            _drive(search, spec, out, LR_PREFIX, progress, runs, scale)
         else:
             notes.append(f"the regime calls for tuning lr, but the budget left ({left} member-steps) is below an "
                          f"lr scan ({spec.search_config().scan_cost}): the ELR search went on; raise --budget")
-            _drive(search, spec, out, "", progress, runs)
+            _drive(search, spec, out, "", progress, runs, scale)
     return TuneRun(spec, search.result(), regime, runs, notes)
