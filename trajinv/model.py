@@ -117,7 +117,11 @@ class GPT(nn.Module):
         n, t = idx.shape
         if t > self.cfg.context:
             raise ValueError(f"sequence length {t} exceeds the model context {self.cfg.context}")
-        x = self.wte[:, idx]
+        # index_select, not self.wte[:, idx]: the advanced-indexing backward accumulates rows with
+        # parallel atomic adds on CPU, so repeated tokens sum in a thread-dependent order (the
+        # gradient, and from it the whole run, differed between identical runs) and it measured
+        # ~10x slower; index_select's backward (index_add) is deterministic
+        x = torch.index_select(self.wte, 1, idx.reshape(-1)).view(self.members, n, t, -1)
         for block in self.blocks:
             x = block(x, self.rope_cos, self.rope_sin)
         x = rms_norm(x, self.norm_f, self.cfg.norm_eps, self.probes.get("norm_f"))

@@ -19,27 +19,23 @@ metrics afresh.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from trajinv.atomic import atomic_write
 from trajinv.checkpoint import CheckpointError, clean_run_dir, has_checkpoint, load_checkpoint, save_checkpoint
 from trajinv.config import PARAM_KINDS, TrainConfig, same_run, to_dict
-from trajinv.data import TokenData, boot_means, boot_se, sample_batch, validation_batches, window_resamples
-from trajinv.gns.meter import LOG_KEYS, GNSMeter
+from trajinv.data import TokenData, boot_means, sample_batch, validation_batches, window_resamples
+from trajinv.gns.meter import GNSMeter
+from trajinv.metrics import METRICS, MetricsLog, num, step_records  # noqa: F401 - METRICS: trajinv.train.METRICS
 from trajinv.model import GPT, param_kind
-from trajinv.optim.population import STAT_FIELDS, build_optimizer
+from trajinv.optim.population import build_optimizer
 from trajinv.parallel.ddp import SINGLE, DistContext
 from trajinv.schedules import BatchSchedule, lr_multiplier
 
-METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -98,6 +94,7 @@ class Trainer:
         self.dist.start(cfg.device)  # after the checks: a bad value fails on every rank before any waits
         self.cfg, self.data, self.run_id = cfg, data, run_id
         self.run_dir = Path(run_dir)
+        self.metrics = MetricsLog(self.run_dir, writer=self.dist.is_main)  # scale-out: rank 0 writes
         self.batches = BatchSchedule.parse(cfg.batch_size)
         self.plan = cfg.batch_plan()  # steps per batch-size stage: from cfg.tokens or cfg.steps
         self.K = len(cfg.members)
@@ -170,8 +167,7 @@ class Trainer:
         _, meta = ckpt
         self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], meta["seconds"]
         self._saved_step = self.step
-        if self.dist.is_main:  # scale-out: rank 0 writes
-            self._rewrite_metrics(self.step)
+        self.metrics.rewrite_to(self.step)
         return True
 
     def _check_meta(self, meta: dict, sidecar: Path) -> None:
@@ -215,37 +211,6 @@ class Trainer:
         if at is None or tuple(at.shape) != (2, K):  # older checkpoints: the step of the checkpoint
             at = torch.where(self.alive, -1, torch.tensor([[meta["step"]], [meta["tokens"]]], dtype=torch.int64))
         self.diverged_at = at.to(torch.int64)
-
-    def _rewrite_metrics(self, step: int) -> None:
-        """Keep exactly the metrics lines with step <= `step`, atomically (a kill leaves the old file).
-
-        A last line that is not JSON (half-written: full disk, host crash) is dropped with a
-        note on stderr; a bad line elsewhere is a ValueError naming the file and line."""
-        path = self.run_dir / METRICS
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            return
-        lines = raw.split(b"\n")
-        if lines and not lines[-1]:
-            lines.pop()  # the file ends with a newline
-        keep = []
-        for i, line in enumerate(lines):
-            try:
-                rec_step = json.loads(line)["step"]
-                if isinstance(rec_step, bool) or not isinstance(rec_step, int):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError, IndexError):
-                if i == len(lines) - 1:
-                    print(f"note: dropped the half-written last line {i + 1} of {path}", file=sys.stderr, flush=True)
-                    break
-                raise ValueError(f"malformed metrics line {path}:{i + 1} (not a JSON record with a step); "
-                                 "fix or delete that line to resume") from None
-            if rec_step <= step:
-                keep.append(line)
-        new = b"".join(line + b"\n" for line in keep)
-        if new != raw:
-            atomic_write(path, lambda f: f.write(new))
 
     # ------------------------------------------------------------- training
     def _forward_backward(self, step: int, batch_size: int) -> torch.Tensor:
@@ -330,8 +295,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         clock = time.perf_counter() - self.seconds
         # From step 0 the metrics start afresh: lines of an attempt that never checkpointed go.
-        # Under DDP (trajinv.parallel) rank 0 writes.
-        with open(self.run_dir / METRICS if self.dist.is_main else os.devnull, "w" if self.step == 0 else "a") as f:
+        with self.metrics.open(fresh=self.step == 0) as log:
             stop = cfg.steps if until is None else min(until, cfg.steps)
             while self.step < stop and bool(self.alive.any()):
                 step = self.step
@@ -352,7 +316,7 @@ class Trainer:
                 clip = torch.ones(self.K)
                 if cfg.optim.clip > 0:
                     clip = torch.clamp(cfg.optim.clip / (grad_norm + 1e-6), max=1.0)
-                clip = torch.where(self.alive, torch.nan_to_num(clip, nan=0.0), 0.0)
+                clip = torch.where(self.alive, torch.nan_tonum(clip, nan=0.0), 0.0)
                 done = step + 1
                 evaluated = done % cfg.eval_every == 0 or done == cfg.steps
                 logging = evaluated or done % cfg.log_every == 0 or bool(newly_dead.any())
@@ -376,63 +340,16 @@ class Trainer:
                     boot = torch.from_numpy(boot_means(self.val_windows, self.boot_counts))
                     self.last_boot = torch.where(self.alive[:, None], boot, self.last_boot)
                 if logging:
-                    with self._naming_errors(f):
-                        self._write_metrics(f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead)
-                        f.flush()
+                    log.write(step_records(self, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead))
                 if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.steps:
-                    self._sync(f)
+                    log.sync()
                     self.save()
                 if progress is not None:
                     progress(self.step)
             if not bool(self.alive.any()) and self._saved_step != self.step:
-                self._sync(f)
+                log.sync()
                 self.save()
         return self.results()
-
-    @contextlib.contextmanager
-    def _naming_errors(self, f):
-        """A failed write to the metrics file (a full disk) names the file."""
-        try:
-            yield
-        except OSError as e:
-            if e.filename is None:
-                e.filename = f.name
-            raise
-
-    def _sync(self, f) -> None:
-        """Metrics on disk before a checkpoint commits: a checkpoint never runs ahead of its metrics."""
-        if not self.dist.is_main:  # scale-out: other ranks write nothing
-            return
-        with self._naming_errors(f):
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _write_metrics(self, f, mult, bs, loss, grad_norm, stats, gns, evaluated, newly_dead) -> None:
-        sums = dict(zip(STAT_FIELDS, stats.totals().cpu()))
-        se = boot_se(self.last_boot.numpy())
-        # per parameter kind: the weight norm and the step's update norm, the phase analysis' input
-        by_kind = {kind: stats.totals(names)[2:].sqrt().cpu() for kind, names in self.kinds.items()}
-        for k, m in enumerate(self.cfg.members):
-            if not (self.alive[k] or newly_dead[k]):
-                continue
-            rec = {"run_id": self.run_id, "member": k, "name": m.name, "step": self.step, "tokens": self.tokens,
-                   "lr": m.lr * mult, "base_lr": m.lr, "wd": m.wd, "elr": m.elr, "batch_size": bs,
-                   "batch_schedule": str(self.batches),
-                   "train_loss": _num(loss[k]), "val_loss": _num(self.last_val[k]) if evaluated else None,
-                   "grad_norm": _num(grad_norm[k]), "precond_grad_norm": _num(sums["precond_grad_sq"][k].sqrt()),
-                   "weight_norm": _num(sums["param_sq"][k].sqrt()), "update_norm": _num(sums["update_sq"][k].sqrt()),
-                   **{f"{what}_norm_{kind}": _num(v[i, k]) for kind, v in by_kind.items()
-                      for i, what in enumerate(("weight", "update"))},
-                   "seconds": round(self.seconds, 3), "status": "diverged" if newly_dead[k] else "running"}
-            if self.cfg.eval_boot:
-                # Rounded to 1e-6 nat: far below any spread's noise, and a third of the bytes.
-                boot = [round(float(v), 6) for v in self.last_boot[k]] if evaluated else None
-                rec["val_loss_boot"] = boot if boot and all(map(math.isfinite, boot)) else None
-                rec["val_loss_se"] = _num(se[k]) if evaluated else None
-            if gns is not None:
-                rec.update({f"gns_{key}" if "norm" in key else key: _num(gns[key][k]) for key in LOG_KEYS})
-                rec["gns_w_identity"] = bool(gns["w_identity"][k])
-            f.write(json.dumps(rec) + "\n")
 
     def results(self) -> list[MemberResult]:
         out = []
@@ -440,22 +357,17 @@ class Trainer:
             status = "diverged" if not self.alive[k] else ("done" if self.step >= self.cfg.steps else "running")
             extra = {}
             if "b_precond_smooth" in self.last_gns:
-                extra = {"b_precond": _num(self.last_gns["b_precond_smooth"][k]),
-                         "b_simple": _num(self.last_gns["b_simple_smooth"][k])}
+                extra = {"b_precond": num(self.last_gns["b_precond_smooth"][k]),
+                         "b_simple": num(self.last_gns["b_simple_smooth"][k])}
                 # The label comes from the robust statistic (trajinv.gns.estimator, "The regime"),
                 # so a few spiky steps cannot decide it.
                 robust = self.last_gns.get("b_precond_robust")
-                b = None if robust is None else _num(robust[k])
+                b = None if robust is None else num(robust[k])
                 extra["b_precond_robust"] = b
                 extra["batch_regime"] = "" if b is None else ("small" if self.batches.sizes[-1] < b else "large")
             steps, tokens = self.step, self.tokens
             if not self.alive[k] and int(self.diverged_at[0, k]) >= 0:
                 steps, tokens = int(self.diverged_at[0, k]), int(self.diverged_at[1, k])
             out.append(MemberResult(m.name, m.lr, m.wd, status, steps, tokens,
-                                    _num(self.last_train[k]), _num(self.last_val[k]), extra))
+                                    num(self.last_train[k]), num(self.last_val[k]), extra))
         return out
-
-
-def _num(x) -> float | None:
-    v = float(x)
-    return v if math.isfinite(v) else None
