@@ -316,7 +316,7 @@ class Trainer:
                 clip = torch.ones(self.K)
                 if cfg.optim.clip > 0:
                     clip = torch.clamp(cfg.optim.clip / (grad_norm + 1e-6), max=1.0)
-                clip = torch.where(self.alive, torch.nan_tonum(clip, nan=0.0), 0.0)
+                clip = torch.where(self.alive, torch.nan_to_num(clip, nan=0.0), 0.0)
                 done = step + 1
                 evaluated = done % cfg.eval_every == 0 or done == cfg.steps
                 logging = evaluated or done % cfg.log_every == 0 or bool(newly_dead.any())
