@@ -114,21 +114,19 @@ def _install(spec: dict) -> None:
                     getattr(mod, "atomic_write", None) is real_atomic_write:
                 mod.atomic_write = atomic_write
     elif at == "metrics":
-        from trajinv.train import Trainer
+        from trajinv.metrics import MetricsLog
 
-        real_write_metrics = Trainer._write_metrics
+        real_write = MetricsLog.write
 
-        def _write_metrics(self, f, *a, **kw):
+        def write(self, records):
             if not hit("metrics"):
-                return real_write_metrics(self, f, *a, **kw)
-            buf = io.StringIO()
-            real_write_metrics(self, buf, *a, **kw)
-            text = buf.getvalue()
-            f.write(text[: int(len(text) * spec["frac"])])
-            f.flush()
+                return real_write(self, records)
+            text = "".join(json.dumps(rec) + "\n" for rec in records)
+            self._f.write(text[: int(len(text) * spec["frac"])])
+            self._f.flush()
             _die()
 
-        Trainer._write_metrics = _write_metrics
+        MetricsLog.write = write
     elif at == "tokenize":
         import trajinv.data.tokens as tokens
 

@@ -151,7 +151,10 @@ def size_populations(spec, out: str | Path, free: Callable[[], int], device_kind
 
     stored = Path(out) / SPEC
     if stored.exists():
-        return replace(spec, population=int(json.loads(stored.read_text()).get("population", 0)))
+        try:
+            return replace(spec, population=int(json.loads(stored.read_text()).get("population", 0)))
+        except (ValueError, TypeError, AttributeError, OSError):
+            return spec  # unreadable: the sweep's spec check names the file in one line
     from trajinv.data.tokenizer import load_tokenizer
     from trajinv.schedules import BatchSchedule
 
