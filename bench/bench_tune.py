@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -65,19 +66,19 @@ def grid_axes(quick: bool) -> tuple[list[float], list[float]]:
     return (lrs[2:5], wds[2:5]) if quick else (lrs, wds)
 
 
-def reference_grid(seed: int, quick: bool, data: DataConfig) -> dict[tuple[float, float], float | None]:
+def reference_grid(seed: int, quick: bool, data: DataConfig, out: Path) -> dict[tuple[float, float], float | None]:
     """(lr, wd) -> final validation loss (None: diverged) of the seed's grid, trained or read back."""
     lrs, wds = grid_axes(quick)
     spec = SweepSpec(train=train_config(seed, quick), data=data, lrs=tuple(lrs), wds=tuple(wds))
-    rows = run_sweep(spec, OUT / (("quick-" if quick else "") + f"grid-s{seed}"))
+    rows = run_sweep(spec, out / f"grid-s{seed}")
     return {(r["lr"], r["wd"]): (r["final_val_loss"] if r["status"] == "done" else None) for r in rows}
 
 
-def tune_once(seed: int, quick: bool, data: DataConfig, budget: int) -> dict:
+def tune_once(seed: int, quick: bool, data: DataConfig, budget: int, out: Path) -> dict:
     cfg = train_config(seed, quick)
     small = dict(points=3, octaves=2.0, zoom_points=1, check_factors=(0.5, 2.0)) if quick else {}
     search = SearchConfig(**{**TUNE, **small}, budget=budget, steps_per_member=cfg.steps)
-    run = run_tune(TuneSpec(train=cfg, data=data, search=search), OUT / (("quick-" if quick else "") + f"tune-s{seed}"))
+    run = run_tune(TuneSpec(train=cfg, data=data, search=search), out / f"tune-s{seed}")
     r = run.result
     return {"loss": r.loss, "member_steps": sum(s.member_steps for s in run.stages), "lr": r.best.lr,
             "wd": r.best.wd, "axis": r.axis, "check": r.invariant_check.within_noise if r.invariant_check else None}
@@ -128,14 +129,16 @@ def main() -> None:
     steps = train_config(0, args.quick).steps
     grid_cost = len(lrs) * len(wds) * steps
     budget = grid_cost if args.quick else grid_cost // 3  # quick: room for the lr search its few steps call for
-    grids = [reference_grid(s, args.quick, data) for s in seeds]
+    # the full bench keeps its runs (reruns reuse them); --quick trains afresh in a scratch folder
+    out = Path(tempfile.mkdtemp(prefix="bench-tune-")) if args.quick else OUT
+    grids = [reference_grid(s, args.quick, data, out) for s in seeds]
     sigma = seed_noise(grids) if len(grids) > 1 else float("nan")
     rows, per_method = [], {"random": {}, "tpe": {}}
     population = TUNE["points"]
     budgets = sorted({budget, grid_cost // 6, grid_cost // 2, grid_cost})
     for seed, grid in zip(seeds, grids):
         best = min(v for v in grid.values() if v is not None)
-        tuned = tune_once(seed, args.quick, data, budget)
+        tuned = tune_once(seed, args.quick, data, budget, out)
         rows.append({"method": "tune", "seed": seed, "member_steps": tuned["member_steps"],
                      "regret": tuned["loss"] - best, "grid_best": best, "lr": tuned["lr"], "wd": tuned["wd"],
                      "axis": tuned["axis"], "check_within_noise": tuned["check"]})
