@@ -312,7 +312,7 @@ def test_too_few_iterations_is_lr():
     (100.0, 256, 1_000, "64@0.5,256"),  # capped at half the run's tokens
 ])
 def test_large_batch_is_lr_with_a_small_batch_first_schedule(b_precond, batch, steps, schedule):
-    regime = classify_regime(b_precond, batch, steps, 8e-3, 0.1)
+    regime = classify_regime(b_precond, batch, steps, 8e-3, 0.1, min_transitions=3.0)
     assert (regime.axis, regime.small_batch) == ("lr", False)
     assert "large batch" in regime.reason and schedule in regime.reason
     small = int(schedule.split("@")[0])
@@ -323,6 +323,15 @@ def test_large_batch_is_lr_with_a_small_batch_first_schedule(b_precond, batch, s
 
 def test_no_power_of_two_below_a_tiny_noise_scale():
     assert classify_regime(0.5, 4, 20_000, 8e-3, 0.1).batch_schedule is None
+
+
+def test_default_threshold_is_one_timescale():
+    """A run just past one tau = 1/(lr wd) counts as long enough (MIN_TRANSITIONS says why), just short does not."""
+    from trajinv.tune.fit import MIN_TRANSITIONS
+
+    assert MIN_TRANSITIONS == 1.0
+    assert classify_regime(100.0, 32, 800, 2.0 ** -8, 0.5).axis == "elr"  # 800 * 2^-9 = 1.56
+    assert classify_regime(100.0, 32, 400, 2.0 ** -8, 0.5).axis == "lr"  # 0.78: too few
 
 
 # ---- validation -------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from trajinv.atomic import atomic_write
 from trajinv.config import DataConfig, TrainConfig, to_dict
 from trajinv.schedules import BatchSchedule
 from trajinv.sweep import SweepSpec, run_sweep
+from trajinv.tune.fit import MIN_TRANSITIONS
 from trajinv.tune.search import Outcome, Point, Regime, Search, SearchConfig, Stage, TuneResult, classify_regime
 
 SPEC = "tune_spec.json"
@@ -55,8 +56,9 @@ class TuneSpec:
     """The search along the salient direction (its budget and cost unit are set from `train`)."""
     population: int = 0
     """Most members trained together per stage (memory); 0 = a whole stage at once."""
-    min_transitions: float = 3.0
-    """Enough iterations for ELR invariance: steps*lr*wd of the scan's best member at least this."""
+    min_transitions: float = MIN_TRANSITIONS
+    """Enough iterations for ELR invariance: steps*lr*wd of the scan's best member at least this
+    (trajinv.tune.fit.MIN_TRANSITIONS says why 1)."""
 
     def stage_train(self) -> TrainConfig:
         """The training config of every stage: micro-batch GNS on, with >= 2 micro-batches."""
