@@ -4,12 +4,13 @@ A **sweep directory** (an lr x wd grid, or any members) gives its members' final
 validation losses straight to `scaling.optimum_from_members`.
 
 A **tune directory** (``tune.json``) is two lines through the optimum rather than a
-grid: the ELR line at the tune's fixed lr (scan, shifts, zoom), and the iso-ELR
-check line through the recommendation (lr varied, ELR fixed). A 2-D quadratic is
-not identifiable from two crossing lines, so each line gets its own 1-D fit: the
-ELR line locates the optimal ELR, the check line the optimal lr at that ELR; the
-optimal wd is their ratio, its log2 variance the sum of theirs. A tune without a
-check line (or an lr-axis tune) leaves the quantity it did not vary untuned.
+grid. Along ELR (small batch, enough steps): the ELR line at the tune's fixed lr
+(scan, shifts, zoom) and the iso-ELR check line through the recommendation (lr
+varied, ELR fixed). Along lr: the lr line at a fixed wd and the iso-LR check line
+(wd varied at the recommended lr). A 2-D quadratic is not identifiable from two
+crossing lines, so each line gets its own 1-D fit, and the optimum is where they
+put it (the ratio or product of the two, its log2 variance the sum of theirs). A
+tune whose second line has fewer than 3 values of lr leaves lr untuned.
 """
 
 from __future__ import annotations
@@ -72,20 +73,31 @@ def _from_tune(root: Path, n_boot: int, seed: int) -> BudgetOptimum:
     rows = [r for s in data["stages"] for r in load_summary(root / s["directory"])]
     tokens, steps = _budget(rows, root)
     on = lambda o, key: math.isclose(o[key], reco[key], rel_tol=1e-6)  # noqa: E731
-    # the ELR line: the recommendation's lr, wd varied; the check line: the recommendation's ELR, lr varied
-    elr_line = _unique([MemberLoss(o["lr"], o["wd"], o["loss"], o["se"] or 0.0) for o in outcomes if on(o, "lr")])
-    lr_line = _unique([MemberLoss(o["lr"], reco["elr"], o["loss"], o["se"] or 0.0) for o in outcomes
-                       if on(o, "elr")])  # (lr, ELR) coordinates: only lr varies along the line
-    by_elr = optimum_from_members(elr_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed)
+    # line A: the recommendation's lr, wd varied (an ELR scan, or an lr tune's iso-LR check): the optimal wd
+    wd_line = _unique([MemberLoss(o["lr"], o["wd"], o["loss"], o["se"] or 0.0) for o in outcomes if on(o, "lr")])
+    # line B, lr varied: at the recommendation's ELR (an ELR tune's check) or its wd (an lr scan), in
+    # coordinates where only lr varies
+    fixed = "elr" if data.get("axis", "elr") == "elr" else "wd"
+    lr_line = _unique([MemberLoss(o["lr"], reco[fixed], o["loss"], o["se"] or 0.0) for o in outcomes
+                       if on(o, fixed)])
+    by_wd = optimum_from_members(wd_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed)
     if len({m.lr for m in lr_line}) < 3:
-        return by_elr  # lr not varied (or too little to fit): untuned, and the report says so
+        return by_wd  # lr not varied enough to fit: untuned, and the report says so
     by_lr = optimum_from_members(lr_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed + 1)
-    lr, elr = by_lr.lr, by_elr.elr
-    se_lr, se_elr = by_lr.log2_se["lr"], by_elr.log2_se["elr"]
-    edges = tuple(dict.fromkeys(("elr",) * by_elr.at_edge + ("lr",) * by_lr.at_edge))
-    return BudgetOptimum(tokens=tokens, steps=steps, lr=lr, wd=elr / lr, elr=elr,
-                         log2_se={"lr": se_lr, "wd": math.hypot(se_lr, se_elr), "elr": se_elr},
-                         at_edge=bool(edges), source=root.name, edge_axes=edges, tuned_axes=("lr", "wd"))
+    lr = by_lr.lr
+    if fixed == "elr":  # line B located lr at the optimal ELR of line A
+        elr = by_wd.elr
+        se = {"lr": by_lr.log2_se["lr"], "elr": by_wd.log2_se["elr"]}
+        se["wd"] = math.hypot(se["lr"], se["elr"])
+        wd = elr / lr
+    else:  # line B located lr at the optimal wd of line A
+        wd = by_wd.wd
+        se = {"lr": by_lr.log2_se["lr"], "wd": by_wd.log2_se["wd"]}
+        se["elr"] = math.hypot(se["lr"], se["wd"])
+        elr = lr * wd
+    edges = tuple(dict.fromkeys(("wd",) * by_wd.at_edge + ("lr",) * by_lr.at_edge))
+    return BudgetOptimum(tokens=tokens, steps=steps, lr=lr, wd=wd, elr=elr, log2_se=se, at_edge=bool(edges),
+                         source=root.name, edge_axes=edges, tuned_axes=("lr", "wd"))
 
 
 def _unique(members: list[MemberLoss]) -> list[MemberLoss]:

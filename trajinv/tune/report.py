@@ -53,6 +53,7 @@ def to_json(run: TuneRun) -> dict:
         reco = {"lr": r.best.lr, "wd": r.best.wd, "elr": r.best.elr, "val_loss": r.loss, "val_loss_se": r.se}
     regime = run.regime
     return {
+        "axis": r.axis,
         "recommendation": reco,
         "regime": None if regime is None else {
             "axis": regime.axis, "small_batch": regime.small_batch, "enough_iterations": regime.enough_iterations,
