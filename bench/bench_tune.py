@@ -20,7 +20,7 @@ and better than generic 2-D search at that cost.
    seed noise of the grid's best at <= 1/3 of the grid's member-steps, and its
    median regret below random search's and TPE's at that budget.
 
-    python bench/bench_tune.py [--quick] [--seeds 0 1 2] [--reps 200]
+    python bench/bench_tune.py [--quick] [--seeds 0 1 2] [--reps 200] [--devices cpu,cpu]
 
 Prints a table and the verdicts; writes bench/results/tune.csv and tune.png.
 Random search needs nothing extra; TPE needs optuna and the expected-best curve
@@ -66,19 +66,24 @@ def grid_axes(quick: bool) -> tuple[list[float], list[float]]:
     return (lrs[2:5], wds[2:5]) if quick else (lrs, wds)
 
 
-def reference_grid(seed: int, quick: bool, data: DataConfig, out: Path) -> dict[tuple[float, float], float | None]:
-    """(lr, wd) -> final validation loss (None: diverged) of the seed's grid, trained or read back."""
+def reference_grid(seed: int, quick: bool, data: DataConfig, out: Path,
+                   devices: str | None = None) -> dict[tuple[float, float], float | None]:
+    """(lr, wd) -> final validation loss (None: diverged) of the seed's grid, trained or read back.
+
+    Populations of one lr row each, so `devices` ('cpu,cpu') can train rows concurrently."""
     lrs, wds = grid_axes(quick)
-    spec = SweepSpec(train=train_config(seed, quick), data=data, lrs=tuple(lrs), wds=tuple(wds))
-    rows = run_sweep(spec, out / f"grid-s{seed}")
+    spec = SweepSpec(train=train_config(seed, quick), data=data, lrs=tuple(lrs), wds=tuple(wds),
+                     population=len(wds))
+    rows = run_sweep(spec, out / f"grid-s{seed}", devices=devices)
     return {(r["lr"], r["wd"]): (r["final_val_loss"] if r["status"] == "done" else None) for r in rows}
 
 
-def tune_once(seed: int, quick: bool, data: DataConfig, budget: int, out: Path) -> dict:
+def tune_once(seed: int, quick: bool, data: DataConfig, budget: int, out: Path, devices: str | None = None) -> dict:
     cfg = train_config(seed, quick)
     small = dict(points=3, octaves=2.0, zoom_points=1, check_factors=(0.5, 2.0)) if quick else {}
     search = SearchConfig(**{**TUNE, **small}, budget=budget, steps_per_member=cfg.steps)
-    run = run_tune(TuneSpec(train=cfg, data=data, search=search), out / f"tune-s{seed}")
+    scale = {"devices": devices} if devices else {}
+    run = run_tune(TuneSpec(train=cfg, data=data, search=search), out / f"tune-s{seed}", **scale)
     r = run.result
     return {"loss": r.loss, "member_steps": sum(s.member_steps for s in run.stages), "lr": r.best.lr,
             "wd": r.best.wd, "axis": r.axis, "check": r.invariant_check.within_noise if r.invariant_check else None}
@@ -120,6 +125,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="a 3x3 grid of a few steps, one seed: a smoke test")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
+    ap.add_argument("--devices", default=None,
+                    help="train on several devices at once, e.g. 'cpu,cpu' (numbers do not change)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions of random search per seed (TPE: reps/10)")
     args = ap.parse_args()
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
@@ -131,14 +138,14 @@ def main() -> None:
     budget = grid_cost if args.quick else grid_cost // 3  # quick: room for the lr search its few steps call for
     # the full bench keeps its runs (reruns reuse them); --quick trains afresh in a scratch folder
     out = Path(tempfile.mkdtemp(prefix="bench-tune-")) if args.quick else OUT
-    grids = [reference_grid(s, args.quick, data, out) for s in seeds]
+    grids = [reference_grid(s, args.quick, data, out, args.devices) for s in seeds]
     sigma = seed_noise(grids) if len(grids) > 1 else float("nan")
     rows, per_method = [], {"random": {}, "tpe": {}}
     population = TUNE["points"]
     budgets = sorted({budget, grid_cost // 6, grid_cost // 2, grid_cost})
     for seed, grid in zip(seeds, grids):
         best = min(v for v in grid.values() if v is not None)
-        tuned = tune_once(seed, args.quick, data, budget, out)
+        tuned = tune_once(seed, args.quick, data, budget, out, args.devices)
         rows.append({"method": "tune", "seed": seed, "member_steps": tuned["member_steps"],
                      "regret": tuned["loss"] - best, "grid_best": best, "lr": tuned["lr"], "wd": tuned["wd"],
                      "axis": tuned["axis"], "check_within_noise": tuned["check"]})

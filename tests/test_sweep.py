@@ -68,6 +68,9 @@ def test_sweep_writes_layout_and_rerun_skips(tiny_train_config, tmp_path):
     with open(tmp_path / "summary.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 3 and all(r["status"] == "done" and r["steps"] == "4" for r in table)
+    for r in table:  # the weight-decay timescale 1/(lr wd) in steps, and as a share of the run
+        assert float(r["tau_iter"]) == pytest.approx(1 / (float(r["lr"]) * float(r["wd"])))
+        assert float(r["tau_fraction"]) == pytest.approx(float(r["tau_iter"]) / 4)
     before = (tmp_path / "runs/bs4/metrics.jsonl").read_text()
     events = []
     run_sweep(spec, tmp_path, progress=lambda kind, **info: events.append((kind, info)))

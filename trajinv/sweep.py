@@ -32,8 +32,8 @@ from trajinv.train import MemberResult, Trainer
 
 SPEC = "spec.json"
 SUMMARY = "summary.csv"
-SUMMARY_FIELDS = ["run_id", "member", "name", "lr", "wd", "elr", "batch_size", "steps", "tokens",
-                  "final_train_loss", "final_val_loss", "status"]
+SUMMARY_FIELDS = ["run_id", "member", "name", "lr", "wd", "elr", "tau_iter", "tau_fraction", "batch_size", "steps",
+                  "tokens", "final_train_loss", "final_val_loss", "status"]
 
 
 def log2_range(text: str) -> tuple[float, ...]:
@@ -153,8 +153,16 @@ def write_summary(out: Path, rows: list[dict]) -> Path:
 
 
 def summary_rows(run_id: str, cfg: TrainConfig, results: list[MemberResult]) -> list[dict]:
+    """One row per member. tau_iter = 1/(lr wd) is the weight-decay EMA's timescale in steps (at the
+    peak lr; empty without weight decay) and tau_fraction = tau_iter / the run's steps: the optimum
+    sits at a fixed share of the run (trajinv.tune.fit, "Enough iterations")."""
+    def tau(r: MemberResult) -> tuple[float | None, float | None]:
+        if r.lr * r.wd <= 0:
+            return None, None
+        return 1.0 / (r.lr * r.wd), 1.0 / (r.lr * r.wd) / cfg.steps
+
     return [{"run_id": run_id, "member": k, "name": r.name, "lr": r.lr, "wd": r.wd, "elr": r.lr * r.wd,
-             "batch_size": cfg.batch_size, "steps": r.steps, "tokens": r.tokens,
+             "tau_iter": tau(r)[0], "tau_fraction": tau(r)[1], "batch_size": cfg.batch_size, "steps": r.steps, "tokens": r.tokens,
              "final_train_loss": r.train_loss, "final_val_loss": r.val_loss, "status": r.status, **r.extra}
             for k, r in enumerate(results)]
 
