@@ -86,6 +86,20 @@ def test_known_optimum_and_exponents_are_recovered(tmp_path, make):
     assert wd_pred == pytest.approx(_optimum(8)[1], rel=0.05)
 
 
+def test_a_tune_recommending_a_check_member_still_reads_both_lines(tmp_path):
+    """The recommendation can be a check member off the scanned line (a better lr within noise): the
+    two lines still cross at the scan's best member, so lr and wd both come out."""
+    root = _tune_dir(tmp_path / "t", 2)
+    data = json.loads((root / TUNE_RESULT).read_text())
+    check = data["stages"][1]["outcomes"][0]
+    data["recommendation"] = {"lr": check["lr"], "wd": check["wd"], "elr": check["elr"], "val_loss": check["loss"]}
+    (root / TUNE_RESULT).write_text(json.dumps(data))
+    o = load_budget(root, n_boot=50)
+    lr0, wd0 = _optimum(2)
+    assert set(o.tuned_axes) == {"lr", "wd"} and not o.at_edge
+    assert math.log2(o.lr / lr0) == pytest.approx(0, abs=0.05) and math.log2(o.wd / wd0) == pytest.approx(0, abs=0.05)
+
+
 def test_a_tune_without_check_line_leaves_lr_untuned(tmp_path):
     o = load_budget(_tune_dir(tmp_path / "t", 1, check=False), n_boot=20)
     assert o.tuned_axes == ("wd",) and o.log2_se["lr"] == pytest.approx(0.0, abs=1e-9)

@@ -4,13 +4,15 @@ A **sweep directory** (an lr x wd grid, or any members) gives its members' final
 validation losses straight to `scaling.optimum_from_members`.
 
 A **tune directory** (``tune.json``) is two lines through the optimum rather than a
-grid. Along ELR (small batch, enough steps): the ELR line at the tune's fixed lr
-(scan, shifts, zoom) and the iso-ELR check line through the recommendation (lr
-varied, ELR fixed). Along lr: the lr line at a fixed wd and the iso-LR check line
-(wd varied at the recommended lr). A 2-D quadratic is not identifiable from two
-crossing lines, so each line gets its own 1-D fit, and the optimum is where they
-put it (the ratio or product of the two, its log2 variance the sum of theirs). A
-tune whose second line has fewer than 3 values of lr leaves lr untuned.
+grid, crossing at the *anchor*: the best member of the searched line (scan, shifts,
+zoom, rescans along the tune's final axis; not the recommendation, which may be a
+check member off that line). Along ELR (small batch, enough steps): the ELR line at
+the anchor's lr and the iso-ELR check line through it (lr varied, ELR fixed). Along
+lr: the lr line at the anchor's wd and the iso-LR check line (wd varied at its lr).
+A 2-D quadratic is not identifiable from two crossing lines, so each line gets its
+own 1-D fit, and the optimum is where they put it (the ratio or product of the two,
+its log2 variance the sum of theirs). A line with fewer than 3 values leaves its
+quantity untuned (lr without a check line: `tuned_axes` says so).
 """
 
 from __future__ import annotations
@@ -66,20 +68,25 @@ def _from_tune(root: Path, n_boot: int, seed: int) -> BudgetOptimum:
         data = json.loads((root / TUNE_RESULT).read_text())
     except ValueError:
         raise ValueError(f"{root / TUNE_RESULT} is not valid JSON") from None
-    reco = data.get("recommendation")
-    if not reco:
+    if not data.get("recommendation"):
         raise ValueError(f"the tune in {root} has no recommendation (every member diverged)")
-    outcomes = [o for s in data["stages"] for o in s["outcomes"]]
+    axis = data.get("axis", "elr")
+    stages = [s for s in data["stages"] if s.get("axis", axis) == axis]  # an lr tune's first ELR scan aside
     rows = [r for s in data["stages"] for r in load_summary(root / s["directory"])]
     tokens, steps = _budget(rows, root)
-    on = lambda o, key: math.isclose(o[key], reco[key], rel_tol=1e-6)  # noqa: E731
-    # line A: the recommendation's lr, wd varied (an ELR scan, or an lr tune's iso-LR check): the optimal wd
-    wd_line = _unique([MemberLoss(o["lr"], o["wd"], o["loss"], o["se"] or 0.0) for o in outcomes if on(o, "lr")])
-    # line B, lr varied: at the recommendation's ELR (an ELR tune's check) or its wd (an lr scan), in
-    # coordinates where only lr varies
-    fixed = "elr" if data.get("axis", "elr") == "elr" else "wd"
-    lr_line = _unique([MemberLoss(o["lr"], reco[fixed], o["loss"], o["se"] or 0.0) for o in outcomes
-                       if on(o, fixed)])
+    searched = [o for s in stages if s["kind"] != "check" for o in s["outcomes"] if _finite(o)]
+    if not searched:
+        raise ValueError(f"the tune in {root} has no finished member on its {axis} line")
+    anchor = min(searched, key=lambda o: o["loss"])
+    outcomes = [o for s in stages for o in s["outcomes"]]
+    on = lambda o, key: math.isclose(o[key], anchor[key], rel_tol=1e-6)  # noqa: E731
+    member = lambda o, wd: MemberLoss(o["lr"], wd, o["loss"], o["se"] or 0.0)  # noqa: E731
+    # line A, wd varied at the anchor's lr (an ELR scan, or an lr tune's iso-LR check): the optimal wd
+    wd_line = _unique([member(o, o["wd"]) for o in outcomes if on(o, "lr")])
+    # line B, lr varied at the anchor's ELR (an ELR tune's check) or wd (an lr scan), in coordinates
+    # where only lr varies
+    fixed = "elr" if axis == "elr" else "wd"
+    lr_line = _unique([member(o, anchor[fixed]) for o in outcomes if on(o, fixed)])
     by_wd = optimum_from_members(wd_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed)
     if len({m.lr for m in lr_line}) < 3:
         return by_wd  # lr not varied enough to fit: untuned, and the report says so
@@ -98,6 +105,10 @@ def _from_tune(root: Path, n_boot: int, seed: int) -> BudgetOptimum:
     edges = tuple(dict.fromkeys(("wd",) * by_wd.at_edge + ("lr",) * by_lr.at_edge))
     return BudgetOptimum(tokens=tokens, steps=steps, lr=lr, wd=wd, elr=elr, log2_se=se, at_edge=bool(edges),
                          source=root.name, edge_axes=edges, tuned_axes=("lr", "wd"))
+
+
+def _finite(outcome: dict) -> bool:
+    return outcome.get("loss") is not None and math.isfinite(outcome["loss"])
 
 
 def _unique(members: list[MemberLoss]) -> list[MemberLoss]:
