@@ -399,6 +399,20 @@ def test_plot_phases_writes_png(synthetic, tmp_path, monkeypatch):
     assert len(bottom.lines) == 2  # the norm and its equilibrium step
 
 
+def test_plot_phases_of_a_grid_colours_by_elr(tmp_path, monkeypatch):
+    """More members than phase.MAX_LEGEND: no legend entry each (it would bury the axes) but a colorbar
+    of ELR, and the regimes counted."""
+    wds = [WD * 2.0 ** k for k in range(phase.MAX_LEGEND + 1)]
+    records = [r for i, wd in enumerate(wds) for r in _member(i, f"m{i}", _plateau, wd=wd, steps=2000, every=40)]
+    figures = []
+    monkeypatch.setattr(phase, "save_png", lambda fig, path: figures.append(fig))
+    plot_phases(records, member_phases(records, beta1=0.0), tmp_path / "grid.png")
+    top, bottom, bar = figures[0].axes
+    assert top.get_legend() is None and bar.get_ylabel() == "ELR = lr*wd"
+    assert bar.get_ylim() == pytest.approx((LR * wds[0], LR * wds[-1]))
+    assert bottom.get_title().startswith("regimes: ")
+
+
 def test_plot_phases_without_norms_and_bad_suffix(tmp_path):
     records = _member(8, "old", _plateau, kinds=())
     assert plot_phases(records, member_phases(records), tmp_path / "old.png").is_file()

@@ -88,9 +88,13 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from trajinv.analysis.plots import save_png
+
+MAX_LEGEND = 8  # members named in the phase plot's legend; more are coloured by ELR (a colorbar)
 
 __all__ = [
     "DEFAULT_BETA1",
@@ -401,14 +405,21 @@ def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png:
     FigureCanvasAgg(fig)
     ax_r, ax_w = fig.subplots(2, 1)
     drawn = [p for p in phases if p.phase_at_end != "n/a" and p.wd > 0 and (p.run_id, p.member) in groups]
+    # A legend entry per member reads well up to a handful; a grid's worth is coloured by ELR instead.
+    many = len(drawn) > MAX_LEGEND
+    if many:
+        elrs = [p.lr * p.wd for p in drawn]
+        lo, hi = min(elrs), max(elrs)
+        by_elr = ScalarMappable(norm=LogNorm(lo, hi) if hi > lo else LogNorm(lo / 2, hi * 2), cmap="viridis")
     for i, p in enumerate(drawn):
         crit = Criteria(**p.evidence["criteria"])
         s = _series(groups[(p.run_id, p.member)], p.evidence["kind"])
         m = _measure(s, p.wd, p.evidence["beta1"], crit)
-        x, colour = s.steps * p.lr * p.wd, f"C{i % 10}"
+        x = s.steps * p.lr * p.wd
+        colour = by_elr.to_rgba(p.lr * p.wd) if many else f"C{i % 10}"
         ax_r.plot(x, m.ratio, color=colour, alpha=0.2, lw=0.7)
-        ax_r.plot(x, m.ratio_smooth, color=colour, lw=1.6, label=f"{p.name} ({p.regime})")
-        ax_w.plot(s.steps, s.norm, color=colour, lw=1.4, label=p.name)
+        ax_r.plot(x, m.ratio_smooth, color=colour, lw=1.6, label=None if many else f"{p.name} ({p.regime})")
+        ax_w.plot(s.steps, s.norm, color=colour, lw=1.4)
         if p.equilibrium_step is not None:
             ax_r.axvline(p.equilibrium_tau, color=colour, ls=":", lw=1.2)
             ax_w.axvline(p.equilibrium_step, color=colour, ls=":", lw=1.2)
@@ -418,7 +429,12 @@ def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png:
         ax_r.axhline(1.0, color="0.3", lw=1)
         ax_r.set_xscale("log")
         ax_r.set_yscale("log")
-        ax_r.legend(fontsize="small", loc="best")
+        if many:
+            fig.colorbar(by_elr, ax=[ax_r, ax_w], label="ELR = lr*wd")
+            counts = {r: sum(p.regime == r for p in drawn) for r in dict.fromkeys(p.regime for p in drawn)}
+            ax_w.set_title("regimes: " + ", ".join(f"{n} {r}" for r, n in counts.items()), fontsize="medium")
+        else:
+            ax_r.legend(fontsize="small", loc="best")
         ax_w.set_yscale("log")  # members' norms differ by sqrt(lr/wd), often by orders of magnitude
     else:
         ax_r.text(0.5, 0.5, "no weight/update norms logged", transform=ax_r.transAxes, ha="center")
