@@ -45,6 +45,7 @@ from results_csv import RESULTS_DIR, write_csv
 from trajinv.analysis.plots import save_png
 from trajinv.config import DataConfig, Member, ScheduleConfig, TrainConfig, preset
 from trajinv.sweep import SweepSpec, run_sweep
+from trajinv.tune.report import write_report
 from trajinv.tune.runner import TuneSpec, run_tune
 from trajinv.tune.search import SearchConfig
 
@@ -86,6 +87,7 @@ def tune_once(seed: int, quick: bool, data: DataConfig, budget: int, out: Path, 
     search = SearchConfig(**{**TUNE, **small}, budget=budget, steps_per_member=cfg.steps)
     scale = {"devices": devices} if devices else {}
     run = run_tune(TuneSpec(train=cfg, data=data, search=search), out / f"tune-s{seed}", **scale)
+    write_report(run, out / f"tune-s{seed}")  # tune.json (what `trajinv fit` reads) and its plots
     r = run.result
     return {"loss": r.loss, "member_steps": sum(s.member_steps for s in run.stages), "lr": r.best.lr,
             "wd": r.best.wd, "axis": r.axis, "check": r.invariant_check.within_noise if r.invariant_check else None}
