@@ -100,6 +100,21 @@ def test_a_tune_recommending_a_check_member_still_reads_both_lines(tmp_path):
     assert math.log2(o.lr / lr0) == pytest.approx(0, abs=0.05) and math.log2(o.wd / wd0) == pytest.approx(0, abs=0.05)
 
 
+def test_an_lr_tune_without_its_check_is_refused_in_one_line(tmp_path):
+    """An lr tune whose budget ran out before the check varied wd only at its scan's wd: no wd optimum."""
+    root = _tune_dir(tmp_path / "t", 1, check=False)
+    data = json.loads((root / TUNE_RESULT).read_text())
+    lr0, wd0 = _optimum(1)
+    data["axis"] = "lr"
+    data["stages"][0]["axis"] = "lr"
+    data["stages"][0]["outcomes"] = [{"lr": lr0 * 2.0 ** k, "wd": wd0, "elr": lr0 * 2.0 ** k * wd0,
+                                      "loss": _loss(lr0 * 2.0 ** k, wd0, 1), "se": 0.0} for k in range(-2, 3)]
+    (root / TUNE_RESULT).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="optimal wd is not located") as e:
+        load_budget(root, n_boot=20)
+    assert "\n" not in str(e.value)
+
+
 def test_a_tune_without_check_line_leaves_lr_untuned(tmp_path):
     o = load_budget(_tune_dir(tmp_path / "t", 1, check=False), n_boot=20)
     assert o.tuned_axes == ("wd",) and o.log2_se["lr"] == pytest.approx(0.0, abs=1e-9)

@@ -87,6 +87,10 @@ def _from_tune(root: Path, n_boot: int, seed: int) -> BudgetOptimum:
     # where only lr varies
     fixed = "elr" if axis == "elr" else "wd"
     lr_line = _unique([member(o, anchor[fixed]) for o in outcomes if on(o, fixed)])
+    if len({m.wd for m in wd_line}) < 2:  # an lr tune whose check the budget skipped
+        raise ValueError(f"the tune in {root} varied wd only at one value through its best member "
+                         f"(lr={anchor['lr']:g}, wd={anchor['wd']:g}), so its optimal wd is not located; "
+                         "rerun it with a larger --budget so that its check runs")
     by_wd = optimum_from_members(wd_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed)
     if len({m.lr for m in lr_line}) < 3:
         return by_wd  # lr not varied enough to fit: untuned, and the report says so
