@@ -156,13 +156,12 @@ def summary_rows(run_id: str, cfg: TrainConfig, results: list[MemberResult]) -> 
     """One row per member. tau_iter = 1/(lr wd) is the weight-decay EMA's timescale in steps (at the
     peak lr; empty without weight decay) and tau_fraction = tau_iter / the run's steps: the optimum
     sits at a fixed share of the run (trajinv.tune.fit, "Enough iterations")."""
-    def tau(r: MemberResult) -> tuple[float | None, float | None]:
-        if r.lr * r.wd <= 0:
-            return None, None
-        return 1.0 / (r.lr * r.wd), 1.0 / (r.lr * r.wd) / cfg.steps
+    def tau(elr: float) -> dict:
+        t = 1.0 / elr if elr > 0 else None
+        return {"tau_iter": t, "tau_fraction": None if t is None else t / cfg.steps}
 
     return [{"run_id": run_id, "member": k, "name": r.name, "lr": r.lr, "wd": r.wd, "elr": r.lr * r.wd,
-             "tau_iter": tau(r)[0], "tau_fraction": tau(r)[1], "batch_size": cfg.batch_size, "steps": r.steps, "tokens": r.tokens,
+             **tau(r.lr * r.wd), "batch_size": cfg.batch_size, "steps": r.steps, "tokens": r.tokens,
              "final_train_loss": r.train_loss, "final_val_loss": r.val_loss, "status": r.status, **r.extra}
             for k, r in enumerate(results)]
 
