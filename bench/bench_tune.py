@@ -212,10 +212,10 @@ def random_search_curve(grid: dict, trials: list[int], budgets: list[int]) -> li
     """(budget, expected best loss, band lo, band hi) of random search with `trials` draws from the grid
     (opda; diverged points count as the worst loss seen or ln 256, a uniform guess over bytes); [] without opda."""
     try:
-        from trajinv.analysis.tuning_curves import tuning_curve
+        from trajinv.analysis.tuning_curves import default_upper_bound, tuning_curve
 
-        finite = [v for v in grid.values() if v is not None]
-        curve = tuning_curve(list(grid.values()), trials, 0.0, max(finite + [math.log(256)]))
+        losses = list(grid.values())
+        curve = tuning_curve(losses, trials, 0.0, default_upper_bound(losses, vocab_size=256))
     except ImportError:
         return []
     return list(zip(budgets, curve.expected.tolist(), curve.lower.tolist(), curve.upper.tolist()))

@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 
 from trajinv.atomic import atomic_write
 
-__all__ = ["TuningCurve", "plot_tuning_curves", "sweep_tuning_curves", "tuning_curve"]
+__all__ = ["TuningCurve", "default_upper_bound", "plot_tuning_curves", "sweep_tuning_curves", "tuning_curve"]
 
 OPDA_MISSING = "tuning curves need opda: pip install 'trajinv[hpo]'"
 _BAND_METHOD = "ld_equal_tailed"
@@ -139,6 +139,16 @@ def _line_lr(trials: list[tuple[float, float | None]]) -> float:
     return max(sorted({lr for lr, _ in trials}), key=key)
 
 
+def default_upper_bound(losses: Sequence[float | None], vocab_size: int | None = None) -> float:
+    """What a diverged trial counts as: the worst finite loss or, if `vocab_size` is given,
+    ln(vocab_size) (the loss of a uniform guess) when that is larger."""
+    finite = [v for v in losses if v is not None and math.isfinite(v)]
+    candidates = finite + ([math.log(vocab_size)] if vocab_size else [])
+    if not candidates:
+        raise ValueError(f"all {len(losses)} members diverged; pass upper_bound or vocab_size")
+    return max(candidates)
+
+
 def sweep_tuning_curves(rows: Sequence[dict], ns: Sequence[int] | None = None, confidence: float = 0.8,
                         lower_bound: float = 0.0, upper_bound: float | None = None,
                         vocab_size: int | None = None) -> dict[str, TuningCurve]:
@@ -156,12 +166,8 @@ def sweep_tuning_curves(rows: Sequence[dict], ns: Sequence[int] | None = None, c
     trials = _trials(rows)
     if not trials:
         raise ValueError(f"no finished member (status 'done' with a loss, or 'diverged') among {len(rows)} rows")
-    finite = [v for _, v in trials if v is not None]
     if upper_bound is None:
-        candidates = finite + ([math.log(vocab_size)] if vocab_size else [])
-        if not candidates:
-            raise ValueError(f"all {len(trials)} members diverged; pass upper_bound or vocab_size")
-        upper_bound = max(candidates)
+        upper_bound = default_upper_bound([v for _, v in trials], vocab_size)
     ns = range(1, len(trials) + 1) if ns is None else ns
     lr = _line_lr(trials)
     line = [v for x, v in trials if x == lr]
