@@ -122,27 +122,37 @@ def test_adamw_norm_scales_as_sqrt_lr_over_wd_and_update_with_elr(toy):
     assert rho[2] / rho[0] == pytest.approx(2.0, rel=0.03)
 
 
+STRICT = Criteria(rel_tol=0.3)  # the noise-dominated value demanded as well: holds on this toy problem
+
+
 @pytest.mark.parametrize("beta1", [0.0, 0.9])
-def test_adamw_equilibrium_step_is_of_order_tau(toy, beta1):
+@pytest.mark.parametrize("criteria", [Criteria(), STRICT], ids=["stationary", "strict"])
+def test_adamw_equilibrium_step_is_of_order_tau(toy, beta1, criteria):
     records, _, settings = toy[beta1]
-    phases = member_phases(records, beta1=beta1)
+    phases = member_phases(records, beta1=beta1, criteria=criteria)
     assert [(p.lr, p.wd) for p in phases] == settings
     for p in phases:
         assert p.phase_at_end == "ELR phase"
         assert 0.3 <= p.equilibrium_tau <= 3.0
         assert p.evidence["ratio_end"] == pytest.approx(1.0, abs=0.1)
+        assert p.evidence["nu_end"] == pytest.approx(
+            _late(records, p.member, "weight_norm_matrix") * math.sqrt(p.wd / p.lr), rel=0.03)
     if beta1 == 0.0:  # A and B share the ELR and equilibrate at the same number of tau
         assert phases[0].equilibrium_tau == pytest.approx(phases[1].equilibrium_tau, rel=0.2)
 
 
-def test_adamw_wrong_formulas_find_no_equilibrium(toy, monkeypatch):
+def test_adamw_wrong_formulas_find_no_equilibrium_when_demanded(toy, monkeypatch):
     records, _, _ = toy[0.9]
-    ignored = member_phases(records, beta1=0.0)  # momentum left out of the formula
+    ignored = member_phases(records, beta1=0.0, criteria=STRICT)  # momentum left out of the formula
     assert [p.equilibrium_step for p in ignored] == [None, None]
     assert all(p.evidence["ratio_end"] < 0.3 for p in ignored)
+    # The default criterion reads the norm alone: same steps whatever the formula, and ratio_end
+    # (the calibration it reports) shows the formula off.
+    assert [p.equilibrium_step for p in member_phases(records, beta1=0.0)] == [
+        p.equilibrium_step for p in member_phases(records, beta1=0.9)]
     records, _, _ = toy[0.0]
     monkeypatch.setattr(phase, "equilibrium_relative_update", lambda lr, wd, beta1=0.0: math.sqrt(lr * wd))
-    no_two = member_phases(records, beta1=0.0)
+    no_two = member_phases(records, beta1=0.0, criteria=STRICT)
     assert [p.phase_at_end for p in no_two] == ["LR phase"] * 3
     assert all(p.evidence["ratio_end"] == pytest.approx(math.sqrt(2), rel=0.05) for p in no_two)
 
@@ -187,11 +197,13 @@ TAU = 1.0 / (LR * WD)
 
 
 def _member(member: int, name: str, loss, *, lr=lambda t: LR, wd: float = WD, steps: int = 8000, every: int = 20,
-            kinds=("matrix",), noise: float = 0.05, status_at: int | None = None, seed: int = 0) -> list[dict]:
+            kinds=("matrix",), noise: float = 0.05, norm_noise: float = 0.0, status_at: int | None = None,
+            seed: int = 0) -> list[dict]:
     """Records of the mean-field AdamW (beta1 = 0, unit-rms directions orthogonal to w, peak lr LR)
     from 0.3 times the equilibrium norm.
 
-    The update norm gets log-normal noise of sd ``noise``, the loss 1% noise;
+    The update norm gets log-normal noise of sd ``noise``, the weight norm of sd ``norm_noise`` (real
+    runs: ~0.05), the loss 1% noise;
     ``loss`` may return nan. From ``status_at`` on the member is marked diverged.
     """
     rng = np.random.default_rng(seed)
@@ -208,7 +220,7 @@ def _member(member: int, name: str, loss, *, lr=lambda t: LR, wd: float = WD, st
                "elr": LR * wd, "train_loss": float(loss(t)) * (1 + 0.01 * rng.standard_normal()),
                "val_loss": None, "status": "diverged" if status_at is not None and t >= status_at else "running"}
         for kind in kinds:
-            rec[f"weight_norm_{kind}"] = math.sqrt(w2)
+            rec[f"weight_norm_{kind}"] = math.sqrt(w2) * math.exp(norm_noise * rng.standard_normal())
             rec[f"update_norm_{kind}"] = math.sqrt(step2) * math.exp(noise * rng.standard_normal())
         out.append(rec)
     return out
@@ -242,7 +254,7 @@ def synthetic() -> dict[str, MemberPhase]:
         _member(6, "stuck", lambda t: 5.5),
         _member(7, "blowup", lambda t: 5.5 + t / 2000),
         _member(8, "old", _plateau, kinds=()),
-        _member(9, "noisy", _plateau, noise=0.15, seed=9),
+        _member(9, "noisy", _plateau, noise=0.15, norm_noise=0.05, seed=9),
         _member(10, "embedding-only", _plateau, kinds=("embedding",)),
         _member(11, "no-decay", _plateau, wd=0.0),
         _member(12, "old-wsd", _wsd_loss, lr=_wsd, kinds=()),
@@ -260,7 +272,8 @@ def test_constant_lr_reaches_chaotic_equilibrium(synthetic):
 def test_wsd_decay_is_neither_divergence_nor_lost_equilibrium(synthetic):
     p, constant = synthetic["wsd"], synthetic["chaotic"]
     assert (p.phase_at_end, p.regime) == ("ELR phase", "chaotic equilibrium")
-    assert p.equilibrium_step == constant.equilibrium_step
+    # the same relaxation; the level is read where the decay begins (one logged point apart)
+    assert p.equilibrium_step == pytest.approx(constant.equilibrium_step, abs=20)
     assert p.evidence["ratio_last"] < 1 / 1.3  # the decay leaves equilibrium behind...
     naive = member_phases(_member(1, "wsd", _wsd_loss, lr=_wsd), beta1=0.0, criteria=Criteria(sched_tol=math.inf))
     assert naive[0].equilibrium_step is None  # ...which counts against it unless decay steps are set aside
@@ -273,8 +286,11 @@ def test_equilibrium_value_follows_the_scheduled_lr(synthetic):
     assert p.evidence["ratio_end"] == pytest.approx(1.0, abs=0.1)
     records = _member(2, "cosine", _plateau, lr=_warmup_cosine, steps=30_000, every=50)
     for r in records:
-        r["lr"] = r["base_lr"]  # as if the equilibrium value ignored the schedule
-    assert member_phases(records, beta1=0.0)[0].equilibrium_step is None
+        r["lr"] = r["base_lr"]  # as if the equilibrium scaling ignored the schedule
+    # |w| follows sqrt(lr_t) down the cosine: read without the schedule, the norm only "settles" in
+    # the cosine's flat tail, some 25 tau late
+    blind = member_phases(records, beta1=0.0)[0].equilibrium_step
+    assert blind is None or blind > 0.8 * 30_000
 
 
 def test_falling_loss_in_equilibrium_is_convergence(synthetic):
@@ -317,11 +333,13 @@ def test_kind_selects_the_norms(synthetic):
         member_phases(records, "bias")
 
 
-def test_noisy_update_norms_are_smoothed(synthetic):
-    assert 0.3 <= synthetic["noisy"].equilibrium_tau <= 3.0
-    records = _member(9, "noisy", _plateau, noise=0.15, seed=9)
-    raw = member_phases(records, beta1=0.0, criteria=Criteria(window_tau=0.0, min_points=1))[0]
-    # Unsmoothed, a noisy point breaks the equilibrium again and again: found late, if at all.
+def test_noisy_norms_are_smoothed(synthetic):
+    p = synthetic["noisy"]
+    assert 0.3 <= p.equilibrium_tau <= 3.0
+    assert p.evidence["ratio_end"] == pytest.approx(1.0, abs=0.1)  # the trailing median of a noisy ratio
+    records = _member(9, "noisy", _plateau, noise=0.15, norm_noise=0.05, seed=9)
+    raw = member_phases(records, beta1=0.0, criteria=Criteria(smooth_points=1))[0]
+    # Unsmoothed, a noisy point leaves the band again and again: found late, if at all.
     assert raw.equilibrium_tau is None or raw.equilibrium_tau > 3.0
 
 
@@ -333,7 +351,25 @@ def test_drifting_norm_is_not_equilibrium_even_with_balanced_updates():
                for r in _member(0, "drifting", _plateau)]
     p = member_phases(records, beta1=0.0)[0]
     assert p.phase_at_end == "ELR phase"
-    assert 4.0 < p.equilibrium_tau < 4.0 + Criteria().drift_tau  # found once the drift window has cleared
+    # found once the norm is within norm_tol of where it stops: ln(1.15) / 0.5 = 0.28 tau before 4 tau
+    assert 4.0 - 2 * math.log1p(Criteria().norm_tol) - 0.05 < p.equilibrium_tau < 4.0
+    # Still growing at the end: never settled, however balanced the updates.
+    growing = [{**r, "weight_norm_matrix": 10 * math.exp(0.5 * r["step"] / TAU),
+                "update_norm_matrix": 10 * math.exp(0.5 * r["step"] / TAU) * math.sqrt(2 * LR * WD)}
+               for r in _member(0, "drifting", _plateau)]
+    q = member_phases(growing, beta1=0.0)[0]
+    assert (q.equilibrium_step, q.phase_at_end) == (None, "LR phase")
+    assert q.evidence["drift_end"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_relative_update_below_the_derived_value_still_reaches_equilibrium(synthetic):
+    """Real transformer runs settle at 0.5-0.8 of the noise-dominated value (module docstring): the
+    default criterion reads the norm and finds the same equilibrium; the strict one refuses it."""
+    records = [{**r, "update_norm_matrix": 0.6 * r["update_norm_matrix"]} for r in _member(0, "chaotic", _plateau)]
+    p = member_phases(records, beta1=0.0)[0]
+    assert p.equilibrium_step == synthetic["chaotic"].equilibrium_step
+    assert p.evidence["ratio_end"] == pytest.approx(0.6, rel=0.05)
+    assert member_phases(records, beta1=0.0, criteria=Criteria(rel_tol=0.3))[0].phase_at_end == "LR phase"
 
 
 def test_no_weight_decay_has_no_equilibrium(synthetic):
@@ -396,7 +432,11 @@ def test_plot_phases_writes_png(synthetic, tmp_path, monkeypatch):
     assert top.get_xscale() == "log"
     marked = [ln for ln in top.lines if ln.get_linestyle() == ":"]
     assert [ln.get_xdata()[0] for ln in marked] == [pytest.approx(phases[0].equilibrium_tau)]
-    assert len(bottom.lines) == 2  # the norm and its equilibrium step
+    # the criterion on top (nu over its level, the band around 1), the calibration below
+    assert top.get_ylabel().startswith("nu / nu_end") and bottom.get_ylabel().startswith("|dw|/|w|")
+    assert top.lines[0].get_ydata()[-1] == pytest.approx(1.0, abs=0.02)
+    assert [ln.get_xdata()[0] for ln in bottom.lines if ln.get_linestyle() == ":"] == [
+        pytest.approx(phases[0].equilibrium_tau)]
 
 
 def test_plot_phases_of_a_grid_colours_by_elr(tmp_path, monkeypatch):

@@ -52,6 +52,21 @@ the median over a trailing window; windows are measured in theta, the clock of
 the relaxation, so warm-up and decay stretch them in steps. ``nu = |w| sqrt(wd/lr_t)``
 is the norm with its (quasi-static) equilibrium scaling taken out.
 
+Why the criterion is stationarity, not the derived value
+--------------------------------------------------------
+On the scale-invariant toy problem of the tests the measured ratio settles at
+1.00 +- 0.03 of the value above. On real transformer runs it does not: the
+old 3x3 demo sweep (tiny, batch 32, constant lr, 800 steps) settles at 0.5-0.8
+of it, lower for lower lr, while the norm has long stopped moving. Pre-norm
+blocks make the matrices only partly scale-invariant (a component of the
+gradient along w), and gradient signal and clipping are outside the noise model.
+A criterion "ratio within 30% of the derived value" therefore called every
+member of that sweep LR phase although its spreads switch to ELR at step 250.
+So equilibrium is detected from what defines it, the norm no longer relaxing
+(`norm_tol`, `drift_tol`), and the derived value is reported beside it
+(``ratio_end``: measured over derived) as a calibration; ``Criteria(rel_tol=0.3)``
+also demands it, for problems where the noise-dominated model holds.
+
 Criteria (defaults in `Criteria`)
 ---------------------------------
 =====================  ===============================================  ===============================================
@@ -60,12 +75,15 @@ verdict                criterion                                        why
 quasi-static step      lr varied <= 10% over the last 1/(2 lr_t wd)     the norm relaxes on that time; a decay (WSD,
                        steps                                            cosine tail) outruns it and is neither
                                                                         equilibrium nor a departure from it
-relative update        median ratio within [1/1.3, 1.3] (over the       the model neglects signal; a missing factor 2
-                       last 0.25 tau, >= 5 points)                      (1.41) or momentum (4.4) falls outside
-norm stopped drifting  |d ln nu / d theta| <= 0.1 per tau (least        relaxing as exp(-2 theta), that slope is the
-                       squares over the last 0.5 tau)                   fraction |w|^2 still has to go: <= ~10%
-equilibrium_step       first quasi-static step from which every later   "reached and stays"; the windows trail, so it
-                       quasi-static step passes both                    lags the true moment by ~0.25-0.5 tau
+settled at the end     |d ln nu / d theta| <= 0.2 per tau at the last   relaxing as exp(-2 theta), that slope is the
+                       quasi-static step (least squares over the last   fraction of |w|^2 still to go: <= ~20%
+                       0.5 tau); its level: median nu of the last
+                       0.25 tau (>= 5 points)
+equilibrium_step       first quasi-static step from which nu (running   "reached and stays": |w|^2 within ~30% of its
+                       median of 5 points) stays within 15% of the      level, 0.6 tau of relaxation from a small
+                       level, if settled at the end                     initial norm; noise in nu is ~5%
+(optional) rel_tol     median ratio over the last 0.25 tau within       only where the noise-dominated derivation
+                       [1/(1+rel_tol), 1+rel_tol] from that step on     holds (scale-invariant, no signal)
 phase_at_end           ELR phase iff equilibrium_step; n/a without      equilibrium is what makes curves ELR-only
                        norms
 divergence             status diverged, non-finite loss, or end loss    blown up, or stuck near the initial value
@@ -74,6 +92,9 @@ chaotic equilibrium    loss fell < 2% over the last tau of the quasi-   stationa
                        static part, norm in equilibrium (when logged)   norm stationary (Kodryan et al.)
 convergence            otherwise: loss still falling or norm unsettled  small effective step, still descending
 =====================  ===============================================  ===============================================
+
+Validated on real sweeps by ``bench/bench_phase.py`` (the median equilibrium
+step against the transition the spreads show).
 
 The loss criteria assume a positive loss (cross-entropy). Decay in the
 ``independent`` mode (wd scaled by the lr multiplier) is not modelled.
@@ -152,12 +173,16 @@ def equilibrium_weight_norm(lr: float, wd: float, update_rms: float, numel: int,
 class Criteria:
     """Thresholds of the verdicts; the module docstring gives the reasons."""
 
-    rel_tol: float = 0.3
-    """The median of rho/rho_eq must lie within [1/(1+rel_tol), 1+rel_tol]."""
-    drift_tol: float = 0.1
-    """Largest |d ln nu / d theta| (per tau) of a norm that stopped drifting."""
+    norm_tol: float = 0.15
+    """From the equilibrium step on, nu stays within a factor 1+norm_tol of its level at the end."""
+    drift_tol: float = 0.2
+    """Largest |d ln nu / d theta| (per tau) at the end of a norm that settled."""
+    smooth_points: int = 5
+    """Points of the running median of nu (centred) that the band test reads."""
+    rel_tol: float | None = None
+    """When set, the median of rho/rho_eq must also lie within [1/(1+rel_tol), 1+rel_tol]."""
     window_tau: float = 0.25
-    """Trailing window (in tau, i.e. theta) of the medians of rho/rho_eq and of the loss."""
+    """Trailing window (in tau, i.e. theta) of the medians of rho/rho_eq, of nu's level and of the loss."""
     drift_tau: float = 0.5
     """Trailing window (in tau) of the least-squares slope of ln nu."""
     min_points: int = 5
@@ -202,6 +227,8 @@ class _Series:
 class _Measured:
     ratio: np.ndarray  # rho / rho_eq per record
     ratio_smooth: np.ndarray
+    ln_nu: np.ndarray  # ln nu, nan where not logged or lr = 0
+    ln_nu_smooth: np.ndarray  # centred running median of ln_nu
     drift: np.ndarray  # d ln nu / d theta, trailing
 
 
@@ -278,21 +305,52 @@ def _quasi_static(s: _Series, wd: float, tol: float) -> np.ndarray:
     return out
 
 
+def _centred_median(x: np.ndarray, points: int) -> np.ndarray:
+    half = max(points, 1) // 2
+    out = np.full(len(x), np.nan)
+    for i in range(len(x)):
+        w = x[max(0, i - half) : i + half + 1]
+        w = w[np.isfinite(w)]
+        if len(w):
+            out[i] = np.median(w)
+    return out
+
+
 def _measure(s: _Series, wd: float, beta1: float, crit: Criteria) -> _Measured:
     rho_eq = np.array([equilibrium_relative_update(lr, wd, beta1) if lr > 0 else np.nan for lr in s.lr])
     ratio = s.update / s.norm / rho_eq
-    ln_nu = np.log(s.norm) + 0.5 * np.log(wd / np.where(s.lr > 0, s.lr, np.nan))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ln_nu = np.log(s.norm) + 0.5 * np.log(wd / np.where(s.lr > 0, s.lr, np.nan))
     return _Measured(
         ratio=ratio,
         ratio_smooth=_trailing_median(ratio, _window_starts(s.theta, crit.window_tau, crit.min_points)),
+        ln_nu=ln_nu,
+        ln_nu_smooth=_centred_median(ln_nu, crit.smooth_points),
         drift=_trailing_slope(s.theta, ln_nu, _window_starts(s.theta, crit.drift_tau, crit.min_points)),
     )
 
 
-def _equilibrium_index(m: _Measured, q: np.ndarray, crit: Criteria) -> int | None:
-    """First quasi-static index (of ``q``) from which every later one passes both tests."""
+def _level(s: _Series, m: _Measured, end: int, crit: Criteria) -> float:
+    """ln nu's level at the end: its median over the trailing window_tau (>= min_points) ending there."""
+    start = _window_starts(s.theta, crit.window_tau, crit.min_points)[end]
+    w = m.ln_nu[max(start, 0) : end + 1]
+    w = w[np.isfinite(w)]
+    return float(np.median(w)) if len(w) else math.nan
+
+
+def _equilibrium_index(s: _Series, m: _Measured, q: np.ndarray, crit: Criteria) -> int | None:
+    """First quasi-static index (of ``q``) from which nu stays within the band around its level at
+    the last one, provided the norm has settled there (and the ratio is in its band, if asked)."""
+    if not len(q):
+        return None
+    end = int(q[-1])
+    level = _level(s, m, end, crit)
+    if not (math.isfinite(level) and abs(m.drift[end]) <= crit.drift_tol):
+        return None
     with np.errstate(invalid="ignore"):
-        ok = (np.abs(np.log(m.ratio_smooth)) <= math.log1p(crit.rel_tol)) & (np.abs(m.drift) <= crit.drift_tol)
+        ok = np.abs(m.ln_nu_smooth - level) <= math.log1p(crit.norm_tol)
+        if crit.rel_tol is not None:
+            ok &= np.abs(np.log(m.ratio_smooth)) <= math.log1p(crit.rel_tol)
     failed = q[~ok[q]]
     later = q if not len(failed) else q[q > failed[-1]]
     return int(later[0]) if len(later) else None
@@ -335,8 +393,8 @@ def _member_phase(key: tuple[str, int], recs: list[dict], kind: str, beta1: floa
     eq = None
     if logged and wd > 0:
         m = _measure(s, wd, beta1, crit)
-        eq = _equilibrium_index(m, q, crit)
-        ev.update(ratio_end=_f(m.ratio_smooth[end]), drift_end=_f(m.drift[end]),
+        eq = _equilibrium_index(s, m, q, crit)
+        ev.update(ratio_end=_f(m.ratio_smooth[end]), drift_end=_f(m.drift[end]), nu_end=_f(math.exp(_level(s, m, end, crit))),
                   ratio_last=_f(m.ratio_smooth[-1]), weight_norm_end=_f(s.norm[end]),
                   equilibrium_theta=None if eq is None else float(s.theta[eq]))
     elif logged:
@@ -398,12 +456,13 @@ def format_phases(phases: Sequence[MemberPhase]) -> str:
 
 
 def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png: str | Path) -> Path:
-    """Top: median rho/rho_eq against step/tau (log x), equilibrium steps dotted, regime in the
-    legend, tolerance band shaded; bottom: the weight norm against step. PNG written atomically."""
+    """Top: the criterion, nu over its level at the end against step/tau (log x), the band shaded,
+    equilibrium steps dotted, regime in the legend; bottom: the relative update over its derived
+    noise-dominated value (the calibration). PNG written atomically."""
     groups = _group(records)
     fig = Figure(figsize=(8, 7.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    ax_r, ax_w = fig.subplots(2, 1)
+    ax_n, ax_r = fig.subplots(2, 1)
     drawn = [p for p in phases if p.phase_at_end != "n/a" and p.wd > 0 and (p.run_id, p.member) in groups]
     # A legend entry per member reads well up to a handful; a grid's worth is coloured by ELR instead.
     many = len(drawn) > MAX_LEGEND
@@ -417,32 +476,36 @@ def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png:
         m = _measure(s, p.wd, p.evidence["beta1"], crit)
         x = s.steps * p.lr * p.wd
         colour = by_elr.to_rgba(p.lr * p.wd) if many else f"C{i % 10}"
+        level = math.log(p.evidence["nu_end"]) if p.evidence.get("nu_end") else math.nan
+        ax_n.plot(x, np.exp(m.ln_nu_smooth - level), color=colour, lw=1.6,
+                  label=None if many else f"{p.name} ({p.regime})")
         ax_r.plot(x, m.ratio, color=colour, alpha=0.2, lw=0.7)
-        ax_r.plot(x, m.ratio_smooth, color=colour, lw=1.6, label=None if many else f"{p.name} ({p.regime})")
-        ax_w.plot(s.steps, s.norm, color=colour, lw=1.4)
+        ax_r.plot(x, m.ratio_smooth, color=colour, lw=1.6)
         if p.equilibrium_step is not None:
-            ax_r.axvline(p.equilibrium_tau, color=colour, ls=":", lw=1.2)
-            ax_w.axvline(p.equilibrium_step, color=colour, ls=":", lw=1.2)
+            for ax in (ax_n, ax_r):
+                ax.axvline(p.equilibrium_tau, color=colour, ls=":", lw=1.2)
     if drawn:
-        tol = drawn[0].evidence["criteria"]["rel_tol"]
-        ax_r.axhspan(1 / (1 + tol), 1 + tol, color="0.85", zorder=0)
-        ax_r.axhline(1.0, color="0.3", lw=1)
-        ax_r.set_xscale("log")
-        ax_r.set_yscale("log")
+        crit = drawn[0].evidence["criteria"]
+        ax_n.axhspan(1 / (1 + crit["norm_tol"]), 1 + crit["norm_tol"], color="0.85", zorder=0)
+        if crit["rel_tol"] is not None:
+            ax_r.axhspan(1 / (1 + crit["rel_tol"]), 1 + crit["rel_tol"], color="0.85", zorder=0)
+        for ax in (ax_n, ax_r):
+            ax.axhline(1.0, color="0.3", lw=1)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
         if many:
-            fig.colorbar(by_elr, ax=[ax_r, ax_w], label="ELR = lr*wd")
+            fig.colorbar(by_elr, ax=[ax_n, ax_r], label="ELR = lr*wd")
             counts = {r: sum(p.regime == r for p in drawn) for r in dict.fromkeys(p.regime for p in drawn)}
-            ax_w.set_title("regimes: " + ", ".join(f"{n} {r}" for r, n in counts.items()), fontsize="medium")
+            ax_r.set_title("regimes: " + ", ".join(f"{n} {r}" for r, n in counts.items()), fontsize="medium")
         else:
-            ax_r.legend(fontsize="small", loc="best")
-        ax_w.set_yscale("log")  # members' norms differ by sqrt(lr/wd), often by orders of magnitude
+            ax_n.legend(fontsize="small", loc="best")
+            ax_r.set_title("relative update over its derived noise-dominated value", fontsize="medium")
     else:
-        ax_r.text(0.5, 0.5, "no weight/update norms logged", transform=ax_r.transAxes, ha="center")
-    ax_r.set_xlabel("step / tau,  tau = 1/(lr*wd)")
-    ax_r.set_ylabel("|dw|/|w|  /  equilibrium value")
-    ax_r.set_title("relative update against its equilibrium (dotted: equilibrium reached)")
-    ax_w.set_xlabel("step")
-    ax_w.set_ylabel("weight norm")
-    for ax in (ax_r, ax_w):
+        ax_n.text(0.5, 0.5, "no weight/update norms logged", transform=ax_n.transAxes, ha="center")
+    ax_n.set_title("weight norm against its level at the end (dotted: equilibrium reached)")
+    ax_n.set_ylabel("nu / nu_end,  nu = |w| sqrt(wd/lr_t)")
+    ax_r.set_ylabel("|dw|/|w|  /  derived value")
+    for ax in (ax_n, ax_r):
+        ax.set_xlabel("step / tau,  tau = 1/(lr*wd)")
         ax.grid(True, alpha=0.3)
     return save_png(fig, out_png)
