@@ -458,3 +458,31 @@ def test_plot_phases_without_norms_and_bad_suffix(tmp_path):
     assert plot_phases(records, member_phases(records), tmp_path / "old.png").is_file()
     with pytest.raises(ValueError, match="png"):
         plot_phases(records, member_phases(records), tmp_path / "old.jpg")
+
+
+# ---------------------------------------------------------------- a real population
+
+def test_regimes_of_a_real_population_spanning_a_wide_elr_range(tiny_data, tmp_path):
+    """Kodryan et al.'s three regimes on real training (the fused optimizer logs the norms): a tiny
+    ELR still descends in the LR phase, a large one sits on a plateau in equilibrium, an absurd lr
+    never gets below its initial loss."""
+    from trajinv.analysis.records import load_metrics
+    from trajinv.config import Member, ModelConfig, TrainConfig
+    from trajinv.train import Trainer
+
+    cfg = TrainConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, context=16),
+                      members=(Member(1e-3, 0.01), Member(0.1, 3.0), Member(3.0, 0.1)), steps=300, batch_size="8",
+                      eval_every=100, eval_seqs=8, log_every=5, checkpoint_every=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small only lose by intra-op threads
+    try:
+        Trainer(cfg, tiny_data, tmp_path).train()
+    finally:
+        torch.set_num_threads(threads)
+    slow, fast, absurd = member_phases(load_metrics(tmp_path))
+    assert (slow.phase_at_end, slow.regime) == ("LR phase", "convergence")  # tau = 1e5 steps
+    assert slow.evidence["drift_end"] > 1.0  # its norm is still growing fast, in units of its tau
+    assert (fast.phase_at_end, fast.regime) == ("ELR phase", "chaotic equilibrium")  # tau = 3.3 steps
+    assert fast.equilibrium_step < 200 and fast.evidence["loss_drop_last_tau"] < 0.02
+    assert 0.3 < fast.evidence["ratio_end"] < 1.0  # below the noise-dominated value, as on larger runs
+    assert absurd.regime == "divergence" and "stuck" in absurd.evidence["divergence"]

@@ -72,9 +72,11 @@ Criteria (defaults in `Criteria`)
 =====================  ===============================================  ===============================================
 verdict                criterion                                        why
 =====================  ===============================================  ===============================================
-quasi-static step      lr varied <= 10% over the last 1/(2 lr_t wd)     the norm relaxes on that time; a decay (WSD,
-                       steps                                            cosine tail) outruns it and is neither
-                                                                        equilibrium nor a departure from it
+quasi-static step      lr within 10% of its peak, and varied <= 10%     the norm relaxes on that time; a decay (WSD,
+                       over the last 1/(2 lr_t wd) steps                cosine) is neither equilibrium nor a
+                                                                        departure from it, and on real runs |w|
+                                                                        follows a decaying lr more weakly than
+                                                                        the sqrt(lr_t) that nu takes out
 settled at the end     |d ln nu / d theta| <= 0.2 per tau at the last   relaxing as exp(-2 theta), that slope is the
                        quasi-static step (least squares over the last   fraction of |w|^2 still to go: <= ~20%
                        0.5 tau); its level: median nu of the last
@@ -88,8 +90,9 @@ phase_at_end           ELR phase iff equilibrium_step; n/a without      equilibr
                        norms
 divergence             status diverged, non-finite loss, or end loss    blown up, or stuck near the initial value
                        >= 90% of the first logged one                   (Kodryan et al.'s high-ELR regime)
-chaotic equilibrium    loss fell < 2% over the last tau of the quasi-   stationary at an ELR-dependent level with the
-                       static part, norm in equilibrium (when logged)   norm stationary (Kodryan et al.)
+chaotic equilibrium    loss fell < 2% per tau at the end of the quasi-  stationary at an ELR-dependent level with the
+                       static part (slope of ln loss over >= 1 tau and  norm stationary (Kodryan et al.); the points
+                       >= 20 points), norm in equilibrium (if logged)   tame per-batch noise when tau is short
 convergence            otherwise: loss still falling or norm unsettled  small effective step, still descending
 =====================  ===============================================  ===============================================
 
@@ -193,6 +196,8 @@ class Criteria:
     """Plateau: the loss fell by less than this fraction over the last plateau_tau."""
     plateau_tau: float = 1.0
     """Look-back (in tau) of the plateau test."""
+    plateau_points: int = 20
+    """Fewest logged losses the plateau test's slope is fitted to; it reaches further back to get them."""
     stuck_frac: float = 0.1
     """Divergence: the end loss is above (1 - stuck_frac) times the first logged one."""
 
@@ -296,10 +301,12 @@ def _trailing_slope(t: np.ndarray, y: np.ndarray, starts: np.ndarray) -> np.ndar
 
 
 def _quasi_static(s: _Series, wd: float, tol: float) -> np.ndarray:
-    """Whether lr stayed within tol of lr_t over the last 1/(2 lr_t wd) steps (the norm's relaxation time)."""
+    """Whether lr is within tol of its peak and stayed within tol of lr_t over the last 1/(2 lr_t wd)
+    steps (the norm's relaxation time)."""
     out = np.zeros(len(s.steps), dtype=bool)
+    peak = float(np.max(s.lr)) if len(s.lr) else 0.0
     for i, lr in enumerate(s.lr):
-        if lr > 0 and wd > 0:
+        if lr >= (1 - tol) * peak and lr > 0 and wd > 0:
             lo = np.searchsorted(s.steps, s.steps[i] - 1.0 / (2.0 * lr * wd), side="left")
             out[i] = bool(np.all(np.abs(s.lr[lo : i + 1] - lr) <= tol * lr))
     return out
@@ -371,8 +378,14 @@ def _regime(s: _Series, end: int, equilibrated: bool, diverged: bool, crit: Crit
     ev: dict = {"initial_loss": first, "final_loss": last}
     if last >= (1 - crit.stuck_frac) * first:
         return "divergence", {**ev, "divergence": "loss stuck near or above its initial value"}
-    back = np.flatnonzero(s.theta <= s.theta[end] - crit.plateau_tau)
-    drop = (smooth[back[-1]] - smooth[end]) / abs(smooth[end]) if len(back) else None
+    # The fall per plateau_tau from a least-squares slope of ln(loss) on theta: at a short tau the
+    # look-back spans a few noisy train losses (+-10% at batch 8), so the fit reaches back over at
+    # least plateau_points records.
+    drop = None
+    if s.theta[end] - s.theta[0] >= crit.plateau_tau:
+        starts = _window_starts(s.theta, crit.plateau_tau, crit.plateau_points)
+        ln_loss = np.log(np.where(s.loss > 0, s.loss, np.nan))
+        drop = -_trailing_slope(s.theta, ln_loss, starts)[end] * crit.plateau_tau
     ev["loss_drop_last_tau"] = _f(drop)
     plateau = drop is not None and drop < crit.plateau_tol
     return ("chaotic equilibrium" if plateau and equilibrated else "convergence"), ev
