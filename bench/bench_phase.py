@@ -13,7 +13,7 @@ Sweeps (trained into bench/results/phase/ when missing, reused after):
 - ``slow``: the same lrs with a quarter of the wd, 1,600 steps (tau 125 to 2,000):
   the switch should move later, and the prediction with it;
 - any sweep directories given on the command line; bench_tune's 7x7 WSD grids
-  (bench/results/tune/grid-s*) are added when present.
+  (bench/results/tune/grid-s*) are added when present and finished.
 
 A grid bigger than 3x3 is also read as every 3x3 window of neighbouring lrs and
 wds, each a small sweep of its own (its taus spread over 16x).
@@ -29,6 +29,7 @@ Prints a table and the verdict; writes bench/results/phase.csv and phase.png.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -40,7 +41,7 @@ from results_csv import RESULTS_DIR, write_csv
 from trajinv.analysis.invariance import transition_step
 from trajinv.analysis.phase import member_phases, predicted_transition_step
 from trajinv.analysis.plots import save_png
-from trajinv.analysis.records import load_metrics
+from trajinv.analysis.records import load_metrics, load_summary
 from trajinv.cli import DEMO_LRS, DEMO_WDS
 from trajinv.config import DataConfig, TrainConfig
 from trajinv.sweep import SweepSpec, run_sweep
@@ -66,6 +67,17 @@ def ensure_sweep(name: str, root: Path = OUT, quick: bool = False) -> Path:
         print(f"training sweep {name!r} into {out} (lr {DEMO_LRS} x wd {cfg['wds']}, {cfg['steps']} steps)")
         run_sweep(spec, out)
     return out
+
+
+def finished(sweep: Path) -> bool:
+    """Whether every grid point of the sweep has its summary row (bench_tune may still be training it)."""
+    try:
+        spec = json.loads((sweep / "spec.json").read_text())
+        rows = load_summary(sweep)
+    except (FileNotFoundError, ValueError):
+        return False
+    done = [r for r in rows if r.get("status") in ("done", "diverged")]
+    return len(done) >= len(spec["lrs"]) * len(spec["wds"])
 
 
 def windows(records: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -143,7 +155,7 @@ def main() -> None:
         dirs = [ensure_sweep("quick", Path(tempfile.mkdtemp(prefix="bench-phase-")), quick=True)]
     else:
         dirs = [ensure_sweep(name) for name in SWEEPS]
-        dirs += sorted((RESULTS_DIR / "tune").glob("grid-s*"))
+        dirs += [d for d in sorted((RESULTS_DIR / "tune").glob("grid-s*")) if finished(d)]
     dirs += list(args.sweeps)
     rows = [row for d in dirs for row in compare(d, args.key)]
     print(f"{'sweep':<8} {'window':<34} {'tau med':>8} {'eq':>5} {'observed':>9} {'predicted':>10} {'ratio':>6}  verdict")
@@ -154,14 +166,17 @@ def main() -> None:
     for r in rows:
         print(f"{r['sweep']:<8} {r['window']:<34} {cell(r['tau_median']):>8} {r['in_equilibrium']:>2}/{r['members']:<2} "
               f"{cell(r['observed']):>9} {cell(r['predicted']):>10} {cell(r['ratio'], '{:.2f}'):>6}  {r['verdict']}")
-    judged = [r for r in rows if r["verdict"] != "agree: no switch"]
-    good = sum(r["verdict"] == "within 2x" for r in judged)
     whole = [r for r in rows if r["window"] == "all"]
     print(f"whole sweeps: {sum(r['verdict'].startswith(('within', 'agree')) for r in whole)}/{len(whole)} "
           f"within {FACTOR:g}x or agreeing that there is no switch")
-    ratios = [r["ratio"] for r in judged if r["ratio"] is not None]
-    print(f"all windows with a switch on either side: {good}/{len(judged)} within {FACTOR:g}x"
-          + (f" (median ratio {statistics.median(ratios):.2f})" if ratios else ""))
+    both = [r for r in rows if r["ratio"] is not None]
+    if both:
+        print(f"sweeps and windows where both see a switch: {sum(r['verdict'] == 'within 2x' for r in both)}/"
+              f"{len(both)} within {FACTOR:g}x (median ratio {statistics.median(r['ratio'] for r in both):.2f})")
+    one = [r for r in rows if r["verdict"].startswith("disagree")]
+    print(f"where only one sees a switch: {len(one)} ({sum(r['predicted'] is not None for r in one)} predicted "
+          f"but not observed, {sum(r['observed'] is not None for r in one)} observed but not predicted); "
+          f"both see none: {sum(r['verdict'] == 'agree: no switch' for r in rows)}")
     write_csv(RESULTS_DIR / "phase.csv", rows)
     print(f"wrote {plot(rows, RESULTS_DIR / 'phase.png')}")
 
