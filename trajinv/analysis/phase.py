@@ -276,14 +276,19 @@ def _window_starts(theta: np.ndarray, span: float, min_points: int) -> np.ndarra
     return np.where(idx + 1 >= min_points, np.maximum(starts, 0), -1)
 
 
-def _trailing_median(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+def _window_medians(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Median of the finite x[lo[i] : hi[i] + 1] per point; nan where a window is empty (lo < 0 or none finite)."""
     out = np.full(len(x), np.nan)
-    for i, s in enumerate(starts):
-        w = x[s : i + 1] if s >= 0 else x[:0]
+    for i, (a, b) in enumerate(zip(lo, hi)):
+        w = x[a : b + 1] if a >= 0 else x[:0]
         w = w[np.isfinite(w)]
         if len(w):
             out[i] = np.median(w)
     return out
+
+
+def _trailing_median(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    return _window_medians(x, starts, np.arange(len(x)))
 
 
 def _trailing_slope(t: np.ndarray, y: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -313,14 +318,8 @@ def _quasi_static(s: _Series, wd: float, tol: float) -> np.ndarray:
 
 
 def _centred_median(x: np.ndarray, points: int) -> np.ndarray:
-    half = max(points, 1) // 2
-    out = np.full(len(x), np.nan)
-    for i in range(len(x)):
-        w = x[max(0, i - half) : i + half + 1]
-        w = w[np.isfinite(w)]
-        if len(w):
-            out[i] = np.median(w)
-    return out
+    half, idx = max(points, 1) // 2, np.arange(len(x))
+    return _window_medians(x, np.maximum(idx - half, 0), idx + half)
 
 
 def _measure(s: _Series, wd: float, beta1: float, crit: Criteria) -> _Measured:
@@ -340,19 +339,16 @@ def _measure(s: _Series, wd: float, beta1: float, crit: Criteria) -> _Measured:
 def _level(s: _Series, m: _Measured, end: int, crit: Criteria) -> float:
     """ln nu's level at the end: its median over the trailing window_tau (>= min_points) ending there."""
     start = _window_starts(s.theta, crit.window_tau, crit.min_points)[end]
-    w = m.ln_nu[max(start, 0) : end + 1]
-    w = w[np.isfinite(w)]
-    return float(np.median(w)) if len(w) else math.nan
+    return float(_window_medians(m.ln_nu, [max(start, 0)], [end])[0])
 
 
-def _equilibrium_index(s: _Series, m: _Measured, q: np.ndarray, crit: Criteria) -> int | None:
-    """First quasi-static index (of ``q``) from which nu stays within the band around its level at
-    the last one, provided the norm has settled there (and the ratio is in its band, if asked)."""
+def _equilibrium_index(m: _Measured, q: np.ndarray, level: float, crit: Criteria) -> int | None:
+    """First quasi-static index (of ``q``) from which ln nu stays within the band around ``level``
+    (its level at the last one), provided the norm has settled there (and the ratio is in its band,
+    if asked)."""
     if not len(q):
         return None
-    end = int(q[-1])
-    level = _level(s, m, end, crit)
-    if not (math.isfinite(level) and abs(m.drift[end]) <= crit.drift_tol):
+    if not (math.isfinite(level) and abs(m.drift[int(q[-1])]) <= crit.drift_tol):
         return None
     with np.errstate(invalid="ignore"):
         ok = np.abs(m.ln_nu_smooth - level) <= math.log1p(crit.norm_tol)
@@ -406,8 +402,9 @@ def _member_phase(key: tuple[str, int], recs: list[dict], kind: str, beta1: floa
     eq = None
     if logged and wd > 0:
         m = _measure(s, wd, beta1, crit)
-        eq = _equilibrium_index(s, m, q, crit)
-        ev.update(ratio_end=_f(m.ratio_smooth[end]), drift_end=_f(m.drift[end]), nu_end=_f(math.exp(_level(s, m, end, crit))),
+        level = _level(s, m, end, crit)  # end is q[-1] whenever there is a quasi-static step
+        eq = _equilibrium_index(m, q, level, crit)
+        ev.update(ratio_end=_f(m.ratio_smooth[end]), drift_end=_f(m.drift[end]), nu_end=_f(math.exp(level)),
                   ratio_last=_f(m.ratio_smooth[-1]), weight_norm_end=_f(s.norm[end]),
                   equilibrium_theta=None if eq is None else float(s.theta[eq]))
     elif logged:
