@@ -158,14 +158,16 @@ def main() -> None:
         dirs += [d for d in sorted((RESULTS_DIR / "tune").glob("grid-s*")) if finished(d)]
     dirs += list(args.sweeps)
     rows = [row for d in dirs for row in compare(d, args.key)]
-    print(f"{'sweep':<8} {'window':<34} {'tau med':>8} {'eq':>5} {'observed':>9} {'predicted':>10} {'ratio':>6}  verdict")
+    print(f"{'sweep':<8} {'window':<34} {'tau med':>8} {'eq':>5} {'observed':>9} {'predicted':>10} "
+          f"{'ratio':>6}  verdict")
 
     def cell(v, fmt="{:.0f}"):
         return "-" if v is None else fmt.format(v)
 
     for r in rows:
-        print(f"{r['sweep']:<8} {r['window']:<34} {cell(r['tau_median']):>8} {r['in_equilibrium']:>2}/{r['members']:<2} "
-              f"{cell(r['observed']):>9} {cell(r['predicted']):>10} {cell(r['ratio'], '{:.2f}'):>6}  {r['verdict']}")
+        print(f"{r['sweep']:<8} {r['window']:<34} {cell(r['tau_median']):>8} "
+              f"{r['in_equilibrium']:>2}/{r['members']:<2} {cell(r['observed']):>9} {cell(r['predicted']):>10} "
+              f"{cell(r['ratio'], '{:.2f}'):>6}  {r['verdict']}")
     whole = [r for r in rows if r["window"] == "all"]
     print(f"whole sweeps: {sum(r['verdict'].startswith(('within', 'agree')) for r in whole)}/{len(whole)} "
           f"within {FACTOR:g}x or agreeing that there is no switch")
