@@ -33,6 +33,15 @@ def kill_second_population(job, emit):
     return run_job(job, emit)
 
 
+def record_pid_and_sleep(path):
+    """A pool call: write this worker's pid to `path`, then sleep far longer than any test waits."""
+    import time
+
+    with open(path, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(300)
+
+
 def report_pinning(job, emit):
     """A pool task: where the worker runs (affinity, torch threads, CUDA_VISIBLE_DEVICES)."""
     from trajinv.parallel.worker import Outcome

@@ -1,6 +1,13 @@
 """Every device of a node: worker processes fed from a queue, failures as rows, resume, bit-identity on CPU."""
 
 import csv
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import spawned
@@ -118,3 +125,43 @@ def test_bad_device_lists_are_one_line_errors(tiny_train_config, tmp_path, devic
 def test_devices_and_ray_exclude_each_other(tiny_train_config, tmp_path):
     with pytest.raises(ValueError, match="--devices or --ray, not both"):
         run_sweep(_spec(tiny_train_config), tmp_path, devices="cpu", ray="auto")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
+    # kill -9 skips the pool's shutdown; a worker left running would keep writing into the sweep directory.
+    pidfile = tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(spawned.__file__).parent)!r})
+        import spawned
+        from trajinv.parallel.pool import LocalPool
+        if __name__ == "__main__":
+            with LocalPool(["cpu"]) as pool:
+                pool._executor(0).submit(spawned.record_pid_and_sleep, {str(pidfile)!r}).result()
+        """)])
+    try:
+        deadline = time.monotonic() + 120
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+            assert parent.poll() is None, "the parent exited before its worker started"
+            time.sleep(0.2)
+        worker = int(pidfile.read_text())
+        assert _alive(worker)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 15
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), "the worker outlived its killed parent"
+    finally:
+        parent.kill()
+        if pidfile.exists() and pidfile.read_text() and _alive(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)

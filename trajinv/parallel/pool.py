@@ -9,6 +9,11 @@ shared pool, because a worker killed by a signal (an out-of-memory kill, say)
 breaks its executor (`BrokenProcessPool`): only the population it was running
 fails, and only that device's executor is restarted for the rest.
 
+A worker outlives a parent killed by a signal that skips the executors' shutdown
+(`kill PID`, the out-of-memory killer) and would go on training into the sweep
+directory that the rerun resumes: two writers on one checkpoint. So each worker
+watches its parent (`_exit_with_parent`) and exits within a second of losing it.
+
 Progress events of every worker come through one multiprocessing queue and are
 handed to the parent's single `progress` callback from the parent's own thread
 (the loop that waits for results drains the queue), so one progress display
@@ -18,7 +23,10 @@ serves all workers.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import queue
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -33,10 +41,19 @@ Task = Callable[[Job, Callable[..., None]], Outcome]
 _EVENTS = None  # the worker's end of the progress queue (set by _init)
 
 
-def _init(place: Placement, events) -> None:
+def _init(place: Placement, events, parent: int) -> None:
     global _EVENTS
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
     pin(place)
     _EVENTS = events
+
+
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Exit this worker at once when its parent is gone (the module docstring says why); os._exit, not
+    sys.exit: the training loop runs in the main thread and must not get to write another checkpoint."""
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _emit(kind: str, **info) -> None:
@@ -72,7 +89,7 @@ class LocalPool:
     def _executor(self, i: int) -> ProcessPoolExecutor:
         if self.executors[i] is None:
             self.executors[i] = ProcessPoolExecutor(1, mp_context=self.ctx, initializer=_init,
-                                                    initargs=(self.places[i], self.events))
+                                                    initargs=(self.places[i], self.events, os.getpid()))
         return self.executors[i]
 
     def free_bytes(self) -> int:
