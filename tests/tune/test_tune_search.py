@@ -38,13 +38,15 @@ def kinds(result: TuneResult) -> list[str]:
 def test_elr_invariant_surface_finds_the_optimum_and_the_check_stands():
     x0 = C + 1.3
     result = simulate(SearchConfig(), elr_surface(x0))
-    assert kinds(result) == ["scan", "zoom", "check"]
+    assert kinds(result) == ["scan", "check", "zoom"]
     assert within_zoom_spacing(result, x0)
     assert math.log2(result.fit.vertex) == pytest.approx(x0, abs=1e-6)  # an exact parabola: exact vertex
     assert result.fit.loss == pytest.approx(3.0) and result.fit.curvature == pytest.approx(0.2)
     assert result.invariant_check.within_noise
-    assert result.invariant_check.outcomes[0].point == result.best
-    assert [o.point.elr for o in result.invariant_check.outcomes] == pytest.approx([result.best.elr] * 5)
+    # Checked at the scan's best member (ELR 2^(C+1), the nearest to x0), before the zoom refined it.
+    checked = result.invariant_check.outcomes[0].point
+    assert math.log2(checked.elr) == pytest.approx(C + 1.0) and checked.lr == LR
+    assert [o.point.elr for o in result.invariant_check.outcomes] == pytest.approx([checked.elr] * 5)
 
 
 def test_a_wrong_answer_fails_the_optimum_check():
@@ -58,11 +60,13 @@ def test_lr_invariant_surface_along_the_lr_axis():
     def oracle(p: Point) -> Outcome:
         return Outcome(p, 3.0 + 0.1 * (math.log2(p.lr) - l0) ** 2)
     result = simulate(SearchConfig(axis="lr", wd=0.1), oracle)
-    assert kinds(result) == ["scan", "zoom", "check"]
-    assert all(p.wd == 0.1 for stage, _ in result.stages[:2] for p in stage.points)
+    assert kinds(result) == ["scan", "check", "zoom"]
+    assert all(p.wd == 0.1 for stage, _ in (result.stages[0], result.stages[2]) for p in stage.points)
     assert within_zoom_spacing(result, l0, value=lambda p: p.lr)
-    # The iso-LR check varies wd at the recommended lr.
-    assert {o.point.lr for o in result.invariant_check.outcomes} == {result.best.lr}
+    # The iso-LR check varies wd at the scan's best lr (C + 1, the nearest to l0).
+    checked = result.invariant_check.outcomes[0].point
+    assert {o.point.lr for o in result.invariant_check.outcomes} == {checked.lr}
+    assert math.log2(checked.lr) == pytest.approx(C + 1.0)
     assert result.invariant_check.within_noise
 
 
@@ -83,14 +87,22 @@ def neither(p: Point) -> Outcome:
 def test_non_invariant_surface_fails_the_check_and_the_rescan_improves():
     result = simulate(SearchConfig(), neither)
     names = [stage.name for stage, _ in result.stages]
-    assert names == ["1-scan", "2-zoom", "3-check", "4-rescan", "5-zoom", "6-check"]
-    first = [o.loss for stage, outs in result.stages[:3] for o in outs]
+    # Checked before any zoom; the one rescan is not checked again (no rescan left for it to call).
+    assert names == ["1-scan", "2-check", "3-rescan", "4-zoom"]
+    first = [o.loss for stage, outs in result.stages[:2] for o in outs]
     assert result.loss < min(first)
-    # The rescan runs along ELR at the best lr of the failed check line (lr/2 = 4e-3).
-    rescan = result.stages[3][0]
-    assert [p.lr for p in rescan.points] == pytest.approx([4e-3] * len(rescan.points))
+    # The rescan runs along ELR at the best lr of the failed check line (lr/2 = 4e-3), and so does the zoom:
+    # no member is spent refining the first line, which the check left.
+    for stage, _ in result.stages[2:]:
+        assert [p.lr for p in stage.points] == pytest.approx([4e-3] * len(stage.points))
     assert (result.best.lr, result.best.wd) == pytest.approx((4e-3, 0.25))
     assert any("spread" in n and ">" in n for n in result.notes)
+
+
+def test_a_rescanned_line_is_checked_again_while_rescans_are_left():
+    result = simulate(SearchConfig(max_rescans=2), neither)
+    assert [stage.name for stage, _ in result.stages] == ["1-scan", "2-check", "3-rescan", "4-check", "5-zoom"]
+    assert result.invariant_check.outcomes[0].point == result.best  # the report holds the last check
     assert any("best in both directions" in n for n in result.notes)  # the second check: no new rescan
 
 
@@ -154,7 +166,7 @@ def test_fit_weights_follow_the_standard_errors():
 def test_optimum_beyond_the_bracket_is_reached_by_a_shift():
     x0 = C + 4.6
     result = simulate(SearchConfig(), elr_surface(x0))
-    assert kinds(result) == ["scan", "shift", "zoom", "check"]
+    assert kinds(result) == ["scan", "shift", "check", "zoom"]
     shift = result.stages[1][0]
     assert [math.log2(p.elr) - C for p in shift.points] == pytest.approx([4.0, 5.0, 6.0])
     assert within_zoom_spacing(result, x0)
@@ -216,12 +228,12 @@ def test_budget_trims_to_the_points_nearest_the_best_then_finishes():
     cfg = SearchConfig(steps_per_member=10, budget=100)
     result = simulate(cfg, elr_surface(C + 0.1))
     assert result.cost_member_steps == 100
-    zoom = result.stages[1][0]
-    # Vertex at +0.1: +-0.25/+-0.5 members at -0.4, -0.15, 0.35, 0.6; the one farthest from the best (x=0) goes.
-    assert [math.log2(p.elr) - C for p in zoom.points] == pytest.approx([-0.4, -0.15, 0.35])
-    assert any("2-zoom trimmed to 3 of 4" in n for n in result.notes)
-    assert any("3-check skipped" in n for n in result.notes)
-    assert result.invariant_check is None
+    check = result.stages[1][0]
+    # Factors 0.25, 0.5, 2, 4 around the best: 0.5 and 2 are nearest, then 0.25 (tied with 4, listed first).
+    assert [p.lr / LR for p in check.points] == pytest.approx([0.25, 0.5, 2.0])
+    assert any("2-check trimmed to 3 of 4" in n for n in result.notes)
+    assert any("3-zoom skipped" in n for n in result.notes)
+    assert result.invariant_check.within_noise and len(result.invariant_check.outcomes) == 4
 
 
 def test_budget_of_exactly_the_scan_skips_everything_after():

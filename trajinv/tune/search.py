@@ -12,19 +12,23 @@ shift     the best finite member is at the edge of what was evaluated on the lin
           neighbour beyond the best stops the shifting: the optimum sits next to the
           divergence boundary and more members past it would only diverge too. If every
           member diverged the shift goes toward smaller values, the side that trains.
-zoom      a least-squares quadratic in x through the finite members within 1.5 s of the
-          best (the best and its neighbours: near the optimum, where a quadratic holds;
-          weights 1/se^2). Convex with its vertex inside those members -> `zoom_points`
-          within +-s/2 of the vertex (s/4 and s/2 for 4), else around the best member.
 check     members on the invariant line through the best point: lr*f, wd/f (same ELR) for
           axis "elr", wd*f at the same lr for axis "lr", f in `check_factors`. Spread =
           max - min finite loss on the line, threshold = max(noise, 2 sqrt(se_hi^2 +
           se_lo^2)) (the two-sigma band of the difference of the two extremes). Within it
-          the 1-D answer stands.
+          the 1-D answer stands. The check comes before any zoom: a zoom refines a line
+          the check may leave, and on bench_tune's grids it left the first line in 4 of 5
+          seeds (the zoom's members then bought nothing and the rescan went short).
 rescan    otherwise a scan of +-2 s along the axis through the best member of that line (its
-          lr for "elr", its wd for "lr"), then shift/zoom/check as above, at most
-          `max_rescans` times. Not when the best on the line is the recommendation itself:
-          it is then best in both directions.
+          lr for "elr", its wd for "lr"), explored (shifted) as above, at most `max_rescans`
+          times; a rescanned line is checked again only while rescans are left (a check
+          that cannot move the search any more would spend members on a report). Not when
+          the best on the line is the checked point itself: it is best in both directions.
+zoom      last, on the line through the best point of all: a least-squares quadratic in x
+          through the finite members within 1.5 s of the best (the best and its
+          neighbours: near the optimum, where a quadratic holds; weights 1/se^2). Convex
+          with its vertex inside those members -> `zoom_points` within +-s/2 of the vertex
+          (s/4 and s/2 for 4), else around the best member.
 
 The recommendation is the best *evaluated* point: its loss was measured, with its se,
 while the fit's vertex is a prediction of a model that is only locally right and was
@@ -226,7 +230,7 @@ class Search:
         self._history: list[tuple[Stage, tuple[Outcome, ...]]] = []
         self._seen: dict[tuple[float, float], Outcome] = {}  # insertion order = evaluation order
         self._pending: Stage | None = None
-        self._phase = "scan"  # scan -> explore (shift)* -> zoom -> check -> judge -> explore | done
+        self._phase = "scan"  # scan -> explore (shift)* -> check -> judge -> (rescan: explore ...) -> zoom -> done
         self._shifts = 0
         self._rescans = 0
         self._checked_at: Point | None = None
@@ -317,15 +321,17 @@ class Search:
                 notes.append(f"the member next to the best on the {line.describe()} ({side} side) diverged: "
                              "the optimum is at the divergence boundary, no shift into it")
         self._notes.extend(notes)  # only once the line is settled: explore runs again after each shift
-        self._phase = "zoom"
+        self._phase = "check" if self._check is None or self._rescans < self.cfg.max_rescans else "zoom"
         return None
 
     def _plan_zoom(self) -> tuple[StageKind, list[Point]] | None:
-        self._phase = "check"
+        self._phase = "done"
         n = self.cfg.zoom_points
-        if n == 0:
+        best = self._best()
+        if n == 0 or best is None:
             return None
-        best = self._best(self._line).point
+        best = best.point
+        self._line = _Line.through(self.cfg.axis, best)  # the check may have found the best off the scanned lines
         fit = self._fit(self._line, best)
         if fit is not None:
             centre = math.log2(fit.vertex)
@@ -338,7 +344,7 @@ class Search:
         return "zoom", [self._line.point(centre + o) for o in sorted(offsets)]
 
     def _plan_check(self) -> tuple[StageKind, list[Point]]:
-        fit = self._fit(self._line, self._best(self._line).point)  # the refit, zoom members included
+        fit = self._fit(self._line, self._best(self._line).point)  # the scanned line's shape, for the report
         if fit is not None:
             self._notes.append(f"fit on the {self._line.describe()}: vertex at {fit.vertex:.4g}, "
                                f"predicted loss {fit.loss:.4g}, curvature {fit.curvature:.3g}/octave^2")
@@ -351,7 +357,7 @@ class Search:
     def _plan_judge(self) -> tuple[StageKind, list[Point]] | None:
         check = self._judge_check()
         self._check = check
-        self._phase = "done"
+        self._phase = "zoom"
         if check.within_noise:
             self._notes.append(f"invariant check: spread {check.spread:.4g} <= threshold {check.threshold:.4g}: "
                                "the 1-D answer stands")
