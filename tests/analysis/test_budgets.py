@@ -100,6 +100,47 @@ def test_a_tune_recommending_a_check_member_still_reads_both_lines(tmp_path):
     assert math.log2(o.lr / lr0) == pytest.approx(0, abs=0.05) and math.log2(o.wd / wd0) == pytest.approx(0, abs=0.05)
 
 
+def _add_stage(root, name: str, kind: str, points: list[tuple[float, float]], scale: float, axis: str = "elr"):
+    data = json.loads((root / TUNE_RESULT).read_text())
+    data["stages"].append({"name": name, "kind": kind, "directory": "stages/1-scan",
+                           "axis": axis, "outcomes": [{"lr": lr, "wd": wd, "elr": lr * wd, "loss": _loss(lr, wd, scale),
+                                                       "se": 0.0} for lr, wd in points]})
+    (root / TUNE_RESULT).write_text(json.dumps(data))
+
+
+def test_a_zoom_after_the_check_still_crosses_the_check_line(tmp_path):
+    """The tune checks, then zooms: its best member (the anchor) is a zoom member whose ELR the check
+    line does not pass through. The check that crosses the anchor's line still locates lr."""
+    root = _tune_dir(tmp_path / "t", 2)
+    lr0, wd0 = _optimum(2)
+    fixed = lr0 * 2.0 ** 0.4  # the scan's lr (see _tune_dir)
+    _add_stage(root, "3-zoom", "zoom", [(fixed, wd0 * lr0 / fixed * 2.0 ** d) for d in (-0.2, 0.05, 0.3)], 2)
+    o = load_budget(root, n_boot=50)
+    assert set(o.tuned_axes) == {"lr", "wd"} and not o.at_edge
+    assert math.log2(o.lr / lr0) == pytest.approx(0, abs=0.05) and math.log2(o.wd / wd0) == pytest.approx(0, abs=0.05)
+
+
+def test_an_lr_tune_zoomed_after_its_check_locates_wd(tmp_path):
+    """Along lr: the iso-LR check varies wd at the scan's best lr, and the zoom then finds a better lr at
+    the same wd. The check still crosses the anchor's lr line, so wd is located there."""
+    root = tmp_path / "t"
+    lr0, wd0 = _optimum(1)
+    scan = [(lr0 * 2.0 ** (k + 0.4), wd0) for k in range(-3, 4)]  # best member at lr0 * 2^0.4
+    check = [(lr0 * 2.0 ** 0.4, wd0 * f) for f in (0.25, 0.5, 2.0, 4.0)]
+    zoom = [(lr0 * 2.0 ** d, wd0) for d in (-0.1, 0.15, 0.65)]
+    _tune_dir(root, 1, check=False)
+    data = json.loads((root / TUNE_RESULT).read_text())
+    data["axis"], data["stages"] = "lr", []
+    (root / TUNE_RESULT).write_text(json.dumps(data))
+    for name, kind, pts in (("1-scan", "scan", scan), ("2-check", "check", check), ("3-zoom", "zoom", zoom)):
+        _add_stage(root, name, kind, pts, 1, axis="lr")
+    o = load_budget(root, n_boot=50)
+    assert set(o.tuned_axes) == {"lr", "wd"}
+    # the check's wd optimum is that of lr0 * 2^0.4, where this surface's valley puts wd0 * 2^-0.4
+    assert math.log2(o.wd / wd0) == pytest.approx(-0.4, abs=0.05)
+    assert math.log2(o.lr / lr0) == pytest.approx(0, abs=0.1)
+
+
 def test_an_lr_tune_without_its_check_is_refused_in_one_line(tmp_path):
     """An lr tune whose budget ran out before the check varied wd only at its scan's wd: no wd optimum."""
     root = _tune_dir(tmp_path / "t", 1, check=False)

@@ -3,16 +3,20 @@
 A **sweep directory** (an lr x wd grid, or any members) gives its members' final
 validation losses straight to `scaling.optimum_from_members`.
 
-A **tune directory** (``tune.json``) is two lines through the optimum rather than a
-grid, crossing at the *anchor*: the best member of the searched line (scan, shifts,
-zoom, rescans along the tune's final axis; not the recommendation, which may be a
-check member off that line). Along ELR (small batch, enough steps): the ELR line at
-the anchor's lr and the iso-ELR check line through it (lr varied, ELR fixed). Along
-lr: the lr line at the anchor's wd and the iso-LR check line (wd varied at its lr).
-A 2-D quadratic is not identifiable from two crossing lines, so each line gets its
-own 1-D fit, and the optimum is where they put it (the ratio or product of the two,
-its log2 variance the sum of theirs). A line with fewer than 3 values leaves its
-quantity untuned (lr without a check line: `tuned_axes` says so).
+A **tune directory** (``tune.json``) is two crossing lines rather than a grid. The
+*anchor* is the best member of the searched lines (scans, shifts, rescans, the zoom,
+along the tune's final axis; not the recommendation, which may be a check member off
+them). Line S is the searched line through the anchor: ELR varied at its lr (axis
+ELR), or lr varied at its wd (axis lr). Line C is the invariance check that crosses
+S, the one nearest the anchor: lr varied at one ELR (axis ELR), wd varied at one lr
+(axis lr). The tune checks before it zooms, so C passes through the best member S
+had when it was checked, at most half a scan spacing from a zoomed anchor; after a
+rescan, S starts at C's best member, so the two still cross at a member. Along ELR,
+S locates the optimal ELR and C the optimal lr; along lr, S the optimal lr and C the
+optimal wd. A 2-D quadratic is not identifiable from two crossing lines, so each line
+gets its own 1-D fit, and the optimum is where they put it (the ratio or product of
+the two, its log2 variance the sum of theirs). A line with fewer than 3 values leaves
+its quantity untuned (lr without a check line: `tuned_axes` says so).
 """
 
 from __future__ import annotations
@@ -79,29 +83,36 @@ def _from_tune(root: Path, n_boot: int, seed: int) -> BudgetOptimum:
         raise ValueError(f"the tune in {root} has no finished member on its {axis} line")
     anchor = min(searched, key=lambda o: o["loss"])
     outcomes = [o for s in stages for o in s["outcomes"]]
-    on = lambda o, key: math.isclose(o[key], anchor[key], rel_tol=1e-6)  # noqa: E731
+    close = lambda o, key, value: math.isclose(o[key], value, rel_tol=1e-6)  # noqa: E731
     member = lambda o, wd: MemberLoss(o["lr"], wd, o["loss"], o["se"] or 0.0)  # noqa: E731
-    # line A, wd varied at the anchor's lr (an ELR scan, or an lr tune's iso-LR check): the optimal wd
-    wd_line = _unique([member(o, o["wd"]) for o in outcomes if on(o, "lr")])
-    # line B, lr varied at the anchor's ELR (an ELR tune's check) or wd (an lr scan), in coordinates
-    # where only lr varies
+    # line C's fixed value: the ELR (axis ELR) or lr (axis lr) of the check crossing line S nearest the anchor
+    across, along = ("elr", "lr") if axis == "elr" else ("lr", "wd")
+    crossing = [o[across] for s in stages if s["kind"] == "check" for o in s["outcomes"][:1]
+                if any(close(m, across, o[across]) and close(m, along, anchor[along]) for m in outcomes)]
+    at = min(crossing, key=lambda v: abs(math.log2(v / anchor[across])), default=anchor[across])
+    # the line that varies wd at one lr (S along ELR, C along lr): the optimal wd
+    lr_fixed = anchor["lr"] if axis == "elr" else at
+    wd_line = _unique([member(o, o["wd"]) for o in outcomes if close(o, "lr", lr_fixed)])
+    # the line that varies lr at one ELR (C along ELR) or one wd (S along lr), in coordinates where only
+    # lr varies
     fixed = "elr" if axis == "elr" else "wd"
-    lr_line = _unique([member(o, anchor[fixed]) for o in outcomes if on(o, fixed)])
+    value = at if axis == "elr" else anchor["wd"]
+    lr_line = _unique([member(o, value) for o in outcomes if close(o, fixed, value)])
     if len({m.wd for m in wd_line}) < 2:  # an lr tune whose check the budget skipped
         raise ValueError(f"the tune in {root} varied wd only at one value through its best member "
-                         f"(lr={anchor['lr']:g}, wd={anchor['wd']:g}), so its optimal wd is not located; "
+                         f"(lr={lr_fixed:g}, best wd={anchor['wd']:g}), so its optimal wd is not located; "
                          "rerun it with a larger --budget so that its check runs")
     by_wd = optimum_from_members(wd_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed)
     if len({m.lr for m in lr_line}) < 3:
         return by_wd  # lr not varied enough to fit: untuned, and the report says so
     by_lr = optimum_from_members(lr_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed + 1)
     lr = by_lr.lr
-    if fixed == "elr":  # line B located lr at the optimal ELR of line A
+    if fixed == "elr":  # C located lr (at its ELR, near the optimal ELR that S located)
         elr = by_wd.elr
         se = {"lr": by_lr.log2_se["lr"], "elr": by_wd.log2_se["elr"]}
         se["wd"] = math.hypot(se["lr"], se["elr"])
         wd = elr / lr
-    else:  # line B located lr at the optimal wd of line A
+    else:  # S located lr at its wd, C the optimal wd
         wd = by_wd.wd
         se = {"lr": by_lr.log2_se["lr"], "wd": by_wd.log2_se["wd"]}
         se["elr"] = math.hypot(se["lr"], se["wd"])
