@@ -17,7 +17,7 @@ check     members on the invariant line through the best point: lr*f, wd/f (same
           max - min finite loss on the line, threshold = max(noise, 2 sqrt(se_hi^2 +
           se_lo^2)) (the two-sigma band of the difference of the two extremes). Within it
           the 1-D answer stands. The check comes before any zoom: a zoom refines a line
-          the check may leave, and on bench_tune's grids it left the first line in 4 of 5
+          the check may leave, and on bench_tune's grids it left the first line in 3 of 5
           seeds (the zoom's members then bought nothing and the rescan went short).
 rescan    otherwise a scan of +-2 s along the axis through the best member of that line (its
           lr for "elr", its wd for "lr"), explored (shifted) as above, at most `max_rescans`
