@@ -155,19 +155,22 @@ def tpe_trained(seed: int, quick: bool, data: DataConfig, budget: int, out: Path
                   for t in batch]
         spec = SweepSpec(train=cfg, data=data, points=tuple(points))
         rows = run_sweep(spec, out / f"tpe-s{seed}" / f"batch-{done // population}", devices=devices)
-        def key(lr: float, wd: float) -> tuple[str, str]:  # a member's identity (SweepSpec.members rounds)
-            return f"{float(lr):.9g}", f"{float(wd):.9g}"
-        by_point = {key(r["lr"], r["wd"]): r for r in rows}
+        by_point = {_member_key(r["lr"], r["wd"]): r for r in rows}
         for t, (lr, wd) in zip(batch, points):
-            row = by_point[key(lr, wd)]
+            row = by_point[_member_key(lr, wd)]
             ok = row["status"] == "done" and row["final_val_loss"] not in (None, "")
             loss = float(row["final_val_loss"]) if ok else math.inf
-            loss = loss if math.isfinite(loss) else math.inf
+            loss = loss if math.isfinite(loss) else math.inf  # a NaN loss diverged too
             study.tell(t, loss if math.isfinite(loss) else 1e9)  # TPE needs a number: diverged = very bad
             seen.append((loss, (float(row["lr"]), float(row["wd"]))))
         done += len(batch)
     loss, (lr, wd) = min(seen)
     return {"loss": loss, "lr": lr, "wd": wd, "member_steps": done * cfg.steps}
+
+
+def _member_key(lr: float, wd: float) -> tuple[str, str]:
+    """A member's (lr, wd) up to the rounding SweepSpec.members applies (and a CSV round trip)."""
+    return f"{float(lr):.9g}", f"{float(wd):.9g}"
 
 
 class HeldOut:
@@ -315,14 +318,14 @@ def main() -> None:
             other = statistics.median(held[method][at])
             print(f"  held-out (each recommendation scored on the other seeds): tune {tune_held:.4f} vs "
                   f"{other:.4f}: {verdict(tune_held, other)}")
-    if tpe_rows:  # the fairest comparison: both trained, both paying a fresh run's noise at what they chose
-        other = statistics.median(r["regret"] for r in tpe_rows)
-        print(f"target 2 vs tpe, trained over the continuous box ({len(tpe_rows)} runs, "
-              f"<= {max(r['member_steps'] for r in tpe_rows)} member-steps): tune {tune_regret:.4f} vs "
-              f"{other:.4f}: {verdict(tune_regret, other)}")
-        other = statistics.median(r["heldout"] for r in tpe_rows)
-        if math.isfinite(tune_held) and math.isfinite(other):
-            print(f"  held-out: tune {tune_held:.4f} vs {other:.4f}: {verdict(tune_held, other)}")
+    # the fairest comparison: both trained, both paying a fresh run's noise at the points they chose
+    other = statistics.median(r["regret"] for r in tpe_rows)
+    print(f"target 2 vs tpe, trained over the continuous box ({len(tpe_rows)} runs, "
+          f"<= {max(r['member_steps'] for r in tpe_rows)} member-steps): tune {tune_regret:.4f} vs "
+          f"{other:.4f}: {verdict(tune_regret, other)}")
+    other = statistics.median(r["heldout"] for r in tpe_rows)
+    if math.isfinite(tune_held) and math.isfinite(other):
+        print(f"  held-out: tune {tune_held:.4f} vs {other:.4f}: {verdict(tune_held, other)}")
     write_csv(RESULTS_DIR / "tune.csv", rows, ["method", "seed", "member_steps", "regret", "regret_q25",
                                                "regret_q75", "band_lo", "band_hi", "table", "heldout", "runs",
                                                "grid_best", "lr", "wd", "axis", "check_within_noise"])
@@ -366,9 +369,8 @@ def plot(per_method: dict, opda: dict, tune_rows: list[dict], tpe_rows: list[dic
         ax.fill_between(bs, q[:, 1], q[:, 2], color="C2", alpha=0.15)
     ax.plot([r["member_steps"] for r in tune_rows], [r["regret"] for r in tune_rows], "*", ms=14, color="C3",
             mec="k", label="trajinv tune (one per seed)")
-    if tpe_rows:
-        ax.plot([r["member_steps"] for r in tpe_rows], [r["regret"] for r in tpe_rows], "P", ms=10, color="C1",
-                mec="k", label="TPE (2-D box, trained; one per seed)")
+    ax.plot([r["member_steps"] for r in tpe_rows], [r["regret"] for r in tpe_rows], "P", ms=10, color="C1",
+            mec="k", label="TPE (2-D box, trained; one per seed)")
     if math.isfinite(sigma):
         ax.axhspan(0, 2 * sigma, color="0.85", zorder=0, label="within 2x seed noise")
     ax.axvline(grid_cost, color="k", ls=":", lw=1, label="full grid")
