@@ -127,12 +127,12 @@ def tpe_search(grid: dict, lrs: list[float], wds: list[float], trials: int, popu
     best, done = (math.inf, (lrs[0], wds[0])), 0
     while done < trials:
         batch = [study.ask() for _ in range(min(population, trials - done))]
-        for t in batch:
-            i, j = t.suggest_int("lr", 0, len(lrs) - 1), t.suggest_int("wd", 0, len(wds) - 1)
-            loss = grid[(lrs[i], wds[j])]
-            value = math.inf if loss is None else loss
+        # every trial of the population is suggested before any is told, as when they train together
+        keys = [(lrs[t.suggest_int("lr", 0, len(lrs) - 1)], wds[t.suggest_int("wd", 0, len(wds) - 1)]) for t in batch]
+        for t, key in zip(batch, keys):
+            value = math.inf if grid[key] is None else grid[key]
             study.tell(t, value if math.isfinite(value) else 1e9)
-            best = min(best, (value, (lrs[i], wds[j])))
+            best = min(best, (value, key))
         done += len(batch)
     return best
 
