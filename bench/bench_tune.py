@@ -53,6 +53,7 @@ import math
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -117,55 +118,61 @@ def random_search(grid: dict, trials: int, rng: np.random.Generator) -> tuple[fl
     return min((math.inf if grid[keys[i]] is None else grid[keys[i]], keys[i]) for i in pick)
 
 
-def tpe_search(grid: dict, lrs: list[float], wds: list[float], trials: int, population: int,
-               seed: int) -> tuple[float, tuple[float, float]]:
-    """(best loss, its (lr, wd)) of Optuna TPE over the grid's indices, asked `population` trials at a time."""
+def _tpe_in_populations(seed: int, trials: int, population: int,
+                        evaluate: Callable[[list, int], list[tuple[float, tuple[float, float]]]]
+                        ) -> tuple[float, tuple[float, float]]:
+    """Optuna TPE asked `population` trials at a time and told their losses together, as populations train.
+    `evaluate(batch, k)` suggests each trial's (lr, wd) and returns [(loss, (lr, wd))] (inf: diverged) for
+    the k-th batch. Returns the best (loss, (lr, wd)) seen."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=population))
-    best, done = (math.inf, (lrs[0], wds[0])), 0
-    while done < trials:
-        batch = [study.ask() for _ in range(min(population, trials - done))]
-        # every trial of the population is suggested before any is told, as when they train together
+    seen: list[tuple[float, tuple[float, float]]] = []
+    while len(seen) < trials:
+        batch = [study.ask() for _ in range(min(population, trials - len(seen)))]
+        results = evaluate(batch, len(seen) // population)
+        for t, (loss, _) in zip(batch, results):
+            study.tell(t, loss if math.isfinite(loss) else 1e9)  # TPE needs a number: diverged = very bad
+        seen += results
+    return min(seen)
+
+
+def tpe_search(grid: dict, lrs: list[float], wds: list[float], trials: int, population: int,
+               seed: int) -> tuple[float, tuple[float, float]]:
+    """(best loss, its (lr, wd)) of Optuna TPE over the grid's indices (tabular: looked up, not trained)."""
+    def look_up(batch: list, _: int) -> list[tuple[float, tuple[float, float]]]:
         keys = [(lrs[t.suggest_int("lr", 0, len(lrs) - 1)], wds[t.suggest_int("wd", 0, len(wds) - 1)]) for t in batch]
-        for t, key in zip(batch, keys):
-            value = math.inf if grid[key] is None else grid[key]
-            study.tell(t, value if math.isfinite(value) else 1e9)
-            best = min(best, (value, key))
-        done += len(batch)
-    return best
+        return [(math.inf if grid[k] is None else grid[k], k) for k in keys]
+
+    return _tpe_in_populations(seed, trials, population, look_up)
 
 
 def tpe_trained(seed: int, quick: bool, data: DataConfig, budget: int, out: Path, population: int,
                 lrs: list[float], wds: list[float], devices: str | None = None) -> dict:
     """Optuna TPE over the continuous box (log lr x log wd over the grid's extent), every trial *trained*,
-    as the tune's members are: `population` trials asked at a time, trained as one population (a sweep
-    directory per batch under tpe-s<seed>/), their losses told together. The sampler is seeded and a
-    rerun tells it the same losses, so it asks the same points and finds its batches trained."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    as the tune's members are: each population of trials trained together (a sweep directory per batch
+    under tpe-s<seed>/). The sampler is seeded and a rerun tells it the same losses, so it asks the same
+    points and finds its batches trained."""
     cfg = train_config(seed, quick)
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed * 1000, n_startup_trials=population))
-    trials, done, seen = budget // cfg.steps, 0, []
-    while done < trials:
-        batch = [study.ask() for _ in range(min(population, trials - done))]
+
+    def train(batch: list, k: int) -> list[tuple[float, tuple[float, float]]]:
         points = [(t.suggest_float("lr", lrs[0], lrs[-1], log=True), t.suggest_float("wd", wds[0], wds[-1], log=True))
                   for t in batch]
-        spec = SweepSpec(train=cfg, data=data, points=tuple(points))
-        rows = run_sweep(spec, out / f"tpe-s{seed}" / f"batch-{done // population}", devices=devices)
+        rows = run_sweep(SweepSpec(train=cfg, data=data, points=tuple(points)), out / f"tpe-s{seed}" / f"batch-{k}",
+                         devices=devices)
         by_point = {_member_key(r["lr"], r["wd"]): r for r in rows}
-        for t, (lr, wd) in zip(batch, points):
+        results = []
+        for lr, wd in points:
             row = by_point[_member_key(lr, wd)]
             ok = row["status"] == "done" and row["final_val_loss"] not in (None, "")
             loss = float(row["final_val_loss"]) if ok else math.inf
-            loss = loss if math.isfinite(loss) else math.inf  # a NaN loss diverged too
-            study.tell(t, loss if math.isfinite(loss) else 1e9)  # TPE needs a number: diverged = very bad
-            seen.append((loss, (float(row["lr"]), float(row["wd"]))))
-        done += len(batch)
-    loss, (lr, wd) = min(seen)
-    return {"loss": loss, "lr": lr, "wd": wd, "member_steps": done * cfg.steps}
+            results.append((loss if math.isfinite(loss) else math.inf, (float(row["lr"]), float(row["wd"]))))
+        return results
+
+    trials = budget // cfg.steps
+    loss, (lr, wd) = _tpe_in_populations(seed * 1000, trials, population, train)
+    return {"loss": loss, "lr": lr, "wd": wd, "member_steps": trials * cfg.steps}
 
 
 def _member_key(lr: float, wd: float) -> tuple[str, str]:
