@@ -16,6 +16,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 @pytest.mark.parametrize("script, csv", [("bench_adamw.py", "adamw.csv"), ("bench_gns.py", "gns.csv"),
                                          ("bench_gns_kernels.py", "gns_kernels.csv"),
                                          ("bench_trainer.py", "trainer.csv"), ("bench_tune.py", "tune.csv"),
+                                         ("tune_surrogate.py", "tune_surrogate.csv"),
                                          ("bench_scale.py", "scale.csv"),
                                          ("bench_phase.py", "phase.csv")])
 def test_bench_script_runs_quick(script, csv):
