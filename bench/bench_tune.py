@@ -243,6 +243,8 @@ def main() -> None:
     ap.add_argument("--tpe-population", type=int, default=TUNE["points"],
                     help="trials TPE asks for at a time (one population); default: the tune's first scan")
     args = ap.parse_args()
+    if args.tpe_population < 1:
+        ap.error(f"--tpe-population must be >= 1, got {args.tpe_population}")
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     reps = args.reps or (10 if args.quick else 200)
     data = DataConfig(max_tokens=300_000) if args.quick else DataConfig()

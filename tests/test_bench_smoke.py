@@ -26,3 +26,11 @@ def test_bench_script_runs_quick(script, csv):
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "wrote" in proc.stdout and (BENCH / "results" / csv).exists()
+
+
+def test_bench_tune_rejects_an_empty_tpe_population_in_one_line():
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, str(BENCH / "bench_tune.py"), "--tpe-population", "0"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].endswith("--tpe-population must be >= 1, got 0")
