@@ -15,7 +15,8 @@ loss surface built from every run bench_tune trained:
   one seed the loss is rough in (lr, wd) beyond what a smooth surface follows.
 - **Replays** at bench_tune's budget: the tune (`trajinv.tune.search`, with the runner's
   switch to an lr search when the scan's best member has too few steps for the LR->ELR
-  transition; B_precond is taken as large, as measured on this setting) and Optuna's TPE
+  transition; B_precond unmeasured, so the batch counts as small, as measured here:
+  B_precond 300-500 against batch 32) and Optuna's TPE
   over the grid's box in populations (bench_tune's own loop). Regret = best loss seen -
   the best of a replayed (noisy) grid; held-out = the other seeds' surrogate at the
   recommendation - their best grid mean, as bench_tune scores it.
@@ -39,10 +40,10 @@ from typing import Callable
 
 import numpy as np
 
-from bench_tune import LR_LOG2, OUT, SETTING, TUNE, WD_LOG2, _tpe_in_populations
+from bench_tune import LR_LOG2, OUT, SETTING, TUNE, WD_LOG2, _tpe_in_populations, train_config
 from results_csv import RESULTS_DIR, write_csv
-from trajinv.tune.fit import classify_regime
-from trajinv.tune.search import Outcome, Point, Search, SearchConfig
+from trajinv.tune.runner import TuneSpec, first_regime, lr_search
+from trajinv.tune.search import Outcome, Point, Search, SearchConfig, Stage
 
 STEPS = SETTING["steps"]
 GRID_MEMBERS = len(LR_LOG2) * len(WD_LOG2)
@@ -110,27 +111,21 @@ def synthetic(seed: int) -> Surface:
 
 
 def replay_tune(truth: Surface, noise: float, rng: np.random.Generator, budget: int, **search) -> tuple[float, Point]:
-    """Best loss seen and the recommendation of one replayed tune (trajinv.tune.runner's flow)."""
-    settings = {**TUNE, **search}
-    seen: list[Outcome] = []
+    """Best loss seen and the recommendation of one replayed tune: trajinv.tune.runner's flow (its regime
+    and its lr search), with B_precond unmeasured (the batch counts as small, as measured on this setting)."""
+    spec = TuneSpec(train=train_config(0, quick=False), search=SearchConfig(**{**TUNE, **search}, budget=budget))
 
-    def drive(s: Search, stop_after_first: bool = False) -> None:
-        while (stage := s.next_stage()) is not None:
-            outcomes = [Outcome(p, truth(math.log2(p.lr), math.log2(p.wd)) + rng.normal(0, noise), SE)
-                        for p in stage.points]
-            seen.extend(outcomes)
-            s.tell(stage, outcomes)
-            if stop_after_first:
-                return
+    def train(stage: Stage) -> list[Outcome]:
+        return [Outcome(p, truth(math.log2(p.lr), math.log2(p.wd)) + rng.normal(0, noise), SE) for p in stage.points]
 
-    s = Search(SearchConfig(**settings, budget=budget, steps_per_member=STEPS))
-    drive(s, stop_after_first=True)
-    best = min(seen, key=lambda o: o.loss).point
-    if classify_regime(None, int(SETTING["batch_size"]), STEPS, best.lr, best.wd).axis == "lr":
-        left = budget - len(seen) * STEPS
-        s = Search(SearchConfig(**{**settings, "center": settings["lr"]}, axis="lr", wd=best.wd, budget=left,
-                                steps_per_member=STEPS))
-    drive(s)
+    s = Search(spec.search_config("elr"))
+    first = s.next_stage()
+    outcomes = train(first)
+    s.tell(first, outcomes)
+    if first_regime(spec, outcomes, []).axis == "lr":
+        s = lr_search(spec, outcomes, len(outcomes) * STEPS) or s
+    while (stage := s.next_stage()) is not None:
+        s.tell(stage, train(stage))
     r = s.result()
     return r.loss, r.best
 

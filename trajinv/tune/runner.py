@@ -29,7 +29,7 @@ import math
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from trajinv.analysis.budgets import final_val_loss_se
 from trajinv.atomic import atomic_write
@@ -189,31 +189,48 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
     spec.validate()
     out = Path(out)
     _check_spec(out, spec)
-    stage_cfg = spec.stage_train()
-    batch = BatchSchedule.parse(stage_cfg.batch_size).sizes[-1]
     runs: list[StageRun] = []
     regime: Regime | None = None
 
     def classify(first: StageRun) -> bool:
         nonlocal regime
-        finite = [o for o in first.outcomes if o.finite]
-        best = min(finite, key=lambda o: o.loss).point if finite else first.stage.points[len(first.stage.points) // 2]
-        b = statistics.median(first.b_precond) if first.b_precond else None
-        regime = classify_regime(b, batch, stage_cfg.steps, best.lr, best.wd, spec.min_transitions)
+        regime = first_regime(spec, first.outcomes, first.b_precond)
         return regime.axis == "elr"
 
     notes: list[str] = []
     search = Search(spec.search_config("elr"))
     if not _drive(search, spec, out, "", progress, runs, scale, classify):
         # large batch or too few steps: the loss follows lr; scan it at the wd of the scan's best member
-        finite = [o for o in runs[0].outcomes if o.finite]
-        wd = min(finite, key=lambda o: o.loss).point.wd if finite else spec.search.wd
-        left = None if spec.search.budget is None else spec.search.budget - runs[0].member_steps
-        if left is None or left >= spec.search_config().scan_cost:
-            search = Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=left))
+        follow = lr_search(spec, runs[0].outcomes, runs[0].member_steps)
+        if follow is not None:
+            search = follow
             _drive(search, spec, out, LR_PREFIX, progress, runs, scale)
         else:
+            left = spec.search.budget - runs[0].member_steps
             notes.append(f"the regime calls for tuning lr, but the budget left ({left} member-steps) is below an "
                          f"lr scan ({spec.search_config().scan_cost}): the ELR search went on; raise --budget")
             _drive(search, spec, out, "", progress, runs, scale)
     return TuneRun(spec, search.result(), regime, runs, notes)
+
+
+def first_regime(spec: TuneSpec, outcomes: Sequence[Outcome], b_precond: Sequence[float]) -> Regime:
+    """The regime the first ELR scan calls for: the median of its members' B_precond (none: unmeasured) and
+    its best member's steps*lr*wd (the middle point's when every member diverged)."""
+    stage_cfg = spec.stage_train()
+    finite = [o for o in outcomes if o.finite]
+    best = min(finite, key=lambda o: o.loss).point if finite else outcomes[len(outcomes) // 2].point
+    b = statistics.median(b_precond) if b_precond else None
+    batch = BatchSchedule.parse(stage_cfg.batch_size).sizes[-1]
+    return classify_regime(b, batch, stage_cfg.steps, best.lr, best.wd, spec.min_transitions)
+
+
+def lr_search(spec: TuneSpec, first: Sequence[Outcome], spent: int) -> Search | None:
+    """The lr search that follows a first scan whose regime calls for lr: lr scanned around `--lr` at the wd
+    of the scan's best member, with the budget left after `spent` member-steps; None when that is below
+    an lr scan."""
+    finite = [o for o in first if o.finite]
+    wd = min(finite, key=lambda o: o.loss).point.wd if finite else spec.search.wd
+    left = None if spec.search.budget is None else spec.search.budget - spent
+    if left is not None and left < spec.search_config().scan_cost:
+        return None
+    return Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=left))
