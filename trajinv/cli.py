@@ -336,6 +336,7 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
 @field_option(SearchConfig, "octaves")
 @field_option(SearchConfig, "points")
 @field_option(SearchConfig, "zoom_points")
+@field_option(SearchConfig, "zoom_width")
 @field_option(SearchConfig, "max_shifts")
 @field_option(SearchConfig, "max_rescans")
 @field_option(SearchConfig, "check_factors", "--check-factor", multiple=True, type=float)
@@ -347,8 +348,8 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
 @click.option("--out", default="runs/tune", show_default=True, type=click.Path(file_okay=False),
               help="Tune directory (a sweep directory per stage); rerunning the same command resumes it.")
 @_fail_cleanly
-def tune(batch_size, lr, center_elr, octaves, points, zoom_points, max_shifts, max_rescans, check_factor, noise,
-         budget, min_transitions, population, out, **o):
+def tune(batch_size, lr, center_elr, octaves, points, zoom_points, zoom_width, max_shifts, max_rescans, check_factor,
+         noise, budget, min_transitions, population, out, **o):
     """Find lr and wd along the salient direction (ELR late in small-batch training, else lr)."""
     from trajinv.tune.report import format_summary, write_report
     from trajinv.tune.runner import run_tune
@@ -357,8 +358,9 @@ def tune(batch_size, lr, center_elr, octaves, points, zoom_points, max_shifts, m
     train_cfg, data_cfg = _configs(o, batch_size=batch_size)
     _check_steps_and_tokens(o, train_cfg, (batch_size,))
     search = SearchConfig(lr=lr, center=center_elr, octaves=octaves, points=points, zoom_points=zoom_points,
-                          max_shifts=max_shifts, max_rescans=max_rescans, check_factors=tuple(check_factor),
-                          noise=noise, budget=budget, steps_per_member=train_cfg.steps)
+                          zoom_width=zoom_width, max_shifts=max_shifts, max_rescans=max_rescans,
+                          check_factors=tuple(check_factor), noise=noise, budget=budget,
+                          steps_per_member=train_cfg.steps)
     spec = TuneSpec(train=train_cfg, data=data_cfg, search=search, population=population,
                     min_transitions=min_transitions)
     with _Progress("tune") as bar:

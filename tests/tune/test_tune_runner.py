@@ -103,3 +103,24 @@ def test_scale_out_options_reach_every_stage(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "run_sweep", spy)
     run_tune(_spec(zoom_points=0, check_factors=(2.0,), max_rescans=0), tmp_path, devices="cpu,cpu")
     assert seen and all(s == {"devices": "cpu,cpu"} for s in seen)
+
+
+def test_cli_tune_zoom_width_reaches_the_search_and_a_bad_one_is_one_line(tmp_path, monkeypatch):
+    import trajinv.tune.runner as runner
+
+    args = ["tune", "--steps", "6", "--eval-every", "3", "--eval-seqs", "8", "--log-every", "3", "--batch-size", "8",
+            "--points", "4", "--octaves", "6", "--warmup", "1", "--out", str(tmp_path / "t")]
+    res = CliRunner().invoke(cli.main, args + ["--zoom-width", "0"])
+    assert res.exit_code == 1 and "zoom_width must be positive and finite, got 0.0" in res.output
+    assert "Traceback" not in res.output and not (tmp_path / "t").exists()
+
+    seen = []
+
+    def stop(spec, out, **kw):
+        seen.append(spec.search)
+        raise ValueError("stopped by the test")
+
+    monkeypatch.setattr(runner, "run_tune", stop)
+    res = CliRunner().invoke(cli.main, args + ["--zoom-width", "0.3"])
+    assert "stopped by the test" in res.output
+    assert seen[0].zoom_width == 0.3 and seen[0].zoom_half_width == 0.3  # spacing 2: half of it is 1

@@ -77,6 +77,23 @@ def test_zoom_skips_points_already_evaluated():
     assert [math.log2(p.elr) - C for p in zoom.points] == pytest.approx([0.25, 0.75])
 
 
+
+@pytest.mark.parametrize("points, octaves, zoom_width, offsets", [
+    (7, 6.0, 0.5, [-0.5, -0.25, 0.25, 0.5]),  # spacing 1: out to spacing/2 = zoom_width
+    (4, 6.0, 0.5, [-0.5, -0.25, 0.25, 0.5]),  # spacing 2: capped at zoom_width, not a whole octave out
+    (4, 6.0, 5.0, [-1.0, -0.5, 0.5, 1.0]),  # a wide zoom_width: capped at spacing/2
+    (5, 2.0, 0.5, [-0.25, -0.125, 0.125, 0.25]),  # spacing 0.5: spacing/2 is the nearer limit
+    (4, 6.0, 0.3, [-0.3, -0.15, 0.15, 0.3]),
+])
+def test_zoom_reaches_out_to_the_nearer_of_half_a_spacing_and_zoom_width(points, octaves, zoom_width, offsets):
+    x0 = C + 0.1  # an exact parabola: the zoom centres on its vertex
+    cfg = SearchConfig(points=points, octaves=octaves, zoom_width=zoom_width)
+    result = simulate(cfg, elr_surface(x0))
+    assert cfg.zoom_half_width == pytest.approx(max(abs(o) for o in offsets))
+    zoom = [stage for stage, _ in result.stages if stage.kind == "zoom"][0]
+    assert [math.log2(p.elr) - x0 for p in zoom.points] == pytest.approx(offsets)
+
+
 # ---- the check and the rescan -----------------------------------------------------------
 
 def neither(p: Point) -> Outcome:
@@ -350,7 +367,8 @@ def test_default_threshold_is_one_timescale():
 
 @pytest.mark.parametrize("field, value", [
     ("axis", "wd"), ("lr", 0.0), ("wd", -1.0), ("center", math.nan), ("octaves", -2.0),
-    ("points", 2), ("zoom_points", -1), ("max_shifts", 1.5), ("max_rescans", -1),
+    ("points", 2), ("zoom_points", -1), ("zoom_width", 0.0), ("zoom_width", math.inf), ("max_shifts", 1.5),
+    ("max_rescans", -1),
     ("check_factors", (0.5, 1.0)), ("check_factors", ()), ("noise", -0.1),
     ("steps_per_member", 0), ("budget", 0),
 ])

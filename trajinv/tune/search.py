@@ -27,8 +27,13 @@ rescan    otherwise a scan of +-2 s along the axis through the best member of th
 zoom      last, on the line through the best point of all: a least-squares quadratic in x
           through the finite members within 1.5 s of the best (the best and its
           neighbours: near the optimum, where a quadratic holds; weights 1/se^2). Convex
-          with its vertex inside those members -> `zoom_points` within +-s/2 of the vertex
-          (s/4 and s/2 for 4), else around the best member.
+          with its vertex inside those members -> `zoom_points` around the vertex, else
+          around the best member, evenly out to +-w, w = min(s/2, `zoom_width`) (w/2 and
+          w for 4). Never past s/2: that is halfway to a scanned neighbour that lost to
+          the best. Not much past half an octave either: a coarse scan (s = 2) placed half
+          its zoom a whole octave out, where the loss has risen by ~0.05 nat (curvature
+          ~0.05/octave^2 on bench_tune's grids) and no member ever won; zooming within
+          +-0.5 octave found lower losses (bench/tune_surrogate.py, README).
 
 The recommendation is the best *evaluated* point: its loss was measured, with its se,
 while the fit's vertex is a prediction of a model that is only locally right and was
@@ -143,7 +148,9 @@ class SearchConfig:
     points: int = 7
     """Members of the first scan, log-spaced: spacing = octaves/(points-1); >= 3 for a quadratic."""
     zoom_points: int = 4
-    """Members of a zoom, within +-spacing/2 of the fitted vertex; 0 = no zoom."""
+    """Members of a zoom, around the fitted vertex out to +-min(spacing/2, zoom_width); 0 = no zoom."""
+    zoom_width: float = 0.5
+    """Farthest a zoom member lies from the zoom's centre, in octaves (capped at spacing/2)."""
     max_shifts: int = 2
     """Most shift stages per scanned line."""
     check_factors: tuple[float, ...] = (0.25, 0.5, 2.0, 4.0)
@@ -160,7 +167,7 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.axis not in ("elr", "lr"):
             raise ValueError(f"axis must be 'elr' or 'lr', got {self.axis!r}")
-        for name in ("lr", "wd", "octaves"):
+        for name in ("lr", "wd", "octaves", "zoom_width"):
             require_positive(name, getattr(self, name))
         if self.center is not None:
             require_positive("center", self.center)
@@ -184,6 +191,11 @@ class SearchConfig:
     def spacing(self) -> float:
         """Scan spacing in octaves."""
         return self.octaves / (self.points - 1)
+
+    @property
+    def zoom_half_width(self) -> float:
+        """How far the outermost zoom members lie from the zoom's centre, in octaves."""
+        return min(self.spacing / 2, self.zoom_width)
 
     @property
     def scan_cost(self) -> int:
@@ -339,7 +351,7 @@ class Search:
             centre = self._line.x(best)
             self._notes.append(f"zoom on the {self._line.describe()} around the best member: "
                                "no convex fit with its vertex inside the fitted members")
-        step = self.cfg.spacing / 2 / max(1, n // 2)  # the outermost pair at +-spacing/2
+        step = self.cfg.zoom_half_width / max(1, n // 2)  # the outermost pair at +-zoom_half_width
         offsets = ([0.0] if n % 2 else []) + [s * k * step for k in range(1, n // 2 + 1) for s in (-1, 1)]
         return "zoom", [self._line.point(centre + o) for o in sorted(offsets)]
 
