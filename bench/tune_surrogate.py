@@ -81,14 +81,17 @@ class GaussianProcess:
 
 
 def cached_runs(runs: Path, seed: int) -> dict[str, list[tuple[float, float, float]]]:
-    """(log2 lr, log2 wd, final loss) of the seed's finished members, by where they come from."""
+    """(log2 lr, log2 wd, final loss) of the seed's finished members, by where they come from. A member found
+    twice with the same loss (a stage copied into a newer tune's directory, or the same point retrained in the
+    same kind of run: training is deterministic) counts once: it is one observation."""
     def read(pattern: str) -> list[tuple[float, float, float]]:
-        found = []
+        found = {}
         for path in sorted(runs.glob(pattern)):
             for r in csv.DictReader(path.open()):
                 if r["status"] == "done" and r["final_val_loss"] and math.isfinite(float(r["final_val_loss"])):
-                    found.append((math.log2(float(r["lr"])), math.log2(float(r["wd"])), float(r["final_val_loss"])))
-        return found
+                    run = (math.log2(float(r["lr"])), math.log2(float(r["wd"])), float(r["final_val_loss"]))
+                    found.setdefault(tuple(round(v, 9) for v in run), run)
+        return list(found.values())
 
     return {"grid": read(f"grid-s{seed}/summary.csv"), "tpe": read(f"tpe*-s{seed}/batch-*/summary.csv"),
             "tune": read(f"tune*-s{seed}/stages/*/summary.csv"), "heldout": read(f"heldout/*-s{seed}/summary.csv")}
@@ -168,6 +171,7 @@ def score(surfaces: list[tuple[Surface, float]], reps: int,
 
 SETTINGS = {  # name -> SearchConfig overrides of bench_tune's TUNE
     "tune points=7": dict(points=7), "tune points=5": dict(points=5), "tune points=4": dict(points=4),
+    "tune points=4 zoom +-1 octave": dict(points=4, zoom_width=1.0),  # the zoom before zoom_width (+-s/2)
     "tune points=4 check x1/2,x2": dict(points=4, check_factors=(0.5, 2.0)),
     "tune points=7 check x1/2,x2": dict(points=7, check_factors=(0.5, 2.0)),
 }

@@ -42,8 +42,12 @@ def test_cached_runs_and_retrain_noise_pair_a_tune_member_with_its_grid_point(tm
                   [(2 ** -8, 0.25, 1.51), (2 ** -7.5, 0.25, 1.55),  # the second is off the grid
                    (2 ** -7, 0.25, 1.65)])  # the third 0.1 nat above the grid's best: far from the optimum
     write_summary(tmp_path / "tune-s1" / "stages" / "1-scan" / "summary.csv", [(2 ** -7, 0.25, 1.0)])  # other seed
+    # a newer tune with that stage copied in (one observation, counted once) and a member of its own
+    write_summary(tmp_path / "tune-v2-s0" / "stages" / "1-scan" / "summary.csv",
+                  [(2 ** -8, 0.25, 1.51), (2 ** -7.5, 0.25, 1.55), (2 ** -7, 0.25, 1.65)])
+    write_summary(tmp_path / "tune-v2-s0" / "stages" / "2-zoom" / "summary.csv", [(2 ** -8.25, 0.25, 1.53)])
     runs = ts.cached_runs(tmp_path, 0)
-    assert len(runs["grid"]) == 2 and len(runs["tune"]) == 3  # the diverged grid member is left out
+    assert len(runs["grid"]) == 2 and len(runs["tune"]) == 4  # the diverged grid member is left out
     assert ts.retrain_noise(runs) == pytest.approx([0.01])
     assert ts.retrain_noise(runs, near=0.2) == pytest.approx([0.01, 0.05])
 
