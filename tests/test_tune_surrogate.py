@@ -58,3 +58,10 @@ def test_replayed_tune_finds_the_optimum_of_a_noiseless_elr_invariant_surface():
     loss, best = ts.replay_tune(surface, 0.0, np.random.default_rng(0), 16 * ts.STEPS)
     assert loss == pytest.approx(1.5, abs=0.05 * 0.5 ** 2)  # within half an octave of the optimum
     assert abs(math.log2(best.elr) + 10.0) <= 0.5
+
+
+def test_cached_seeds_are_those_with_a_grid(tmp_path):
+    for name in ("grid-s3", "grid-s0", "grid-s12", "grid-sx", "tune-s5"):
+        write_summary(tmp_path / name / "summary.csv", [(2 ** -8, 0.25, 1.5)])
+    (tmp_path / "grid-s7").mkdir()  # started, no summary yet
+    assert ts.cached_seeds(tmp_path) == [0, 3, 12]
