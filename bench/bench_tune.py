@@ -373,7 +373,10 @@ def paired(tune: list[float], other: list[float], reps: int = 4000, seed: int = 
 
 
 def describe_paired(p: dict[str, float]) -> str:
-    resolved = "tune lower" if p["hi"] < 0 else "tune higher" if p["lo"] > 0 else "not resolved by these seeds"
+    """One line of `paired`'s numbers and what they decide; under 3 seeds the resampling has next to
+    nothing to draw from, so it decides nothing."""
+    resolved = ("too few seeds to decide" if p["seeds"] < 3 else "tune lower" if p["hi"] < 0 else
+                "tune higher" if p["lo"] > 0 else "not resolved by these seeds")
     return (f"per seed: tune lower at {p['below']} of {p['seeds']}; median difference {p['diff']:+.4f}, "
             f"90% interval over seeds [{p['lo']:+.4f}, {p['hi']:+.4f}]: {resolved}")
 

@@ -35,3 +35,9 @@ def test_paired_is_reproducible_and_refuses_unpaired_scores():
         bt.paired([0.1, 0.2], [0.1, 0.2, 0.3])
     with pytest.raises(ValueError, match="got 0 and 0"):
         bt.paired([], [])
+
+
+def test_paired_decides_nothing_from_fewer_than_three_seeds():
+    assert bt.describe_paired(bt.paired([0.0], [0.01])).endswith("too few seeds to decide")
+    assert bt.describe_paired(bt.paired([0.0, 0.001], [0.01, 0.02])).endswith("too few seeds to decide")
+    assert bt.describe_paired(bt.paired([0.0, 0.001, 0.002], [0.01, 0.02, 0.03])).endswith("tune lower")
