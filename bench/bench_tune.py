@@ -76,9 +76,9 @@ LR_LOG2 = range(-10, -3)  # 2^-10 .. 2^-4
 WD_LOG2 = range(-5, 2)  # 2^-5 .. 2^1
 # The tune's search: ELR at lr 2^-7 around 2^-9, a coarse first scan of 4 points over 6 octaves (spacing 2).
 # Coarse because the budget is tight (16 members): 7 points (spacing 1) spent 7 of them on a line that the
-# check or the regime then left, and the zoom resolves what the coarse scan does not. Chosen on
-# bench/tune_surrogate.py's replays of these runs (median regret 0.0000 vs 0.0062 for 7 points, held-out
-# 0.0041 vs 0.0086), then trained (README).
+# check or the regime then left, and the zoom (out to +-0.5 octave: SearchConfig.zoom_width) resolves what the
+# coarse scan does not. Chosen on bench/tune_surrogate.py's replays of these runs (median regret 0.0000 vs
+# 0.0062 for 7 points, held-out 0.0041 vs 0.0086, with the zoom then out to +-1 octave), then trained (README).
 TUNE = dict(lr=2.0 ** -7, center=2.0 ** -9, octaves=6.0, points=4)
 QUICK = dict(steps=16, eval_every=8, log_every=8, checkpoint_every=0, eval_seqs=32)
 

@@ -31,9 +31,9 @@ zoom      last, on the line through the best point of all: a least-squares quadr
           around the best member, evenly out to +-w, w = min(s/2, `zoom_width`) (w/2 and
           w for 4). Never past s/2: that is halfway to a scanned neighbour that lost to
           the best. Not much past half an octave either: a coarse scan (s = 2) placed half
-          its zoom a whole octave out, where the loss has risen by ~0.05 nat (curvature
-          ~0.05/octave^2 on bench_tune's grids) and no member ever won; zooming within
-          +-0.5 octave found lower losses (bench/tune_surrogate.py, README).
+          its zoom a whole octave out, where the loss has risen by 0.05-0.07 nat (the
+          curvature of bench_tune's fits) and no member of five tunes won; within +-0.5
+          octave the same tunes found the same or lower losses (docs/design.md, README).
 
 The recommendation is the best *evaluated* point: its loss was measured, with its se,
 while the fit's vertex is a prediction of a model that is only locally right and was
