@@ -100,8 +100,8 @@ def cached_runs(runs: Path, seed: int) -> dict[str, list[tuple[float, float, flo
 
 def cached_seeds(runs: Path) -> list[int]:
     """The seeds bench_tune has a finished grid for (grid-s<seed>/summary.csv)."""
-    return sorted(int(p.parent.name.removeprefix("grid-s")) for p in runs.glob("grid-s*/summary.csv")
-                  if p.parent.name.removeprefix("grid-s").isdigit())
+    names = (p.parent.name.removeprefix("grid-s") for p in runs.glob("grid-s*/summary.csv"))
+    return sorted(int(n) for n in names if n.isdigit())
 
 
 def retrain_noise(runs: dict[str, list[tuple[float, float, float]]], near: float = 0.05) -> list[float]:

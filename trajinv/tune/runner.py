@@ -217,8 +217,7 @@ def first_regime(spec: TuneSpec, outcomes: Sequence[Outcome], b_precond: Sequenc
     """The regime the first ELR scan calls for: the median of its members' B_precond (none: unmeasured) and
     its best member's steps*lr*wd (the middle point's when every member diverged)."""
     stage_cfg = spec.stage_train()
-    finite = [o for o in outcomes if o.finite]
-    best = min(finite, key=lambda o: o.loss).point if finite else outcomes[len(outcomes) // 2].point
+    best = _best_point(outcomes) or outcomes[len(outcomes) // 2].point
     b = statistics.median(b_precond) if b_precond else None
     batch = BatchSchedule.parse(stage_cfg.batch_size).sizes[-1]
     return classify_regime(b, batch, stage_cfg.steps, best.lr, best.wd, spec.min_transitions)
@@ -228,9 +227,15 @@ def lr_search(spec: TuneSpec, first: Sequence[Outcome], spent: int) -> Search | 
     """The lr search that follows a first scan whose regime calls for lr: lr scanned around `--lr` at the wd
     of the scan's best member, with the budget left after `spent` member-steps; None when that is below
     an lr scan."""
-    finite = [o for o in first if o.finite]
-    wd = min(finite, key=lambda o: o.loss).point.wd if finite else spec.search.wd
+    best = _best_point(first)
+    wd = best.wd if best is not None else spec.search.wd
     left = None if spec.search.budget is None else spec.search.budget - spent
     if left is not None and left < spec.search_config().scan_cost:
         return None
     return Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=left))
+
+
+def _best_point(outcomes: Sequence[Outcome]) -> Point | None:
+    """The point of the lowest finite loss (the first evaluated on a tie); None when every member diverged."""
+    finite = [o for o in outcomes if o.finite]
+    return min(finite, key=lambda o: o.loss).point if finite else None
