@@ -453,3 +453,67 @@ def test_emitted_preconditioner_matches_the_state():
             v = opt.state[p]["exp_avg_sq"]
             bc = 1 - 0.95 ** float(opt.state[p]["step"])
             torch.testing.assert_close(got[p], 1 / ((v / bc).sqrt() + 1e-6), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_param_that_changes_shape_is_refused_not_overrun(backend):
+    # the native kernel follows a pointer per tensor: a 10-element param with a 1,000-element state
+    # used to be written past its end (a crash later, far from the cause)
+    w = torch.nn.Parameter(torch.randn(1000))
+    opt = FusedAdamW([w], lr=1e-2, backend=backend)
+    w.grad = torch.ones(1000)
+    opt.step()
+    w.data = torch.randn(10)
+    w.grad = torch.ones(10)
+    with pytest.raises(RuntimeError, match=r"shape \(10,\) has optimizer state of shape \(1000,\)"):
+        opt.step()
+
+
+def test_a_param_made_float64_after_construction_is_refused():
+    model = torch.nn.Linear(3, 2)
+    opt = FusedAdamW(model.parameters())
+    model.double()
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    with pytest.raises(TypeError, match="float64"):
+        opt.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copied_optimizer_steps_like_the_original(how, backend, tmp_path):
+    import copy
+    import pickle
+
+    ps = _params([(6, 5), (33,)], seed=21)
+    opt = FusedAdamW([{"params": ps[:1]}, {"params": ps[1:], "lr": 3e-3}], lr=1e-2, weight_decay=0.1, seed=7,
+                     backend=backend)
+    gen = torch.Generator().manual_seed(22)
+    grads = [_grads(ps, gen) for _ in range(3)]
+    for p, g in zip(ps, grads[0]):
+        p.grad = g.clone()
+    opt.step()
+    if how == "deepcopy":
+        twin = copy.deepcopy(opt)
+    elif how == "pickle":
+        twin = pickle.loads(pickle.dumps(opt))
+    else:
+        torch.save(opt, tmp_path / "opt.pt")
+        twin = torch.load(tmp_path / "opt.pt", weights_only=False)
+    assert (twin.seed, twin.backend) == (7, opt.backend)  # ours, beyond torch's pickled three
+    qs = [p for g in twin.param_groups for p in g["params"]]
+    for gs in grads[1:]:
+        for p, q, g in zip(ps, qs, gs):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        twin.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+    assert int(twin.state_dict()["state"][0]["step"]) == 3
+
+
+def test_torch_adamw_keywords_construct_it():
+    p = torch.nn.Parameter(torch.zeros(3))
+    FusedAdamW([p], fused=True, foreach=False, capturable=False, differentiable=False)  # as nanoGPT passes them
+    for name in ("capturable", "differentiable"):
+        with pytest.raises(ValueError, match=f"{name}=True"):
+            FusedAdamW([p], **{name: True})

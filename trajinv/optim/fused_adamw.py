@@ -5,7 +5,10 @@ Drop-in for ``torch.optim.AdamW`` (same maths, same state_dict keys and shapes:
 
 * per-member hyperparameters: a group whose ``lr`` and/or ``weight_decay`` is a
   sequence or 1-D tensor of length K treats the leading dim of each of its
-  params as a member axis (docs/design.md, "The population axis");
+  params as a member axis (docs/design.md, "The population axis"). torch's lr
+  schedulers write one number into ``group["lr"]``, so they drive scalar groups
+  only: schedule a member group by assigning its ``lr`` the K base values times
+  the multiplier (a list or a tensor);
 * ``decay_mode="torch"`` (``p *= 1 - lr*wd``, ELR = lr*wd) or ``"independent"``
   (``p *= 1 - wd * lr/lr_0``: wd follows the lr schedule's multiplier, with
   ``lr_0 = group["initial_lr"]``, set at construction as torch's schedulers do);
@@ -58,6 +61,7 @@ from trajinv.optim.hyper import HyperTable, group_members, is_vector
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
+_PICKLED = ("backend", "master_weights", "stochastic_rounding", "native_cpu", "seed")  # beyond torch's three
 
 
 class AdamWStats(NamedTuple):
@@ -90,11 +94,18 @@ class FusedAdamW(torch.optim.Optimizer):
         seed: int = 0,
         amsgrad: bool = False,
         maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
     ) -> None:
-        if amsgrad:
-            raise ValueError("FusedAdamW does not support amsgrad=True")
-        if maximize:
-            raise ValueError("FusedAdamW does not support maximize=True")
+        # torch.optim.AdamW's keywords, so code written for it constructs this unchanged: foreach and
+        # fused choose among torch's implementations (this one is always fused), the rest we refuse
+        del foreach, fused
+        for name, value in (("amsgrad", amsgrad), ("maximize", maximize), ("capturable", capturable),
+                            ("differentiable", differentiable)):
+            if value:
+                raise ValueError(f"FusedAdamW does not support {name}=True")
         backend = normalize_backend(backend)
         if backend == "triton" and not triton_available():
             raise ValueError("backend='triton' needs CUDA or TRITON_INTERPRET=1")
@@ -168,11 +179,23 @@ class FusedAdamW(torch.optim.Optimizer):
         key = []
         for g in self.param_groups:
             key.append(group_members(g))
-            key.extend((id(p), p.dtype, p.device) for p in g["params"])
+            key.extend((id(p), p.dtype, p.device, p.shape) for p in g["params"])
         return key
 
     def _build(self) -> None:
-        """(Re)build the flat buckets, carrying over any existing state (loaded or previous)."""
+        """(Re)build the flat buckets, carrying over any existing state (loaded or previous).
+
+        A rebuild follows any change of the layout (a param added, re-typed, moved or re-shaped
+        after construction), so the params are checked again first: a state the param no longer
+        fits is refused here, before the native kernel would write past it."""
+        for g in self.param_groups:
+            self._check_group(g)
+            for p in g["params"]:
+                old = self.state.get(p, {}).get("exp_avg")
+                if old is not None and old.shape != p.shape:
+                    raise RuntimeError(f"param of shape {tuple(p.shape)} has optimizer state of shape "
+                                       f"{tuple(old.shape)}: it changed shape after the optimizer stepped it; "
+                                       "build a new optimizer for the new shape")
         for b in self._buckets or []:
             self._sync_steps(b)
         self._hyper.layout(self.param_groups)
@@ -345,6 +368,21 @@ class FusedAdamW(torch.optim.Optimizer):
                 for gi, step in zip(b.groups, b.steps.tolist())}
 
     # ------------------------------------------------------------- state dict
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles defaults, state and param_groups only; the buckets are
+        # rebuilt from the state on the first step after unpickling (or a deepcopy)
+        for b in self._buckets or []:
+            self._sync_steps(b)
+        return {**super().__getstate__(), **{k: getattr(self, k) for k in _PICKLED}}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # also called by torch's load_state_dict on a live optimizer: fill in only what is missing
+        fresh = dict(_buckets=None, _key=None, _where={}, _hyper=HyperTable(), _step_stats=[], backend="auto",
+                     master_weights=False, stochastic_rounding=False, native_cpu=True, seed=0)
+        for key, value in fresh.items():
+            self.__dict__.setdefault(key, value)
+        super().__setstate__(state)
+
     def state_dict(self) -> dict[str, Any]:
         for b in self._buckets or []:
             self._sync_steps(b)
