@@ -74,6 +74,7 @@ def _fill(args: list[str], ws: Path) -> list[str]:
 
 TRAIN = ["train", *TINY, "--data", "{ws}/corpus.txt", "--out", "{ws}/new"]
 SWEEP = ["sweep", *TINY, "--data", "{ws}/corpus.txt", "--no-plots", "--out", "{ws}/newsweep"]
+TUNE = ["tune", *TINY, "--points", "3", "--zoom-points", "0", "--data", "{ws}/corpus.txt", "--out", "{ws}/newtune"]
 LONG = "x" * 300
 
 # (extra arguments, text the one error line must contain)
@@ -126,7 +127,6 @@ CLI_CASES = [
     (TRAIN + ["--tokenizer", "/no/such/tokenizer.json"], "/no/such/tokenizer.json"),
     (TRAIN + ["--tokenizer", "{ws}/badtok.json"], "badtok.json"),
     (TRAIN + ["--seed", "-1"], "-1"),
-    (TRAIN + ["--device", "cuda"], "cuda"),
     # gradient noise scale
     (TRAIN + ["--gns", "micro-batch", "--micro-batch", "2", "--gns-every", "0"], "every"),
     (TRAIN + ["--gns", "micro-batch", "--micro-batch", "3"], "micro_batch=3"),
@@ -167,6 +167,10 @@ CLI_CASES = [
     (SWEEP[:-1] + ["{ws}/sw", "--lr", "0.03", "--wd", "0.5"], "another spec"),
     (SWEEP[:-1] + ["{ws}/badspec"], "spec.json"),
     (SWEEP[:-1] + ["{ws}/corpus.txt"], "corpus.txt"),
+    (SWEEP + ["--devices", "cuda:99"], "cuda:99"),
+    # tunes: refused before tune_spec.json is written (else the corrected command is "another spec")
+    (TUNE + ["--devices", "cuda:99"], "cuda:99"),
+    (TUNE + ["--data", "/no/such/dir"], "/no/such/dir"),
     # analysis
     (["analyze", "/no/such/sweep"], "/no/such/sweep"),
     (["analyze", "{ws}/nometrics"], "nometrics"),
@@ -181,6 +185,9 @@ CLI_CASES = [
     (TRAIN + ["--no-such-option"], "--no-such-option"),
     (["trian", "--steps", "3"], "trian"),
 ]
+if not torch.cuda.is_available():  # a machine without CUDA, asked for it
+    CLI_CASES += [(TRAIN + ["--device", "cuda"], "cuda"), (SWEEP + ["--device", "cuda"], "'cuda'"),
+                  (TUNE + ["--device", "cuda"], "'cuda'")]
 
 
 def _check_one_line_error(code: int, stderr: str, needle: str, combined: str) -> None:
@@ -197,7 +204,7 @@ def test_enough_distinct_bad_inputs():
 
 
 def _id(args: list[str]) -> str:
-    base = {"train": TRAIN, "sweep": SWEEP}.get(args[0])
+    base = {"train": TRAIN, "sweep": SWEEP, "tune": TUNE}.get(args[0])
     rest = args[len(base):] if base and args[: len(base)] == base else args[len(base) - 1:] if base else args
     return f"{args[0]} {' '.join(rest)}"[:70]
 
@@ -229,6 +236,20 @@ def test_trajinv_command_bad_input(ws, args, needle):
     proc = subprocess.run(cmd + _fill(args, ws), capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     _check_one_line_error(proc.returncode, proc.stderr, needle, proc.stdout + proc.stderr)
+    assert snapshot(ws) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, --kernels triton runs")
+@pytest.mark.parametrize("args", [SWEEP, TUNE], ids=["sweep", "tune"])
+def test_triton_kernels_without_cuda_or_the_interpreter_write_nothing(ws, args):
+    # the tests run under TRITON_INTERPRET=1 (conftest); a user's shell does not
+    exe = Path(sys.executable).with_name("trajinv")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "trajinv"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    before = snapshot(ws)
+    proc = subprocess.run(cmd + _fill(args, ws) + ["--kernels", "triton"], capture_output=True, text=True,
+                          timeout=300, env=dict(env, OMP_NUM_THREADS="1"))
+    _check_one_line_error(proc.returncode, proc.stderr, "--kernels triton", proc.stdout + proc.stderr)
     assert snapshot(ws) == before
 
 

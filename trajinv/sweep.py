@@ -27,6 +27,7 @@ from trajinv.atomic import atomic_write, remove_stale_temps
 from trajinv.config import Member, TrainConfig, same_run, to_dict
 from trajinv.data import DataConfig, TokenData, load_data
 from trajinv.parallel import memory
+from trajinv.parallel.devices import check_device
 from trajinv.schedules import BatchSchedule
 from trajinv.train import MemberResult, Trainer
 
@@ -199,6 +200,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None
         from trajinv.parallel.runner import run_scaled
 
         return run_scaled(spec, out, progress, devices=devices, ray=ray, ray_cpus=ray_cpus)
+    check_device(spec.train.device)  # before sizing asks the device for its free memory
     spec = memory.size_populations(spec, out, lambda: memory.free_bytes(spec.train.device), spec.train.device)
     data, pops = prepare_sweep(spec, out)
     notify = progress or (lambda kind, **info: None)

@@ -33,7 +33,9 @@ from trajinv.gns.meter import GNSMeter
 from trajinv.metrics import METRICS, MetricsLog, num, step_records  # noqa: F401 - METRICS: trajinv.train.METRICS
 from trajinv.model import GPT, param_kind
 from trajinv.optim.population import build_optimizer
+from trajinv.kernels.backend import triton_available
 from trajinv.parallel.ddp import SINGLE, DistContext
+from trajinv.parallel.devices import check_device
 from trajinv.schedules import BatchSchedule, lr_multiplier
 
 
@@ -75,8 +77,10 @@ class Trainer:
         dist.check(cfg)
         if data.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"data vocabulary {data.vocab_size} exceeds model vocab_size {cfg.model.vocab_size}")
-        if cfg.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but no CUDA device is available")
+        check_device(cfg.device)
+        if cfg.kernels == "triton" and not triton_available():
+            raise ValueError("--kernels triton needs a CUDA device or TRITON_INTERPRET=1 (the CPU interpreter); "
+                             "on CPU use --kernels auto")
         batches = BatchSchedule.parse(cfg.batch_size)
         if cfg.gns.mode == "micro-batch":
             for b in batches.sizes:

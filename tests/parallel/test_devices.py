@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from trajinv.parallel.devices import Placement, device_kind, parse_devices, pin, placements
+from trajinv.parallel.devices import Placement, device_kind, parse_devices, pin, placements, usable_devices
 
 
 def test_parse_devices():
@@ -53,3 +53,18 @@ def test_pin_sets_the_visible_gpu_through_the_parents_mask(monkeypatch):
             pin(Placement("cuda:1", (), 1))
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_a_cuda_device_this_machine_lacks_is_one_line():
+    assert usable_devices("cpu,cpu") == ("cpu", "cpu")
+    for text in ("cuda:0", "cuda,cuda"):
+        with pytest.raises(ValueError, match="no CUDA device is available") as e:
+            usable_devices(text)
+        assert "\n" not in str(e.value)
+
+
+def test_a_cuda_index_past_the_visible_devices_is_one_line():
+    with pytest.raises(ValueError, match="'cuda:99' requested") as e:
+        usable_devices("cuda:99")
+    assert "\n" not in str(e.value)

@@ -10,7 +10,7 @@ ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install '
 
 from trajinv.config import OptimConfig  # noqa: E402
 from trajinv.data import DataConfig  # noqa: E402
-from trajinv.parallel.cluster import PROBE, RayCluster, _probe_storage  # noqa: E402
+from trajinv.parallel.cluster import PROBE, RayCluster, _probe_storage, check_reachable  # noqa: E402
 from trajinv.parallel.runner import run_scaled  # noqa: E402
 from trajinv.sweep import SweepSpec, run_sweep  # noqa: E402
 
@@ -92,3 +92,26 @@ def test_tasks_no_node_can_run_fail_in_one_line(local_ray, tmp_path, kw, match):
         with RayCluster("auto", tmp_path, **kw):
             pass
     assert ray.is_initialized()  # a Ray instance this process did not start is left running
+
+
+def test_an_address_where_nothing_answers_is_one_line_not_a_hang(tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        start = time.perf_counter()
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+            with pytest.raises(ValueError, match=f"nothing answers at 127.0.0.1:{port}"):
+                check_reachable(address)
+        if not ray.is_initialized():  # through the sweep's entry point (a started instance is used as is)
+            with pytest.raises(ValueError, match="nothing answers"):
+                RayCluster(f"127.0.0.1:{port}", tmp_path / "out").__enter__()
+            assert not (tmp_path / "out").exists()
+        assert time.perf_counter() - start < 60
+        with socket.socket() as listening:
+            listening.bind(("127.0.0.1", 0))
+            listening.listen()
+            check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")  # something answers: Ray's turn
+    check_reachable("auto")  # not an address: Ray resolves it

@@ -48,6 +48,21 @@ def _ray():
     return ray
 
 
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """One-line error unless something accepts a TCP connection at `address` ('host:port' or
+    'ray://host:port'; anything else is left to Ray). ray.init retries an unreachable address for
+    minutes, printing only warnings (`--ray localhost:1` was still waiting after 300 s)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "localhost", int(port)), timeout=timeout).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        raise ValueError(f"--ray {address}: nothing answers at {host or 'localhost'}:{port} ({why}); "
+                         "is the cluster up (ray start --head) and the address right?") from None
+
+
 def _probe_storage(out: str, token: str, node: str) -> str | None:
     """On one node: None if it reads the driver's token in `out` and writes its own; else why not."""
     path = Path(out) / f"{PROBE}-{token}"
@@ -95,6 +110,7 @@ class RayCluster:
             if self.address == "local":
                 ray.init(include_dashboard=False, **kw)
             else:
+                check_reachable(self.address)
                 ray.init(address=self.address, **kw)
             self.owned = True
         self.resources = {"num_cpus": 1 if self.gpu else self.cpus, "num_gpus": 1 if self.gpu else 0}

@@ -33,6 +33,24 @@ class Placement:
         return "cuda" if self.device.startswith("cuda") else "cpu"
 
 
+def check_device(device: str) -> None:
+    """One-line ValueError unless `device` ('cpu', 'cuda', 'cuda:N') exists in this process.
+
+    Asked before anything is written or sized: torch's own failure (an assertion deep in
+    `torch.cuda`, several screens of traceback) comes only when the first tensor moves there."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n == 0:
+        raise ValueError(f"device {device!r} requested but no CUDA device is available")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= n:
+        raise ValueError(f"device {device!r} requested but this process sees {n} CUDA device(s): "
+                         f"cuda:0..cuda:{n - 1}")
+
+
 def parse_devices(devices: str | Sequence[str]) -> tuple[str, ...]:
     """'cpu,cpu' or ['cuda:0', 'cuda:1'] or 'all' -> normalised entries; one-line error for a bad one.
 
@@ -59,6 +77,14 @@ def parse_devices(devices: str | Sequence[str]) -> tuple[str, ...]:
     if len(kinds) > 1:
         raise ValueError(f"--devices {','.join(items)} mixes CPU and CUDA; use one kind")
     return tuple(out)
+
+
+def usable_devices(devices: str | Sequence[str]) -> tuple[str, ...]:
+    """`parse_devices`, then `check_device` on each entry: what this process can train on."""
+    out = parse_devices(devices)
+    for d in dict.fromkeys(out):
+        check_device(d)
+    return out
 
 
 def device_kind(devices: Sequence[str]) -> str:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from trajinv.parallel.devices import device_kind, parse_devices
+from trajinv.parallel.devices import device_kind, usable_devices
 from trajinv.parallel.memory import size_populations
 from trajinv.parallel.worker import Job, Outcome, run_job
 
@@ -43,7 +43,7 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
     out = Path(out)
     notify = progress or (lambda kind, **info: None)
     if devices is not None:
-        devices = parse_devices(devices)
+        devices = usable_devices(devices)
         kind = device_kind(devices)
         spec = replace(spec, train=replace(spec.train, device=kind))  # --devices names the device kind
         from trajinv.parallel.pool import LocalPool

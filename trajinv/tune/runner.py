@@ -34,8 +34,11 @@ from typing import Callable, Sequence
 from trajinv.analysis.budgets import final_val_loss_se
 from trajinv.atomic import atomic_write
 from trajinv.config import DataConfig, TrainConfig, to_dict
+from trajinv.data import load_data
+from trajinv.parallel.devices import check_device, device_kind, usable_devices
 from trajinv.schedules import BatchSchedule
 from trajinv.sweep import SweepSpec, run_sweep
+from trajinv.train import Trainer
 from trajinv.tune.fit import MIN_TRANSITIONS
 from trajinv.tune.search import Outcome, Point, Regime, Search, SearchConfig, Stage, TuneResult, classify_regime
 
@@ -132,6 +135,19 @@ def _check_spec(out: Path, spec: TuneSpec) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(mine, indent=1)), mode="w")
 
 
+def _preflight(spec: TuneSpec, scale: dict) -> None:
+    """What each stage's sweep checks before it writes anything (devices, kernels, the data against the
+    model), checked before the tune writes its spec: a tune refused there leaves nothing that would make
+    the corrected command "another spec". On Ray the driver need not have the cluster's devices."""
+    if scale.get("ray") is not None:
+        return
+    cfg = spec.stage_train()
+    if scale.get("devices") is not None:
+        cfg = replace(cfg, device=device_kind(usable_devices(scale["devices"])))
+    check_device(cfg.device)  # before the data: tokenizing a corpus can take minutes
+    Trainer.check(cfg, load_data(spec.data))
+
+
 def _outcomes(stage: Stage, rows: list[dict], directory: Path) -> tuple[tuple[Outcome, ...], list[float]]:
     """Each point's final loss (None if diverged) and SE, and the members' B_precond."""
     se = final_val_loss_se(directory)
@@ -188,6 +204,7 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
     """
     spec.validate()
     out = Path(out)
+    _preflight(spec, scale)
     _check_spec(out, spec)
     runs: list[StageRun] = []
     regime: Regime | None = None
