@@ -109,3 +109,15 @@ def test_bad_token_budgets(kw, match):
 def test_validate_checks_the_plan_and_the_bootstrap(kw, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kw).validate()
+
+
+def test_spec_differences_name_the_field_and_both_values():
+    from trajinv.config import describe_differences, spec_differences
+
+    a = {"train": {"steps": 20, "keep_checkpoints": 2, "optim": {"betas": [0.9, 0.95]}}, "population": 0}
+    b = {"train": {"steps": 40, "keep_checkpoints": 5, "optim": {"betas": [0.9, 0.99]}}, "population": 0, "new": 1}
+    assert spec_differences(a, a) == [] and spec_differences(a, {**a, "train": {**a["train"], "keep_checkpoints": 9}}) == []
+    assert spec_differences(a, b) == ["new (absent there, 1 here)", "train.optim.betas ([0.9, 0.95] there, [0.9, 0.99] here)",
+                                      "train.steps (20 there, 40 here)"]
+    assert describe_differences(a, b, most=1) == "new (absent there, 1 here) and 2 more"
+    assert spec_differences({"keep_checkpoints": 1}, {"keep_checkpoints": 2}) == ["keep_checkpoints (1 there, 2 here)"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import json
 import math
 import textwrap
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -411,6 +412,33 @@ def same_run(a: dict, b: dict) -> bool:
         return {k: v for k, v in d.items() if k not in RESUME_NEUTRAL}
 
     return isinstance(a, dict) and isinstance(b, dict) and strip(a) == strip(b)
+
+
+_ABSENT = object()
+
+
+def spec_differences(theirs: Any, mine: Any, name: str = "") -> list[str]:
+    """Where two JSON views of a spec differ, as 'dotted.name (theirs there, mine here)', RESUME_NEUTRAL
+    fields of a `train` config aside: what a refusal to resume names."""
+    if isinstance(theirs, dict) and isinstance(mine, dict):
+        neutral = RESUME_NEUTRAL if name == "train" or name.endswith(".train") else frozenset()
+        return [d for k in sorted(set(theirs) | set(mine), key=str) if k not in neutral
+                for d in spec_differences(theirs.get(k, _ABSENT), mine.get(k, _ABSENT), f"{name}.{k}" if name else k)]
+    if theirs == mine:
+        return []
+
+    def show(v: Any) -> str:
+        text = "absent" if v is _ABSENT else json.dumps(v)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return [f"{name or 'the spec'} ({show(theirs)} there, {show(mine)} here)"]
+
+
+def describe_differences(theirs: Any, mine: Any, most: int = 3) -> str:
+    """The first `most` of `spec_differences`, joined for one line."""
+    diffs = spec_differences(theirs, mine)
+    more = f" and {len(diffs) - most} more" if len(diffs) > most else ""
+    return "; ".join(diffs[:most]) + more
 
 
 def to_dict(obj: Any) -> Any:

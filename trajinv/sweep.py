@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from trajinv.atomic import atomic_write, remove_stale_temps
-from trajinv.config import Member, TrainConfig, same_run, to_dict
+from trajinv.config import Member, TrainConfig, describe_differences, spec_differences, to_dict
 from trajinv.data import DataConfig, TokenData, load_data
 from trajinv.parallel import memory
 from trajinv.parallel.devices import check_device
@@ -117,13 +117,6 @@ class SweepSpec:
         return out
 
 
-def _same_spec(theirs: object, mine: dict) -> bool:
-    if not isinstance(theirs, dict) or "train" not in theirs:
-        return False
-    rest = {k: v for k, v in theirs.items() if k != "train"}
-    return rest == {k: v for k, v in mine.items() if k != "train"} and same_run(theirs["train"], mine["train"])
-
-
 def _check_spec(out: Path, spec: SweepSpec) -> bool:
     """Whether `out` already holds this spec; ValueError if it holds another (nothing written)."""
     path = out / SPEC
@@ -133,8 +126,10 @@ def _check_spec(out: Path, spec: SweepSpec) -> bool:
         theirs = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f"{path} is not valid JSON; fix or remove it, or use a new --out directory") from None
-    if not _same_spec(theirs, json.loads(json.dumps(to_dict(spec)))):
-        raise ValueError(f"{out} holds a sweep made by another spec; use a new --out directory")
+    mine = json.loads(json.dumps(to_dict(spec)))
+    if spec_differences(theirs, mine):
+        raise ValueError(f"{out} holds a sweep made by another spec ({describe_differences(theirs, mine)}); "
+                         "use a new --out directory")
     return True
 
 

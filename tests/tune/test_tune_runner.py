@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
@@ -75,8 +76,13 @@ def test_resume_after_an_interruption_gives_identical_results(tmp_path, tiny_dat
 def test_a_directory_of_another_tune_is_refused(tmp_path, tiny_data):
     run_tune(_spec(zoom_points=0, check_factors=(2.0,), max_rescans=0), tmp_path)
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(ValueError, match="another spec"):
+    with pytest.raises(ValueError, match=r"another spec \(search.lr \(0.01 there, 0.02 here\)\)"):
         run_tune(_spec(zoom_points=0, check_factors=(2.0,), max_rescans=0, lr=2e-2), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    # what does not change a run's numbers may change between a tune and its rerun (it reads the stages back)
+    spec = _spec(zoom_points=0, check_factors=(2.0,), max_rescans=0)
+    again = run_tune(replace(spec, train=replace(spec.train, keep_checkpoints=5)), tmp_path)
+    assert [sr.directory.name for sr in again.stages] and all(sr.outcomes for sr in again.stages)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
