@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from dataclasses import replace
 
@@ -39,6 +40,8 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     assert spec.stage_train().gns.mode == "micro-batch" and spec.stage_train().micro_batch == 2
     assert run.stages[0].b_precond, "the first stage measured no B_precond"
     assert run.regime is not None and run.regime.axis in ("elr", "lr")
+    trained = [p.key for sr in run.stages for p in sr.stage.points]
+    assert len(trained) == len(set(trained)), "a point was trained twice"
     paths = write_report(run, tmp_path)
     assert [p.name for p in paths] == [RESULT, CURVE_PNG, HEATMAP_PNG] and all(p.stat().st_size for p in paths)
     data = json.loads((tmp_path / RESULT).read_text())
@@ -130,3 +133,14 @@ def test_cli_tune_zoom_width_reaches_the_search_and_a_bad_one_is_one_line(tmp_pa
     res = CliRunner().invoke(cli.main, args + ["--zoom-width", "0.3"])
     assert "stopped by the test" in res.output
     assert seen[0].zoom_width == 0.3 and seen[0].zoom_half_width == 0.3  # spacing 2: half of it is 1
+
+
+def test_members_that_learned_nothing_count_as_diverged(tmp_path, tiny_data):
+    # lr 300: losses blow up (finite ones far above ln 256) or turn NaN; none may be a recommendation
+    run = run_tune(_spec(lr=300.0, zoom_points=0, max_rescans=0), tmp_path)
+    assert run.result.best is None and run.result.fit is None
+    assert all(not o.finite for sr in run.stages for o in sr.outcomes)
+    assert any("lower --lr" in n for n in run.notes)
+    assert format_summary(run).startswith("no recommendation")
+    rows = [r for sr in run.stages for r in csv.DictReader(open(sr.directory / "summary.csv"))]
+    assert any(r["status"] == "done" for r in rows), "no member ended finite: the case is not exercised"

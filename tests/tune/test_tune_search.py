@@ -70,6 +70,27 @@ def test_lr_invariant_surface_along_the_lr_axis():
     assert result.invariant_check.within_noise
 
 
+def test_known_outcomes_are_never_trained_again_and_count_like_the_searchs_own():
+    # the lr search after a first ELR scan at lr = LR: it knows that scan (wd 1/64 .. 1, best at 1/8)
+    def oracle(p: Point) -> Outcome:
+        return Outcome(p, 3.0 + 0.1 * (math.log2(p.lr) - C - 0.2) ** 2 + 0.01 * abs(math.log2(p.wd / 0.125)))
+    first = [oracle(Point(LR, 2.0 ** k / 8)) for k in range(-3, 4)]
+    cfg = SearchConfig(axis="lr", wd=0.125, steps_per_member=10, noise=0.05)
+    fresh, seeded = simulate(cfg, oracle), Search(cfg, known=first)
+    while (stage := seeded.next_stage()) is not None:
+        seeded.tell(stage, [oracle(p) for p in stage.points])
+    again = seeded.result()
+    trained = [p.key for stage, _ in again.stages for p in stage.points]
+    assert len(trained) == len(set(trained)) and not set(trained) & {o.point.key for o in first}
+    # the lr scan's centre (LR, 1/8) was known, and so was every iso-LR check member (wd x 1/4 .. x 4 at LR)
+    assert kinds(fresh) == ["scan", "check", "zoom"] and kinds(again) == ["scan", "zoom"]
+    assert len(again.stages[0][0].points) == len(fresh.stages[0][0].points) - 1
+    assert again.cost_member_steps == fresh.cost_member_steps - 10 * (1 + len(cfg.check_factors))
+    assert again.best == fresh.best and again.best.lr == LR
+    assert again.invariant_check.within_noise and len(again.invariant_check.outcomes) == 1 + len(cfg.check_factors)
+    assert again.invariant_check.outcomes == fresh.invariant_check.outcomes
+
+
 def test_zoom_skips_points_already_evaluated():
     # Vertex half-way between two scan members: its +-spacing/2 zoom members are those members.
     result = simulate(SearchConfig(), elr_surface(C + 0.5))

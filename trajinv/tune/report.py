@@ -79,7 +79,7 @@ def format_summary(run: TuneRun) -> str:
     r, data = run.result, to_json(run)
     lines = []
     if r.best is None:
-        lines.append("no recommendation: every member diverged")
+        lines.append("no recommendation: every member diverged or learned nothing")
     else:
         lines.append(f"recommended: lr={r.best.lr:.4g}  wd={r.best.wd:.4g}  (ELR={r.best.elr:.4g})  "
                      f"val_loss {r.loss:.4f} ± {r.se or 0:.4f}")

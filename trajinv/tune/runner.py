@@ -136,21 +136,29 @@ def _check_spec(out: Path, spec: TuneSpec) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(mine, indent=1)), mode="w")
 
 
-def _preflight(spec: TuneSpec, scale: dict) -> None:
+def _preflight(spec: TuneSpec, scale: dict) -> int:
     """What each stage's sweep checks before it writes anything (devices, kernels, the data against the
     model), checked before the tune writes its spec: a tune refused there leaves nothing that would make
-    the corrected command "another spec". On Ray the driver need not have the cluster's devices."""
-    if scale.get("ray") is not None:
-        return
+    the corrected command "another spec". On Ray the driver need not have the cluster's devices.
+    Returns the data's vocabulary size."""
     cfg = spec.stage_train()
-    if scale.get("devices") is not None:
-        cfg = replace(cfg, device=device_kind(usable_devices(scale["devices"])))
-    check_device(cfg.device)  # before the data: tokenizing a corpus can take minutes
-    Trainer.check(cfg, load_data(spec.data))
+    if scale.get("ray") is None:
+        if scale.get("devices") is not None:
+            cfg = replace(cfg, device=device_kind(usable_devices(scale["devices"])))
+        check_device(cfg.device)  # before the data: tokenizing a corpus can take minutes
+    data = load_data(spec.data)
+    if scale.get("ray") is None:
+        Trainer.check(cfg, data)
+    return data.vocab_size
 
 
-def _outcomes(stage: Stage, rows: list[dict], directory: Path) -> tuple[tuple[Outcome, ...], list[float]]:
-    """Each point's final loss (None if diverged) and SE, and the members' B_precond."""
+def _outcomes(stage: Stage, rows: list[dict], directory: Path, chance: float
+              ) -> tuple[tuple[Outcome, ...], list[float]]:
+    """Each point's final loss (None if diverged) and SE, and the members' B_precond.
+
+    A member that ends at or above `chance` (ln V: the loss of a uniform guess, where an untrained model
+    starts) learned nothing: it counts as diverged, like a non-finite loss, so it is never a best, a fit
+    point, a check member or a B_precond (an lr far too large can blow a loss up to 1e5 and stay finite)."""
     se = final_val_loss_se(directory)
     by_key = {Point(r["lr"], r["wd"]).key: r for r in rows}
     out, bp = [], []
@@ -159,7 +167,7 @@ def _outcomes(stage: Stage, rows: list[dict], directory: Path) -> tuple[tuple[Ou
         if row is None:
             raise RuntimeError(f"stage {stage.name}: no summary row for lr={p.lr:.6g}, wd={p.wd:.6g}")
         loss = row.get("final_val_loss")
-        ok = row.get("status") == "done" and loss is not None and math.isfinite(float(loss))
+        ok = row.get("status") == "done" and loss is not None and math.isfinite(float(loss)) and float(loss) < chance
         out.append(Outcome(p, float(loss) if ok else None, se.get((row["run_id"], int(row["member"])), 0.0)))
         b = row.get("b_precond")
         if ok and b is not None and math.isfinite(float(b)):
@@ -168,7 +176,7 @@ def _outcomes(stage: Stage, rows: list[dict], directory: Path) -> tuple[tuple[Ou
 
 
 def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progress: Callable | None,
-               scale: dict) -> StageRun:
+               scale: dict, chance: float) -> StageRun:
     sweep = SweepSpec(train=spec.stage_train(), data=spec.data, points=tuple((p.lr, p.wd) for p in stage.points),
                       batch_sizes=(spec.train.batch_size,), population=spec.population)
     rows = run_sweep(sweep, directory, progress=progress, **scale)
@@ -176,19 +184,21 @@ def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progres
     if failed:
         raise RuntimeError(f"stage {directory.name}: population(s) {', '.join(dict.fromkeys(failed))} failed "
                            f"(errors in {directory / 'summary.csv'}); rerun the same command to retry them")
-    outcomes, bp = _outcomes(stage, rows, directory)
+    outcomes, bp = _outcomes(stage, rows, directory, chance)
     steps = sum(int(r["steps"]) for r in rows)
     tokens = sum(int(r["tokens"]) for r in rows)
     return StageRun(stage, axis, directory, outcomes, bp, steps, tokens)
 
 
 def _drive(search: Search, spec: TuneSpec, out: Path, prefix: str, progress: Callable | None,
-           runs: list[StageRun], scale: dict, after_first: Callable[[StageRun], bool] | None = None) -> bool:
+           runs: list[StageRun], scale: dict, chance: float,
+           after_first: Callable[[StageRun], bool] | None = None) -> bool:
     """Train the search's stages until it finishes; False when `after_first` stops it early."""
     while (stage := search.next_stage()) is not None:
         if progress is not None:
             progress("stage", name=prefix + stage.name, stage_kind=stage.kind, members=len(stage.points))
-        run = _run_stage(spec, stage, search.cfg.axis, out / STAGES / (prefix + stage.name), progress, scale)
+        run = _run_stage(spec, stage, search.cfg.axis, out / STAGES / (prefix + stage.name), progress, scale,
+                         chance)
         search.tell(stage, run.outcomes)
         runs.append(run)
         if after_first is not None and len(runs) == 1 and not after_first(run):
@@ -205,7 +215,8 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
     """
     spec.validate()
     out = Path(out)
-    _preflight(spec, scale)
+    vocab = _preflight(spec, scale)
+    chance = math.log(spec.train.model.vocab_size or vocab)  # the loss of a uniform guess (`_outcomes`)
     _check_spec(out, spec)
     runs: list[StageRun] = []
     regime: Regime | None = None
@@ -217,18 +228,23 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
 
     notes: list[str] = []
     search = Search(spec.search_config("elr"))
-    if not _drive(search, spec, out, "", progress, runs, scale, classify):
+    if not _drive(search, spec, out, "", progress, runs, scale, chance, classify):
         # large batch or too few steps: the loss follows lr; scan it at the wd of the scan's best member
         follow = lr_search(spec, runs[0].outcomes, runs[0].member_steps)
         if follow is not None:
             search = follow
-            _drive(search, spec, out, LR_PREFIX, progress, runs, scale)
+            _drive(search, spec, out, LR_PREFIX, progress, runs, scale, chance)
         else:
             left = spec.search.budget - runs[0].member_steps
             notes.append(f"the regime calls for tuning lr, but the budget left ({left} member-steps) is below an "
-                         f"lr scan ({spec.search_config().scan_cost}): the ELR search went on; raise --budget")
-            _drive(search, spec, out, "", progress, runs, scale)
-    return TuneRun(spec, search.result(), regime, runs, notes)
+                         f"lr scan ({spec.search_config().scan_cost}): the ELR search went on; raise --budget "
+                         "(with a new --out: the budget decides the stages)")
+            _drive(search, spec, out, "", progress, runs, scale, chance)
+    result = search.result()
+    if result.best is None:
+        notes.append(f"no member trained below the loss of a uniform guess (ln {math.exp(chance):.0f} = "
+                     f"{chance:.3f}): every member diverged or learned nothing; lower --lr")
+    return TuneRun(spec, result, regime, runs, notes)
 
 
 def first_regime(spec: TuneSpec, outcomes: Sequence[Outcome], b_precond: Sequence[float]) -> Regime:
@@ -244,13 +260,14 @@ def first_regime(spec: TuneSpec, outcomes: Sequence[Outcome], b_precond: Sequenc
 def lr_search(spec: TuneSpec, first: Sequence[Outcome], spent: int) -> Search | None:
     """The lr search that follows a first scan whose regime calls for lr: lr scanned around `--lr` at the wd
     of the scan's best member, with the budget left after `spent` member-steps; None when that is below
-    an lr scan."""
+    an lr scan. It knows the scan's outcomes: its best member (the lr scan's centre) and the iso-LR check
+    members that coincide with scan members are not trained twice."""
     best = _best_point(first)
     wd = best.wd if best is not None else spec.search.wd
     left = None if spec.search.budget is None else spec.search.budget - spent
     if left is not None and left < spec.search_config().scan_cost:
         return None
-    return Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=left))
+    return Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=left), known=first)
 
 
 def _best_point(outcomes: Sequence[Outcome]) -> Point | None:

@@ -234,13 +234,16 @@ class _Line:
 class Search:
     """The tune search as a state machine: next_stage() -> train it -> tell() -> ... -> result()."""
 
-    def __init__(self, cfg: SearchConfig) -> None:
+    def __init__(self, cfg: SearchConfig, known: Sequence[Outcome] = ()) -> None:
+        """`known`: outcomes measured before this search (the first ELR scan, for the lr search that
+        follows it): never proposed again, and counted like its own in lines, fits, checks and the best,
+        but not in its cost."""
         self.cfg = cfg
         self._line = _Line(cfg.axis, cfg.lr if cfg.axis == "elr" else cfg.wd)
         default_centre = cfg.lr * cfg.wd if cfg.axis == "elr" else cfg.lr
         self._centre = math.log2(cfg.center if cfg.center is not None else default_centre)
         self._history: list[tuple[Stage, tuple[Outcome, ...]]] = []
-        self._seen: dict[tuple[float, float], Outcome] = {}  # insertion order = evaluation order
+        self._seen: dict[tuple[float, float], Outcome] = {o.point.key: o for o in known}  # in evaluation order
         self._pending: Stage | None = None
         self._phase = "scan"  # scan -> explore (shift)* -> check -> judge -> (rescan: explore ...) -> zoom -> done
         self._shifts = 0
@@ -416,7 +419,8 @@ class Search:
             if affordable < len(points):
                 points = self._nearest(points, affordable)
                 if not points:
-                    self._notes.append(f"budget: {name} skipped (nothing left of {self.cfg.budget} member-steps)")
+                    self._notes.append(f"budget: {name} skipped ({self.cfg.budget - self._spent} member-steps left, "
+                                       f"a member costs {self.cfg.steps_per_member})")
                     self._phase = "done"
                     return None
                 self._notes.append(f"budget: {name} trimmed to {len(points)} of {len(fresh)} points")
