@@ -171,6 +171,8 @@ CLI_CASES = [
     # tunes: refused before tune_spec.json is written (else the corrected command is "another spec")
     (TUNE + ["--devices", "cuda:99"], "cuda:99"),
     (TUNE + ["--data", "/no/such/dir"], "/no/such/dir"),
+    (TUNE + ["--steps", "0"], "steps must be positive, got 0"),
+    (TUNE + ["--check-factor", "1e-320"], "1e-320"),
     # analysis
     (["analyze", "/no/such/sweep"], "/no/such/sweep"),
     (["analyze", "{ws}/nometrics"], "nometrics"),

@@ -357,6 +357,7 @@ def tune(batch_size, lr, center_elr, octaves, points, zoom_points, zoom_width, m
     scale = scale_kwargs(o)
     train_cfg, data_cfg = _configs(o, batch_size=batch_size)
     _check_steps_and_tokens(o, train_cfg, (batch_size,))
+    train_cfg.validate()  # first: a bad --steps is named as such, not as the search's steps_per_member
     search = SearchConfig(lr=lr, center=center_elr, octaves=octaves, points=points, zoom_points=zoom_points,
                           zoom_width=zoom_width, max_shifts=max_shifts, max_rescans=max_rescans,
                           check_factors=tuple(check_factor), noise=noise, budget=budget,

@@ -53,6 +53,16 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     assert data["cost"]["member_steps"] == sum(len(s["points"]) for s in data["stages"]) * TINY["steps"]
     assert data["cost"]["grid_points"] >= 3 and data["regime"]["reason"]
     assert "recommended: lr=" in format_summary(run) and "cost:" in format_summary(run)
+    assert [s["name"] for s in data["stages"]] == names  # as on disk: unique, "lr-1-scan" beside "1-scan"
+
+
+def test_a_budget_that_keeps_the_search_on_elr_says_so_in_the_regime_line(tmp_path, tiny_data):
+    # first scan 3 x 10 member-steps; 10 left is below an lr scan (30): the ELR search goes on
+    run = run_tune(_spec(zoom_points=0, max_rescans=0, budget=40), tmp_path)
+    assert run.regime.axis == "lr" and run.result.axis == "elr"
+    text = format_summary(run)
+    assert "regime: lr (" in text and "tuned along ELR all the same" in text and "regime: tune along" not in text
+    assert any("raise --budget" in n for n in run.notes)
 
 
 def test_resume_after_an_interruption_gives_identical_results(tmp_path, tiny_data):

@@ -373,6 +373,9 @@ def test_large_batch_is_lr_with_a_small_batch_first_schedule(b_precond, batch, s
 
 def test_no_power_of_two_below_a_tiny_noise_scale():
     assert classify_regime(0.5, 4, 20_000, 8e-3, 0.1).batch_schedule is None
+    # a batch of 1 would be suggested below B_precond 2: the tune refuses it (no two micro-batches)
+    assert classify_regime(1.9, 4, 20_000, 8e-3, 0.1).batch_schedule is None
+    assert classify_regime(2.5, 4, 20_000, 8e-3, 0.1).batch_schedule.startswith("2@")
 
 
 def test_default_threshold_is_one_timescale():
@@ -390,7 +393,7 @@ def test_default_threshold_is_one_timescale():
     ("axis", "wd"), ("lr", 0.0), ("wd", -1.0), ("center", math.nan), ("octaves", -2.0),
     ("points", 2), ("zoom_points", -1), ("zoom_width", 0.0), ("zoom_width", math.inf), ("max_shifts", 1.5),
     ("max_rescans", -1),
-    ("check_factors", (0.5, 1.0)), ("check_factors", ()), ("noise", -0.1),
+    ("check_factors", (0.5, 1.0)), ("check_factors", ()), ("check_factors", (0.5, 1e-320)), ("noise", -0.1),
     ("steps_per_member", 0), ("budget", 0),
 ])
 def test_config_errors_are_one_line_and_name_the_value(field, value):

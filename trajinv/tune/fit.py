@@ -239,8 +239,9 @@ def _small_batch_first(b_precond: float, batch_size: int, steps: int, elr: float
     """'B1@f,B2' at the run's token budget (steps x B2 sequences): B1 the largest power of two below
     B_precond for the fraction f of the *tokens* (the schedule's convention) that gives ~`transitions`/ELR
     steps at B1, i.e. f = n1 B1 / (steps B2) (rounded up to 0.01, capped at half the tokens);
-    None if B_precond <= 1."""
-    if b_precond <= 1:
+    None if B_precond <= 2: a batch of 1 cannot measure the noise scale (micro-batch GNS needs two
+    micro-batches) and would be refused by the very command it is suggested for."""
+    if b_precond <= 2:
         return None
     small = 2 ** (math.ceil(math.log2(b_precond)) - 1)
     share = transitions / elr * small / (steps * batch_size)

@@ -38,7 +38,9 @@ def to_json(run: TuneRun) -> dict:
     r = run.result
     stages = []
     for sr in run.stages:
-        stages.append({**sr.stage.to_dict(), "directory": f"{STAGES}/{sr.directory.name}", "axis": sr.axis,
+        # named as on disk: the lr search's stages restart their count ("lr-1-scan" beside "1-scan")
+        stages.append({**sr.stage.to_dict(), "name": sr.directory.name, "directory": f"{STAGES}/{sr.directory.name}",
+                       "axis": sr.axis,
                        "member_steps": sr.member_steps,
                        "tokens": sr.tokens, "outcomes": [o.to_dict() for o in sr.outcomes],
                        "b_precond": sr.b_precond})
@@ -83,7 +85,9 @@ def format_summary(run: TuneRun) -> str:
     else:
         lines.append(f"recommended: lr={r.best.lr:.4g}  wd={r.best.wd:.4g}  (ELR={r.best.elr:.4g})  "
                      f"val_loss {r.loss:.4f} ± {r.se or 0:.4f}")
-    if run.regime is not None:
+    if run.regime is not None and run.regime.axis != r.axis:  # the budget kept the search on ELR (notes)
+        lines.append(f"regime: lr ({run.regime.reason}); tuned along ELR all the same: no budget for an lr scan")
+    elif run.regime is not None:
         lines.append(f"regime: tune along {'ELR' if r.axis == 'elr' else 'lr'} ({run.regime.reason})")
     if r.fit is not None:
         what = "ELR" if r.axis == "elr" else "lr"
@@ -99,7 +103,9 @@ def format_summary(run: TuneRun) -> str:
     frac = cost["fraction_of_grid"]
     lines.append(f"cost: {cost['member_steps']} member-steps in {len(run.stages)} stages "
                  f"({cost['tokens']:,} member-tokens); a 2-D grid of the same resolution: {cost['grid_points']} "
-                 f"points, {cost['grid_member_steps']} member-steps" + (f" ({frac:.0%} of it)" if frac else ""))
+                 f"points, {cost['grid_member_steps']} member-steps"
+                 + ("" if not frac else f" ({frac:.0%} of it)" if frac <= 1 else f" ({frac:.2g}x it: a grid this coarse "
+                    "costs less than the search)"))
     lines += [f"note: {n}" for n in run.notes + list(r.notes)]
     return "\n".join(lines)
 

@@ -68,6 +68,7 @@ _DIGITS = 9  # log2 decimals that identify a point (see the module docstring)
 _ROUNDOFF = 1e-12  # relative slack of the spread test: exactly invariant losses differ by round-off
 _FIT_HALF_WIDTH = 1.5  # fit window half-width in scan spacings
 _RESCAN_HALF_WIDTH = 2  # rescan half-width in scan spacings
+_MAX_CHECK_OCTAVES = 10  # a check factor's distance from 1, in octaves
 
 
 def _log2key(value: float) -> float:
@@ -178,6 +179,10 @@ class SearchConfig:
         if not factors or any(not (isinstance(f, numbers.Real) and math.isfinite(f) and f > 0) or f == 1
                               for f in factors):
             raise ValueError(f"check_factors must be positive multipliers other than 1, got {self.check_factors!r}")
+        far = [f for f in factors if abs(math.log2(f)) > _MAX_CHECK_OCTAVES]
+        if far:  # 1e-320 passed the test above, trained every stage, then overflowed a wd to inf
+            raise ValueError(f"check_factors {self.check_factors!r}: {far[0]!r} is more than {_MAX_CHECK_OCTAVES} "
+                             "octaves from 1 (the paper's iso-ELR checks span x1/4 .. x4)")
         object.__setattr__(self, "check_factors", tuple(float(f) for f in factors))
         if not (isinstance(self.noise, numbers.Real) and math.isfinite(self.noise) and self.noise >= 0):
             raise ValueError(f"noise must be finite and >= 0, got {self.noise!r}")
