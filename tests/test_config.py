@@ -121,3 +121,13 @@ def test_spec_differences_name_the_field_and_both_values():
                                       "train.steps (20 there, 40 here)"]
     assert describe_differences(a, b, most=1) == "new (absent there, 1 here) and 2 more"
     assert spec_differences({"keep_checkpoints": 1}, {"keep_checkpoints": 2}) == ["keep_checkpoints (1 there, 2 here)"]
+
+
+def test_a_warmup_as_long_as_the_run_is_a_warning_not_an_error():
+    from trajinv.config import ScheduleConfig
+
+    assert TrainConfig().warnings() == []
+    (line,) = TrainConfig(steps=20).warnings()
+    assert "--warmup 50 >= the run's 20 steps" in line
+    assert TrainConfig(steps=20, schedule=ScheduleConfig(warmup=5)).warnings() == []
+    TrainConfig(steps=20).validate()  # still a valid run

@@ -149,6 +149,8 @@ def _configs(o: dict, members: tuple[Member, ...] | None = None, batch_size: str
         gns=GNSConfig(mode=o["gns"], every=o["gns_every"], precond_warmup=o["gns_warmup"],
                       embeddings=o["gns_embeddings"]),
     )
+    for line in train.warnings():
+        click.echo(f"warning: {line}", err=True)
     return train, DataConfig(source=o["data"], tokenizer=o["tokenizer"], seed=o["seed"])
 
 

@@ -382,6 +382,17 @@ class TrainConfig:
             return schedule.plan_for_tokens(self.tokens, self.model.context)
         return schedule.plan_for_steps(self.steps, self.model.context)
 
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not meant (printed, never refused)."""
+        try:
+            steps = sum(self.batch_plan().counts)
+        except ValueError:
+            return []  # validate() names that
+        if self.schedule.warmup >= steps:
+            return [f"--warmup {self.schedule.warmup} >= the run's {steps} steps: the lr never reaches its peak "
+                    "(every member trains at a fraction of its lr); pass a shorter --warmup"]
+        return []
+
     def validate(self) -> None:
         self.model.validate()
         self.optim.validate()
