@@ -11,7 +11,8 @@ from click.testing import CliRunner
 
 from trajinv import cli
 from trajinv.config import DataConfig, Member, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
-from trajinv.tune.report import HEATMAP_PNG, RESULT, CURVE_PNG, format_summary, to_json, write_report
+from trajinv.tune.report import (HEATMAP_PNG, RESULT, CURVE_PNG, build_curve_figure, format_summary, to_json,
+                                  write_report)
 from trajinv.tune.runner import STAGES, TuneSpec, run_tune
 from trajinv.tune.search import SearchConfig
 
@@ -54,6 +55,9 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     assert data["cost"]["grid_points"] >= 3 and data["regime"]["reason"]
     assert "recommended: lr=" in format_summary(run) and "cost:" in format_summary(run)
     assert [s["name"] for s in data["stages"]] == names  # as on disk: unique, "lr-1-scan" beside "1-scan"
+    if run.result.axis == "lr":  # the lr panel shows the ELR scan's member it read on its line (the centre)
+        labels = [t.get_text() for ax in build_curve_figure(run).axes if ax.get_legend() for t in ax.get_legend().texts]
+        assert "first ELR scan (read, not retrained)" in labels
 
 
 def test_a_budget_that_keeps_the_search_on_elr_says_so_in_the_regime_line(tmp_path, tiny_data):

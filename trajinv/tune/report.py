@@ -133,6 +133,14 @@ def build_curve_figure(run: TuneRun) -> Figure:
         for o in sr.outcomes:
             if not o.finite:
                 ax.axvline(_x(sr.axis, o.point), color="crimson", lw=0.8, ls=":", alpha=0.7)
+    if "lr" in panels and "elr" in panels:
+        # the lr search read the ELR scan's members on its lr scan's line (same wd) instead of retraining them
+        line = next(sr for sr in run.stages if sr.axis == "lr").stage.points[0].key[1]
+        read = [o for sr in run.stages if sr.axis == "elr" for o in sr.outcomes if o.finite and o.point.key[1] == line]
+        if read:
+            panels["lr"].errorbar([o.point.lr for o in read], [o.loss for o in read], yerr=[o.se for o in read],
+                                  fmt="o", mfc="none", ms=9, capsize=2, color="0.3",
+                                  label="first ELR scan (read, not retrained)")
     ax = panels.get(r.axis)
     if ax is not None and r.fit is not None:  # loss = min + curvature/2 (log2 x - log2 vertex)^2, fitted window
         half = 1.5 * run.spec.search.octaves / (run.spec.search.points - 1)
