@@ -258,9 +258,14 @@ class Trainer:
 
     def _grad_norms(self) -> torch.Tensor:
         """Per-member global gradient norm (K,): the clipping input, one read of the grads."""
-        norms = [torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float32)
-                 for p in self.model.parameters() if p.grad is not None]
-        return torch.stack(norms).pow(2).sum(0).sqrt().cpu()
+        # Summed tensor by tensor, elementwise over members: a reduction over a stacked (tensors, K)
+        # column runs in another order when K = 1 (contiguous) than when K > 1 (strided), and the
+        # last-bit difference in the clip scale made a member's run depend on its population's size.
+        sq = torch.zeros(self.K, dtype=torch.float32, device=self.cfg.device)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                sq += torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float32).square()
+        return sq.sqrt().cpu()
 
     @torch.no_grad()
     def evaluate(self) -> torch.Tensor:
