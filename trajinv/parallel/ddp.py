@@ -119,6 +119,9 @@ class DistContext:
         import torch.distributed as dist
 
         if self.backend is not None and dist.is_initialized():
+            # every rank past its last collective first: a rank that tore its gloo group down while
+            # the other still used it aborted ("terminate called without an active exception")
+            dist.barrier()
             dist.destroy_process_group()
         self.backend = None
 
