@@ -419,10 +419,8 @@ change them, and configurations stored before they existed still match."""
 
 def same_run(a: dict, b: dict) -> bool:
     """Whether two `to_dict(TrainConfig)` views describe the same run (RESUME_NEUTRAL aside)."""
-    def strip(d: dict) -> dict:
-        return {k: v for k, v in d.items() if k not in RESUME_NEUTRAL}
-
-    return isinstance(a, dict) and isinstance(b, dict) and strip(a) == strip(b)
+    # as a spec's `train` entry: one place says which fields a resume may change
+    return isinstance(a, dict) and isinstance(b, dict) and not spec_differences({"train": a}, {"train": b})
 
 
 _ABSENT = object()
@@ -446,7 +444,7 @@ def spec_differences(theirs: Any, mine: Any, name: str = "") -> list[str]:
 
 
 def describe_differences(theirs: Any, mine: Any, most: int = 3) -> str:
-    """The first `most` of `spec_differences`, joined for one line."""
+    """The first `most` of `spec_differences`, joined for one line; "" when the specs agree."""
     diffs = spec_differences(theirs, mine)
     more = f" and {len(diffs) - most} more" if len(diffs) > most else ""
     return "; ".join(diffs[:most]) + more

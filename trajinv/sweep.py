@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from trajinv.atomic import atomic_write, remove_stale_temps
-from trajinv.config import Member, TrainConfig, describe_differences, spec_differences, to_dict
+from trajinv.config import Member, TrainConfig, describe_differences, to_dict
 from trajinv.data import DataConfig, TokenData, load_data
 from trajinv.parallel import memory
 from trajinv.parallel.devices import check_device
@@ -127,8 +127,8 @@ def _check_spec(out: Path, spec: SweepSpec) -> bool:
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f"{path} is not valid JSON; fix or remove it, or use a new --out directory") from None
     mine = json.loads(json.dumps(to_dict(spec)))
-    if spec_differences(theirs, mine):
-        raise ValueError(f"{out} holds a sweep made by another spec ({describe_differences(theirs, mine)}); "
+    if differences := describe_differences(theirs, mine):
+        raise ValueError(f"{out} holds a sweep made by another spec ({differences}); "
                          "use a new --out directory")
     return True
 

@@ -376,9 +376,9 @@ class FusedAdamW(torch.optim.Optimizer):
         return {**super().__getstate__(), **{k: getattr(self, k) for k in _PICKLED}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # also called by torch's load_state_dict on a live optimizer: fill in only what is missing
-        fresh = dict(_buckets=None, _key=None, _where={}, _hyper=HyperTable(), _step_stats=[], backend="auto",
-                     master_weights=False, stochastic_rounding=False, native_cpu=True, seed=0)
+        # also called by torch's load_state_dict on a live optimizer: fill in only what is missing (the
+        # settings of _PICKLED come with the state; the layout is rebuilt on the next step)
+        fresh = dict(_buckets=None, _key=None, _where={}, _hyper=HyperTable(), _step_stats=[])
         for key, value in fresh.items():
             self.__dict__.setdefault(key, value)
         super().__setstate__(state)

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 from trajinv.analysis.budgets import final_val_loss_se
 from trajinv.atomic import atomic_write
-from trajinv.config import DataConfig, TrainConfig, describe_differences, spec_differences, to_dict
+from trajinv.config import DataConfig, TrainConfig, describe_differences, to_dict
 from trajinv.data import load_data
 from trajinv.parallel.devices import check_device, device_kind, usable_devices
 from trajinv.schedules import BatchSchedule
@@ -131,8 +131,8 @@ def _check_spec(out: Path, spec: TuneSpec) -> None:
             theirs = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{path} is unreadable ({type(e).__name__}); use a new --out directory") from None
-        if spec_differences(theirs, mine):
-            raise ValueError(f"{out} holds a tune made by another spec ({describe_differences(theirs, mine)}); "
+        if differences := describe_differences(theirs, mine):
+            raise ValueError(f"{out} holds a tune made by another spec ({differences}); "
                              "use a new --out directory")
         return
     out.mkdir(parents=True, exist_ok=True)
