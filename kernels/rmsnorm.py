@@ -247,6 +247,8 @@ def rmsnorm_forward_cpu(x: torch.Tensor, gain: torch.Tensor, eps: float) -> tupl
     if x.numel():
         NATIVE.get().trajinv_rmsnorm_fwd(x.data_ptr(), gain.data_ptr(), K, N * T, D, eps, y.data_ptr(),
                                          rstd.data_ptr(), torch.get_num_threads())
+    else:
+        rstd.fill_(float("nan"))  # d = 0: the mean of no squares is undefined, as torch's mean says
     return y, rstd
 
 

@@ -157,6 +157,11 @@ def test_bad_probe_and_shapes_are_rejected():
         member_linear(x, torch.randn(1, 6, 5), probe=Probe())
     with pytest.raises(ValueError, match="rms_norm"):
         rms_norm(x, torch.ones(2, 4), EPS, probe=Probe())
+    # float64 used to pass the forward and fail inside autograd's backward, in the kernel's dtype check
+    with pytest.raises(TypeError, match="with a probe, x must be .* got torch.float64"):
+        member_linear(x.double(), torch.randn(2, 6, 5, dtype=torch.float64), probe=Probe())
+    with pytest.raises(TypeError, match="with a probe, gain must be .* got torch.float64"):
+        rms_norm(x, torch.ones(2, 5, dtype=torch.float64), EPS, probe=Probe())
     w = torch.randn(2, 6, 5, requires_grad=True)
     y = member_linear(x, w, probe=Probe(precond=torch.ones(2, 5, 6)))
     with pytest.raises(ValueError, match="precond"):

@@ -37,6 +37,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from trajinv.kernels import rmsnorm as R
+from trajinv.kernels.backend import FLOAT_DTYPES
 from trajinv.kernels.linear_gns import linear_weight_grad_with_norms
 
 
@@ -181,9 +182,13 @@ class _RMSNormNative(torch.autograd.Function):
         return dx, dg, None, None
 
 
-def _check_probe(probe: object) -> None:
+def _check_probe(probe: object, **tensors: torch.Tensor) -> None:
     if not isinstance(probe, Probe):
         raise TypeError(f"probe must be a trajinv.ops.Probe or None, got {type(probe).__name__}")
+    for name, t in tensors.items():  # checked here, not first in the backward the probe's kernels run in
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"with a probe, {name} must be float32, float16 or bfloat16 (the gradient-norm "
+                            f"kernels' dtypes), got {t.dtype}")
 
 
 def member_linear(x: torch.Tensor, w: torch.Tensor, probe: Probe | None = None) -> torch.Tensor:
@@ -196,7 +201,7 @@ def member_linear(x: torch.Tensor, w: torch.Tensor, probe: Probe | None = None) 
         K, n, t, d_in = x.shape
         y = torch.bmm(x.reshape(K, n * t, d_in), w.transpose(1, 2))
         return y.view(K, n, t, w.shape[1])
-    _check_probe(probe)
+    _check_probe(probe, x=x, w=w)
     if x.dim() != 4 or w.dim() != 3 or x.shape[0] != w.shape[0] or x.shape[3] != w.shape[2]:
         raise ValueError(f"member_linear needs x (K, n, t, in) and w (K, out, in); got {tuple(x.shape)}, {tuple(w.shape)}")
     x, w = _autocast_cast(x, w)
@@ -214,7 +219,7 @@ def rms_norm(x: torch.Tensor, gain: torch.Tensor, eps: float, probe: Probe | Non
     sum into `probe.sq_w` / `probe.sq_1` (raw contributions, see module doc).
     """
     if probe is not None:
-        _check_probe(probe)
+        _check_probe(probe, x=x, gain=gain)
     if x.dim() != 4 or gain.dim() != 2 or tuple(gain.shape) != (x.shape[0], x.shape[3]):
         raise ValueError(f"rms_norm needs x (K, n, t, d) and gain (K, d); got {tuple(x.shape)}, {tuple(gain.shape)}")
     if (probe is None or probe.backend != "triton") and R.available(x, gain):

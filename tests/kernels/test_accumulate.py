@@ -94,8 +94,10 @@ def test_aot_compiles_without_spills_with_vector_access():
            "M": "i32", "HAS_W": "constexpr", "BLOCK": "constexpr"}  # fmt: skip
     specs = []
     for arch in (80, 90):
-        for gdt, has_w in (("fp32", True), ("bf16", False)):
-            specs.append(KernelSpec("trajinv.kernels.accumulate:_accumulate_gns_kernel", dict(sig, g_ptr=f"*{gdt}"),
+        for adt, gdt, has_w in (("fp32", "fp32", True), ("fp32", "bf16", False), ("bf16", "bf16", True),
+                                ("fp16", "fp16", False)):
+            specs.append(KernelSpec("trajinv.kernels.accumulate:_accumulate_gns_kernel",
+                                    dict(sig, acc_ptr=f"*{adt}", g_ptr=f"*{gdt}"),
                                     {"HAS_W": has_w, "BLOCK": LAUNCH_CONFIG["BLOCK"]}, ("acc_ptr", "g_ptr", "w_ptr", "M"),
                                     arch, LAUNCH_CONFIG["num_warps"]))  # fmt: skip
     for spec, k in zip(specs, compile_kernels(specs)):

@@ -162,10 +162,11 @@ def _consts(**kw):
 
 
 def test_aot_compiles_without_spills_and_with_128bit_access():
-    specs = [KernelSpec(TARGET, _sig("fp32"), _consts(), PTRS, arch) for arch in (80, 90)]
-    specs += [KernelSpec(TARGET, _sig("bf16"), _consts(SR=True), PTRS, 90),
-              KernelSpec(TARGET, _sig("bf16"), _consts(MASTER=True), PTRS, 80),
-              KernelSpec(TARGET, _sig("fp16"), _consts(HAS_GS=False, HAS_INF=False), PTRS, 90)]
+    # every variant the launcher can pick, on both archs: fp32 first (the vector-access check below)
+    variants = [("fp32", _consts()), ("bf16", _consts()), ("bf16", _consts(SR=True)), ("bf16", _consts(MASTER=True)),
+                ("fp16", _consts()), ("fp16", _consts(MASTER=True)), ("fp32", _consts(GS_PER_MEMBER=False)),
+                ("fp16", _consts(HAS_GS=False, HAS_INF=False))]
+    specs = [KernelSpec(TARGET, _sig(pt), consts, PTRS, arch) for pt, consts in variants for arch in (80, 90)]
     out = compile_kernels(specs)
     for spec, k in zip(specs, out):
         assert not k.spills and 0 < k.registers <= 255, (spec.arch, spec.constexprs, k.registers)

@@ -106,13 +106,14 @@ def test_aot_compiles_without_spills():
         KernelSpec(
             "trajinv.kernels.rmsnorm:_rmsnorm_gns_kernel",
             dict(sig, x_ptr=f"*{dt}", gy_ptr=f"*{dt}"),
-            dict(HAS_W=True, **cfg),
+            dict(HAS_W=has_w, **cfg),
             ("x_ptr", "rstd_ptr", "gy_ptr", "w_ptr", "dg_ptr", "D"),
             arch,
             warps,
         )
         for arch in (80, 90)
-        for dt in ("fp32", "bf16")
+        for dt in ("fp32", "bf16", "fp16")
+        for has_w in (True, False)
     ]
     for spec, k in zip(specs, compile_kernels(specs)):
         assert not k.spills and k.registers <= 255, (spec.arch, spec.signature["x_ptr"], k.registers)

@@ -42,6 +42,14 @@ def test_forward_matches_reference(shape):
     torch.testing.assert_close(rstd, rstd_ref, **TOL)
 
 
+def test_zero_width_rows_give_the_references_nan_not_uninitialised_memory():
+    x, gain, _, _ = _inputs(1, 2, 3, 0)
+    y, rstd = rmsnorm_forward_cpu(x, gain, EPS)
+    _, rstd_ref = rmsnorm_forward_torch(x, gain, EPS)
+    assert y.shape == x.shape and rstd_ref.isnan().all()
+    torch.testing.assert_close(rstd, rstd_ref, equal_nan=True)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backward_matches_reference(shape):
     x, gain, gy, w = _inputs(*shape)

@@ -517,3 +517,71 @@ def test_torch_adamw_keywords_construct_it():
     for name in ("capturable", "differentiable"):
         with pytest.raises(ValueError, match=f"{name}=True"):
             FusedAdamW([p], **{name: True})
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_group_added_after_steps_keeps_the_existing_step_counts(backend):
+    # the Triton path counts steps on the device: a rebuild for the new group used to read stale host
+    # counts, restarting every stepped param's bias correction (step 1 where torch says 6)
+    ps = _params([(4,), (33,)], seed=31)
+    qs = _clone(ps)
+    opt = FusedAdamW(ps[:1], lr=0.1, backend=backend)
+    ref = torch.optim.AdamW(qs[:1], lr=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(32)
+    for step in range(8):
+        if step == 5:
+            opt.add_param_group({"params": ps[1:]})
+            ref.add_param_group({"params": qs[1:]})
+        for p, q, g in zip(ps, qs, _grads(ps, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt.step()
+        ref.step()
+    assert [float(st["step"]) for st in opt.state_dict()["state"].values()] == [8.0, 3.0]
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_param_listed_twice_in_a_group_is_refused():
+    # torch steps it twice (deprecated); one flat slot per param cannot, and the backends disagreed
+    p = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(ValueError, match="same param more than once"):
+        FusedAdamW([p, p])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr=torch.full((2, 2), 1e-3)), r"lr must be a number or one value per member .* shape \(2, 2\)"),
+    (dict(lr=[]), "lr must be .* length 0"),
+    (dict(weight_decay=torch.tensor([])), r"weight_decay must be .* shape \(0,\)"),
+    (dict(lr=True), "Invalid learning rate: True"),
+    (dict(betas=(0.9, 0.99, 0.5)), r"betas must be a pair"),
+])
+def test_a_malformed_hyperparameter_is_refused_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FusedAdamW([torch.nn.Parameter(torch.ones(4))], **kwargs)
+
+
+def test_a_grad_swapped_for_another_size_is_refused_not_read_past():
+    # .grad.data = ... bypasses torch's shape check; the native kernel reads p.numel() grad elements
+    p = torch.nn.Parameter(torch.zeros(1000))
+    opt = FusedAdamW([p], lr=0.1, backend="torch")
+    p.grad = torch.ones(1000)
+    p.grad.data = torch.ones(2)
+    with pytest.raises(RuntimeError, match=r"grad of shape \(2,\) .* param of shape \(1000,\)"):
+        opt.step()
+    assert torch.equal(p, torch.zeros(1000))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_another_models_state_dict_is_refused_and_changes_nothing(backend):
+    small, big = _params([(3,)], seed=41), _params([(5,)], seed=42)
+    opt, other = FusedAdamW(small, lr=0.1, backend=backend), FusedAdamW(big, lr=0.1, backend=backend)
+    for o, ps in ((opt, small), (other, big)):
+        ps[0].grad = torch.ones_like(ps[0])
+        o.step()
+    before = {k: v.clone() for k, v in opt.state[small[0]].items()}
+    with pytest.raises(ValueError, match=r"exp_avg for param 0 has shape \(5,\), the param \(3,\)"):
+        opt.load_state_dict(other.state_dict())
+    assert all(torch.equal(opt.state[small[0]][k], v) for k, v in before.items())
+    small[0].grad = torch.ones(3)
+    opt.step()
+    assert float(opt.state_dict()["state"][0]["step"]) == 2.0

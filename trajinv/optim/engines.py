@@ -111,6 +111,9 @@ def native_step(b: Bucket, active: Active, hyper: torch.Tensor, grad_scale: torc
     for t in plan.idx:
         p = b.params[t]
         g = p.grad
+        if g.shape != p.shape or g.dtype != p.dtype:  # possible through .grad.data; the kernel reads p.numel()
+            raise RuntimeError(f"grad of shape {tuple(g.shape)} ({g.dtype}) for a param of shape "
+                               f"{tuple(p.shape)} ({p.dtype})")
         if not p.is_contiguous():
             return False  # a strided param (p.data swapped for a view): the torch path handles it
         if not g.is_contiguous():

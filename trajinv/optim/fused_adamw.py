@@ -137,26 +137,36 @@ class FusedAdamW(torch.optim.Optimizer):
         # a copy: the trainer may change lr in place, the schedule's base must not move
         lr0 = lr.clone() if isinstance(lr, torch.Tensor) else list(lr) if isinstance(lr, (list, tuple)) else lr
         group.setdefault("initial_lr", lr0)
-        self._buckets = None
+        self._invalidate()
 
     def _check_group(self, group: dict) -> None:
         if group["decay_mode"] not in ("torch", "independent"):
             raise ValueError(f"decay_mode must be 'torch' or 'independent', got {group['decay_mode']!r}")
         if group.get("amsgrad") or group.get("maximize"):
             raise ValueError("FusedAdamW does not support amsgrad or maximize")
-        b1, b2 = (float(b) for b in group["betas"])
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        b1, b2 = (float(b) for b in betas)
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise ValueError(f"betas must be in [0, 1), got {group['betas']}")
         # torch.optim.AdamW's checks (lr >= 0, eps >= 0, weight_decay >= 0), and finite
         for key, what in (("lr", "learning rate"), ("eps", "epsilon value"), ("weight_decay", "weight_decay value")):
             value = group[key]
+            if isinstance(value, torch.Tensor) and value.dim() > 1 or is_vector(value) and len(value) == 0:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else f"length {len(value)}"
+                raise ValueError(f"{key} must be a number or one value per member (a 1-D sequence of length "
+                                 f">= 1), got shape {shape}")
             values = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else (
                 list(value) if isinstance(value, (list, tuple)) else [value])
             for i, v in enumerate(values):
-                if not isinstance(v, numbers.Real) or not (math.isfinite(v) and v >= 0.0):
+                if not isinstance(v, numbers.Real) or isinstance(v, bool) or not (math.isfinite(v) and v >= 0.0):
                     where = f" (member {i})" if len(values) > 1 or is_vector(value) else ""
                     raise ValueError(f"Invalid {what}: {v!r}{where}; must be a finite number >= 0")
         k = group_members(group)
+        if len({id(p) for p in group["params"]}) != len(group["params"]):
+            # torch steps a repeated param twice (deprecated); one flat slot per param cannot
+            raise ValueError("a param group lists the same param more than once")
         for p in group["params"]:
             if p.is_sparse:
                 raise ValueError(f"FusedAdamW does not support sparse params (shape {tuple(p.shape)})")
@@ -203,6 +213,12 @@ class FusedAdamW(torch.optim.Optimizer):
                                       self.master_weights)
         self._where = {id(p): (b, t) for b in self._buckets for t, p in enumerate(b.params)}
         self._key = self._layout_key()
+
+    def _invalidate(self) -> None:
+        """Drop the buckets (rebuilt on the next step), their step counts written back to the state first."""
+        for b in self._buckets or []:
+            self._sync_steps(b)
+        self._buckets = None
 
     def _sync_steps(self, b: Bucket) -> None:
         """Triton path: the step counters live in `b.counters` (units of blocks); refresh `steps`."""
@@ -391,10 +407,14 @@ class FusedAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load ours or torch.optim.AdamW's; states stay fp32 even for 16-bit params."""
         saved = {i: {k: v for k, v in s.items() if k in _STATE_KEYS} for i, s in state_dict["state"].items()}
-        for b in self._buckets or []:
-            self._sync_steps(b)
-        super().load_state_dict(state_dict)
         params = [p for g in self.param_groups for p in g["params"]]
+        for i, st in saved.items():  # before anything is replaced: a refused load leaves this optimizer as it was
+            for key, val in st.items():
+                if isinstance(i, int) and i < len(params) and tuple(val.shape) != tuple(params[i].shape):
+                    raise ValueError(f"state_dict's {key} for param {i} has shape {tuple(val.shape)}, the param "
+                                     f"{tuple(params[i].shape)}: the state of another model")
+        self._invalidate()
+        super().load_state_dict(state_dict)
         for i, st in saved.items():
             p = params[i]
             for key, val in st.items():
@@ -404,7 +424,6 @@ class FusedAdamW(torch.optim.Optimizer):
             g.setdefault("decay_mode", "torch")
             g.setdefault("initial_lr", g["lr"])
             self._check_group(g)
-        self._buckets = None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch; with set_to_none=False the flat grad buffers are zeroed in one op and stay in place."""
