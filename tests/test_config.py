@@ -131,3 +131,13 @@ def test_a_warmup_as_long_as_the_run_is_a_warning_not_an_error():
     assert "--warmup 50 >= the run's 20 steps" in line
     assert TrainConfig(steps=20, schedule=ScheduleConfig(warmup=5)).warnings() == []
     TrainConfig(steps=20).validate()  # still a valid run
+
+
+def test_a_member_whose_decay_would_flip_the_weights_is_refused():
+    # torch decays p *= 1 - lr*wd: at lr*wd >= 1 that zeroes or flips the weights every step
+    with pytest.raises(ValueError, match=r"member lr=10,wd=1: lr\*wd = 10 >= 1"):
+        TrainConfig(members=(Member(lr=4e-3, wd=1.0), Member(lr=10.0, wd=1.0))).validate()
+    with pytest.raises(ValueError, match=r"wd = 2 >= 1"):  # independent mode decays by wd * schedule
+        TrainConfig(members=(Member(lr=1e-3, wd=2.0),), optim=OptimConfig(decay_mode="independent")).validate()
+    TrainConfig(members=(Member(lr=10.0, wd=1.0),), optim=OptimConfig(decay=())).validate()  # nothing decays
+    TrainConfig(members=(Member(lr=1e-3, wd=0.0),)).validate()

@@ -379,12 +379,14 @@ def tune(batch_size, lr, center_elr, octaves, points, zoom_points, zoom_width, m
 @click.option("--target-tokens", type=float, default=None, help="Predict the optimal lr, wd and ELR at this budget.")
 @click.option("--out", default="runs/fit", show_default=True, type=click.Path(file_okay=False),
               help="Where scaling.json and scaling.png go.")
+@click.option("--batch-size", default=None, help="Fit only the members of this batch size or schedule "
+              "(a sweep that trained several must be told which).")
 @_fail_cleanly
-def fit(dirs, target_tokens, out):
+def fit(dirs, target_tokens, out, batch_size):
     """Fit the optimal lr, wd and ELR against tokens across tunes or sweeps at >= 3 budgets."""
     from trajinv.analysis.budgets import fit_directories, write_scaling
 
-    report = fit_directories(dirs, target_tokens=target_tokens)
+    report = fit_directories(dirs, target_tokens=target_tokens, batch_size=batch_size)
     click.echo(report.format())
     for path in write_scaling(report, out):
         click.echo(f"wrote: {path}")

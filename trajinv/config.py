@@ -176,6 +176,11 @@ class OptimConfig:
         if bad:
             raise ValueError(f"unknown parameter kind(s) {bad} in decay; kinds are {PARAM_KINDS}")
 
+    def peak_decay(self, m: "Member") -> float:
+        """The fraction of the weights decoupled decay removes per step at the peak lr: lr*wd (torch
+        mode) or wd (independent). At 1 or more it zeroes or flips the decayed weights every step."""
+        return m.wd if self.decay_mode == "independent" else m.lr * m.wd
+
 
 @dataclass(frozen=True)
 class ScheduleConfig:
@@ -222,6 +227,14 @@ class Member:
     @property
     def name(self) -> str:
         return f"lr={self.lr:g},wd={self.wd:g}"
+
+
+def sweep_pairs(lrs=(), wds=(), elrs=(), points=()) -> list[tuple[float, float]]:
+    """The distinct (lr, wd) of a sweep, sorted: the lr x wd grid, each ELR line at every lr (wd = elr/lr)
+    and the explicit points, keyed to 12 significant digits (elr/lr lands in the last bits of a grid's wd)."""
+    pairs = [(lr, wd) for lr in lrs for wd in wds] + [(lr, elr / lr) for elr in elrs for lr in lrs]
+    pairs += [(float(lr), float(wd)) for lr, wd in points]
+    return sorted({(float(f"{lr:.12g}"), float(f"{wd:.12g}")) for lr, wd in pairs})
 
 
 # ------------------------------------------------------------ gradient noise
@@ -400,6 +413,11 @@ class TrainConfig:
         _check_choices(self)
         if not self.members:
             raise ValueError("a population needs at least one member")
+        for m in self.members:
+            if self.optim.decay and self.optim.peak_decay(m) >= 1:
+                what = "wd" if self.optim.decay_mode == "independent" else "lr*wd"
+                raise ValueError(f"member {m.name}: {what} = {self.optim.peak_decay(m):g} >= 1, so weight decay would "
+                                 "zero or flip the weights every step; lower lr or wd")
         for name in ("steps", "eval_every", "eval_seqs", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

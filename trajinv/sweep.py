@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from trajinv.atomic import atomic_write, remove_stale_temps
-from trajinv.config import Member, TrainConfig, describe_differences, to_dict
+from trajinv.config import Member, TrainConfig, describe_differences, sweep_pairs, to_dict
 from trajinv.data import DataConfig, TokenData, load_data
 from trajinv.parallel import memory
 from trajinv.parallel.devices import check_device
@@ -78,14 +78,7 @@ class SweepSpec:
     """Most members trained together (memory); 0 = all members of a batch size at once."""
 
     def members(self) -> tuple[Member, ...]:
-        seen: dict[tuple[float, float], Member] = {}
-        pairs = [(lr, wd) for lr in self.lrs for wd in self.wds]
-        pairs += [(lr, elr / lr) for elr in self.elrs for lr in self.lrs]
-        pairs += [(float(lr), float(wd)) for lr, wd in self.points]
-        for lr, wd in pairs:
-            key = (float(f"{lr:.12g}"), float(f"{wd:.12g}"))
-            seen.setdefault(key, Member(*key))
-        return tuple(sorted(seen.values(), key=lambda m: (m.lr, m.wd)))
+        return tuple(Member(lr, wd) for lr, wd in sweep_pairs(self.lrs, self.wds, self.elrs, self.points))
 
     def validate(self) -> None:
         if not self.lrs and not self.points:

@@ -27,18 +27,27 @@ def _loss(lr: float, wd: float, scale: float) -> float:
     return 3.0 + 0.1 * c * c + 0.03 * a * a
 
 
-def _sweep_dir(root, scale: float):
+def _grid(scale: float) -> tuple[list[float], list[float]]:
+    """A 5 x 5 lr x wd grid around the optimum at `scale`, the optimum between grid points."""
     lr0, wd0 = _optimum(scale)
-    rows, k = [], 0
-    for i in range(-2, 3):
-        for j in range(-2, 3):
-            lr, wd = lr0 * 2.0 ** (i + 0.3), wd0 * 2.0 ** (j - 0.2)  # the optimum between grid points
-            rows.append({"run_id": "bs32", "member": k, "name": f"m{k}", "lr": lr, "wd": wd, "elr": lr * wd,
-                         "batch_size": "32", "steps": STEPS[scale], "tokens": STEPS[scale] * 2048,
-                         "final_train_loss": None, "final_val_loss": _loss(lr, wd, scale), "status": "done"})
-            k += 1
+    return [lr0 * 2.0 ** (i + 0.3) for i in range(-2, 3)], [wd0 * 2.0 ** (j - 0.2) for j in range(-2, 3)]
+
+
+def _grid_rows(scale: float, batch_size: str = "32", steps: int | None = None, tokens: int | None = None,
+               surface: float | None = None) -> list[dict]:
+    """One population's rows: the grid of `scale`, losses from the surface of `surface` (default `scale`)."""
+    steps = STEPS[scale] if steps is None else steps
+    tokens = steps * 2048 if tokens is None else tokens
+    lrs, wds = _grid(scale)
+    return [{"run_id": f"bs{batch_size}", "member": k, "name": f"m{k}", "lr": lr, "wd": wd, "elr": lr * wd,
+             "batch_size": batch_size, "steps": steps, "tokens": tokens, "final_train_loss": None,
+             "final_val_loss": _loss(lr, wd, surface or scale), "status": "done"}
+            for k, (lr, wd) in enumerate((lr, wd) for lr in lrs for wd in wds)]
+
+
+def _sweep_dir(root, scale: float):
     root.mkdir(parents=True)
-    write_summary(root, rows)
+    write_summary(root, _grid_rows(scale))
     return root
 
 
@@ -172,3 +181,111 @@ def test_cli_fit_writes_report_and_refuses_too_few_budgets(tmp_path):
     assert res.exit_code == 1 and "3 or more token budgets" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(cli.main, ["fit", str(tmp_path), *dirs[:2]])
     assert res.exit_code == 1 and "neither a tune" in res.output
+
+
+# --- one budget per directory: batch sizes, and finished sweeps
+
+
+def _write_spec(root, scale: float, batch_sizes=("32",)):
+    """The part of spec.json that says which members a sweep trains (as `trajinv sweep` writes it)."""
+    lrs, wds = _grid(scale)
+    (root / "spec.json").write_text(json.dumps({"lrs": lrs, "wds": wds, "elrs": [], "points": [],
+                                                "batch_sizes": list(batch_sizes)}))
+
+
+def _mixed_dir(root, scale: float, same_tokens: bool = False):
+    """A sweep over two batch sizes whose optima differ: batch 256 sits on the surface of 4x the data.
+
+    At fixed steps (the default) batch 256 trains 8x the tokens; with --tokens, the same tokens in 1/8 the steps."""
+    steps = STEPS[scale]
+    big = dict(steps=steps // 8, tokens=steps * 2048) if same_tokens else dict(steps=steps, tokens=steps * 8 * 2048)
+    root.mkdir(parents=True)
+    write_summary(root, _grid_rows(scale) + _grid_rows(scale, "256", surface=4 * scale, **big))
+    _write_spec(root, scale, ("32", "256"))
+    return root
+
+
+@pytest.mark.parametrize("same_tokens", [False, True])
+def test_a_sweep_over_several_batch_sizes_is_refused_unless_one_is_picked(tmp_path, same_tokens):
+    """Two batch sizes share every (lr, wd): merged, they locate an optimum that is neither's."""
+    root = _mixed_dir(tmp_path / "eq", 1, same_tokens)
+    with pytest.raises(ValueError, match=r"2 batch sizes \(32, 256\).*--batch-size") as e:
+        load_budget(root, n_boot=20)
+    assert "\n" not in str(e.value)
+    for batch_size, surface, steps in (("32", 1, STEPS[1]), (256, 4, STEPS[1] // 8 if same_tokens else STEPS[1])):
+        o = load_budget(root, n_boot=20, batch_size=batch_size)
+        lr0, wd0 = _optimum(surface)
+        assert o.steps == steps and o.tokens == (STEPS[1] * 2048 if same_tokens or surface == 1 else STEPS[1] * 8 * 2048)
+        assert math.log2(o.wd / wd0) == pytest.approx(0, abs=0.05) and math.log2(o.lr / lr0) == pytest.approx(0, abs=0.05)
+    with pytest.raises(ValueError, match="no member at batch size 64 \\(it holds 32, 256\\)"):
+        load_budget(root, n_boot=20, batch_size="64")
+
+
+def test_finished_members_at_two_budgets_are_refused(tmp_path):
+    """One batch size whose finished members trained different tokens (two sweeps' summaries merged)."""
+    root = tmp_path / "s"
+    root.mkdir()
+    rows = _grid_rows(1)
+    for r in rows[:5]:
+        r["steps"], r["tokens"] = 2 * r["steps"], 2 * r["tokens"]
+    write_summary(root, rows)
+    with pytest.raises(ValueError, match="trained 2 budgets") as e:
+        load_budget(root, n_boot=20)
+    assert "\n" not in str(e.value)
+
+
+def test_an_interrupted_sweep_is_refused_naming_what_is_missing(tmp_path):
+    """summary.csv lists only the finished populations; spec.json lists the whole grid."""
+    root = tmp_path / "s"
+    root.mkdir()
+    write_summary(root, _grid_rows(1)[:20])
+    _write_spec(root, 1)
+    with pytest.raises(ValueError, match=r"incomplete: 5 of 25 members .*5 not in summary\.csv") as e:
+        load_budget(root, n_boot=20)
+    assert "\n" not in str(e.value)
+
+
+def test_failed_or_running_members_are_refused_and_diverged_ones_are_not(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    rows = _grid_rows(1)
+    _write_spec(root, 1)
+    for r, status in zip(rows, ("failed", "running", "running")):
+        r["status"], r["final_val_loss"] = status, None
+    write_summary(root, rows)
+    with pytest.raises(ValueError, match=r"incomplete: 3 of 25 members .*1 failed, 2 running"):
+        load_budget(root, n_boot=20)
+    for r in rows[:3]:  # a diverged member is an outcome: it stopped early, with no loss
+        r.update(status="diverged", final_val_loss=float("nan"), steps=7, tokens=7 * 2048)
+    write_summary(root, rows)
+    o = load_budget(root, n_boot=20)
+    assert o.steps == STEPS[1] and math.log2(o.wd / _optimum(1)[1]) == pytest.approx(0, abs=0.05)
+
+
+def test_a_batch_size_missing_from_an_interrupted_sweep_can_be_left_out(tmp_path):
+    """spec.json asks for 32 and 256; only 32 finished: the sweep is incomplete, its batch 32 is not."""
+    root = tmp_path / "s"
+    root.mkdir()
+    write_summary(root, _grid_rows(1))
+    _write_spec(root, 1, ("32", "256"))
+    with pytest.raises(ValueError, match=r"25 of 50 members .*--batch-size B"):
+        load_budget(root, n_boot=20)
+    assert load_budget(root, n_boot=20, batch_size="32").steps == STEPS[1]
+
+
+def test_a_tune_at_another_batch_size_is_refused_and_otherwise_unchanged(tmp_path):
+    root = _tune_dir(tmp_path / "t", 1)
+    assert load_budget(root, n_boot=20, batch_size="32") == load_budget(root, n_boot=20)
+    with pytest.raises(ValueError, match="trained at batch size 32, not 256"):
+        load_budget(root, n_boot=20, batch_size="256")
+
+
+def test_cli_fit_picks_a_batch_size(tmp_path):
+    dirs = [str(_mixed_dir(tmp_path / f"b{s}", s)) for s in STEPS]
+    res = CliRunner().invoke(cli.main, ["fit", *dirs, "--out", str(tmp_path / "fit")])
+    assert res.exit_code == 1 and "(32, 256)" in res.output and "--batch-size" in res.output
+    assert "Traceback" not in res.output
+    res = CliRunner().invoke(cli.main, ["fit", *dirs, "--batch-size", "256", "--out", str(tmp_path / "fit")])
+    assert res.exit_code == 0, res.output
+    optima = json.loads((tmp_path / "fit" / "scaling.json").read_text())["optima"]
+    assert sorted(o["tokens"] for o in optima) == [STEPS[s] * 8 * 2048 for s in STEPS]

@@ -393,3 +393,16 @@ def test_curves_carry_schedule_tokens_and_resamples():
     assert list(c.select(c.steps > 100).boot[0]) == list(c.boot[1])
     partial = [r if r["step"] == 100 else {**r, "val_loss_boot": None} for r in recs]
     assert next(iter(curves(partial).values())).boot is None  # resamples missing at a point: none at all
+
+
+def test_a_member_that_ends_no_better_than_a_uniform_guess_is_diverged():
+    # finite but far above ln V (an lr far too large): an outcome of nothing, excluded from the spreads
+    from trajinv.analysis.records import curves
+
+    recs = [{"run_id": "r", "member": m, "step": s, "base_lr": 1e-2, "wd": wd, "vocab_size": 256,
+             "val_loss": v + s / 1000, "train_loss": v}
+            for m, (wd, v) in enumerate([(0.5, 3.0), (1.0, 3.1), (2.0, 900.0)]) for s in (10, 20)]
+    cs = curves(recs)
+    assert [c.diverged for c in cs.values()] == [False, False, True]
+    assert [c.diverged for c in curves([{k: v for k, v in r.items() if k != "vocab_size"} for r in recs]).values()] \
+        == [False, False, False]  # without V nothing says 900 is absurd

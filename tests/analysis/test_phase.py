@@ -486,3 +486,29 @@ def test_regimes_of_a_real_population_spanning_a_wide_elr_range(tiny_data, tmp_p
     assert fast.equilibrium_step < 200 and fast.evidence["loss_drop_last_tau"] < 0.02
     assert 0.3 < fast.evidence["ratio_end"] < 1.0  # below the noise-dominated value, as on larger runs
     assert absurd.regime == "divergence" and "stuck" in absurd.evidence["divergence"]
+
+
+def _with_vocab(records: list[dict], vocab: int = 256) -> list[dict]:
+    return [{**r, "vocab_size": vocab} for r in records]
+
+
+def test_the_initial_loss_is_a_uniform_guess_when_the_records_carry_the_vocabulary():
+    # the first *logged* loss comes log_every steps in: a healthy run has fallen far by then (its end looked
+    # "stuck" beside it) and a blown-up one risen far (falling back from it looked like convergence)
+    healthy = _member(0, "healthy", lambda t: 3.0 + 2.0 * math.exp(-t / 5))  # fallen to ~3.04 at the first record
+    blown = _member(1, "blown", lambda t: 4096.0 * math.exp(-t / 2000))  # 4096 -> ~74: finite, far above ln 256
+    old = {p.name: p for p in member_phases(healthy + blown, beta1=0.0)}
+    assert (old["healthy"].regime, old["blown"].regime) == ("divergence", "convergence")  # the old reading
+    new = {p.name: p for p in member_phases(_with_vocab(healthy + blown), beta1=0.0)}
+    assert new["healthy"].regime != "divergence" and new["blown"].regime == "divergence"
+    assert new["healthy"].evidence["initial_loss"] == pytest.approx(math.log(256))
+
+
+def test_a_member_whose_decay_flips_the_weights_is_na_not_an_error():
+    # trainable before the config refused it (lr*wd >= 1): old sweeps hold such members
+    records = _member(0, "flip", _plateau, wd=0.1) + [
+        {**r, "member": 1, "name": "lr=10,wd=1", "base_lr": 10.0, "lr": 10.0, "wd": 1.0, "elr": 10.0}
+        for r in _member(1, "x", lambda t: 1000.0)]
+    phases = {p.name: p for p in member_phases(records, beta1=0.0)}
+    assert phases["lr=10,wd=1"].phase_at_end == "n/a" and "lr*wd = 10 >= 1" in phases["lr=10,wd=1"].evidence["reason"]
+    assert phases["flip"].phase_at_end != "n/a"

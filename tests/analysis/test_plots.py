@@ -116,3 +116,12 @@ def test_tokens_axis_and_a_marker_per_batch_schedule(tmp_path):
         build_loss_figure(a, x="epochs")
     with pytest.raises(ValueError, match="no logged tokens"):
         build_loss_figure(make_records(), x="tokens")
+
+
+def test_a_member_without_weight_decay_is_drawn_grey_by_elr():
+    # ELR = 0 has no place on a log colour scale: it used to fail the whole report
+    fig = build_loss_figure(make_records(wds=(0.0, 1.0)), color_by="elr")
+    lines = _by_name(fig)
+    assert to_rgba(lines["lr=0.008,wd=0"].get_color()) == to_rgba("0.45")
+    assert to_rgba(lines["lr=0.008,wd=1"].get_color()) != to_rgba("0.45")
+    assert "elr=0" in [t.get_text() for t in fig.axes[0].get_legend().texts]

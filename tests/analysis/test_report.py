@@ -34,3 +34,14 @@ def test_tuning_curves_when_opda_is_installed(small_sweep):
     text, paths = sweep_report(small_sweep)
     assert "tuning curves" in text and "ELR line at lr=" in text
     assert (small_sweep / CURVES_PNG) in paths
+
+
+def test_a_sweep_with_a_member_without_weight_decay_gets_its_whole_report(tmp_path, tiny_data):
+    # wd = 0 (ELR 0) used to fail the ELR plot's log colour scale, and with it the report
+    train = TrainConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, context=16), steps=12, batch_size="4",
+                        optim=OptimConfig(), eval_every=6, eval_seqs=8, log_every=3, checkpoint_every=0)
+    run_sweep(SweepSpec(train=train, data=DataConfig(max_tokens=200_000), lrs=(4e-3, 8e-3), wds=(0.0, 1.0)),
+              tmp_path)
+    text, paths = sweep_report(tmp_path)
+    assert "iso-LR" in text and "lr=0.004,wd=0" in text
+    assert {p.name for p in paths} >= {"val_loss_by_lr.png", "val_loss_by_elr.png"}

@@ -135,12 +135,19 @@ def summary(statuses_losses) -> list[dict]:
 
 
 @needs_opda
-@pytest.mark.parametrize("vocab_size,upper", [(None, 4.0), (256, math.log(256)), (2, 4.0)])
+@pytest.mark.parametrize("vocab_size,upper", [(None, 4.0), (256, math.log(256))])
 def test_upper_bound_defaults_to_worst_finite_loss_or_ln_vocab(vocab_size, upper):
     rows = summary([("done", 3.0), ("done", 4.0), ("diverged", None), ("running", 2.0), ("done", None)])
     curve = sweep_tuning_curves(rows, ns=[1], vocab_size=vocab_size)["2d"]
     assert curve.trials == 3  # running and loss-less members are not finished trials
     assert curve.expected[0] == pytest.approx((3.0 + 4.0 + upper) / 3)
+
+
+@needs_opda
+def test_losses_no_better_than_a_uniform_guess_count_as_diverged_at_the_bound():
+    rows = summary([("done", 3.0), ("done", 4.0), ("diverged", None)])
+    curve = sweep_tuning_curves(rows, ns=[1], vocab_size=2)["2d"]  # ln 2 < 3: nothing was learned
+    assert curve.expected[0] == pytest.approx(math.log(2))
 
 
 def test_sweep_refusals():
@@ -161,3 +168,11 @@ def test_plot_writes_a_png_atomically(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["tc.png"]
     with pytest.raises(ValueError, match="at least one"):
         plot_tuning_curves({}, tmp_path / "x.png")
+
+
+def test_a_member_that_ended_no_better_than_a_uniform_guess_is_a_diverged_trial():
+    from trajinv.analysis.tuning_curves import finished_trials
+
+    rows = [{"lr": "0.01", "status": "done", "final_val_loss": v} for v in ("2.5", "900.0")]
+    assert finished_trials(rows) == [(0.01, 2.5), (0.01, 900.0)]  # without V: a loss like any other
+    assert finished_trials(rows, vocab_size=256) == [(0.01, 2.5), (0.01, None)]

@@ -151,10 +151,24 @@ def test_cli_tune_zoom_width_reaches_the_search_and_a_bad_one_is_one_line(tmp_pa
 
 def test_members_that_learned_nothing_count_as_diverged(tmp_path, tiny_data):
     # lr 300: losses blow up (finite ones far above ln 256) or turn NaN; none may be a recommendation
-    run = run_tune(_spec(lr=300.0, zoom_points=0, max_rescans=0), tmp_path)
+    run = run_tune(_spec(lr=300.0, center=2.0 ** -9, zoom_points=0, max_rescans=0), tmp_path)
     assert run.result.best is None and run.result.fit is None
     assert all(not o.finite for sr in run.stages for o in sr.outcomes)
     assert any("lower --lr" in n for n in run.notes)
     assert format_summary(run).startswith("no recommendation")
-    rows = [r for sr in run.stages for r in csv.DictReader(open(sr.directory / "summary.csv"))]
+    rows = [r for sr in run.stages if (sr.directory / "summary.csv").is_file()  # not when none was trainable
+            for r in csv.DictReader(open(sr.directory / "summary.csv"))]
     assert any(r["status"] == "done" for r in rows), "no member ended finite: the case is not exercised"
+
+
+def test_points_whose_decay_would_flip_the_weights_count_as_diverged_untrained(tmp_path, tiny_data):
+    # the trainer refuses lr*wd >= 1 (decay would zero or flip the weights each step); a scan reaching
+    # ELR 1 gets that point as diverged, untrained, instead of the whole stage failing
+    run = run_tune(_spec(lr=0.05, center=0.5, octaves=2.0, points=3, zoom_points=0, max_shifts=0, max_rescans=0),
+                   tmp_path)
+    first = run.stages[0]
+    doomed = [o for o in first.outcomes if o.point.lr * o.point.wd >= 1]
+    assert len(doomed) == 1 and doomed[0].loss is None
+    rows = list(csv.DictReader(open(first.directory / "summary.csv")))
+    assert len(rows) == len(first.stage.points) - 1 and first.member_steps == len(rows) * TINY["steps"]
+    assert any("not trained: their decay per step (lr*wd) is >= 1" in n for n in run.notes)

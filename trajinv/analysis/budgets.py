@@ -1,7 +1,17 @@
 """One token budget's optimum, read from what `trajinv sweep` or `trajinv tune` wrote.
 
 A **sweep directory** (an lr x wd grid, or any members) gives its members' final
-validation losses straight to `scaling.optimum_from_members`.
+validation losses straight to `scaling.optimum_from_members`, once it is one budget
+and finished. One budget: a sweep may train several batch sizes or batch schedules
+(`--batch-size 32 --batch-size 256`), each with its own optimum (and, at fixed steps,
+its own tokens), whose members share (lr, wd) values; merged, they would locate an
+optimum of neither. So a sweep whose finished members hold more than one batch size
+is refused unless one is selected (`batch_size`, `trajinv fit --batch-size`), and the
+finished members must share one (tokens, steps). Finished: every member of its
+`spec.json` grid (at the selected batch size) is done or diverged (a diverged member
+is an outcome: the loss there is no good); one missing from summary.csv (an
+interrupted sweep lists only its finished populations), failed or still running
+would leave a hole that can move the optimum, so the sweep is refused.
 
 A **tune directory** (``tune.json``) is two crossing lines rather than a grid. The
 *anchor* is the best member of the searched lines (scans, shifts, rescans, the zoom,
@@ -28,23 +38,30 @@ from pathlib import Path
 from trajinv.analysis.records import load_metrics, load_summary
 from trajinv.analysis.scaling import BudgetOptimum, MemberLoss, ScalingReport, fit_scaling, optimum_from_members, plot_scaling
 from trajinv.atomic import atomic_write
+from trajinv.config import sweep_pairs
 
 TUNE_RESULT = "tune.json"  # trajinv.tune.report.RESULT (analysis does not import the tuner)
 
 
-def load_budget(directory: str | Path, n_boot: int = 500, seed: int = 0) -> BudgetOptimum:
-    """The optimum of the sweep or tune in `directory` (see the module doc); one-line errors."""
+def load_budget(directory: str | Path, n_boot: int = 500, seed: int = 0,
+                batch_size: str | int | None = None) -> BudgetOptimum:
+    """The optimum of the sweep or tune in `directory` (see the module doc); one-line errors.
+
+    `batch_size` ('32', '32@0.1,256') keeps only a sweep's members at that batch size or
+    schedule; a tune trained at another one is refused.
+    """
     root = Path(directory)
     if (root / TUNE_RESULT).is_file():
-        return _from_tune(root, n_boot, seed)
+        return _from_tune(root, n_boot, seed, batch_size)
     if (root / "summary.csv").is_file():
-        return _from_sweep(root, n_boot, seed)
+        return _from_sweep(root, n_boot, seed, batch_size)
     raise FileNotFoundError(f"{str(root)!r} holds neither a tune ({TUNE_RESULT}) nor a sweep (summary.csv)")
 
 
-def fit_directories(directories, target_tokens: float | None = None) -> ScalingReport:
-    """`fit_scaling` over the optima of tune or sweep directories at several budgets."""
-    return fit_scaling([load_budget(d) for d in directories], target_tokens=target_tokens)
+def fit_directories(directories, target_tokens: float | None = None,
+                    batch_size: str | int | None = None) -> ScalingReport:
+    """`fit_scaling` over the optima of tune or sweep directories at several budgets (at `batch_size`)."""
+    return fit_scaling([load_budget(d, batch_size=batch_size) for d in directories], target_tokens=target_tokens)
 
 
 def write_scaling(report: ScalingReport, out: str | Path) -> list[Path]:
@@ -56,10 +73,12 @@ def write_scaling(report: ScalingReport, out: str | Path) -> list[Path]:
             plot_scaling(report, out / "scaling.png")]
 
 
-def _from_sweep(root: Path, n_boot: int, seed: int) -> BudgetOptimum:
+def _from_sweep(root: Path, n_boot: int, seed: int, batch_size: str | int | None = None) -> BudgetOptimum:
     rows = load_summary(root)
     if not rows:
         raise ValueError(f"{root}/summary.csv has no members")
+    rows = _one_batch_size(rows, root, batch_size)
+    _check_finished(rows, root, batch_size)
     se = final_val_loss_se(root)
     members = [MemberLoss(float(r["lr"]), float(r["wd"]), _loss(r), se.get((str(r["run_id"]), int(r["member"])), 0.0))
                for r in rows]
@@ -67,7 +86,7 @@ def _from_sweep(root: Path, n_boot: int, seed: int) -> BudgetOptimum:
     return optimum_from_members(members, tokens, steps, source=root.name, n_boot=n_boot, seed=seed)
 
 
-def _from_tune(root: Path, n_boot: int, seed: int) -> BudgetOptimum:
+def _from_tune(root: Path, n_boot: int, seed: int, batch_size: str | int | None = None) -> BudgetOptimum:
     try:
         data = json.loads((root / TUNE_RESULT).read_text())
     except ValueError:
@@ -77,6 +96,9 @@ def _from_tune(root: Path, n_boot: int, seed: int) -> BudgetOptimum:
     axis = data.get("axis", "elr")
     stages = [s for s in data["stages"] if s.get("axis", axis) == axis]  # an lr tune's first ELR scan aside
     rows = [r for s in data["stages"] for r in load_summary(root / s["directory"])]
+    if batch_size is not None and (found := _batch_sizes(rows)) != [_bs(batch_size)]:
+        raise ValueError(f"the tune in {root} trained at batch size {', '.join(found)}, not {_bs(batch_size)} "
+                         "(--batch-size)")
     tokens, steps = _budget(rows, root)
     searched = [o for s in stages if s["kind"] != "check" for o in s["outcomes"] if _finite(o)]
     if not searched:
@@ -144,7 +166,86 @@ def _budget(rows: list[dict], root: Path) -> tuple[float, int]:
     done = [r for r in rows if r.get("status") == "done"]
     if not done:
         raise ValueError(f"no finished member in {root}: its token budget is unknown")
-    return float(done[0]["tokens"]), int(done[0]["steps"])
+    budgets = list(dict.fromkeys((float(r["tokens"]), int(r["steps"])) for r in done))
+    if len(budgets) > 1:
+        listed = ", ".join(f"{t:g} tokens in {n} steps" for t, n in budgets)
+        raise ValueError(f"the finished members in {root} trained {len(budgets)} budgets ({listed}); "
+                         "one directory must hold one budget")
+    return budgets[0]
+
+
+def _bs(value) -> str:
+    """A batch size or schedule as text to compare: summary.csv reads '32' as the number 32."""
+    return "?" if value is None else str(value).replace(" ", "")
+
+
+def _batch_sizes(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(_bs(r.get("batch_size")) for r in rows))
+
+
+def _one_batch_size(rows: list[dict], root: Path, batch_size: str | int | None) -> list[dict]:
+    """The rows of one batch size or schedule: `batch_size`, else the one the finished members share."""
+    if batch_size is not None:
+        chosen = [r for r in rows if _bs(r.get("batch_size")) == _bs(batch_size)]
+        if not chosen:
+            raise ValueError(f"the sweep in {root} has no member at batch size {_bs(batch_size)} "
+                             f"(it holds {', '.join(_batch_sizes(rows))})")
+        return chosen
+    found = _batch_sizes([r for r in rows if r.get("status") == "done"])
+    if len(found) > 1:
+        raise ValueError(f"the sweep in {root} holds finished members at {len(found)} batch sizes "
+                         f"({', '.join(found)}), each with its own optimum; pick one with --batch-size B")
+    return rows
+
+
+def _key(lr, wd) -> tuple[float, float]:
+    """A member's (lr, wd) as `sweep_pairs` rounds it."""
+    return float(f"{float(lr):.12g}"), float(f"{float(wd):.12g}")
+
+
+def _grid_members(spec: dict) -> set[tuple[float, float]]:
+    """The members of a sweep's spec.json, as the sweep pairs them."""
+    return set(sweep_pairs(*(spec.get(k) or [] for k in ("lrs", "wds", "elrs", "points"))))
+
+
+def _check_finished(rows: list[dict], root: Path, batch_size: str | int | None) -> None:
+    """Refuse a sweep with members neither done nor diverged: failed, still running, or (against its
+    spec.json, at the batch sizes `rows` stand for) absent from summary.csv, as an interruption leaves them."""
+    unended: dict[str, int] = {}
+    for r in rows:
+        if r.get("status") not in ("done", "diverged"):
+            unended[str(r.get("status"))] = unended.get(str(r.get("status")), 0) + 1
+    spec = _spec(root)
+    sizes = [_bs(b) for b in spec.get("batch_sizes") or []]
+    if batch_size is not None:
+        sizes = [b for b in sizes if b == _bs(batch_size)]
+    try:
+        grid = _grid_members(spec)
+    except (TypeError, ValueError, ZeroDivisionError):
+        raise ValueError(f"{root / 'spec.json'} is not a sweep spec (its lrs, wds, elrs or points)") from None
+    absent = sum(len(grid - {_key(r["lr"], r["wd"]) for r in rows if _bs(r.get("batch_size")) == b}) for b in sizes)
+    missing = absent + sum(unended.values())
+    if not missing:
+        return
+    why = [f"{n} {status}" for status, n in unended.items()] + [f"{absent} not in summary.csv"] * (absent > 0)
+    other = batch_size is None and len(spec.get("batch_sizes") or []) > 1
+    raise ValueError(f"the sweep in {root} is incomplete: {missing} of {len(rows) + absent} members have not "
+                     f"finished ({', '.join(why)}); rerun the sweep command to finish them (a diverged member "
+                     "counts as finished)" + ", or fit one finished batch size with --batch-size B" * other)
+
+
+def _spec(root: Path) -> dict:
+    """A sweep's spec.json ({} when it has none: then summary.csv alone says what is missing)."""
+    path = root / "spec.json"
+    if not path.is_file():
+        return {}
+    try:
+        spec = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not valid JSON") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path} is not a sweep spec (a JSON object)")
+    return spec
 
 
 def final_val_loss_se(root: str | Path) -> dict[tuple[str, int], float]:

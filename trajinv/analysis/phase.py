@@ -89,7 +89,8 @@ equilibrium_step       first quasi-static step from which nu (running   "reached
 phase_at_end           ELR phase iff equilibrium_step; n/a without      equilibrium is what makes curves ELR-only
                        norms
 divergence             status diverged, non-finite loss, or end loss    blown up, or stuck near the initial value
-                       >= 90% of the first logged one                   (Kodryan et al.'s high-ELR regime)
+                       >= 90% of the initial one (ln V, a uniform       (Kodryan et al.'s high-ELR regime)
+                       guess; the first logged one without V)
 chaotic equilibrium    loss fell < 2% per tau at the end of the quasi-  stationary at an ELR-dependent level with the
                        static part (slope of ln loss over >= 1 tau and  norm stationary (Kodryan et al.); the points
                        >= 20 points), norm in equilibrium (if logged)   tame per-batch noise when tau is short
@@ -117,6 +118,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 from trajinv.analysis.plots import save_png
+from trajinv.analysis.records import chance_loss
 
 MAX_LEGEND = 8  # members named in the phase plot's legend; more are coloured by ELR (a colorbar)
 
@@ -142,7 +144,7 @@ def _decay_per_step(lr: float, wd: float, beta1: float) -> float:
     if not (lr > 0 and wd >= 0 and 0 <= beta1 < 1):
         raise ValueError(f"need lr > 0, wd >= 0, 0 <= beta1 < 1; got lr={lr!r}, wd={wd!r}, beta1={beta1!r}")
     if lr * wd >= 1:
-        raise ValueError(f"lr*wd = {lr * wd!r} >= 1: the decay would zero or flip the weights each step")
+        raise ValueError(f"lr*wd = {lr * wd:g} >= 1: the decay would zero or flip the weights each step")
     return lr * wd
 
 
@@ -199,7 +201,7 @@ class Criteria:
     plateau_points: int = 20
     """Fewest logged losses the plateau test's slope is fitted to; it reaches further back to get them."""
     stuck_frac: float = 0.1
-    """Divergence: the end loss is above (1 - stuck_frac) times the first logged one."""
+    """Divergence: the end loss is above (1 - stuck_frac) times the initial one (ln V, else the first logged)."""
 
 
 @dataclass(frozen=True)
@@ -363,14 +365,20 @@ def _f(x) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
 
-def _regime(s: _Series, end: int, equilibrated: bool, diverged: bool, crit: Criteria) -> tuple[str, dict]:
-    """Kodryan et al.'s regime from the loss (and the norm's equilibrium); see the criteria table."""
+def _regime(s: _Series, end: int, equilibrated: bool, diverged: bool, crit: Criteria,
+            chance: float | None = None) -> tuple[str, dict]:
+    """Kodryan et al.'s regime from the loss (and the norm's equilibrium); see the criteria table.
+
+    The initial loss is ln V (`chance`: the loss of a uniform guess, which a fresh model's is close to)
+    when the records carry the vocabulary: the first *logged* loss comes `log_every` steps in, by when a
+    healthy run has fallen far (stuck-looking by comparison) and a blown-up one risen far (falling from
+    it looks like convergence). Without V, the first logged loss."""
     finite = np.isfinite(s.loss)
     if diverged or not finite.all():
         return "divergence", {"divergence": "status diverged" if diverged else "non-finite loss"}
     # Early on a window holds what there is, so every point has a smoothed loss.
     smooth = _trailing_median(s.loss, np.maximum(_window_starts(s.theta, crit.window_tau, crit.min_points), 0))
-    first, last = float(s.loss[0]), float(smooth[-1])
+    first, last = float(s.loss[0]) if chance is None else chance, float(smooth[-1])
     ev: dict = {"initial_loss": first, "final_loss": last}
     if last >= (1 - crit.stuck_frac) * first:
         return "divergence", {**ev, "divergence": "loss stuck near or above its initial value"}
@@ -400,7 +408,9 @@ def _member_phase(key: tuple[str, int], recs: list[dict], kind: str, beta1: floa
     end = int(q[-1]) if len(q) else len(s.steps) - 1
     ev["quasi_static_points"] = len(q)
     eq = None
-    if logged and wd > 0:
+    if logged and lr * wd >= 1:  # trainable (torch decays by 1 - lr*wd), but no equilibrium exists
+        ev["reason"] = f"lr*wd = {lr * wd:g} >= 1: the decay zeroes or flips the weights each step"
+    elif logged and wd > 0:
         m = _measure(s, wd, beta1, crit)
         level = _level(s, m, end, crit)  # end is q[-1] whenever there is a quasi-static step
         eq = _equilibrium_index(m, q, level, crit)
@@ -412,12 +422,13 @@ def _member_phase(key: tuple[str, int], recs: list[dict], kind: str, beta1: floa
     else:
         ev["reason"] = f"no {kind} norms logged"
     diverged = any(r.get("status") == "diverged" for r in recs)
-    regime, loss_ev = _regime(s, end, eq is not None or not logged, diverged, crit)
+    chance = chance_loss(first.get("vocab_size"))
+    regime, loss_ev = _regime(s, end, eq is not None or not logged, diverged, crit, chance)
     step = None if eq is None else int(s.steps[eq])
     return MemberPhase(
         run_id=key[0], member=key[1], name=str(first.get("name") or f"lr={lr:g},wd={wd:g}"), lr=lr, wd=wd,
         equilibrium_step=step, equilibrium_tau=None if step is None else step * lr * wd,
-        phase_at_end="n/a" if not logged else ("ELR phase" if eq is not None else "LR phase"),
+        phase_at_end="n/a" if not logged or lr * wd >= 1 else ("ELR phase" if eq is not None else "LR phase"),
         regime=regime, evidence={**ev, **loss_ev},
     )
 

@@ -50,10 +50,13 @@ def _index(values: list[float], v: float) -> int:
     return min(range(len(values)), key=lambda i: abs(values[i] - v))
 
 
+_ZERO_COLOUR = "0.45"  # grey: ELR 0 (a wd = 0 member) has no place on a log colour scale
+
+
 def _log_norm(values: list[float]) -> LogNorm:
-    lo, hi = min(values), max(values)
-    if lo <= 0:
-        raise ValueError(f"colour scale is logarithmic: values must be > 0, got {lo!r}")
+    """Over the positive values (ELR is 0 for a member without weight decay; it is drawn grey)."""
+    positive = [v for v in values if v > 0] or [1.0]
+    lo, hi = min(positive), max(positive)
     if hi <= lo:  # a single value: LogNorm needs a non-empty range
         lo, hi = lo / 2, hi * 2
     return LogNorm(vmin=lo, vmax=hi)
@@ -73,7 +76,10 @@ def _style_curves(cs: list[Curve], color_by: str):
     styles = [_STYLES[_index(distinct, v) % len(_STYLES)] for v in style_vals]
     proxies = [Line2D([], [], color="0.3", linestyle=_STYLES[i % len(_STYLES)], label=f"{style_name}={v:.3g}")
                for i, v in enumerate(distinct)]
-    return cmap, [cmap.to_rgba(v) for v in colour_vals], styles, proxies
+    if any(v <= 0 for v in colour_vals):
+        proxies.append(Line2D([], [], color=_ZERO_COLOUR, label=f"{color_by}=0"))
+    colours = [cmap.to_rgba(v) if v > 0 else _ZERO_COLOUR for v in colour_vals]
+    return cmap, colours, styles, proxies
 
 
 def _check_curves(records, key: str) -> list[Curve]:

@@ -33,6 +33,16 @@ _DIVERGENCE_KEYS = ("train_loss",)
 """Besides the analysed metric, a non-finite value of these marks a member as
 diverged: a blown-up training loss ruins the later validation values too."""
 
+_LOSS_KEYS = ("val_loss", "train_loss")
+"""Metrics in nats per token: a member whose last one is no better than a uniform
+guess over the vocabulary (ln V, when the records carry ``vocab_size``) counts as
+diverged, as `trajinv tune` counts it: a loss of 1,000 is finite but not an outcome."""
+
+
+def chance_loss(vocab_size: int | None) -> float | None:
+    """ln V: the loss of a uniform guess over V tokens (None when V is unknown)."""
+    return math.log(vocab_size) if vocab_size else None
+
 
 # --------------------------------------------------------------------------- I/O
 
@@ -220,6 +230,7 @@ def curves(
                 "lr": lr, "wd": wd, "elr": elr,
                 "batch_size": rec.get("batch_size"), "schedule": rec.get("batch_schedule"), "seen": [],
                 "points": {}, "tokens": {}, "boot": {}, "diverged": mk in bad,
+                "chance": chance_loss(rec.get("vocab_size")),
             }
         bs = rec.get("batch_size")
         if bs is not None and (not c["seen"] or c["seen"][-1] != int(bs)):
@@ -241,6 +252,8 @@ def curves(
     out: dict[MemberKey, Curve] = {}
     for mk, c in sorted(acc.items()):
         steps = np.array(sorted(c["points"]), dtype=np.int64)
+        if key in _LOSS_KEYS and c["chance"] is not None and len(steps) and c["points"][int(steps[-1])] >= c["chance"]:
+            c["diverged"] = True
         name = c["name"] if names.count(c["name"]) == 1 else f"{mk[0]}/{c['name']}"
         schedule = c["schedule"] or (",".join(map(str, c["seen"])) if c["seen"] else None)
         out[mk] = Curve(

@@ -43,7 +43,8 @@ def sweep_report(sweep_dir: str | Path, key: str = "val_loss", x: str = "step") 
             sections.append(f"LR -> ELR transition: observed at step {observed}, predicted from single runs' "
                             f"equilibrium at step {predicted:.0f} (ratio {predicted / observed:.2f})")
         paths.append(plot_phases(records, phases, root / PHASES_PNG))
-    text, curve_png = _tuning_curves(root)
+    vocab = next((r["vocab_size"] for r in records if r.get("vocab_size")), None)
+    text, curve_png = _tuning_curves(root, vocab)
     if text:
         sections.append(text)
     if curve_png is not None:
@@ -51,7 +52,7 @@ def sweep_report(sweep_dir: str | Path, key: str = "val_loss", x: str = "step") 
     return "\n\n".join(sections), paths
 
 
-def _tuning_curves(root: Path) -> tuple[str, Path | None]:
+def _tuning_curves(root: Path, vocab_size: int | None = None) -> tuple[str, Path | None]:
     try:
         rows = load_summary(root)
     except FileNotFoundError:
@@ -60,18 +61,21 @@ def _tuning_curves(root: Path) -> tuple[str, Path | None]:
     if len(finished) < MIN_TRIALS:
         return "", None
     try:
-        from trajinv.analysis.tuning_curves import plot_tuning_curves, sweep_tuning_curves
+        from trajinv.analysis.tuning_curves import finished_trials, plot_tuning_curves, sweep_tuning_curves
 
-        curves = sweep_tuning_curves(rows)
+        curves = sweep_tuning_curves(rows, vocab_size=vocab_size)
     except ImportError as e:
         return f"tuning curves skipped: {e}", None
     except ValueError as e:  # e.g. no lr with two or more members: no 1-D line to compare
         return f"tuning curves skipped: {e}", None
-    best = min(float(r["final_val_loss"]) for r in finished)
+    best = min((v for _, v in finished_trials(rows, vocab_size) if v is not None), default=None)
     lines = ["expected best validation loss after n random-search trials (tuning curves):"]
     for name, c in curves.items():
         where = {n: v for n, v in zip(c.n, c.expected)}
         shown = ", ".join(f"n={n}: {where[n]:.4f}" for n in (1, 2, 4, 8) if n in where)
+        if best is None:  # every member diverged: the curve sits at the bound, nothing to reach
+            lines.append(f"  {c.label or name}: {shown}; every member diverged")
+            continue
         near = c.trials_to_reach(best + 0.01)
         lines.append(f"  {c.label or name}: {shown}; within 0.01 of the best member after "
                      + (f"{near} trials" if near is not None and math.isfinite(near) else "more trials than shown"))

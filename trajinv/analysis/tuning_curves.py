@@ -115,19 +115,21 @@ def _float_or_none(value) -> float | None:
     return None if value is None or value == "" else float(value)
 
 
-def _trials(rows: Sequence[dict]) -> list[tuple[float, float | None]]:
+def finished_trials(rows: Sequence[dict], vocab_size: int | None = None) -> list[tuple[float, float | None]]:
     """(lr, loss) of every finished member: 'done' with its loss, 'diverged' as None.
 
     Members still running, or done without a recorded loss, are not finished trials and are left out;
-    a 'done' member with a non-finite loss diverged at the end and counts as diverged.
+    a 'done' member with a non-finite loss diverged at the end and counts as diverged, and so does one
+    that ended no better than a uniform guess (ln `vocab_size`, when given), as `trajinv tune` counts it.
     """
+    chance = math.log(vocab_size) if vocab_size else math.inf
     out = []
     for row in rows:
         loss = _float_or_none(row.get("final_val_loss"))
         if row.get("status") == "diverged":
             out.append((float(row["lr"]), None))
         elif row.get("status") == "done" and loss is not None:
-            out.append((float(row["lr"]), loss if math.isfinite(loss) else None))
+            out.append((float(row["lr"]), loss if math.isfinite(loss) and loss < chance else None))
     return out
 
 
@@ -163,7 +165,7 @@ def sweep_tuning_curves(rows: Sequence[dict], ns: Sequence[int] | None = None, c
     `upper_bound` defaults to the worst finite loss or, if `vocab_size` is given,
     ln(vocab_size) (the loss of a uniform guess) when that is larger.
     """
-    trials = _trials(rows)
+    trials = finished_trials(rows, vocab_size)
     if not trials:
         raise ValueError(f"no finished member (status 'done' with a loss, or 'diverged') among {len(rows)} rows")
     if upper_bound is None:

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 from trajinv.analysis.budgets import final_val_loss_se
 from trajinv.atomic import atomic_write
-from trajinv.config import DataConfig, TrainConfig, describe_differences, to_dict
+from trajinv.config import DataConfig, Member, TrainConfig, describe_differences, to_dict
 from trajinv.data import load_data
 from trajinv.parallel.devices import check_device, device_kind, usable_devices
 from trajinv.schedules import BatchSchedule
@@ -155,17 +155,20 @@ def _preflight(spec: TuneSpec, scale: dict) -> int:
     return data.vocab_size
 
 
-def _outcomes(stage: Stage, rows: list[dict], directory: Path, chance: float
+def _outcomes(stage: Stage, rows: list[dict], directory: Path, chance: float, doomed: set = frozenset()
               ) -> tuple[tuple[Outcome, ...], list[float]]:
     """Each point's final loss (None if diverged) and SE, and the members' B_precond.
 
     A member that ends at or above `chance` (ln V: the loss of a uniform guess, where an untrained model
     starts) learned nothing: it counts as diverged, like a non-finite loss, so it is never a best, a fit
     point, a check member or a B_precond (an lr far too large can blow a loss up to 1e5 and stay finite)."""
-    se = final_val_loss_se(directory)
+    se = final_val_loss_se(directory) if rows else {}
     by_key = {Point(r["lr"], r["wd"]).key: r for r in rows}
     out, bp = [], []
     for p in stage.points:
+        if p.key in doomed:  # `doomed`: not trainable (lr*wd >= 1), never trained
+            out.append(Outcome(p, None, 0.0))
+            continue
         row = by_key.get(p.key)
         if row is None:
             raise RuntimeError(f"stage {stage.name}: no summary row for lr={p.lr:.6g}, wd={p.wd:.6g}")
@@ -178,16 +181,27 @@ def _outcomes(stage: Stage, rows: list[dict], directory: Path, chance: float
     return tuple(out), bp
 
 
+def _untrainable(train: TrainConfig, p: Point) -> bool:
+    return bool(train.optim.decay) and train.optim.peak_decay(Member(p.lr, p.wd)) >= 1
+
+
 def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progress: Callable | None,
                scale: dict, chance: float) -> StageRun:
-    sweep = SweepSpec(train=spec.stage_train(), data=spec.data, points=tuple((p.lr, p.wd) for p in stage.points),
-                      batch_sizes=(spec.train.batch_size,), population=spec.population)
-    rows = run_sweep(sweep, directory, progress=progress, **scale)
+    train = spec.stage_train()
+    # A point whose decay would zero or flip the weights every step (lr*wd >= 1) is refused by the trainer;
+    # a search that walked there gets it as diverged, untrained, and walks back.
+    doomed = {p.key for p in stage.points if _untrainable(train, p)}
+    points = tuple((p.lr, p.wd) for p in stage.points if p.key not in doomed)
+    rows = []
+    if points:
+        sweep = SweepSpec(train=train, data=spec.data, points=points, batch_sizes=(spec.train.batch_size,),
+                          population=spec.population)
+        rows = run_sweep(sweep, directory, progress=progress, **scale)
     failed = [r["run_id"] for r in rows if r.get("status") == "failed"]
     if failed:
         raise RuntimeError(f"stage {directory.name}: population(s) {', '.join(dict.fromkeys(failed))} failed "
                            f"(errors in {directory / 'summary.csv'}); rerun the same command to retry them")
-    outcomes, bp = _outcomes(stage, rows, directory, chance)
+    outcomes, bp = _outcomes(stage, rows, directory, chance, doomed)
     steps = sum(int(r["steps"]) for r in rows)
     tokens = sum(int(r["tokens"]) for r in rows)
     return StageRun(stage, axis, directory, outcomes, bp, steps, tokens)
@@ -244,6 +258,10 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
                          "(with a new --out: the budget decides the stages)")
             _drive(search, spec, out, "", progress, runs, scale, chance)
     result = search.result()
+    untrained = [o for sr in runs for o in sr.outcomes if _untrainable(spec.stage_train(), o.point)]
+    if untrained:
+        notes.append(f"{len(untrained)} member(s) not trained: their decay per step (lr*wd) is >= 1, which would zero "
+                     "or flip the weights every step; they count as diverged (lower --lr or --center-elr)")
     if result.best is None:
         notes.append(f"no member trained below the loss of a uniform guess (ln {math.exp(chance):.0f} = "
                      f"{chance:.3f}): every member diverged or learned nothing; lower --lr")
