@@ -41,6 +41,23 @@ def test_resume_is_bit_identical(tiny_data, tiny_train_config, tmp_path, optimiz
     assert resumed == metrics_without_time(tmp_path / "a")
 
 
+def test_the_same_run_twice_writes_the_same_checkpoint_tensors(tiny_data, tiny_train_config, tmp_path):
+    # the checkpoint held the process's global RNG state, seeded at random per process and never used
+    from safetensors.torch import load_file
+
+    cfg = tiny_train_config(steps=4)
+    for seed, name in ((1, "a"), (2, "b")):
+        torch.manual_seed(seed)  # what another process (or the caller's code) leaves in the global generator
+        Trainer(cfg, tiny_data, tmp_path / name).train()
+    files = sorted(p.name for p in (tmp_path / "a").glob("checkpoint-*.safetensors"))
+    assert files
+    for f in files:  # tensors, not bytes: safetensors writes its header's metadata in no fixed order
+        a, b = load_file(tmp_path / "a" / f), load_file(tmp_path / "b" / f)
+        assert a.keys() == b.keys(), f
+        for k in a:  # bit for bit; NaN (not evaluated yet) equals NaN
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, equal_nan=True, msg=f"{f}: {k}")
+
+
 def test_resume_refuses_another_config(tiny_data, tiny_train_config, tmp_path):
     Trainer(tiny_train_config(steps=3), tiny_data, tmp_path).train()
     with pytest.raises(ValueError, match="different configuration"):

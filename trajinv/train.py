@@ -136,7 +136,8 @@ class Trainer:
         t["alive"] = self.alive.to(torch.uint8)
         t["diverged_at"] = self.diverged_at
         t["last_train"], t["last_val"], t["last_boot"] = self.last_train, self.last_val, self.last_boot
-        t["rng"] = torch.get_rng_state()
+        # no global RNG state: training draws only from its own seeded generators, and the global one's
+        # (seeded at random per process) made two identical runs' checkpoints differ
         if self.gns is not None:
             t.update({f"gns.{k}": v for k, v in self.gns.state_dict().items()})
             t.update({f"last_gns.{k}": v for k, v in self.last_gns.items()})
@@ -204,7 +205,6 @@ class Trainer:
             if self.gns is not None:
                 self.gns.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("gns.")})
                 self.last_gns = {k[9:]: v for k, v in tensors.items() if k.startswith("last_gns.")}
-            torch.set_rng_state(tensors["rng"])
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"checkpoint tensor file {where} does not fit this run ({reason})") from None
