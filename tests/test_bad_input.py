@@ -56,6 +56,7 @@ def ws(tmp_path_factory):
     (root / "nodocs").mkdir()
     (root / "empty.txt").write_text("")
     (root / "data.csv").write_text("a,b\n")
+    (root / "latin1.txt").write_bytes("déjà vu\n".encode("latin-1"))
     (root / "badtok.json").write_text("{garbage")
     return root
 
@@ -123,6 +124,8 @@ CLI_CASES = [
     (TRAIN + ["--data", "{ws}/empty.txt"], "empty.txt"),
     (TRAIN + ["--data", "{ws}/nodocs"], "nodocs"),
     (TRAIN + ["--data", "{ws}/data.csv"], "data.csv"),
+    (TRAIN + ["--data", "{ws}/latin1.txt"], "latin1.txt' is not UTF-8 text: invalid byte 0xe9 at offset 1"),
+    (TRAIN + ["--eval-seqs", "100000"], "not --eval-seqs 100000: lower --eval-seqs"),
     (TRAIN + ["--data", "hf:no-such-dataset-xyz"], "no-such-dataset-xyz"),
     (TRAIN + ["--tokenizer", "/no/such/tokenizer.json"], "/no/such/tokenizer.json"),
     (TRAIN + ["--tokenizer", "{ws}/badtok.json"], "badtok.json"),

@@ -185,6 +185,41 @@ def test_jsonl_and_parquet_with_text_field(tmp_path):
     assert sorted(_split_docs(d.train) + _split_docs(d.val)) == sorted(docs + ["plain text file\n"])
 
 
+
+def test_non_utf8_file_named_with_its_offset(tmp_path):
+    # datasets said "DatasetGenerationError: An error occurred while generating the dataset" (text)
+    # or failed mid-tokenize with a traceback (jsonl: pyarrow keeps the bad bytes).
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x80 latin-1 or worse")
+    msg = _one_line_error(lambda: load_data(DataConfig(source=str(bad), cache_dir=str(tmp_path / "c"))),
+                          repr(str(bad)), "not UTF-8", "0xff", "offset 0")
+    assert "DatasetGenerationError" not in msg
+    folder = tmp_path / "corpus"
+    (folder / "a").mkdir(parents=True)
+    (folder / "a" / "good.txt").write_text("fine\n")
+    (folder / "b.txt").write_bytes("café\n".encode() * 3 + b"x\xe9t\xe9\n")  # 0xe9 at byte 19
+    (folder / "c.txt").write_bytes(b"\xff later, never named")
+    _one_line_error(lambda: load_data(DataConfig(source=str(folder), cache_dir=str(tmp_path / "c"))),
+                    repr(str(folder / "b.txt")), repr(str(folder)), "0xe9", "offset 19")
+    jl = tmp_path / "bad.jsonl"
+    jl.write_bytes(b'{"text": "ok"}\n{"text": "\xff\xfe"}\n')  # 0xff at byte 15 + 10
+    _one_line_error(lambda: load_data(DataConfig(source=str(jl), cache_dir=str(tmp_path / "c"))),
+                    repr(str(jl)), "not UTF-8", "offset 25")
+    assert not list(tmp_path.rglob("*.bin"))
+
+
+def test_first_non_utf8_offset_across_read_chunks(tmp_path):
+    from trajinv.data.sources import _first_non_utf8
+
+    f = tmp_path / "big.txt"
+    head = b"a" * ((1 << 20) - 1) + "é".encode()  # a 2-byte character split by the 1 MiB reads
+    f.write_bytes(head + b"ok")
+    assert _first_non_utf8([str(f)]) is None
+    f.write_bytes(head + b"\x80")
+    assert _first_non_utf8([str(f)]) == (str(f), len(head), 0x80)
+    f.write_bytes(head + b"\xe2\x82")  # truncated at the end of the file
+    assert _first_non_utf8([str(f)]) == (str(f), len(head), 0xE2)
+
 def test_max_tokens_caps_exactly(tmp_path):
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in _docs(40)))
@@ -361,7 +396,7 @@ def test_bad_input_errors(tmp_path):
     _one_line_error(lambda: sample_batch(tokens, 0, 4, 0, 0), "batch_size")
     _one_line_error(lambda: sample_batch(tokens, 2, 4, -1, 0), "seed", "-1")
     _one_line_error(lambda: sample_batch(tokens, 2, 4, 0, 1.5), "step", "1.5")
-    _one_line_error(lambda: validation_batches(tokens, 4, 3, 2), "n_seqs 3", "at most 2")
+    _one_line_error(lambda: validation_batches(tokens, 4, 3, 2), "--eval-seqs 3", "at most 2")
     # Nothing was written for the failed loads apart from (empty) folders.
     assert not list(tmp_path.rglob("*.bin"))
 
@@ -372,8 +407,123 @@ def test_hub_offline_error_names_dataset(tmp_path, monkeypatch):
     import datasets.config
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    from trajinv.data import sources
+
+    def no_probe(endpoint):
+        raise AssertionError("probed the hub although offline mode is on")
+
+    monkeypatch.setattr(sources, "_hub_reachable", no_probe)
     name = "trajinv-test/does-not-exist"
-    msg = _one_line_error(lambda: load_data(DataConfig(source=f"hf:{name}", cache_dir=str(tmp_path))), repr(name))
+    msg = _one_line_error(lambda: load_data(DataConfig(source=f"hf:{name}", cache_dir=str(tmp_path))), repr(name),
+                          "offline mode", "--data PATH")
     assert msg.startswith("cannot load hub dataset")
     _one_line_error(lambda: load_data(DataConfig(source="hf:", cache_dir=str(tmp_path))), "'hf:'")
     assert not list(tmp_path.rglob("*.bin"))
+
+
+def test_validation_too_small_said_in_the_users_terms(tmp_path):
+    # Was "n_seqs 512 windows of 65 tokens do not fit in 150 tokens (at most 2)".
+    small = tmp_path / "small.txt"
+    small.write_text("x" * 3000)
+    d = load_data(DataConfig(source=str(small), cache_dir=str(tmp_path / "c")))
+    assert d.val.size == 150
+    msg = _one_line_error(lambda: validation_batches(d.val, 64, 512, 64),
+                          f"validation split of {str(small)!r} holds 150 tokens", "at most 2 windows",
+                          "context 64 + 1", "--eval-seqs 512", "lower --eval-seqs")
+    assert "n_seqs" not in msg
+    _one_line_error(lambda: validation_batches(d.val, 200, 4, 64), "at most 0 windows", "give more data")
+
+
+# ----------------------------------------------------------------------------- hub, no network
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Name lookups fail at once (a test never reaches the network), and the hub's offline flags are
+    off, as for a user who set no HF_HUB_OFFLINE (conftest sets it for every other test)."""
+    import socket
+
+    import datasets.config
+    from huggingface_hub import constants
+
+    def no_lookup(*a, **k):
+        raise socket.gaierror(socket.EAI_NONAME, "no network in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return datasets.config, constants
+
+
+def _cache_hub_dataset(hf_cache: Path, repo: str, texts: list[str]) -> None:
+    """What a download of hub dataset `repo` leaves in datasets' cache (built from a local jsonl)."""
+    import shutil
+
+    import datasets
+
+    src = hf_cache.parent / "src.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    datasets.load_dataset("json", data_files=str(src), split="train", cache_dir=str(hf_cache.parent / "build"))
+    built = next((hf_cache.parent / "build" / "json").glob("*/*/*/dataset_info.json")).parent
+    name = repo.split("/")[-1]
+    dest = hf_cache / repo.replace("/", "___") / "default" / "0.0.0" / "0123abcd"
+    dest.mkdir(parents=True)
+    shutil.copy(built / "json-train.arrow", dest / f"{name}-train.arrow")
+    (dest / "dataset_info.json").write_text((built / "dataset_info.json").read_text().replace('"json"', json.dumps(name)))
+
+
+def test_hub_unreachable_fails_fast_or_reads_the_cache(tmp_path, monkeypatch, no_network):
+    import time
+
+    from trajinv.data import sources
+
+    config, constants = no_network
+    probed = []
+    # raising=False: so the old code, which had no probe, fails here on what it did, not on the name
+    monkeypatch.setattr(sources, "_hub_reachable", lambda endpoint: probed.append(endpoint) or False, raising=False)
+    # Not cached: one line naming the dataset, at once (datasets alone retried for ~27 s).
+    t0 = time.monotonic()
+    name = "trajinv-test/not-cached"
+    msg = _one_line_error(lambda: load_data(DataConfig(source=f"hf:{name}", cache_dir=str(tmp_path))),
+                          repr(name), "unreachable", "not in the local cache", "--data stdlib", "--data PATH")
+    assert time.monotonic() - t0 < 10, msg
+    assert probed == [config.HF_ENDPOINT]
+    assert config.HF_HUB_OFFLINE is False and constants.HF_HUB_OFFLINE is False  # restored
+    # Cached: loads offline, also with max_tokens (which streams when the hub is there).
+    docs = _docs(12)
+    _cache_hub_dataset(tmp_path / "hf", "trajinv-test/tiny", docs)
+    d = load_data(DataConfig(source="hf:trajinv-test/tiny", cache_dir=str(tmp_path)))
+    assert sorted(_split_docs(d.train) + _split_docs(d.val)) == sorted(docs)
+    capped = load_data(DataConfig(source="hf:trajinv-test/tiny", cache_dir=str(tmp_path), max_tokens=300))
+    assert capped.train.size + capped.val.size == 300
+    assert config.HF_HUB_OFFLINE is False and constants.HF_HUB_OFFLINE is False
+
+
+def test_hub_probe(monkeypatch):
+    """The probe opens a TCP connection to the endpoint, or to the proxy in front of it; all local."""
+    import socket
+
+    from trajinv.data.sources import _hub_reachable
+
+    for var in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+        monkeypatch.delenv(var.upper(), raising=False)
+    with socket.socket() as listening, socket.socket() as closed:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, not listening: refused
+        assert _hub_reachable(f"http://127.0.0.1:{listening.getsockname()[1]}")
+        assert not _hub_reachable(f"http://127.0.0.1:{closed.getsockname()[1]}", timeout=1)
+        # Behind a proxy the probe asks the proxy (here the listening socket), never the hub's name.
+        monkeypatch.setenv("https_proxy", f"http://127.0.0.1:{listening.getsockname()[1]}")
+        real = socket.getaddrinfo
+
+        def local_only(host, *a, **k):
+            if host != "127.0.0.1":
+                raise socket.gaierror(socket.EAI_NONAME, f"looked up {host}")
+            return real(host, *a, **k)
+
+        monkeypatch.setattr(socket, "getaddrinfo", local_only)
+        assert _hub_reachable("https://huggingface.co")
+        monkeypatch.setenv("no_proxy", "huggingface.co")
+        assert not _hub_reachable("https://huggingface.co")

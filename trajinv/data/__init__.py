@@ -13,8 +13,11 @@ Sources (``DataConfig.source``):
 - a path to a ``.txt`` / ``.jsonl`` (``.json``) / ``.parquet`` file, or a folder
   of them (searched recursively, sorted). A text file is one document; a jsonl
   line or parquet row is one document, its text in ``text_field``.
-- ``"hf:<name>[:<config>]"``: the ``train`` split of a hub dataset (online only;
-  with ``max_tokens`` it is streamed, so only what is used is downloaded).
+- ``"hf:<name>[:<config>]"``: the ``train`` split of a hub dataset (with
+  ``max_tokens`` it is streamed, so only what is used is downloaded). The hub is
+  probed first (a TCP connect, 3 s): when it is unreachable, or ``HF_HUB_OFFLINE``
+  is set, the dataset is read from the local Hugging Face cache (not streamed), and
+  one line says so if it is not there.
 
 Pipeline: documents -> ``Dataset.map(batched=True)`` with the tokenizer ->
 one flat token stream, each document followed by the separator (byte 0 for

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import numbers
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +17,14 @@ def check_int(name: str, value: Any, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
         raise DataError(f"{name} must be an integer >= {lo}, got {value!r}")
     return int(value)
+
+
+def _source_of(tokens: np.ndarray) -> str:
+    """The data source a cached split was tokenized from, for messages: its manifest sits beside the memmap."""
+    try:
+        return repr(json.loads((Path(tokens.filename).parent / "manifest.json").read_text())["source"])
+    except (AttributeError, TypeError, OSError, ValueError, KeyError):
+        return "the data"
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +70,9 @@ def validation_batches(tokens: np.ndarray, seq_len: int, n_seqs: int, batch_size
     width = seq_len + 1
     fit = tokens.size // width
     if n_seqs > fit:
-        raise DataError(f"n_seqs {n_seqs} windows of {width} tokens do not fit in {tokens.size} tokens (at most {fit})")
+        fix = f"lower --eval-seqs to at most {fit} (or give more data)" if fit else "give more data (or a shorter context)"
+        raise DataError(f"the validation split of {_source_of(tokens)} holds {tokens.size} tokens, enough for at most "
+                        f"{fit} windows of context {seq_len} + 1 tokens, not --eval-seqs {n_seqs}: {fix}")
     stride = (tokens.size - width) // (n_seqs - 1) if n_seqs > 1 else 0
     starts = np.arange(n_seqs, dtype=np.int64) * stride
     return [_windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, n_seqs, batch_size)]

@@ -7,14 +7,19 @@ that returns a Hugging Face dataset and its text column.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
+import socket
 import sys
 import sysconfig
+import threading
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+from urllib.parse import urlsplit
 
 from trajinv.config import DataConfig
 
@@ -124,10 +129,20 @@ def _file_source(source: str, text_field: str) -> _Source:
                 continue
             kwargs = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
             try:
-                ds = datasets.load_dataset(
-                    builder, data_files=group, split="train", cache_dir=str(scratch), keep_in_memory=True, **kwargs
-                )
+                with _no_progress_bars():
+                    ds = datasets.load_dataset(
+                        builder, data_files=group, split="train", cache_dir=str(scratch), keep_in_memory=True, **kwargs
+                    )
+                if builder == "json":  # pyarrow's JSON reader keeps invalid UTF-8, which would fail mid-tokenize
+                    ds.data.validate(full=True)
             except Exception as e:
+                # datasets reports bad encoding as "An error occurred while generating the dataset":
+                # find the file and byte it means (only on failure, so a good corpus is read once).
+                bad = _first_non_utf8(group) if builder != "parquet" else None
+                if bad is not None:
+                    where = f"{bad[0]!r} (in {source!r})" if bad[0] != str(path) else repr(bad[0])
+                    raise DataError(f"data file {where} is not UTF-8 text: invalid byte 0x{bad[2]:02x} "
+                                    f"at offset {bad[1]}; convert it to UTF-8") from None
                 raise DataError(f"cannot read {builder} data from {source!r}: {one_line(e)}") from None
             column = "text" if builder == "text" else text_field
             if column not in ds.column_names:
@@ -153,12 +168,26 @@ def _hub_source(source: str, text_field: str, max_tokens: int | None, cache_root
         import datasets
 
         label = f"{name!r}" + (f" (config {config!r})" if config else "")
+        # Without a network datasets retries for ~30 s before failing: probe once, and when the hub
+        # is unreachable read the local cache in offline mode (no streaming: it needs the hub).
+        endpoint = datasets.config.HF_ENDPOINT
+        offline = bool(datasets.config.HF_HUB_OFFLINE)
+        unreachable = not offline and not _hub_reachable(endpoint)
         try:
-            ds = datasets.load_dataset(
-                name, config, split="train", cache_dir=str(cache_root / "hf"), streaming=max_tokens is not None
-            )
+            with _hub_offline() if unreachable else nullcontext():
+                ds = datasets.load_dataset(
+                    name, config, split="train", cache_dir=str(cache_root / "hf"),
+                    streaming=max_tokens is not None and not (offline or unreachable),
+                )
         except Exception as e:
-            raise DataError(f"cannot load hub dataset {label}: {one_line(e)}") from None
+            if not (offline or unreachable):
+                raise DataError(f"cannot load hub dataset {label}: {one_line(e)}") from None
+            why = f"the hub {endpoint} is unreachable" if unreachable else "offline mode is on (HF_HUB_OFFLINE)"
+            # Offline, datasets raises ConnectionError when nothing is cached; anything else (another
+            # config cached, a damaged cache) is worth its own words.
+            cache = "it is not in the local cache" if isinstance(e, ConnectionError) else f"the local cache fails: {one_line(e)}"
+            raise DataError(f"cannot load hub dataset {label}: {why} and {cache}; "
+                            f"use the offline default (--data stdlib) or --data PATH to your own files") from None
         if ds.column_names is not None and text_field not in ds.column_names:
             raise DataError(f"text_field {text_field!r} not found in hub dataset {label} (columns: {', '.join(ds.column_names)})")
         return ds, text_field
@@ -173,6 +202,84 @@ def resolve_source(cfg: DataConfig, cache_root: Path) -> _Source:
         return _hub_source(cfg.source, cfg.text_field, cfg.max_tokens, cache_root)
     return _file_source(cfg.source, cfg.text_field)
 
+
+
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub endpoint (or the proxy in front of it) opens within `timeout` s."""
+    from urllib.request import getproxies, proxy_bypass
+
+    url = urlsplit(endpoint)
+    proxy = getproxies().get(url.scheme)
+    if proxy and url.hostname and not proxy_bypass(url.hostname):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((url.hostname, port), timeout=timeout).close()
+            ok.append(True)
+        except (OSError, UnicodeError):
+            pass
+
+    # In a thread: create_connection's timeout does not cover the DNS lookup, which can hang longer.
+    t = threading.Thread(target=connect, daemon=True)
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+@contextmanager
+def _hub_offline():
+    """datasets and huggingface_hub in offline mode (read from the cache, no requests), restored after.
+
+    Their HF_HUB_OFFLINE environment variables are read at import; these module flags are what
+    they consult at each call."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+@contextmanager
+def _no_progress_bars():
+    """datasets' progress bars off, then back on: a read that fails would leave its bar's line above
+    the one-line error. HF_DATASETS_DISABLE_PROGRESS_BARS, when set, has the last word."""
+    import datasets.config
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None or are_progress_bars_disabled():
+        yield
+        return
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        enable_progress_bars()
+
+
+def _first_non_utf8(files: list[str]) -> tuple[str, int, int] | None:
+    """The first file that is not UTF-8, the offset of its first bad byte and that byte; None if all decode."""
+    for name in files:
+        dec = codecs.getincrementaldecoder("utf-8")()
+        pos = 0  # file offset of the bytes read so far
+        with open(name, "rb") as f:
+            while True:
+                chunk = f.read(1 << 20)
+                start = pos - len(dec.buffer)  # the decoder sees its held-back bytes + chunk
+                try:
+                    dec.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as e:
+                    return name, start + e.start, e.object[e.start]
+                if not chunk:
+                    break
+                pos += len(chunk)
+    return None
 
 
 def one_line(e: BaseException) -> str:
