@@ -152,9 +152,13 @@ def test_a_members_run_does_not_depend_on_who_trains_beside_it(tiny_data, tiny_t
             for k in (1, 2, 3)]
     results = [t.train()[0] for t in runs]
     assert all((r.train_loss, r.val_loss) == (results[0].train_loss, results[0].val_loss) for r in results)
+    assert all(r.extra == results[0].extra for r in results)  # B_precond and B_simple too
     for name, p in runs[0].model.named_parameters():
         for t in runs[1:]:
             assert torch.equal(p[0], dict(t.model.named_parameters())[name][0]), name
+    # and what it logs: the optimizer's statistics (norms) were summed over a stacked (tensors, K) table
+    logged = [[r for r in metrics_without_time(tmp_path / f"k{k}") if r["member"] == 0] for k in (1, 2, 3)]
+    assert logged[0] and logged[1] == logged[0] and logged[2] == logged[0]
 
 
 def test_checkpoint_save_replaces_the_previous_one(tmp_path):

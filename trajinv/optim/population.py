@@ -32,9 +32,8 @@ STAT_FIELDS = ("grad_sq", "precond_grad_sq", "param_sq", "update_sq")
 class ParamStats(Mapping):
     """One step's statistics: `stats[name][field]` is a (K,) fp32 tensor.
 
-    Backed by one (params, 4, K) table (fields in STAT_FIELDS order), so sums over
-    many parameters are one indexing op and one sum (`totals`), not one op per
-    parameter; the per-name dicts are views made on access.
+    Backed by one (params, 4, K) table (fields in STAT_FIELDS order); the per-name
+    dicts are views made on access.
     """
 
     def __init__(self, names: list[str], table: torch.Tensor):
@@ -53,15 +52,18 @@ class ParamStats(Mapping):
     def totals(self, names: Iterable[str] | None = None) -> torch.Tensor:
         """(4, K): every field summed over `names` (default all); a name without statistics
         is a KeyError naming it (a missing tensor would silently shift the sum)."""
-        if names is None:
-            return self.table.sum(0)
-        rows = []
-        for n in names:
+        rows = range(len(self.names)) if names is None else []
+        for n in () if names is None else names:
             if n not in self._row:
                 raise KeyError(f"no optimizer statistics for parameter {n!r} (no gradient this step, "
                                "or statistics not requested)")
             rows.append(self._row[n])
-        return self.table[rows].sum(0)
+        # Row by row, elementwise over members: a sum over the stacked rows runs in another order for
+        # K = 1 (contiguous) than K > 1 (strided), and a member's logged norms moved with its population.
+        out = torch.zeros_like(self.table[0]) if len(self.table) else self.table.new_zeros(self.table.shape[1:])
+        for r in rows:
+            out += self.table[r]
+        return out
 
 
 class PopulationOptimizer(Protocol):
