@@ -123,3 +123,20 @@ def test_sweep_at_equal_tokens_across_batch_sizes(corpus, tmp_path):
     # A --steps that agrees with --tokens is accepted.
     agree = run("train", "--steps", "4", "--batch-size", "4", *args, "--out", str(tmp_path / "t"))
     assert agree.exit_code == 0, agree.output
+
+
+@pytest.mark.parametrize("given, lrs, wds", [
+    (["--lr", "0.01"], (0.01,), (0.5, 1.0, 2.0)),  # used to fail: "a sweep needs weight decays"
+    (["--wd", "0.5"], (4e-3, 8e-3, 1.6e-2), (0.5,)),  # used to fail: "a sweep needs at least one lr"
+    (["--elr", "0.004"], (4e-3, 8e-3, 1.6e-2), ()),  # an ELR line needs no wd
+])
+def test_sweep_takes_the_default_of_each_axis_left_out(given, lrs, wds, monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run_sweep(spec, out, **kw):
+        seen["spec"] = spec
+        return []
+
+    monkeypatch.setattr("trajinv.sweep.run_sweep", fake_run_sweep)
+    run("sweep", *given, "--out", str(tmp_path / "sw"), "--no-plots")
+    assert (seen["spec"].lrs, seen["spec"].wds) == (lrs, wds)

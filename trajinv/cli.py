@@ -288,7 +288,8 @@ def train(lrs, wds, batch_size, out, resume, **o):
 @_common
 @click.option("--lr", "lrs", multiple=True, type=float, help=f"Grid learning rates [default: {DEMO_LRS}].")
 @click.option("--lr-log2", default=None, help="Learning rates as a log2 range LO:HI[:STEP], e.g. -12:-8.")
-@click.option("--wd", "wds", multiple=True, type=float, help=f"Grid weight decays [default: {DEMO_WDS}].")
+@click.option("--wd", "wds", multiple=True, type=float,
+              help=f"Grid weight decays [default: {DEMO_WDS}, unless --elr lines are given].")
 @click.option("--wd-log2", default=None, help="Weight decays as a log2 range LO:HI[:STEP].")
 @click.option("--elr", "elrs", multiple=True, type=float,
               help="Iso-ELR lines: one member per --lr with wd = elr/lr.")
@@ -312,8 +313,9 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
 
     lrs = tuple(lrs) + (log2_range(lr_log2) if lr_log2 else ())
     wds = tuple(wds) + (log2_range(wd_log2) if wd_log2 else ())
-    if not lrs and not wds and not elrs:
-        lrs, wds = DEMO_LRS, DEMO_WDS
+    # each axis left out takes its default, as --help says (an ELR line needs no --wd)
+    lrs = lrs or DEMO_LRS
+    wds = wds or (() if elrs else DEMO_WDS)
     train_cfg, data_cfg = _configs(o)
     _check_steps_and_tokens(o, train_cfg, batch_sizes)
     spec = SweepSpec(train=train_cfg, data=data_cfg, lrs=lrs, wds=wds, elrs=tuple(elrs),

@@ -406,3 +406,15 @@ def test_a_member_that_ends_no_better_than_a_uniform_guess_is_diverged():
     assert [c.diverged for c in cs.values()] == [False, False, True]
     assert [c.diverged for c in curves([{k: v for k, v in r.items() if k != "vocab_size"} for r in recs]).values()] \
         == [False, False, False]  # without V nothing says 900 is absurd
+
+
+def test_nothing_to_compare_says_why():
+    from trajinv.analysis.invariance import default_steps
+    from trajinv.analysis.records import curves
+
+    recs = [{"run_id": "r", "member": m, "step": 5, "base_lr": 1e-2, "wd": 1.0 + m, "val_loss": None,
+             "train_loss": 3.0} for m in range(2)]
+    with pytest.raises(ValueError, match="no member has a logged value yet"):  # killed before its first eval
+        default_steps(curves(recs).values())
+    with pytest.raises(ValueError, match="every member diverged"):
+        default_steps(curves([{**r, "status": "diverged"} for r in recs]).values())

@@ -45,3 +45,24 @@ def test_a_sweep_with_a_member_without_weight_decay_gets_its_whole_report(tmp_pa
     text, paths = sweep_report(tmp_path)
     assert "iso-LR" in text and "lr=0.004,wd=0" in text
     assert {p.name for p in paths} >= {"val_loss_by_lr.png", "val_loss_by_elr.png"}
+
+
+def test_an_interrupted_sweep_is_reported_as_incomplete(small_sweep, tmp_path):
+    import shutil
+
+    d = tmp_path / "interrupted"
+    shutil.copytree(small_sweep, d)
+    lines = (d / "summary.csv").read_text().splitlines()
+    (d / "summary.csv").write_text("\n".join(lines[:3]) + "\n")  # what an interruption after 2 members leaves
+    text, _ = sweep_report(d)
+    total = len(lines) - 1
+    assert text.startswith(f"incomplete: {total - 2} of {total} members have not finished ({total - 2} not in "
+                           "summary.csv)")
+    assert not sweep_report(small_sweep)[0].startswith("incomplete")
+
+
+def test_a_tune_directory_is_pointed_to_its_stages(tmp_path):
+    (tmp_path / "stages" / "1-scan").mkdir(parents=True)
+    (tmp_path / "tune_spec.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"is a tune: its stages are sweeps; analyze one of them \(.*1-scan\)"):
+        sweep_report(tmp_path)

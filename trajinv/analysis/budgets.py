@@ -208,9 +208,30 @@ def _grid_members(spec: dict) -> set[tuple[float, float]]:
     return set(sweep_pairs(*(spec.get(k) or [] for k in ("lrs", "wds", "elrs", "points"))))
 
 
+def unfinished(root: str | Path, batch_size: str | int | None = None) -> tuple[int, int, list[str]]:
+    """(members not finished, members in all, why: e.g. '2 running', '4 not in summary.csv') of the sweep
+    in `root` (at `batch_size`, else all): neither done nor diverged, or in spec.json's grid and absent
+    from summary.csv (an interrupted sweep lists only its finished populations)."""
+    rows = load_summary(root) if (Path(root) / "summary.csv").is_file() else []
+    if batch_size is not None:
+        rows = [r for r in rows if _bs(r.get("batch_size")) == _bs(batch_size)]
+    missing, absent, why = _missing(rows, Path(root), batch_size)
+    return missing, len(rows) + absent, why
+
+
 def _check_finished(rows: list[dict], root: Path, batch_size: str | int | None) -> None:
-    """Refuse a sweep with members neither done nor diverged: failed, still running, or (against its
-    spec.json, at the batch sizes `rows` stand for) absent from summary.csv, as an interruption leaves them."""
+    """Refuse a sweep with members neither done nor diverged (`unfinished`)."""
+    missing, absent, why = _missing(rows, root, batch_size)
+    if not missing:
+        return
+    other = batch_size is None and len(_spec(root).get("batch_sizes") or []) > 1
+    raise ValueError(f"the sweep in {root} is incomplete: {missing} of {len(rows) + absent} members have not "
+                     f"finished ({', '.join(why)}); rerun the sweep command to finish them (a diverged member "
+                     "counts as finished)" + ", or fit one finished batch size with --batch-size B" * other)
+
+
+def _missing(rows: list[dict], root: Path, batch_size: str | int | None) -> tuple[int, int, list[str]]:
+    """(unfinished members, of them absent from summary.csv, why) among `rows` and spec.json's grid."""
     unended: dict[str, int] = {}
     for r in rows:
         if r.get("status") not in ("done", "diverged"):
@@ -224,14 +245,8 @@ def _check_finished(rows: list[dict], root: Path, batch_size: str | int | None) 
     except (TypeError, ValueError, ZeroDivisionError):
         raise ValueError(f"{root / 'spec.json'} is not a sweep spec (its lrs, wds, elrs or points)") from None
     absent = sum(len(grid - {_key(r["lr"], r["wd"]) for r in rows if _bs(r.get("batch_size")) == b}) for b in sizes)
-    missing = absent + sum(unended.values())
-    if not missing:
-        return
     why = [f"{n} {status}" for status, n in unended.items()] + [f"{absent} not in summary.csv"] * (absent > 0)
-    other = batch_size is None and len(spec.get("batch_sizes") or []) > 1
-    raise ValueError(f"the sweep in {root} is incomplete: {missing} of {len(rows) + absent} members have not "
-                     f"finished ({', '.join(why)}); rerun the sweep command to finish them (a diverged member "
-                     "counts as finished)" + ", or fit one finished batch size with --batch-size B" * other)
+    return absent + sum(unended.values()), absent, why
 
 
 def _spec(root: Path) -> dict:

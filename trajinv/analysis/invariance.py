@@ -155,9 +155,12 @@ def default_steps(cs: Iterable[Curve], x: str = "step") -> tuple[int, int]:
     of their last logged positions; with a shared eval grid, the last eval step
     common to all). early: see _early_step.
     """
+    cs = list(cs)
     live = [c for c in cs if not c.diverged and len(c.steps)]
     if not live:
-        raise ValueError("no non-diverged member has a logged value")
+        if cs and all(c.diverged for c in cs):
+            raise ValueError("every member diverged: nothing to compare")
+        raise ValueError("no member has a logged value yet (stopped before its first evaluation?)")
     late = int(min(c.axis(x)[-1] for c in live))
     return _early_step(live, late, x), late
 
@@ -310,9 +313,9 @@ class InvarianceReport:
         e_col, l_col = f"early ({where} {self.early_step})", f"late ({where} {self.late_step})"
         rows = [
             (head, e_col, l_col),
-            (f"iso-LR  ({n_lr} groups: same lr, wd varies)", _pm(self.iso_lr_early, self.iso_lr_early_se),
+            (f"iso-LR  ({n_lr} group{'s' * (n_lr != 1)}: same lr, wd varies)", _pm(self.iso_lr_early, self.iso_lr_early_se),
              _pm(self.iso_lr_late, self.iso_lr_late_se)),
-            (f"iso-ELR ({n_elr} groups: same lr*wd, lr varies)", _pm(self.iso_elr_early, self.iso_elr_early_se),
+            (f"iso-ELR ({n_elr} group{'s' * (n_elr != 1)}: same lr*wd, lr varies)", _pm(self.iso_elr_early, self.iso_elr_early_se),
              _pm(self.iso_elr_late, self.iso_elr_late_se)),
             ("per octave: iso-LR", _pm(self.iso_lr_early_octave, self.iso_lr_early_octave_se),
              _pm(self.iso_lr_late_octave, self.iso_lr_late_octave_se)),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from trajinv.analysis.budgets import unfinished
 from trajinv.analysis.invariance import analyze_sweep
 from trajinv.analysis.phase import format_phases, member_phases, plot_phases, predicted_transition_step
 from trajinv.analysis.plots import plot_sweep
@@ -30,8 +31,18 @@ def sweep_report(sweep_dir: str | Path, key: str = "val_loss", x: str = "step") 
     """(printed report, PNG paths written into the sweep directory); `x`: "step" or "tokens" (the axis
     of the invariance report and plots; the phases always follow steps, the clock of weight decay)."""
     root = Path(sweep_dir)
+    stages = root / "stages"  # trajinv.tune.runner.STAGES (analysis does not import the tuner)
+    if (root / "tune_spec.json").is_file() and not (root / "runs").is_dir():
+        names = sorted(p.name for p in stages.iterdir() if p.is_dir()) if stages.is_dir() else []
+        raise ValueError(f"{root} is a tune: its stages are sweeps; analyze one of them"
+                         + (f" ({', '.join(str(stages / n) for n in names)})" if names else ""))
     report = analyze_sweep(root, key=key, x=x)
     sections = [report.format()]
+    if (root / "spec.json").is_file():
+        missing, total, why = unfinished(root)
+        if missing:  # an interrupted sweep: say so before numbers that read like a finished one's
+            sections.insert(0, f"incomplete: {missing} of {total} members have not finished ({', '.join(why)}); "
+                               "below is what has run so far (rerun the sweep command to finish it)")
     paths = plot_sweep(root, key=key, x=x)
     records = load_metrics(root)
     phases = member_phases(records)
