@@ -7,7 +7,7 @@ process with the interpreter off; `compile_kernel` is the in-process primitive.
 `triton.compile` with an explicit `GPUTarget` runs the whole pipeline (TTIR ->
 TTGIR -> LLVM -> PTX -> cubin via the ptxas bundled in the wheel), so register
 pressure, spills and vector widths can be checked on a CPU-only machine. The
-tests and the bench use this to hold every kernel to "no spills, 128-bit loads".
+tests use this to hold every kernel to "no spills, 128-bit loads".
 """
 
 from __future__ import annotations

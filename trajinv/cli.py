@@ -2,8 +2,9 @@
 
 The `trajinv` console script, `python -m trajinv` and the checkout's top-level
 ``cli.py`` all run `main`. Every option that sets a config field takes its
-default, type, choices and help text from that field (`trajinv.config`), so the
-defaults have one source; the commands hold no logic.
+default, type, choices and help text from that field (`trajinv.config`,
+`SweepSpec`, `SearchConfig`), so the defaults have one source (the sweep's demo
+grid: `trajinv.sweep.DEMO_LRS`/`DEMO_WDS`); the commands hold no logic.
 """
 
 from __future__ import annotations
@@ -28,11 +29,9 @@ from trajinv.config import (
     field_doc,
 )
 from trajinv.parallel.options import scale_kwargs, scale_options
+from trajinv.sweep import DEMO_LRS, DEMO_WDS, SweepSpec
 from trajinv.tune.runner import TuneSpec
 from trajinv.tune.search import SearchConfig
-
-DEMO_LRS = (4e-3, 8e-3, 1.6e-2)
-DEMO_WDS = (0.5, 1.0, 2.0)
 
 
 def _one_line(e: BaseException) -> str:
@@ -295,8 +294,7 @@ def train(lrs, wds, batch_size, out, resume, **o):
               help="Iso-ELR lines: one member per --lr with wd = elr/lr.")
 @click.option("--batch-size", "batch_sizes", multiple=True, default=(default(TrainConfig, "batch_size"),),
               show_default=True, help="Batch sizes or schedules; each trains as its own population.")
-@click.option("--population", default=0, show_default=True, type=int,
-              help="Most members trained together; 0 = all of a batch size.")
+@field_option(SweepSpec, "population")
 @click.option("--out", default="runs/sweep", show_default=True, type=click.Path(file_okay=False),
               help="Sweep directory; rerunning the same command resumes it.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots and print the analysis.")
@@ -307,15 +305,12 @@ def train(lrs, wds, batch_size, out, resume, **o):
 def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots, x, **o):
     """Sweep lr x wd (x batch size); the defaults are the CPU demo (iso-LR and iso-ELR groups)."""
     from trajinv.parallel.runner import failures
-    from trajinv.sweep import SweepSpec, log2_range, run_sweep
+    from trajinv.sweep import default_axes, log2_range, run_sweep
 
     scale = scale_kwargs(o)
 
-    lrs = tuple(lrs) + (log2_range(lr_log2) if lr_log2 else ())
-    wds = tuple(wds) + (log2_range(wd_log2) if wd_log2 else ())
-    # each axis left out takes its default, as --help says (an ELR line needs no --wd)
-    lrs = lrs or DEMO_LRS
-    wds = wds or (() if elrs else DEMO_WDS)
+    lrs, wds = default_axes(tuple(lrs) + (log2_range(lr_log2) if lr_log2 else ()),
+                            tuple(wds) + (log2_range(wd_log2) if wd_log2 else ()), elrs)
     train_cfg, data_cfg = _configs(o)
     _check_steps_and_tokens(o, train_cfg, batch_sizes)
     spec = SweepSpec(train=train_cfg, data=data_cfg, lrs=lrs, wds=wds, elrs=tuple(elrs),

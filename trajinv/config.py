@@ -299,7 +299,7 @@ class DataConfig:
 
     source: str = "stdlib"
     """'stdlib' (embedded, offline), a .txt/.jsonl/.parquet file or folder, or hf:NAME[:CONFIG]
-    (a hub dataset's train split; offline, read from the local Hugging Face cache)."""
+    (a hub dataset's train split; from the local Hugging Face cache when the hub is unreachable)."""
 
     text_field: str = "text"
     """Column holding the text in jsonl / parquet / hub datasets (text files are always ``text``)."""

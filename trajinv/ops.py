@@ -4,7 +4,8 @@ Every linear layer and RMSNorm of `trajinv.model.GPT` goes through these two
 functions, whether the gradient noise scale is measured or not. Shapes carry a
 leading member axis K (docs/design.md, "The population axis"):
 activations (K, n, t, d), linear weights (K, out, in), norm gains (K, d).
-With `probe=None` these are plain autograd ops and cost nothing extra.
+With `probe=None` the linear is a plain `bmm` and RMSNorm the native one-pass CPU
+kernel in fp32 (torch ops elsewhere): nothing is measured, nothing extra paid.
 
 With a `Probe`, the op is a custom autograd Function whose backward computes
 dX as usual and the weight (or gain) gradient through the fused kernels of

@@ -56,6 +56,17 @@ def log2_range(text: str) -> tuple[float, ...]:
         raise ValueError(f"log2 range {text!r} overflows a float (2^{hi:g}); keep LO and HI within -1074..1023") from None
 
 
+DEMO_LRS = (4e-3, 8e-3, 1.6e-2)
+DEMO_WDS = (0.5, 1.0, 2.0)
+"""`trajinv sweep`'s grid when an axis is left out: the CPU demo's 3 x 3, iso-LR and iso-ELR groups."""
+
+
+def default_axes(lrs: Sequence[float], wds: Sequence[float], elrs: Sequence[float]
+                 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(lrs, wds) with each axis left out filled from the demo grid; ELR lines need no wd."""
+    return tuple(lrs) or DEMO_LRS, tuple(wds) or (() if elrs else DEMO_WDS)
+
+
 @dataclass(frozen=True)
 class SweepSpec:
     """What to sweep; everything not listed here comes from `train`."""
@@ -75,7 +86,8 @@ class SweepSpec:
     batch_sizes: tuple[str, ...] = ("32",)
     """Batch sizes or batch-size schedules; each is its own population."""
     population: int = 0
-    """Most members trained together (memory); 0 = all members of a batch size at once."""
+    """Most members trained together; 0 = as many as fit the device's free memory (all of a batch size
+    if they fit; a rerun keeps the stored split)."""
 
     def members(self) -> tuple[Member, ...]:
         return tuple(Member(lr, wd) for lr, wd in sweep_pairs(self.lrs, self.wds, self.elrs, self.points))

@@ -8,6 +8,8 @@
 - `phase`: one run's weight-norm equilibrium and regime, without a grid.
 - `scaling`: optimal lr / wd / ELR against the token budget, as power laws.
 - `tuning_curves`: expected best loss after n random-search trials (opda).
+- `budgets`: one token budget's optimum from a sweep or tune directory (`trajinv fit`).
+- `report`: the text and plots of `trajinv analyze`.
 """
 
 from trajinv.analysis.invariance import InvarianceReport, analyze_sweep, invariance_report, transition_step

@@ -25,8 +25,8 @@ rescan, S starts at C's best member, so the two still cross at a member. Along E
 S locates the optimal ELR and C the optimal lr; along lr, S the optimal lr and C the
 optimal wd. A 2-D quadratic is not identifiable from two crossing lines, so each line
 gets its own 1-D fit, and the optimum is where they put it (the ratio or product of
-the two, its log2 variance the sum of theirs). A line with fewer than 3 values leaves
-its quantity untuned (lr without a check line: `tuned_axes` says so).
+the two, its log2 variance the sum of theirs). An lr line with fewer than 3 values leaves
+lr untuned (`tuned_axes` says so); a wd line with a single value is refused.
 """
 
 from __future__ import annotations

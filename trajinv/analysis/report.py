@@ -8,7 +8,7 @@
    trainer logs (`weight_norm_matrix`, ...); older metrics files skip it.
 3. Tuning curves (`tuning_curves`): the expected best loss after n random-search
    trials over the 2-D box and along one ELR line. Needs opda and at least
-   `MIN_TRIALS` finished members; skipped (with a note) otherwise.
+   `MIN_TRIALS` finished members: without opda a one-line note, with fewer members nothing.
 """
 
 from __future__ import annotations
