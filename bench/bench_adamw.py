@@ -1,9 +1,9 @@
 """Bench: torch AdamW (for-loop / foreach / fused) against FusedAdamW (CPU path; Triton path on CUDA).
 
-Per provider: max |error| against an fp64 AdamW run on the same grads, median
-step time, bytes moved per parameter, effective GB/s and that as a fraction of
-this machine's measured copy bandwidth, and launches (CUDA) or aten ops (CPU)
-per step.
+Per provider: max |error| against an fp64 AdamW run on the same grads, step
+time (best of N: the least disturbed by other work on a shared machine), bytes moved per parameter, effective GB/s and that as a fraction of
+this machine's measured copy bandwidth, and launches (CUDA) or aten ops plus native
+kernel calls (CPU) per step.
 
 Bytes are *counted*, not assumed: a TorchDispatchMode records every aten op a
 step runs and adds the bytes of the tensors it reads (inputs) and writes
@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_csv import results_dir
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -212,9 +213,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, few steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "adamw.csv"))
+    ap.add_argument("--out", default=None, help="CSV path (default: adamw.csv in results_csv.results_dir)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
+    args.out = args.out or results_dir(args.quick) / "adamw.csv"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
     if args.threads:
         torch.set_num_threads(args.threads)
     n_params, n_tensors, steps, timed = (1_000_000, 60, 3, 10) if args.quick else (16_000_000, 150, 5, 30)
@@ -250,10 +254,10 @@ def main() -> None:
     launch_name = "launches/step" if args.device == "cuda" else "aten ops/step"
     print(f"{n_params:,} params in {n_tensors} tensors on {args.device}; copy bandwidth {bw:.1f} GB/s; "
           f"threads={torch.get_num_threads()}")
-    print(f"{'provider':22} {'max err':>9} {'ms/step':>8} {'x fused':>8} {'B/param':>8} {'GB/s':>7} "
+    print(f"{'provider':26} {'max err':>9} {'ms/step':>8} {'x fused':>8} {'B/param':>8} {'GB/s':>7} "
           f"{'of copy':>8} {launch_name:>14}")
     for r in rows:
-        print(f"{r['provider']:22} {r['max_err']:9.2e} {r['step_ms']:8.2f} {r['vs_torch_fused']:8.2f} "
+        print(f"{r['provider']:26} {r['max_err']:9.2e} {r['step_ms']:8.2f} {r['vs_torch_fused']:8.2f} "
               f"{r['bytes_per_param']:8.1f} {r['gbps']:7.1f} {r['frac_copy_bw']:8.2f} {r['launches']:>14}")
     print(f"wrote {args.out}")
 

@@ -29,13 +29,12 @@ from pathlib import Path
 
 import torch
 
-from results_csv import RESULTS_DIR, write_csv
+from results_csv import results_dir, write_csv
 from trajinv.config import Member, TrainConfig, preset
 from trajinv.data import DataConfig, load_data
 from trajinv.gns import GNSConfig
 from trajinv.train import Trainer
 
-RESULTS = RESULTS_DIR / "gns.csv"
 # (label, GNS mode, every)
 MODES = (("off", "off", 1), ("micro-batch", "micro-batch", 1), ("per-example", "per-example", 1),
          ("micro-batch/4", "micro-batch", 4), ("per-example/4", "per-example", 4))
@@ -73,6 +72,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                     help="where the trainers run (cuda: the Triton kernels)")
     args = ap.parse_args()
+    if args.steps is not None and (args.steps <= 0 or args.steps % 4):
+        ap.error(f"--steps must be a positive multiple of 4 (one measured step in four: whole cycles), got {args.steps}")
     cases = ["tiny:1"] if args.quick else args.cases.split(",")
     default_steps = {"tiny": 48, "small": 12}
     data = load_data(DataConfig())
@@ -103,7 +104,9 @@ def main() -> None:
     for r in rows:
         print(f"{r['preset']:8s} {r['members']:3d} {r['mode']:14s} {r['step_ms']:9.1f} {r['ratio_to_off']:7.3f} "
               f"{r['target']:7.2f}{'' if r['meets_target'] else '  MISSED'}")
-    write_csv(RESULTS, rows)
+    print("step ms: the median step, or for a mode measured one step in four the mean over whole cycles; "
+          "x off: the median over cycles of their time against the same cycles off")
+    write_csv(results_dir(args.quick) / "gns.csv", rows)
 
 
 if __name__ == "__main__":

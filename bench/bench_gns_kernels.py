@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from results_csv import results_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trajinv.kernels import accumulate as ACC  # noqa: E402
@@ -284,8 +285,9 @@ def _fmt(v) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats, time only one linear per model")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gns_kernels.csv"))
+    ap.add_argument("--out", default=None, help="CSV path (default: gns_kernels.csv in results_csv.results_dir)")
     args = ap.parse_args()
+    args.out = args.out or results_dir(args.quick) / "gns_kernels.csv"
     table = rows(args.quick)
     show = [c for c in COLUMNS if c != "note"]
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in table)) for c in show}

@@ -31,13 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from results_csv import RESULTS_DIR, write_csv
+from results_csv import RESULTS_DIR, results_dir, scratch, write_csv
 from trajinv.analysis.invariance import transition_step
 from trajinv.analysis.phase import member_phases, predicted_transition_step
 from trajinv.analysis.plots import save_png
@@ -152,7 +151,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one small sweep in a scratch folder: a smoke test")
     args = ap.parse_args()
     if args.quick:
-        dirs = [ensure_sweep("quick", Path(tempfile.mkdtemp(prefix="bench-phase-")), quick=True)]
+        dirs = [ensure_sweep("quick", scratch("bench-phase-"), quick=True)]
     else:
         dirs = [ensure_sweep(name) for name in SWEEPS]
         dirs += [d for d in sorted((RESULTS_DIR / "tune").glob("grid-s*")) if finished(d)]
@@ -179,8 +178,8 @@ def main() -> None:
     print(f"where only one sees a switch: {len(one)} ({sum(r['predicted'] is not None for r in one)} predicted "
           f"but not observed, {sum(r['observed'] is not None for r in one)} observed but not predicted); "
           f"both see none: {sum(r['verdict'] == 'agree: no switch' for r in rows)}")
-    write_csv(RESULTS_DIR / "phase.csv", rows)
-    print(f"wrote {plot(rows, RESULTS_DIR / 'phase.png')}")
+    write_csv(results_dir(args.quick) / "phase.csv", rows)
+    print(f"wrote {plot(rows, results_dir(args.quick) / 'phase.png')}")
 
 
 if __name__ == "__main__":

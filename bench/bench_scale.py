@@ -11,7 +11,7 @@
 
 Wall times include starting the worker processes (what a user waits for);
 "train_s" is the training loop alone (the trainers' own clocks; for the sweep
-their sum over the workers). member-tokens/s = members x steps x batch x context / wall
+their sum divided by the number of workers: each worker's share). member-tokens/s = members x steps x batch x context / wall
 time. Configurations alternate over --repeats and the median is reported; on a
 shared machine the ratio is what to read.
 
@@ -34,12 +34,11 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as tmp
 
-from results_csv import RESULTS_DIR, write_csv
+from results_csv import results_dir, write_csv
 from trajinv.config import Member, OptimConfig, TrainConfig, preset
 from trajinv.data import DataConfig, load_data
 from trajinv.sweep import SweepSpec, run_sweep
 
-RESULTS = RESULTS_DIR / "scale.csv"
 DATA = DataConfig(max_tokens=1_000_000)
 
 
@@ -117,13 +116,15 @@ def main() -> None:
     context = preset("tiny").context
     sweep_tokens = 4 * members * steps * batch * context  # 4 wds -> 4 populations of `members`
     ddp_tokens = members * steps * batch * context
+    world = max(w for w in range(1, cores + 1) if batch % w == 0)  # one rank a core, as the batch splits
     configs = [("sweep", f"1 worker x {cores} threads", 1, cores, lambda: sweep_once(["cpu"], steps, members, batch),
                 sweep_tokens),
                ("sweep", f"{cores} workers x 1 thread", cores, 1,
                 lambda: sweep_once(["cpu"] * cores, steps, members, batch), sweep_tokens),
                ("ddp", f"world 1 x {cores} threads", 1, cores, lambda: ddp_once(1, cores, steps, members, batch),
                 ddp_tokens),
-               ("ddp", "world 2 x 1 thread", 2, 1, lambda: ddp_once(2, 1, steps, members, batch), ddp_tokens)]
+               ("ddp", f"world {world} x 1 thread", world, 1, lambda: ddp_once(world, 1, steps, members, batch),
+                ddp_tokens)]
     times: dict[int, list[tuple[float, float]]] = {i: [] for i in range(len(configs))}
     for _ in range(repeats):  # alternate, so a burst of load hits every configuration alike
         for i, c in enumerate(configs):
@@ -145,7 +146,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['experiment']:10s} {r['config']:22s} {r['wall_s']:8.2f} {r['train_s']:8.2f} "
               f"{r['member_tokens_per_s']:13d} {r['throughput_ratio']:6.3f} {r['train_ratio']:11.3f}")
-    write_csv(RESULTS, rows)
+    write_csv(results_dir(args.quick) / "scale.csv", rows)
 
 
 if __name__ == "__main__":

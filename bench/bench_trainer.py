@@ -22,13 +22,12 @@ import time
 
 import torch
 
-from results_csv import RESULTS_DIR, write_csv
+from results_csv import results_dir, write_csv
 from trajinv.config import Member, OptimConfig, TrainConfig, preset
 from trajinv.data import DataConfig, load_data, sample_batch
 from trajinv.model import GPT
 from trajinv.train import Trainer
 
-RESULTS = RESULTS_DIR / "trainer.csv"
 
 
 def plain_loop(cfg: TrainConfig, data, steps: int, batch: int) -> float:
@@ -97,7 +96,7 @@ def main() -> None:
     for r in rows:
         print(f"{r['comparison']:32s} {r['seconds']:8.2f} {r['tokens_per_s']:16.0f} {r['ratio']:7.2f}")
     print("ratio: trainer throughput / plain loop, and population speedup over sequential runs")
-    write_csv(RESULTS, rows)
+    write_csv(results_dir(args.quick) / "trainer.csv", rows)
 
 
 if __name__ == "__main__":

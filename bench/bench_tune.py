@@ -51,7 +51,6 @@ import argparse
 import functools
 import math
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -59,7 +58,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from results_csv import RESULTS_DIR, write_csv
+from results_csv import RESULTS_DIR, results_dir, scratch, write_csv
 from trajinv.analysis.plots import save_png
 from trajinv.config import DataConfig, Member, ScheduleConfig, TrainConfig, preset
 from trajinv.sweep import SweepSpec, run_sweep
@@ -254,7 +253,7 @@ def main() -> None:
     grid_cost = len(lrs) * len(wds) * steps
     budget = grid_cost if args.quick else grid_cost // 3  # quick: room for the lr search its few steps call for
     # the full bench keeps its runs (reruns reuse them); --quick trains afresh in a scratch folder
-    out = Path(tempfile.mkdtemp(prefix="bench-tune-")) if args.quick else OUT
+    out = scratch("bench-tune-") if args.quick else OUT
     grids = [reference_grid(s, args.quick, data, out, args.devices) for s in seeds]
     sigma = seed_noise(grids) if len(grids) > 1 else float("nan")
     rows, per_method = [], {"random": {}, "tpe": {}}
@@ -345,10 +344,10 @@ def main() -> None:
     if math.isfinite(tune_held) and math.isfinite(other):
         print(f"  held-out: tune {tune_held:.4f} vs {other:.4f}: {verdict(tune_held, other)}")
         print(f"  {describe_paired(paired([r['heldout'] for r in tune_rows], [r['heldout'] for r in tpe_rows]))}")
-    write_csv(RESULTS_DIR / "tune.csv", rows, ["method", "seed", "member_steps", "regret", "regret_q25",
+    write_csv(results_dir(args.quick) / "tune.csv", rows, ["method", "seed", "member_steps", "regret", "regret_q25",
                                                "regret_q75", "band_lo", "band_hi", "table", "heldout", "runs",
                                                "grid_best", "lr", "wd", "axis", "check_within_noise"])
-    plot(per_method, opda, tune_rows, tpe_rows, sigma, grid_cost, RESULTS_DIR / "tune.png")
+    plot(per_method, opda, tune_rows, tpe_rows, sigma, grid_cost, results_dir(args.quick) / "tune.png")
 
 
 def verdict(tune: float, other: float) -> str:

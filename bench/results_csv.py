@@ -1,11 +1,34 @@
-"""Shared by the bench scripts: write a results table as CSV (bench/results/ by default)."""
+"""Shared by the bench scripts: where results go (`results_dir`) and a table as CSV.
+
+A full run writes bench/results/ (git-ignored; the README's figures come from it); a
+`--quick` run writes bench/results/quick/, so a smoke test (`make test`, `make bench`)
+never replaces a full run's table with its own. TRAJINV_BENCH_RESULTS moves both.
+"""
 
 from __future__ import annotations
 
+import atexit
 import csv
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).parent / "results"
+"""Full runs' results, and the caches the tuning bench trains into (bench/results/tune/)."""
+
+
+def results_dir(quick: bool = False) -> Path:
+    """Where a run's tables and plots go: RESULTS_DIR (or $TRAJINV_BENCH_RESULTS), `quick/` below it for --quick."""
+    root = Path(os.environ.get("TRAJINV_BENCH_RESULTS") or RESULTS_DIR)
+    return root / "quick" if quick else root
+
+
+def scratch(prefix: str) -> Path:
+    """A temporary folder for a --quick run's training, removed when the script exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> Path:

@@ -42,7 +42,7 @@ from typing import Callable
 import numpy as np
 
 from bench_tune import LR_LOG2, OUT, SETTING, TUNE, WD_LOG2, _tpe_in_populations, train_config
-from results_csv import RESULTS_DIR, write_csv
+from results_csv import results_dir, write_csv
 from trajinv.tune.runner import TuneSpec, first_regime, lr_search
 from trajinv.tune.search import Outcome, Point, Search, SearchConfig, Stage
 
@@ -226,7 +226,7 @@ def main() -> None:
         rows.append({"setting": name, **r, "reps": reps})
         print(f"{name:<30} {r['regret']:>14.4f} {r['regret_sd']:>7.4f} {r['heldout']:>9.4f} {r['heldout_sd']:>7.4f}",
               flush=True)
-    write_csv(RESULTS_DIR / "tune_surrogate.csv", rows, ["setting", "regret", "regret_sd", "heldout", "heldout_sd",
+    write_csv(results_dir(args.quick) / "tune_surrogate.csv", rows, ["setting", "regret", "regret_sd", "heldout", "heldout_sd",
                                                          "reps"])
 
 

@@ -19,13 +19,15 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
                                          ("tune_surrogate.py", "tune_surrogate.csv"),
                                          ("bench_scale.py", "scale.csv"),
                                          ("bench_phase.py", "phase.csv")])
-def test_bench_script_runs_quick(script, csv):
+def test_bench_script_runs_quick(script, csv, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(BENCH.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env["TRAJINV_BENCH_RESULTS"] = str(tmp_path)  # a full run's tables in bench/results/ stay as they are
     proc = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "wrote" in proc.stdout and (BENCH / "results" / csv).exists()
+    # --quick writes below quick/, never where a full run's table lives
+    assert "wrote" in proc.stdout and (tmp_path / "quick" / csv).is_file() and not (tmp_path / csv).exists()
 
 
 def test_bench_tune_rejects_an_empty_tpe_population_in_one_line():
