@@ -159,8 +159,7 @@ CLI_CASES = [
     (SWEEP + ["--lr", "0.01", "--elr", "0"], "0.0"),
     (SWEEP + ["--lr", "0.01", "--elr", "-1"], "-1"),
     (SWEEP + ["--lr", "0.01", "--elr", "inf"], "inf"),
-    (SWEEP + ["--lr", "0.01"], "--wd"),
-    (SWEEP + ["--wd", "0.5"], "lr"),
+    (SWEEP + ["--lr", "2", "--wd", "1"], "lr*wd = 2 >= 1"),  # decay would flip the weights every step
     (SWEEP + ["--lr", "0.01", "--wd", "-0.5"], "-0.5"),
     (SWEEP + ["--population", "-1"], "-1"),
     (SWEEP + ["--batch-size", "0"], "'0'"),
