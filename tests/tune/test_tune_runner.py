@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from trajinv import cli
+from trajinv.analysis.budgets import load_budget
 from trajinv.config import DataConfig, Member, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
 from trajinv.tune.report import (HEATMAP_PNG, RESULT, CURVE_PNG, build_curve_figure, format_summary, to_json,
                                   write_report)
@@ -159,6 +160,10 @@ def test_members_that_learned_nothing_count_as_diverged(tmp_path, tiny_data):
     rows = [r for sr in run.stages if (sr.directory / "summary.csv").is_file()  # not when none was trainable
             for r in csv.DictReader(open(sr.directory / "summary.csv"))]
     assert any(r["status"] == "done" for r in rows), "no member ended finite: the case is not exercised"
+    assert any(not (sr.directory / "summary.csv").is_file() for sr in run.stages), "no stage was all untrainable"
+    write_report(run, tmp_path)
+    with pytest.raises(ValueError, match="no recommendation"):  # not a missing stage summary
+        load_budget(tmp_path)
 
 
 def test_points_whose_decay_would_flip_the_weights_count_as_diverged_untrained(tmp_path, tiny_data):

@@ -95,7 +95,9 @@ def _from_tune(root: Path, n_boot: int, seed: int, batch_size: str | int | None 
         raise ValueError(f"the tune in {root} has no recommendation (every member diverged)")
     axis = data.get("axis", "elr")
     stages = [s for s in data["stages"] if s.get("axis", axis) == axis]  # an lr tune's first ELR scan aside
-    rows = [r for s in data["stages"] for r in load_summary(root / s["directory"])]
+    # a stage whose every point was untrainable (lr*wd >= 1) trained nothing and wrote no summary
+    rows = [r for s in data["stages"] if (root / s["directory"] / "summary.csv").is_file()
+            for r in load_summary(root / s["directory"])]
     if batch_size is not None and (found := _batch_sizes(rows)) != [_bs(batch_size)]:
         raise ValueError(f"the tune in {root} trained at batch size {', '.join(found)}, not {_bs(batch_size)} "
                          "(--batch-size)")
