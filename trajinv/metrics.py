@@ -144,5 +144,9 @@ def step_records(run, mult: float, bs: int, loss, grad_norm, stats, gns: dict | 
         if gns is not None:
             rec.update({f"gns_{key}" if "norm" in key else key: num(gns[key][k]) for key in LOG_KEYS})
             rec["gns_w_identity"] = bool(gns["w_identity"][k])
+        elif run.last_gns:
+            # a logged step that was not measured (--gns-every N): the running estimates as they stand,
+            # which no step between measurements moves (the raw ones belong to measured steps only)
+            rec.update({key: num(v[k]) for key, v in run.last_gns.items()})
         out.append(rec)
     return out

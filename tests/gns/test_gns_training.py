@@ -111,8 +111,14 @@ def test_every_nth_step_measured_and_probes_detached_between(tiny_data, tiny_tra
     tr.train(until=2)
     assert tr.model.probes == {}  # step 1 was not measured: plain autograd
     tr.train()
-    measured = [r["step"] for r in _records(tmp_path) if "b_precond" in r]
+    recs = _records(tmp_path)
+    measured = [r["step"] for r in recs if "b_precond" in r]
     assert measured == [1, 4]  # steps 0 and 3 (0-based), logged after the update
+    # every later logged line carries the running estimates as they stand (--gns-every 10 --log-every 10
+    # used to log none at all): unchanged until the next measured step
+    assert all("b_precond_smooth" in r and "b_precond_robust" in r for r in recs)
+    assert recs[1]["b_precond_smooth"] == recs[2]["b_precond_smooth"]
+    assert recs[1]["b_precond_smooth"] == pytest.approx(recs[0]["b_precond_smooth"], rel=1e-6)  # kept in fp32
 
 
 def test_bad_gns_every():

@@ -41,6 +41,10 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     # every stage trains with micro-batch GNS on (B_precond for the regime, at no extra runs)
     assert spec.stage_train().gns.mode == "micro-batch" and spec.stage_train().micro_batch == 2
     assert run.stages[0].b_precond, "the first stage measured no B_precond"
+    # the regime reads the robust statistic, the one the summary's batch_regime label is made of
+    first = list(csv.DictReader(open(run.stages[0].directory / "summary.csv")))
+    robust = sorted(float(r["b_precond_robust"]) for r in first if r["b_precond_robust"])
+    assert sorted(run.stages[0].b_precond) == pytest.approx(robust, rel=1e-6)
     assert run.regime is not None and run.regime.axis in ("elr", "lr")
     trained = [p.key for sr in run.stages for p in sr.stage.points]
     assert len(trained) == len(set(trained)), "a point was trained twice"
@@ -177,3 +181,15 @@ def test_points_whose_decay_would_flip_the_weights_count_as_diverged_untrained(t
     rows = list(csv.DictReader(open(first.directory / "summary.csv")))
     assert len(rows) == len(first.stage.points) - 1 and first.member_steps == len(rows) * TINY["steps"]
     assert any("not trained: their decay per step (lr*wd) is >= 1" in n for n in run.notes)
+
+
+def test_gns_options_the_stages_replace_are_named_in_notes():
+    from trajinv.gns import GNSConfig
+    from trajinv.tune.runner import _stage_overrides
+
+    spec = _spec()
+    assert _stage_overrides(spec) == []  # nothing given, nothing replaced
+    given = replace(spec, train=replace(spec.train, gns=GNSConfig(mode="per-example"), micro_batch=3))
+    notes = _stage_overrides(given)
+    assert notes[0].startswith("--gns per-example replaced by micro-batch")
+    assert notes[1].startswith("--micro-batch 3 does not split batch 8") and notes[1].endswith("the stages use 2")

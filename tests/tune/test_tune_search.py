@@ -365,6 +365,7 @@ def test_large_batch_is_lr_with_a_small_batch_first_schedule(b_precond, batch, s
     regime = classify_regime(b_precond, batch, steps, 8e-3, 0.1, min_transitions=3.0)
     assert (regime.axis, regime.small_batch) == ("lr", False)
     assert "large batch" in regime.reason and schedule in regime.reason
+    assert "with --tokens" in regime.reason  # at --steps the schedule's small phase trains fewer tokens
     small = int(schedule.split("@")[0])
     assert ("more tokens are needed" in regime.reason) is (0.5 * steps * batch / small * 8e-4 < 3)
     assert regime.batch_schedule == schedule

@@ -226,7 +226,9 @@ def classify_regime(b_precond: float | None, batch_size: int, steps: int, lr: fl
     axis: Axis = "elr" if small is not False and enough else "lr"
     schedule = _small_batch_first(b_precond, batch_size, steps, lr * wd, min_transitions) if small is False else None
     if schedule:
-        reasons.append(f"a small-batch phase first recovers ELR invariance: batch-size schedule {schedule}")
+        reasons.append(f"a small-batch phase first recovers ELR invariance: batch-size schedule {schedule}, "
+                       "with --tokens at this run's token budget (its switch point is a fraction of the tokens; "
+                       "at a step count the small batch would train fewer)")
         small_batch = int(schedule.split("@")[0])
         # the phase is capped at half the run's tokens: that many tokens at the small batch
         if 0.5 * steps * batch_size / small_batch * lr * wd < min_transitions:

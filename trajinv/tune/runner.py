@@ -175,10 +175,25 @@ def _outcomes(stage: Stage, rows: list[dict], directory: Path, chance: float, do
         loss = row.get("final_val_loss")
         ok = row.get("status") == "done" and loss is not None and math.isfinite(float(loss)) and float(loss) < chance
         out.append(Outcome(p, float(loss) if ok else None, se.get((row["run_id"], int(row["member"])), 0.0)))
-        b = row.get("b_precond")
-        if ok and b is not None and math.isfinite(float(b)):
+        # the robust statistic, as the summary's batch_regime label (an EMA can be carried off by one spike);
+        # the smoothed one where a run predates it
+        b = row.get("b_precond_robust") if row.get("b_precond_robust") not in (None, "") else row.get("b_precond")
+        if ok and b not in (None, "") and math.isfinite(float(b)):
             bp.append(float(b))
     return tuple(out), bp
+
+
+def _stage_overrides(spec: TuneSpec) -> list[str]:
+    """Notes for the options `stage_train` replaced, so the user's own settings are not silently dropped."""
+    given, used = spec.train, spec.stage_train()
+    notes = []
+    if given.gns.mode not in ("off", used.gns.mode):
+        notes.append(f"--gns {given.gns.mode} replaced by {used.gns.mode}: the tune measures B_precond from "
+                     "micro-batches in every stage")
+    if given.micro_batch and given.micro_batch != used.micro_batch:
+        notes.append(f"--micro-batch {given.micro_batch} does not split batch {given.batch_size} into two or more "
+                     f"equal micro-batches: the stages use {used.micro_batch}")
+    return notes
 
 
 def _untrainable(train: TrainConfig, p: Point) -> bool:
@@ -243,7 +258,7 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
         regime = first_regime(spec, first.outcomes, first.b_precond)
         return regime.axis == "elr"
 
-    notes: list[str] = []
+    notes = _stage_overrides(spec)
     search = Search(spec.search_config("elr"))
     if not _drive(search, spec, out, "", progress, runs, scale, chance, classify):
         # large batch or too few steps: the loss follows lr; scan it at the wd of the scan's best member
