@@ -1,5 +1,7 @@
 """The member-axis GPT: shapes, population equivalence, presets, decay kinds."""
 
+import math
+
 import pytest
 import torch
 
@@ -126,3 +128,16 @@ def test_backward_is_deterministic_with_threads():
             assert all(torch.equal(grads[0][name], other[name]) for other in grads[1:]), name
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_built_model_is_initialised_from_its_seed():
+    # GPT(cfg) used to hold torch.empty weights (NaN losses) until init_weights was called
+    idx = torch.randint(0, 50, (3, 16), generator=torch.Generator().manual_seed(0))
+    a, b, c = GPT(_tiny(), members=2), GPT(_tiny(), members=2), GPT(_tiny(), members=2, seed=1)
+    _, loss = a(idx, idx)
+    assert torch.isfinite(loss).all() and torch.allclose(loss, torch.full((2,), math.log(50)), atol=0.1)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not torch.equal(a.wte, c.wte)
+    ref = GPT(_tiny(), members=2, seed=None)
+    ref.init_weights(torch.Generator().manual_seed(0))  # what the seed means
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), ref.parameters()))

@@ -354,3 +354,14 @@ def test_per_window_losses_leave_the_validation_loss_unchanged(tiny_data, tiny_t
 def test_no_bootstrap_logs_no_resamples(tiny_data, tiny_train_config, tmp_path):
     Trainer(tiny_train_config(eval_boot=0, steps=4), tiny_data, tmp_path).train()
     assert all("val_loss_boot" not in r and "val_loss_se" not in r for r in _records(tmp_path))
+
+
+def test_a_trainer_does_not_start_afresh_over_another_run(tiny_data, tiny_train_config, tmp_path):
+    # the CLI refused this (--resume), the Python API overwrote the run's checkpoints and metrics
+    Trainer(tiny_train_config(steps=3), tiny_data, tmp_path).train()
+    before = (tmp_path / METRICS).read_bytes()
+    with pytest.raises(ValueError, match="already holds a run; call resume"):
+        Trainer(tiny_train_config(steps=3, members=(Member(1e-3, 0.1),)), tiny_data, tmp_path).train()
+    assert (tmp_path / METRICS).read_bytes() == before
+    again = Trainer(tiny_train_config(steps=3), tiny_data, tmp_path)
+    assert again.resume() and again.train()[0].status == "done"  # resumed: a finished run reads back

@@ -74,7 +74,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, members: int = 1):
+    """A GPT with a leading member axis K on every parameter (K models, one forward).
+
+    `cfg.vocab_size` must be set (take it from the data). Built initialised from `seed`
+    (`init_weights`; every member the same weights); `seed=None` leaves the weights
+    uninitialised, for a caller that loads or initialises them itself."""
+
+    def __init__(self, cfg: ModelConfig, members: int = 1, seed: int | None = 0):
         super().__init__()
         cfg.validate()
         if cfg.vocab_size is None:
@@ -92,6 +98,8 @@ class GPT(nn.Module):
         cos, sin = rope_tables(cfg.context, d // cfg.n_heads, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        if seed is not None:
+            self.init_weights(torch.Generator().manual_seed(seed))
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -101,12 +109,17 @@ class GPT(nn.Module):
         between their trajectories then come from lr and wd alone.
         """
         std = self.cfg.init_std
+        where = generator.device if generator is not None else torch.device("cpu")
         for name, p in self.named_parameters():
             if param_kind(name, p) == "gain":
                 p.fill_(1.0)
                 continue
+            if p.is_meta:  # shapes only (memory sizing): nothing to draw
+                continue
             s = std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo", "w_down")) else std
-            one = torch.empty(p.shape[1:], device=p.device).normal_(0.0, s, generator=generator)
+            # drawn where the generator lives, then copied: a CPU generator cannot fill a CUDA tensor,
+            # and one seed gives the same weights on every device
+            one = torch.empty(p.shape[1:], device=where).normal_(0.0, s, generator=generator)
             p.copy_(one.expand_as(p))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):

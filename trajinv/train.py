@@ -103,8 +103,7 @@ class Trainer:
         self.plan = cfg.batch_plan()  # steps per batch-size stage: from cfg.tokens or cfg.steps
         self.K = len(cfg.members)
         dev = torch.device(cfg.device)
-        self.model = GPT(cfg.model, members=self.K).to(dev)
-        self.model.init_weights(torch.Generator(device="cpu").manual_seed(cfg.seed))
+        self.model = GPT(cfg.model, members=self.K, seed=cfg.seed).to(dev)
         self.optimizer = build_optimizer(self.model, cfg.members, cfg.optim, backend=cfg.kernels)
         self.kinds = {kind: [n for n, p in self.model.named_parameters() if param_kind(n, p) == kind]
                       for kind in PARAM_KINDS}
@@ -128,6 +127,7 @@ class Trainer:
         # where each member stopped when its loss turned non-finite (step, tokens); -1 while alive
         self.diverged_at = torch.full((2, self.K), -1, dtype=torch.int64)
         self._saved_step = -1
+        self._resume_asked = False  # resume() was called: train() may then start a fresh run here
 
     # ----------------------------------------------------------------- state
     def _state_tensors(self) -> dict[str, torch.Tensor]:
@@ -163,6 +163,7 @@ class Trainer:
         Raises ValueError for a checkpoint of another configuration or a metrics line
         that is not JSON (other than a half-written last line, which is dropped with a note).
         """
+        self._resume_asked = True
         if not self.run_dir.is_dir():
             return False
         clean_run_dir(self.run_dir)
@@ -301,6 +302,10 @@ class Trainer:
         `progress(step)` is called after each step.
         """
         cfg = self.cfg
+        if self.step == 0 and not self._resume_asked and self.has_checkpoint():
+            # starting afresh would replace that run's metrics and checkpoints (the CLI's --resume rule)
+            raise ValueError(f"{self.run_dir} already holds a run; call resume() first to continue it, "
+                             "or train into another directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         clock = time.perf_counter() - self.seconds
         # From step 0 the metrics start afresh: lines of an attempt that never checkpointed go.
