@@ -401,10 +401,14 @@ class TrainConfig:
             steps = sum(self.batch_plan().counts)
         except ValueError:
             return []  # validate() names that
+        out = []
         if self.schedule.warmup >= steps:
-            return [f"--warmup {self.schedule.warmup} >= the run's {steps} steps: the lr never reaches its peak "
-                    "(every member trains at a fraction of its lr); pass a shorter --warmup"]
-        return []
+            out.append(f"--warmup {self.schedule.warmup} >= the run's {steps} steps: the lr never reaches its peak "
+                       "(every member trains at a fraction of its lr); pass a shorter --warmup")
+        if self.gns.mode != "off" and self.gns.precond_warmup >= steps:
+            out.append(f"--gns-warmup {self.gns.precond_warmup} >= the run's {steps} steps: W stays the identity, "
+                       "so B_precond is B_simple throughout; pass a shorter --gns-warmup")
+        return out
 
     def validate(self) -> None:
         self.model.validate()
