@@ -145,3 +145,8 @@ def test_a_member_whose_decay_would_flip_the_weights_is_refused():
         TrainConfig(members=(Member(lr=1e-3, wd=2.0),), optim=OptimConfig(decay_mode="independent")).validate()
     TrainConfig(members=(Member(lr=10.0, wd=1.0),), optim=OptimConfig(decay=())).validate()  # nothing decays
     TrainConfig(members=(Member(lr=1e-3, wd=0.0),)).validate()
+
+
+def test_gns_embeddings_without_gns_is_a_warning():
+    assert any("--gns-embeddings has no effect with --gns off" in w
+               for w in TrainConfig(gns=GNSConfig(mode="off", embeddings=True)).warnings())

@@ -115,3 +115,16 @@ def test_an_address_where_nothing_answers_is_one_line_not_a_hang(tmp_path):
             listening.listen()
             check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")  # something answers: Ray's turn
     check_reachable("auto")  # not an address: Ray resolves it
+
+
+def test_auto_without_a_running_cluster_is_one_line_in_our_terms(tmp_path, monkeypatch):
+    # Ray's own message tells the user to set an `--address` flag, which trajinv does not have
+    def no_cluster(**kw):
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to by "
+                              "setting `--address` flag or `RAY_ADDRESS` environment variable.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(ValueError, match=r"^--ray auto: no running Ray cluster found .* --ray local") as e:
+        RayCluster("auto", tmp_path).__enter__()
+    assert "--address" not in str(e.value)

@@ -111,7 +111,13 @@ class RayCluster:
                 ray.init(include_dashboard=False, **kw)
             else:
                 check_reachable(self.address)
-                ray.init(address=self.address, **kw)
+                try:
+                    ray.init(address=self.address, **kw)
+                except ConnectionError as e:  # Ray's own text names its `ray.init(address=...)` / --address
+                    if self.address != "auto":
+                        raise
+                    raise ValueError("--ray auto: no running Ray cluster found on this machine; start one "
+                                     "(ray start --head) or pass --ray local for a one-node instance") from e
             self.owned = True
         self.resources = {"num_cpus": 1 if self.gpu else self.cpus, "num_gpus": 1 if self.gpu else 0}
         try:
