@@ -60,6 +60,14 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     assert data["cost"]["grid_points"] >= 3 and data["regime"]["reason"]
     assert "recommended: lr=" in format_summary(run) and "cost:" in format_summary(run)
     assert [s["name"] for s in data["stages"]] == names  # as on disk: unique, "lr-1-scan" beside "1-scan"
+    # each stage's legend entry says what its line holds fixed (stages of one panel may lie on different lines)
+    labels = [t.get_text() for ax in build_curve_figure(run).axes if ax.get_legend() for t in ax.get_legend().texts]
+    for sr in run.stages:
+        if any(o.finite for o in sr.outcomes):
+            held = "wd" if sr.axis == "lr" else "lr"
+            assert any(t.startswith(f"{sr.directory.name} ({sr.stage.kind}, {held}") for t in labels), labels
+    if run.result.fit is not None:
+        assert any(t.startswith("quadratic fit in log2 (") for t in labels)
     if run.result.axis == "lr":  # the lr panel shows the ELR scan's member it read on its line (the centre)
         labels = [t.get_text() for ax in build_curve_figure(run).axes if ax.get_legend() for t in ax.get_legend().texts]
         assert "first ELR scan (read, not retrained)" in labels

@@ -125,7 +125,12 @@ def build_curve_figure(run: TuneRun) -> Figure:
     for i, sr in enumerate(run.stages):
         ax = panels[sr.axis]
         marker = _MARKERS[i % len(_MARKERS)]
-        label = f"{sr.directory.name} ({sr.stage.kind})"
+        # what is held fixed along the panel's axis (wd on the lr panel, lr on the ELR panel): stages of one
+        # panel may lie on different lines (a check, a rescan), and one fit curve belongs to one of them
+        held = sorted({p.wd if sr.axis == "lr" else p.lr for p in sr.stage.points})
+        name = "wd" if sr.axis == "lr" else "lr"
+        label = (f"{sr.directory.name} ({sr.stage.kind}, {name}={held[0]:.3g})" if len(held) == 1
+                 else f"{sr.directory.name} ({sr.stage.kind}, {name} {held[0]:.3g}..{held[-1]:.3g})")
         pts = [(_x(sr.axis, o.point), o.loss, o.se) for o in sr.outcomes if o.finite]
         if pts:
             x, y, e = (np.array(v) for v in zip(*pts))
@@ -146,7 +151,7 @@ def build_curve_figure(run: TuneRun) -> Figure:
         half = 1.5 * run.spec.search.octaves / (run.spec.search.points - 1)
         u = np.linspace(-half, half, 101)
         ax.plot(r.fit.vertex * 2.0 ** u, r.fit.loss + 0.5 * r.fit.curvature * u * u, color="k", lw=1.2, ls="--",
-                label="quadratic fit in log2")
+                label=f"quadratic fit in log2 ({'wd' if r.axis == 'lr' else 'lr'}={r.fit.fixed:.3g})")
     if ax is not None and r.best is not None:
         ax.plot([_x(r.axis, r.best)], [r.loss], marker="*", ms=16, color="gold", mec="k", ls="none",
                 label="recommended")
