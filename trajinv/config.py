@@ -178,7 +178,10 @@ class OptimConfig:
 
     def peak_decay(self, m: "Member") -> float:
         """The fraction of the weights decoupled decay removes per step at the peak lr: lr*wd (torch
-        mode) or wd (independent). At 1 or more it zeroes or flips the decayed weights every step."""
+        mode) or wd (independent); 0 when no kind decays. At 1 or more it zeroes or flips the decayed
+        weights every step."""
+        if not self.decay:
+            return 0.0
         return m.wd if self.decay_mode == "independent" else m.lr * m.wd
 
 
@@ -417,7 +420,7 @@ class TrainConfig:
         if not self.members:
             raise ValueError("a population needs at least one member")
         for m in self.members:
-            if self.optim.decay and self.optim.peak_decay(m) >= 1:
+            if self.optim.peak_decay(m) >= 1:
                 what = "wd" if self.optim.decay_mode == "independent" else "lr*wd"
                 raise ValueError(f"member {m.name}: {what} = {self.optim.peak_decay(m):g} >= 1, so weight decay would "
                                  "zero or flip the weights every step; lower lr or wd")

@@ -35,6 +35,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from trajinv.analysis.records import chance_loss
 from trajinv.atomic import atomic_write
 
 __all__ = ["TuningCurve", "default_upper_bound", "plot_tuning_curves", "sweep_tuning_curves", "tuning_curve"]
@@ -122,7 +123,7 @@ def finished_trials(rows: Sequence[dict], vocab_size: int | None = None) -> list
     a 'done' member with a non-finite loss diverged at the end and counts as diverged, and so does one
     that ended no better than a uniform guess (ln `vocab_size`, when given), as `trajinv tune` counts it.
     """
-    chance = math.log(vocab_size) if vocab_size else math.inf
+    chance = chance_loss(vocab_size) or math.inf
     out = []
     for row in rows:
         loss = _float_or_none(row.get("final_val_loss"))
@@ -145,7 +146,7 @@ def default_upper_bound(losses: Sequence[float | None], vocab_size: int | None =
     """What a diverged trial counts as: the worst finite loss or, if `vocab_size` is given,
     ln(vocab_size) (the loss of a uniform guess) when that is larger."""
     finite = [v for v in losses if v is not None and math.isfinite(v)]
-    candidates = finite + ([math.log(vocab_size)] if vocab_size else [])
+    candidates = finite + ([chance_loss(vocab_size)] if vocab_size else [])
     if not candidates:
         raise ValueError(f"all {len(losses)} members diverged; pass upper_bound or vocab_size")
     return max(candidates)

@@ -206,8 +206,7 @@ class FusedAdamW(torch.optim.Optimizer):
                     raise RuntimeError(f"param of shape {tuple(p.shape)} has optimizer state of shape "
                                        f"{tuple(old.shape)}: it changed shape after the optimizer stepped it; "
                                        "build a new optimizer for the new shape")
-        for b in self._buckets or []:
-            self._sync_steps(b)
+        self._sync_all()
         self._hyper.layout(self.param_groups)
         self._buckets = build_buckets(self.param_groups, self._hyper.first_slot, self.state, self._use_triton,
                                       self.master_weights)
@@ -216,9 +215,13 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def _invalidate(self) -> None:
         """Drop the buckets (rebuilt on the next step), their step counts written back to the state first."""
+        self._sync_all()
+        self._buckets = None
+
+    def _sync_all(self) -> None:
+        """Every bucket's step counts written back to the state (`_sync_steps`)."""
         for b in self._buckets or []:
             self._sync_steps(b)
-        self._buckets = None
 
     def _sync_steps(self, b: Bucket) -> None:
         """Triton path: the step counters live in `b.counters` (units of blocks); refresh `steps`."""
@@ -387,8 +390,7 @@ class FusedAdamW(torch.optim.Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles defaults, state and param_groups only; the buckets are
         # rebuilt from the state on the first step after unpickling (or a deepcopy)
-        for b in self._buckets or []:
-            self._sync_steps(b)
+        self._sync_all()
         return {**super().__getstate__(), **{k: getattr(self, k) for k in _PICKLED}}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -400,8 +402,7 @@ class FusedAdamW(torch.optim.Optimizer):
         super().__setstate__(state)
 
     def state_dict(self) -> dict[str, Any]:
-        for b in self._buckets or []:
-            self._sync_steps(b)
+        self._sync_all()
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

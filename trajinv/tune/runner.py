@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from trajinv.analysis.budgets import final_val_loss_se
+from trajinv.analysis.records import chance_loss
 from trajinv.atomic import atomic_write
 from trajinv.config import DataConfig, Member, TrainConfig, describe_differences, to_dict
 from trajinv.data import load_data
@@ -197,7 +198,7 @@ def _stage_overrides(spec: TuneSpec) -> list[str]:
 
 
 def _untrainable(train: TrainConfig, p: Point) -> bool:
-    return bool(train.optim.decay) and train.optim.peak_decay(Member(p.lr, p.wd)) >= 1
+    return train.optim.peak_decay(Member(p.lr, p.wd)) >= 1
 
 
 def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progress: Callable | None,
@@ -248,7 +249,7 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
     spec.validate()
     out = Path(out)
     vocab = _preflight(spec, scale)
-    chance = math.log(spec.train.model.vocab_size or vocab)  # the loss of a uniform guess (`_outcomes`)
+    chance = chance_loss(spec.train.model.vocab_size or vocab)  # a uniform guess's loss (`_outcomes`)
     _check_spec(out, spec)
     runs: list[StageRun] = []
     regime: Regime | None = None
@@ -273,7 +274,8 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
                          "(with a new --out: the budget decides the stages)")
             _drive(search, spec, out, "", progress, runs, scale, chance)
     result = search.result()
-    untrained = [o for sr in runs for o in sr.outcomes if _untrainable(spec.stage_train(), o.point)]
+    stage_train = spec.stage_train()
+    untrained = [o for sr in runs for o in sr.outcomes if _untrainable(stage_train, o.point)]
     if untrained:
         notes.append(f"{len(untrained)} member(s) not trained: their decay per step (lr*wd) is >= 1, which would zero "
                      "or flip the weights every step; they count as diverged (lower --lr or --center-elr)")
