@@ -74,12 +74,22 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
 
 
 def test_a_budget_that_keeps_the_search_on_elr_says_so_in_the_regime_line(tmp_path, tiny_data):
-    # first scan 3 x 10 member-steps; 10 left is below an lr scan (30): the ELR search goes on
+    # first scan 3 x 10 member-steps; 10 left is below the lr scan's 2 new members (20): the ELR search goes on
     run = run_tune(_spec(zoom_points=0, max_rescans=0, budget=40), tmp_path)
     assert run.regime.axis == "lr" and run.result.axis == "elr"
     text = format_summary(run)
     assert "regime: lr (" in text and "tuned along ELR all the same" in text and "regime: tune along" not in text
-    assert any("raise --budget" in n for n in run.notes)
+    assert any("below the lr scan's new members (20)" in n and "raise --budget" in n for n in run.notes)
+
+
+def test_the_lr_search_needs_a_budget_for_its_new_members_only(tmp_path, tiny_data):
+    # first scan 3 x 10 member-steps; the lr scan's 3 points hold the first scan's best member, read back, so
+    # 20 left trains the other 2 (it used to ask for all 30 and keep the search on ELR)
+    run = run_tune(_spec(zoom_points=0, max_rescans=0, budget=50), tmp_path)
+    assert run.regime.axis == "lr" and run.result.axis == "lr"
+    assert [sr.directory.name for sr in run.stages] == ["1-scan", "lr-1-scan"]
+    assert len(run.stages[1].stage.points) == 2 and sum(sr.member_steps for sr in run.stages) == 50
+    assert not any("raise --budget" in n for n in run.notes)
 
 
 def test_resume_after_an_interruption_gives_identical_results(tmp_path, tiny_data):

@@ -91,6 +91,24 @@ def test_known_outcomes_are_never_trained_again_and_count_like_the_searchs_own()
     assert again.invariant_check.outcomes == fresh.invariant_check.outcomes
 
 
+def test_a_search_that_reads_part_of_its_first_scan_needs_a_budget_for_the_rest_only():
+    first = [Outcome(Point(LR, 2.0 ** k / 8), 3.0 + 0.01 * abs(k)) for k in range(-3, 4)]  # centre (LR, 1/8) known
+    cfg = SearchConfig(axis="lr", wd=0.125, steps_per_member=10)  # a first scan of 7 points: 70 member-steps
+    assert Search(cfg, known=first).fresh_scan_cost == 60 and Search(cfg).fresh_scan_cost == 70
+    with pytest.raises(ValueError):  # SearchConfig refuses 60 (below 70); Search asks only for the 60
+        SearchConfig(axis="lr", wd=0.125, steps_per_member=10, budget=60)
+    search = Search(cfg, known=first, budget=60)
+    stage = search.next_stage()
+    assert stage.kind == "scan" and len(stage.points) == 6
+    search.tell(stage, [Outcome(p, 3.0) for p in stage.points])
+    assert search.next_stage() is None
+    result = search.result()
+    assert result.cost_member_steps == 60 and not any("1-scan" in n for n in result.notes)  # not trimmed
+    with pytest.raises(ValueError) as err:
+        Search(cfg, known=first, budget=59)
+    assert "59" in str(err.value) and "60" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_zoom_skips_points_already_evaluated():
     # Vertex half-way between two scan members: its +-spacing/2 zoom members are those members.
     result = simulate(SearchConfig(), elr_surface(C + 0.5))

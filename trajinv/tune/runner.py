@@ -269,8 +269,9 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
             _drive(search, spec, out, LR_PREFIX, progress, runs, scale, chance)
         else:
             left = spec.search.budget - runs[0].member_steps
-            notes.append(f"the regime calls for tuning lr, but the budget left ({left} member-steps) is below an "
-                         f"lr scan ({spec.search_config().scan_cost}): the ELR search went on; raise --budget "
+            need = _lr_search(spec, runs[0].outcomes).fresh_scan_cost
+            notes.append(f"the regime calls for tuning lr, but the budget left ({left} member-steps) is below the "
+                         f"lr scan's new members ({need}): the ELR search went on; raise --budget "
                          "(with a new --out: the budget decides the stages)")
             _drive(search, spec, out, "", progress, runs, scale, chance)
     result = search.result()
@@ -298,14 +299,20 @@ def first_regime(spec: TuneSpec, outcomes: Sequence[Outcome], b_precond: Sequenc
 def lr_search(spec: TuneSpec, first: Sequence[Outcome], spent: int) -> Search | None:
     """The lr search that follows a first scan whose regime calls for lr: lr scanned around `--lr` at the wd
     of the scan's best member, with the budget left after `spent` member-steps; None when that is below
-    an lr scan. It knows the scan's outcomes: its best member (the lr scan's centre) and the iso-LR check
-    members that coincide with scan members are not trained twice."""
+    the lr scan's points still to train. It knows the scan's outcomes: its best member (the lr scan's
+    centre) and the iso-LR check members that coincide with scan members are not trained twice, nor paid
+    for again."""
+    left = None if spec.search.budget is None else spec.search.budget - spent
+    unbounded = _lr_search(spec, first)
+    if left is not None and left < unbounded.fresh_scan_cost:
+        return None
+    return _lr_search(spec, first, left)
+
+
+def _lr_search(spec: TuneSpec, first: Sequence[Outcome], budget: int | None = None) -> Search:
     best = _best_point(first)
     wd = best.wd if best is not None else spec.search.wd
-    left = None if spec.search.budget is None else spec.search.budget - spent
-    if left is not None and left < spec.search_config().scan_cost:
-        return None
-    return Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=left), known=first)
+    return Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=None), known=first, budget=budget)
 
 
 def _best_point(outcomes: Sequence[Outcome]) -> Point | None:

@@ -239,10 +239,12 @@ class _Line:
 class Search:
     """The tune search as a state machine: next_stage() -> train it -> tell() -> ... -> result()."""
 
-    def __init__(self, cfg: SearchConfig, known: Sequence[Outcome] = ()) -> None:
+    def __init__(self, cfg: SearchConfig, known: Sequence[Outcome] = (), budget: int | None = None) -> None:
         """`known`: outcomes measured before this search (the first ELR scan, for the lr search that
         follows it): never proposed again, and counted like its own in lines, fits, checks and the best,
-        but not in its cost."""
+        but not in its cost. `budget` (member-steps) replaces `cfg.budget` for such a search: SearchConfig
+        asks a budget to afford a whole first scan, but the points `known` holds are read, not trained,
+        so this one need only afford the rest (`fresh_scan_cost`)."""
         self.cfg = cfg
         self._line = _Line(cfg.axis, cfg.lr if cfg.axis == "elr" else cfg.wd)
         default_centre = cfg.lr * cfg.wd if cfg.axis == "elr" else cfg.lr
@@ -257,6 +259,16 @@ class Search:
         self._check: InvariantCheck | None = None
         self._spent = 0
         self._notes: list[str] = []
+        self._budget = cfg.budget if budget is None else budget
+        if budget is not None and budget < self.fresh_scan_cost:
+            raise ValueError(f"budget of {budget} member-steps is below the first scan's {self.fresh_scan_cost} "
+                             "(its points not read from earlier stages)")
+
+    @property
+    def fresh_scan_cost(self) -> int:
+        """Member-steps of the first scan's points that `known` does not hold."""
+        keys = {p.key for p in self._scan_points()} - set(self._seen)
+        return len(keys) * self.cfg.steps_per_member
 
     # ---- driving ---------------------------------------------------------------------
     def next_stage(self) -> Stage | None:
@@ -311,11 +323,13 @@ class Search:
         )
 
     # ---- phases: each returns (kind, points) to propose, or None to go on ------------
-    def _plan_scan(self) -> tuple[StageKind, list[Point]]:
+    def _scan_points(self) -> list[Point]:
         half = (self.cfg.points - 1) / 2
+        return [self._line.point(self._centre + (i - half) * self.cfg.spacing) for i in range(self.cfg.points)]
+
+    def _plan_scan(self) -> tuple[StageKind, list[Point]]:
         self._phase = "explore"
-        return "scan", [self._line.point(self._centre + (i - half) * self.cfg.spacing)
-                        for i in range(self.cfg.points)]
+        return "scan", self._scan_points()
 
     def _plan_explore(self) -> tuple[StageKind, list[Point]] | None:
         line, evaluated = self._line, self._on_line(self._line)
@@ -419,12 +433,12 @@ class Search:
         if not points:
             return None
         name = f"{len(self._history) + 1}-{kind}"
-        if self.cfg.budget is not None:
-            affordable = (self.cfg.budget - self._spent) // self.cfg.steps_per_member
+        if self._budget is not None:
+            affordable = (self._budget - self._spent) // self.cfg.steps_per_member
             if affordable < len(points):
                 points = self._nearest(points, affordable)
                 if not points:
-                    self._notes.append(f"budget: {name} skipped ({self.cfg.budget - self._spent} member-steps left, "
+                    self._notes.append(f"budget: {name} skipped ({self._budget - self._spent} member-steps left, "
                                        f"a member costs {self.cfg.steps_per_member})")
                     self._phase = "done"
                     return None
