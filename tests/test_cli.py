@@ -140,3 +140,27 @@ def test_sweep_takes_the_default_of_each_axis_left_out(given, lrs, wds, monkeypa
     monkeypatch.setattr("trajinv.sweep.run_sweep", fake_run_sweep)
     run("sweep", *given, "--out", str(tmp_path / "sw"), "--no-plots")
     assert (seen["spec"].lrs, seen["spec"].wds) == (lrs, wds)
+
+
+def test_warnings_print_when_the_work_starts_and_never_beside_an_error(corpus, tmp_path):
+    out = str(tmp_path / "run")
+    args = ["train", "--steps", "3", "--eval-every", "3", "--eval-seqs", "8", "--log-every", "1", "--warmup", "5",
+            "--data", corpus, "--lr", "0.01", "--wd", "0.1", "--out", out]
+    res = CliRunner().invoke(cli.main, args)
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("warning: --warmup 5 >= the run's 3 steps") == 1
+    # the same command again is refused (the run exists): the error alone, not the warning above it
+    again = CliRunner().invoke(cli.main, args)
+    lines = [line for line in again.stderr.splitlines() if line.strip()]
+    assert again.exit_code == 1 and len(lines) == 1 and "--resume" in lines[0], again.stderr
+
+
+def test_a_tune_warns_of_what_its_stages_train(corpus, tmp_path):
+    # the stages measure GNS whatever --gns says: --gns-embeddings is not moot there, a too long --gns-warmup is
+    res = CliRunner().invoke(cli.main, ["tune", *TINY, "--points", "3", "--octaves", "2", "--zoom-points", "0",
+                                        "--max-rescans", "0", "--check-factor", "2", "--budget", "30",
+                                        "--gns", "off", "--gns-embeddings", "--gns-warmup", "3", "--batch-size", "4",
+                                        "--data", corpus, "--out", str(tmp_path / "t")])
+    assert res.exit_code == 0, res.output
+    assert "--gns-embeddings has no effect" not in res.stderr
+    assert res.stderr.count("warning: --gns-warmup 3 >= the run's 3 steps") == 1  # once, not once per stage

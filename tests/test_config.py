@@ -131,6 +131,11 @@ def test_a_warmup_as_long_as_the_run_is_a_warning_not_an_error():
     assert "--warmup 50 >= the run's 20 steps" in line
     assert TrainConfig(steps=20, schedule=ScheduleConfig(warmup=5)).warnings() == []
     TrainConfig(steps=20).validate()  # still a valid run
+    short = dict(steps=8, schedule=ScheduleConfig(warmup=2))
+    assert TrainConfig(**short).warnings() == []  # GNS off: its warm-up is moot
+    (line,) = TrainConfig(**short, gns=GNSConfig(mode="micro-batch", precond_warmup=10)).warnings()
+    assert "--gns-warmup 10 >= the run's 8 steps" in line and "B_precond is B_simple" in line
+    assert TrainConfig(**short, gns=GNSConfig(mode="micro-batch", precond_warmup=7)).warnings() == []
 
 
 def test_a_member_whose_decay_would_flip_the_weights_is_refused():

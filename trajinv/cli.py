@@ -10,6 +10,7 @@ grid: `trajinv.sweep.DEMO_LRS`/`DEMO_WDS`); the commands hold no logic.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
 
 import click
@@ -148,8 +149,6 @@ def _configs(o: dict, members: tuple[Member, ...] | None = None, batch_size: str
         gns=GNSConfig(mode=o["gns"], every=o["gns_every"], precond_warmup=o["gns_warmup"],
                       embeddings=o["gns_embeddings"]),
     )
-    for line in train.warnings():
-        click.echo(f"warning: {line}", err=True)
     return train, DataConfig(source=o["data"], tokenizer=o["tokenizer"], seed=o["seed"])
 
 
@@ -170,14 +169,18 @@ def _check_steps_and_tokens(o: dict, train: TrainConfig, batch_sizes) -> None:
 
 
 class _Progress:
-    """A rich progress bar fed by the library's progress events."""
+    """A rich progress bar fed by the library's progress events.
 
-    def __init__(self, label: str):
+    `warnings` (TrainConfig.warnings()) print on stderr when the work starts: after every check of the
+    command, its data and its directory, so that a refused command still says one line."""
+
+    def __init__(self, label: str, warnings: Sequence[str] = ()):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                             TextColumn("{task.description}"))
         self.task = None
+        self.warnings = list(warnings)
 
     def __enter__(self):
         self.bar.__enter__()
@@ -188,6 +191,9 @@ class _Progress:
 
     def __call__(self, kind: str, **info) -> None:
         if kind == "start":
+            for line in self.warnings:
+                click.echo(f"warning: {line}", err=True)
+            self.warnings = []
             self.task = self.bar.add_task("", total=info["total"])
         elif kind == "advance":
             self.bar.advance(self.task, info["steps"])
@@ -271,7 +277,7 @@ def train(lrs, wds, batch_size, out, resume, **o):
     if resume and not trainer.resume() and dist.is_main:
         click.echo(f"no checkpoint in {out}; starting from step 0", err=True)
     quiet = contextlib.nullcontext(lambda kind, **info: None)
-    with _Progress("train") if dist.is_main else quiet as bar:
+    with _Progress("train", cfg.warnings()) if dist.is_main else quiet as bar:
         bar("start", total=cfg.steps)
         bar("advance", steps=trainer.step)
         results = trainer.train(progress=lambda step: bar("advance", steps=1))
@@ -315,7 +321,7 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
     _check_steps_and_tokens(o, train_cfg, batch_sizes)
     spec = SweepSpec(train=train_cfg, data=data_cfg, lrs=lrs, wds=wds, elrs=tuple(elrs),
                      batch_sizes=tuple(batch_sizes), population=population)
-    with _Progress("sweep") as bar:
+    with _Progress("sweep", train_cfg.warnings()) as bar:
         rows = run_sweep(spec, out, progress=bar, **scale)
     click.echo(f"{len(rows)} members -> {Path(out) / 'summary.csv'}")
     failed = failures(rows)
@@ -363,7 +369,7 @@ def tune(batch_size, lr, center_elr, octaves, points, zoom_points, zoom_width, m
                           steps_per_member=train_cfg.steps)
     spec = TuneSpec(train=train_cfg, data=data_cfg, search=search, population=population,
                     min_transitions=min_transitions)
-    with _Progress("tune") as bar:
+    with _Progress("tune", spec.stage_train().warnings()) as bar:  # what the stages train
         run = run_tune(spec, out, progress=bar, **scale)
     paths = write_report(run, Path(out))
     click.echo(format_summary(run))

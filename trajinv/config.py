@@ -410,6 +410,9 @@ class TrainConfig:
                        "(every member trains at a fraction of its lr); pass a shorter --warmup")
         if self.gns.mode == "off" and self.gns.embeddings:
             out.append("--gns-embeddings has no effect with --gns off (nothing is measured)")
+        if self.gns.mode != "off" and self.gns.precond_warmup >= steps:
+            out.append(f"--gns-warmup {self.gns.precond_warmup} >= the run's {steps} steps: W stays the identity, "
+                       "so B_precond is B_simple throughout; pass a shorter --gns-warmup")
         return out
 
     def validate(self) -> None:
