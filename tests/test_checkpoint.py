@@ -158,3 +158,16 @@ def test_trainer_removes_leftovers_on_resume(tiny_data, tiny_train_config, tmp_p
     assert tr.resume() and tr.step == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [METRICS, sidecar_name(2), tensor_name(2), sidecar_name(4), tensor_name(4)])
+
+
+def test_prune_older_keeps_the_newest_up_to_the_loaded_step_and_leaves_newer_ones(tmp_path):
+    from trajinv.checkpoint import checkpoint_steps, prune_older, save_checkpoint
+
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, {"w": torch.zeros(2)}, {}, keep=10)
+    prune_older(tmp_path, 3, keep=2)  # a resume loaded step 3 (4 was damaged, say): 4 stays for the next save
+    assert checkpoint_steps(tmp_path) == [2, 3, 4]
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "checkpoint-00000002.safetensors", "checkpoint-00000003.safetensors", "checkpoint-00000004.safetensors"]
+    with pytest.raises(ValueError, match="keep must be >= 1, got 0"):
+        prune_older(tmp_path, 3, keep=0)

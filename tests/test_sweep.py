@@ -129,3 +129,15 @@ def test_keep_checkpoints_may_change_on_a_rerun(tiny_train_config, tmp_path):
     assert len(list((tmp_path / "runs/bs4").glob("checkpoint-*.json"))) == 2
     spec = _spec(tiny_train_config, train=tiny_train_config(steps=4, checkpoint_every=1, keep_checkpoints=3))
     assert len(run_sweep(spec, tmp_path)) == 3  # the same sweep: a rerun, not "another spec"
+
+
+def test_a_lowered_keep_checkpoints_prunes_a_finished_run_on_rerun(tiny_train_config, tmp_path):
+    spec = _spec(tiny_train_config, train=tiny_train_config(steps=4, checkpoint_every=1, keep_checkpoints=3))
+    rows = run_sweep(spec, tmp_path)
+    run = tmp_path / "runs/bs4"
+    assert sorted(p.name for p in run.glob("checkpoint-*.json")) == [
+        "checkpoint-00000002.json", "checkpoint-00000003.json", "checkpoint-00000004.json"]
+    lowered = _spec(tiny_train_config, train=tiny_train_config(steps=4, checkpoint_every=1, keep_checkpoints=1))
+    assert run_sweep(lowered, tmp_path) == rows  # nothing retrained
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == [
+        "checkpoint-00000004.json", "checkpoint-00000004.safetensors"]

@@ -127,12 +127,27 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Ten
 def _prune(run_dir: Path, step: int, keep: int) -> None:
     steps = checkpoint_steps(run_dir)
     kept = [s for s in steps if s <= step][-keep:]
-    for s in steps:
-        if s not in kept:
-            (run_dir / sidecar_name(s)).unlink(missing_ok=True)
-            (run_dir / tensor_name(s)).unlink(missing_ok=True)
-    (run_dir / LEGACY_SIDECAR).unlink(missing_ok=True)
+    _drop(run_dir, [s for s in steps if s not in kept])
+    (run_dir / LEGACY_SIDECAR).unlink(missing_ok=True)  # a save in the current layout supersedes it
     _remove_orphans(run_dir)
+
+
+def prune_older(run_dir: str | Path, step: int, keep: int) -> None:
+    """Keep the newest `keep` checkpoints at or before `step` (the one a resume loaded) and drop the
+    older: a `keep` lowered since the last save takes effect even on a finished run, which saves no
+    more. Newer ones (damaged, or the load would have taken them) are left to the next save."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    run_dir = Path(run_dir)
+    upto = [s for s in checkpoint_steps(run_dir) if s <= step]
+    _drop(run_dir, upto[:-keep])
+    _remove_orphans(run_dir)
+
+
+def _drop(run_dir: Path, steps: list[int]) -> None:
+    for s in steps:  # the sidecar first: a tensor file left by a kill here is an orphan, removed on resume
+        (run_dir / sidecar_name(s)).unlink(missing_ok=True)
+        (run_dir / tensor_name(s)).unlink(missing_ok=True)
 
 
 def _remove_orphans(run_dir: Path) -> list[Path]:

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from trajinv.checkpoint import CheckpointError, clean_run_dir, has_checkpoint, load_checkpoint, save_checkpoint
+from trajinv.checkpoint import (CheckpointError, clean_run_dir, has_checkpoint, load_checkpoint, prune_older,
+                                save_checkpoint)
 from trajinv.config import PARAM_KINDS, TrainConfig, same_run, to_dict
 from trajinv.data import TokenData, boot_means, sample_batch, validation_batches, window_resamples
 from trajinv.gns.meter import GNSMeter
@@ -174,6 +175,8 @@ class Trainer:
         self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], meta["seconds"]
         self._saved_step = self.step
         self.metrics.rewrite_to(self.step)
+        if self.dist.is_main:  # a --keep-checkpoints lowered since the last save (a finished run saves no more)
+            prune_older(self.run_dir, self.step, self.cfg.keep_checkpoints)
         return True
 
     def _check_meta(self, meta: dict, sidecar: Path) -> None:
