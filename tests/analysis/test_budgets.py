@@ -150,6 +150,28 @@ def test_an_lr_tune_zoomed_after_its_check_locates_wd(tmp_path):
     assert math.log2(o.lr / lr0) == pytest.approx(0, abs=0.1)
 
 
+def test_an_lr_tune_reads_the_first_elr_scan_as_its_search_did(tmp_path):
+    """As `trajinv tune` writes an lr tune: the first ELR scan (at lr0), then an lr scan at its best wd
+    without its centre (that best member, read back) and no check stage (its members are scan members).
+    The lr line's best point and the whole wd line live in the ELR stage."""
+    root = _tune_dir(tmp_path / "t", 1, check=False)
+    lr0, wd0 = _optimum(1)
+    elr_scan = [(lr0, wd0 * 2.0 ** (j + 0.25)) for j in range(-3, 4)]  # best: wd0 * 2^0.25
+    wd_b = wd0 * 2.0 ** 0.25
+    lr_scan = [(lr0 * 2.0 ** k, wd_b) for k in (-3, -2, -1, 1, 2, 3)]  # the centre (lr0, wd_b) is read
+    data = json.loads((root / TUNE_RESULT).read_text())
+    data["axis"], data["stages"] = "lr", []
+    data["recommendation"] = {"lr": lr0, "wd": wd_b, "elr": lr0 * wd_b, "val_loss": _loss(lr0, wd_b, 1)}
+    (root / TUNE_RESULT).write_text(json.dumps(data))
+    _add_stage(root, "1-scan", "scan", elr_scan, 1, axis="elr")
+    _add_stage(root, "lr-1-scan", "scan", lr_scan, 1, axis="lr")
+    o = load_budget(root, n_boot=50)
+    assert set(o.tuned_axes) == {"lr", "wd"} and not o.at_edge
+    assert math.log2(o.wd / wd0) == pytest.approx(0, abs=0.05)  # the ELR scan's line at lr0
+    # the lr line at wd_b (its centre from the ELR scan): 0.1 (a + 0.25)^2 + 0.03 a^2 is least at a = -0.19
+    assert math.log2(o.lr / lr0) == pytest.approx(-0.025 / 0.13, abs=0.05)
+
+
 def test_an_lr_tune_without_its_check_is_refused_in_one_line(tmp_path):
     """An lr tune whose budget ran out before the check varied wd only at its scan's wd: no wd optimum."""
     root = _tune_dir(tmp_path / "t", 1, check=False)

@@ -94,7 +94,9 @@ def _from_tune(root: Path, n_boot: int, seed: int, batch_size: str | int | None 
     if not data.get("recommendation"):
         raise ValueError(f"the tune in {root} has no recommendation (every member diverged)")
     axis = data.get("axis", "elr")
-    stages = [s for s in data["stages"] if s.get("axis", axis) == axis]  # an lr tune's first ELR scan aside
+    # every stage, an lr tune's first ELR scan too: the lr search reads its members instead of training them
+    # again (its lr scan's centre, often the best point, and the iso-LR check members at that lr)
+    stages = data["stages"]
     # a stage whose every point was untrainable (lr*wd >= 1) trained nothing and wrote no summary
     rows = [r for s in data["stages"] if (root / s["directory"] / "summary.csv").is_file()
             for r in load_summary(root / s["directory"])]
