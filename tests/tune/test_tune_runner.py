@@ -82,6 +82,23 @@ def test_a_budget_that_keeps_the_search_on_elr_says_so_in_the_regime_line(tmp_pa
     assert any("below the lr scan's new members (20)" in n and "raise --budget" in n for n in run.notes)
 
 
+@pytest.mark.parametrize("batch, given, micro", [("32", 0, 8), ("6", 0, 2), ("7", 0, 1), ("2", 0, 1),
+                                                  ("48@0.1,256", 0, 16), ("12@0.5,16", 0, 4), ("48@0.1,256", 12, 16),
+                                                  ("48@0.1,256", 8, 8), ("8@0.5,16", 4, 4)])
+def test_the_stages_micro_batch_divides_every_batch_of_a_schedule(batch, given, micro):
+    spec = _spec()
+    spec = replace(spec, train=replace(spec.train, batch_size=batch, micro_batch=given))
+    used = spec.stage_train()
+    assert used.micro_batch == micro
+    used.validate()  # every batch of the schedule splits into >= 2 equal micro-batches
+
+
+def test_a_batch_of_one_cannot_measure_micro_batch_gns():
+    spec = _spec()
+    with pytest.raises(ValueError, match="batches of two or more sequences, got batch size 1"):
+        replace(spec, train=replace(spec.train, batch_size="1")).stage_train()
+
+
 def test_the_lr_search_needs_a_budget_for_its_new_members_only(tmp_path, tiny_data):
     # first scan 3 x 10 member-steps; the lr scan's 3 points hold the first scan's best member, read back, so
     # 20 left trains the other 2 (it used to ask for all 30 and keep the search on ELR)

@@ -71,9 +71,9 @@ class TuneSpec:
         """The training config of every stage: micro-batch GNS on, with >= 2 micro-batches."""
         cfg = self.train
         micro = cfg.micro_batch
-        smallest = min(BatchSchedule.parse(cfg.batch_size).sizes)
-        if not micro or smallest % micro or smallest // micro < 2:
-            micro = _micro_batch_for(smallest)
+        sizes = BatchSchedule.parse(cfg.batch_size).sizes
+        if not micro or any(b % micro for b in sizes) or min(sizes) // micro < 2:
+            micro = _micro_batch_for(sizes)
         gns = cfg.gns if cfg.gns.mode == "micro-batch" else replace(cfg.gns, mode="micro-batch")
         return replace(cfg, micro_batch=micro, gns=gns)
 
@@ -90,12 +90,18 @@ class TuneSpec:
             raise ValueError(f"min_transitions must be finite and > 0, got {self.min_transitions}")
 
 
-def _micro_batch_for(batch: int) -> int:
-    """The largest divisor of `batch` that gives at least 4 micro-batches (2 for tiny batches)."""
+def _micro_batch_for(sizes: Sequence[int]) -> int:
+    """A micro-batch that divides every batch size of a schedule: the smallest split into 4, 3 or 2
+    (the first that divides the others too), else the largest common divisor that splits it in two or
+    more (1 for a prime batch)."""
+    smallest, common = min(sizes), math.gcd(*sizes)
     for parts in (4, 3, 2):
-        if batch % parts == 0:
-            return batch // parts
-    raise ValueError(f"micro-batch GNS needs a batch size with a divisor >= 2, got {batch}")
+        if smallest % parts == 0 and common % (smallest // parts) == 0:
+            return smallest // parts
+    for micro in range(smallest // 2, 0, -1):
+        if common % micro == 0:
+            return micro
+    raise ValueError(f"micro-batch GNS needs batches of two or more sequences, got batch size {smallest}")
 
 
 @dataclass
@@ -192,8 +198,8 @@ def _stage_overrides(spec: TuneSpec) -> list[str]:
         notes.append(f"--gns {given.gns.mode} replaced by {used.gns.mode}: the tune measures B_precond from "
                      "micro-batches in every stage")
     if given.micro_batch and given.micro_batch != used.micro_batch:
-        notes.append(f"--micro-batch {given.micro_batch} does not split batch {given.batch_size} into two or more "
-                     f"equal micro-batches: the stages use {used.micro_batch}")
+        notes.append(f"--micro-batch {given.micro_batch} does not split every batch of {given.batch_size} into two "
+                     f"or more equal micro-batches: the stages use {used.micro_batch}")
     return notes
 
 
