@@ -218,6 +218,15 @@ def test_points_whose_decay_would_flip_the_weights_count_as_diverged_untrained(t
     assert any("not trained: their decay per step (lr*wd) is >= 1" in n for n in run.notes)
 
 
+def test_an_lr_search_after_a_scan_that_all_diverged_runs_at_the_scans_middle_wd():
+    from trajinv.tune.runner import lr_search
+    from trajinv.tune.search import Outcome, Point
+
+    first = [Outcome(Point(1e-2, wd), None) for wd in (0.05, 0.1, 0.2)]  # nothing finite to pick the wd by
+    search = lr_search(_spec(), first, spent=30)
+    assert search.cfg.axis == "lr" and search.cfg.wd == 0.1  # the point the regime read, not SearchConfig.wd (1)
+
+
 def test_gns_options_the_stages_replace_are_named_in_notes():
     from trajinv.gns import GNSConfig
     from trajinv.tune.runner import _stage_overrides
@@ -227,4 +236,4 @@ def test_gns_options_the_stages_replace_are_named_in_notes():
     given = replace(spec, train=replace(spec.train, gns=GNSConfig(mode="per-example"), micro_batch=3))
     notes = _stage_overrides(given)
     assert notes[0].startswith("--gns per-example replaced by micro-batch")
-    assert notes[1].startswith("--micro-batch 3 does not split batch 8") and notes[1].endswith("the stages use 2")
+    assert notes[1].startswith("--micro-batch 3 does not split every batch of 8") and notes[1].endswith("the stages use 2")

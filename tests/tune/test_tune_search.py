@@ -292,6 +292,27 @@ def test_budget_trims_to_the_points_nearest_the_best_then_finishes():
     assert result.invariant_check.within_noise and len(result.invariant_check.outcomes) == 4
 
 
+def test_points_that_trained_nothing_are_not_charged_to_the_budget():
+    # three scan points refused untrained (lr*wd >= 1): the scan cost 40, not 70, and the check that
+    # follows fits the 60 left (charged 70, it was trimmed to 3 of 4)
+    oracle = elr_surface(C + 0.1)
+    def run(cost):
+        search = Search(SearchConfig(steps_per_member=10, budget=100))
+        scan = search.next_stage()
+        search.tell(scan, [oracle(p) for p in scan.points], cost=cost)
+        return search.next_stage(), search
+    check, search = run(40)
+    assert check.kind == "check" and len(check.points) == 4
+    search.tell(check, [oracle(p) for p in check.points])
+    while (stage := search.next_stage()) is not None:
+        search.tell(stage, [oracle(p) for p in stage.points])
+    assert search.result().cost_member_steps == 40 + 40 + 10 * len(search.result().stages[2][0].points)
+    trimmed, _ = run(None)
+    assert len(trimmed.points) == 3
+    with pytest.raises(ValueError, match=r"cost must be an int in \[0, 70\] member-steps, got 80"):
+        run(80)
+
+
 def test_budget_of_exactly_the_scan_skips_everything_after():
     result = simulate(SearchConfig(steps_per_member=10, budget=70), elr_surface(C))
     assert kinds(result) == ["scan"] and result.cost_member_steps == 70

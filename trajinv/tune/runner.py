@@ -238,7 +238,7 @@ def _drive(search: Search, spec: TuneSpec, out: Path, prefix: str, progress: Cal
             progress("stage", name=prefix + stage.name, stage_kind=stage.kind, members=len(stage.points))
         run = _run_stage(spec, stage, search.cfg.axis, out / STAGES / (prefix + stage.name), progress, scale,
                          chance)
-        search.tell(stage, run.outcomes)
+        search.tell(stage, run.outcomes, cost=run.member_steps)  # untrainable points cost nothing
         runs.append(run)
         if after_first is not None and len(runs) == 1 and not after_first(run):
             return False
@@ -304,8 +304,8 @@ def first_regime(spec: TuneSpec, outcomes: Sequence[Outcome], b_precond: Sequenc
 
 def lr_search(spec: TuneSpec, first: Sequence[Outcome], spent: int) -> Search | None:
     """The lr search that follows a first scan whose regime calls for lr: lr scanned around `--lr` at the wd
-    of the scan's best member, with the budget left after `spent` member-steps; None when that is below
-    the lr scan's points still to train. It knows the scan's outcomes: its best member (the lr scan's
+    of the scan's best member (its middle member's when all diverged), with the budget left after `spent`
+    member-steps; None when that is below the lr scan's points still to train. It knows the scan's outcomes: its best member (the lr scan's
     centre) and the iso-LR check members that coincide with scan members are not trained twice, nor paid
     for again."""
     left = None if spec.search.budget is None else spec.search.budget - spent
@@ -316,8 +316,8 @@ def lr_search(spec: TuneSpec, first: Sequence[Outcome], spent: int) -> Search | 
 
 
 def _lr_search(spec: TuneSpec, first: Sequence[Outcome], budget: int | None = None) -> Search:
-    best = _best_point(first)
-    wd = best.wd if best is not None else spec.search.wd
+    # every member diverged: the scan's middle point, as the regime read it (not a wd nobody chose)
+    wd = (_best_point(first) or first[len(first) // 2].point).wd
     return Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=None), known=first, budget=budget)
 
 

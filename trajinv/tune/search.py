@@ -279,8 +279,10 @@ class Search:
                 self._pending = self._afford(*planned)
         return self._pending
 
-    def tell(self, stage: Stage, outcomes: Sequence[Outcome]) -> None:
-        """Record the outcomes of exactly the pending stage's points (any order)."""
+    def tell(self, stage: Stage, outcomes: Sequence[Outcome], cost: int | None = None) -> None:
+        """Record the outcomes of exactly the pending stage's points (any order). `cost`: the member-steps
+        the stage took when not every point trained (one refused as untrainable costs nothing); default
+        every point at `steps_per_member`."""
         outcomes = tuple(outcomes)
         if self._pending is None or stage != self._pending:
             pending = self._pending.name if self._pending else None
@@ -294,7 +296,10 @@ class Search:
         ordered = tuple(by_key[k] for k in keys)
         self._history.append((stage, ordered))
         self._seen.update(zip(keys, ordered))
-        self._spent += len(keys) * self.cfg.steps_per_member
+        full = len(keys) * self.cfg.steps_per_member
+        if cost is not None and not (isinstance(cost, int) and 0 <= cost <= full):
+            raise ValueError(f"stage {stage.name!r} cost must be an int in [0, {full}] member-steps, got {cost!r}")
+        self._spent += full if cost is None else cost
         self._pending = None
 
     def result(self) -> TuneResult:
