@@ -227,6 +227,16 @@ def test_an_lr_search_after_a_scan_that_all_diverged_runs_at_the_scans_middle_wd
     assert search.cfg.axis == "lr" and search.cfg.wd == 0.1  # the point the regime read, not SearchConfig.wd (1)
 
 
+def test_the_regime_of_a_schedule_reads_its_small_phase():
+    from trajinv.tune.runner import first_regime
+    from trajinv.tune.search import Outcome, Point
+
+    spec = _spec()
+    spec = replace(spec, train=replace(spec.train, batch_size="4@0.5,8", steps=2000))
+    regime = first_regime(spec, [Outcome(Point(1e-2, 0.1), 3.0)], [6.0])
+    assert regime.small_batch and regime.batch_schedule is None and "batch 4 (the schedule's smallest)" in regime.reason
+
+
 def test_gns_options_the_stages_replace_are_named_in_notes():
     from trajinv.gns import GNSConfig
     from trajinv.tune.runner import _stage_overrides

@@ -411,6 +411,18 @@ def test_large_batch_is_lr_with_a_small_batch_first_schedule(b_precond, batch, s
     assert str(BatchSchedule.parse(regime.batch_schedule)) == schedule  # the trainer's syntax
 
 
+def test_a_schedule_is_judged_by_its_small_batch_phase_and_never_suggested_back():
+    # 8@0.5,16 already starts below B_precond 13.4: small batch, ELR, no schedule to suggest (it suggested itself)
+    regime = classify_regime(13.4, 16, 10_000, 8e-3, 0.1, schedule=(8, 16), sequences=120_000)
+    assert (regime.axis, regime.small_batch, regime.batch_schedule) == ("elr", True, None)
+    assert "batch 8 (the schedule's smallest) < B_precond 13.4" in regime.reason
+    # every phase at or above B_precond 20: the suggestion ends at the last batch, over the tokens trained
+    # (3 / 8e-4 = 3750 steps at 16 = 60,000 of 1,200,000 sequences: 0.05)
+    regime = classify_regime(20.0, 64, 20_000, 8e-3, 0.1, min_transitions=3.0, schedule=(32, 64),
+                             sequences=1_200_000)
+    assert (regime.axis, regime.small_batch, regime.batch_schedule) == ("lr", False, "16@0.05,64")
+
+
 def test_no_power_of_two_below_a_tiny_noise_scale():
     assert classify_regime(0.5, 4, 20_000, 8e-3, 0.1).batch_schedule is None
     # a batch of 1 would be suggested below B_precond 2: the tune refuses it (no two micro-batches)

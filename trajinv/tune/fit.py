@@ -202,50 +202,63 @@ would call every well-tuned run of these settings too short."""
 
 
 def classify_regime(b_precond: float | None, batch_size: int, steps: int, lr: float, wd: float,
-                    min_transitions: float = MIN_TRANSITIONS) -> Regime:
+                    min_transitions: float = MIN_TRANSITIONS, schedule: Sequence[int] | None = None,
+                    sequences: int | None = None) -> Regime:
     """The salient axis: 'elr' when the batch is small and the run long enough for the
-    LR->ELR transition (~1/(lr*wd) steps, `min_transitions` times over); else 'lr'."""
+    LR->ELR transition (~1/(lr*wd) steps, `min_transitions` times over); else 'lr'.
+
+    A run with a batch-size schedule passes its `schedule` (the batch sizes in order) and the
+    `sequences` it trains in all: its smallest batch is the one compared with B_precond (the phase
+    that makes the transition, the paper's small-batch-first schedule), and a schedule suggested for a
+    large batch ends at its last batch with its token budget."""
     require_int("batch_size", batch_size, 1)
     require_int("steps", steps, 1)
+    sizes = tuple(schedule) if schedule else (batch_size,)
+    if len(sizes) > 1:
+        batch_size = min(sizes)
+    final = sizes[-1]
+    sequences = steps * final if sequences is None else sequences
     for name, value in (("lr", lr), ("wd", wd), ("min_transitions", min_transitions)):
         require_positive(name, value)
     measured = b_precond is not None and math.isfinite(b_precond)
     small = batch_size < b_precond if measured else None
     transitions = steps * lr * wd
     enough = transitions >= min_transitions
+    which = f"batch {batch_size}" + (" (the schedule's smallest)" if len(sizes) > 1 else "")
     if small is None:
         reasons = ["B_precond unmeasured: assuming a small batch"]
     elif small:
-        reasons = [f"batch {batch_size} < B_precond {b_precond:.4g}: small batch"]
+        reasons = [f"{which} < B_precond {b_precond:.4g}: small batch"]
     else:
-        reasons = [f"batch {batch_size} >= B_precond {b_precond:.4g}: large batch, the loss follows lr"]
+        reasons = [f"{which} >= B_precond {b_precond:.4g}: large batch, the loss follows lr"]
     relation = ">=" if enough else "<"
     reasons.append(f"steps*lr*wd = {transitions:.3g} {relation} {min_transitions:g}: "
                    + ("enough" if enough else "too few") + f" steps for the LR->ELR transition "
                    f"(~{1 / (lr * wd):.0f} steps each)")
     axis: Axis = "elr" if small is not False and enough else "lr"
-    schedule = _small_batch_first(b_precond, batch_size, steps, lr * wd, min_transitions) if small is False else None
+    schedule = _small_batch_first(b_precond, final, sequences, lr * wd, min_transitions) if small is False else None
     if schedule:
         reasons.append(f"a small-batch phase first recovers ELR invariance: batch-size schedule {schedule}, "
                        "with --tokens at this run's token budget (its switch point is a fraction of the tokens; "
                        "at a step count the small batch would train fewer)")
         small_batch = int(schedule.split("@")[0])
         # the phase is capped at half the run's tokens: that many tokens at the small batch
-        if 0.5 * steps * batch_size / small_batch * lr * wd < min_transitions:
+        if 0.5 * sequences / small_batch * lr * wd < min_transitions:
             reasons.append("even half the run's tokens at the small batch are too few steps for the transition: "
                            "more tokens are needed too")
     return Regime(axis, small, enough, b_precond if measured else None, "; ".join(reasons), schedule)
 
 
-def _small_batch_first(b_precond: float, batch_size: int, steps: int, elr: float, transitions: float) -> str | None:
-    """'B1@f,B2' at the run's token budget (steps x B2 sequences): B1 the largest power of two below
-    B_precond for the fraction f of the *tokens* (the schedule's convention) that gives ~`transitions`/ELR
-    steps at B1, i.e. f = n1 B1 / (steps B2) (rounded up to 0.01, capped at half the tokens);
+def _small_batch_first(b_precond: float, batch_size: int, sequences: int, elr: float,
+                       transitions: float) -> str | None:
+    """'B1@f,B2' (B2 = `batch_size`) at the run's token budget (`sequences` in all): B1 the largest power of
+    two below B_precond for the fraction f of the *tokens* (the schedule's convention) that gives
+    ~`transitions`/ELR steps at B1, i.e. f = n1 B1 / sequences (rounded up to 0.01, capped at half the tokens);
     None if B_precond <= 2: a batch of 1 cannot measure the noise scale (micro-batch GNS needs two
     micro-batches) and would be refused by the very command it is suggested for."""
     if b_precond <= 2:
         return None
     small = 2 ** (math.ceil(math.log2(b_precond)) - 1)
-    share = transitions / elr * small / (steps * batch_size)
+    share = transitions / elr * small / sequences
     fraction = min(0.5, max(0.01, math.ceil(share * 100 - 1e-9) / 100))  # 1e-9: 0.2 stays 0.2
     return f"{small}@{fraction:g},{batch_size}"

@@ -298,8 +298,10 @@ def first_regime(spec: TuneSpec, outcomes: Sequence[Outcome], b_precond: Sequenc
     stage_cfg = spec.stage_train()
     best = _best_point(outcomes) or outcomes[len(outcomes) // 2].point
     b = statistics.median(b_precond) if b_precond else None
-    batch = BatchSchedule.parse(stage_cfg.batch_size).sizes[-1]
-    return classify_regime(b, batch, stage_cfg.steps, best.lr, best.wd, spec.min_transitions)
+    plan = stage_cfg.batch_plan()
+    sequences = sum(size * count for size, count in zip(plan.sizes, plan.counts))
+    return classify_regime(b, plan.sizes[-1], plan.steps, best.lr, best.wd, spec.min_transitions,
+                           schedule=plan.sizes, sequences=sequences)
 
 
 def lr_search(spec: TuneSpec, first: Sequence[Outcome], spent: int) -> Search | None:
