@@ -163,4 +163,4 @@ def test_a_tune_warns_of_what_its_stages_train(corpus, tmp_path):
                                         "--data", corpus, "--out", str(tmp_path / "t")])
     assert res.exit_code == 0, res.output
     assert "--gns-embeddings has no effect" not in res.stderr
-    assert res.stderr.count("warning: --gns-warmup 3 >= the run's 3 steps") == 1  # once, not once per stage
+    assert res.stderr.count("warning: --gns-warmup 3 covers the run's 3 steps") == 1  # once, not once per stage

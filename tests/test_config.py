@@ -134,8 +134,12 @@ def test_a_warmup_as_long_as_the_run_is_a_warning_not_an_error():
     short = dict(steps=8, schedule=ScheduleConfig(warmup=2))
     assert TrainConfig(**short).warnings() == []  # GNS off: its warm-up is moot
     (line,) = TrainConfig(**short, gns=GNSConfig(mode="micro-batch", precond_warmup=10)).warnings()
-    assert "--gns-warmup 10 >= the run's 8 steps" in line and "B_precond is B_simple" in line
+    assert "--gns-warmup 10 covers the run's 8 steps" in line and "B_precond is B_simple" in line
     assert TrainConfig(**short, gns=GNSConfig(mode="micro-batch", precond_warmup=7)).warnings() == []
+    # measured every 4th step (0, 4): step 4 is still warm-up at --gns-warmup 5, step 8 is past the run
+    (line,) = TrainConfig(**short, gns=GNSConfig(mode="micro-batch", precond_warmup=5, every=4)).warnings()
+    assert "every step the run measures (--gns-every 4 in 8 steps)" in line
+    assert TrainConfig(**short, gns=GNSConfig(mode="micro-batch", precond_warmup=4, every=4)).warnings() == []
 
 
 def test_a_member_whose_decay_would_flip_the_weights_is_refused():

@@ -410,9 +410,13 @@ class TrainConfig:
                        "(every member trains at a fraction of its lr); pass a shorter --warmup")
         if self.gns.mode == "off" and self.gns.embeddings:
             out.append("--gns-embeddings has no effect with --gns off (nothing is measured)")
-        if self.gns.mode != "off" and self.gns.precond_warmup >= steps:
-            out.append(f"--gns-warmup {self.gns.precond_warmup} >= the run's {steps} steps: W stays the identity, "
-                       "so B_precond is B_simple throughout; pass a shorter --gns-warmup")
+        # measured steps are the multiples of gns.every (GNSMeter.measures); none past the warm-up: W = 1 throughout
+        first_preconditioned = -(-self.gns.precond_warmup // self.gns.every) * self.gns.every
+        if self.gns.mode != "off" and first_preconditioned >= steps:
+            why = (f"the run's {steps} steps" if self.gns.every == 1 else
+                   f"every step the run measures (--gns-every {self.gns.every} in {steps} steps)")
+            out.append(f"--gns-warmup {self.gns.precond_warmup} covers {why}: W stays the identity, so B_precond is "
+                       "B_simple throughout; pass a shorter --gns-warmup")
         return out
 
     def validate(self) -> None:
