@@ -237,6 +237,21 @@ def test_the_regime_of_a_schedule_reads_its_small_phase():
     assert regime.small_batch and regime.batch_schedule is None and "batch 4 (the schedule's smallest)" in regime.reason
 
 
+def test_a_check_with_one_finite_member_is_reported_as_not_confirmed():
+    from pathlib import Path
+
+    from trajinv.tune.runner import StageRun, TuneRun
+    from trajinv.tune.search import Outcome, simulate
+
+    def oracle(p):  # every check member diverges: the checked point alone is finite on its line
+        return Outcome(p, 3.0 + 0.1 * (p.elr - 0.01) ** 2 if p.lr == 1e-2 else None)
+    spec = _spec()
+    result = simulate(replace(spec.search_config(), zoom_points=0), oracle)
+    stages = [StageRun(st, "elr", Path(st.name), outs, [], 10 * len(outs), 0) for st, outs in result.stages]
+    text = format_summary(TuneRun(spec, result, None, stages))
+    assert "check (3 members): spread 0.0000" in text and "not confirmed" in text and "beyond noise" not in text
+
+
 def test_gns_options_the_stages_replace_are_named_in_notes():
     from trajinv.gns import GNSConfig
     from trajinv.tune.runner import _stage_overrides

@@ -256,6 +256,8 @@ def test_a_check_line_that_diverges_confirms_nothing():
     assert not check.within_noise and "rescan" not in kinds(result)
     assert any("4 of 5 members" in n for n in result.notes)
     assert any("invariance not confirmed" in n for n in result.notes)
+    assert not any("spread" in n and "> threshold" in n for n in result.notes)  # no spread over one point
+    assert not any("best in both directions" in n for n in result.notes)
 
 
 def test_all_diverged_shifts_toward_smaller_values_then_gives_up():
@@ -445,7 +447,7 @@ def test_default_threshold_is_one_timescale():
     ("axis", "wd"), ("lr", 0.0), ("wd", -1.0), ("center", math.nan), ("octaves", -2.0),
     ("points", 2), ("zoom_points", -1), ("zoom_width", 0.0), ("zoom_width", math.inf), ("max_shifts", 1.5),
     ("max_rescans", -1),
-    ("check_factors", (0.5, 1.0)), ("check_factors", ()), ("check_factors", (0.5, 1e-320)), ("noise", -0.1),
+    ("check_factors", (0.5, 1.0)), ("check_factors", ()), ("check_factors", (0.5, 1e-320)), ("check_factors", (1.0000000001,)), ("noise", -0.1),
     ("steps_per_member", 0), ("budget", 0),
 ])
 def test_config_errors_are_one_line_and_name_the_value(field, value):

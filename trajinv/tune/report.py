@@ -95,7 +95,9 @@ def format_summary(run: TuneRun) -> str:
                      f"{r.fit.loss:.4f} (curvature {r.fit.curvature:.3g} nat/octave^2, {r.fit.points} members)")
     check = r.invariant_check
     if check is not None:
-        verdict = "within noise: the 1-D answer stands" if check.within_noise else "beyond noise"
+        finite = sum(o.finite for o in check.outcomes)
+        verdict = ("within noise: the 1-D answer stands" if check.within_noise else "beyond noise" if finite >= 2
+                   else "not confirmed: only the checked point is finite on its line")
         line = "iso-ELR" if r.axis == "elr" else "iso-LR"
         lines.append(f"{line} check ({len(check.outcomes)} members): spread {check.spread:.4f} vs threshold "
                      f"{check.threshold:.4f}: {verdict}")

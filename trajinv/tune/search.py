@@ -179,6 +179,10 @@ class SearchConfig:
         if not factors or any(not (isinstance(f, numbers.Real) and math.isfinite(f) and f > 0) or f == 1
                               for f in factors):
             raise ValueError(f"check_factors must be positive multipliers other than 1, got {self.check_factors!r}")
+        same = [f for f in factors if _log2key(f) == 0]
+        if same:  # 1 + 1e-10 passed the test above, then named the checked point itself as its check
+            raise ValueError(f"check_factors {self.check_factors!r}: {same[0]!r} is 1 to within round-off, so its "
+                             "member would be the checked point itself")
         far = [f for f in factors if abs(math.log2(f)) > _MAX_CHECK_OCTAVES]
         if far:  # 1e-320 passed the test above, trained every stage, then overflowed a wd to inf
             raise ValueError(f"check_factors {self.check_factors!r}: {far[0]!r} is more than {_MAX_CHECK_OCTAVES} "
@@ -402,6 +406,8 @@ class Search:
                                "the 1-D answer stands")
             return None
         finite = [o for o in check.outcomes if o.finite]
+        if len(finite) < 2:  # _judge_check noted it: nothing to compare, no direction to rescan
+            return None
         top = min(finite, key=lambda o: o.loss)  # the recommendation wins ties: it is listed first
         self._notes.append(f"invariant check: spread {check.spread:.4g} > threshold {check.threshold:.4g}")
         if top.point.key == self._checked_at.key:
