@@ -109,6 +109,14 @@ def test_a_search_that_reads_part_of_its_first_scan_needs_a_budget_for_the_rest_
     assert "59" in str(err.value) and "60" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_one_zoom_point_without_a_fit_trains_nothing_and_says_so():
+    # loss falling all the way to the scan's low edge, no shift allowed: no convex fit to place the zoom by
+    result = simulate(SearchConfig(zoom_points=1, max_shifts=0), lambda p: Outcome(p, 3.0 + 0.1 * math.log2(p.elr)))
+    assert "zoom" not in kinds(result)
+    assert any(n.startswith("no zoom: one zoom point and no convex fit") for n in result.notes)
+    assert not any(n.startswith("zoom on the") for n in result.notes)
+
+
 def test_zoom_skips_points_already_evaluated():
     # Vertex half-way between two scan members: its +-spacing/2 zoom members are those members.
     result = simulate(SearchConfig(), elr_surface(C + 0.5))

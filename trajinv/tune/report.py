@@ -164,7 +164,8 @@ def build_curve_figure(run: TuneRun) -> Figure:
         ax.grid(True, alpha=0.3, which="both")
         ax.set_title("loss along ELR" + (" (the regime's first scan)" if a != r.axis else "")
                      if a == "elr" else "loss along lr (large batch or few steps)")
-        ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # a panel of diverged members only has nothing to label
+            ax.legend(fontsize="small")
     fig.suptitle("trajinv tune (dotted lines: diverged members)")
     return fig
 

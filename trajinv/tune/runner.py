@@ -229,14 +229,14 @@ def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progres
     return StageRun(stage, axis, directory, outcomes, bp, steps, tokens)
 
 
-def _drive(search: Search, spec: TuneSpec, out: Path, prefix: str, progress: Callable | None,
+def _drive(search: Search, spec: TuneSpec, out: Path, progress: Callable | None,
            runs: list[StageRun], scale: dict, chance: float,
            after_first: Callable[[StageRun], bool] | None = None) -> bool:
     """Train the search's stages until it finishes; False when `after_first` stops it early."""
     while (stage := search.next_stage()) is not None:
         if progress is not None:
-            progress("stage", name=prefix + stage.name, stage_kind=stage.kind, members=len(stage.points))
-        run = _run_stage(spec, stage, search.cfg.axis, out / STAGES / (prefix + stage.name), progress, scale,
+            progress("stage", name=stage.name, stage_kind=stage.kind, members=len(stage.points))
+        run = _run_stage(spec, stage, search.cfg.axis, out / STAGES / stage.name, progress, scale,
                          chance)
         search.tell(stage, run.outcomes, cost=run.member_steps)  # untrainable points cost nothing
         runs.append(run)
@@ -267,19 +267,19 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
 
     notes = _stage_overrides(spec)
     search = Search(spec.search_config("elr"))
-    if not _drive(search, spec, out, "", progress, runs, scale, chance, classify):
+    if not _drive(search, spec, out, progress, runs, scale, chance, classify):
         # large batch or too few steps: the loss follows lr; scan it at the wd of the scan's best member
         follow = lr_search(spec, runs[0].outcomes, runs[0].member_steps)
         if follow is not None:
             search = follow
-            _drive(search, spec, out, LR_PREFIX, progress, runs, scale, chance)
+            _drive(search, spec, out, progress, runs, scale, chance)
         else:
             left = spec.search.budget - runs[0].member_steps
             need = _lr_search(spec, runs[0].outcomes).fresh_scan_cost
             notes.append(f"the regime calls for tuning lr, but the budget left ({left} member-steps) is below the "
                          f"lr scan's new members ({need}): the ELR search went on; raise --budget "
                          "(with a new --out: the budget decides the stages)")
-            _drive(search, spec, out, "", progress, runs, scale, chance)
+            _drive(search, spec, out, progress, runs, scale, chance)
     result = search.result()
     stage_train = spec.stage_train()
     untrained = [o for sr in runs for o in sr.outcomes if _untrainable(stage_train, o.point)]
@@ -320,7 +320,8 @@ def lr_search(spec: TuneSpec, first: Sequence[Outcome], spent: int) -> Search | 
 def _lr_search(spec: TuneSpec, first: Sequence[Outcome], budget: int | None = None) -> Search:
     # every member diverged: the scan's middle point, as the regime read it (not a wd nobody chose)
     wd = (_best_point(first) or first[len(first) // 2].point).wd
-    return Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=None), known=first, budget=budget)
+    return Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=None), known=first, budget=budget,
+                  prefix=LR_PREFIX)
 
 
 def _best_point(outcomes: Sequence[Outcome]) -> Point | None:

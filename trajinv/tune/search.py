@@ -243,13 +243,16 @@ class _Line:
 class Search:
     """The tune search as a state machine: next_stage() -> train it -> tell() -> ... -> result()."""
 
-    def __init__(self, cfg: SearchConfig, known: Sequence[Outcome] = (), budget: int | None = None) -> None:
+    def __init__(self, cfg: SearchConfig, known: Sequence[Outcome] = (), budget: int | None = None,
+                 prefix: str = "") -> None:
         """`known`: outcomes measured before this search (the first ELR scan, for the lr search that
         follows it): never proposed again, and counted like its own in lines, fits, checks and the best,
         but not in its cost. `budget` (member-steps) replaces `cfg.budget` for such a search: SearchConfig
         asks a budget to afford a whole first scan, but the points `known` holds are read, not trained,
-        so this one need only afford the rest (`fresh_scan_cost`)."""
+        so this one need only afford the rest (`fresh_scan_cost`). `prefix` starts its stages' names
+        ("lr-" for the lr search: "lr-1-scan" beside the ELR search's "1-scan")."""
         self.cfg = cfg
+        self._prefix = prefix
         self._line = _Line(cfg.axis, cfg.lr if cfg.axis == "elr" else cfg.wd)
         default_centre = cfg.lr * cfg.wd if cfg.axis == "elr" else cfg.lr
         self._centre = math.log2(cfg.center if cfg.center is not None else default_centre)
@@ -378,6 +381,10 @@ class Search:
         fit = self._fit(self._line, best)
         if fit is not None:
             centre = math.log2(fit.vertex)
+        elif n == 1:  # its one point would be the best member itself
+            self._notes.append(f"no zoom: one zoom point and no convex fit on the {self._line.describe()} to place "
+                               "it (with its vertex inside the fitted members)")
+            return None
         else:
             centre = self._line.x(best)
             self._notes.append(f"zoom on the {self._line.describe()} around the best member: "
@@ -443,7 +450,7 @@ class Search:
         points = list(fresh.values())
         if not points:
             return None
-        name = f"{len(self._history) + 1}-{kind}"
+        name = f"{self._prefix}{len(self._history) + 1}-{kind}"
         if self._budget is not None:
             affordable = (self._budget - self._spent) // self.cfg.steps_per_member
             if affordable < len(points):
