@@ -240,3 +240,17 @@ def test_plot_writes_a_png_atomically(tmp_path):
     out = plot_scaling(fit_scaling(scaling_optima(0.0, -0.5), target_tokens=2.0**32), tmp_path / "s.png")
     assert out == tmp_path / "s.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["s.png"]  # no temporary file left behind
+
+
+def test_predictions_far_outside_the_fitted_budgets_or_untrainable_come_with_a_caution():
+    opts = scaling_optima(0.0, -0.5)  # budgets 2^20 .. 2^28 tokens
+    assert fit_scaling(opts, target_tokens=2.0**26).caveats() == [] and fit_scaling(opts).caveats() == []
+    far = fit_scaling(opts, target_tokens=2.0**32)
+    (line,) = far.caveats()
+    assert "16x above the largest budget fitted" in line and "caution: " + line in far.format()
+    assert far.to_dict()["caveats"] == [line]
+    below = fit_scaling(opts, target_tokens=2.0**14).caveats()
+    assert len(below) == 1 and "64x below the smallest" in below[0]
+    # wd growing with tokens: at 2^40 the prediction has lr*wd ~ 1e-3 * 0.1 * 2^20 = 105, which nothing trains
+    grows = fit_scaling(scaling_optima(0.0, 1.0, se=0.01), target_tokens=2.0**40).caveats()
+    assert any("lr*wd = " in c and ">= 1 is untrainable" in c for c in grows)

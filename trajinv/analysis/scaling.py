@@ -313,6 +313,10 @@ def _judge(claim: str, quantity: str, fit: PowerLawFit, zone: tuple[float, float
     return ClaimVerdict(claim, verdict, fit.b, fit.b_ci, criterion)
 
 
+_FAR = 10.0
+"""A target more than this factor outside the fitted budgets is flagged as an extrapolation."""
+
+
 @dataclass(frozen=True)
 class ScalingReport:
     """Power laws of the optimal lr, wd and elr in tokens, predictions at a target budget, and the claims."""
@@ -340,11 +344,30 @@ class ScalingReport:
         if self.predictions:
             lines.append(f"\nat {self.target_tokens:.3g} tokens ({pct} interval):")
             lines += [f"  {q:>3} = {v:.3g}  [{lo:.3g}, {hi:.3g}]" for q, (v, lo, hi) in self.predictions.items()]
+            lines += [f"  caution: {c}" for c in self.caveats()]
         lines.append("")
         for c in self.claims:
             lines.append(f"{c.claim}: {c.verdict.upper()} (exponent {c.exponent:+.3f}, interval "
                          f"[{c.interval[0]:+.3f}, {c.interval[1]:+.3f}]; criterion: {c.criterion})")
         return "\n".join(lines)
+
+    def caveats(self) -> list[str]:
+        """What makes the predictions doubtful: a target far outside the fitted budgets (a power law
+        extrapolated), or a predicted lr*wd >= 1, which no run can train (decay would zero the weights)."""
+        if not self.predictions:
+            return []
+        out = []
+        lo, hi = min(o.tokens for o in self.optima), max(o.tokens for o in self.optima)
+        t = self.target_tokens
+        if t > _FAR * hi or t < lo / _FAR:
+            side, ref = ("above the largest", hi) if t > hi else ("below the smallest", lo)
+            out.append(f"{t:.3g} tokens is {max(t / ref, ref / t):.3g}x {side} budget fitted ({ref:.3g}): "
+                       "the power laws are extrapolated that far")
+        lr, wd = self.predictions["lr"][0], self.predictions["wd"][0]
+        if lr * wd >= 1:
+            out.append(f"the predicted lr*wd = {lr * wd:.3g} >= 1 is untrainable (decay would zero or flip the "
+                       "weights every step): the fits do not hold there")
+        return out
 
     def to_dict(self) -> dict:
         """JSON-ready: plain floats, lists and strings only."""
@@ -356,6 +379,7 @@ class ScalingReport:
                        for o in self.optima],
             "fits": {q: {"a": f.a, "b": f.b, "a_ci": list(f.a_ci), "b_ci": list(f.b_ci)} for q, f in self.fits.items()},
             "predictions": {q: {"value": v, "lo": lo, "hi": hi} for q, (v, lo, hi) in self.predictions.items()},
+            "caveats": self.caveats(),
             "claims": [{"claim": c.claim, "verdict": c.verdict, "exponent": c.exponent,
                         "interval": list(c.interval), "criterion": c.criterion} for c in self.claims],
         }
