@@ -321,3 +321,18 @@ def test_a_tune_stage_that_trained_nothing_is_read_as_such(tmp_path):
                            "outcomes": [{"lr": 2.0, "wd": 1.0, "elr": 2.0, "loss": None, "se": 0.0}]})
     (d / TUNE_RESULT).write_text(json.dumps(data))
     assert load_budget(d, n_boot=50).lr == load_budget(_tune_dir(tmp_path / "u", 1), n_boot=50).lr
+
+
+def test_the_tune_file_names_are_the_tuners():
+    from trajinv.analysis import budgets
+    from trajinv.tune import report, runner
+
+    assert (budgets.TUNE_RESULT, budgets.TUNE_SPEC) == (report.RESULT, runner.SPEC)  # one name, kept in step
+
+
+@pytest.mark.parametrize("marker, needle", [("tune_spec.json", "the tune in"), ("spec.json", "the sweep in")])
+def test_a_directory_whose_run_has_not_finished_is_named_unfinished(tmp_path, marker, needle):
+    (tmp_path / marker).write_text("{}")
+    with pytest.raises(ValueError, match="has not finished") as e:
+        load_budget(tmp_path)
+    assert needle in str(e.value) and "rerun its `trajinv" in str(e.value)

@@ -41,6 +41,7 @@ from trajinv.atomic import atomic_write
 from trajinv.config import sweep_pairs
 
 TUNE_RESULT = "tune.json"  # trajinv.tune.report.RESULT (analysis does not import the tuner)
+TUNE_SPEC = "tune_spec.json"  # trajinv.tune.runner.SPEC: written when a tune starts
 
 
 def load_budget(directory: str | Path, n_boot: int = 500, seed: int = 0,
@@ -55,6 +56,12 @@ def load_budget(directory: str | Path, n_boot: int = 500, seed: int = 0,
         return _from_tune(root, n_boot, seed, batch_size)
     if (root / "summary.csv").is_file():
         return _from_sweep(root, n_boot, seed, batch_size)
+    if (root / TUNE_SPEC).is_file():
+        raise ValueError(f"the tune in {str(root)!r} has not finished (no {TUNE_RESULT} yet): rerun its "
+                         "`trajinv tune` command to finish it")
+    if (root / "spec.json").is_file():
+        raise ValueError(f"the sweep in {str(root)!r} has not finished a population yet (no summary.csv): rerun "
+                         "its `trajinv sweep` command to finish it")
     raise FileNotFoundError(f"{str(root)!r} holds neither a tune ({TUNE_RESULT}) nor a sweep (summary.csv)")
 
 
