@@ -172,6 +172,30 @@ def test_an_lr_tune_reads_the_first_elr_scan_as_its_search_did(tmp_path):
     assert math.log2(o.lr / lr0) == pytest.approx(-0.025 / 0.13, abs=0.05)
 
 
+def test_an_lr_tune_whose_check_trained_no_stage_still_crosses_at_the_checked_point(tmp_path):
+    """The iso-LR check's members were all first-scan members, so no check stage exists; the zoom then won
+    at another lr. The checked point (tune.json's invariant_check) still says where wd was varied."""
+    root = _tune_dir(tmp_path / "t", 1, check=False)
+    lr0, wd0 = _optimum(1)
+    wd_b = wd0 * 2.0 ** 0.25
+    data = json.loads((root / TUNE_RESULT).read_text())
+    data["axis"], data["stages"] = "lr", []
+    data["invariant_check"] = {"points": [{"lr": lr0, "wd": wd_b, "elr": lr0 * wd_b, "loss": _loss(lr0, wd_b, 1),
+                                           "se": 0.0}]}
+    (root / TUNE_RESULT).write_text(json.dumps(data))
+    _add_stage(root, "1-scan", "scan", [(lr0, wd0 * 2.0 ** (j + 0.25)) for j in range(-3, 4)], 1, axis="elr")
+    _add_stage(root, "lr-1-scan", "scan", [(lr0 * 2.0 ** k, wd_b) for k in (-3, -2, -1, 1, 2, 3)], 1, axis="lr")
+    _add_stage(root, "lr-2-zoom", "zoom", [(lr0 * 2.0 ** d, wd_b) for d in (-0.25, 0.25)], 1, axis="lr")
+    o = load_budget(root, n_boot=50)
+    assert set(o.tuned_axes) == {"lr", "wd"} and not o.at_edge
+    assert math.log2(o.wd / wd0) == pytest.approx(0, abs=0.05)
+    data = json.loads((root / TUNE_RESULT).read_text())
+    data["invariant_check"] = None  # without it the anchor (a zoom member) has no wd line through it
+    (root / TUNE_RESULT).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="optimal wd is not located"):
+        load_budget(root, n_boot=20)
+
+
 def test_an_lr_tune_without_its_check_is_refused_in_one_line(tmp_path):
     """An lr tune whose budget ran out before the check varied wd only at its scan's wd: no wd optimum."""
     root = _tune_dir(tmp_path / "t", 1, check=False)

@@ -120,7 +120,11 @@ def _from_tune(root: Path, n_boot: int, seed: int, batch_size: str | int | None 
     member = lambda o, wd: MemberLoss(o["lr"], wd, o["loss"], o["se"] or 0.0)  # noqa: E731
     # line C's fixed value: the ELR (axis ELR) or lr (axis lr) of the check crossing line S nearest the anchor
     across, along = ("elr", "lr") if axis == "elr" else ("lr", "wd")
-    crossing = [o[across] for s in stages if s["kind"] == "check" for o in s["outcomes"][:1]
+    # (the checked point of tune.json's invariant_check too: a check whose members were all trained before,
+    # by the first scan, trains no stage of its own)
+    checked = (data.get("invariant_check") or {}).get("points", [])[:1]
+    lines = [o for s in stages if s["kind"] == "check" for o in s["outcomes"][:1]] + checked
+    crossing = [o[across] for o in lines
                 if any(close(m, across, o[across]) and close(m, along, anchor[along]) for m in outcomes)]
     at = min(crossing, key=lambda v: abs(math.log2(v / anchor[across])), default=anchor[across])
     # the line that varies wd at one lr (S along ELR, C along lr): the optimal wd
