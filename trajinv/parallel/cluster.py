@@ -40,7 +40,8 @@ from trajinv.parallel.worker import Job, Outcome, failed_outcome, run_job
 PROBE = ".trajinv-storage-probe"
 
 
-def _ray():
+def import_ray():
+    """The ray module; one line naming the extra that installs it when it is missing."""
     try:
         import ray
     except ImportError:
@@ -100,7 +101,7 @@ class RayCluster:
         if cpus < 1:
             raise ValueError(f"--ray-cpus must be >= 1, got {cpus}")
         self.address, self.out, self.cpus, self.gpu = address, Path(out), cpus, gpu
-        self.ray = _ray()
+        self.ray = import_ray()
         self.owned = False
 
     def __enter__(self) -> RayCluster:

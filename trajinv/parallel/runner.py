@@ -27,6 +27,24 @@ from trajinv.parallel.memory import size_populations
 from trajinv.parallel.worker import Job, Outcome, run_job
 
 
+def check_scale(devices: str | Sequence[str] | None, ray: str | None, ray_cpus: int = 1) -> None:
+    """The scale-out options' own checks, made before anything is written (`run_scaled` makes them first;
+    the tune before its spec): one of `devices` or `ray`, usable devices, and for Ray: installed,
+    `ray_cpus` >= 1 and an address that answers."""
+    if (devices is None) == (ray is None):
+        raise ValueError("give --devices or --ray, not both" if devices is not None else "give --devices or --ray")
+    if devices is not None:
+        usable_devices(devices)
+        return
+    from trajinv.parallel.cluster import check_reachable, import_ray
+
+    if isinstance(ray_cpus, bool) or not isinstance(ray_cpus, int) or ray_cpus < 1:
+        raise ValueError(f"--ray-cpus must be >= 1, got {ray_cpus!r}")
+    import_ray()
+    if ray not in ("auto", "local"):
+        check_reachable(ray)
+
+
 def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices: str | Sequence[str] | None = None,
                ray: str | None = None, ray_cpus: int = 1, task=run_job) -> list[dict]:
     """Train `spec`'s populations into `out` on `devices` (one worker each) or on the Ray cluster at
@@ -37,8 +55,7 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
     """
     from trajinv.sweep import prepare_sweep, write_summary
 
-    if (devices is None) == (ray is None):
-        raise ValueError("give --devices or --ray, not both" if devices is not None else "give --devices or --ray")
+    check_scale(devices, ray, ray_cpus)
     spec.validate()
     out = Path(out)
     notify = progress or (lambda kind, **info: None)

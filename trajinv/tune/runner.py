@@ -152,6 +152,10 @@ def _preflight(spec: TuneSpec, scale: dict) -> int:
     the corrected command "another spec". On Ray the driver need not have the cluster's devices.
     Returns the data's vocabulary size."""
     cfg = spec.stage_train()
+    if scale.get("devices") is not None or scale.get("ray") is not None:
+        from trajinv.parallel.runner import check_scale
+
+        check_scale(scale.get("devices"), scale.get("ray"), scale.get("ray_cpus", 1))
     if scale.get("ray") is None:
         if scale.get("devices") is not None:
             cfg = replace(cfg, device=device_kind(usable_devices(scale["devices"])))
