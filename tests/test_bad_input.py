@@ -139,7 +139,7 @@ CLI_CASES = [
     (TRAIN + ["--gns", "micro-batch", "--micro-batch", "2", "--gns-warmup", "0"], "precond_warmup"),
     # output directories: existing runs, damaged ones, and paths the file system refuses
     (TRAIN[:-1] + ["{ws}/run", *PAIR], "--resume"),
-    (TRAIN[:-1] + ["{ws}/run", *PAIR, "--resume", "--steps", "3"], "different configuration"),
+    (TRAIN[:-1] + ["{ws}/run", *PAIR, "--resume", "--steps", "3"], "different configuration (train.steps (2 there, 3 here))"),
     (TRAIN[:-1] + ["{ws}/damaged", *PAIR, "--resume"], "checkpoint-00000002.safetensors"),
     (TRAIN[:-1] + ["{ws}/badmetrics", *PAIR, "--resume"], "metrics.jsonl:2"),
     (TRAIN[:-1] + ["{ws}/badsidecar", *PAIR, "--resume"], "checkpoint-00000002.json"),

@@ -164,3 +164,35 @@ def test_a_tune_warns_of_what_its_stages_train(corpus, tmp_path):
     assert res.exit_code == 0, res.output
     assert "--gns-embeddings has no effect" not in res.stderr
     assert res.stderr.count("warning: --gns-warmup 3 covers the run's 3 steps") == 1  # once, not once per stage
+
+
+def test_each_command_refuses_another_commands_directory(corpus, tmp_path):
+    pair = ["--data", corpus, "--lr", "0.01", "--wd", "0.1"]
+    made = {"train": ["train", *TINY, *pair], "sweep": ["sweep", *TINY, *pair, "--no-plots"],
+            "tune": ["tune", *TINY, "--data", corpus, "--points", "3", "--octaves", "2", "--zoom-points", "0",
+                     "--max-rescans", "0", "--check-factor", "2", "--budget", "9", "--batch-size", "4"]}
+    held = {"train": "train run", "sweep": "sweep", "tune": "tune"}
+    for kind, args in made.items():
+        out = tmp_path / kind
+        assert CliRunner().invoke(cli.main, args + ["--out", str(out)]).exit_code == 0
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        for other, other_args in made.items():
+            if other == kind:
+                continue
+            res = CliRunner().invoke(cli.main, other_args + ["--out", str(out)])
+            lines = [line for line in res.stderr.splitlines() if line.strip()]
+            assert res.exit_code == 1 and len(lines) == 1, (kind, other, res.output)
+            assert f"holds a {held[kind]} (`trajinv {kind}`), not a {other}" in lines[0]
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, kind
+
+
+def test_text_field_names_the_column_of_a_jsonl_corpus(tmp_path):
+    import json
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"content": "def f(x):\n    return x + 1\n" * 20}) + "\n" for _ in range(40)))
+    args = ["train", *TINY, "--data", str(corpus), "--lr", "0.01", "--wd", "0.1", "--eval-seqs", "4"]
+    res = CliRunner().invoke(cli.main, args + ["--out", str(tmp_path / "a")])
+    assert res.exit_code == 1 and "columns: content" in res.stderr and "--text-field" in res.stderr
+    res = CliRunner().invoke(cli.main, args + ["--text-field", "content", "--out", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output

@@ -114,6 +114,7 @@ _COMMON = [
     (TrainConfig, "kernels", (), dict(type=_kernels_choice())),
     (DataConfig, "source", ("--data",), {}),
     (DataConfig, "tokenizer", (), {}),
+    (DataConfig, "text_field", (), {}),
     (GNSConfig, "mode", ("--gns",), {}),
     (GNSConfig, "every", ("--gns-every",), {}),
     (GNSConfig, "precond_warmup", ("--gns-warmup",), {}),
@@ -149,7 +150,7 @@ def _configs(o: dict, members: tuple[Member, ...] | None = None, batch_size: str
         gns=GNSConfig(mode=o["gns"], every=o["gns_every"], precond_warmup=o["gns_warmup"],
                       embeddings=o["gns_embeddings"]),
     )
-    return train, DataConfig(source=o["data"], tokenizer=o["tokenizer"], seed=o["seed"])
+    return train, DataConfig(source=o["data"], tokenizer=o["tokenizer"], text_field=o["text_field"], seed=o["seed"])
 
 
 def _check_steps_and_tokens(o: dict, train: TrainConfig, batch_sizes) -> None:

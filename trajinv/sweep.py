@@ -28,10 +28,11 @@ from trajinv.config import Member, TrainConfig, describe_differences, sweep_pair
 from trajinv.data import DataConfig, TokenData, load_data
 from trajinv.parallel import memory
 from trajinv.parallel.devices import check_device
+from trajinv.rundirs import SWEEP_SPEC, refuse_other
 from trajinv.schedules import BatchSchedule
 from trajinv.train import MemberResult, Trainer
 
-SPEC = "spec.json"
+SPEC = SWEEP_SPEC  # trajinv.rundirs: every command knows the others' markers
 SUMMARY = "summary.csv"
 SUMMARY_FIELDS = ["run_id", "member", "name", "lr", "wd", "elr", "tau_iter", "tau_fraction", "batch_size", "steps",
                   "tokens", "final_train_loss", "final_val_loss", "status"]
@@ -173,6 +174,7 @@ def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str
     Returns the data and the populations (run_id, config)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a directory")
+    refuse_other(out, "sweep")
     exists = _check_spec(out, spec)
     data = load_data(spec.data)
     pops = spec.populations()

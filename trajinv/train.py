@@ -28,7 +28,7 @@ import torch
 
 from trajinv.checkpoint import (CheckpointError, clean_run_dir, has_checkpoint, load_checkpoint, prune_older,
                                 save_checkpoint)
-from trajinv.config import PARAM_KINDS, TrainConfig, same_run, to_dict
+from trajinv.config import PARAM_KINDS, TrainConfig, describe_differences, same_run, to_dict
 from trajinv.data import TokenData, boot_means, sample_batch, validation_batches, window_resamples
 from trajinv.gns.meter import GNSMeter
 from trajinv.metrics import METRICS, MetricsLog, num, step_records  # noqa: F401 - METRICS: trajinv.train.METRICS
@@ -37,6 +37,7 @@ from trajinv.optim.population import build_optimizer
 from trajinv.kernels.backend import triton_available
 from trajinv.parallel.ddp import SINGLE, DistContext
 from trajinv.parallel.devices import check_device
+from trajinv.rundirs import refuse_other
 from trajinv.schedules import BatchSchedule, lr_multiplier
 
 
@@ -99,6 +100,7 @@ class Trainer:
         self.dist.start(cfg.device)  # after the checks: a bad value fails on every rank before any waits
         self.cfg, self.data, self.run_id = cfg, data, run_id
         self.run_dir = Path(run_dir)
+        refuse_other(self.run_dir, "train")  # a sweep's or a tune's directory: its files are not a run's
         self.metrics = MetricsLog(self.run_dir, writer=self.dist.is_main)  # scale-out: rank 0 writes
         self.batches = BatchSchedule.parse(cfg.batch_size)
         self.plan = cfg.batch_plan()  # steps per batch-size stage: from cfg.tokens or cfg.steps
@@ -187,8 +189,10 @@ class Trainer:
             if isinstance(meta[key], bool) or not isinstance(meta[key], (int, float)) or meta[key] < 0:
                 raise CheckpointError(f"checkpoint sidecar {sidecar} has a bad {key} {meta[key]!r}")
         if not same_run(meta["config"], to_dict(self.cfg)):
-            raise ValueError(f"checkpoint in {self.run_dir} was made by a different configuration; "
-                             "use a new output directory")
+            # named as a sweep or a tune names a changed spec: `train.` then the field, there and here
+            differs = describe_differences({"train": meta["config"]}, {"train": to_dict(self.cfg)})
+            raise ValueError(f"checkpoint in {self.run_dir} was made by a different configuration"
+                             + (f" ({differs})" if differs else "") + "; use a new output directory")
 
     def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Put a checkpoint's tensors in place; CheckpointError if they do not fit this run.

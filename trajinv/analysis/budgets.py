@@ -39,9 +39,9 @@ from trajinv.analysis.records import load_metrics, load_summary
 from trajinv.analysis.scaling import BudgetOptimum, MemberLoss, ScalingReport, fit_scaling, optimum_from_members, plot_scaling
 from trajinv.atomic import atomic_write
 from trajinv.config import sweep_pairs
+from trajinv.rundirs import TUNE_SPEC  # written when a tune starts
 
 TUNE_RESULT = "tune.json"  # trajinv.tune.report.RESULT (analysis does not import the tuner)
-TUNE_SPEC = "tune_spec.json"  # trajinv.tune.runner.SPEC: written when a tune starts
 
 
 def load_budget(directory: str | Path, n_boot: int = 500, seed: int = 0,

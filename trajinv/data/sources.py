@@ -146,7 +146,8 @@ def _file_source(source: str, text_field: str) -> _Source:
                 raise DataError(f"cannot read {builder} data from {source!r}: {one_line(e)}") from None
             column = "text" if builder == "text" else text_field
             if column not in ds.column_names:
-                raise DataError(f"text_field {column!r} not found in {source!r} (columns: {', '.join(ds.column_names)})")
+                raise DataError(f"text_field {column!r} not found in {source!r} (columns: {', '.join(ds.column_names)}); "
+                                "name the text column with --text-field")
             ds = ds.select_columns([column])
             # One column name across builders (so they concatenate), and errors name the user's field.
             parts.append(ds.rename_column(column, text_field) if column != text_field else ds)
@@ -189,7 +190,8 @@ def _hub_source(source: str, text_field: str, max_tokens: int | None, cache_root
             raise DataError(f"cannot load hub dataset {label}: {why} and {cache}; "
                             f"use the offline default (--data stdlib) or --data PATH to your own files") from None
         if ds.column_names is not None and text_field not in ds.column_names:
-            raise DataError(f"text_field {text_field!r} not found in hub dataset {label} (columns: {', '.join(ds.column_names)})")
+            raise DataError(f"text_field {text_field!r} not found in hub dataset {label} (columns: "
+                            f"{', '.join(ds.column_names)}); name the text column with --text-field")
         return ds, text_field
 
     return _Source("hub", _slug(name), identity, load)

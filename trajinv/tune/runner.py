@@ -37,13 +37,14 @@ from trajinv.atomic import atomic_write
 from trajinv.config import DataConfig, Member, TrainConfig, describe_differences, to_dict
 from trajinv.data import load_data
 from trajinv.parallel.devices import check_device, device_kind, usable_devices
+from trajinv.rundirs import TUNE_SPEC, refuse_other
 from trajinv.schedules import BatchSchedule
 from trajinv.sweep import SweepSpec, run_sweep
 from trajinv.train import Trainer
 from trajinv.tune.fit import MIN_TRANSITIONS
 from trajinv.tune.search import Outcome, Point, Regime, Search, SearchConfig, Stage, TuneResult, classify_regime
 
-SPEC = "tune_spec.json"
+SPEC = TUNE_SPEC  # trajinv.rundirs
 STAGES = "stages"
 LR_PREFIX = "lr-"  # stages of the lr-axis search that follows a large-batch verdict
 
@@ -131,6 +132,7 @@ class TuneRun:
 
 def _check_spec(out: Path, spec: TuneSpec) -> None:
     """Refuse a directory made by another spec; write ours (atomically) if there is none."""
+    refuse_other(out, "tune")
     path = out / SPEC
     mine = json.loads(json.dumps(to_dict(spec)))
     if path.exists():
