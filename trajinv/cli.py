@@ -322,7 +322,9 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
     _check_steps_and_tokens(o, train_cfg, batch_sizes)
     spec = SweepSpec(train=train_cfg, data=data_cfg, lrs=lrs, wds=wds, elrs=tuple(elrs),
                      batch_sizes=tuple(batch_sizes), population=population)
-    with _Progress("sweep", train_cfg.warnings()) as bar:
+    # each population's own: with --tokens a batch size sets the step count the warnings judge
+    warnings = dict.fromkeys(w for _, cfg in spec.populations() for w in cfg.warnings())
+    with _Progress("sweep", warnings) as bar:
         rows = run_sweep(spec, out, progress=bar, **scale)
     click.echo(f"{len(rows)} members -> {Path(out) / 'summary.csv'}")
     failed = failures(rows)

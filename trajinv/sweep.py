@@ -123,6 +123,14 @@ class SweepSpec:
         return out
 
 
+class SpecMismatch(ValueError):
+    """`out` holds a sweep made by another spec; `differences` names the fields (there, here)."""
+
+    def __init__(self, out: Path, differences: str):
+        super().__init__(f"{out} holds a sweep made by another spec ({differences}); use a new --out directory")
+        self.differences = differences
+
+
 def _check_spec(out: Path, spec: SweepSpec) -> bool:
     """Whether `out` already holds this spec; ValueError if it holds another (nothing written)."""
     path = out / SPEC
@@ -134,8 +142,7 @@ def _check_spec(out: Path, spec: SweepSpec) -> bool:
         raise ValueError(f"{path} is not valid JSON; fix or remove it, or use a new --out directory") from None
     mine = json.loads(json.dumps(to_dict(spec)))
     if differences := describe_differences(theirs, mine):
-        raise ValueError(f"{out} holds a sweep made by another spec ({differences}); "
-                         "use a new --out directory")
+        raise SpecMismatch(out, differences)
     return True
 
 

@@ -80,7 +80,7 @@ def test_a_budget_that_keeps_the_search_on_elr_says_so_in_the_regime_line(tmp_pa
     assert run.regime.axis == "lr" and run.result.axis == "elr"
     text = format_summary(run)
     assert "regime: lr (" in text and "tuned along ELR all the same" in text and "regime: tune along" not in text
-    assert any("below the lr scan's new members (20)" in n and "raise --budget" in n for n in run.notes)
+    assert any("below the lr scan's new members (20 member-steps)" in n and "raise --budget" in n for n in run.notes)
 
 
 @pytest.mark.parametrize("batch, given, micro", [("32", 0, 8), ("6", 0, 2), ("7", 0, 1), ("2", 0, 1),
@@ -204,6 +204,11 @@ def test_members_that_learned_nothing_count_as_diverged(tmp_path, tiny_data):
             for r in csv.DictReader(open(sr.directory / "summary.csv"))]
     assert any(r["status"] == "done" for r in rows), "no member ended finite: the case is not exercised"
     assert any(not (sr.directory / "summary.csv").is_file() for sr in run.stages), "no stage was all untrainable"
+    # a diverged member is charged its whole run (masked in its population, it kept computing), an
+    # untrainable one nothing
+    for sr in run.stages:
+        trained = len(list(csv.DictReader(open(sr.directory / "summary.csv")))) if sr.directory.exists() else 0
+        assert sr.member_steps == trained * TINY["steps"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a panel with nothing to label draws no legend (matplotlib warned)
         write_report(run, tmp_path)
@@ -256,6 +261,27 @@ def test_a_check_with_one_finite_member_is_reported_as_not_confirmed():
     stages = [StageRun(st, "elr", Path(st.name), outs, [], 10 * len(outs), 0) for st, outs in result.stages]
     text = format_summary(TuneRun(spec, result, None, stages))
     assert "check (3 members): spread 0.0000" in text and "not confirmed" in text and "beyond noise" not in text
+
+
+def test_a_micro_batch_that_splits_a_large_batch_finely_is_named_in_a_note():
+    from trajinv.tune.runner import _stage_overrides
+
+    spec = _spec()
+    slow = replace(spec, train=replace(spec.train, batch_size="7@0.1,56"))  # gcd 7: micro-batch 1, 56 per step
+    assert any("batch 56 runs as 56 of them per step" in n for n in _stage_overrides(slow))
+    assert not any("per step" in n for n in _stage_overrides(spec))
+
+
+def test_a_stage_planned_otherwise_by_an_earlier_version_is_named_as_such(tmp_path, tiny_data):
+    spec = _spec(zoom_points=0, check_factors=(2.0,), max_rescans=0)
+    run = run_tune(spec, tmp_path)
+    first = run.stages[0].directory / "spec.json"
+    theirs = json.loads(first.read_text())
+    theirs["points"][0][1] *= 2  # as if an earlier search had put its first member elsewhere
+    first.write_text(json.dumps(theirs))
+    with pytest.raises(ValueError, match="stage 1-scan on disk holds other members than this tune plans") as e:
+        run_tune(spec, tmp_path)
+    assert "earlier trajinv" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_gns_options_the_stages_replace_are_named_in_notes():

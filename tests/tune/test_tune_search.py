@@ -321,6 +321,12 @@ def test_points_that_trained_nothing_are_not_charged_to_the_budget():
     assert len(trimmed.points) == 3
     with pytest.raises(ValueError, match=r"cost must be an int in \[0, 70\] member-steps, got 80"):
         run(80)
+    search = Search(SearchConfig(steps_per_member=10, budget=100))  # a refused tell records nothing
+    scan = search.next_stage()
+    with pytest.raises(ValueError):
+        search.tell(scan, [oracle(p) for p in scan.points], cost=True)
+    search.tell(scan, [oracle(p) for p in scan.points], cost=70)
+    assert search.next_stage().name == "2-check"  # one scan recorded, not two
 
 
 def test_budget_of_exactly_the_scan_skips_everything_after():
@@ -455,7 +461,7 @@ def test_default_threshold_is_one_timescale():
     ("axis", "wd"), ("lr", 0.0), ("wd", -1.0), ("center", math.nan), ("octaves", -2.0),
     ("points", 2), ("zoom_points", -1), ("zoom_width", 0.0), ("zoom_width", math.inf), ("max_shifts", 1.5),
     ("max_rescans", -1),
-    ("check_factors", (0.5, 1.0)), ("check_factors", ()), ("check_factors", (0.5, 1e-320)), ("check_factors", (1.0000000001,)), ("noise", -0.1),
+    ("check_factors", (0.5, 1.0)), ("check_factors", ()), ("check_factors", (0.5, 1e-320)), ("check_factors", (1.0000000001,)), ("check_factors", (2 ** 6e-10,)), ("noise", -0.1),
     ("steps_per_member", 0), ("budget", 0),
 ])
 def test_config_errors_are_one_line_and_name_the_value(field, value):

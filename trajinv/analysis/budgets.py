@@ -60,8 +60,9 @@ def load_budget(directory: str | Path, n_boot: int = 500, seed: int = 0,
         raise ValueError(f"the tune in {str(root)!r} has not finished (no {TUNE_RESULT} yet): rerun its "
                          "`trajinv tune` command to finish it")
     if (root / "spec.json").is_file():
+        tune = root.parent.name == "stages" and (root.parent.parent / TUNE_SPEC).is_file()  # a tune's stage
         raise ValueError(f"the sweep in {str(root)!r} has not finished a population yet (no summary.csv): rerun "
-                         "its `trajinv sweep` command to finish it")
+                         f"its `trajinv {'tune' if tune else 'sweep'}` command to finish it")
     raise FileNotFoundError(f"{str(root)!r} holds neither a tune ({TUNE_RESULT}) nor a sweep (summary.csv)")
 
 

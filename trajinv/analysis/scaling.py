@@ -353,7 +353,8 @@ class ScalingReport:
 
     def caveats(self) -> list[str]:
         """What makes the predictions doubtful: a target far outside the fitted budgets (a power law
-        extrapolated), or a predicted lr*wd >= 1, which no run can train (decay would zero the weights)."""
+        extrapolated), or a predicted lr*wd >= 1, which no run in torch's decay mode (lr*wd per step,
+        the default) can train."""
         if not self.predictions:
             return []
         out = []
@@ -365,8 +366,8 @@ class ScalingReport:
                        "the power laws are extrapolated that far")
         lr, wd = self.predictions["lr"][0], self.predictions["wd"][0]
         if lr * wd >= 1:
-            out.append(f"the predicted lr*wd = {lr * wd:.3g} >= 1 is untrainable (decay would zero or flip the "
-                       "weights every step): the fits do not hold there")
+            out.append(f"the predicted lr*wd = {lr * wd:.3g} >= 1 is untrainable in torch's decay mode (decay would "
+                       "zero or flip the weights every step): the fits do not hold there")
         return out
 
     def to_dict(self) -> dict:

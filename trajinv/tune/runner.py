@@ -39,7 +39,7 @@ from trajinv.data import load_data
 from trajinv.parallel.devices import check_device, device_kind, usable_devices
 from trajinv.rundirs import TUNE_SPEC, refuse_other
 from trajinv.schedules import BatchSchedule
-from trajinv.sweep import SweepSpec, run_sweep
+from trajinv.sweep import SpecMismatch, SweepSpec, run_sweep
 from trajinv.train import Trainer
 from trajinv.tune.fit import MIN_TRANSITIONS
 from trajinv.tune.search import Outcome, Point, Regime, Search, SearchConfig, Stage, TuneResult, classify_regime
@@ -206,7 +206,15 @@ def _stage_overrides(spec: TuneSpec) -> list[str]:
     if given.micro_batch and given.micro_batch != used.micro_batch:
         notes.append(f"--micro-batch {given.micro_batch} does not split every batch of {given.batch_size} into two "
                      f"or more equal micro-batches: the stages use {used.micro_batch}")
+    largest = max(BatchSchedule.parse(used.batch_size).sizes)
+    if largest // used.micro_batch > _MANY_MICRO_BATCHES:
+        notes.append(f"the stages measure GNS in micro-batches of {used.micro_batch} (a divisor of every batch of "
+                     f"{used.batch_size}): batch {largest} runs as {largest // used.micro_batch} of them per step, "
+                     "slowly; batch sizes with a larger common divisor train faster")
     return notes
+
+
+_MANY_MICRO_BATCHES = 16  # more per step than this is slow enough to say why
 
 
 def _untrainable(train: TrainConfig, p: Point) -> bool:
@@ -224,14 +232,20 @@ def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progres
     if points:
         sweep = SweepSpec(train=train, data=spec.data, points=points, batch_sizes=(spec.train.batch_size,),
                           population=spec.population)
-        rows = run_sweep(sweep, directory, progress=progress, **scale)
+        try:
+            rows = run_sweep(sweep, directory, progress=progress, **scale)
+        except SpecMismatch as e:  # same tune spec, another stage: planned by a search that decided otherwise
+            raise ValueError(f"stage {directory.name} on disk holds other members than this tune plans for it "
+                             f"({e.differences}): it was trained by an earlier trajinv whose search decided "
+                             "otherwise; use a new --out directory") from None
     failed = [r["run_id"] for r in rows if r.get("status") == "failed"]
     if failed:
         raise RuntimeError(f"stage {directory.name}: population(s) {', '.join(dict.fromkeys(failed))} failed "
                            f"(errors in {directory / 'summary.csv'}); rerun the same command to retry them")
     outcomes, bp = _outcomes(stage, rows, directory, chance, doomed)
-    steps = sum(int(r["steps"]) for r in rows)
-    tokens = sum(int(r["tokens"]) for r in rows)
+    # every trained member costs its whole run: a diverged one is masked, not stopped, in its population
+    steps = len(points) * spec.train.steps
+    tokens = len(points) * train.batch_plan().tokens
     return StageRun(stage, axis, directory, outcomes, bp, steps, tokens)
 
 
@@ -283,7 +297,7 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
             left = spec.search.budget - runs[0].member_steps
             need = _lr_search(spec, runs[0].outcomes).fresh_scan_cost
             notes.append(f"the regime calls for tuning lr, but the budget left ({left} member-steps) is below the "
-                         f"lr scan's new members ({need}): the ELR search went on; raise --budget "
+                         f"lr scan's new members ({need} member-steps): the ELR search went on; raise --budget "
                          "(with a new --out: the budget decides the stages)")
             _drive(search, spec, out, progress, runs, scale, chance)
     result = search.result()

@@ -65,6 +65,7 @@ __all__ = ["Axis", "Point", "Outcome", "Stage", "SearchConfig", "Search", "Fit",
 StageKind = Literal["scan", "shift", "zoom", "check", "rescan"]
 
 _DIGITS = 9  # log2 decimals that identify a point (see the module docstring)
+_MIN_CHECK_OCTAVES = 1e-6  # a check factor nearer 1 can round (_DIGITS) to the checked point's key
 _ROUNDOFF = 1e-12  # relative slack of the spread test: exactly invariant losses differ by round-off
 _FIT_HALF_WIDTH = 1.5  # fit window half-width in scan spacings
 _RESCAN_HALF_WIDTH = 2  # rescan half-width in scan spacings
@@ -179,10 +180,10 @@ class SearchConfig:
         if not factors or any(not (isinstance(f, numbers.Real) and math.isfinite(f) and f > 0) or f == 1
                               for f in factors):
             raise ValueError(f"check_factors must be positive multipliers other than 1, got {self.check_factors!r}")
-        same = [f for f in factors if _log2key(f) == 0]
+        same = [f for f in factors if abs(math.log2(f)) < _MIN_CHECK_OCTAVES]
         if same:  # 1 + 1e-10 passed the test above, then named the checked point itself as its check
-            raise ValueError(f"check_factors {self.check_factors!r}: {same[0]!r} is 1 to within round-off, so its "
-                             "member would be the checked point itself")
+            raise ValueError(f"check_factors {self.check_factors!r}: {same[0]!r} is within {_MIN_CHECK_OCTAVES:g} "
+                             "octaves of 1, so its member could be the checked point itself")
         far = [f for f in factors if abs(math.log2(f)) > _MAX_CHECK_OCTAVES]
         if far:  # 1e-320 passed the test above, trained every stage, then overflowed a wd to inf
             raise ValueError(f"check_factors {self.check_factors!r}: {far[0]!r} is more than {_MAX_CHECK_OCTAVES} "
@@ -288,8 +289,9 @@ class Search:
 
     def tell(self, stage: Stage, outcomes: Sequence[Outcome], cost: int | None = None) -> None:
         """Record the outcomes of exactly the pending stage's points (any order). `cost`: the member-steps
-        the stage took when not every point trained (one refused as untrainable costs nothing); default
-        every point at `steps_per_member`."""
+        the stage took when not every point trained (one refused as untrainable, lr*wd >= 1, costs
+        nothing; a diverged one costs its whole run, masked in its population); default every point at
+        `steps_per_member`."""
         outcomes = tuple(outcomes)
         if self._pending is None or stage != self._pending:
             pending = self._pending.name if self._pending else None
@@ -300,12 +302,12 @@ class Search:
             missing = next((p for p in stage.points if p.key not in by_key), None)
             raise ValueError(f"stage {stage.name!r} needs one outcome per point ({len(keys)}), got {len(outcomes)}"
                              + (f"; none for lr={missing.lr:.6g}, wd={missing.wd:.6g}" if missing else ""))
+        full = len(keys) * self.cfg.steps_per_member
+        if cost is not None and (isinstance(cost, bool) or not isinstance(cost, int) or not 0 <= cost <= full):
+            raise ValueError(f"stage {stage.name!r} cost must be an int in [0, {full}] member-steps, got {cost!r}")
         ordered = tuple(by_key[k] for k in keys)
         self._history.append((stage, ordered))
         self._seen.update(zip(keys, ordered))
-        full = len(keys) * self.cfg.steps_per_member
-        if cost is not None and not (isinstance(cost, int) and 0 <= cost <= full):
-            raise ValueError(f"stage {stage.name!r} cost must be an int in [0, {full}] member-steps, got {cost!r}")
         self._spent += full if cost is None else cost
         self._pending = None
 
