@@ -125,3 +125,11 @@ def test_a_member_without_weight_decay_is_drawn_grey_by_elr():
     assert to_rgba(lines["lr=0.008,wd=0"].get_color()) == to_rgba("0.45")
     assert to_rgba(lines["lr=0.008,wd=1"].get_color()) != to_rgba("0.45")
     assert "elr=0" in [t.get_text() for t in fig.axes[0].get_legend().texts]
+
+
+def test_a_member_with_one_logged_point_is_drawn_as_a_marker():
+    # one eval per member (--eval-every past the run): a line through one point draws nothing
+    fig = build_loss_figure(make_records(steps=[40]), color_by="elr")
+    assert all(line.get_marker() == "o" and len(line.get_xdata()) == 1 for line in fig.axes[0].lines)
+    several = build_loss_figure(make_records(), color_by="elr")
+    assert all(line.get_marker() in (None, "None", "") for line in several.axes[0].lines)

@@ -45,6 +45,37 @@ def test_a_sweep_with_a_member_without_weight_decay_gets_its_whole_report(tmp_pa
     text, paths = sweep_report(tmp_path)
     assert "iso-LR" in text and "lr=0.004,wd=0" in text
     assert {p.name for p in paths} >= {"val_loss_by_lr.png", "val_loss_by_elr.png"}
+    # the two wd = 0 members share "ELR 0" but follow lr all the way: no iso-ELR group
+    from trajinv.analysis.invariance import iso_elr_groups, iso_lr_groups
+    from trajinv.analysis.records import curves, load_metrics
+
+    cs = list(curves(load_metrics(tmp_path)).values())
+    assert iso_elr_groups(cs) == [] and len(iso_lr_groups(cs)) == 2
+
+
+def test_a_sweep_whose_every_member_diverged_still_gets_phases_and_tuning_curves(tmp_path, tiny_data):
+    # lr 10-50 without clipping: losses blow up (finite, far above ln 256); analyze used to stop at
+    # "every member diverged" with exit 1, after the sweep had trained fine
+    train = TrainConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, context=16), steps=12, batch_size="4",
+                        optim=OptimConfig(clip=0.0), eval_every=6, eval_seqs=8, log_every=3, checkpoint_every=0)
+    run_sweep(SweepSpec(train=train, data=DataConfig(max_tokens=200_000), lrs=(10.0, 50.0), wds=(0.001, 0.01)),
+              tmp_path)
+    text, paths = sweep_report(tmp_path)
+    assert text.startswith("every member diverged: no curves to compare")
+    assert "eq step" in text and PHASES_PNG in {p.name for p in paths}
+    if pytest.importorskip("opda"):
+        assert "every member diverged" in text.split("tuning curves")[-1] and CURVES_PNG in {p.name for p in paths}
+
+
+def test_tuning_curves_are_per_batch_size(tmp_path, tiny_data):
+    pytest.importorskip("opda")
+    train = TrainConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, context=16), steps=8, batch_size="4",
+                        optim=OptimConfig(), eval_every=4, eval_seqs=8, log_every=4, checkpoint_every=0)
+    run_sweep(SweepSpec(train=train, data=DataConfig(max_tokens=200_000), lrs=(4e-3, 8e-3), wds=(0.5, 1.0),
+                        batch_sizes=("4", "8")), tmp_path)
+    text, _ = sweep_report(tmp_path)
+    assert "batch 4: lr x wd, 4 trials" in text and "batch 8: lr x wd, 4 trials" in text
+    assert "8 trials" not in text  # one point trained at two batch sizes is two runs, not two trials of a search
 
 
 def test_an_interrupted_sweep_is_reported_as_incomplete(small_sweep, tmp_path):

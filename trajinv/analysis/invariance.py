@@ -94,6 +94,8 @@ def _groups(cs: Iterable[Curve], kind: str) -> list[Group]:
     # Curves of different batch-size schedules see different batches at a step (a '32@0.1,256'
     # population and a constant-32 one share the first batch size, not the run): never mix them.
     live = [c for c in cs if not c.diverged]
+    if kind == "ELR":  # wd = 0 is no ELR: those members follow lr for the whole run
+        live = [c for c in live if c.elr > 0]
     by_schedule: dict = {}
     for c in live:
         by_schedule.setdefault(_schedule(c), []).append(c)
@@ -117,7 +119,7 @@ def iso_lr_groups(cs: Iterable[Curve]) -> list[Group]:
 
 
 def iso_elr_groups(cs: Iterable[Curve]) -> list[Group]:
-    """Non-diverged members with equal lr*wd (and batch-size schedule) and >= 2 distinct lr."""
+    """Non-diverged members with equal lr*wd > 0 (and batch-size schedule) and >= 2 distinct lr."""
     return _groups(cs, "ELR")
 
 
@@ -148,6 +150,11 @@ def _kind_stats(groups: Sequence[Group], stats: Sequence[GroupStats], pos: float
 # ------------------------------------------------------------------------- steps
 
 
+class AllDiverged(ValueError):
+    """Every member of a sweep diverged: there is no invariance to measure (its phases and tuning
+    curves still say something)."""
+
+
 def default_steps(cs: Iterable[Curve], x: str = "step") -> tuple[int, int]:
     """(early, late) positions (steps, or tokens with x="tokens") used when the caller gives none.
 
@@ -159,7 +166,7 @@ def default_steps(cs: Iterable[Curve], x: str = "step") -> tuple[int, int]:
     live = [c for c in cs if not c.diverged and len(c.steps)]
     if not live:
         if cs and all(c.diverged for c in cs):
-            raise ValueError("every member diverged: nothing to compare")
+            raise AllDiverged("every member diverged: no curves to compare")
         raise ValueError("no member has a logged value yet (stopped before its first evaluation?)")
     late = int(min(c.axis(x)[-1] for c in live))
     return _early_step(live, late, x), late

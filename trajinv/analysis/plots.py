@@ -121,6 +121,8 @@ def build_loss_figure(
     ax = fig.add_subplot()
     for c, col, ls, mk in zip(cs, colours, styles, markers):
         # A diverged member is drawn faintly up to its last finite value.
+        # a member with one logged point draws no line: a marker shows it
+        mk = mk or ("o" if len(c.steps) == 1 else None)
         ax.plot(c.axis(x), c.values, color=col, linestyle=ls, lw=1.5, marker=mk, markersize=4,
                 markevery=max(1, len(c.steps) // 8), alpha=0.35 if c.diverged else 0.95, label=c.name)
     if logx:

@@ -14,10 +14,11 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 from trajinv.analysis.budgets import unfinished
-from trajinv.analysis.invariance import analyze_sweep
+from trajinv.analysis.invariance import AllDiverged, analyze_sweep
 from trajinv.analysis.phase import format_phases, member_phases, plot_phases, predicted_transition_step
 from trajinv.analysis.plots import plot_sweep
 from trajinv.analysis.records import load_metrics, load_summary
@@ -36,20 +37,25 @@ def sweep_report(sweep_dir: str | Path, key: str = "val_loss", x: str = "step") 
         names = sorted(p.name for p in stages.iterdir() if p.is_dir()) if stages.is_dir() else []
         raise ValueError(f"{root} is a tune: its stages are sweeps; analyze one of them"
                          + (f" ({', '.join(str(stages / n) for n in names)})" if names else ""))
-    report = analyze_sweep(root, key=key, x=x)
-    sections = [report.format()]
+    try:
+        report = analyze_sweep(root, key=key, x=x)
+    except AllDiverged as e:  # no curves to compare; the phases and tuning curves still say something
+        report = None
+        sections = [f"{e} (see summary.csv for their losses)"]
+    else:
+        sections = [report.format()]
     if (root / "spec.json").is_file():
         missing, total, why = unfinished(root)
         if missing:  # an interrupted sweep: say so before numbers that read like a finished one's
             sections.insert(0, f"incomplete: {missing} of {total} members have not finished ({', '.join(why)}); "
                                "below is what has run so far (rerun the sweep command to finish it)")
-    paths = plot_sweep(root, key=key, x=x)
+    paths = plot_sweep(root, key=key, x=x) if report is not None else []
     records = load_metrics(root)
     phases = member_phases(records)
     if any(p.phase_at_end != "n/a" for p in phases):
         sections.append(format_phases(phases))
         predicted = predicted_transition_step(phases)
-        observed = report.transition_step if x == "step" else None
+        observed = report.transition_step if x == "step" and report is not None else None
         if predicted is not None and observed:
             sections.append(f"LR -> ELR transition: observed at step {observed}, predicted from single runs' "
                             f"equilibrium at step {predicted:.0f} (ratio {predicted / observed:.2f})")
@@ -68,22 +74,35 @@ def _tuning_curves(root: Path, vocab_size: int | None = None) -> tuple[str, Path
         rows = load_summary(root)
     except FileNotFoundError:
         return "", None
-    finished = [r for r in rows if r.get("status") == "done" and r.get("final_val_loss") is not None]
-    if len(finished) < MIN_TRIALS:
-        return "", None
     try:
         from trajinv.analysis.tuning_curves import finished_trials, plot_tuning_curves, sweep_tuning_curves
-
-        curves = sweep_tuning_curves(rows, vocab_size=vocab_size)
     except ImportError as e:
         return f"tuning curves skipped: {e}", None
-    except ValueError as e:  # e.g. no lr with two or more members: no 1-D line to compare
-        return f"tuning curves skipped: {e}", None
-    best = min((v for _, v in finished_trials(rows, vocab_size) if v is not None), default=None)
+    # one search per batch size or schedule: trials of different batch sizes are different runs of a point
+    by_batch: dict[str, list[dict]] = {}
+    for r in rows:
+        by_batch.setdefault(str(r.get("batch_size")), []).append(r)
+    curves, bests = {}, {}
+    for batch, group in by_batch.items():
+        trials = finished_trials(group, vocab_size)  # diverged members are finished trials too
+        if len(trials) < MIN_TRIALS:
+            continue
+        try:
+            these = sweep_tuning_curves(group, vocab_size=vocab_size)
+        except ValueError as e:  # e.g. no lr with two or more members: no 1-D line to compare
+            return f"tuning curves skipped: {e}", None
+        prefix = f"batch {batch}: " if len(by_batch) > 1 else ""
+        best = min((v for _, v in trials if v is not None), default=None)  # this batch size's best member
+        for name, c in these.items():
+            curves[prefix + name] = replace(c, label=prefix + (c.label or name))
+            bests[prefix + name] = best
+    if not curves:
+        return "", None
     lines = ["expected best validation loss after n random-search trials (tuning curves):"]
     for name, c in curves.items():
         where = {n: v for n, v in zip(c.n, c.expected)}
         shown = ", ".join(f"n={n}: {where[n]:.4f}" for n in (1, 2, 4, 8) if n in where)
+        best = bests[name]
         if best is None:  # every member diverged: the curve sits at the bound, nothing to reach
             lines.append(f"  {c.label or name}: {shown}; every member diverged")
             continue
