@@ -418,3 +418,17 @@ def test_nothing_to_compare_says_why():
         default_steps(curves(recs).values())
     with pytest.raises(ValueError, match="every member diverged"):
         default_steps(curves([{**r, "status": "diverged"} for r in recs]).values())
+
+
+def test_the_early_position_on_a_tokens_axis_is_one_every_member_has_reached():
+    from trajinv.analysis.invariance import default_steps
+
+    # batch 32 and batch 256 evaluated every 50 steps: the larger batch's first eval is 8x further in tokens,
+    # so a position before it would hold only the small batch's groups
+    recs = make_records(blended, bs=32, run_id="a") + make_records(blended, bs=256, run_id="b",
+                                                                    steps=range(0, 151, 50))
+    cs = curves(recs).values()
+    early, late = default_steps(cs, x="tokens")
+    first_large = 50 * 256 * 64
+    assert early >= first_large and late == 1000 * 32 * 64  # the last position both reached
+    assert default_steps(curves(make_records(blended)).values(), x="tokens")[0] < first_large  # one batch: as before

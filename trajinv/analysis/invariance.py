@@ -174,8 +174,11 @@ def default_steps(cs: Iterable[Curve], x: str = "step") -> tuple[int, int]:
 
 def _early_step(live: Sequence[Curve], late: int, x: str = "step") -> int:
     # The logged position closest to EARLY_FRACTION of late; position 0 is excluded
-    # because all members share the initialisation, so it says nothing.
-    cand = _eval_steps(live, late, x) or [late]
+    # because all members share the initialisation, so it says nothing. Not before every member's
+    # first logged position: on a tokens axis a larger batch evaluates later, and a group without a
+    # value there would drop out of the early mean unannounced.
+    first = max((min((s for s in c.axis(x) if s > 0), default=late) for c in live), default=0)
+    cand = [s for s in _eval_steps(live, late, x) if s >= first] or [late]
     return min(cand, key=lambda s: (abs(s - EARLY_FRACTION * late), s))
 
 
