@@ -1,11 +1,13 @@
 # Two entry points, each doing its own set-up on a fresh machine:
 #   make demo   - a tune on the embedded corpus: recommendation, regime, evidence, cost, plots
 #   make test   - the test suite
-# torch is installed first from the pinned CPU-capable release so that the
-# package's `torch>=` requirement never pulls a multi-GB CUDA build.
+# torch is installed first, pinned, so that the package's `torch>=` requirement never pulls a
+# newer build. Where pip's index serves the CUDA build (plain PyPI on Linux does), pass
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu for the CPU one.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: setup demo test bench clean
 setup: $(VENV)/.installed
@@ -13,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 

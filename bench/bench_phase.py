@@ -150,6 +150,9 @@ def main() -> None:
     ap.add_argument("--key", default="val_loss", help="the curves the observed switch is read from")
     ap.add_argument("--quick", action="store_true", help="one small sweep in a scratch folder: a smoke test")
     args = ap.parse_args()
+    missing = [d for d in args.sweeps if not (d / "summary.csv").is_file()]
+    if missing:  # before any training: the default sweeps take minutes
+        ap.error(f"{missing[0]} is not a sweep directory (no summary.csv)")
     if args.quick:
         dirs = [ensure_sweep("quick", scratch("bench-phase-"), quick=True)]
     else:

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import math
 import statistics
 from pathlib import Path
@@ -245,6 +246,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.tpe_population < 1:
         ap.error(f"--tpe-population must be >= 1, got {args.tpe_population}")
+    if args.reps is not None and args.reps < 1:
+        ap.error(f"--reps must be >= 1, got {args.reps}")
+    if args.seeds is not None and min(args.seeds) < 0:
+        ap.error(f"--seeds must be >= 0, got {min(args.seeds)}")
+    lacking = [m for m in ("optuna", "opda") if importlib.util.find_spec(m) is None]
+    if lacking:  # checked first: the grids before them take hours
+        ap.error(f"needs {' and '.join(lacking)}: pip install 'trajinv[hpo]'")
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     reps = args.reps or (10 if args.quick else 200)
     data = DataConfig(max_tokens=300_000) if args.quick else DataConfig()

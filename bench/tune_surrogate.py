@@ -195,8 +195,14 @@ def main() -> None:
                     help="training noise in nat at every seed (default: each seed's GP noise)")
     args = ap.parse_args()
     reps = args.reps or (3 if args.quick else 60)
+    if args.reps is not None and args.reps < 1:
+        ap.error(f"--reps must be >= 1, got {args.reps}")
+    if args.noise is not None and not args.noise >= 0:
+        ap.error(f"--noise must be >= 0, got {args.noise}")
     if args.seeds is None:
         args.seeds = [0, 1, 2, 3, 4] if args.quick else cached_seeds(args.runs)
+        if not args.seeds:
+            ap.error(f"no cached grid under {args.runs}: run bench/bench_tune.py first (or pass --quick)")
     if args.quick:
         surfaces, measured = [(synthetic(s), 0.01) for s in args.seeds], []
     else:

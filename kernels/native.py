@@ -70,7 +70,9 @@ class NativeLibrary:
         # the include path differs between installs; the sources, flags and compiler are what matter
         flags = [f for f in self.flags if not f.startswith("-I")]
         key = hashlib.sha256("\0".join([*texts, *flags, os.path.realpath(exe)]).encode()).hexdigest()[:16]
-        so = Path(get_default_build_root()) / f"{self.name}_{key}" / f"{self.name}.so"
+        # torch's own loader reads $TORCH_EXTENSIONS_DIR; get_default_build_root() does not
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+        so = Path(root) / f"{self.name}_{key}" / f"{self.name}.so"
         if not so.exists():
             self._compile(exe, so)
         lib = ctypes.CDLL(str(so))

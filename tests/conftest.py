@@ -11,13 +11,18 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import pytest  # noqa: E402
 from helpers import metrics_without_time  # noqa: E402
 
-# Token caches of the whole session go to one scratch folder, never the repo.
-os.environ.setdefault("TRAJINV_CACHE", tempfile.mkdtemp(prefix="trajinv-cache-"))
+# Token caches of the whole session go to one scratch folder, never the repo, removed when the session ends
+# (pytest-xdist workers inherit the variable from the process that made the folder, and leave it be).
+if "TRAJINV_CACHE" not in os.environ:
+    os.environ["TRAJINV_CACHE"] = tempfile.mkdtemp(prefix="trajinv-cache-")
+    atexit.register(shutil.rmtree, os.environ["TRAJINV_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -36,3 +36,20 @@ def test_bench_tune_rejects_an_empty_tpe_population_in_one_line():
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].endswith("--tpe-population must be >= 1, got 0")
+
+
+@pytest.mark.parametrize("script, args, needle", [
+    ("bench_phase.py", ["/no/such/sweep"], "/no/such/sweep is not a sweep directory"),  # before minutes of training
+    ("tune_surrogate.py", ["--runs", "/no/such/cache"], "no cached grid under /no/such/cache"),
+    ("tune_surrogate.py", ["--quick", "--reps", "0"], "--reps must be >= 1, got 0"),
+    ("bench_tune.py", ["--reps", "-1"], "--reps must be >= 1, got -1"),
+    ("bench_tune.py", ["--seeds", "-1"], "--seeds must be >= 0, got -1"),
+])
+def test_bench_bad_arguments_are_one_line_before_any_work(script, args, needle, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(BENCH.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "TRAJINV_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert needle in proc.stderr.strip().splitlines()[-1]
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written

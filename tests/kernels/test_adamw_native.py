@@ -265,3 +265,17 @@ def test_falls_back_to_torch_ops_with_one_warning_when_the_build_fails(cxx, fres
 def test_switched_off_by_environment(fresh_native, monkeypatch):
     monkeypatch.setenv("TRAJINV_NATIVE_ADAMW", "0")
     assert F.NATIVE.get() is None
+
+
+def test_the_build_goes_to_torch_extensions_dir(fresh_native, monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # README: where the native libraries are cached
+    seen = []
+
+    def compile_nothing(exe, so):
+        seen.append(so)
+        raise RuntimeError("not built in this test")
+
+    monkeypatch.setattr(F.NATIVE, "_compile", compile_nothing)
+    with pytest.warns(RuntimeWarning, match="not built in this test"):
+        assert F.NATIVE.get() is None
+    assert len(seen) == 1 and seen[0].is_relative_to(tmp_path)
