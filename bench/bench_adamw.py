@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_csv import results_dir
+from results_csv import at_least, results_dir
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -214,7 +214,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes, few steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--out", default=None, help="CSV path (default: adamw.csv in results_csv.results_dir)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
     args.out = args.out or results_dir(args.quick) / "adamw.csv"
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -22,6 +22,7 @@ Prints a table and writes bench/results/gns.csv.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 import time
@@ -29,8 +30,8 @@ from pathlib import Path
 
 import torch
 
-from results_csv import results_dir, write_csv
-from trajinv.config import Member, TrainConfig, preset
+from results_csv import at_least, results_dir, write_csv
+from trajinv.config import PRESETS, Member, TrainConfig, preset
 from trajinv.data import DataConfig, load_data
 from trajinv.gns import GNSConfig
 from trajinv.train import Trainer
@@ -66,15 +67,22 @@ def main() -> None:
     ap.add_argument("--cases", default="tiny:1,tiny:9,small:1", help="preset:members, comma separated")
     ap.add_argument("--steps", type=int, default=None,
                     help="timed steps per mode, a multiple of 4 (default: 48 tiny, 12 small)")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--micro", type=int, default=8)
+    ap.add_argument("--batch", type=at_least(2), default=32)
+    ap.add_argument("--micro", type=at_least(1), default=8)
     ap.add_argument("--quick", action="store_true", help="tiny only, 4 steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                     help="where the trainers run (cuda: the Triton kernels)")
     args = ap.parse_args()
     if args.steps is not None and (args.steps <= 0 or args.steps % 4):
         ap.error(f"--steps must be a positive multiple of 4 (one measured step in four: whole cycles), got {args.steps}")
+    if args.batch % args.micro or args.batch // args.micro < 2:
+        ap.error(f"--micro {args.micro} must split --batch {args.batch} into two or more equal micro-batches")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: CUDA is not available on this machine")
     cases = ["tiny:1"] if args.quick else args.cases.split(",")
+    bad = [c for c in cases if not re.fullmatch(r"[\w-]+:[1-9]\d*", c) or c.split(":")[0] not in PRESETS]
+    if bad:
+        ap.error(f"--cases: {bad[0]!r} is not preset:members with a preset of {', '.join(PRESETS)}")
     default_steps = {"tiny": 48, "small": 12}
     data = load_data(DataConfig())
     rows = []

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as tmp
 
-from results_csv import results_dir, write_csv
+from results_csv import at_least, results_dir, write_csv
 from trajinv.config import Member, OptimConfig, TrainConfig, preset
 from trajinv.data import DataConfig, load_data
 from trajinv.sweep import SweepSpec, run_sweep
@@ -103,10 +103,10 @@ def replace_members(cfg: TrainConfig, k: int) -> TrainConfig:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--members", type=int, default=9, help="K per population")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--steps", type=at_least(1), default=40)
+    ap.add_argument("--members", type=at_least(1), default=9, help="K per population")
+    ap.add_argument("--batch", type=at_least(1), default=32)
+    ap.add_argument("--repeats", type=at_least(1), default=2)
     ap.add_argument("--quick", action="store_true", help="3 steps, K=2, batch 8, one repeat")
     args = ap.parse_args()
     steps, members, batch, repeats = (3, 2, 8, 1) if args.quick else (args.steps, args.members, args.batch,

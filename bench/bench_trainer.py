@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from results_csv import results_dir, write_csv
-from trajinv.config import Member, OptimConfig, TrainConfig, preset
+from results_csv import at_least, results_dir, write_csv
+from trajinv.config import PRESETS, Member, OptimConfig, TrainConfig, preset
 from trajinv.data import DataConfig, load_data, sample_batch
 from trajinv.model import GPT
 from trajinv.train import Trainer
@@ -58,10 +58,10 @@ def trainer_run(cfg: TrainConfig, data) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--members", type=int, default=9)
+    ap.add_argument("--preset", default="tiny", choices=list(PRESETS))
+    ap.add_argument("--steps", type=at_least(1), default=30)
+    ap.add_argument("--batch", type=at_least(1), default=32)
+    ap.add_argument("--members", type=at_least(1), default=9)
     ap.add_argument("--quick", action="store_true", help="few steps, 3 members")
     args = ap.parse_args()
     steps, members = (8, 3) if args.quick else (args.steps, args.members)

@@ -7,6 +7,7 @@ never replaces a full run's table with its own. TRAJINV_BENCH_RESULTS moves both
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import csv
 import os
@@ -22,6 +23,20 @@ def results_dir(quick: bool = False) -> Path:
     """Where a run's tables and plots go: RESULTS_DIR (or $TRAJINV_BENCH_RESULTS), `quick/` below it for --quick."""
     root = Path(os.environ.get("TRAJINV_BENCH_RESULTS") or RESULTS_DIR)
     return root / "quick" if quick else root
+
+
+def at_least(least: int):
+    """An argparse `type`: an int >= `least`; anything else is argparse's one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
+        return value
+
+    return parse
 
 
 def scratch(prefix: str) -> Path:

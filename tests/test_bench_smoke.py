@@ -44,6 +44,13 @@ def test_bench_tune_rejects_an_empty_tpe_population_in_one_line():
     ("tune_surrogate.py", ["--quick", "--reps", "0"], "--reps must be >= 1, got 0"),
     ("bench_tune.py", ["--reps", "-1"], "--reps must be >= 1, got -1"),
     ("bench_tune.py", ["--seeds", "-1"], "--seeds must be >= 0, got -1"),
+    ("bench_gns.py", ["--cases", "tiny"], "--cases: 'tiny' is not preset:members"),
+    ("bench_gns.py", ["--cases", "huge:1"], "--cases: 'huge:1' is not preset:members"),
+    ("bench_gns.py", ["--micro", "5"], "--micro 5 must split --batch 32"),
+    ("bench_trainer.py", ["--members", "0"], "argument --members: must be >= 1, got 0"),
+    ("bench_trainer.py", ["--preset", "foo"], "argument --preset: invalid choice: 'foo'"),
+    ("bench_scale.py", ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
+    ("bench_adamw.py", ["--threads", "-1"], "argument --threads: must be >= 0, got -1"),
 ])
 def test_bench_bad_arguments_are_one_line_before_any_work(script, args, needle, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(BENCH.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
