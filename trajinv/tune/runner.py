@@ -327,9 +327,9 @@ def first_regime(spec: TuneSpec, outcomes: Sequence[Outcome], b_precond: Sequenc
 def lr_search(spec: TuneSpec, first: Sequence[Outcome], spent: int) -> Search | None:
     """The lr search that follows a first scan whose regime calls for lr: lr scanned around `--lr` at the wd
     of the scan's best member (its middle member's when all diverged), with the budget left after `spent`
-    member-steps; None when that is below the lr scan's points still to train. It knows the scan's outcomes: its best member (the lr scan's
-    centre) and the iso-LR check members that coincide with scan members are not trained twice, nor paid
-    for again."""
+    member-steps; None when that is below the lr scan's points still to train. It knows the scan's
+    outcomes: its best member (the lr scan's centre) and the iso-LR check members that coincide with scan
+    members are not trained twice, nor paid for again."""
     left = None if spec.search.budget is None else spec.search.budget - spent
     unbounded = _lr_search(spec, first)
     if left is not None and left < unbounded.fresh_scan_cost:
