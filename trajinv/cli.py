@@ -326,7 +326,7 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
     warnings = dict.fromkeys(w for _, cfg in spec.populations() for w in cfg.warnings())
     with _Progress("sweep", warnings) as bar:
         rows = run_sweep(spec, out, progress=bar, **scale)
-    click.echo(f"{len(rows)} members -> {Path(out) / 'summary.csv'}")
+    click.echo(f"{len(rows)} member{'s' if len(rows) != 1 else ''} -> {Path(out) / 'summary.csv'}")
     failed = failures(rows)
     if failed:
         raise ValueError(f"{len(failed)} population(s) failed ({', '.join(failed)}; errors in summary.csv); "

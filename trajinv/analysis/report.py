@@ -108,5 +108,6 @@ def _tuning_curves(root: Path, vocab_size: int | None = None) -> tuple[str, Path
             continue
         near = c.trials_to_reach(best + 0.01)
         lines.append(f"  {c.label or name}: {shown}; within 0.01 of the best member after "
-                     + (f"{near} trials" if near is not None and math.isfinite(near) else "more trials than shown"))
+                     + (f"{near} trial{'s' if near != 1 else ''}" if near is not None and math.isfinite(near)
+                        else "more trials than shown"))
     return "\n".join(lines), plot_tuning_curves(curves, root / CURVES_PNG)
