@@ -133,3 +133,15 @@ def test_a_member_with_one_logged_point_is_drawn_as_a_marker():
     assert all(line.get_marker() == "o" and len(line.get_xdata()) == 1 for line in fig.axes[0].lines)
     several = build_loss_figure(make_records(), color_by="elr")
     assert all(line.get_marker() in (None, "None", "") for line in several.axes[0].lines)
+
+
+def test_gns_figure_marks_each_batch_schedule():
+    a = make_records(lrs=(4e-3,), wds=(0.5, 1.0), gns=True)
+    b = [{**r, "run_id": "r1", "batch_schedule": "32@0.1,64"} for r in a]
+    for r in a:
+        r["batch_schedule"] = "32"
+    members = build_gns_figure(a + b).axes[0].lines[:4]  # the members' lines come before the batch lines
+    assert {ln.get_marker() for ln in members} == {"o", "s"}
+    labels = [t.get_text() for t in build_gns_figure(a + b).axes[0].get_legend().texts]
+    assert "B=32" in labels and "B=32@0.1,64" in labels
+    assert {ln.get_marker() for ln in build_gns_figure(a).axes[0].lines} == {"None"}  # one schedule: no markers

@@ -163,11 +163,13 @@ def build_gns_figure(records: Iterable[dict], title: str | None = None) -> Figur
     cs = [c.select(c.values > 0) for c in cs]
     cs = [c for c in cs if len(c.steps)]
     cmap, colours, styles, proxies = _style_curves(cs, "lr")
+    markers, schedule_proxies = _schedule_markers(cs)  # one lr at two schedules: told apart as in the loss plots
     fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for c, col, ls in zip(cs, colours, styles):
-        ax.plot(c.steps, c.values, color=col, linestyle=ls, lw=1.5)
+    for c, col, ls, mk in zip(cs, colours, styles, markers):
+        ax.plot(c.steps, c.values, color=col, linestyle=ls, lw=1.5, marker=mk, markersize=4,
+                markevery=max(1, len(c.steps) // 8))
     for b in sorted({int(r["batch_size"]) for r in records if r.get("batch_size")}):
         ax.axhline(b, color="crimson", lw=1, linestyle=(0, (4, 4)))
         ax.annotate(f"B={b}", (0.01, b), xycoords=("axes fraction", "data"), color="crimson",
@@ -178,7 +180,7 @@ def build_gns_figure(records: Iterable[dict], title: str | None = None) -> Figur
     ax.grid(True, alpha=0.3, which="both")
     ax.set_title(title or "preconditioned gradient noise scale (B below it: small-batch regime)")
     fig.colorbar(cmap, ax=ax, label="lr")
-    ax.legend(handles=proxies, fontsize="small", loc="upper right")
+    ax.legend(handles=proxies + schedule_proxies, fontsize="small", loc="upper right")
     return fig
 
 
