@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from results_csv import at_least, results_dir, write_csv
+from results_csv import at_least, exit_on_sigterm, quick_overrides, results_dir, write_csv
 from trajinv.config import PRESETS, Member, TrainConfig, preset
 from trajinv.data import DataConfig, load_data
 from trajinv.gns import GNSConfig
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
                     help="where the trainers run (cuda: the Triton kernels)")
     args = ap.parse_args()
+    exit_on_sigterm()  # its TemporaryDirectory is removed on `timeout` too
+    quick_overrides(ap, args, "cases", "steps")
     if args.steps is not None and (args.steps <= 0 or args.steps % 4):
         ap.error(f"--steps must be a positive multiple of 4 (one measured step in four: whole cycles), got {args.steps}")
     if args.batch % args.micro or args.batch // args.micro < 2:

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as tmp
 
-from results_csv import at_least, results_dir, write_csv
+from results_csv import at_least, exit_on_sigterm, quick_overrides, results_dir, write_csv
 from trajinv.config import Member, OptimConfig, TrainConfig, preset
 from trajinv.data import DataConfig, load_data
 from trajinv.sweep import SweepSpec, run_sweep
@@ -109,6 +109,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=at_least(1), default=2)
     ap.add_argument("--quick", action="store_true", help="3 steps, K=2, batch 8, one repeat")
     args = ap.parse_args()
+    exit_on_sigterm()  # its TemporaryDirectory is removed on `timeout` too
+    quick_overrides(ap, args, "steps", "members", "batch", "repeats")
     steps, members, batch, repeats = (3, 2, 8, 1) if args.quick else (args.steps, args.members, args.batch,
                                                                        args.repeats)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

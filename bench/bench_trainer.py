@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from results_csv import at_least, results_dir, write_csv
+from results_csv import at_least, exit_on_sigterm, quick_overrides, results_dir, write_csv
 from trajinv.config import PRESETS, Member, OptimConfig, TrainConfig, preset
 from trajinv.data import DataConfig, load_data, sample_batch
 from trajinv.model import GPT
@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--members", type=at_least(1), default=9)
     ap.add_argument("--quick", action="store_true", help="few steps, 3 members")
     args = ap.parse_args()
+    exit_on_sigterm()  # its TemporaryDirectory is removed on `timeout` too
+    quick_overrides(ap, args, "steps", "members")
     steps, members = (8, 3) if args.quick else (args.steps, args.members)
     data = load_data(DataConfig())
     model = preset(args.preset, vocab_size=data.vocab_size)

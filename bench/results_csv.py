@@ -12,6 +12,8 @@ import atexit
 import csv
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,10 +41,25 @@ def at_least(least: int):
     return parse
 
 
+def quick_overrides(ap: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
+    """Refuse, in argparse's one line, options that `--quick` would silently replace with its own values."""
+    given = [n for n in names if getattr(args, n) != ap.get_default(n)]
+    if args.quick and given:
+        ap.error(f"--quick sets its own {', '.join('--' + n.replace('_', '-') for n in given)}; drop one or the other")
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (what `timeout` sends) an exit, so that atexit handlers and `with TemporaryDirectory()`
+    blocks clean up as they do on Ctrl-C; by default it kills the process where it stands."""
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def scratch(prefix: str) -> Path:
-    """A temporary folder for a --quick run's training, removed when the script exits."""
+    """A temporary folder for a --quick run's training, removed when the script exits (SIGTERM too)."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
+    exit_on_sigterm()
     return path
 
 

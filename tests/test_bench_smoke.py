@@ -51,6 +51,9 @@ def test_bench_tune_rejects_an_empty_tpe_population_in_one_line():
     ("bench_trainer.py", ["--preset", "foo"], "argument --preset: invalid choice: 'foo'"),
     ("bench_scale.py", ["--repeats", "0"], "argument --repeats: must be >= 1, got 0"),
     ("bench_adamw.py", ["--threads", "-1"], "argument --threads: must be >= 0, got -1"),
+    ("bench_gns.py", ["--quick", "--cases", "small:1"], "--quick sets its own --cases"),
+    ("bench_trainer.py", ["--quick", "--members", "5"], "--quick sets its own --members"),
+    ("bench_scale.py", ["--quick", "--steps", "9", "--repeats", "3"], "--quick sets its own --steps, --repeats"),
 ])
 def test_bench_bad_arguments_are_one_line_before_any_work(script, args, needle, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(BENCH.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -60,3 +63,21 @@ def test_bench_bad_arguments_are_one_line_before_any_work(script, args, needle, 
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert needle in proc.stderr.strip().splitlines()[-1]
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_a_quick_runs_scratch_folder_is_removed_on_sigterm(tmp_path):
+    # `timeout` sends SIGTERM, which skips atexit unless the script turns it into an exit
+    import signal
+    import time
+
+    code = ("import sys, time; sys.path.insert(0, %r); from results_csv import scratch; "
+            "print(scratch('bench-sigterm-'), flush=True); time.sleep(60)") % str(BENCH)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    folder = Path(proc.stdout.readline().strip())
+    assert folder.is_dir()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    deadline = time.time() + 5
+    while folder.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert not folder.exists()
