@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_csv import at_least, results_dir
+from results_csv import at_least, refuse_missing_cuda, results_dir
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -217,8 +217,7 @@ def main() -> None:
     ap.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
     args.out = args.out or results_dir(args.quick) / "adamw.csv"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    refuse_missing_cuda(ap, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     n_params, n_tensors, steps, timed = (1_000_000, 60, 3, 10) if args.quick else (16_000_000, 150, 5, 30)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from results_csv import at_least, exit_on_sigterm, quick_overrides, results_dir, write_csv
+from results_csv import at_least, exit_on_sigterm, quick_overrides, refuse_missing_cuda, results_dir, write_csv
 from trajinv.config import PRESETS, Member, TrainConfig, preset
 from trajinv.data import DataConfig, load_data
 from trajinv.gns import GNSConfig
@@ -79,8 +79,7 @@ def main() -> None:
         ap.error(f"--steps must be a positive multiple of 4 (one measured step in four: whole cycles), got {args.steps}")
     if args.batch % args.micro or args.batch // args.micro < 2:
         ap.error(f"--micro {args.micro} must split --batch {args.batch} into two or more equal micro-batches")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: CUDA is not available on this machine")
+    refuse_missing_cuda(ap, args.device)
     cases = ["tiny:1"] if args.quick else args.cases.split(",")
     bad = [c for c in cases if not re.fullmatch(r"[\w-]+:[1-9]\d*", c) or c.split(":")[0] not in PRESETS]
     if bad:

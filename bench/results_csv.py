@@ -55,6 +55,14 @@ def exit_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
+def refuse_missing_cuda(ap: argparse.ArgumentParser, device: str) -> None:
+    """`--device cuda` on a machine without CUDA: argparse's one line, before any work."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+
+
 def scratch(prefix: str) -> Path:
     """A temporary folder for a --quick run's training, removed when the script exits (SIGTERM too)."""
     path = Path(tempfile.mkdtemp(prefix=prefix))

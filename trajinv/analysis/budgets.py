@@ -39,7 +39,7 @@ from trajinv.analysis.records import load_metrics, load_summary
 from trajinv.analysis.scaling import BudgetOptimum, MemberLoss, ScalingReport, fit_scaling, optimum_from_members, plot_scaling
 from trajinv.atomic import atomic_write
 from trajinv.config import sweep_pairs
-from trajinv.rundirs import TUNE_SPEC  # written when a tune starts
+from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC
 
 TUNE_RESULT = "tune.json"  # trajinv.tune.report.RESULT (analysis does not import the tuner)
 
@@ -59,7 +59,7 @@ def load_budget(directory: str | Path, n_boot: int = 500, seed: int = 0,
     if (root / TUNE_SPEC).is_file():
         raise ValueError(f"the tune in {str(root)!r} has not finished (no {TUNE_RESULT} yet): rerun its "
                          "`trajinv tune` command to finish it")
-    if (root / "spec.json").is_file():
+    if (root / SWEEP_SPEC).is_file():
         tune = root.parent.name == "stages" and (root.parent.parent / TUNE_SPEC).is_file()  # a tune's stage
         raise ValueError(f"the sweep in {str(root)!r} has not finished a population yet (no summary.csv): rerun "
                          f"its `trajinv {'tune' if tune else 'sweep'}` command to finish it")
@@ -106,7 +106,7 @@ def _from_tune(root: Path, n_boot: int, seed: int, batch_size: str | int | None 
     # again (its lr scan's centre, often the best point, and the iso-LR check members at that lr)
     stages = data["stages"]
     # a stage whose every point was untrainable (lr*wd >= 1) trained nothing and wrote no summary
-    rows = [r for s in data["stages"] if (root / s["directory"] / "summary.csv").is_file()
+    rows = [r for s in stages if (root / s["directory"] / "summary.csv").is_file()
             for r in load_summary(root / s["directory"])]
     if batch_size is not None and (found := _batch_sizes(rows)) != [_bs(batch_size)]:
         raise ValueError(f"the tune in {root} trained at batch size {', '.join(found)}, not {_bs(batch_size)} "
@@ -267,7 +267,7 @@ def _missing(rows: list[dict], root: Path, batch_size: str | int | None) -> tupl
 
 def _spec(root: Path) -> dict:
     """A sweep's spec.json ({} when it has none: then summary.csv alone says what is missing)."""
-    path = root / "spec.json"
+    path = root / SWEEP_SPEC
     if not path.is_file():
         return {}
     try:

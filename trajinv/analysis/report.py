@@ -22,6 +22,7 @@ from trajinv.analysis.invariance import AllDiverged, analyze_sweep
 from trajinv.analysis.phase import format_phases, member_phases, plot_phases, predicted_transition_step
 from trajinv.analysis.plots import plot_sweep
 from trajinv.analysis.records import load_metrics, load_summary
+from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC
 
 MIN_TRIALS = 4  # fewer finished members make a tuning curve of a handful of points: not worth a figure
 PHASES_PNG = "phases.png"
@@ -33,7 +34,7 @@ def sweep_report(sweep_dir: str | Path, key: str = "val_loss", x: str = "step") 
     of the invariance report and plots; the phases always follow steps, the clock of weight decay)."""
     root = Path(sweep_dir)
     stages = root / "stages"  # trajinv.tune.runner.STAGES (analysis does not import the tuner)
-    if (root / "tune_spec.json").is_file() and not (root / "runs").is_dir():
+    if (root / TUNE_SPEC).is_file() and not (root / "runs").is_dir():
         names = sorted(p.name for p in stages.iterdir() if p.is_dir()) if stages.is_dir() else []
         raise ValueError(f"{root} is a tune: its stages are sweeps; analyze one of them"
                          + (f" ({', '.join(str(stages / n) for n in names)})" if names else ""))
@@ -44,7 +45,7 @@ def sweep_report(sweep_dir: str | Path, key: str = "val_loss", x: str = "step") 
         sections = [f"{e} (see summary.csv for their losses)"]
     else:
         sections = [report.format()]
-    if (root / "spec.json").is_file():
+    if (root / SWEEP_SPEC).is_file():
         missing, total, why = unfinished(root)
         if missing:  # an interrupted sweep: say so before numbers that read like a finished one's
             sections.insert(0, f"incomplete: {missing} of {total} members have not finished ({', '.join(why)}); "

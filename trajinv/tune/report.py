@@ -38,8 +38,8 @@ def to_json(run: TuneRun) -> dict:
     r = run.result
     stages = []
     for sr in run.stages:
-        # named as on disk: the lr search's stages restart their count ("lr-1-scan" beside "1-scan")
-        stages.append({**sr.stage.to_dict(), "name": sr.directory.name, "directory": f"{STAGES}/{sr.directory.name}",
+        # a stage's name is its directory's ("lr-1-scan" beside "1-scan": the lr search names its own)
+        stages.append({**sr.stage.to_dict(), "directory": f"{STAGES}/{sr.directory.name}",
                        "axis": sr.axis,
                        "member_steps": sr.member_steps,
                        "tokens": sr.tokens, "outcomes": [o.to_dict() for o in sr.outcomes],
