@@ -145,3 +145,22 @@ def test_gns_figure_marks_each_batch_schedule():
     labels = [t.get_text() for t in build_gns_figure(a + b).axes[0].get_legend().texts]
     assert "B=32" in labels and "B=32@0.1,64" in labels
     assert {ln.get_marker() for ln in build_gns_figure(a).axes[0].lines} == {"None"}  # one schedule: no markers
+
+
+def test_gns_figure_on_a_tokens_axis(tmp_path):
+    # --x tokens drew every plot on tokens but gns.png, whose schedules then sat at the wrong data
+    a = make_records(lrs=(4e-3,), wds=(0.5,), gns=True)
+    b = [{**r, "run_id": "r1", "member": 1, "batch_size": 64, "batch_schedule": "64"} for r in a]
+    for r in a + b:
+        r["tokens"] = r["step"] * r["batch_size"] * 64
+    fig = build_gns_figure(a + b, x="tokens")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "tokens trained"
+    assert [max(ln.get_xdata()) for ln in ax.lines[:2]] == [200 * 32 * 64, 200 * 64 * 64]
+    assert build_gns_figure(a + b).axes[0].get_xlabel() == "step"
+    with pytest.raises(ValueError, match="'epochs'"):
+        build_gns_figure(a, x="epochs")
+    d = tmp_path / "runs" / "r0"
+    d.mkdir(parents=True)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in a + b))
+    assert [p.name for p in plot_sweep(tmp_path, x="tokens")][-1] == "gns_tokens.png"

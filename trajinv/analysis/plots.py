@@ -152,9 +152,12 @@ def _clip_ylim(ax, cs: list[Curve]) -> None:
         ax.set_ylim(lo - pad, hi + pad)
 
 
-def build_gns_figure(records: Iterable[dict], title: str | None = None) -> Figure | None:
-    """B_precond (smoothed if logged) against step, one line per member and a
-    dashed horizontal line per batch size; None when no GNS values were logged."""
+def build_gns_figure(records: Iterable[dict], title: str | None = None, x: str = "step") -> Figure | None:
+    """B_precond (smoothed if logged) against step (or tokens trained, x="tokens"), one
+    line per member and a dashed horizontal line per batch size; None when no GNS values
+    were logged."""
+    if x not in X_AXES:
+        raise ValueError(f"x must be one of {X_AXES}, got {x!r}")
     records = list(records)
     key = next((k for k in _GNS_KEYS if any(_positive(r.get(k)) for r in records)), None)
     if key is None:
@@ -168,14 +171,14 @@ def build_gns_figure(records: Iterable[dict], title: str | None = None) -> Figur
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for c, col, ls, mk in zip(cs, colours, styles, markers):
-        ax.plot(c.steps, c.values, color=col, linestyle=ls, lw=1.5, marker=mk, markersize=4,
-                markevery=max(1, len(c.steps) // 8))
+        ax.plot(c.axis(x), c.values, color=col, linestyle=ls, lw=1.5, marker=mk or ("o" if len(c.steps) == 1 else None),
+                markersize=4, markevery=max(1, len(c.steps) // 8))
     for b in sorted({int(r["batch_size"]) for r in records if r.get("batch_size")}):
         ax.axhline(b, color="crimson", lw=1, linestyle=(0, (4, 4)))
         ax.annotate(f"B={b}", (0.01, b), xycoords=("axes fraction", "data"), color="crimson",
                     fontsize="small", va="bottom")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
+    ax.set_xlabel("tokens trained" if x == "tokens" else "step")
     ax.set_ylabel(key)
     ax.grid(True, alpha=0.3, which="both")
     ax.set_title(title or "preconditioned gradient noise scale (B below it: small-batch regime)")
@@ -215,8 +218,8 @@ def plot_loss_curves(
 
 def plot_sweep(sweep_dir: str | Path, key: str = "val_loss", logx: bool = False, x: str = "step") -> list[Path]:
     """Write ``<key>_by_lr.png`` and ``<key>_by_elr.png`` into the sweep folder
-    (``<key>_by_lr_tokens.png`` ... with x="tokens"), plus ``gns.png`` when B_precond
-    was logged. Returns the paths written."""
+    (``<key>_by_lr_tokens.png`` ... with x="tokens"), plus ``gns.png`` (``gns_tokens.png``)
+    when B_precond was logged. Returns the paths written."""
     root = Path(sweep_dir)
     records = load_metrics(root)
     suffix = "" if x == "step" else f"_{x}"
@@ -224,7 +227,7 @@ def plot_sweep(sweep_dir: str | Path, key: str = "val_loss", logx: bool = False,
         plot_loss_curves(records, root / f"{key}_by_{cb}{suffix}.png", color_by=cb, key=key, logx=logx, x=x)
         for cb in COLOR_BY
     ]
-    gns = build_gns_figure(records)
+    gns = build_gns_figure(records, x=x)
     if gns is not None:
-        paths.append(save_png(gns, root / "gns.png"))
+        paths.append(save_png(gns, root / f"gns{suffix}.png"))
     return paths
