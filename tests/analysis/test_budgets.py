@@ -337,11 +337,12 @@ def test_cli_fit_picks_a_batch_size(tmp_path):
     assert sorted(o["tokens"] for o in optima) == [STEPS[s] * 8 * 2048 for s in STEPS]
 
 
-def test_a_tune_stage_that_trained_nothing_is_read_as_such(tmp_path):
+@pytest.mark.parametrize("directory", [None, "stages/3-scan"])  # as written now; as before (never made)
+def test_a_tune_stage_that_trained_nothing_is_read_as_such(tmp_path, directory):
     # every point of a stage untrainable (lr*wd >= 1): the tune lists its outcomes (diverged) but wrote no summary
     d = _tune_dir(tmp_path / "t", 1)
     data = json.loads((d / TUNE_RESULT).read_text())
-    data["stages"].append({"name": "3-scan", "kind": "scan", "directory": "stages/3-scan",
+    data["stages"].append({"name": "3-scan", "kind": "scan", "directory": directory,
                            "outcomes": [{"lr": 2.0, "wd": 1.0, "elr": 2.0, "loss": None, "se": 0.0}]})
     (d / TUNE_RESULT).write_text(json.dumps(data))
     assert load_budget(d, n_boot=50).lr == load_budget(_tune_dir(tmp_path / "u", 1), n_boot=50).lr

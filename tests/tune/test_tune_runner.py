@@ -212,6 +212,10 @@ def test_members_that_learned_nothing_count_as_diverged(tmp_path, tiny_data):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a panel with nothing to label draws no legend (matplotlib warned)
         write_report(run, tmp_path)
+    listed = [s["directory"] for s in json.loads((tmp_path / "tune.json").read_text())["stages"]]
+    # a stage that trained nothing has no directory (tune.json named one that was never made)
+    assert [d is not None and (tmp_path / d).is_dir() for d in listed] == [sr.member_steps > 0 for sr in run.stages]
+    assert None in listed
     with pytest.raises(ValueError, match="no recommendation"):  # not a missing stage summary
         load_budget(tmp_path)
 

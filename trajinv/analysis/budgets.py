@@ -105,8 +105,9 @@ def _from_tune(root: Path, n_boot: int, seed: int, batch_size: str | int | None 
     # every stage, an lr tune's first ELR scan too: the lr search reads its members instead of training them
     # again (its lr scan's centre, often the best point, and the iso-LR check members at that lr)
     stages = data["stages"]
-    # a stage whose every point was untrainable (lr*wd >= 1) trained nothing and wrote no summary
-    rows = [r for s in stages if (root / s["directory"] / "summary.csv").is_file()
+    # a stage whose every point was untrainable (lr*wd >= 1) trained nothing: no directory (tune.json from
+    # before that gave one that was never made, hence the file check)
+    rows = [r for s in stages if s.get("directory") and (root / s["directory"] / "summary.csv").is_file()
             for r in load_summary(root / s["directory"])]
     if batch_size is not None and (found := _batch_sizes(rows)) != [_bs(batch_size)]:
         raise ValueError(f"the tune in {root} trained at batch size {', '.join(found)}, not {_bs(batch_size)} "

@@ -2,8 +2,9 @@
 
 - ``tune.json``: the recommendation (lr, wd, ELR, validation loss ± its standard
   error), the regime and B_precond behind it, the invariance check, every stage
-  with its members and cost (member-steps, tokens), and the cost of a 2-D grid of
-  the same resolution.
+  with its members, cost (member-steps, tokens) and sweep directory (null when
+  every point was untrainable and nothing was trained), and the cost of a 2-D grid
+  of the same resolution.
 - ``tune.png``: validation loss against ELR (lr for an lr search), one marker style
   per stage, the fitted quadratic around the optimum, the recommendation starred.
 - ``tune_heatmap.png``: every evaluated (lr, wd), coloured by loss, on log axes with
@@ -38,8 +39,10 @@ def to_json(run: TuneRun) -> dict:
     r = run.result
     stages = []
     for sr in run.stages:
-        # a stage's name is its directory's ("lr-1-scan" beside "1-scan": the lr search names its own)
-        stages.append({**sr.stage.to_dict(), "directory": f"{STAGES}/{sr.directory.name}",
+        # a stage's name is its directory's ("lr-1-scan" beside "1-scan": the lr search names its own);
+        # a stage whose every point was untrainable (lr*wd >= 1) trained nothing and has none
+        trained = sr.member_steps > 0
+        stages.append({**sr.stage.to_dict(), "directory": f"{STAGES}/{sr.directory.name}" if trained else None,
                        "axis": sr.axis,
                        "member_steps": sr.member_steps,
                        "tokens": sr.tokens, "outcomes": [o.to_dict() for o in sr.outcomes],
