@@ -35,7 +35,7 @@ import json
 import math
 from pathlib import Path
 
-from trajinv.analysis.records import load_metrics, load_summary
+from trajinv.analysis.records import METRICS, load_metrics, load_summary
 from trajinv.analysis.scaling import BudgetOptimum, MemberLoss, ScalingReport, fit_scaling, optimum_from_members, plot_scaling
 from trajinv.atomic import atomic_write
 from trajinv.config import sweep_pairs
@@ -283,7 +283,7 @@ def _spec(root: Path) -> dict:
 def final_val_loss_se(root: str | Path) -> dict[tuple[str, int], float]:
     """The last logged `val_loss_se` of each (run_id, member) of a sweep (empty when none was logged)."""
     se: dict[tuple[str, int], float] = {}
-    if not any(Path(root).glob("runs/*/metrics.jsonl")):
+    if not any(Path(root).glob(f"runs/*/{METRICS}")):
         return se
     for rec in load_metrics(root):
         v = rec.get("val_loss_se")

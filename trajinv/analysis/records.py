@@ -21,6 +21,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from trajinv.metrics import METRICS
+
 MemberKey = tuple[str, int]
 """A member is identified by (run_id, member index inside that run)."""
 
@@ -58,14 +60,14 @@ def load_metrics(sweep_dir: str | Path) -> list[dict]:
     root = Path(sweep_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"sweep directory not found: {str(root)!r}")
-    files = sorted(root.glob("runs/*/metrics.jsonl"))
-    if (root / "metrics.jsonl").is_file():
-        files.insert(0, root / "metrics.jsonl")
+    files = sorted(root.glob(f"runs/*/{METRICS}"))
+    if (root / METRICS).is_file():
+        files.insert(0, root / METRICS)
     records: list[dict] = []
     for path in files:
         records.extend(_read_jsonl(path))
     if not records:
-        raise ValueError(f"no metric records in {str(root)!r} (expected runs/<run_id>/metrics.jsonl)")
+        raise ValueError(f"no metric records in {str(root)!r} (expected runs/<run_id>/{METRICS})")
     return records
 
 
