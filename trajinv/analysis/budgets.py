@@ -35,10 +35,11 @@ import json
 import math
 from pathlib import Path
 
-from trajinv.analysis.records import METRICS, load_metrics, load_summary
+from trajinv.analysis.records import load_metrics, load_summary
 from trajinv.analysis.scaling import BudgetOptimum, MemberLoss, ScalingReport, fit_scaling, optimum_from_members, plot_scaling
 from trajinv.atomic import atomic_write
 from trajinv.config import sweep_pairs
+from trajinv.metrics import METRICS
 from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC
 
 TUNE_RESULT = "tune.json"  # trajinv.tune.report.RESULT (analysis does not import the tuner)
