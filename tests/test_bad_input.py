@@ -175,6 +175,7 @@ CLI_CASES = [
     (TUNE + ["--data", "/no/such/dir"], "/no/such/dir"),
     (TUNE + ["--steps", "0"], "steps must be positive, got 0"),
     (TUNE + ["--check-factor", "1e-320"], "1e-320"),
+    (TUNE + ["--decay-mode", "independent"], "decay_mode 'independent': the tune searches torch-mode weight decay"),
     (TUNE + ["--devices", "cpu", "--ray", "local"], "give --devices or --ray, not both"),
     (TUNE + ["--ray", "local", "--ray-cpus", "0"], "--ray-cpus must be >= 1, got 0"),
     (TUNE + ["--ray", "127.0.0.1:1"], "nothing answers at 127.0.0.1:1"),

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from trajinv.config import Member, TrainConfig
+from trajinv.config import Member, OptimConfig, TrainConfig
 from trajinv.data import DataConfig
 from trajinv.sweep import SweepSpec, log2_range, run_sweep
 
@@ -25,6 +25,28 @@ def test_members_grid_and_iso_elr_lines_dedupe():
     assert ms == (Member(0.01, 0.5), Member(0.01, 1.0), Member(0.02, 0.5), Member(0.02, 1.0))
     line = SweepSpec(lrs=(0.01, 0.04), elrs=(0.02,)).members()
     assert [m.elr for m in line] == pytest.approx([0.02, 0.02])
+
+
+def test_iso_elr_lines_in_independent_decay_mode_hold_the_decay_per_step():
+    # independent mode decays by wd per step, whatever the lr: its iso-ELR line is one wd, not wd = elr/lr
+    train = TrainConfig(optim=OptimConfig(decay_mode="independent"))
+    assert SweepSpec(train=train, lrs=(0.01, 0.04), elrs=(0.02,)).members() == (Member(0.01, 0.02), Member(0.04, 0.02))
+
+
+def test_independent_decay_mode_logs_its_decay_per_step_as_elr(tiny_train_config, tmp_path):
+    # elr and tau_iter are the decay per step at the peak lr and its timescale: lr*wd in torch mode, wd in
+    # independent mode (it logged lr*wd in both, 1e-3 for a member that decays 0.1 per step)
+    cfg = tiny_train_config(steps=2, optim=OptimConfig(name="torch", decay_mode="independent"))
+    spec = SweepSpec(train=cfg, data=DataConfig(max_tokens=200_000), lrs=(0.01,), elrs=(0.1,), batch_sizes=("4",))
+    run_sweep(spec, tmp_path)
+    with open(tmp_path / "summary.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (float(row["wd"]), float(row["elr"]), float(row["tau_iter"])) == pytest.approx((0.1, 0.1, 10.0))
+    recs = [json.loads(line) for line in (tmp_path / "runs/bs4/metrics.jsonl").read_text().splitlines()]
+    assert [r["elr"] for r in recs] == pytest.approx([0.1] * len(recs))
+    torch_mode = OptimConfig(decay_mode="torch")
+    assert torch_mode.peak_decay(Member(0.01, 0.1)) == pytest.approx(1e-3)
+    assert OptimConfig(decay=()).peak_decay(Member(0.01, 0.1)) == 0.0  # nothing decays: no ELR
 
 
 def test_populations_split_by_batch_size_and_size():

@@ -360,11 +360,12 @@ def tune(batch_size, lr, center_elr, octaves, points, zoom_points, zoom_width, m
          noise, budget, min_transitions, population, out, **o):
     """Find lr and wd along the salient direction (ELR late in small-batch training, else lr)."""
     from trajinv.tune.report import format_summary, write_report
-    from trajinv.tune.runner import run_tune
+    from trajinv.tune.runner import check_decay_mode, run_tune
 
     scale = scale_kwargs(o)
     train_cfg, data_cfg = _configs(o, batch_size=batch_size)
     _check_steps_and_tokens(o, train_cfg, (batch_size,))
+    check_decay_mode(train_cfg)  # before the placeholder member's lr*wd is read as an independent decay
     train_cfg.validate()  # first: a bad --steps is named as such, not as the search's steps_per_member
     search = SearchConfig(lr=lr, center=center_elr, octaves=octaves, points=points, zoom_points=zoom_points,
                           zoom_width=zoom_width, max_shifts=max_shifts, max_rescans=max_rescans,

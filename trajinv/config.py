@@ -178,8 +178,9 @@ class OptimConfig:
 
     def peak_decay(self, m: "Member") -> float:
         """The fraction of the weights decoupled decay removes per step at the peak lr: lr*wd (torch
-        mode) or wd (independent); 0 when no kind decays. At 1 or more it zeroes or flips the decayed
-        weights every step."""
+        mode) or wd (independent); 0 when no kind decays. This is the member's ELR as the metrics and
+        summaries log it (its inverse the timescale tau_iter), so that iso-ELR means equal decay per
+        step in either mode. At 1 or more it zeroes or flips the decayed weights every step."""
         if not self.decay:
             return 0.0
         return m.wd if self.decay_mode == "independent" else m.lr * m.wd
@@ -215,7 +216,8 @@ class Member:
     lr: float = 8e-3
     """Peak learning rate."""
     wd: float = 1.0
-    """Weight decay (torch convention: decay per step is lr * wd)."""
+    """Weight decay: the decay per step is lr * wd in torch mode (`OptimConfig.decay_mode`), wd in
+    independent mode."""
 
     def __post_init__(self) -> None:
         if not (_is_number(self.lr) and math.isfinite(self.lr) and self.lr > 0):
@@ -225,6 +227,7 @@ class Member:
 
     @property
     def elr(self) -> float:
+        """lr * wd: the ELR in torch mode; `OptimConfig.peak_decay` gives it in either mode."""
         return self.lr * self.wd
 
     @property
@@ -232,10 +235,12 @@ class Member:
         return f"lr={self.lr:g},wd={self.wd:g}"
 
 
-def sweep_pairs(lrs=(), wds=(), elrs=(), points=()) -> list[tuple[float, float]]:
-    """The distinct (lr, wd) of a sweep, sorted: the lr x wd grid, each ELR line at every lr (wd = elr/lr)
-    and the explicit points, keyed to 12 significant digits (elr/lr lands in the last bits of a grid's wd)."""
-    pairs = [(lr, wd) for lr in lrs for wd in wds] + [(lr, elr / lr) for elr in elrs for lr in lrs]
+def sweep_pairs(lrs=(), wds=(), elrs=(), points=(), decay_mode: str = "torch") -> list[tuple[float, float]]:
+    """The distinct (lr, wd) of a sweep, sorted: the lr x wd grid, each ELR line at every lr (wd = elr/lr;
+    wd = elr in independent decay mode, where the decay per step is wd) and the explicit points, keyed to
+    12 significant digits (elr/lr lands in the last bits of a grid's wd)."""
+    line_wd = (lambda elr, lr: elr) if decay_mode == "independent" else (lambda elr, lr: elr / lr)
+    pairs = [(lr, wd) for lr in lrs for wd in wds] + [(lr, line_wd(elr, lr)) for elr in elrs for lr in lrs]
     pairs += [(float(lr), float(wd)) for lr, wd in points]
     return sorted({(float(f"{lr:.12g}"), float(f"{wd:.12g}")) for lr, wd in pairs})
 

@@ -128,8 +128,8 @@ def step_records(run, mult: float, bs: int, loss, grad_norm, stats, gns: dict | 
         if not (run.alive[k] or newly_dead[k]):
             continue
         rec = {"run_id": run.run_id, "member": k, "name": m.name, "step": run.step, "tokens": run.tokens,
-               "lr": m.lr * mult, "base_lr": m.lr, "wd": m.wd, "elr": m.elr, "batch_size": bs,
-               "batch_schedule": str(run.batches), "vocab_size": run.cfg.model.vocab_size,
+               "lr": m.lr * mult, "base_lr": m.lr, "wd": m.wd, "elr": run.cfg.optim.peak_decay(m),
+               "batch_size": bs, "batch_schedule": str(run.batches), "vocab_size": run.cfg.model.vocab_size,
                "train_loss": num(loss[k]), "val_loss": num(run.last_val[k]) if evaluated else None,
                "grad_norm": num(grad_norm[k]), "precond_grad_norm": num(sums["precond_grad_sq"][k].sqrt()),
                "weight_norm": num(sums["param_sq"][k].sqrt()), "update_norm": num(sums["update_sq"][k].sqrt()),

@@ -81,7 +81,8 @@ class SweepSpec:
     wds: tuple[float, ...] = ()
     """Weight decays of the lr x wd grid."""
     elrs: tuple[float, ...] = ()
-    """Iso-ELR lines: for each value, one member per lr with wd = elr / lr."""
+    """Iso-ELR lines: for each value, one member per lr with wd = elr / lr (wd = elr with
+    `--decay-mode independent`, whose decay per step is wd)."""
     points: tuple[tuple[float, float], ...] = ()
     """Explicit (lr, wd) members, besides the grid and the lines (what `trajinv tune` trains)."""
     batch_sizes: tuple[str, ...] = ("32",)
@@ -91,7 +92,8 @@ class SweepSpec:
     if they fit; a rerun keeps the stored split)."""
 
     def members(self) -> tuple[Member, ...]:
-        return tuple(Member(lr, wd) for lr, wd in sweep_pairs(self.lrs, self.wds, self.elrs, self.points))
+        pairs = sweep_pairs(self.lrs, self.wds, self.elrs, self.points, self.train.optim.decay_mode)
+        return tuple(Member(lr, wd) for lr, wd in pairs)
 
     def validate(self) -> None:
         if not self.lrs and not self.points:
@@ -162,15 +164,17 @@ def write_summary(out: Path, rows: list[dict]) -> Path:
 
 
 def summary_rows(run_id: str, cfg: TrainConfig, results: list[MemberResult]) -> list[dict]:
-    """One row per member. tau_iter = 1/(lr wd) is the weight-decay EMA's timescale in steps (at the
-    peak lr; empty without weight decay) and tau_fraction = tau_iter / the run's steps: the optimum
-    sits at a fixed share of the run (trajinv.tune.fit, "Enough iterations")."""
-    def tau(elr: float) -> dict:
+    """One row per member. elr is the decay per step at the peak lr (lr*wd; wd in independent mode:
+    `OptimConfig.peak_decay`), tau_iter = 1/elr the weight-decay EMA's timescale in steps (empty without
+    weight decay) and tau_fraction = tau_iter / the run's steps: the optimum sits at a fixed share of
+    the run (trajinv.tune.fit, "Enough iterations")."""
+    def elr_tau(r: MemberResult) -> dict:
+        elr = cfg.optim.peak_decay(Member(r.lr, r.wd))
         t = 1.0 / elr if elr > 0 else None
-        return {"tau_iter": t, "tau_fraction": None if t is None else t / cfg.steps}
+        return {"elr": elr, "tau_iter": t, "tau_fraction": None if t is None else t / cfg.steps}
 
-    return [{"run_id": run_id, "member": k, "name": r.name, "lr": r.lr, "wd": r.wd, "elr": r.lr * r.wd,
-             **tau(r.lr * r.wd), "batch_size": cfg.batch_size, "steps": r.steps, "tokens": r.tokens,
+    return [{"run_id": run_id, "member": k, "name": r.name, "lr": r.lr, "wd": r.wd,
+             **elr_tau(r), "batch_size": cfg.batch_size, "steps": r.steps, "tokens": r.tokens,
              "final_train_loss": r.train_loss, "final_val_loss": r.val_loss, "status": r.status, **r.extra}
             for k, r in enumerate(results)]
 

@@ -361,3 +361,18 @@ def test_a_directory_whose_run_has_not_finished_is_named_unfinished(tmp_path, ma
     with pytest.raises(ValueError, match="has not finished") as e:
         load_budget(tmp_path)
     assert needle in str(e.value) and "rerun its `trajinv" in str(e.value)
+
+
+def test_a_sweep_in_independent_decay_mode_is_refused_in_one_line(tmp_path):
+    # its wd is a decay per step (lr times a torch-mode wd): fitted as one, the wd and ELR laws would be wrong
+    root = _sweep_dir(tmp_path / "s", 1)
+    _write_spec(root, 1)
+    spec = json.loads((root / "spec.json").read_text())
+    spec["train"] = {"optim": {"decay_mode": "torch"}}
+    (root / "spec.json").write_text(json.dumps(spec))
+    assert load_budget(root, n_boot=20).lr > 0  # torch mode, said out loud: read as before
+    spec["train"]["optim"]["decay_mode"] = "independent"
+    (root / "spec.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="--decay-mode independent") as e:
+        load_budget(root, n_boot=20)
+    assert "\n" not in str(e.value)

@@ -83,6 +83,10 @@ def write_scaling(report: ScalingReport, out: str | Path) -> list[Path]:
 
 
 def _from_sweep(root: Path, n_boot: int, seed: int, batch_size: str | int | None = None) -> BudgetOptimum:
+    if _decay_mode(_spec(root)) == "independent":
+        # the fits and the regime claims are of torch-mode wd (decay per step lr*wd); independent wd is lr*that
+        raise ValueError(f"the sweep in {root} trained with --decay-mode independent; fit models torch-mode weight "
+                         "decay (decay per step lr*wd): sweep with --decay-mode torch")
     rows = load_summary(root)
     if not rows:
         raise ValueError(f"{root}/summary.csv has no members")
@@ -223,7 +227,14 @@ def _key(lr, wd) -> tuple[float, float]:
 
 def _grid_members(spec: dict) -> set[tuple[float, float]]:
     """The members of a sweep's spec.json, as the sweep pairs them."""
-    return set(sweep_pairs(*(spec.get(k) or [] for k in ("lrs", "wds", "elrs", "points"))))
+    return set(sweep_pairs(*(spec.get(k) or [] for k in ("lrs", "wds", "elrs", "points")), _decay_mode(spec)))
+
+
+def _decay_mode(spec: dict) -> str:
+    """The sweep's `OptimConfig.decay_mode` ('torch' when the spec does not say)."""
+    train = spec.get("train")
+    optim = train.get("optim") if isinstance(train, dict) else None
+    return (optim.get("decay_mode") if isinstance(optim, dict) else None) or "torch"
 
 
 def unfinished(root: str | Path, batch_size: str | int | None = None) -> tuple[int, int, list[str]]:

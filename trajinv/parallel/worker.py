@@ -106,7 +106,8 @@ def failed_outcome(job: Job, error: str) -> Outcome:
     """Summary rows of a failed population: its members, the step its last checkpoint reached, the error."""
     meta = latest_meta(job.run_dir) or {}
     step, tokens = meta.get("step", 0), meta.get("tokens", 0)
-    rows = [{"run_id": job.run_id, "member": k, "name": m.name, "lr": m.lr, "wd": m.wd, "elr": m.elr,
+    rows = [{"run_id": job.run_id, "member": k, "name": m.name, "lr": m.lr, "wd": m.wd,
+             "elr": job.cfg.optim.peak_decay(m),
              "batch_size": job.cfg.batch_size, "steps": step, "tokens": tokens, "final_train_loss": None,
              "final_val_loss": None, "status": "failed", "error": error}
             for k, m in enumerate(job.cfg.members)]

@@ -83,12 +83,21 @@ class TuneSpec:
         return replace(self.search, axis=axis, steps_per_member=self.train.steps, **overrides)
 
     def validate(self) -> None:
+        check_decay_mode(self.train)
         self.stage_train().validate()
         self.search_config()  # validates (budget against the first scan, ...)
         if self.population < 0:
             raise ValueError(f"population must be >= 0, got {self.population}")
         if not (math.isfinite(self.min_transitions) and self.min_transitions > 0):
             raise ValueError(f"min_transitions must be finite and > 0, got {self.min_transitions}")
+
+
+def check_decay_mode(train: TrainConfig) -> None:
+    """Refuse independent weight decay in one line: the search's ELR is lr*wd and its lines set wd = ELR/lr,
+    torch mode's decay per step; in independent mode it is wd (an independent wd is lr times a torch one)."""
+    if train.optim.decay_mode != "torch":
+        raise ValueError(f"decay_mode {train.optim.decay_mode!r}: the tune searches torch-mode weight decay "
+                         "(decay per step lr*wd); tune with --decay-mode torch (an independent wd is lr times it)")
 
 
 def _micro_batch_for(sizes: Sequence[int]) -> int:
