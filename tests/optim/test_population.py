@@ -69,6 +69,23 @@ def test_state_round_trip(name):
     assert fresh.preconditioner("head") is not None and fresh.preconditioner("head").shape == (2, 11, 16)
 
 
+@pytest.mark.parametrize("name", ["torch", "fused"])
+def test_loaded_state_lives_on_the_parameters_device(name):
+    # a checkpoint loads on the CPU; a run resumed on CUDA crashed at its first step with the torch
+    # adapter ("Tensor on device cpu is not on the expected device"). "meta" stands in for the GPU.
+    model = _model()
+    opt = build_optimizer(model, MEMBERS, OptimConfig(name=name))
+    idx = torch.randint(0, 11, (2, 8))
+    model(idx, idx)[1].sum().backward()
+    opt.step(1.0, torch.ones(2))
+    state = opt.state_tensors()
+    elsewhere = _model().to("meta")
+    fresh = build_optimizer(elsewhere, MEMBERS, OptimConfig(name=name))
+    fresh.load_state_tensors(state)
+    moments = {k: v for k, v in fresh.state_tensors().items() if not k.endswith(".step")}
+    assert moments and all(v.device.type == "meta" for v in moments.values())
+
+
 def test_fused_statistics_and_preconditioners_match_torch_adapter():
     # The fused adapter builds its per-param statistics from whole-bucket tables (clipping
     # undone per member in one op) and W from one flat pass; the torch adapter per param.

@@ -164,10 +164,12 @@ class TorchPopulationAdamW:
         for name, shadows in self.shadows.items():
             if f"{name}.step" not in tensors:
                 continue
+            # a checkpoint loads on the CPU: the moments go to their parameter's device (torch's Adam
+            # refuses a CUDA parameter with CPU state), the step count stays a CPU tensor, as torch keeps it
             for k, s in enumerate(shadows):
                 self.opt.state[s] = {"step": tensors[f"{name}.step"][k].clone(),
-                                     "exp_avg": tensors[f"{name}.exp_avg"][k].clone(),
-                                     "exp_avg_sq": tensors[f"{name}.exp_avg_sq"][k].clone()}
+                                     "exp_avg": tensors[f"{name}.exp_avg"][k].to(s.device, copy=True),
+                                     "exp_avg_sq": tensors[f"{name}.exp_avg_sq"][k].to(s.device, copy=True)}
 
 
 class FusedPopulationAdamW:
