@@ -365,3 +365,21 @@ def test_a_trainer_does_not_start_afresh_over_another_run(tiny_data, tiny_train_
     assert (tmp_path / METRICS).read_bytes() == before
     again = Trainer(tiny_train_config(steps=3), tiny_data, tmp_path)
     assert again.resume() and again.train()[0].status == "done"  # resumed: a finished run reads back
+
+
+@pytest.mark.parametrize("device, kernels, interpret, needle", [
+    ("cuda", "cpu", "1", "--kernels cpu is the CPU path; on --device cuda"),  # failed at step 1, run dir written
+    ("cpu", "triton", None, "--kernels triton on --device cpu needs TRITON_INTERPRET=1"),
+])
+def test_kernels_that_cannot_run_on_the_device_are_refused_before_anything(tiny_data, tiny_train_config, tmp_path,
+                                                                           monkeypatch, device, kernels, interpret,
+                                                                           needle):
+    monkeypatch.setattr("trajinv.train.check_device", lambda device: None)  # as on a machine with a GPU
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    with pytest.raises(ValueError, match=needle):
+        Trainer(tiny_train_config(device=device, kernels=kernels), tiny_data, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    Trainer.check(tiny_train_config(device="cpu", kernels="triton"), tiny_data)  # the interpreter runs it

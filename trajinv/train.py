@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,7 +35,6 @@ from trajinv.gns.meter import GNSMeter
 from trajinv.metrics import METRICS, MetricsLog, num, step_records  # noqa: F401 - METRICS: trajinv.train.METRICS
 from trajinv.model import GPT, param_kind
 from trajinv.optim.population import build_optimizer
-from trajinv.kernels.backend import triton_available
 from trajinv.parallel.ddp import SINGLE, DistContext
 from trajinv.parallel.devices import check_device
 from trajinv.rundirs import refuse_other
@@ -80,9 +80,13 @@ class Trainer:
         if data.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"data vocabulary {data.vocab_size} exceeds model vocab_size {cfg.model.vocab_size}")
         check_device(cfg.device)
-        if cfg.kernels == "triton" and not triton_available():
-            raise ValueError("--kernels triton needs a CUDA device or TRITON_INTERPRET=1 (the CPU interpreter); "
+        on_cuda = cfg.device == "cuda"
+        if cfg.kernels == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            # Triton launches on CUDA tensors; CPU tensors only under the interpreter
+            raise ValueError("--kernels triton on --device cpu needs TRITON_INTERPRET=1 (the CPU interpreter); "
                              "on CPU use --kernels auto")
+        if cfg.kernels == "cpu" and on_cuda:  # else the optimizer refused it at the first step, run dir written
+            raise ValueError("--kernels cpu is the CPU path; on --device cuda use --kernels auto or triton")
         batches = BatchSchedule.parse(cfg.batch_size)
         if cfg.gns.mode == "micro-batch":
             for b in batches.sizes:
