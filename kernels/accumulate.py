@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trajinv.kernels.backend import FLOAT_DTYPES, resolve_backend
+from trajinv.kernels.backend import FLOAT_DTYPES, on_device, resolve_backend
 from trajinv.kernels.native import NativeLibrary
 
 # Launch configuration, shared with the AOT test so what is checked is what runs.
@@ -118,17 +118,18 @@ def _triton_path(acc, grad, precond, members):
     s_1 = torch.empty_like(s_w)
     g = grad.contiguous()
     w = None if precond is None else precond.contiguous()
-    _accumulate_gns_kernel[grid](
-        acc,
-        g,
-        w if w is not None else g,  # dummy pointer, never read when HAS_W is False
-        s_w,
-        s_1,
-        m,
-        HAS_W=w is not None,
-        BLOCK=block,
-        num_warps=LAUNCH_CONFIG["num_warps"],
-    )
+    with on_device(acc):
+        _accumulate_gns_kernel[grid](
+            acc,
+            g,
+            w if w is not None else g,  # dummy pointer, never read when HAS_W is False
+            s_w,
+            s_1,
+            m,
+            HAS_W=w is not None,
+            BLOCK=block,
+            num_warps=LAUNCH_CONFIG["num_warps"],
+        )
     s_1 = s_1.sum(1)
     return (s_1.clone() if w is None else s_w.sum(1)), s_1
 

@@ -66,6 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
+from trajinv.kernels.backend import on_device
 from trajinv.kernels.native import NativeLibrary
 
 BLOCK = 1024
@@ -309,16 +310,17 @@ def fused_adamw_launch(
             raise TypeError(f"{name} must be float32, got {t.dtype}")
     gs_per_member = grad_scale is not None and grad_scale.dim() == 1
     dummy = m
-    _adamw_kernel[(nb,)](
-        p, g, m, v, master if master is not None else dummy,
-        blocks, hyper, counters,
-        grad_scale if grad_scale is not None else dummy,
-        found_inf if found_inf is not None else dummy,
-        stats, seed,
-        BLOCK=block, MASTER=master is not None, SR=stochastic_rounding,
-        HAS_GS=grad_scale is not None, GS_PER_MEMBER=gs_per_member, HAS_INF=found_inf is not None,
-        num_warps=4,
-    )
+    with on_device(p):
+        _adamw_kernel[(nb,)](
+            p, g, m, v, master if master is not None else dummy,
+            blocks, hyper, counters,
+            grad_scale if grad_scale is not None else dummy,
+            found_inf if found_inf is not None else dummy,
+            stats, seed,
+            BLOCK=block, MASTER=master is not None, SR=stochastic_rounding,
+            HAS_GS=grad_scale is not None, GS_PER_MEMBER=gs_per_member, HAS_INF=found_inf is not None,
+            num_warps=4,
+        )
     LAUNCHES += 1
 
 

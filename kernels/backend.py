@@ -13,6 +13,7 @@ is accepted as the old name of ``"cpu"``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Literal, get_args
 
@@ -45,3 +46,9 @@ def resolve_backend(backend: str, device: torch.device) -> Literal["triton", "cp
 def triton_available() -> bool:
     """Can Triton kernels run in this process (a CUDA device, or the CPU interpreter)?"""
     return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Where a launch must run: Triton launches on the *current* CUDA device, not on its tensors', so a
+    launch for tensors on cuda:1 while cuda:0 is current would read foreign addresses. A no-op on CPU."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

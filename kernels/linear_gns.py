@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trajinv.kernels.backend import FLOAT_DTYPES, resolve_backend
+from trajinv.kernels.backend import FLOAT_DTYPES, on_device, resolve_backend
 from trajinv.kernels.native import NativeLibrary
 
 # CPU path: per-example tiles are formed this many bytes at a time (fp32), so
@@ -349,27 +349,28 @@ def _triton_path(
     s_w = torch.empty(K, N, n_tiles, dtype=torch.float32, device=a.device)
     s_1 = torch.empty(K, N, n_tiles, dtype=torch.float32, device=a.device)
     w = None if precond is None else precond.contiguous()
-    _linear_gns_kernel[grid](
-        a,
-        gy,
-        w if w is not None else dw,  # dummy pointer, never read when HAS_W is False
-        dw,
-        s_w,
-        s_1,
-        N,
-        T,
-        d_out,
-        d_in,
-        splits,
-        n_per,
-        HAS_W=w is not None,
-        UPCAST=upcast,
-        PRECISION=precision,
-        BLOCK_O=block_o,
-        BLOCK_I=block_i,
-        BLOCK_T=block_t,
-        num_warps=cfg["num_warps"],
-    )
+    with on_device(a):
+        _linear_gns_kernel[grid](
+            a,
+            gy,
+            w if w is not None else dw,  # dummy pointer, never read when HAS_W is False
+            dw,
+            s_w,
+            s_1,
+            N,
+            T,
+            d_out,
+            d_in,
+            splits,
+            n_per,
+            HAS_W=w is not None,
+            UPCAST=upcast,
+            PRECISION=precision,
+            BLOCK_O=block_o,
+            BLOCK_I=block_i,
+            BLOCK_T=block_t,
+            num_warps=cfg["num_warps"],
+        )
     if splits > 1:
         dw = dw.sum(0)
     s_1 = s_1.sum(2)

@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from trajinv.kernels.backend import FLOAT_DTYPES, resolve_backend
+from trajinv.kernels.backend import FLOAT_DTYPES, on_device, resolve_backend
 from trajinv.kernels.native import NativeLibrary
 
 # Launch configuration, shared with the AOT test so what is checked is what runs.
@@ -158,22 +158,23 @@ def _triton_path(x, rstd, gy, precond, per_example):
     s_w = torch.empty(K, N, grid[1], dtype=torch.float32, device=x.device)
     s_1 = torch.empty_like(s_w)
     w = None if precond is None else precond.contiguous()
-    _rmsnorm_gns_kernel[grid](
-        x,
-        rstd,
-        gy,
-        w if w is not None else dg,  # dummy pointer, never read when HAS_W is False
-        dg,
-        s_w,
-        s_1,
-        N,
-        T,
-        D,
-        HAS_W=w is not None,
-        BLOCK_T=block_t,
-        BLOCK_D=block_d,
-        num_warps=LAUNCH_CONFIG["num_warps"],
-    )
+    with on_device(x):
+        _rmsnorm_gns_kernel[grid](
+            x,
+            rstd,
+            gy,
+            w if w is not None else dg,  # dummy pointer, never read when HAS_W is False
+            dg,
+            s_w,
+            s_1,
+            N,
+            T,
+            D,
+            HAS_W=w is not None,
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            num_warps=LAUNCH_CONFIG["num_warps"],
+        )
     s_1 = s_1.sum(2)
     s_w = s_1.clone() if w is None else s_w.sum(2)
     return (dg, *_finish(s_w, s_1, per_example))

@@ -355,6 +355,29 @@ def test_one_launch_per_dtype_group_per_step():
         assert F.LAUNCHES - before == 2  # 1,040 tensors, 2 dtypes
 
 
+def test_params_beyond_the_block_tables_reach_get_another_bucket(monkeypatch):
+    # the int32 block table spans 2**31 elements: a population sized to fill an H200 went past it and
+    # every step was refused ("split the bucket"). A small limit stands in for 2**31 here.
+    from trajinv.optim import buckets
+
+    monkeypatch.setattr(buckets, "FLAT_LIMIT", 3 * F.BLOCK)
+    ps = _params([(1100,), (900,), (33,), (7, 3), (1000,)])
+    qs = _clone(ps)
+    opt = FusedAdamW(ps, lr=1e-2, weight_decay=0.1, backend="triton")
+    ref = torch.optim.AdamW(qs, lr=1e-2, weight_decay=0.1, foreach=False)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q, g in zip(ps, qs, _grads(ps, gen)):
+            p.grad, q.grad = g.clone(), g.clone()
+        before = F.LAUNCHES
+        opt.step()
+        ref.step()
+    assert F.LAUNCHES - before == len(opt._buckets) > 1
+    assert all(b.total + F.BLOCK < buckets.FLAT_LIMIT for b in opt._buckets)
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_unsupported_options_fail_at_construction():
     p = torch.nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="amsgrad"):

@@ -41,6 +41,11 @@ Active = tuple[bool, ...]
 """Which tensors of a bucket have a gradient this step (the key of every cached plan)."""
 
 
+FLAT_LIMIT = 2**31
+"""Elements a Triton bucket's flat buffers may span: its block table holds int32 offsets (the last block
+included). Params of one (device, dtype) beyond it go to further buckets, one launch each."""
+
+
 def _round_up(n: int, a: int) -> int:
     return -(-n // a) * a
 
@@ -263,7 +268,8 @@ class Bucket:
 
 def build_buckets(groups: list[dict], first_slot: list[int], state: dict, use_triton: Callable[[torch.device], bool],
                   master_weights: bool) -> list[Bucket]:
-    """One bucket per (device, dtype) of the params in `groups`, in first-seen order.
+    """One bucket per (device, dtype) of the params in `groups`, in first-seen order (on the Triton path,
+    more when they span `FLAT_LIMIT` elements or more).
 
     Existing per-param `state` (loaded, or from earlier buckets) is copied into the
     flat buffers, and `state[p]` is replaced by views of them, as torch.optim.AdamW
@@ -275,8 +281,10 @@ def build_buckets(groups: list[dict], first_slot: list[int], state: dict, use_tr
         k = group_members(g)
         for p in g["params"]:
             by_key.setdefault((p.device, p.dtype), []).append((p, k, first_slot[gi], gi))
+    chunks = [(device, dtype, chunk) for (device, dtype), items in by_key.items()
+              for chunk in (_within_limit(items) if use_triton(device) else [items])]
     buckets = []
-    for (device, dtype), items in by_key.items():
+    for device, dtype, items in chunks:
         b = Bucket(device, dtype, *(list(col) for col in zip(*items)), use_triton=use_triton(device),
                    master_weights=master_weights)
         for t, p in enumerate(b.params):
@@ -298,3 +306,18 @@ def build_buckets(groups: list[dict], first_slot: list[int], state: dict, use_tr
             b.launched = [bool(s > 0) for s in b.steps.tolist()]
         buckets.append(b)
     return buckets
+
+
+def _within_limit(items: list) -> list[list]:
+    """`items` (param first) cut, in order, into runs whose aligned sizes plus one block stay below
+    `FLAT_LIMIT` (a single param beyond it stays alone, and its block table refuses it)."""
+    runs: list[list] = [[]]
+    size = 0
+    for item in items:
+        n = _round_up(item[0].numel(), ALIGN)
+        if runs[-1] and size + n + BLOCK >= FLAT_LIMIT:
+            runs.append([])
+            size = 0
+        runs[-1].append(item)
+        size += n
+    return runs
