@@ -383,3 +383,13 @@ def test_kernels_that_cannot_run_on_the_device_are_refused_before_anything(tiny_
     assert not (tmp_path / "run").exists()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     Trainer.check(tiny_train_config(device="cpu", kernels="triton"), tiny_data)  # the interpreter runs it
+
+
+def test_validation_runs_in_chunks_no_larger_than_a_training_forward(tiny_data, tiny_train_config, tmp_path):
+    # the population is sized to fit one training forward; 64 validation sequences of K members' logits
+    # at once did not fit a GPU sized for micro-batch 1. The chunks change no loss.
+    whole = Trainer(tiny_train_config(batch_size="8", eval_seqs=12), tiny_data, tmp_path / "a")
+    split = Trainer(tiny_train_config(batch_size="8", micro_batch=2, eval_seqs=12), tiny_data, tmp_path / "b")
+    assert [x.shape[0] for x, _ in whole.val] == [8, 4] and [x.shape[0] for x, _ in split.val] == [2] * 6
+    torch.testing.assert_close(split.evaluate(), whole.evaluate(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(split.val_windows, whole.val_windows, rtol=1e-6, atol=0)

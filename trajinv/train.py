@@ -66,6 +66,10 @@ def _autocast(cfg: TrainConfig):
     return contextlib.nullcontext()
 
 
+EVAL_CHUNK = 64
+"""Most validation sequences evaluated in one forward (fewer when training's forward is smaller)."""
+
+
 class Trainer:
     """Trains `cfg.members` on `data`, writing metrics and checkpoints into `run_dir`."""
 
@@ -121,7 +125,10 @@ class Trainer:
         self.last_gns: dict[str, torch.Tensor] = {}
         self.lrs = torch.tensor([m.lr for m in cfg.members])
         self.wds = torch.tensor([m.wd for m in cfg.members])
-        self.val = validation_batches(data.val, cfg.model.context, cfg.eval_seqs, batch_size=64)
+        # evaluated in chunks no larger than a training forward: the population was sized to fit that
+        # (trajinv.parallel.memory), and 64 sequences of K members' logits did not fit a GPU sized for less
+        forward = cfg.micro_batch or max(BatchSchedule.parse(cfg.batch_size).sizes)
+        self.val = validation_batches(data.val, cfg.model.context, cfg.eval_seqs, batch_size=min(EVAL_CHUNK, forward))
         self.boot_counts = window_resamples(cfg.eval_seqs, cfg.eval_boot)
         self.val_windows = torch.full((self.K, cfg.eval_seqs), math.nan)
         self.step = 0

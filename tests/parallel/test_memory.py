@@ -8,6 +8,7 @@ import textwrap
 from dataclasses import replace
 
 import pytest
+import torch
 
 from trajinv.config import GNSConfig, Member, ModelConfig, TrainConfig, preset
 from trajinv.data import DataConfig
@@ -132,3 +133,16 @@ def test_sequential_sweep_splits_members_that_do_not_fit(tiny_train_config, tmp_
     rows = run_sweep(spec, tmp_path)
     assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p0", "bs4-p1"]
     assert json.loads((tmp_path / "spec.json").read_text())["population"] == 2
+
+
+def test_cuda_free_memory_counts_what_the_allocator_holds_unused(monkeypatch):
+    # a tune's second stage runs in the process that trained the first: torch keeps those blocks cached,
+    # and mem_get_info alone called them used (the stage got a fraction of the members it fits)
+    from trajinv.parallel.memory import free_bytes
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev: 50 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda dev: 2 * gib)
+    assert free_bytes("cuda") == 58 * gib
+    assert free_bytes("cuda:0", share=2) == 29 * gib

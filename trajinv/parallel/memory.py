@@ -31,7 +31,10 @@ attention output, SwiGLU's gate, up, silu and product, the down output, and the
 attention probabilities of torch's math path; after the blocks: the final norm,
 the logits, their log-softmax and its gradient during backward). Per-example GNS
 adds the fp32 weight-gradient scratch of its kernels (up to 16 MiB on CPU, one
-(out x in) slab per member on CUDA).
+(out x in) slab per member on CUDA). Evaluation saves nothing for backward and runs in
+chunks no larger than a training forward (`Trainer`, `EVAL_CHUNK`), so its logits stay
+below this peak. On the Triton path a population whose K x P passes 2^31 elements gets a
+second optimizer bucket (`trajinv.optim.buckets.FLAT_LIMIT`), not a refusal.
 
 `tests/parallel/test_memory.py` checks the state part against the tensors of a
 built Trainer and the total against the measured peak RSS growth of CPU training
@@ -103,13 +106,18 @@ def estimate_population_bytes(model: ModelConfig, members: int, batch: int, micr
 def free_bytes(device: str, share: int = 1) -> int:
     """Free memory of `device` ('cpu', 'cuda', 'cuda:N') for one of `share` workers on it.
 
-    CUDA: `torch.cuda.mem_get_info` (call it where the training runs: it creates a context).
+    CUDA: `torch.cuda.mem_get_info` plus what this process's caching allocator holds unused (call it where
+    the training runs: it creates a context).
     CPU: MemAvailable of /proc/meminfo, else psutil's available memory, else free pages (sysconf).
     """
     if device.startswith("cuda"):
         import torch
 
-        return int(torch.cuda.mem_get_info(torch.device(device))[0]) // share
+        dev = torch.device(device)
+        # what this process's allocator holds but no tensor uses is free to it too: without it, the
+        # stages of a tune after the first were sized from what the earlier ones left cached
+        cached = torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev)
+        return (int(torch.cuda.mem_get_info(dev)[0]) + int(cached)) // share
     return _available_ram() // share
 
 
