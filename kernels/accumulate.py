@@ -53,8 +53,10 @@ def _accumulate_gns_kernel(
     HAS_W: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    k = tl.program_id(0)
-    pid = tl.program_id(1)
+    # blocks on axis 0 (up to 2**31 - 1 programs), members on axis 1 (CUDA caps it at 65535): one
+    # member's tensor may hold more than 65535 blocks (a 128k x 4096 embedding: 256k blocks)
+    pid = tl.program_id(0)
+    k = tl.program_id(1)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
     base = k.to(tl.int64) * M
@@ -62,7 +64,7 @@ def _accumulate_gns_kernel(
     acc = tl.load(acc_ptr + base + offs, mask=mask, other=0.0)
     tl.store(acc_ptr + base + offs, (acc.to(tl.float32) + g).to(acc.dtype), mask=mask)
     g2 = g * g
-    part = k * tl.num_programs(1) + pid
+    part = k * tl.num_programs(0) + pid
     tl.store(s1_ptr + part, tl.sum(g2, axis=0))
     if HAS_W:
         w = tl.load(w_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
@@ -113,8 +115,8 @@ def _triton_path(acc, grad, precond, members):
         z = torch.zeros(members, dtype=torch.float32, device=acc.device)
         return z, z.clone()
     block = min(LAUNCH_CONFIG["BLOCK"], max(16, triton.next_power_of_2(m)))
-    grid = (members, triton.cdiv(m, block))
-    s_w = torch.empty(members, grid[1], dtype=torch.float32, device=acc.device)
+    grid = (triton.cdiv(m, block), members)
+    s_w = torch.empty(members, grid[0], dtype=torch.float32, device=acc.device)
     s_1 = torch.empty_like(s_w)
     g = grad.contiguous()
     w = None if precond is None else precond.contiguous()

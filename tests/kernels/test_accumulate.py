@@ -181,3 +181,22 @@ def test_list_version_is_thread_count_independent_and_takes_other_dtypes():
     assert rw.data_ptr() == out.data_ptr()
     with pytest.raises(ValueError, match="out_sums"):
         accumulate_grads_with_norms([None, None], grads, ws, 2, out_sums=torch.ones(2, 2))
+
+
+def test_blocks_go_on_the_grid_axis_without_cudas_65535_cap(monkeypatch):
+    # CUDA caps grid axes 1 and 2 at 65535: with blocks there, one member's tensor could not pass
+    # 65535 * 2048 elements (a 128k x 4096 embedding). Blocks now run along axis 0.
+    from trajinv.kernels import accumulate as A
+
+    grids = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return lambda *args, **kw: None
+
+    monkeypatch.setattr(A, "_accumulate_gns_kernel", Spy())
+    accumulate_grad_with_norms(torch.zeros(2, 5000), torch.ones(2, 5000), members=2, backend="triton")
+    assert grids == [(3, 2)] and A.LAUNCH_CONFIG["BLOCK"] == 2048  # cdiv(5000, 2048) blocks, 2 members
+    accumulate_grad_with_norms(torch.zeros(3, 9000), torch.ones(3, 9000), members=3, backend="triton")
+    assert grids[-1] == (5, 3)
