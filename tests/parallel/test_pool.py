@@ -165,3 +165,32 @@ def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
         parent.kill()
         if pidfile.exists() and pidfile.read_text() and _alive(int(pidfile.read_text())):
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+def test_a_failed_populations_trainer_is_gone_before_the_device_cache_is_emptied(tiny_train_config, tmp_path,
+                                                                                 monkeypatch):
+    # the trainer stayed bound in run_job while _release_cuda emptied the cache: after an out-of-memory
+    # failure the next population on that worker was sized and built beside the dead one's tensors
+    import weakref
+
+    from trajinv.parallel import worker
+    from trajinv.train import Trainer
+
+    made, seen = [], []
+    build = Trainer.__init__
+
+    def init(self, *args, **kw):
+        build(self, *args, **kw)
+        made.append(weakref.ref(self))
+
+    def fail(self, progress=None, until=None):
+        raise RuntimeError("CUDA out of memory (stand-in)")
+
+    monkeypatch.setattr(Trainer, "__init__", init)
+    monkeypatch.setattr(Trainer, "train", fail)
+    monkeypatch.setattr(worker, "_release_cuda", lambda: seen.append([ref() is None for ref in made]))
+    spec = _spec(tiny_train_config)
+    run_id, cfg = spec.populations()[0]
+    out = worker.run_job(worker.Job(run_id, cfg, str(tmp_path / run_id), spec.data), lambda kind, **info: None)
+    assert out.error and "out of memory" in out.error
+    assert seen == [[True]]

@@ -11,6 +11,7 @@ the other populations finish. Killed workers are the caller's to report
 
 from __future__ import annotations
 
+import gc
 import time
 import traceback
 from collections.abc import Callable
@@ -78,21 +79,11 @@ def _data(cfg: DataConfig):
 
 def run_job(job: Job, emit: Emit) -> Outcome:
     """Train (or resume, or skip if finished) one population; failures come back as `Outcome.error`."""
-    from trajinv.sweep import summary_rows
-    from trajinv.train import Trainer
-
     throttle = Throttle(emit)
     try:
-        trainer = Trainer(job.cfg, _data(job.data), job.run_dir, run_id=job.run_id)
-        trainer.resume()
-        done = trainer.step >= job.cfg.steps or not bool(trainer.alive.any())
-        emit("population", run_id=job.run_id, skipped=done, members=len(job.cfg.members))
-        emit("advance", steps=job.cfg.steps if done else trainer.step)
-        if not done:
-            trainer.train(progress=lambda step: throttle.advance())
-        throttle.flush()
-        Path(job.run_dir, ERROR_LOG).unlink(missing_ok=True)
-        return Outcome(job.run_id, summary_rows(job.run_id, job.cfg, trainer.results()), skipped=done)
+        # the trainer lives in _train's frame: gone when it returns or its exception is handled, so the
+        # memory of a population that failed (out of memory, say) is free before the next one is sized
+        return _train(job, emit, throttle)
     except Exception as e:  # noqa: BLE001 - any failure of one population is recorded, the sweep goes on
         throttle.flush()
         Path(job.run_dir).mkdir(parents=True, exist_ok=True)
@@ -100,6 +91,22 @@ def run_job(job: Job, emit: Emit) -> Outcome:
         return failed_outcome(job, f"{type(e).__name__}: {_first_line(e)}")
     finally:
         _release_cuda()
+
+
+def _train(job: Job, emit: Emit, throttle: Throttle) -> Outcome:
+    from trajinv.sweep import summary_rows
+    from trajinv.train import Trainer
+
+    trainer = Trainer(job.cfg, _data(job.data), job.run_dir, run_id=job.run_id)
+    trainer.resume()
+    done = trainer.step >= job.cfg.steps or not bool(trainer.alive.any())
+    emit("population", run_id=job.run_id, skipped=done, members=len(job.cfg.members))
+    emit("advance", steps=job.cfg.steps if done else trainer.step)
+    if not done:
+        trainer.train(progress=lambda step: throttle.advance())
+    throttle.flush()
+    Path(job.run_dir, ERROR_LOG).unlink(missing_ok=True)
+    return Outcome(job.run_id, summary_rows(job.run_id, job.cfg, trainer.results()), skipped=done)
 
 
 def failed_outcome(job: Job, error: str) -> Outcome:
@@ -123,4 +130,5 @@ def _release_cuda() -> None:
     import torch
 
     if torch.cuda.is_initialized():
+        gc.collect()  # tensors held only by reference cycles (a traceback's frames) first
         torch.cuda.empty_cache()  # an out-of-memory population leaves nothing behind for the next
