@@ -79,6 +79,29 @@ def test_diverged_member_is_frozen_and_others_go_on(tiny_data, tiny_train_config
     assert len([r for r in recs if r["member"] == 0]) == 6
 
 
+@pytest.mark.parametrize("optimizer", ["torch", "fused"])
+def test_a_gradient_norm_past_fp32s_range_diverges_the_member(tiny_data, tiny_train_config, tmp_path, monkeypatch,
+                                                              optimizer):
+    # a finite loss with an infinite gradient norm got clip coefficient 0: the torch optimizer froze the
+    # member, the fused one stepped it unclipped. It is a divergence, as a non-finite loss is.
+    cfg = tiny_train_config(steps=4, optim=OptimConfig(name=optimizer))
+    alone = Trainer(cfg, tiny_data, tmp_path / "a").train()
+    norms = Trainer._grad_norms
+
+    def overflow(self):
+        out = norms(self)
+        if self.step >= 1:
+            out[1] = math.inf
+        return out
+
+    monkeypatch.setattr(Trainer, "_grad_norms", overflow)
+    results = Trainer(cfg, tiny_data, tmp_path / "b").train()
+    assert [r.status for r in results] == ["done", "diverged"]
+    assert results[0].val_loss == alone[0].val_loss  # the other member never noticed
+    dead = [r for r in _records(tmp_path / "b") if r["member"] == 1]
+    assert dead[-1]["step"] == 2 and dead[-1]["status"] == "diverged"
+
+
 def test_weight_and_update_norms_per_parameter_kind(tiny_data, tiny_train_config, tmp_path):
     """The phase analysis reads these: per kind they add up (in squares) to the totals."""
     Trainer(tiny_train_config(steps=2), tiny_data, tmp_path).train()

@@ -336,10 +336,12 @@ class Trainer:
                 measured = self.gns is not None and self.gns.begin_step(
                     step, self.optimizer.preconditioners() if self.gns.wants_preconditioner(step) else None)
                 loss = self._forward_backward(step, bs)
-                finite = torch.isfinite(loss)
+                grad_norm = self._grad_norms()
+                # a gradient norm past fp32's range diverged too, even under a finite loss: its clip
+                # coefficient would be 0, which the optimizers read as "frozen" (no update) or "unclipped"
+                finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
                 newly_dead = self.alive & ~finite
                 self.alive &= finite
-                grad_norm = self._grad_norms()
                 if not bool(self.alive.all()):
                     dead = ~self.alive.to(cfg.device)
                     for p in self.model.parameters():
