@@ -14,8 +14,9 @@ their CPU paths on CPU), which also return the per-example squared norms
 
     S_W = sum_n |C_n|_W^2,   S_1 = sum_n |C_n|^2,   C_n = example n's contribution
 
-and add them into the probe. Gradients are the same as without a probe (up to
-summation order).
+and add them into the probe. Gradients are the same as without a probe up to
+summation order (the fused kernel sums dW in its own order), so a run with probes drifts
+from one without as any change of rounding does (docs/design.md, "What each mode covers").
 
 Scaling (read this before using the sums). C_n is example n's contribution to
 the gradient of *whatever loss was backpropagated*, with NO rescaling: for a
