@@ -194,3 +194,26 @@ def test_a_failed_populations_trainer_is_gone_before_the_device_cache_is_emptied
     out = worker.run_job(worker.Job(run_id, cfg, str(tmp_path / run_id), spec.data), lambda kind, **info: None)
     assert out.error and "out of memory" in out.error
     assert seen == [[True]]
+
+
+def test_cli_tune_a_failed_population_is_one_line_and_the_rerun_retries_it(tmp_path, monkeypatch):
+    # a stage's failed population (a killed worker, out of memory) ended the tune in a traceback
+    import trajinv.tune.runner
+    from trajinv import cli
+
+    def failing(spec, out, progress=None, devices=None, ray=None, ray_cpus=1):
+        return run_scaled(spec, out, progress, devices=devices, task=spawned.fail_second_population)
+
+    args = ["tune", "--steps", "2", "--eval-every", "2", "--eval-seqs", "8", "--warmup", "1", "--batch-size", "4",
+            "--points", "3", "--zoom-points", "0", "--max-shifts", "0", "--population", "1", "--devices", "cpu,cpu",
+            "--out", str(tmp_path)]
+    monkeypatch.setattr(trajinv.tune.runner, "run_sweep", failing)
+    res = CliRunner().invoke(cli.main, args)
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.exception  # not a RuntimeError
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "population(s) bs4-p1 failed" in errors[0] and "rerun" in errors[0]
+    assert "Traceback" not in res.output
+    monkeypatch.undo()
+    again = CliRunner().invoke(cli.main, args)
+    assert again.exit_code == 0, again.output
+    assert "recommended:" in again.output

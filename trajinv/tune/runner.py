@@ -249,7 +249,8 @@ def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progres
                              "otherwise; use a new --out directory") from None
     failed = [r["run_id"] for r in rows if r.get("status") == "failed"]
     if failed:
-        raise RuntimeError(f"stage {directory.name}: population(s) {', '.join(dict.fromkeys(failed))} failed "
+        # as a sweep's failed populations: one line (the CLI's), and the rerun retries them
+        raise ValueError(f"stage {directory.name}: population(s) {', '.join(dict.fromkeys(failed))} failed "
                            f"(errors in {directory / 'summary.csv'}); rerun the same command to retry them")
     outcomes, bp = _outcomes(stage, rows, directory, chance, doomed)
     # every trained member costs its whole run: a diverged one is masked, not stopped, in its population
