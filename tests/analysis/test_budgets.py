@@ -218,8 +218,12 @@ def test_a_tune_without_check_line_leaves_lr_untuned(tmp_path):
 
 def test_cli_fit_writes_report_and_refuses_too_few_budgets(tmp_path):
     dirs = [str(_sweep_dir(tmp_path / f"b{s}", s)) for s in STEPS]
+    stale = tmp_path / "fit" / ".scaling.json.999999999.abcdefgh.tmp"  # a fit killed while it wrote
+    stale.parent.mkdir()
+    stale.write_text("{")
     res = CliRunner().invoke(cli.main, ["fit", *dirs, "--target-tokens", "1e7", "--out", str(tmp_path / "fit")])
     assert res.exit_code == 0, res.output
+    assert not stale.exists()
     assert "optimal wd decreases sublinearly" in res.output
     assert (tmp_path / "fit" / "scaling.png").stat().st_size > 0
     assert json.loads((tmp_path / "fit" / "scaling.json").read_text())["fits"]["wd"]["b"] < 0

@@ -22,7 +22,10 @@ def small_sweep(tmp_path_factory, tiny_data):
 
 
 def test_report_has_invariance_phases_and_writes_plots(small_sweep):
+    stale = small_sweep / ".val_loss_by_lr.png.999999999.abcdefgh.tmp"  # an analyze killed while it drew
+    stale.write_bytes(b"\x89PNG")
     text, paths = sweep_report(small_sweep)
+    assert not stale.exists()
     assert "iso-LR" in text and "iso-ELR" in text
     assert "eq step" in text and "LR phase" in text  # the phase table: the trainer logs per-kind norms
     assert {p.name for p in paths} >= {"val_loss_by_lr.png", "val_loss_by_elr.png", PHASES_PNG}

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from trajinv.analysis.records import load_metrics, load_summary
 from trajinv.analysis.scaling import BudgetOptimum, MemberLoss, ScalingReport, fit_scaling, optimum_from_members, plot_scaling
-from trajinv.atomic import atomic_write
+from trajinv.atomic import atomic_write, remove_stale_temps
 from trajinv.config import sweep_pairs
 from trajinv.metrics import METRICS
 from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC
@@ -77,6 +77,7 @@ def write_scaling(report: ScalingReport, out: str | Path) -> list[Path]:
     """scaling.json and scaling.png into `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, "scaling.*")  # of a fit killed while it wrote
     data = json.dumps(report.to_dict(), indent=1)
     return [atomic_write(out / "scaling.json", lambda f: f.write(data), mode="w"),
             plot_scaling(report, out / "scaling.png")]

@@ -22,6 +22,7 @@ from trajinv.analysis.invariance import AllDiverged, analyze_sweep
 from trajinv.analysis.phase import format_phases, member_phases, plot_phases, predicted_transition_step
 from trajinv.analysis.plots import plot_sweep
 from trajinv.analysis.records import load_metrics, load_summary
+from trajinv.atomic import remove_stale_temps
 from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC
 
 MIN_TRIALS = 4  # fewer finished members make a tuning curve of a handful of points: not worth a figure
@@ -38,6 +39,7 @@ def sweep_report(sweep_dir: str | Path, key: str = "val_loss", x: str = "step") 
         names = sorted(p.name for p in stages.iterdir() if p.is_dir()) if stages.is_dir() else []
         raise ValueError(f"{root} is a tune: its stages are sweeps; analyze one of them"
                          + (f" ({', '.join(str(stages / n) for n in names)})" if names else ""))
+    remove_stale_temps(root, "*.png")  # of an analyze killed while it drew
     try:
         report = analyze_sweep(root, key=key, x=x)
     except AllDiverged as e:  # no curves to compare; the phases and tuning curves still say something

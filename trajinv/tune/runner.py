@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 
 from trajinv.analysis.budgets import final_val_loss_se
 from trajinv.analysis.records import chance_loss
-from trajinv.atomic import atomic_write
+from trajinv.atomic import atomic_write, remove_stale_temps
 from trajinv.config import DataConfig, Member, TrainConfig, describe_differences, to_dict
 from trajinv.data import load_data
 from trajinv.parallel.devices import check_device, device_kind, usable_devices
@@ -152,6 +152,7 @@ def _check_spec(out: Path, spec: TuneSpec) -> None:
         if differences := describe_differences(theirs, mine):
             raise ValueError(f"{out} holds a tune made by another spec ({differences}); "
                              "use a new --out directory")
+        remove_stale_temps(out)  # of a killed run's writes (tune.json, its PNGs); the stages clean their own
         return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps(mine, indent=1)), mode="w")
