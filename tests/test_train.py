@@ -416,3 +416,21 @@ def test_validation_runs_in_chunks_no_larger_than_a_training_forward(tiny_data, 
     assert [x.shape[0] for x, _ in whole.val] == [8, 4] and [x.shape[0] for x, _ in split.val] == [2] * 6
     torch.testing.assert_close(split.evaluate(), whole.evaluate(), rtol=1e-6, atol=0)
     torch.testing.assert_close(split.val_windows, whole.val_windows, rtol=1e-6, atol=0)
+
+
+def test_a_resume_on_other_data_is_refused_and_a_renamed_run_keeps_its_id(tiny_data, tiny_train_config, tmp_path):
+    # the corpus is not part of TrainConfig: `train --resume --data other.txt` trained on, silently
+    from dataclasses import replace as swap
+
+    cfg = tiny_train_config(steps=4, checkpoint_every=2)
+    first = Trainer(cfg, tiny_data, tmp_path / "a", run_id="a")
+    first.train(until=2)
+    other = swap(tiny_data, manifest={**tiny_data.manifest, "content_hash": "0" * 64})
+    with pytest.raises(ValueError, match=r"trained on other data \(data\.content_hash"):
+        Trainer(cfg, other, tmp_path / "a", run_id="a").resume()
+    moved = {**tiny_data.manifest, "source": "/elsewhere/same.txt"}  # the same text elsewhere: the same corpus
+    (tmp_path / "a").rename(tmp_path / "b")
+    again = Trainer(cfg, swap(tiny_data, manifest=moved), tmp_path / "b", run_id="b")
+    assert again.resume() and again.run_id == "a"  # renamed folder: the run keeps the id its metrics carry
+    again.train()
+    assert {r["run_id"] for r in _records(tmp_path / "b")} == {"a"}

@@ -272,7 +272,7 @@ def train(lrs, wds, batch_size, out, resume, **o):
     cfg.validate()  # before the data loads: a bad value fails fast
     _check_steps_and_tokens(o, cfg, (batch_size,))
     dist, data = ddp.setup(cfg, data_cfg)  # under torchrun: one population over the ranks; rank 0 writes
-    trainer = Trainer(cfg, data, out, run_id=Path(out).name, dist=dist)
+    trainer = Trainer(cfg, data, out, run_id=Path(out).resolve().name, dist=dist)  # `--out .` has a name too
     if trainer.has_checkpoint() and not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     if resume and not trainer.resume() and dist.is_main:

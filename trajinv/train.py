@@ -66,6 +66,9 @@ def _autocast(cfg: TrainConfig):
     return contextlib.nullcontext()
 
 
+DATA_IDENTITY = ("content_hash", "tokenizer", "text_field", "val_fraction", "max_tokens")
+"""The corpus manifest's fields a checkpoint keeps, so that a resume on other data is refused."""
+
 EVAL_CHUNK = 64
 """Most validation sequences evaluated in one forward (fewer when training's forward is smaller)."""
 
@@ -160,7 +163,8 @@ class Trainer:
     def save(self) -> None:
         if not self.dist.is_main:  # scale-out: rank 0 writes
             return
-        meta = {"run_id": self.run_id, "tokens": self.tokens, "seconds": self.seconds, "config": to_dict(self.cfg)}
+        meta = {"run_id": self.run_id, "tokens": self.tokens, "seconds": self.seconds, "config": to_dict(self.cfg),
+                "data": self._data_identity()}
         save_checkpoint(self.run_dir, self.step, self._state_tensors(), meta, keep=self.cfg.keep_checkpoints)
         self._saved_step = self.step
 
@@ -186,6 +190,8 @@ class Trainer:
             return False
         _, meta = ckpt
         self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], meta["seconds"]
+        # the run keeps its id when its folder is renamed (`train` names a run after its --out folder)
+        self.run_id = str(meta["run_id"])
         self._saved_step = self.step
         self.metrics.rewrite_to(self.step)
         if self.dist.is_main:  # a --keep-checkpoints lowered since the last save (a finished run saves no more)
@@ -204,6 +210,16 @@ class Trainer:
             differs = describe_differences({"train": meta["config"]}, {"train": to_dict(self.cfg)})
             raise ValueError(f"checkpoint in {self.run_dir} was made by a different configuration"
                              + (f" ({differs})" if differs else "") + "; use a new output directory")
+        # the corpus is not in the config: a resume on other data trained on, silently (older
+        # checkpoints, without "data", are taken as they are)
+        if isinstance(meta.get("data"), dict) and meta["data"] != self._data_identity():
+            differs = describe_differences({"data": meta["data"]}, {"data": self._data_identity()})
+            raise ValueError(f"checkpoint in {self.run_dir} was trained on other data ({differs}); resume with "
+                             "the same --data, --tokenizer and --text-field, or use a new output directory")
+
+    def _data_identity(self) -> dict:
+        """What makes the corpus this one (a moved file with the same text is the same corpus)."""
+        return {k: self.data.manifest.get(k) for k in DATA_IDENTITY}
 
     def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Put a checkpoint's tensors in place; CheckpointError if they do not fit this run.
