@@ -217,3 +217,34 @@ def test_cli_tune_a_failed_population_is_one_line_and_the_rerun_retries_it(tmp_p
     again = CliRunner().invoke(cli.main, args)
     assert again.exit_code == 0, again.output
     assert "recommended:" in again.output
+
+
+def test_ctrl_c_on_the_parent_alone_stops_its_workers_at_once(tmp_path):
+    # SIGINT to the driver only (not its process group): it printed "Aborted!", then waited for every
+    # running population to train to its end before exiting (interpreter exit joins the workers)
+    pidfile = tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(spawned.__file__).parent)!r})
+        import spawned
+        from trajinv.parallel.pool import LocalPool
+        if __name__ == "__main__":
+            with LocalPool(["cpu"]) as pool:
+                pool._executor(0).submit(spawned.record_pid_and_sleep, {str(pidfile)!r}).result()
+        """)], stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+            assert parent.poll() is None, "the parent exited before its worker started"
+            time.sleep(0.2)
+        worker = int(pidfile.read_text())
+        parent.send_signal(signal.SIGINT)
+        parent.wait(timeout=30)  # the worker sleeps 300 s: a parent waiting for it times out here
+        deadline = time.monotonic() + 15
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(worker), "the worker outlived its interrupted parent"
+    finally:
+        parent.kill()
+        if pidfile.exists() and pidfile.read_text() and _alive(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)

@@ -68,6 +68,17 @@ def _free(device: str) -> int:
     return free_bytes(device)
 
 
+def _stop_workers(ex: ProcessPoolExecutor) -> None:
+    """SIGTERM the executor's worker processes (Python >= 3.14 has it as `terminate_workers`)."""
+    stop = getattr(ex, "terminate_workers", None)
+    if stop is not None:
+        stop()
+        return
+    for proc in list((getattr(ex, "_processes", None) or {}).values()):
+        if proc.is_alive():
+            proc.terminate()
+
+
 class LocalPool:
     """Workers on this node's devices; `run` trains jobs on them and calls back per event and result."""
 
@@ -82,8 +93,14 @@ class LocalPool:
 
     def __exit__(self, *exc) -> None:
         for ex in self.executors:
-            if ex is not None:
-                ex.shutdown(wait=exc[0] is None, cancel_futures=True)
+            if ex is None:
+                continue
+            if exc[0] is not None:
+                # abandoned (Ctrl-C on this process alone, an error): a shutdown lets a running population
+                # train to its end, and interpreter exit waits for it, hours on a GPU. Stopped instead, as a
+                # kill stops it: the rerun resumes from its last checkpoint.
+                _stop_workers(ex)
+            ex.shutdown(wait=exc[0] is None, cancel_futures=True)
         self.executors = [None] * len(self.places)
 
     def _executor(self, i: int) -> ProcessPoolExecutor:
