@@ -45,6 +45,10 @@ def test_train_then_resume(corpus, tmp_path):
     resumed = run("train", *TINY, "--data", corpus, "--lr", "0.01", "--wd", "0.1", "--lr", "0.02", "--wd", "0.1",
                   "--out", out, "--optimizer", "torch", "--resume")
     assert resumed.exit_code == 0, resumed.output
+    assert f"resuming {out} from step 3" in resumed.output  # said, not silent
+    fresh = run("train", *TINY, "--data", corpus, "--lr", "0.01", "--wd", "0.1", "--out", str(tmp_path / "new"),
+                "--optimizer", "torch", "--resume")
+    assert fresh.exit_code == 0 and "no checkpoint in" in fresh.output and "starting from step 0" in fresh.output
 
 
 def test_sweep_writes_summary_and_plots(corpus, tmp_path):

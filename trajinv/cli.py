@@ -275,8 +275,11 @@ def train(lrs, wds, batch_size, out, resume, **o):
     trainer = Trainer(cfg, data, out, run_id=Path(out).resolve().name, dist=dist)  # `--out .` has a name too
     if trainer.has_checkpoint() and not resume:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
-    if resume and not trainer.resume() and dist.is_main:
-        click.echo(f"no checkpoint in {out}; starting from step 0", err=True)
+    if resume:
+        resumed = trainer.resume()
+        if dist.is_main:
+            click.echo(f"resuming {out} from step {trainer.step}" if resumed
+                       else f"no checkpoint in {out}; starting from step 0", err=True)
     quiet = contextlib.nullcontext(lambda kind, **info: None)
     with _Progress("train", cfg.warnings()) if dist.is_main else quiet as bar:
         bar("start", total=cfg.steps)
@@ -285,7 +288,7 @@ def train(lrs, wds, batch_size, out, resume, **o):
     dist.close()
     if not dist.is_main:
         return
-    write_summary(Path(out), summary_rows(Path(out).name, cfg, results))
+    write_summary(Path(out), summary_rows(trainer.run_id, cfg, results))
     for r in results:
         click.echo(f"{r.name:24s} {r.status:9s} train {r.train_loss}  val {r.val_loss}")
 
