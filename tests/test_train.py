@@ -434,3 +434,27 @@ def test_a_resume_on_other_data_is_refused_and_a_renamed_run_keeps_its_id(tiny_d
     assert again.resume() and again.run_id == "a"  # renamed folder: the run keeps the id its metrics carry
     again.train()
     assert {r["run_id"] for r in _records(tmp_path / "b")} == {"a"}
+
+
+def test_a_garbled_metrics_line_past_the_checkpoint_is_dropped_not_refused(tiny_data, tiny_train_config, tmp_path,
+                                                                           capsys):
+    # a host crash can leave garbage in lines written since the last fsync, i.e. after the checkpoint: the
+    # resume drops those lines anyway, yet refused to start over one of them
+    cfg = tiny_train_config(steps=6, checkpoint_every=3)
+    Trainer(cfg, tiny_data, tmp_path / "a").train()
+    _run_to(tiny_data, cfg, tmp_path / "b", 3)
+    before = (tmp_path / "b" / METRICS).read_bytes()
+    tr = Trainer(cfg, tiny_data, tmp_path / "b")
+    tr.resume()
+    tr.train(until=5)  # lines of steps 4 and 5, past the checkpoint at 3
+    lines = (tmp_path / "b" / METRICS).read_bytes().splitlines(keepends=True)
+    past = [i for i, line in enumerate(lines) if json.loads(line)["step"] > 3]
+    lines[past[1]] = b"\x00" * 40 + b"\n"  # the second line past it: a line past the checkpoint precedes it
+    (tmp_path / "b" / METRICS).write_bytes(b"".join(lines))
+    capsys.readouterr()
+    again = Trainer(cfg, tiny_data, tmp_path / "b")
+    assert again.resume() and again.step == 3
+    assert "malformed line" in capsys.readouterr().err
+    assert (tmp_path / "b" / METRICS).read_bytes() == before
+    again.train()
+    assert metrics_without_time(tmp_path / "b") == metrics_without_time(tmp_path / "a")

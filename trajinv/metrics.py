@@ -84,7 +84,10 @@ class MetricsLog:
         """Keep exactly the lines with step <= `step`, atomically (a kill leaves the old file).
 
         A last line that is not JSON (half-written: full disk, host crash) is dropped with a
-        note on stderr; a bad line elsewhere is a ValueError naming the file and line."""
+        note on stderr, and so is one after a record past `step` (lines are written in step
+        order, so it is past the checkpoint too: dropped anyway, and after a host crash lines
+        written since the last fsync may be garbage); a bad line elsewhere is a ValueError
+        naming the file and line."""
         if not self.writer:
             return
         try:
@@ -95,12 +98,17 @@ class MetricsLog:
         if lines and not lines[-1]:
             lines.pop()  # the file ends with a newline
         keep = []
+        past = False  # a record past `step` has been read: what follows is past it too
         for i, line in enumerate(lines):
             try:
                 rec_step = json.loads(line)["step"]
                 if isinstance(rec_step, bool) or not isinstance(rec_step, int):
                     raise TypeError
             except (ValueError, KeyError, TypeError, IndexError):
+                if past:
+                    print(f"note: dropped the malformed line {i + 1} of {self.path}, past the checkpoint's "
+                          f"step {step}", file=sys.stderr, flush=True)
+                    continue
                 if i == len(lines) - 1:
                     print(f"note: dropped the half-written last line {i + 1} of {self.path}", file=sys.stderr,
                           flush=True)
@@ -109,6 +117,8 @@ class MetricsLog:
                                  "fix or delete that line to resume") from None
             if rec_step <= step:
                 keep.append(line)
+            else:
+                past = True
         new = b"".join(line + b"\n" for line in keep)
         if new != raw:
             atomic_write(self.path, lambda f: f.write(new))
