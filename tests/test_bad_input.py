@@ -175,6 +175,9 @@ CLI_CASES = [
     (TUNE + ["--data", "/no/such/dir"], "/no/such/dir"),
     (TUNE + ["--steps", "0"], "steps must be positive, got 0"),
     (TUNE + ["--check-factor", "1e-320"], "1e-320"),
+    (TUNE + ["--octaves", "1e308"], "octaves must be at most 40"),  # left tune_spec.json behind
+    (TUNE + ["--octaves", "2000"], "octaves must be at most 40"),  # trained every stage, then overflowed
+    (TUNE + ["--center-elr", "1e-323"], "the first scan around 9.88131e-324 over 6 octaves has no valid points"),
     (TUNE + ["--decay-mode", "independent"], "decay_mode 'independent': the tune searches torch-mode weight decay"),
     (TUNE + ["--devices", "cpu", "--ray", "local"], "give --devices or --ray, not both"),
     (TUNE + ["--ray", "local", "--ray-cpus", "0"], "--ray-cpus must be >= 1, got 0"),

@@ -85,7 +85,13 @@ class TuneSpec:
     def validate(self) -> None:
         check_decay_mode(self.train)
         self.stage_train().validate()
-        self.search_config()  # validates (budget against the first scan, ...)
+        search = self.search_config()  # validates (budget against the first scan, ...)
+        try:  # the first scan's points, before anything is written: a centre of 1e-320 underflows a wd to 0
+            Search(search).next_stage()
+        except ValueError as e:
+            raise ValueError(f"the first scan around {search.center or search.lr * search.wd:g} over "
+                             f"{search.octaves:g} octaves has no valid points ({e}); move --center-elr or "
+                             "narrow --octaves") from None
         if self.population < 0:
             raise ValueError(f"population must be >= 0, got {self.population}")
         if not (math.isfinite(self.min_transitions) and self.min_transitions > 0):

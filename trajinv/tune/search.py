@@ -70,6 +70,7 @@ _ROUNDOFF = 1e-12  # relative slack of the spread test: exactly invariant losses
 _FIT_HALF_WIDTH = 1.5  # fit window half-width in scan spacings
 _RESCAN_HALF_WIDTH = 2  # rescan half-width in scan spacings
 _MAX_CHECK_OCTAVES = 10  # a check factor's distance from 1, in octaves
+_MAX_OCTAVES = 40  # a first scan's width: 2**40 ~ 1e12 between its ends, far past any lr or ELR bracket
 
 
 def _log2key(value: float) -> float:
@@ -171,6 +172,9 @@ class SearchConfig:
             raise ValueError(f"axis must be 'elr' or 'lr', got {self.axis!r}")
         for name in ("lr", "wd", "octaves", "zoom_width"):
             require_positive(name, getattr(self, name))
+        if self.octaves > _MAX_OCTAVES:  # 1e308 underflowed a wd to 0, 2000 overflowed the grid's size
+            raise ValueError(f"octaves must be at most {_MAX_OCTAVES} (a scan from x2^-{_MAX_OCTAVES // 2} to "
+                             f"x2^{_MAX_OCTAVES // 2} of its centre), got {self.octaves!r}")
         if self.center is not None:
             require_positive("center", self.center)
         for name, least in (("points", 3), ("zoom_points", 0), ("max_shifts", 0),
