@@ -54,9 +54,9 @@ def test_train_then_resume(corpus, tmp_path):
 def test_sweep_writes_summary_and_plots(corpus, tmp_path):
     out = tmp_path / "sw"
     res = run("sweep", *TINY, "--data", corpus, "--lr", "0.01", "--lr", "0.02", "--wd", "0.5", "--elr", "0.01",
-              "--batch-size", "4", "--out", str(out))
+              "--batch-size", "4", "--batch-size", "04", "--out", str(out))  # a repeat is one population
     assert res.exit_code == 0, res.output
-    assert (out / "summary.csv").exists() and (out / "val_loss_by_lr.png").exists()
+    assert len((out / "summary.csv").read_text().splitlines()) == 1 + 3 and (out / "val_loss_by_lr.png").exists()
     assert (out / "val_loss_by_elr.png").exists() and "iso-ELR" in res.output
     assert run("analyze", str(out)).exit_code == 0
 

@@ -49,6 +49,15 @@ def test_independent_decay_mode_logs_its_decay_per_step_as_elr(tiny_train_config
     assert OptimConfig(decay=()).peak_decay(Member(0.01, 0.1)) == 0.0  # nothing decays: no ELR
 
 
+def test_a_repeated_batch_size_is_one_population():
+    # `--batch-size 4 --batch-size 4` listed one population's members twice in summary.csv
+    from trajinv.sweep import distinct_batch_sizes
+
+    assert distinct_batch_sizes(["4", "04", "8", "4@.5,8", "4@0.5,8"]) == ("4", "8", "4@.5,8")
+    with pytest.raises(ValueError, match="repeat a batch size"):
+        SweepSpec(lrs=(0.01,), wds=(1.0,), batch_sizes=("4", "4")).validate()
+
+
 def test_populations_split_by_batch_size_and_size():
     spec = SweepSpec(lrs=(0.01, 0.02, 0.04), wds=(1.0,), batch_sizes=("8", "4@0.5,16"), population=2)
     pops = spec.populations()

@@ -315,9 +315,10 @@ def train(lrs, wds, batch_size, out, resume, **o):
 def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots, x, **o):
     """Sweep lr x wd (x batch size); the defaults are the CPU demo (iso-LR and iso-ELR groups)."""
     from trajinv.parallel.runner import failures
-    from trajinv.sweep import default_axes, log2_range, run_sweep
+    from trajinv.sweep import default_axes, distinct_batch_sizes, log2_range, run_sweep
 
     scale = scale_kwargs(o)
+    batch_sizes = distinct_batch_sizes(batch_sizes)  # as a repeated --lr: `--batch-size 4 --batch-size 4` is one
 
     lrs, wds = default_axes(tuple(lrs) + (log2_range(lr_log2) if lr_log2 else ()),
                             tuple(wds) + (log2_range(wd_log2) if wd_log2 else ()), elrs)

@@ -62,6 +62,14 @@ DEMO_WDS = (0.5, 1.0, 2.0)
 """`trajinv sweep`'s grid when an axis is left out: the CPU demo's 3 x 3, iso-LR and iso-ELR groups."""
 
 
+def distinct_batch_sizes(batch_sizes: Sequence[str]) -> tuple[str, ...]:
+    """`batch_sizes` without repeats ('4' and '04', '4@.5,8' and '4@0.5,8' are one), as first given."""
+    first: dict[str, str] = {}
+    for b in batch_sizes:
+        first.setdefault(str(BatchSchedule.parse(b)), b)
+    return tuple(first.values())
+
+
 def default_axes(lrs: Sequence[float], wds: Sequence[float], elrs: Sequence[float]
                  ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(lrs, wds) with each axis left out filled from the demo grid; ELR lines need no wd."""
@@ -107,6 +115,9 @@ class SweepSpec:
             raise ValueError(f"population must be >= 0, got {self.population}")
         for b in self.batch_sizes:
             BatchSchedule.parse(b)
+        # a repeat is one population under one run id: trained once, listed twice in summary.csv
+        if len(distinct_batch_sizes(self.batch_sizes)) < len(self.batch_sizes):
+            raise ValueError(f"batch_sizes {self.batch_sizes!r} repeat a batch size; give each once")
         members = self.members()  # validates every lr and wd
         for b in self.batch_sizes:  # each population's schedule must fit the run's steps or tokens
             replace(self.train, members=members, batch_size=b).validate()
