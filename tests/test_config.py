@@ -142,6 +142,21 @@ def test_a_warmup_as_long_as_the_run_is_a_warning_not_an_error():
     assert TrainConfig(**short, gns=GNSConfig(mode="micro-batch", precond_warmup=4, every=4)).warnings() == []
 
 
+def test_a_warmup_running_into_the_wsd_decay_is_a_warning():
+    # --steps 6 --warmup 5 --decay-fraction 0.5: the lr climbed to its peak, then dropped to 0 in one step
+    from trajinv.config import ScheduleConfig
+    from trajinv.schedules import lr_multiplier
+
+    wsd = ScheduleConfig(kind="wsd", warmup=5, decay_fraction=0.5)
+    assert [lr_multiplier(s, 6, wsd) for s in range(6)] == [0.2, 0.4, 0.6, 0.8, 1.0, 0.0]  # what it trained
+    (line,) = TrainConfig(steps=6, schedule=wsd).warnings()
+    assert "--warmup 5 runs into the WSD decay (its last 3 of 6 steps)" in line and "only 1 step" in line
+    assert TrainConfig(steps=6, schedule=ScheduleConfig(kind="wsd", warmup=3, decay_fraction=0.5)).warnings() == []
+    assert TrainConfig(steps=6, schedule=ScheduleConfig(kind="cosine", warmup=5)).warnings() == []
+    (line,) = TrainConfig(steps=4, schedule=ScheduleConfig(kind="wsd", warmup=4, decay_fraction=1.0)).warnings()
+    assert "the whole run is warmup" in line  # not "never reaches its peak": the last step does
+
+
 def test_a_member_whose_decay_would_flip_the_weights_is_refused():
     # torch decays p *= 1 - lr*wd: at lr*wd >= 1 that zeroes or flips the weights every step
     with pytest.raises(ValueError, match=r"member lr=10,wd=1: lr\*wd = 10 >= 1"):

@@ -410,9 +410,16 @@ class TrainConfig:
         except ValueError:
             return []  # validate() names that
         out = []
-        if self.schedule.warmup >= steps:
-            out.append(f"--warmup {self.schedule.warmup} >= the run's {steps} steps: the lr never reaches its peak "
-                       "(every member trains at a fraction of its lr); pass a shorter --warmup")
+        warmup = self.schedule.warmup
+        if warmup >= steps:  # the multiplier is (step+1)/warmup: 1 at step warmup-1 at the earliest
+            out.append(f"--warmup {warmup} >= the run's {steps} steps: the whole run is warmup, the lr reaches its "
+                       "peak on the last step at most (members train at a fraction of their lr); pass a shorter "
+                       "--warmup")
+        elif self.schedule.kind == "wsd" and self.schedule.decay_fraction > 0:
+            decay = int(round(self.schedule.decay_fraction * steps))
+            if decay and warmup > steps - decay:  # lr_multiplier: the warmup wins over the decay's first steps
+                out.append(f"--warmup {warmup} runs into the WSD decay (its last {decay} of {steps} steps): the "
+                           f"decay keeps only {steps - warmup} step(s); pass a shorter --warmup or --decay-fraction")
         if self.gns.mode == "off" and self.gns.embeddings:
             out.append("--gns-embeddings has no effect with --gns off (nothing is measured)")
         # measured steps are the multiples of gns.every (GNSMeter.measures); none past the warm-up: W = 1 throughout
