@@ -254,3 +254,11 @@ def test_predictions_far_outside_the_fitted_budgets_or_untrainable_come_with_a_c
     # wd growing with tokens: at 2^40 the prediction has lr*wd ~ 1e-3 * 0.1 * 2^20 = 105, which nothing trains
     grows = fit_scaling(scaling_optima(0.0, 1.0, se=0.01), target_tokens=2.0**40).caveats()
     assert any("lr*wd = " in c and ">= 1 is untrainable" in c for c in grows)
+
+
+def test_a_member_without_weight_decay_is_named_not_dumped():
+    # a sweep with a wd 0 baseline: the error printed the raw MemberLoss(...) repr
+    members = grid_members(valley()) + [MemberLoss(1e-3, 0.0, 3.0, 0.01)]
+    with pytest.raises(ValueError, match=r"^z8: member lr=0\.001, wd=0: the optimum is fitted in log lr") as e:
+        optimum_from_members(members, tokens=1e9, steps=1000, source="z8")
+    assert "MemberLoss" not in str(e.value)

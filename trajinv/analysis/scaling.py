@@ -119,9 +119,11 @@ class _Grid:
 def _grid(members: Sequence[MemberLoss], source: str) -> _Grid:
     for m in members:
         if not (m.lr > 0 and m.wd > 0 and math.isfinite(m.lr) and math.isfinite(m.wd)):
-            raise ValueError(f"{source or 'members'}: lr and wd must be positive and finite, got {m}")
+            raise ValueError(f"{source or 'members'}: member lr={m.lr:g}, wd={m.wd:g}: the optimum is fitted in log lr "
+                             "and log wd, so every lr and wd must be positive and finite (sweep without wd 0)")
         if not (m.se >= 0 and math.isfinite(m.se)):
-            raise ValueError(f"{source or 'members'}: se must be finite and >= 0, got {m}")
+            raise ValueError(f"{source or 'members'}: member lr={m.lr:g}, wd={m.wd:g}: se must be finite and >= 0, "
+                             f"got {m.se!r}")
     values = np.array([[m.lr, m.wd] for m in members], dtype=float).reshape(-1, 2)
     x = np.log2(values)
     loss = np.array([m.loss if m.loss is not None else np.nan for m in members], dtype=float)
