@@ -164,3 +164,13 @@ def test_gns_figure_on_a_tokens_axis(tmp_path):
     d.mkdir(parents=True)
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in a + b))
     assert [p.name for p in plot_sweep(tmp_path, x="tokens")][-1] == "gns_tokens.png"
+
+
+def test_more_line_styles_than_there_are_is_one_legend_entry():
+    # 1,001 lrs at one wd, coloured by ELR: a legend entry per lr (styles repeating every 8) took minutes
+    fig = build_loss_figure(make_records(lrs=[1e-3 * 1.1 ** i for i in range(12)], wds=(0.5,)), color_by="elr")
+    labels = [t.get_text() for t in fig.axes[0].get_legend().texts]
+    assert labels == ["12 lr values"]
+    assert {ln.get_linestyle() for ln in fig.axes[0].lines} == {"-"}
+    few = build_loss_figure(make_records(), color_by="elr")
+    assert [t.get_text() for t in few.axes[0].get_legend().texts] == ["lr=0.004", "lr=0.008", "lr=0.016"]

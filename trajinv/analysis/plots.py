@@ -73,9 +73,13 @@ def _style_curves(cs: list[Curve], color_by: str):
     norm = _log_norm(colour_vals)
     cmap = ScalarMappable(norm=norm, cmap=_CMAP)
     distinct = _distinct(style_vals)
-    styles = [_STYLES[_index(distinct, v) % len(_STYLES)] for v in style_vals]
-    proxies = [Line2D([], [], color="0.3", linestyle=_STYLES[i % len(_STYLES)], label=f"{style_name}={v:.3g}")
-               for i, v in enumerate(distinct)]
+    if len(distinct) <= len(_STYLES):
+        styles = [_STYLES[_index(distinct, v)] for v in style_vals]
+        proxies = [Line2D([], [], color="0.3", linestyle=_STYLES[i], label=f"{style_name}={v:.3g}")
+                   for i, v in enumerate(distinct)]
+    else:  # styles would repeat (and 1,001 legend entries took minutes to lay out): one style, one entry
+        styles = ["-"] * len(style_vals)
+        proxies = [Line2D([], [], color="0.3", label=f"{len(distinct)} {style_name} values")]
     if any(v <= 0 for v in colour_vals):
         proxies.append(Line2D([], [], color=_ZERO_COLOUR, label=f"{color_by}=0"))
     colours = [cmap.to_rgba(v) if v > 0 else _ZERO_COLOUR for v in colour_vals]
