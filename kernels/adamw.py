@@ -127,11 +127,13 @@ def _adamw_body(
         zero = tl.zeros_like(p_new)
         s_p = tl.sum(tl.where(mask, p_new * p_new, zero), axis=0)
         s_u = tl.sum(tl.where(mask, upd * upd, zero), axis=0)
+        # a lane past the segment has g = v = 0, so with eps = 0 its gg / p_prev is 0/0
+        s_w = tl.sum(tl.where(mask, gg / p_prev, zero), axis=0)
     else:
         s_p = tl.sum(p_new * p_new, axis=0)
         s_u = tl.sum(upd * upd, axis=0)
+        s_w = tl.sum(gg / p_prev, axis=0)
     s_g = tl.sum(gg, axis=0)
-    s_w = tl.sum(gg / p_prev, axis=0)
     if SR:
         bits = p_new.to(tl.uint32, bitcast=True)
         r = tl.randint(seed, offs) & 0xFFFF

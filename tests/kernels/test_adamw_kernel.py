@@ -172,3 +172,21 @@ def test_aot_compiles_without_spills_and_with_128bit_access():
         assert not k.spills and 0 < k.registers <= 255, (spec.arch, spec.constexprs, k.registers)
     for k in out[:2]:  # fp32: p, g, m, v loads and p, m, v stores all 128-bit in full blocks
         assert k.count("ld.global.v4") >= 4 and k.count("st.global.v4") >= 3
+
+
+def test_eps_zero_keeps_the_statistics_of_a_partial_block_finite():
+    # eps = 0 is allowed; lanes past a segment's end have v = 0, so P = 0 and g^2/P = 0/0 was summed
+    n = 100
+    segs = [F.Segment(0, n, 0, 0, 0)]
+    hyper = torch.tensor([F.hyper_row(1e-2, 0.0, 0.9, 0.95, 0.0)])
+    blocks = F.build_block_table(segs, 256)
+    gen = torch.Generator().manual_seed(0)
+    p, m, v = torch.randn(n, generator=gen), torch.zeros(n), torch.zeros(n)
+    rp, rm, rv, rsteps = p.clone(), m.clone(), v.clone(), torch.zeros(1)
+    counters = torch.zeros(1, dtype=torch.int64)
+    for _ in range(2):
+        g = torch.randn(n, generator=gen)
+        stats = torch.empty(blocks.shape[0], 4)
+        F.fused_adamw_launch(p, g, m, v, None, blocks, hyper, counters, stats, block=256)
+        ref = F.adamw_reference(rp, g, rm, rv, None, segs, hyper, rsteps)
+        torch.testing.assert_close(F.reduce_block_stats(stats, blocks, 1), ref.float(), rtol=1e-5, atol=1e-6)
