@@ -501,6 +501,20 @@ def test_a_param_made_float64_after_construction_is_refused():
         opt.step()
 
 
+def test_a_skipped_step_emits_no_preconditioner():
+    # found_inf > 0 skips the update and writes no W, yet the bucket was marked as holding a fresh one:
+    # preconditioners() then returned the W of an older state
+    p = torch.nn.Parameter(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    opt = FusedAdamW([p], lr=1e-2, betas=(0.9, 0.95), backend="cpu")
+    gen = torch.Generator().manual_seed(1)
+    for i, (emit, inf) in enumerate([(True, 0.0), (False, 0.0), (True, 1.0)]):
+        p.grad = torch.randn(64, generator=gen) * (1 + 10 * i)
+        opt.step(found_inf=torch.tensor(inf), emit_preconditioner=emit)
+    st = opt.state[p]
+    want = 1 / ((st["exp_avg_sq"] / (1 - 0.95 ** float(st["step"]))).sqrt() + 1e-8)
+    torch.testing.assert_close(opt.preconditioners()[p], want, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
 def test_a_copied_optimizer_steps_like_the_original(how, backend, tmp_path):

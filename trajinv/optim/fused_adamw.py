@@ -284,7 +284,8 @@ class FusedAdamW(torch.optim.Optimizer):
             out = engines.native_step(b, active, self._hyper.rows(self.param_groups, b.device), gs, inf,
                                       statistics, b.precond_buffer() if emit else None)
             if out is not False:
-                if emit:
+                skipped = inf is not None and float(inf) > 0  # nothing written: W stays unmade
+                if emit and not skipped:
                     b.precond_ready = self._precond_keys(b)
                 return out
         return engines.torch_step(b, active, self._hyper.rows(self.param_groups, b.device).tolist(), gs, inf,
