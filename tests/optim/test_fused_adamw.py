@@ -180,6 +180,18 @@ def test_independent_decay_against_hand_written_reference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("box", [list, torch.tensor])
+def test_independent_decay_of_a_member_at_lr_zero_is_none_however_given(backend, box):
+    # wd_eff = wd / lr0: the list branch mapped lr0 = 0 to no decay, the tensor branch to 1 - 0 x inf = NaN
+    p = torch.nn.Parameter(torch.ones(3, 4))
+    opt = FusedAdamW([{"params": [p], "lr": box([1e-2, 1e-2, 0.0]), "weight_decay": box([0.1, 0.1, 0.1]),
+                       "decay_mode": "independent"}], backend=backend)
+    p.grad = torch.ones(3, 4)
+    opt.step()
+    assert torch.equal(p[2].detach(), torch.ones(4)) and torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scale_and_found_inf(backend):
     ps = _params([(20,), (1100,)], seed=9)
     qs = _clone(ps)

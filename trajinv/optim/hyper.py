@@ -70,8 +70,9 @@ class HyperTable:
                 any_tensor = True
                 t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device).reshape(-1).expand(k)
                 lr_t, wd_t = t(lr), t(wd)
-                if g["decay_mode"] == "independent":
-                    wd_t = wd_t / t(lr0)
+                if g["decay_mode"] == "independent":  # as the float branch: an lr0 of 0 decays nothing
+                    l0 = t(lr0)
+                    wd_t = torch.where(l0 != 0, wd_t / torch.where(l0 != 0, l0, 1.0), 0.0)
                 rows.append(torch.stack([lr_t, wd_t] + [torch.full((k,), c, device=device) for c in (b1, b2, eps)], 1))
             else:
                 lrs, wds = _as_floats(lr, k), _as_floats(wd, k)
