@@ -191,6 +191,16 @@ def test_independent_decay_of_a_member_at_lr_zero_is_none_however_given(backend,
     assert torch.equal(p[2].detach(), torch.ones(4)) and torch.isfinite(p).all()
 
 
+@pytest.mark.parametrize("backend, native", [("cpu", True), ("cpu", False), ("triton", True)])
+def test_a_grad_scale_leaves_the_callers_grads_alone(backend, native):
+    # torch's fused AdamW (the CPU torch-ops path) unscales its grads in place: p.grad came back halved
+    p = torch.nn.Parameter(torch.ones(8))
+    opt = FusedAdamW([p], lr=1e-2, backend=backend, native_cpu=native)
+    p.grad = torch.full((8,), 4.0)
+    opt.step(grad_scale=2.0)
+    assert torch.equal(p.grad, torch.full((8,), 4.0))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grad_scale_and_found_inf(backend):
     ps = _params([(20,), (1100,)], seed=9)

@@ -161,7 +161,10 @@ def torch_step(b: Bucket, active: Active, hyper: list[list[float]], grad_scale: 
                 pd = pd.contiguous()
                 strided.append(t)
             pw[t] = [pd] if k == 1 else list(pd.reshape(k, p.numel() // k).unbind(0))
-        g = (p.grad.float() if sixteen else p.grad).contiguous()
+        g = p.grad.float() if sixteen else p.grad
+        if grad_scale is not None and g is p.grad:  # torch's fused AdamW unscales its grads in place
+            g = g.clone(memory_format=torch.contiguous_format)
+        g = g.contiguous()
         gw[t] = [g] if k == 1 else list(g.reshape(k, p.numel() // k).unbind(0))
     P = [pw[t][j] for t, j in plan.order]
     G = [gw[t][j] for t, j in plan.order]
