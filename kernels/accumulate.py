@@ -71,19 +71,21 @@ def _accumulate_gns_kernel(
         tl.store(sw_ptr + part, tl.sum(w * g2, axis=0))
 
 
-def _check(acc: torch.Tensor, grad: torch.Tensor, precond: torch.Tensor | None, members: int) -> None:
+def _check(acc: torch.Tensor | None, grad: torch.Tensor, precond: torch.Tensor | None, members: int) -> None:
+    """`acc` None: a norms-only entry (nothing is written, so nothing need be contiguous)."""
     if not isinstance(members, int) or members < 1:
         raise ValueError(f"members must be a positive int, got {members!r}")
-    if tuple(grad.shape) != tuple(acc.shape):
-        raise ValueError(f"grad shape {tuple(grad.shape)} differs from acc shape {tuple(acc.shape)}")
-    if precond is not None and tuple(precond.shape) != tuple(acc.shape):
-        raise ValueError(f"precond shape {tuple(precond.shape)} differs from acc shape {tuple(acc.shape)}")
+    shape = tuple(grad.shape)
+    if acc is not None and tuple(acc.shape) != shape:
+        raise ValueError(f"grad shape {shape} differs from acc shape {tuple(acc.shape)}")
+    if precond is not None and tuple(precond.shape) != shape:
+        raise ValueError(f"precond shape {tuple(precond.shape)} differs from grad shape {shape}")
     for name, v in (("acc", acc), ("grad", grad), ("precond", precond)):
         if v is not None and v.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be fp32/fp16/bf16, got {v.dtype}")
-    if members > 1 and (acc.dim() == 0 or acc.shape[0] != members):
-        raise ValueError(f"members={members} but the leading dim of shape {tuple(acc.shape)} is not that")
-    if not acc.is_contiguous():
+    if members > 1 and (grad.dim() == 0 or grad.shape[0] != members):
+        raise ValueError(f"members={members} but the leading dim of shape {shape} is not that")
+    if acc is not None and not acc.is_contiguous():
         raise ValueError(f"acc must be contiguous to be updated in place (shape {tuple(acc.shape)})")
 
 
@@ -231,14 +233,14 @@ def accumulate_grads_with_norms(
         for i, (a, g, w) in enumerate(zip(accs, grads, preconds)):
             if (a is not None and a.shape != g.shape) or (w is not None and w.shape != g.shape) \
                     or (members > 1 and (g.dim() == 0 or g.shape[0] != members)):
-                _check(g if a is None else a, g, w, members)  # raises the full one-line error
+                _check(a, g, w, members)  # raises the full one-line error
             table[ROW_COLS * i : ROW_COLS * (i + 1)] = [g.data_ptr(), 0 if a is None else a.data_ptr(),
                                         0 if w is None else w.data_ptr(), g.numel(), members, int(measured[i])]
         sums = torch.zeros(2, members, dtype=torch.float64) if out_sums is None else out_sums
         NATIVE.get().trajinv_accumulate_list(table, n, members, sums.data_ptr(), torch.get_num_threads())
         return (sums[0], sums[1]) if out_sums is not None else (sums[0].float(), sums[1].float())
     for a, g, w in zip(accs, grads, preconds):
-        _check(g if a is None else a, g, w, members)
+        _check(a, g, w, members)
     s_w = torch.zeros(members, dtype=torch.float32, device=device)
     s_1 = torch.zeros(members, dtype=torch.float32, device=device)
     for a, g, w, meas in zip(accs, grads, preconds, measured):

@@ -200,3 +200,14 @@ def test_blocks_go_on_the_grid_axis_without_cudas_65535_cap(monkeypatch):
     assert grids == [(3, 2)] and A.LAUNCH_CONFIG["BLOCK"] == 2048  # cdiv(5000, 2048) blocks, 2 members
     accumulate_grad_with_norms(torch.zeros(3, 9000), torch.ones(3, 9000), members=3, backend="triton")
     assert grids[-1] == (5, 3)
+
+
+def test_a_norms_only_entry_takes_a_non_contiguous_grad():
+    # nothing is written for it, yet it was refused with "acc must be contiguous" (the native list pass
+    # takes contiguous tensors only, so this runs the per-tensor path)
+    g = torch.randn(3, 5).t()  # (5, 3), non-contiguous
+    w = torch.rand(5, 3) + 0.1
+    s_w, s_1 = accumulate_grads_with_norms([None], [g], [w], members=5, backend="cpu")
+    ref_w, ref_1 = accumulate_grad_with_norms_reference(torch.zeros(5, 3), g, w, members=5)
+    torch.testing.assert_close(s_1, ref_1)
+    torch.testing.assert_close(s_w, ref_w)
