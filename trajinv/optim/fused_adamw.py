@@ -347,8 +347,11 @@ class FusedAdamW(torch.optim.Optimizer):
             # launches were skipped (found_inf) still has step 0 there: W = 1 then.
             if not b.launched[t]:
                 return None
-            step = (b.counters[t] // b.nblk_dev[t]).float()
-            w = 1.0 / ((v / (1 - torch.pow(b2, step))).sqrt() + eps)
+            # as the kernel: beta2 rounded to fp32 as the hyper table holds it (v was made with that one),
+            # 1 - beta2^step in fp64 (it cancels in fp32 for a beta2 near 1)
+            step = (b.counters[t] // b.nblk_dev[t]).double()
+            b2_32 = float(torch.tensor(b2, dtype=torch.float32))
+            w = 1.0 / ((v / (1 - torch.pow(b2_32, step)).float()).sqrt() + eps)
             return torch.where(step > 0, w, torch.ones_like(w))
         step = float(b.steps[t])
         if step <= 0:
