@@ -253,7 +253,7 @@ class Trainer:
 
     # ------------------------------------------------------------- training
     def _forward_backward(self, step: int, batch_size: int) -> torch.Tensor:
-        """Mean train loss per member (K,) over the step's batch; gradients in .grad.
+        """Mean train loss per member (K,) over the step's batch, on the device; gradients in .grad.
 
         The trainer owns `.grad`: it clears them here, and when the GNS meter sums the
         micro-batches itself (micro-batch mode) it hands each micro-batch's gradients
@@ -268,6 +268,7 @@ class Trainer:
         for p in params.values():
             p.grad = None
         handover = self.gns is not None and self.gns.accumulates
+        alive = self.alive.to(cfg.device)  # once per step, not a host-to-device copy per micro-batch
         for start in range(0, x.shape[0], micro):
             xs, ys = x[start : start + micro], y[start : start + micro]
             with _autocast(cfg):
@@ -275,7 +276,7 @@ class Trainer:
             # Each micro-batch's mean loss weighted by its share: the sum is the batch mean.
             loss = loss * (xs.shape[0] / batch_size)
             # Diverged members are frozen: keep their NaNs out of the backward.
-            torch.where(self.alive.to(loss.device), loss, 0.0).sum().backward()
+            torch.where(alive, loss, 0.0).sum().backward()
             if handover:
                 self.gns.accumulate({n: p.grad for n, p in params.items() if p.grad is not None})
                 for p in params.values():
@@ -289,10 +290,10 @@ class Trainer:
             self.dist.all_reduce_(total)
             if self.gns is not None:
                 self.gns.reduce(self.dist.all_reduce_)
-        return total.cpu()
+        return total
 
     def _grad_norms(self) -> torch.Tensor:
-        """Per-member global gradient norm (K,): the clipping input, one read of the grads."""
+        """Per-member global gradient norm (K,) on the device: the clipping input, one read of the grads."""
         # Summed tensor by tensor, elementwise over members: a reduction over a stacked (tensors, K)
         # column runs in another order when K = 1 (contiguous) than when K > 1 (strided), and the
         # last-bit difference in the clip scale made a member's run depend on its population's size.
@@ -300,7 +301,7 @@ class Trainer:
         for p in self.model.parameters():
             if p.grad is not None:
                 sq += torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float32).square()
-        return sq.sqrt().cpu()
+        return sq.sqrt()
 
     @torch.no_grad()
     def evaluate(self) -> torch.Tensor:
@@ -351,8 +352,8 @@ class Trainer:
                 mult = lr_multiplier(step, cfg.steps, cfg.schedule)
                 measured = self.gns is not None and self.gns.begin_step(
                     step, self.optimizer.preconditioners() if self.gns.wants_preconditioner(step) else None)
-                loss = self._forward_backward(step, bs)
-                grad_norm = self._grad_norms()
+                # one wait for the device per step: the loss and the gradient norm come back together
+                loss, grad_norm = torch.stack([self._forward_backward(step, bs), self._grad_norms()]).cpu()
                 # a gradient norm past fp32's range diverged too, even under a finite loss: its clip
                 # coefficient would be 0, which the optimizers read as "frozen" (no update) or "unclipped"
                 finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
