@@ -243,6 +243,11 @@ def _adamw_kernel(
     tl.store(srow + 3, s_u)
 
 
+FLAT_LIMIT = 2**31
+"""Elements a block table may span: it holds int32 offsets (the last block included). The optimizer
+starts another bucket before it (`trajinv.optim.buckets`)."""
+
+
 @dataclass(frozen=True)
 class Segment:
     """One (tensor, member) range ``[lo, hi)`` of a flat buffer."""
@@ -271,8 +276,8 @@ def build_block_table(segments: list[Segment], block: int = BLOCK) -> torch.Tens
                 continue
             rows.append([base, lo, max(hi, lo), s.tensor, 0, s.slot, s.member, s_id])
             per_tensor[s.tensor] = per_tensor.get(s.tensor, 0) + 1
-    if rows and max(r[COL_HI] for r in rows) + block >= 2**31:
-        raise ValueError("flat buffer exceeds 2**31 elements; split the bucket")
+    if rows and max(r[COL_HI] for r in rows) + block >= FLAT_LIMIT:
+        raise ValueError(f"flat buffer exceeds {FLAT_LIMIT} elements; split the bucket")
     for r in rows:
         r[COL_NBLK] = per_tensor[r[COL_TENSOR]]
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, N_COLS)

@@ -130,7 +130,7 @@ CLI_CASES = [
     (TRAIN + ["--tokenizer", "/no/such/tokenizer.json"], "/no/such/tokenizer.json"),
     (TRAIN + ["--tokenizer", "{ws}/badtok.json"], "badtok.json"),
     (TRAIN + ["--seed", "-1"], "-1"),
-    (TRAIN + ["--seed", "99999999999999999999"], "seed must be an integer in [0, 2**63), got 99999999999999999999"),
+    (TRAIN + ["--seed", "99999999999999999999"], "seed must be an integer in [0, 2**64), got 99999999999999999999"),
     # gradient noise scale
     (TRAIN + ["--gns", "micro-batch", "--micro-batch", "2", "--gns-every", "0"], "every"),
     (TRAIN + ["--gns", "micro-batch", "--micro-batch", "3"], "micro_batch=3"),

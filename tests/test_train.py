@@ -423,12 +423,18 @@ def test_a_resume_on_other_data_is_refused_and_a_renamed_run_keeps_its_id(tiny_d
     from dataclasses import replace as swap
 
     cfg = tiny_train_config(steps=4, checkpoint_every=2)
-    first = Trainer(cfg, tiny_data, tmp_path / "a", run_id="a")
+    tok = {"name": "tokenizers-json", "path": "/here/tok.json", "sha256": "1" * 64}
+    data = swap(tiny_data, manifest={**tiny_data.manifest, "tokenizer": tok})
+    first = Trainer(cfg, data, tmp_path / "a", run_id="a")
     first.train(until=2)
-    other = swap(tiny_data, manifest={**tiny_data.manifest, "content_hash": "0" * 64})
+    other = swap(data, manifest={**data.manifest, "content_hash": "0" * 64})
     with pytest.raises(ValueError, match=r"trained on other data \(data\.content_hash"):
         Trainer(cfg, other, tmp_path / "a", run_id="a").resume()
-    moved = {**tiny_data.manifest, "source": "/elsewhere/same.txt"}  # the same text elsewhere: the same corpus
+    retok = swap(data, manifest={**data.manifest, "tokenizer": {**tok, "sha256": "2" * 64}})
+    with pytest.raises(ValueError, match=r"data\.tokenizer\.sha256"):
+        Trainer(cfg, retok, tmp_path / "a", run_id="a").resume()
+    # the same text and the same tokenizer.json, each reached by another path: the same corpus
+    moved = {**data.manifest, "source": "/elsewhere/same.txt", "tokenizer": {**tok, "path": "/there/tok.json"}}
     (tmp_path / "a").rename(tmp_path / "b")
     again = Trainer(cfg, swap(tiny_data, manifest=moved), tmp_path / "b", run_id="b")
     assert again.resume() and again.run_id == "a"  # renamed folder: the run keeps the id its metrics carry

@@ -301,7 +301,7 @@ def train(lrs, wds, batch_size, out, resume, **o):
               help=f"Grid weight decays [default: {DEMO_WDS}, unless --elr lines are given].")
 @click.option("--wd-log2", default=None, help="Weight decays as a log2 range LO:HI[:STEP].")
 @click.option("--elr", "elrs", multiple=True, type=float,
-              help="Iso-ELR lines: one member per --lr with wd = elr/lr.")
+              help="Iso-ELR lines: one member per --lr with wd = elr/lr (wd = elr with --decay-mode independent).")
 @click.option("--batch-size", "batch_sizes", multiple=True, default=(default(TrainConfig, "batch_size"),),
               show_default=True, help="Batch sizes or schedules; each trains as its own population.")
 @field_option(SweepSpec, "population")

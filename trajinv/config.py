@@ -452,9 +452,9 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.eval_boot < 0 or self.eval_boot == 1:
             raise ValueError(f"eval_boot must be 0 or >= 2, got {self.eval_boot}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**64:
             # torch's generators take 64 bits: a larger seed failed as "Overflow when unpacking long long"
-            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {self.seed!r}")
         self.batch_plan()  # the schedule parses and fits the run's length
 
 

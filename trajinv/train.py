@@ -128,9 +128,9 @@ class Trainer:
         self.last_gns: dict[str, torch.Tensor] = {}
         self.lrs = torch.tensor([m.lr for m in cfg.members])
         self.wds = torch.tensor([m.wd for m in cfg.members])
-        # evaluated in chunks no larger than a training forward: the population was sized to fit that
-        # (trajinv.parallel.memory), and 64 sequences of K members' logits did not fit a GPU sized for less
-        forward = cfg.micro_batch or max(BatchSchedule.parse(cfg.batch_size).sizes)
+        # evaluated in chunks no larger than a (rank's) training forward: the population was sized to fit
+        # that (trajinv.parallel.memory), and 64 sequences of K members' logits did not fit a GPU sized for less
+        forward = max(1, self.dist.small_batch(max(BatchSchedule.parse(cfg.batch_size).sizes), cfg.micro_batch))
         self.val = validation_batches(data.val, cfg.model.context, cfg.eval_seqs, batch_size=min(EVAL_CHUNK, forward))
         self.boot_counts = window_resamples(cfg.eval_seqs, cfg.eval_boot)
         self.val_windows = torch.full((self.K, cfg.eval_seqs), math.nan)
@@ -218,8 +218,12 @@ class Trainer:
                              "the same --data, --tokenizer and --text-field, or use a new output directory")
 
     def _data_identity(self) -> dict:
-        """What makes the corpus this one (a moved file with the same text is the same corpus)."""
-        return {k: self.data.manifest.get(k) for k in DATA_IDENTITY}
+        """What makes the corpus this one: a moved file with the same text, or a tokenizer.json moved
+        or reached by another path (its sha256 names it), is the same corpus."""
+        out = {k: self.data.manifest.get(k) for k in DATA_IDENTITY}
+        if isinstance(out["tokenizer"], dict):
+            out["tokenizer"] = {k: v for k, v in out["tokenizer"].items() if k != "path"}
+        return out
 
     def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Put a checkpoint's tensors in place; CheckpointError if they do not fit this run.

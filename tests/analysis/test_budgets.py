@@ -380,3 +380,15 @@ def test_a_sweep_in_independent_decay_mode_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="--decay-mode independent") as e:
         load_budget(root, n_boot=20)
     assert "\n" not in str(e.value)
+
+
+def test_a_train_folder_in_independent_decay_mode_is_refused_by_its_checkpoint(tmp_path):
+    # a `trajinv train` folder has no spec.json: it read as torch mode and fitted lr*wd as the ELR
+    root = _sweep_dir(tmp_path / "t", 1)
+    sidecar = {"run_id": "t", "step": 400, "tokens": 0, "seconds": 0.0, "config": {"optim": {"decay_mode": "torch"}}}
+    (root / "checkpoint-00000400.json").write_text(json.dumps(sidecar))
+    assert load_budget(root, n_boot=20).lr > 0
+    sidecar["config"]["optim"]["decay_mode"] = "independent"
+    (root / "checkpoint-00000400.json").write_text(json.dumps(sidecar))
+    with pytest.raises(ValueError, match="--decay-mode independent"):
+        load_budget(root, n_boot=20)

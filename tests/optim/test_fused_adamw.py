@@ -400,9 +400,7 @@ def test_one_launch_per_dtype_group_per_step():
 def test_params_beyond_the_block_tables_reach_get_another_bucket(monkeypatch):
     # the int32 block table spans 2**31 elements: a population sized to fill an H200 went past it and
     # every step was refused ("split the bucket"). A small limit stands in for 2**31 here.
-    from trajinv.optim import buckets
-
-    monkeypatch.setattr(buckets, "FLAT_LIMIT", 3 * F.BLOCK)
+    monkeypatch.setattr(F, "FLAT_LIMIT", 3 * F.BLOCK)
     ps = _params([(1100,), (900,), (33,), (7, 3), (1000,)])
     qs = _clone(ps)
     opt = FusedAdamW(ps, lr=1e-2, weight_decay=0.1, backend="triton")
@@ -415,7 +413,7 @@ def test_params_beyond_the_block_tables_reach_get_another_bucket(monkeypatch):
         opt.step()
         ref.step()
     assert F.LAUNCHES - before == len(opt._buckets) > 1
-    assert all(b.total + F.BLOCK < buckets.FLAT_LIMIT for b in opt._buckets)
+    assert all(b.total + F.BLOCK < F.FLAT_LIMIT for b in opt._buckets)
     for p, q in zip(ps, qs):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 

@@ -38,6 +38,7 @@ from pathlib import Path
 from trajinv.analysis.records import load_metrics, load_summary
 from trajinv.analysis.scaling import BudgetOptimum, MemberLoss, ScalingReport, fit_scaling, optimum_from_members, plot_scaling
 from trajinv.atomic import atomic_write, remove_stale_temps
+from trajinv.checkpoint import latest_meta
 from trajinv.config import sweep_pairs
 from trajinv.metrics import METRICS
 from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC
@@ -84,8 +85,9 @@ def write_scaling(report: ScalingReport, out: str | Path) -> list[Path]:
 
 
 def _from_sweep(root: Path, n_boot: int, seed: int, batch_size: str | int | None = None) -> BudgetOptimum:
-    if _decay_mode(_spec(root)) == "independent":
-        # the fits and the regime claims are of torch-mode wd (decay per step lr*wd); independent wd is lr*that
+    # the fits and the regime claims are of torch-mode wd (decay per step lr*wd); independent wd is lr times it.
+    # A `trajinv train` folder has no spec.json: its checkpoint's config says.
+    if _decay_mode(_spec(root) or {"train": (latest_meta(root) or {}).get("config")}) == "independent":
         raise ValueError(f"the sweep in {root} trained with --decay-mode independent; fit models torch-mode weight "
                          "decay (decay per step lr*wd): sweep with --decay-mode torch")
     rows = load_summary(root)

@@ -119,7 +119,8 @@ def iso_lr_groups(cs: Iterable[Curve]) -> list[Group]:
 
 
 def iso_elr_groups(cs: Iterable[Curve]) -> list[Group]:
-    """Non-diverged members with equal lr*wd > 0 (and batch-size schedule) and >= 2 distinct lr."""
+    """Non-diverged members with equal ELR > 0 (lr*wd; wd in independent decay mode: the logged `elr`)
+    (and batch-size schedule) and >= 2 distinct lr."""
     return _groups(cs, "ELR")
 
 
@@ -251,7 +252,7 @@ class GroupSpread:
 
     @property
     def label(self) -> str:
-        what = "lr" if self.kind == "LR" else "lr*wd"
+        what = "lr" if self.kind == "LR" else "elr"  # the logged ELR: lr*wd, or wd in independent decay mode
         bs = self.batch_schedule if self.batch_schedule is not None else self.batch_size
         return f"{what}={self.value:.3g}" + ("" if bs is None else f",B={bs}")
 

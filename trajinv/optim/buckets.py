@@ -34,16 +34,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from trajinv.kernels import adamw as adamw_kernel
 from trajinv.kernels.adamw import ALIGN, BLOCK, COL_TENSOR, SEG_COLS, Segment, blocks_per_tensor, build_block_table
 from trajinv.optim.hyper import group_members
 
 Active = tuple[bool, ...]
 """Which tensors of a bucket have a gradient this step (the key of every cached plan)."""
-
-
-FLAT_LIMIT = 2**31
-"""Elements a Triton bucket's flat buffers may span: its block table holds int32 offsets (the last block
-included). Params of one (device, dtype) beyond it go to further buckets, one launch each."""
 
 
 def _round_up(n: int, a: int) -> int:
@@ -269,7 +265,7 @@ class Bucket:
 def build_buckets(groups: list[dict], first_slot: list[int], state: dict, use_triton: Callable[[torch.device], bool],
                   master_weights: bool) -> list[Bucket]:
     """One bucket per (device, dtype) of the params in `groups`, in first-seen order (on the Triton path,
-    more when they span `FLAT_LIMIT` elements or more).
+    more when they span the block table's `FLAT_LIMIT` elements or more: one launch each).
 
     Existing per-param `state` (loaded, or from earlier buckets) is copied into the
     flat buffers, and `state[p]` is replaced by views of them, as torch.optim.AdamW
@@ -310,12 +306,12 @@ def build_buckets(groups: list[dict], first_slot: list[int], state: dict, use_tr
 
 def _within_limit(items: list) -> list[list]:
     """`items` (param first) cut, in order, into runs whose aligned sizes plus one block stay below
-    `FLAT_LIMIT` (a single param beyond it stays alone, and its block table refuses it)."""
+    the block table's `FLAT_LIMIT` (a single param beyond it stays alone, and its block table refuses it)."""
     runs: list[list] = [[]]
     size = 0
     for item in items:
         n = _round_up(item[0].numel(), ALIGN)
-        if runs[-1] and size + n + BLOCK >= FLAT_LIMIT:
+        if runs[-1] and size + n + BLOCK >= adamw_kernel.FLAT_LIMIT:  # read at call time: tests lower it
             runs.append([])
             size = 0
         runs[-1].append(item)

@@ -1,4 +1,5 @@
-"""FusedAdamW: AdamW in one kernel launch per (device, dtype), with per-member lr/wd and statistics.
+"""FusedAdamW: AdamW in one kernel launch per (device, dtype) (one more per 2**31 elements on the Triton
+path), with per-member lr/wd and statistics.
 
 Drop-in for ``torch.optim.AdamW`` (same maths, same state_dict keys and shapes:
 ``step``, ``exp_avg``, ``exp_avg_sq``; state dicts load both ways) plus:

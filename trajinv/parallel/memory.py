@@ -34,7 +34,8 @@ adds the fp32 weight-gradient scratch of its kernels (up to 16 MiB on CPU, one
 (out x in) slab per member on CUDA). Evaluation saves nothing for backward and runs in
 chunks no larger than a training forward (`Trainer`, `EVAL_CHUNK`), so its logits stay
 below this peak. On the Triton path a population whose K x P passes 2^31 elements gets a
-second optimizer bucket (`trajinv.optim.buckets.FLAT_LIMIT`), not a refusal.
+second optimizer bucket (`trajinv.kernels.adamw.FLAT_LIMIT`), not a refusal (one tensor of K
+members past it, K x a 50k x 768 embedding at K > 55, is still refused).
 
 `tests/parallel/test_memory.py` checks the state part against the tensors of a
 built Trainer and the total against the measured peak RSS growth of CPU training
