@@ -52,14 +52,19 @@ def test_independent_decay_follows_schedule_not_lr(name):
         assert torch.allclose(ratio["blocks.0.wo"][k], torch.tensor(1 - m.wd * 0.5), rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["torch", "fused"])
-def test_state_round_trip(name):
+def _one_step_state(name):
+    """(model, the optimizer state tensors after one step on a random batch)."""
     model = _model()
     opt = build_optimizer(model, MEMBERS, OptimConfig(name=name))
     idx = torch.randint(0, 11, (2, 8))
     model(idx, idx)[1].sum().backward()
     opt.step(1.0, torch.ones(2))
-    state = opt.state_tensors()
+    return model, opt.state_tensors()
+
+
+@pytest.mark.parametrize("name", ["torch", "fused"])
+def test_state_round_trip(name):
+    model, state = _one_step_state(name)
     assert state["blocks.0.wqkv.exp_avg"].shape == model.blocks[0].wqkv.shape
     fresh = build_optimizer(_model(), MEMBERS, OptimConfig(name=name))
     fresh.load_state_tensors(state)
@@ -73,12 +78,7 @@ def test_state_round_trip(name):
 def test_loaded_state_lives_on_the_parameters_device(name):
     # a checkpoint loads on the CPU; a run resumed on CUDA crashed at its first step with the torch
     # adapter ("Tensor on device cpu is not on the expected device"). "meta" stands in for the GPU.
-    model = _model()
-    opt = build_optimizer(model, MEMBERS, OptimConfig(name=name))
-    idx = torch.randint(0, 11, (2, 8))
-    model(idx, idx)[1].sum().backward()
-    opt.step(1.0, torch.ones(2))
-    state = opt.state_tensors()
+    _, state = _one_step_state(name)
     elsewhere = _model().to("meta")
     fresh = build_optimizer(elsewhere, MEMBERS, OptimConfig(name=name))
     fresh.load_state_tensors(state)

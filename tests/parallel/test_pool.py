@@ -1,5 +1,6 @@
 """Every device of a node: worker processes fed from a queue, failures as rows, resume, bit-identity on CPU."""
 
+import contextlib
 import csv
 import os
 import signal
@@ -135,9 +136,9 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
-def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
-    # kill -9 skips the pool's shutdown; a worker left running would keep writing into the sweep directory.
+@contextlib.contextmanager
+def _parent_with_a_sleeping_worker(tmp_path):
+    """(parent process, its pool worker's pid): a LocalPool whose one worker sleeps 300 s; both killed after."""
     pidfile = tmp_path / "worker.pid"
     parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys
@@ -147,7 +148,7 @@ def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
         if __name__ == "__main__":
             with LocalPool(["cpu"]) as pool:
                 pool._executor(0).submit(spawned.record_pid_and_sleep, {str(pidfile)!r}).result()
-        """)])
+        """)], stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
         while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
@@ -155,16 +156,37 @@ def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
             time.sleep(0.2)
         worker = int(pidfile.read_text())
         assert _alive(worker)
-        parent.kill()
-        parent.wait()
-        deadline = time.monotonic() + 15
-        while _alive(worker) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(worker), "the worker outlived its killed parent"
+        yield parent, worker
     finally:
         parent.kill()
         if pidfile.exists() and pidfile.read_text() and _alive(int(pidfile.read_text())):
             os.kill(int(pidfile.read_text()), signal.SIGKILL)
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _alive(pid)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
+    # kill -9 skips the pool's shutdown; a worker left running would keep writing into the sweep directory.
+    with _parent_with_a_sleeping_worker(tmp_path) as (parent, worker):
+        parent.kill()
+        parent.wait()
+        assert _gone_within(worker, 15), "the worker outlived its killed parent"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_ctrl_c_on_the_parent_alone_stops_its_workers_at_once(tmp_path):
+    # SIGINT to the driver only (not its process group): it printed "Aborted!", then waited for every
+    # running population to train to its end before exiting (interpreter exit joins the workers)
+    with _parent_with_a_sleeping_worker(tmp_path) as (parent, worker):
+        parent.send_signal(signal.SIGINT)
+        parent.wait(timeout=30)  # the worker sleeps 300 s: a parent waiting for it times out here
+        assert _gone_within(worker, 15), "the worker outlived its interrupted parent"
 
 
 def test_a_failed_populations_trainer_is_gone_before_the_device_cache_is_emptied(tiny_train_config, tmp_path,
@@ -217,34 +239,3 @@ def test_cli_tune_a_failed_population_is_one_line_and_the_rerun_retries_it(tmp_p
     again = CliRunner().invoke(cli.main, args)
     assert again.exit_code == 0, again.output
     assert "recommended:" in again.output
-
-
-def test_ctrl_c_on_the_parent_alone_stops_its_workers_at_once(tmp_path):
-    # SIGINT to the driver only (not its process group): it printed "Aborted!", then waited for every
-    # running population to train to its end before exiting (interpreter exit joins the workers)
-    pidfile = tmp_path / "worker.pid"
-    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(Path(spawned.__file__).parent)!r})
-        import spawned
-        from trajinv.parallel.pool import LocalPool
-        if __name__ == "__main__":
-            with LocalPool(["cpu"]) as pool:
-                pool._executor(0).submit(spawned.record_pid_and_sleep, {str(pidfile)!r}).result()
-        """)], stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
-            assert parent.poll() is None, "the parent exited before its worker started"
-            time.sleep(0.2)
-        worker = int(pidfile.read_text())
-        parent.send_signal(signal.SIGINT)
-        parent.wait(timeout=30)  # the worker sleeps 300 s: a parent waiting for it times out here
-        deadline = time.monotonic() + 15
-        while _alive(worker) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not _alive(worker), "the worker outlived its interrupted parent"
-    finally:
-        parent.kill()
-        if pidfile.exists() and pidfile.read_text() and _alive(int(pidfile.read_text())):
-            os.kill(int(pidfile.read_text()), signal.SIGKILL)
