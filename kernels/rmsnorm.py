@@ -17,7 +17,11 @@ d-slice of one member, loops over examples and their tokens, keeps dg_n for the
 current example in registers, folds it into dg and into two scalars, and writes
 nothing per example but those two scalars. The (n, d) per-example gradients never
 reach memory. Extra work: ~5 flops per (example, feature), about 5 / (2 t)
-relative to the gain gradient itself, and one read of W (d elements).
+relative to the gain gradient itself, and one read of W (d elements). A member's
+d-slices are few programs (6 at d = 768), so its examples are also split into ranges,
+each its own program (`choose_splits`, ~2 programs per SM): each range writes its own
+fp32 dg slab (K x d, summed after), tiny beside the 2 * n * t * d elements it saves
+one program from reading alone.
 
 CPU (`rmsnorm_forward_cpu`, `rmsnorm_backward_cpu`, ``csrc/rmsnorm.cpp``, fp32).
 With torch ops an RMSNorm forward is five element-wise passes (square, mean,
@@ -58,17 +62,20 @@ def _rmsnorm_gns_kernel(
     rstd_ptr,  # (K, N, T) fp32 reciprocal RMS saved by the forward
     gy_ptr,  # (K, N, T, D) output gradient, contiguous
     w_ptr,  # (K, D) positive preconditioner (unused when HAS_W is False)
-    dg_ptr,  # (K, D) fp32 gain gradient (written)
+    dg_ptr,  # (SPLITS, K, D) fp32 gain gradient, one slab per example split (written)
     sw_ptr,  # (K, N, P) fp32 per-program partial sum_j W dg_n^2 (written)
     s1_ptr,  # (K, N, P) fp32 per-program partial sum_j dg_n^2 (written)
     N,
     T,
     D,
+    SPLITS,  # example ranges per member, each its own program (K x d-tiles alone is a handful of programs)
+    N_PER,  # examples per split
     HAS_W: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    k = tl.program_id(0)
+    k = tl.program_id(0) // SPLITS
+    split = tl.program_id(0) % SPLITS
     pid_d = tl.program_id(1)
     n_tiles = tl.num_programs(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -79,7 +86,8 @@ def _rmsnorm_gns_kernel(
         w = tl.load(w_ptr + k64 * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
 
     dg = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for n in range(0, N):
+    n_end = tl.minimum(N, (split + 1) * N_PER)
+    for n in range(split * N_PER, n_end):
         row0 = (k64 * N + n) * T
         acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
@@ -98,7 +106,8 @@ def _rmsnorm_gns_kernel(
         tl.store(s1_ptr + part, tl.sum(d2, axis=0))
         if HAS_W:
             tl.store(sw_ptr + part, tl.sum(w * d2, axis=0))
-    tl.store(dg_ptr + k64 * D + offs_d, dg, mask=mask_d)
+    members = tl.num_programs(0) // SPLITS
+    tl.store(dg_ptr + (split.to(tl.int64) * members + k64) * D + offs_d, dg, mask=mask_d)
 
 
 def _check_grad(x: torch.Tensor, rstd: torch.Tensor, gy: torch.Tensor, precond: torch.Tensor | None) -> None:
@@ -144,7 +153,15 @@ def _gain_grad_torch(x, rstd, gy, precond, per_example):
     return (dgn.sum(1), *_finish(s_w, s_1, per_example))
 
 
-def _triton_path(x, rstd, gy, precond, per_example):
+def choose_splits(programs: int, n: int, sms: int) -> int:
+    """Example splits per member: about 2 programs per SM. K x d-tiles is a handful of programs (6 for
+    gpt-164m's d = 768 at K = 1, against 132 SMs on an H100), each reading every row of its members; a
+    split costs one more fp32 (K, d) slab, written and summed: nothing beside the rows it saves reading."""
+    splits = max(1, min(n, (2 * sms) // max(programs, 1)))
+    return triton.cdiv(n, triton.cdiv(n, splits))  # no empty split
+
+
+def _triton_path(x, rstd, gy, precond, per_example, splits=None):
     K, N, T, D = x.shape
     dg = torch.zeros(K, D, dtype=torch.float32, device=x.device)
     if K * N * D == 0:
@@ -154,8 +171,15 @@ def _triton_path(x, rstd, gy, precond, per_example):
     rstd = rstd.float().contiguous()
     block_d = max(16, min(LAUNCH_CONFIG["BLOCK_D"], triton.next_power_of_2(D)))
     block_t = max(1, min(LAUNCH_CONFIG["BLOCK_T"], triton.next_power_of_2(max(T, 1))))
-    grid = (K, triton.cdiv(D, block_d))
-    s_w = torch.empty(K, N, grid[1], dtype=torch.float32, device=x.device)
+    tiles = triton.cdiv(D, block_d)
+    if splits is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+        splits = choose_splits(K * tiles, N, sms)
+    n_per = triton.cdiv(N, min(max(1, splits), N))
+    splits = triton.cdiv(N, n_per)  # no empty split
+    grid = (K * splits, tiles)
+    slabs = dg if splits == 1 else torch.empty(splits, K, D, dtype=torch.float32, device=x.device)
+    s_w = torch.empty(K, N, tiles, dtype=torch.float32, device=x.device)
     s_1 = torch.empty_like(s_w)
     w = None if precond is None else precond.contiguous()
     with on_device(x):
@@ -164,17 +188,21 @@ def _triton_path(x, rstd, gy, precond, per_example):
             rstd,
             gy,
             w if w is not None else dg,  # dummy pointer, never read when HAS_W is False
-            dg,
+            slabs,
             s_w,
             s_1,
             N,
             T,
             D,
+            splits,
+            n_per,
             HAS_W=w is not None,
             BLOCK_T=block_t,
             BLOCK_D=block_d,
             num_warps=LAUNCH_CONFIG["num_warps"],
         )
+    if splits > 1:
+        dg = slabs.sum(0)
     s_1 = s_1.sum(2)
     s_w = s_1.clone() if w is None else s_w.sum(2)
     return (dg, *_finish(s_w, s_1, per_example))
@@ -187,6 +215,7 @@ def rmsnorm_gain_grad_with_norms(
     precond: torch.Tensor | None = None,
     per_example: bool = False,
     backend: str = "auto",
+    splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gain gradient of y = x * rstd * g per member, with per-example squared norms.
 
@@ -197,15 +226,19 @@ def rmsnorm_gain_grad_with_norms(
         precond: positive weights W (K, d), or None for W = 1.
         per_example: norms per example (K, n) instead of summed (K,).
         backend: "auto" (Triton on CUDA, torch ops otherwise), "triton" or "cpu".
+        splits: Triton only: split each member's examples into this many ranges, each its own
+            program (None: `choose_splits`, about 2 programs per SM). The same result either way.
 
     Returns:
         (dg, s_w, s_1): dg (K, d) in **fp32**; s_w = sum_n |dg_n|_W^2 and
         s_1 = sum_n |dg_n|^2 in fp32. No rescaling for mean losses.
     """
     _check_grad(x, rstd, gy, precond)
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive int or None, got {splits!r}")
     if resolve_backend(backend, x.device) == "cpu":
         return _gain_grad_torch(x, rstd, gy, precond, per_example)
-    return _triton_path(x, rstd, gy, precond, per_example)
+    return _triton_path(x, rstd, gy, precond, per_example, splits)
 
 
 # ---------------------------------------------------------------- the CPU path

@@ -44,6 +44,30 @@ def test_matches_reference(shape, dtype, backend):
                 torch.testing.assert_close(got[1], got[2])
 
 
+@pytest.mark.parametrize("splits", [1, 2, 3, 5, 9])
+def test_example_splits_give_the_same_result(splits):
+    # Splitting a member's examples over programs (to fill a GPU) must change neither dg nor the norms;
+    # 3 of 5 examples leaves an uneven last range, 9 is capped at one example per range
+    x, rstd, gy, w = _inputs(2, 5, 3, 20, torch.float32)
+    ref = rmsnorm_gain_grad_with_norms_reference(x, rstd, gy, w, per_example=True)
+    got = rmsnorm_gain_grad_with_norms(x, rstd, gy, w, per_example=True, backend="triton", splits=splits)
+    for g_, r_ in zip(got, ref):
+        torch.testing.assert_close(g_, r_, rtol=1e-5, atol=1e-5)
+
+
+def test_splits_fill_the_gpu_and_leave_no_range_empty():
+    from trajinv.kernels.rmsnorm import choose_splits
+
+    # gpt-164m, K = 1: 6 d-slices; 264 programs wanted is 44 ranges, as 32 ranges of 2 examples (none empty)
+    assert choose_splits(programs=6, n=64, sms=132) == 32
+    assert choose_splits(programs=6, n=8, sms=132) == 8  # never more ranges than examples
+    assert choose_splits(programs=400, n=64, sms=132) == 1  # enough programs already
+    assert choose_splits(programs=6, n=7, sms=4) == 1
+    with pytest.raises(ValueError, match="splits must be a positive int"):
+        x, rstd, gy, w = _inputs(1, 2, 3, 4, torch.float32)
+        rmsnorm_gain_grad_with_norms(x, rstd, gy, w, backend="triton", splits=0)
+
+
 def test_matches_torch_func_per_sample_gradients():
     K, n, t, d = 2, 3, 4, 7
     g = torch.Generator().manual_seed(3)
@@ -98,7 +122,7 @@ def test_bad_input_is_rejected():
 
 def test_aot_compiles_without_spills():
     sig = {"x_ptr": "*bf16", "rstd_ptr": "*fp32", "gy_ptr": "*bf16", "w_ptr": "*fp32", "dg_ptr": "*fp32",
-           "sw_ptr": "*fp32", "s1_ptr": "*fp32", "N": "i32", "T": "i32", "D": "i32",
+           "sw_ptr": "*fp32", "s1_ptr": "*fp32", "N": "i32", "T": "i32", "D": "i32", "SPLITS": "i32", "N_PER": "i32",
            "HAS_W": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}  # fmt: skip
     cfg = dict(LAUNCH_CONFIG)
     warps = cfg.pop("num_warps")
