@@ -130,7 +130,8 @@ def test_a_batch_that_does_not_split_fails_in_one_line_on_every_rank(tmp_path, t
 
 
 def test_torchrun_trains_one_population_like_one_process(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # TMPDIR: torchrun's elastic agent leaves a torchelastic_* folder in the temp dir each launch
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TMPDIR": str(tmp_path)}
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(Path(sys.modules[Trainer.__module__].__file__).read_text())  # some real text
     common = [*TRAIN, "--batch-size", "8", "--data", str(corpus)]
