@@ -176,6 +176,9 @@ CLI_CASES = [
     (TUNE + ["--data", "/no/such/dir"], "/no/such/dir"),
     (TUNE + ["--steps", "0"], "steps must be positive, got 0"),
     (TUNE + ["--check-factor", "1e-320"], "1e-320"),
+    # a validation split too small: found when the first population built its Trainer, after spec.json
+    (SWEEP + ["--eval-seqs", "100000"], "not --eval-seqs 100000: lower --eval-seqs"),
+    (TUNE + ["--eval-seqs", "100000"], "not --eval-seqs 100000: lower --eval-seqs"),
     (TUNE + ["--octaves", "1e308"], "octaves must be at most 40"),  # left tune_spec.json behind
     (TUNE + ["--octaves", "2000"], "octaves must be at most 40"),  # trained every stage, then overflowed
     (TUNE + ["--center-elr", "1e-323"], "the first scan around 9.88131e-324 over 6 octaves has no valid points"),

@@ -527,3 +527,46 @@ def test_hub_probe(monkeypatch):
         assert _hub_reachable("https://huggingface.co")
         monkeypatch.setenv("no_proxy", "huggingface.co")
         assert not _hub_reachable("https://huggingface.co")
+
+
+def test_a_cache_or_hidden_folder_inside_the_data_folder_is_not_data(tmp_path):
+    # `--data .` with the default cache (./.cache/trajinv) read its own manifest.json back as a jsonl file
+    src = tmp_path / "corpus"
+    (src / ".ipynb_checkpoints").mkdir(parents=True)
+    for i, t in enumerate(_docs(6)):
+        (src / f"f{i}.txt").write_text(t)
+    (src / ".ipynb_checkpoints" / "f0-checkpoint.txt").write_text("a stale copy\n")
+    first = load_data(DataConfig(source=str(src), cache_dir=str(src / "cache")))
+    again = load_data(DataConfig(source=str(src), cache_dir=str(src / "cache")))  # the cache is there now
+    assert first.manifest["key"] == again.manifest["key"] and first.manifest["documents"]["total"] == 6
+
+
+def test_an_edit_that_restores_size_and_mtime_is_noticed(tmp_path):
+    # (name, size, mtime) keyed the cache: `cp -p`, `rsync -t` or os.utime served the old tokens
+    src = tmp_path / "c.txt"
+    src.write_text("the first text\n" * 50)
+    st = src.stat()
+    d = load_data(DataConfig(source=str(src), cache_dir=str(tmp_path / "c")))
+    src.write_text("the other text\n" * 50)  # the same size
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    d2 = load_data(DataConfig(source=str(src), cache_dir=str(tmp_path / "c")))
+    assert d2.manifest["content_hash"] != d.manifest["content_hash"]
+
+
+def test_a_tokenizer_that_cannot_encode_or_has_id_gaps(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    src = tmp_path / "hw.txt"
+    src.write_text("hello world hello world foo\n" * 200)  # "foo" is unknown to both
+    broken = Tokenizer(models.WordLevel({"hello": 0, "world": 1}, unk_token="[UNK]"))  # its unk is not in it
+    broken.pre_tokenizer = pre_tokenizers.Whitespace()
+    broken.save(str(tmp_path / "broken.json"))
+    with pytest.raises(ValueError, match=r"broken\.json' cannot encode the data \(.*UNK") as e:
+        load_data(DataConfig(source=str(src), tokenizer=str(tmp_path / "broken.json"), cache_dir=str(tmp_path / "c")))
+    assert "\n" not in str(e.value)
+    # ids with a gap: 3 tokens, yet "world" is id 300; the vocabulary must cover it (training indexed past it)
+    sparse = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 300}, unk_token="[UNK]"))
+    sparse.pre_tokenizer = pre_tokenizers.Whitespace()
+    sparse.save(str(tmp_path / "sparse.json"))
+    d = load_data(DataConfig(source=str(src), tokenizer=str(tmp_path / "sparse.json"), cache_dir=str(tmp_path / "c")))
+    assert d.vocab_size == 301 and int(np.concatenate([d.train, d.val]).max()) == 300 < d.vocab_size

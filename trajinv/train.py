@@ -31,6 +31,7 @@ from trajinv.checkpoint import (CheckpointError, clean_run_dir, has_checkpoint, 
                                 save_checkpoint)
 from trajinv.config import PARAM_KINDS, TrainConfig, describe_differences, same_run, to_dict
 from trajinv.data import TokenData, boot_means, sample_batch, validation_batches, window_resamples
+from trajinv.data.batches import check_validation
 from trajinv.gns.meter import GNSMeter
 from trajinv.metrics import METRICS, MetricsLog, num, step_records  # noqa: F401 - METRICS: trajinv.train.METRICS
 from trajinv.model import GPT, param_kind
@@ -86,6 +87,9 @@ class Trainer:
         dist.check(cfg)
         if data.vocab_size > cfg.model.vocab_size:
             raise ValueError(f"data vocabulary {data.vocab_size} exceeds model vocab_size {cfg.model.vocab_size}")
+        # here, not when the Trainer builds its validation set: a sweep or tune has written its spec by then,
+        # and the corrected --eval-seqs was refused as "another spec"
+        check_validation(data.val, cfg.model.context, cfg.eval_seqs)
         check_device(cfg.device)
         on_cuda = cfg.device == "cuda"
         if cfg.kernels == "triton" and not on_cuda and os.environ.get("TRITON_INTERPRET") != "1":

@@ -56,23 +56,28 @@ def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, s
     return _windows(tokens, starts, seq_len)
 
 
+def check_validation(tokens: np.ndarray, seq_len: int, n_seqs: int) -> None:
+    """DataError (one line, in the CLI's terms) unless `tokens` hold `n_seqs` windows of `seq_len` + 1."""
+    seq_len = check_int("seq_len", seq_len, 1)
+    n_seqs = check_int("n_seqs", n_seqs, 1)
+    if tokens.ndim != 1:
+        raise DataError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    fit = tokens.size // (seq_len + 1)
+    if n_seqs > fit:
+        fix = f"lower --eval-seqs to at most {fit} (or give more data)" if fit else "give more data (or a shorter context)"
+        raise DataError(f"the validation split of {_source_of(tokens)} holds {tokens.size} tokens, enough for at most "
+                        f"{fit} windows of context {seq_len} + 1 tokens, not --eval-seqs {n_seqs}: {fix}")
+
+
 def validation_batches(tokens: np.ndarray, seq_len: int, n_seqs: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed evaluation set: ``n_seqs`` non-overlapping, evenly spaced windows of
     ``seq_len + 1`` tokens covering the split, as batches of at most ``batch_size``.
 
     ``TrainConfig.eval_seqs`` (512) is the recommended ``n_seqs``; see `trajinv.data`.
     """
-    seq_len = check_int("seq_len", seq_len, 1)
-    n_seqs = check_int("n_seqs", n_seqs, 1)
+    check_validation(tokens, seq_len, n_seqs)
     batch_size = check_int("batch_size", batch_size, 1)
-    if tokens.ndim != 1:
-        raise DataError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
     width = seq_len + 1
-    fit = tokens.size // width
-    if n_seqs > fit:
-        fix = f"lower --eval-seqs to at most {fit} (or give more data)" if fit else "give more data (or a shorter context)"
-        raise DataError(f"the validation split of {_source_of(tokens)} holds {tokens.size} tokens, enough for at most "
-                        f"{fit} windows of context {seq_len} + 1 tokens, not --eval-seqs {n_seqs}: {fix}")
     stride = (tokens.size - width) // (n_seqs - 1) if n_seqs > 1 else 0
     starts = np.arange(n_seqs, dtype=np.int64) * stride
     return [_windows(tokens, starts[i : i + batch_size], seq_len) for i in range(0, n_seqs, batch_size)]

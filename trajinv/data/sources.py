@@ -55,15 +55,17 @@ def stdlib_files(root: str | os.PathLike | None = None) -> list[Path]:
     return [root / r for r in sorted(rels)]
 
 
-def _stat_list(files: list[Path], root: Path) -> list[tuple[str, int, int]]:
+def _stat_list(files: list[Path], root: Path) -> list[tuple[str, int, int, int]]:
+    """(name, size, mtime, ctime) per file: ctime too, since an edit that keeps the size and puts the
+    mtime back (os.utime, `cp -p`, `rsync -t`) was served stale from the cache; nothing sets ctime."""
     out = []
     for p in files:
         st = p.stat()
-        out.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+        out.append((p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return out
 
 
-def _files_digest(stats: list[tuple[str, int, int]]) -> str:
+def _files_digest(stats: list[tuple[str, int, int, int]]) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
@@ -89,11 +91,16 @@ def _stdlib_source() -> _Source:
     return _Source("stdlib", "stdlib", identity, load)
 
 
-def _file_source(source: str, text_field: str) -> _Source:
+def _file_source(source: str, text_field: str, cache_root: Path | None = None) -> _Source:
     path = Path(source).expanduser()
     if path.is_dir():
+        # Not hidden files nor anything under a hidden folder (.cache/, .ipynb_checkpoints/), nor the token
+        # cache: with the default cache (./.cache/trajinv) `--data .` read its own manifest.json back as data
+        cache = cache_root.resolve() if cache_root is not None else None
         files = sorted(
-            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_EXT and not p.name.startswith(".")),
+            (p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _TEXT_EXT
+             and not any(part.startswith(".") for part in p.relative_to(path).parts)
+             and not (cache is not None and p.resolve().is_relative_to(cache))),
             key=lambda p: p.relative_to(path).as_posix(),
         )
         if not files:
@@ -108,7 +115,7 @@ def _file_source(source: str, text_field: str) -> _Source:
             f"data source not found: {source!r} (expected 'stdlib', a .txt/.jsonl/.parquet file or folder, or 'hf:<name>[:<config>]')"
         )
     stats = _stat_list(files, root)
-    if not any(size for _, size, _ in stats):
+    if not any(size for _, size, *_ in stats):
         raise DataError(f"data source {source!r} is empty (0 bytes)")
     identity = {
         "kind": "files",
@@ -202,7 +209,7 @@ def resolve_source(cfg: DataConfig, cache_root: Path) -> _Source:
         return _stdlib_source()
     if cfg.source.startswith("hf:"):
         return _hub_source(cfg.source, cfg.text_field, cfg.max_tokens, cache_root)
-    return _file_source(cfg.source, cfg.text_field)
+    return _file_source(cfg.source, cfg.text_field, cache_root)
 
 
 

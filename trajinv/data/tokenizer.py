@@ -76,8 +76,11 @@ class JsonTokenizer:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"not a tokenizers JSON file: {path!r} ({msg})") from None
-        self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         vocab = self._tok.get_vocab(with_added_tokens=True)
+        # the largest id + 1, not the number of tokens: a vocabulary with gaps ({..., "world": 300} in 3
+        # tokens) gave ids past the model's embedding, which failed mid-training
+        self.vocab_size = max(int(self._tok.get_vocab_size(with_added_tokens=True)), max(vocab.values(), default=-1) + 1)
+        self._path = path
         self.eos_id = next((vocab[n] for n in _EOS_NAMES if n in vocab), None)
         self._sep = [self.eos_id] if self.eos_id is not None else list(self._tok.encode("\n", add_special_tokens=False).ids)
         self.identity = {
@@ -95,7 +98,12 @@ class JsonTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         dtype = token_dtype(self.vocab_size)
         # encode_batch parallelises in Rust; no Python worker processes needed.
-        return [np.asarray(e.ids, dtype=dtype) for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+        try:
+            encoded = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        except Exception as e:  # tokenizers raises a bare Exception (a WordLevel model without its unk token)
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"tokenizer {self._path!r} cannot encode the data ({msg})") from None
+        return [np.asarray(e.ids, dtype=dtype) for e in encoded]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
