@@ -25,7 +25,7 @@ bytes, the tokenizer's end-of-text token otherwise) -> deterministic split by
 *documents* (train and validation never share a file) -> two ``.bin`` files
 written atomically (temp file + rename) plus ``manifest.json`` in
 ``cache_dir/<source>-<key>/``. The key hashes the source (file names, sizes,
-mtimes), the tokenizer (its JSON's sha256), ``text_field``, ``val_fraction``
+mtimes, ctimes), the tokenizer (its JSON's sha256), ``text_field``, ``val_fraction``
 and ``max_tokens``; a later ``load_data`` with the same key memory-maps the
 files and does no tokenization. Delete the folder to force a rebuild.
 

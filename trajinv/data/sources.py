@@ -1,7 +1,7 @@
 """Where documents come from: the embedded stdlib corpus, local files, or a hub dataset.
 
 Each source is resolved to a `_Source`: a readable slug, an identity that goes
-into the cache key (file names, sizes, mtimes; the dataset name), and a loader
+into the cache key (file names, sizes, mtimes, ctimes; the dataset name), and a loader
 that returns a Hugging Face dataset and its text column.
 """
 
