@@ -570,3 +570,28 @@ def test_a_tokenizer_that_cannot_encode_or_has_id_gaps(tmp_path):
     sparse.save(str(tmp_path / "sparse.json"))
     d = load_data(DataConfig(source=str(src), tokenizer=str(tmp_path / "sparse.json"), cache_dir=str(tmp_path / "c")))
     assert d.vocab_size == 301 and int(np.concatenate([d.train, d.val]).max()) == 300 < d.vocab_size
+
+
+def test_a_folder_of_jsonl_files_with_other_columns_reads_and_a_bad_file_is_named(tmp_path):
+    # read as one table, files whose other columns differ were refused ("An error occurred while generating
+    # the dataset"), and one bad file failed the folder without being named
+    src = tmp_path / "js"
+    src.mkdir()
+    docs = _docs(8)
+    (src / "a.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(docs[:4])))
+    (src / "b.jsonl").write_text("".join(json.dumps({"text": t, "meta": {"k": 1}}) + "\n" for t in docs[4:]))
+    d = load_data(DataConfig(source=str(src), cache_dir=str(tmp_path / "c")))
+    assert sorted(_split_docs(d.train) + _split_docs(d.val)) == sorted(docs)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pqs = tmp_path / "pq"
+    pqs.mkdir()
+    pq.write_table(pa.table({"text": docs[:4], "id": list(range(4))}), pqs / "a.parquet")
+    pq.write_table(pa.table({"text": pa.array(docs[4:], type=pa.large_string()), "m": [0.5] * 4}), pqs / "b.parquet")
+    d = load_data(DataConfig(source=str(pqs), cache_dir=str(tmp_path / "c")))
+    assert sorted(_split_docs(d.train) + _split_docs(d.val)) == sorted(docs)
+    (src / "c.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n')
+    with pytest.raises(DataError, match=r"cannot read data file '.*c\.jsonl'") as e:
+        load_data(DataConfig(source=str(src), cache_dir=str(tmp_path / "c")))
+    assert "\n" not in str(e.value)

@@ -135,13 +135,19 @@ def _file_source(source: str, text_field: str, cache_root: Path | None = None) -
             if not group:
                 continue
             kwargs = {"sample_by": "document", "keep_linebreaks": True} if builder == "text" else {}
-            try:
+            column = "text" if builder == "text" else text_field
+
+            def read(names: list[str]):
                 with _no_progress_bars():
                     ds = datasets.load_dataset(
-                        builder, data_files=group, split="train", cache_dir=str(scratch), keep_in_memory=True, **kwargs
+                        builder, data_files=names, split="train", cache_dir=str(scratch), keep_in_memory=True, **kwargs
                     )
                 if builder == "json":  # pyarrow's JSON reader keeps invalid UTF-8, which would fail mid-tokenize
                     ds.data.validate(full=True)
+                return ds
+
+            try:
+                ds = read(group)
             except Exception as e:
                 # datasets reports bad encoding as "An error occurred while generating the dataset":
                 # find the file and byte it means (only on failure, so a good corpus is read once).
@@ -150,8 +156,16 @@ def _file_source(source: str, text_field: str, cache_root: Path | None = None) -
                     where = f"{bad[0]!r} (in {source!r})" if bad[0] != str(path) else repr(bad[0])
                     raise DataError(f"data file {where} is not UTF-8 text: invalid byte 0x{bad[2]:02x} "
                                     f"at offset {bad[1]}; convert it to UTF-8") from None
-                raise DataError(f"cannot read {builder} data from {source!r}: {one_line(e)}") from None
-            column = "text" if builder == "text" else text_field
+                if builder == "text" or len(group) == 1:
+                    raise DataError(f"cannot read {builder} data from {source!r}: {one_line(e)}") from None
+                # Read as one table, files whose other columns differ fail; so does one bad file, unnamed.
+                # File by file, only the text column kept: the first names the culprit, the second reads.
+                with _no_progress_bars():  # the casts' bars, on a read that succeeds
+                    parts_of = [_text_column(lambda name=name: read([name]), column, name) for name in group]
+                try:
+                    ds = datasets.concatenate_datasets(parts_of)
+                except Exception as e2:  # e.g. text in one file, numbers in another
+                    raise DataError(f"cannot read {builder} data from {source!r}: {one_line(e2)}") from None
             if column not in ds.column_names:
                 raise DataError(f"text_field {column!r} not found in {source!r} (columns: {', '.join(ds.column_names)}); "
                                 "name the text column with --text-field")
@@ -162,6 +176,23 @@ def _file_source(source: str, text_field: str, cache_root: Path | None = None) -
         return ds, text_field
 
     return _Source("files", _slug(path.stem or path.name), identity, load)
+
+
+def _text_column(read: Callable[[], object], column: str, name: str):
+    """`read()`'s dataset reduced to `column`, as a string column; errors name the file `name`."""
+    import datasets
+
+    try:
+        ds = read()
+    except Exception as e:
+        raise DataError(f"cannot read data file {name!r}: {one_line(e.__cause__ or e)}") from None
+    if column not in ds.column_names:
+        raise DataError(f"text_field {column!r} not found in {name!r} (columns: {', '.join(ds.column_names)}); "
+                        "name the text column with --text-field")
+    ds = ds.select_columns([column])
+    kind = getattr(ds.features[column], "dtype", None)
+    # string and large_string concatenate only once alike; anything else is left to be named later
+    return ds.cast_column(column, datasets.Value("string")) if kind in ("string", "large_string") else ds
 
 
 def _hub_source(source: str, text_field: str, max_tokens: int | None, cache_root: Path) -> _Source:
@@ -257,19 +288,24 @@ def _hub_offline():
 
 @contextmanager
 def _no_progress_bars():
-    """datasets' progress bars off, then back on: a read that fails would leave its bar's line above
-    the one-line error. HF_DATASETS_DISABLE_PROGRESS_BARS, when set, has the last word."""
+    """datasets' progress bars and its warnings off, then back: a read that fails would leave its bar's
+    line (or its "Failed to read file" log line) above the one-line error, or beside a read that the
+    file-by-file retry then makes. HF_DATASETS_DISABLE_PROGRESS_BARS, when set, has the last word on bars."""
     import datasets.config
     from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from datasets.utils import logging as hf_logging
 
-    if datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is not None or are_progress_bars_disabled():
-        yield
-        return
-    disable_progress_bars()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity(hf_logging.CRITICAL)  # its "Failed to read file ..." is logged as an error
+    bars = datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is None and not are_progress_bars_disabled()
+    if bars:
+        disable_progress_bars()
     try:
         yield
     finally:
-        enable_progress_bars()
+        if bars:
+            enable_progress_bars()
+        hf_logging.set_verbosity(level)
 
 
 def _first_non_utf8(files: list[str]) -> tuple[str, int, int] | None:
