@@ -48,6 +48,23 @@ def triton_available() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
 
 
+def check_splits(splits: int | None) -> None:
+    """One-line ValueError unless `splits` (example ranges per member of a per-example kernel) is None or >= 1."""
+    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
+        raise ValueError(f"splits must be a positive int or None, got {splits!r}")
+
+
+def example_ranges(n: int, splits: int) -> tuple[int, int]:
+    """(ranges, examples per range) for `n` >= 1 examples cut into at most `splits` ranges, none empty."""
+    per = -(-n // min(max(1, splits), n))
+    return -(-n // per), per
+
+
+def multiprocessors(t: torch.Tensor) -> int:
+    """Streaming multiprocessors of `t`'s GPU (1 off CUDA): what the example-split kernels fill."""
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 1
+
+
 def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
     """Where a launch must run: Triton launches on the *current* CUDA device, not on its tensors', so a
     launch for tensors on cuda:1 while cuda:0 is current would read foreign addresses. A no-op on CPU."""

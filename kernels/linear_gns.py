@@ -59,7 +59,8 @@ import torch
 import triton
 import triton.language as tl
 
-from trajinv.kernels.backend import FLOAT_DTYPES, on_device, resolve_backend
+from trajinv.kernels.backend import (FLOAT_DTYPES, check_splits, example_ranges, multiprocessors, on_device,
+                                     resolve_backend)
 from trajinv.kernels.native import NativeLibrary
 
 # CPU path: per-example tiles are formed this many bytes at a time (fp32), so
@@ -314,8 +315,7 @@ def choose_splits(programs: int, n: int, t: int, sms: int, d_out: int, d_in: int
     want = max(1, (2 * sms) // max(programs, 1))
     min_tokens = -(-32 * d_out * d_in // max(1, elem_bytes * (d_out + d_in)))
     most = max(1, (n * t) // max(1, min_tokens))
-    splits = max(1, min(n, want, most))
-    return triton.cdiv(n, triton.cdiv(n, splits))  # no empty split
+    return example_ranges(n, min(want, most))[0]
 
 
 def _triton_path(
@@ -339,10 +339,8 @@ def _triton_path(
     tiles_o, tiles_i = triton.cdiv(d_out, block_o), triton.cdiv(d_in, block_i)
     n_tiles = tiles_o * tiles_i
     if splits is None:
-        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 1
-        splits = choose_splits(K * n_tiles, N, T, sms, d_out, d_in, a.element_size())
-    n_per = triton.cdiv(N, min(max(1, splits), N))
-    splits = triton.cdiv(N, n_per)  # no empty split
+        splits = choose_splits(K * n_tiles, N, T, multiprocessors(a), d_out, d_in, a.element_size())
+    splits, n_per = example_ranges(N, splits)
     grid = (K * splits, tiles_o, tiles_i)
     # Split partial dW slabs are summed below: extra traffic 2 * (splits - 1) * K * out * in * 4 bytes.
     dw = dw if splits == 1 else torch.empty(splits, K, d_out, d_in, dtype=torch.float32, device=a.device)
@@ -412,8 +410,7 @@ def linear_weight_grad_with_norms(
         per-example gradient is n * Gy_n^T A_n and the caller applies the n^2.
     """
     _check(a, gy, precond)
-    if splits is not None and (not isinstance(splits, int) or splits < 1):
-        raise ValueError(f"splits must be a positive int or None, got {splits!r}")
+    check_splits(splits)
     if out_sums is not None:
         want = (2, a.shape[0])
         if per_example or out_sums.shape != want or out_sums.dtype != torch.float32 \

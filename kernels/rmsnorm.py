@@ -49,7 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from trajinv.kernels.backend import FLOAT_DTYPES, on_device, resolve_backend
+from trajinv.kernels.backend import (FLOAT_DTYPES, check_splits, example_ranges, multiprocessors, on_device,
+                                     resolve_backend)
 from trajinv.kernels.native import NativeLibrary
 
 # Launch configuration, shared with the AOT test so what is checked is what runs.
@@ -157,8 +158,7 @@ def choose_splits(programs: int, n: int, sms: int) -> int:
     """Example splits per member: about 2 programs per SM. K x d-tiles is a handful of programs (6 for
     gpt-164m's d = 768 at K = 1, against 132 SMs on an H100), each reading every row of its members; a
     split costs one more fp32 (K, d) slab, written and summed: nothing beside the rows it saves reading."""
-    splits = max(1, min(n, (2 * sms) // max(programs, 1)))
-    return triton.cdiv(n, triton.cdiv(n, splits))  # no empty split
+    return example_ranges(n, (2 * sms) // max(programs, 1))[0]
 
 
 def _triton_path(x, rstd, gy, precond, per_example, splits=None):
@@ -173,10 +173,8 @@ def _triton_path(x, rstd, gy, precond, per_example, splits=None):
     block_t = max(1, min(LAUNCH_CONFIG["BLOCK_T"], triton.next_power_of_2(max(T, 1))))
     tiles = triton.cdiv(D, block_d)
     if splits is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        splits = choose_splits(K * tiles, N, sms)
-    n_per = triton.cdiv(N, min(max(1, splits), N))
-    splits = triton.cdiv(N, n_per)  # no empty split
+        splits = choose_splits(K * tiles, N, multiprocessors(x))
+    splits, n_per = example_ranges(N, splits)
     grid = (K * splits, tiles)
     slabs = dg if splits == 1 else torch.empty(splits, K, D, dtype=torch.float32, device=x.device)
     s_w = torch.empty(K, N, tiles, dtype=torch.float32, device=x.device)
@@ -234,8 +232,7 @@ def rmsnorm_gain_grad_with_norms(
         s_1 = sum_n |dg_n|^2 in fp32. No rescaling for mean losses.
     """
     _check_grad(x, rstd, gy, precond)
-    if splits is not None and (isinstance(splits, bool) or not isinstance(splits, int) or splits < 1):
-        raise ValueError(f"splits must be a positive int or None, got {splits!r}")
+    check_splits(splits)
     if resolve_backend(backend, x.device) == "cpu":
         return _gain_grad_torch(x, rstd, gy, precond, per_example)
     return _triton_path(x, rstd, gy, precond, per_example, splits)
