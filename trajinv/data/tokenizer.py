@@ -74,8 +74,7 @@ class JsonTokenizer:
         try:
             self._tok = HFTokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"not a tokenizers JSON file: {path!r} ({msg})") from None
+            raise ValueError(f"not a tokenizers JSON file: {path!r} ({_first_line(e)})") from None
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # the largest id + 1, not the number of tokens: a vocabulary with gaps ({..., "world": 300} in 3
         # tokens) gave ids past the model's embedding, which failed mid-training
@@ -101,12 +100,16 @@ class JsonTokenizer:
         try:
             encoded = self._tok.encode_batch(list(texts), add_special_tokens=False)
         except Exception as e:  # tokenizers raises a bare Exception (a WordLevel model without its unk token)
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"tokenizer {self._path!r} cannot encode the data ({msg})") from None
+            raise ValueError(f"tokenizer {self._path!r} cannot encode the data ({_first_line(e)})") from None
         return [np.asarray(e.ids, dtype=dtype) for e in encoded]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of `e`'s message (its type when it has none): tokenizers' errors run long."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 def separator_ids(tok: Tokenizer) -> list[int]:
