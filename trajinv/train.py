@@ -74,6 +74,15 @@ EVAL_CHUNK = 64
 """Most validation sequences evaluated in one forward (fewer when training's forward is smaller)."""
 
 
+def data_identity(data: TokenData) -> dict:
+    """What makes the corpus this one (`DATA_IDENTITY` of its manifest): a moved file with the same text,
+    or a tokenizer.json moved or reached by another path (its sha256 names it), is the same corpus."""
+    out = {k: data.manifest.get(k) for k in DATA_IDENTITY}
+    if isinstance(out["tokenizer"], dict):
+        out["tokenizer"] = {k: v for k, v in out["tokenizer"].items() if k != "path"}
+    return out
+
+
 class Trainer:
     """Trains `cfg.members` on `data`, writing metrics and checkpoints into `run_dir`."""
 
@@ -114,6 +123,7 @@ class Trainer:
         cfg = self.check(cfg, data, self.dist)
         self.dist.start(cfg.device)  # after the checks: a bad value fails on every rank before any waits
         self.cfg, self.data, self.run_id = cfg, data, run_id
+        self.data_identity = data_identity(data)  # kept in every checkpoint, compared on resume
         self.run_dir = Path(run_dir)
         refuse_other(self.run_dir, "train")  # a sweep's or a tune's directory: its files are not a run's
         self.metrics = MetricsLog(self.run_dir, writer=self.dist.is_main)  # scale-out: rank 0 writes
@@ -168,7 +178,7 @@ class Trainer:
         if not self.dist.is_main:  # scale-out: rank 0 writes
             return
         meta = {"run_id": self.run_id, "tokens": self.tokens, "seconds": self.seconds, "config": to_dict(self.cfg),
-                "data": self._data_identity()}
+                "data": self.data_identity}
         save_checkpoint(self.run_dir, self.step, self._state_tensors(), meta, keep=self.cfg.keep_checkpoints)
         self._saved_step = self.step
 
@@ -216,18 +226,10 @@ class Trainer:
                              + (f" ({differs})" if differs else "") + "; use a new output directory")
         # the corpus is not in the config: a resume on other data trained on, silently (older
         # checkpoints, without "data", are taken as they are)
-        if isinstance(meta.get("data"), dict) and meta["data"] != self._data_identity():
-            differs = describe_differences({"data": meta["data"]}, {"data": self._data_identity()})
+        if isinstance(meta.get("data"), dict) and meta["data"] != self.data_identity:
+            differs = describe_differences({"data": meta["data"]}, {"data": self.data_identity})
             raise ValueError(f"checkpoint in {self.run_dir} was trained on other data ({differs}); resume with "
                              "the same --data, --tokenizer and --text-field, or use a new output directory")
-
-    def _data_identity(self) -> dict:
-        """What makes the corpus this one: a moved file with the same text, or a tokenizer.json moved
-        or reached by another path (its sha256 names it), is the same corpus."""
-        out = {k: self.data.manifest.get(k) for k in DATA_IDENTITY}
-        if isinstance(out["tokenizer"], dict):
-            out["tokenizer"] = {k: v for k, v in out["tokenizer"].items() if k != "path"}
-        return out
 
     def _load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Put a checkpoint's tensors in place; CheckpointError if they do not fit this run.
