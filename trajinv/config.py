@@ -208,6 +208,10 @@ class ScheduleConfig:
         if not 0.0 <= self.min_ratio <= 1.0:
             raise ValueError(f"min_ratio must lie in [0, 1], got {self.min_ratio}")
 
+    def decay_steps(self, total: int) -> int:
+        """WSD: the steps of the final decay in a `total`-step run (the last ones)."""
+        return int(round(self.decay_fraction * total))
+
 
 @dataclass(frozen=True)
 class Member:
@@ -416,7 +420,7 @@ class TrainConfig:
                        "peak on the last step at most (members train at a fraction of their lr); pass a shorter "
                        "--warmup")
         elif self.schedule.kind == "wsd" and self.schedule.decay_fraction > 0:
-            decay = int(round(self.schedule.decay_fraction * steps))
+            decay = self.schedule.decay_steps(steps)
             if decay and warmup > steps - decay:  # lr_multiplier: the warmup wins over the decay's first steps
                 out.append(f"--warmup {warmup} runs into the WSD decay (its last {decay} of {steps} steps): the "
                            f"decay keeps only {steps - warmup} step(s); pass a shorter --warmup or --decay-fraction")

@@ -25,7 +25,7 @@ def lr_multiplier(step: int, total: int, cfg: ScheduleConfig) -> float:
         span = max(total - cfg.warmup, 1)
         progress = min((step - cfg.warmup) / span, 1.0)
         return cfg.min_ratio + (1 - cfg.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_steps = int(round(cfg.decay_fraction * total))
+    decay_steps = cfg.decay_steps(total)
     decay_start = total - decay_steps
     if step < decay_start or decay_steps == 0:
         return 1.0
