@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# tiny on byte tokens, batch 32, 800 steps, WSD: a setting whose optimum is interior in lr and wd
-# (bench/bench_tune.py); the ELR scan at lr 2^-8 over 2^-11..2^-7, a zoom, lr x 0.5 and x 2 at its ELR
+# tiny on byte tokens, batch 32, 800 steps, WSD: the setting of bench/bench_tune.py (optimum interior in lr;
+# in wd a plateau at small wd, README "Against 2-D search"); the ELR scan at lr 2^-8 over 2^-11..2^-7,
+# a zoom, lr x 0.5 and x 2 at its ELR
 demo: setup
 	$(VENV)/bin/trajinv tune --schedule wsd --lr 0.00390625 --center-elr 0.001953125 --octaves 4 --points 5 \
 		--zoom-points 2 --check-factor 0.5 --check-factor 2 --eval-every 200 --log-every 50 --out runs/demo
