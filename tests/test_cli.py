@@ -200,3 +200,22 @@ def test_text_field_names_the_column_of_a_jsonl_corpus(tmp_path):
     assert res.exit_code == 1 and "columns: content" in res.stderr and "--text-field" in res.stderr
     res = CliRunner().invoke(cli.main, args + ["--text-field", "content", "--out", str(tmp_path / "b")])
     assert res.exit_code == 0, res.output
+
+
+def test_a_population_out_of_memory_is_one_line(corpus, tmp_path, monkeypatch):
+    import torch
+
+    from trajinv.train import Trainer
+
+    def out_of_memory(self, step, bs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB. GPU 0 has a total capacity of "
+                                     "139.81 GiB of which 2.00 GiB is free.\nOf the allocated memory ...")
+
+    monkeypatch.setattr(Trainer, "_forward_backward", out_of_memory)
+    res = CliRunner().invoke(cli.main, ["sweep", *TINY, "--data", corpus, "--lr", "0.01", "--wd", "0.5", "--wd", "1",
+                                        "--batch-size", "4", "--out", str(tmp_path / "sw"), "--no-plots"])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error")]
+    assert errors == ["Error: bs4: 2 members ran out of cpu memory in step 1 (CUDA out of memory. Tried to allocate "
+                      "9.00 GiB); train fewer members at once (--population of sweep and tune) or use a smaller "
+                      "--micro-batch"], res.output

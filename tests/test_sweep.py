@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from trajinv.config import Member, OptimConfig, TrainConfig
 from trajinv.data import DataConfig
@@ -172,3 +173,49 @@ def test_a_lowered_keep_checkpoints_prunes_a_finished_run_on_rerun(tiny_train_co
     assert run_sweep(lowered, tmp_path) == rows  # nothing retrained
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == [
         "checkpoint-00000004.json", "checkpoint-00000004.safetensors"]
+
+
+def test_a_population_that_ran_out_of_memory_is_rerun_in_smaller_ones(tiny_train_config, tmp_path, monkeypatch):
+    # A population too large for its device fails before its first checkpoint. The rerun that splits the members
+    # into smaller populations used to be refused as "another spec" (population 0 there, 1 here): the sweep
+    # could only be started over in a new directory.
+    from trajinv.train import DeviceOutOfMemory, Trainer
+
+    spec = _spec(tiny_train_config)
+    reference = run_sweep(_spec(tiny_train_config, population=1), tmp_path / "ref")
+    forward = Trainer._forward_backward
+
+    def too_many(self, step, bs):
+        if self.K > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB. GPU 0 has ...")
+        return forward(self, step, bs)
+
+    monkeypatch.setattr(Trainer, "_forward_backward", too_many)
+    out = tmp_path / "out"
+    with pytest.raises(DeviceOutOfMemory, match="^bs4: 3 members ran out of cpu memory in step 1"):
+        run_sweep(spec, out)
+    assert (out / "runs/bs4").is_dir()
+    rows = run_sweep(_spec(tiny_train_config, population=1), out)
+    assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p1", "bs4-p2"]
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["bs4-p0", "bs4-p1", "bs4-p2"]  # no member twice
+    assert json.loads((out / "spec.json").read_text())["population"] == 1
+    assert rows == reference  # on CPU a member's numbers do not depend on its population
+
+
+def test_a_sweep_that_has_trained_keeps_its_populations(tiny_train_config, tmp_path):
+    class Stop(Exception):
+        pass
+
+    def second_population_interrupted(kind, **info):
+        if kind == "population" and info["run_id"] == "bs4-p1":
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_sweep(_spec(tiny_train_config, population=1), tmp_path, progress=second_population_interrupted)
+    before = (tmp_path / "spec.json").read_text()
+    with pytest.raises(ValueError, match=r"has trained populations of 1 member and a rerun keeps that split: leave "
+                                         r"out --population or pass --population 1 \(--population 3 asked\)"):
+        run_sweep(_spec(tiny_train_config, population=3), tmp_path)
+    assert (tmp_path / "spec.json").read_text() == before and (tmp_path / "runs/bs4-p0").is_dir()
+    rows = run_sweep(_spec(tiny_train_config), tmp_path)  # no --population: the stored split
+    assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p1", "bs4-p2"]

@@ -10,7 +10,7 @@ from trajinv.checkpoint import load_checkpoint, save_checkpoint
 from trajinv.data import boot_means, boot_se, window_resamples
 from trajinv.config import Member, OptimConfig
 from helpers import metrics_without_time
-from trajinv.train import METRICS, Trainer
+from trajinv.train import METRICS, DeviceOutOfMemory, Trainer
 
 
 def _records(path):
@@ -464,3 +464,49 @@ def test_a_garbled_metrics_line_past_the_checkpoint_is_dropped_not_refused(tiny_
     assert (tmp_path / "b" / METRICS).read_bytes() == before
     again.train()
     assert metrics_without_time(tmp_path / "b") == metrics_without_time(tmp_path / "a")
+
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.81 GiB of which "
+            "1.02 GiB is free. Including non-PyTorch memory, this process has 138.7 GiB memory in use. If reserved "
+            "but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+
+
+def test_running_out_of_memory_is_one_line_naming_the_population_and_what_to_change(tiny_data, tiny_train_config,
+                                                                                    tmp_path, monkeypatch):
+    # torch's out-of-memory error is a paragraph and a traceback; a sweep's user needs who, where and what to do
+    trainer = Trainer(tiny_train_config(steps=4), tiny_data, tmp_path / "r", run_id="bs4-p1")
+    forward = Trainer._forward_backward
+
+    def third_step_fails(self, step, bs):
+        if step == 2:
+            raise torch.OutOfMemoryError(CUDA_OOM)
+        return forward(self, step, bs)
+
+    monkeypatch.setattr(Trainer, "_forward_backward", third_step_fails)
+    with pytest.raises(DeviceOutOfMemory) as e:
+        trainer.train()
+    assert isinstance(e.value, MemoryError) and "\n" not in str(e.value)
+    assert str(e.value) == ("bs4-p1: 2 members ran out of cpu memory in step 3 (CUDA out of memory. Tried to allocate "
+                            "2.00 GiB); train fewer members at once (--population of sweep and tune) or use a "
+                            "smaller --micro-batch")
+
+    def broken(self, step, bs):  # any other error is left alone
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(Trainer, "_forward_backward", broken)
+    with pytest.raises(RuntimeError, match="^shape mismatch$"):
+        Trainer(tiny_train_config(steps=4), tiny_data, tmp_path / "s").train()
+
+
+def test_a_population_too_large_to_build_is_named_too(tiny_data, tiny_train_config, tmp_path, monkeypatch):
+    import trajinv.train as train_module
+
+    def cannot(*args, **kwargs):  # the CPU allocator's words
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(train_module, "build_optimizer", cannot)
+    with pytest.raises(DeviceOutOfMemory, match=r"^run: 2 members ran out of cpu memory while building the model "
+                                                r"\(DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                                                r"1099511627776 bytes\. Error code 12 \(Cannot allocate memory\)\);"):
+        Trainer(tiny_train_config(), tiny_data, tmp_path / "r")

@@ -46,14 +46,15 @@ def _one_line(e: BaseException) -> str:
 
 
 def _fail_cleanly(fn):
-    """Bad input, and a file system that refuses (permission, read-only, full disk), become one
-    line on stderr and exit code 1; nothing already written is lost (README: What survives what)."""
+    """Bad input, a file system that refuses (permission, read-only, full disk), and a population
+    too large for its device (trajinv.train.DeviceOutOfMemory) become one line on stderr and exit
+    code 1; nothing already written is lost (README: What survives what)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError, OverflowError) as e:
+        except (ValueError, OSError, OverflowError, MemoryError) as e:
             raise click.ClickException(_one_line(e)) from None
 
     return wrapper

@@ -4,7 +4,8 @@ Members that share a batch-size schedule (and so the same batches and length)
 train together as one population: one model with a member axis, one optimizer
 launch per step. The output directory holds
 
-    spec.json                      the sweep spec; a rerun must match it
+    spec.json                      the sweep spec; a rerun must match it (its population size
+                                   only once a population has trained: `trained_split`)
     summary.csv                    one row per member (rewritten after each population)
     runs/<run_id>/metrics.jsonl    one line per logged step per member
     runs/<run_id>/checkpoint*      resumable state
@@ -19,11 +20,13 @@ import csv
 import json
 import math
 import re
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
 from trajinv.atomic import atomic_write, remove_stale_temps
+from trajinv.checkpoint import has_checkpoint
 from trajinv.config import Member, TrainConfig, describe_differences, sweep_pairs, to_dict
 from trajinv.data import DataConfig, TokenData, load_data
 from trajinv.parallel import memory
@@ -154,9 +157,43 @@ def _check_spec(out: Path, spec: SweepSpec) -> bool:
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f"{path} is not valid JSON; fix or remove it, or use a new --out directory") from None
     mine = json.loads(json.dumps(to_dict(spec)))
+    if isinstance(theirs, dict):  # how the members are grouped is not what they are (trained_split)
+        theirs, mine = ({k: v for k, v in d.items() if k != "population"} for d in (theirs, mine))
     if differences := describe_differences(theirs, mine):
         raise SpecMismatch(out, differences)
     return True
+
+
+def trained_split(out: Path) -> int | None:
+    """The population size in `out`'s spec.json once any of its populations has a checkpoint, else None.
+
+    A trained population's members are fixed (its checkpoint holds them), so a rerun keeps the split
+    that made it. Until then a rerun may split the members otherwise: after running out of memory, say
+    (on CPU the grouping never changes a member's numbers; docs/design.md, "Population independence")."""
+    runs = Path(out) / "runs"
+    if not runs.is_dir() or not any(has_checkpoint(d) for d in runs.iterdir() if d.is_dir()):
+        return None
+    return _stored_population(Path(out))
+
+
+def _stored_population(out: Path) -> int | None:
+    """spec.json's population size; None when it is unreadable (the spec check names the file)."""
+    try:
+        return int(json.loads((out / SPEC).read_text()).get("population", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
+def _regroup(out: Path, spec: SweepSpec, run_ids: set[str]) -> None:
+    """Adopt `spec`'s population size in a sweep where nothing has trained: spec.json records it, and the
+    run directories of the old grouping (no checkpoint in any: metrics of an attempt that never
+    checkpointed, which a resume would drop too, and a failed population's error.log) and the summary of
+    their failures go, so analysis never reads a member twice."""
+    for d in (out / "runs").glob("*"):
+        if d.is_dir() and d.name not in run_ids:
+            shutil.rmtree(d)
+    (out / SUMMARY).unlink(missing_ok=True)
+    atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
 
 
 def write_summary(out: Path, rows: list[dict]) -> Path:
@@ -198,6 +235,12 @@ def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str
         raise ValueError(f"--out {str(out)!r} is a file, not a directory")
     refuse_other(out, "sweep")
     exists = _check_spec(out, spec)
+    split = trained_split(out) if exists else None
+    if split is not None and split != spec.population:
+        members = "all its members" if split == 0 else f"{split} member{'s' * (split != 1)}"
+        raise ValueError(f"{out} has trained populations of {members} and a rerun keeps that split: "
+                         f"leave out --population{'' if split == 0 else f' or pass --population {split}'} "
+                         f"(--population {spec.population} asked), or use a new --out directory")
     data = load_data(spec.data)
     pops = spec.populations()
     for _, cfg in pops:
@@ -206,6 +249,8 @@ def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str
     remove_stale_temps(out)
     if not exists:
         atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
+    elif split is None and _stored_population(out) != spec.population:
+        _regroup(out, spec, {run_id for run_id, _ in pops})
     return data, pops
 
 

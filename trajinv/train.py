@@ -83,6 +83,21 @@ def data_identity(data: TokenData) -> dict:
     return out
 
 
+class DeviceOutOfMemory(MemoryError):
+    """A population too large for its device, in one line: who, where it stopped, what to change."""
+
+
+def out_of_memory_words(e: BaseException) -> str | None:
+    """torch's first two sentences when `e` is an out-of-memory error (CUDA's, or the CPU allocator's
+    RuntimeError), else None. CUDA's message runs on for a paragraph about the allocator's state."""
+    text = str(e).strip()
+    if not (isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text):
+        return None
+    said = (text.splitlines() or [type(e).__name__])[0].split(". ")
+    first = next((i for i, s in enumerate(said) if "out of memory" in s or "can't allocate" in s), 0)
+    return ". ".join(said[first : first + 2]).rstrip(".")
+
+
 class Trainer:
     """Trains `cfg.members` on `data`, writing metrics and checkpoints into `run_dir`."""
 
@@ -131,8 +146,9 @@ class Trainer:
         self.plan = cfg.batch_plan()  # steps per batch-size stage: from cfg.tokens or cfg.steps
         self.K = len(cfg.members)
         dev = torch.device(cfg.device)
-        self.model = GPT(cfg.model, members=self.K, seed=cfg.seed).to(dev)
-        self.optimizer = build_optimizer(self.model, cfg.members, cfg.optim, backend=cfg.kernels)
+        with self._fits(building=True):
+            self.model = GPT(cfg.model, members=self.K, seed=cfg.seed).to(dev)
+            self.optimizer = build_optimizer(self.model, cfg.members, cfg.optim, backend=cfg.kernels)
         self.kinds = {kind: [n for n, p in self.model.named_parameters() if param_kind(n, p) == kind]
                       for kind in PARAM_KINDS}
         self.gns = None
@@ -346,12 +362,33 @@ class Trainer:
 
         `progress(step)` is called after each step.
         """
-        cfg = self.cfg
         if self.step == 0 and not self._resume_asked and self.has_checkpoint():
             # starting afresh would replace that run's metrics and checkpoints (the CLI's --resume rule)
             raise ValueError(f"{self.run_dir} already holds a run; call resume() first to continue it, "
                              "or train into another directory")
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self._fits():
+            return self._train(progress, until)
+
+    @contextlib.contextmanager
+    def _fits(self, building: bool = False):
+        """torch's out-of-memory errors as one `DeviceOutOfMemory` line that names the population and what
+        to change (a long CUDA message and a traceback told a sweep's user neither)."""
+        try:
+            yield
+        except RuntimeError as e:
+            said = out_of_memory_words(e)
+            if said is None:
+                raise
+        else:
+            return
+        where = "while building the model" if building else f"in step {self.step + 1}"
+        raise DeviceOutOfMemory(f"{self.run_id}: {self.K} member{'s' * (self.K != 1)} ran out of {self.cfg.device} "
+                                f"memory {where} ({said}); train fewer members at once (--population of sweep "
+                                "and tune) or use a smaller --micro-batch")
+
+    def _train(self, progress, until: int | None) -> list[MemberResult]:
+        cfg = self.cfg
         clock = time.perf_counter() - self.seconds
         # From step 0 the metrics start afresh: lines of an attempt that never checkpointed go.
         with self.metrics.open(fresh=self.step == 0) as log:

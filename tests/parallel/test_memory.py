@@ -121,7 +121,11 @@ def test_size_populations_fits_keeps_the_users_and_the_stored_size(tmp_path):
     assert size_populations(_spec(), tmp_path, lambda: 10**15, "cuda").population == 0  # all 6 fit
     assert size_populations(_spec(population=2), tmp_path, lambda: 1 / 0, "cuda").population == 2  # not asked
     (tmp_path / "spec.json").write_text(json.dumps({"population": 3}))
-    assert size_populations(_spec(), tmp_path, lambda: 1 / 0, "cuda").population == 3  # a rerun keeps its split
+    # nothing trained yet (it ran out of memory, say): the rerun sizes afresh
+    assert size_populations(_spec(), tmp_path, lambda: free, "cuda").population == 4
+    (tmp_path / "runs/bs32-p0").mkdir(parents=True)
+    (tmp_path / "runs/bs32-p0/checkpoint-00000002.json").write_text("{}")
+    assert size_populations(_spec(), tmp_path, lambda: 1 / 0, "cuda").population == 3  # a trained split is kept
 
 
 def test_sequential_sweep_splits_members_that_do_not_fit(tiny_train_config, tmp_path, monkeypatch):

@@ -303,3 +303,15 @@ def test_gns_options_the_stages_replace_are_named_in_notes():
     notes = _stage_overrides(given)
     assert notes[0].startswith("--gns per-example replaced by micro-batch")
     assert notes[1].startswith("--micro-batch 3 does not split every batch of 8") and notes[1].endswith("the stages use 2")
+
+
+def test_population_may_change_between_a_tune_and_its_rerun(tmp_path, tiny_data):
+    # after a stage ran out of memory the rerun needs a smaller --population; it was "another spec"
+    spec = _spec(zoom_points=0, check_factors=(2.0,), max_rescans=0)
+    first = to_json(run_tune(spec, tmp_path))
+    again = to_json(run_tune(replace(spec, population=1), tmp_path))  # trained stages keep their grouping
+    assert json.loads((tmp_path / "tune_spec.json").read_text())["population"] == 1
+    assert [p.name for p in (tmp_path / STAGES / "1-scan" / "runs").iterdir()] == ["bs8"]  # not retrained
+    for d in (first, again):
+        d.pop("spec")
+    assert again == first

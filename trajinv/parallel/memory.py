@@ -46,7 +46,6 @@ safety share of the free memory (`SAFETY`) absorbs the under-estimates.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import replace
@@ -151,19 +150,17 @@ def fit_members(model: ModelConfig, members: int, batch: int, micro_batch: int, 
 
 def size_populations(spec, out: str | Path, free: Callable[[], int], device_kind: str):
     """`spec` with the population size that fits the device: `spec.population` when set (the user's
-    `--population`); the size stored in `out`'s spec.json when the sweep exists (a rerun keeps its
-    populations whatever memory is free now); else 0 (all members at once) if they fit in `free()`
-    bytes times the `device_kind` safety share, or the largest size that does."""
+    `--population`); the size stored in `out`'s spec.json once one of its populations has trained (a
+    rerun keeps its populations whatever memory is free now: `trajinv.sweep.trained_split`); else 0
+    (all members at once) if they fit in `free()` bytes times the `device_kind` safety share, or the
+    largest size that does."""
     if spec.population:
         return spec
-    from trajinv.sweep import SPEC
+    from trajinv.sweep import trained_split
 
-    stored = Path(out) / SPEC
-    if stored.exists():
-        try:
-            return replace(spec, population=int(json.loads(stored.read_text()).get("population", 0)))
-        except (ValueError, TypeError, AttributeError, OSError):
-            return spec  # unreadable: the sweep's spec check names the file in one line
+    split = trained_split(Path(out))
+    if split is not None:
+        return replace(spec, population=split)
     from trajinv.data.tokenizer import load_tokenizer
     from trajinv.schedules import BatchSchedule
 

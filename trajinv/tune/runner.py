@@ -39,7 +39,7 @@ from trajinv.data import load_data
 from trajinv.parallel.devices import check_device, device_kind, usable_devices
 from trajinv.rundirs import TUNE_SPEC, refuse_other
 from trajinv.schedules import BatchSchedule
-from trajinv.sweep import SpecMismatch, SweepSpec, run_sweep
+from trajinv.sweep import SpecMismatch, SweepSpec, run_sweep, trained_split
 from trajinv.train import Trainer
 from trajinv.tune.fit import MIN_TRANSITIONS
 from trajinv.tune.search import Outcome, Point, Regime, Search, SearchConfig, Stage, TuneResult, classify_regime
@@ -155,10 +155,15 @@ def _check_spec(out: Path, spec: TuneSpec) -> None:
             theirs = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{path} is unreadable ({type(e).__name__}); use a new --out directory") from None
+        regrouped = isinstance(theirs, dict) and theirs.get("population") != mine["population"]
+        if regrouped:  # population: how a stage's members are grouped, not what they are
+            theirs = {**theirs, "population": mine["population"]}
         if differences := describe_differences(theirs, mine):
             raise ValueError(f"{out} holds a tune made by another spec ({differences}); "
                              "use a new --out directory")
         remove_stale_temps(out)  # of a killed run's writes (tune.json, its PNGs); the stages clean their own
+        if regrouped:  # what was asked last
+            atomic_write(path, lambda f: f.write(json.dumps(mine, indent=1)), mode="w")
         return
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(json.dumps(mine, indent=1)), mode="w")
@@ -246,8 +251,11 @@ def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progres
     points = tuple((p.lr, p.wd) for p in stage.points if p.key not in doomed)
     rows = []
     if points:
+        # a stage that has trained keeps its grouping; the others take this run's --population (smaller
+        # after running out of memory, say: trajinv.sweep.trained_split)
+        split = trained_split(directory)
         sweep = SweepSpec(train=train, data=spec.data, points=points, batch_sizes=(spec.train.batch_size,),
-                          population=spec.population)
+                          population=spec.population if split is None else split)
         try:
             rows = run_sweep(sweep, directory, progress=progress, **scale)
         except SpecMismatch as e:  # same tune spec, another stage: planned by a search that decided otherwise
