@@ -219,3 +219,8 @@ def test_a_sweep_that_has_trained_keeps_its_populations(tiny_train_config, tmp_p
     assert (tmp_path / "spec.json").read_text() == before and (tmp_path / "runs/bs4-p0").is_dir()
     rows = run_sweep(_spec(tiny_train_config), tmp_path)  # no --population: the stored split
     assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p1", "bs4-p2"]
+    # a size that groups the members as the trained one did is the same split
+    assert len(run_sweep(_spec(tiny_train_config, population=1), tmp_path)) == 3
+    whole = tmp_path / "whole"
+    run_sweep(_spec(tiny_train_config), whole)  # one population of all three
+    assert len(run_sweep(_spec(tiny_train_config, population=5), whole)) == 3

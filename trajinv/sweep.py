@@ -236,7 +236,7 @@ def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str
     refuse_other(out, "sweep")
     exists = _check_spec(out, spec)
     split = trained_split(out) if exists else None
-    if split is not None and split != spec.population:
+    if split is not None and _grouping(split, spec) != _grouping(spec.population, spec):
         members = "all its members" if split == 0 else f"{split} member{'s' * (split != 1)}"
         raise ValueError(f"{out} has trained populations of {members} and a rerun keeps that split: "
                          f"leave out --population{'' if split == 0 else f' or pass --population {split}'} "
@@ -252,6 +252,11 @@ def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str
     elif split is None and _stored_population(out) != spec.population:
         _regroup(out, spec, {run_id for run_id, _ in pops})
     return data, pops
+
+
+def _grouping(population: int, spec: SweepSpec) -> int:
+    """A population size as the chunks it makes of `spec`'s members: 0 (one chunk) when it holds them all."""
+    return 0 if not population or population >= len(spec.members()) else population
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None,
