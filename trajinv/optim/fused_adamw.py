@@ -11,8 +11,8 @@ Drop-in for ``torch.optim.AdamW`` (same maths, same state_dict keys and shapes:
   only: schedule a member group by assigning its ``lr`` the K base values times
   the multiplier (a list or a tensor);
 * ``decay_mode="torch"`` (``p *= 1 - lr*wd``, ELR = lr*wd) or ``"independent"``
-  (``p *= 1 - wd * lr/lr_0``: wd follows the lr schedule's multiplier, with
-  ``lr_0 = group["initial_lr"]``, set at construction as torch's schedulers do);
+  (``p *= 1 - wd * lr/lr_0``: wd follows the lr schedule's multiplier, with lr_0
+  a torch scheduler's ``initial_lr``, else the group's lr when it joined: `hyper.base_lr`);
 * statistics of a step, per parameter and member, read by :meth:`statistics`:
   sums of g^2, g^2/P, p^2 and update^2, where g is the unscaled gradient,
   P = sqrt(v_hat) + eps from the state *before* the step (P = 1 on a tensor's
@@ -58,11 +58,21 @@ from trajinv.kernels import adamw as K
 from trajinv.kernels.backend import normalize_backend, resolve_backend, triton_available
 from trajinv.optim import engines
 from trajinv.optim.buckets import Bucket, build_buckets
-from trajinv.optim.hyper import HyperTable, group_members, is_vector
+from trajinv.optim.hyper import BASE_LR, HyperTable, copy_lr, group_members, is_vector
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
 _PICKLED = ("backend", "master_weights", "stochastic_rounding", "native_cpu", "seed")  # beyond torch's three
+
+
+_UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
+
+
+def _refuse_unsupported(group: dict) -> None:
+    """torch.optim.AdamW's flags this optimizer does not implement, refused when set True in a group."""
+    for name in _UNSUPPORTED:
+        if group.get(name):
+            raise ValueError(f"FusedAdamW does not support {name}=True")
 
 
 class AdamWStats(NamedTuple):
@@ -86,14 +96,14 @@ class FusedAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float | Sequence[float] | torch.Tensor = 1e-2,
+        amsgrad: bool = False,  # torch.optim.AdamW's sixth positional argument: calls written for it line up
+        *,
         decay_mode: str = "torch",
         backend: str = "auto",
         master_weights: bool = False,
         stochastic_rounding: bool = False,
-        *,
         native_cpu: bool = True,
         seed: int = 0,
-        amsgrad: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
@@ -103,10 +113,8 @@ class FusedAdamW(torch.optim.Optimizer):
         # torch.optim.AdamW's keywords, so code written for it constructs this unchanged: foreach and
         # fused choose among torch's implementations (this one is always fused), the rest we refuse
         del foreach, fused
-        for name, value in (("amsgrad", amsgrad), ("maximize", maximize), ("capturable", capturable),
-                            ("differentiable", differentiable)):
-            if value:
-                raise ValueError(f"FusedAdamW does not support {name}=True")
+        _refuse_unsupported(dict(amsgrad=amsgrad, maximize=maximize, capturable=capturable,
+                                 differentiable=differentiable))
         backend = normalize_backend(backend)
         if backend == "triton" and not triton_available():
             raise ValueError("backend='triton' needs CUDA or TRITON_INTERPRET=1")
@@ -134,17 +142,15 @@ class FusedAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         self._check_group(group)
-        lr = group["lr"]
-        # a copy: the trainer may change lr in place, the schedule's base must not move
-        lr0 = lr.clone() if isinstance(lr, torch.Tensor) else list(lr) if isinstance(lr, (list, tuple)) else lr
-        group.setdefault("initial_lr", lr0)
+        # independent decay's lr_0 (`hyper.base_lr`), under our own key: torch's "initial_lr" is a scheduler's,
+        # set when it is built; set here, an lr changed between the two was lost to the scheduler
+        group.setdefault(BASE_LR, copy_lr(group["lr"]))
         self._invalidate()
 
     def _check_group(self, group: dict) -> None:
         if group["decay_mode"] not in ("torch", "independent"):
             raise ValueError(f"decay_mode must be 'torch' or 'independent', got {group['decay_mode']!r}")
-        if group.get("amsgrad") or group.get("maximize"):
-            raise ValueError("FusedAdamW does not support amsgrad or maximize")
+        _refuse_unsupported(group)
         betas = group["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -255,6 +261,8 @@ class FusedAdamW(torch.optim.Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+        for g in self.param_groups:  # a flag set after the buckets were built (a rebuild checks the rest)
+            _refuse_unsupported(g)
         self._step_stats = []
         for b in self._ensure_buckets():
             b.precond_ready = None  # the state changes now; the native step may emit a fresh W
@@ -414,6 +422,8 @@ class FusedAdamW(torch.optim.Optimizer):
         """Load ours or torch.optim.AdamW's; states stay fp32 even for 16-bit params."""
         saved = {i: {k: v for k, v in s.items() if k in _STATE_KEYS} for i, s in state_dict["state"].items()}
         params = [p for g in self.param_groups for p in g["params"]]
+        for mine, theirs in zip(self.param_groups, state_dict["param_groups"]):  # their flags, before anything moves
+            self._check_group({"decay_mode": "torch", **theirs, "params": mine["params"]})
         for i, st in saved.items():  # before anything is replaced: a refused load leaves this optimizer as it was
             for key, val in st.items():
                 if isinstance(i, int) and i < len(params) and tuple(val.shape) != tuple(params[i].shape):
@@ -428,8 +438,7 @@ class FusedAdamW(torch.optim.Optimizer):
             self.state[p]["step"] = torch.as_tensor(float(self.state[p]["step"]), dtype=torch.float32)
         for g in self.param_groups:
             g.setdefault("decay_mode", "torch")
-            g.setdefault("initial_lr", g["lr"])
-            self._check_group(g)
+            g.setdefault(BASE_LR, copy_lr(g["lr"]))  # a torch AdamW's state has none
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch; with set_to_none=False the flat grad buffers are zeroed in one op and stay in place."""

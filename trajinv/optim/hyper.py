@@ -5,7 +5,7 @@ A group whose lr or weight_decay is a sequence (or 1-D tensor) of length K has K
 slots, one per member of its params' leading axis; other groups have one.
 ``wd_eff`` folds the decay convention in, so the kernels always apply
 ``p *= 1 - lr * wd_eff``: torch mode passes ``wd``, independent mode
-``wd / lr_0`` (then the decay follows the lr schedule's multiplier).
+``wd / lr_0`` (then the decay follows the lr schedule's multiplier; `base_lr`).
 
 Rows built from Python floats are cached per device and rebuilt only when a
 value changes: the trainer sets a new lr every step, and on CUDA the table
@@ -20,6 +20,22 @@ from typing import Any
 import torch
 
 from trajinv.kernels.adamw import N_HYPER, hyper_row
+
+
+BASE_LR = "decay_base_lr"
+"""A group's key for independent decay's lr_0 when no torch scheduler has set ``initial_lr``: the group's lr
+when it joined the optimizer (or when a torch AdamW's state dict, which has no lr_0, was loaded)."""
+
+
+def base_lr(group: dict) -> Any:
+    """lr_0 of independent decay, wd_eff = wd / lr_0: a torch scheduler's ``initial_lr`` (its base, set when
+    the scheduler is built, so lr / lr_0 is its multiplier), else the group's lr when it joined."""
+    return group.get("initial_lr", group.get(BASE_LR, group["lr"]))
+
+
+def copy_lr(lr: Any) -> Any:
+    """A copy of an lr value: the trainer changes a tensor or list lr in place, a base must not move."""
+    return lr.clone() if isinstance(lr, torch.Tensor) else list(lr) if isinstance(lr, (list, tuple)) else lr
 
 
 def is_vector(x: Any) -> bool:
@@ -65,7 +81,7 @@ class HyperTable:
                 raise ValueError(f"group {gi}: member count changed from {k} to {group_members(g)}")
             b1, b2 = (float(x) for x in g["betas"])
             eps = float(g["eps"])
-            lr, wd, lr0 = g["lr"], g["weight_decay"], g.get("initial_lr", g["lr"])
+            lr, wd, lr0 = g["lr"], g["weight_decay"], base_lr(g)
             if any(isinstance(x, torch.Tensor) for x in (lr, wd, lr0)):
                 any_tensor = True
                 t = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device).reshape(-1).expand(k)
