@@ -58,6 +58,7 @@ def ws(tmp_path_factory):
     (root / "data.csv").write_text("a,b\n")
     (root / "latin1.txt").write_bytes("déjà vu\n".encode("latin-1"))
     (root / "badtok.json").write_text("{garbage")
+    (root / "short.txt").write_text("too short for eight validation windows\n")
     return root
 
 
@@ -253,6 +254,18 @@ def test_trajinv_command_bad_input(ws, args, needle):
                           env=dict(os.environ, OMP_NUM_THREADS="1"))
     _check_one_line_error(proc.returncode, proc.stderr, needle, proc.stdout + proc.stderr)
     assert snapshot(ws) == before
+
+
+def test_data_refused_after_its_first_tokenization_is_one_line_and_nothing_else(ws):
+    # datasets' tokenize bar stood above the error line (with a carriage return per update), and the
+    # progress display printed its empty last frame on stdout, though training never started
+    exe = Path(sys.executable).with_name("trajinv")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "trajinv"]
+    args = ["sweep", *TINY, "--data", f"{ws}/short.txt", "--no-plots", "--out", f"{ws}/newsweep"]
+    proc = subprocess.run(cmd + args, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    _check_one_line_error(proc.returncode, proc.stderr, "short.txt", proc.stdout + proc.stderr)
+    assert "\r" not in proc.stderr and proc.stdout == ""
 
 
 @pytest.mark.parametrize("args", [SWEEP, TUNE], ids=["sweep", "tune"])

@@ -185,18 +185,19 @@ class _Progress:
         self.warnings = list(warnings)
 
     def __enter__(self):
-        self.bar.__enter__()
-        return self
+        return self  # the bar shows from "start": a command refused before then prints its one line only
 
     def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+        return self.task is not None and self.bar.__exit__(*exc)  # no bar shown: the exception goes on
 
     def __call__(self, kind: str, **info) -> None:
         if kind == "start":
             for line in self.warnings:
                 click.echo(f"warning: {line}", err=True)
             self.warnings = []
-            self.task = self.bar.add_task("", total=info["total"])
+            if self.task is None:
+                self.bar.__enter__()
+            self.task = self.bar.add_task("", total=info["total"])  # a tune: one task per stage
         elif kind == "advance":
             self.bar.advance(self.task, info["steps"])
         elif kind == "population":

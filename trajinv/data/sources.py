@@ -138,7 +138,7 @@ def _file_source(source: str, text_field: str, cache_root: Path | None = None) -
             column = "text" if builder == "text" else text_field
 
             def read(names: list[str]):
-                with _no_progress_bars():
+                with no_progress_bars():
                     ds = datasets.load_dataset(
                         builder, data_files=names, split="train", cache_dir=str(scratch), keep_in_memory=True, **kwargs
                     )
@@ -160,7 +160,7 @@ def _file_source(source: str, text_field: str, cache_root: Path | None = None) -
                     raise DataError(f"cannot read {builder} data from {source!r}: {one_line(e)}") from None
                 # Read as one table, files whose other columns differ fail; so does one bad file, unnamed.
                 # File by file, only the text column kept: the first names the culprit, the second reads.
-                with _no_progress_bars():  # the casts' bars, on a read that succeeds
+                with no_progress_bars():  # the casts' bars, on a read that succeeds
                     parts_of = [_text_column(lambda name=name: read([name]), column, name) for name in group]
                 try:
                     ds = datasets.concatenate_datasets(parts_of)
@@ -287,7 +287,7 @@ def _hub_offline():
 
 
 @contextmanager
-def _no_progress_bars():
+def no_progress_bars():
     """datasets' progress bars and its warnings off, then back: a read that fails would leave its bar's
     line (or its "Failed to read file" log line) above the one-line error, or beside a read that the
     file-by-file retry then makes. HF_DATASETS_DISABLE_PROGRESS_BARS, when set, has the last word on bars."""

@@ -26,7 +26,7 @@ import numpy as np
 from trajinv.atomic import pid_alive, atomic_write, remove_stale_temps
 from trajinv.config import DataConfig, default
 from trajinv.data.batches import check_int
-from trajinv.data.sources import DataError, one_line, resolve_source
+from trajinv.data.sources import DataError, no_progress_bars, one_line, resolve_source
 from trajinv.data.tokenizer import Tokenizer, load_tokenizer, separator_ids, token_dtype
 
 _FORMAT = 1  # bump when the on-disk layout or the pipeline's output changes
@@ -107,26 +107,25 @@ def _tokenize(ds, column: str, tok: Tokenizer, max_tokens: int | None) -> tuple[
         lengths = [np.asarray([len(b) for b in buf], dtype=np.int64)]
         pieces = [np.concatenate(buf) if buf else np.zeros(0, dtype)]
     else:
+        from tqdm.auto import tqdm
+
         ds = ds.select_columns([column])
         n = len(ds)
-        start, size = 0, (n if max_tokens is None else 64)
-        while start < n and (max_tokens is None or total < max_tokens):
-            chunk = ds.select(range(start, min(n, start + size))) if (start, size) != (0, n) else ds
-            fingerprint = hashlib.sha256(f"{ds._fingerprint}-{start}-{size}-{tok.identity}".encode()).hexdigest()[:32]
-            tokenized = chunk.map(
-                encode,
-                batched=True,
-                batch_size=256,
-                remove_columns=[column],
-                features=features,
-                keep_in_memory=True,
-                new_fingerprint=fingerprint,
-                desc="tokenize",
-            )
-            take(tokenized)
-            n_read += len(chunk)
-            start += len(chunk)
-            size *= 2
+        # Chunks of doubling size: with a cap, only the documents it needs; without, a bar that moves. The bar
+        # is ours, on a terminal only and erased when done (datasets' own stayed above a one-line error about
+        # the data, such as too few tokens for --eval-seqs, and filled CI logs with carriage returns).
+        start, size = 0, (64 if max_tokens is not None else max(1024, n // 16))
+        with no_progress_bars(), tqdm(total=n, desc="tokenize", unit=" docs", leave=False, disable=None) as bar:
+            while start < n and (max_tokens is None or total < max_tokens):
+                chunk = ds.select(range(start, min(n, start + size))) if (start, size) != (0, n) else ds
+                fingerprint = hashlib.sha256(f"{ds._fingerprint}-{start}-{size}-{tok.identity}".encode()).hexdigest()
+                tokenized = chunk.map(encode, batched=True, batch_size=256, remove_columns=[column], features=features,
+                                      keep_in_memory=True, new_fingerprint=fingerprint[:32])
+                take(tokenized)
+                n_read += len(chunk)
+                start += len(chunk)
+                size *= 2
+                bar.update(len(chunk))
 
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
     lens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
