@@ -284,6 +284,9 @@ def test_equilibrium_value_follows_the_scheduled_lr(synthetic):
     assert p.phase_at_end == "ELR phase"
     assert p.equilibrium_step > 500  # not before the warm-up ends
     assert p.evidence["ratio_end"] == pytest.approx(1.0, abs=0.1)
+    # its eq tau is theta = wd * sum of the scheduled lr (what the relaxation runs on), not step*lr*wd at the
+    # peak lr: the 500-step warm-up and the cosine since then count for less
+    assert p.equilibrium_tau == p.evidence["equilibrium_theta"] < p.equilibrium_step * p.lr * p.wd
     records = _member(2, "cosine", _plateau, lr=_warmup_cosine, steps=30_000, every=50)
     for r in records:
         r["lr"] = r["base_lr"]  # as if the equilibrium scaling ignored the schedule
@@ -398,10 +401,13 @@ def _phase(step, phase_at_end="ELR phase", regime="chaotic equilibrium", name="m
                        regime, {"ratio_end": 1.02, "drift_end": 0.01})
 
 
-def test_predicted_transition_step_is_the_median_equilibrium_step():
+def test_predicted_transition_step_is_the_step_by_which_half_are_in_equilibrium():
     assert predicted_transition_step([_phase(300), _phase(100), _phase(200)]) == 200.0
     assert predicted_transition_step([_phase(100), _phase(200), _phase(None)]) == 200.0
-    assert predicted_transition_step([_phase(100), _phase(None), _phase(300), _phase(None)]) is None
+    # exactly half got there: by step 300 half are in equilibrium (a median of inf and 300 said None)
+    assert predicted_transition_step([_phase(100), _phase(None), _phase(300), _phase(None)]) == 300.0
+    assert predicted_transition_step([_phase(100), _phase(None), _phase(None), _phase(None)]) is None
+    assert predicted_transition_step([_phase(400), _phase(100), _phase(300), _phase(200)]) == 200.0
     # Members without norms and diverged members cannot equilibrate: left out.
     mixed = [_phase(None, "n/a"), _phase(200), _phase(400, regime="divergence"), _phase(None, "n/a")]
     assert predicted_transition_step(mixed) == 200.0

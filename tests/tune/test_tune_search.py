@@ -47,6 +47,10 @@ def test_elr_invariant_surface_finds_the_optimum_and_the_check_stands():
     checked = result.invariant_check.outcomes[0].point
     assert math.log2(checked.elr) == pytest.approx(C + 1.0) and checked.lr == LR
     assert [o.point.elr for o in result.invariant_check.outcomes] == pytest.approx([checked.elr] * 5)
+    # the scanned line's fit, made before the check, is named as such beside the final fit (the summary
+    # printed the two unlabelled, with different vertices)
+    assert any(n.startswith("fit on the ELR line at lr=0.008 before the check (scanned members only)")
+               for n in result.notes), result.notes
 
 
 def test_a_wrong_answer_fails_the_optimum_check():

@@ -35,7 +35,7 @@ import json
 import math
 from pathlib import Path
 
-from trajinv.analysis.records import load_metrics, load_summary
+from trajinv.analysis.records import chance_loss, load_metrics, load_summary
 from trajinv.analysis.scaling import BudgetOptimum, MemberLoss, ScalingReport, fit_scaling, optimum_from_members, plot_scaling
 from trajinv.atomic import atomic_write, remove_stale_temps
 from trajinv.checkpoint import latest_meta
@@ -46,7 +46,7 @@ from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC
 TUNE_RESULT = "tune.json"  # trajinv.tune.report.RESULT (analysis does not import the tuner)
 
 
-def load_budget(directory: str | Path, n_boot: int = 500, seed: int = 0,
+def load_budget(directory: str | Path, n_boot: int = 2000, seed: int = 0,
                 batch_size: str | int | None = None) -> BudgetOptimum:
     """The optimum of the sweep or tune in `directory` (see the module doc); one-line errors.
 
@@ -96,8 +96,9 @@ def _from_sweep(root: Path, n_boot: int, seed: int, batch_size: str | int | None
     rows = _one_batch_size(rows, root, batch_size)
     _check_finished(rows, root, batch_size)
     se = final_val_loss_se(root)
-    members = [MemberLoss(float(r["lr"]), float(r["wd"]), _loss(r), se.get((str(r["run_id"]), int(r["member"])), 0.0))
-               for r in rows]
+    chance = _chance(root)
+    members = [MemberLoss(float(r["lr"]), float(r["wd"]), _loss(r, chance),
+                          se.get((str(r["run_id"]), int(r["member"])), 0.0)) for r in rows]
     tokens, steps = _budget(rows, root)
     return optimum_from_members(members, tokens, steps, source=root.name, n_boot=n_boot, seed=seed)
 
@@ -149,10 +150,12 @@ def _from_tune(root: Path, n_boot: int, seed: int, batch_size: str | int | None 
         raise ValueError(f"the tune in {root} varied wd only at one value through its best member "
                          f"(lr={lr_fixed:g}, best wd={anchor['wd']:g}), so its optimal wd is not located; "
                          "rerun it with a larger --budget so that its check runs")
-    by_wd = optimum_from_members(wd_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed)
+    window = _fit_window(data)
+    by_wd = optimum_from_members(wd_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed, window=window)
     if len({m.lr for m in lr_line}) < 3:
         return by_wd  # lr not varied enough to fit: untuned, and the report says so
-    by_lr = optimum_from_members(lr_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed + 1)
+    by_lr = optimum_from_members(lr_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed + 1,
+                                 window=window)
     lr = by_lr.lr
     if fixed == "elr":  # C located lr (at its ELR, near the optimal ELR that S located)
         elr = by_wd.elr
@@ -169,6 +172,20 @@ def _from_tune(root: Path, n_boot: int, seed: int, batch_size: str | int | None 
                          source=root.name, edge_axes=edges, tuned_axes=("lr", "wd"))
 
 
+FIT_WINDOW = 1.5
+"""A tune line's fit takes the members within this many scan spacings of the best: the tune's own rule
+(`trajinv.tune.search`, "zoom"; tests hold the two equal)."""
+
+
+def _fit_window(data: dict) -> float | None:
+    """The fit window in octaves of a tune.json (None, level-neighbours, when its spec does not say)."""
+    search = (data.get("spec") or {}).get("search") or {}
+    try:
+        return FIT_WINDOW * float(search["octaves"]) / (int(search["points"]) - 1)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
 def _finite(outcome: dict) -> bool:
     return outcome.get("loss") is not None and math.isfinite(outcome["loss"])
 
@@ -181,9 +198,25 @@ def _unique(members: list[MemberLoss]) -> list[MemberLoss]:
     return list(seen.values())
 
 
-def _loss(row: dict) -> float | None:
+def _loss(row: dict, chance: float) -> float | None:
+    """A finished member's final validation loss; None (diverged) when it is not finite or is above a
+    uniform guess's ln V, as analyze and the tune count it (lr 4 ends at 304 with status done)."""
     v = row.get("final_val_loss")
-    return float(v) if row.get("status") == "done" and v is not None and math.isfinite(float(v)) else None
+    if row.get("status") != "done" or v is None or not math.isfinite(float(v)):
+        return None
+    return float(v) if float(v) <= chance else None
+
+
+def _chance(root: Path) -> float:
+    """ln V of a sweep's runs (their first metrics record's vocab_size); inf when none says."""
+    for path in sorted(root.glob(f"runs/*/{METRICS}")):
+        try:
+            with path.open() as f:
+                first = json.loads(f.readline() or "{}")
+        except (OSError, ValueError):
+            continue
+        return chance_loss(first.get("vocab_size")) or math.inf
+    return math.inf
 
 
 def _budget(rows: list[dict], root: Path) -> tuple[float, int]:

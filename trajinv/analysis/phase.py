@@ -215,6 +215,8 @@ class MemberPhase:
     wd: float
     equilibrium_step: int | None
     equilibrium_tau: float | None
+    """theta = wd * sum of the scheduled lr up to `equilibrium_step`: weight-decay timescales elapsed (under
+    warm-up fewer than step*lr*wd at the peak lr, which this column showed before)."""
     phase_at_end: str
     regime: str
     evidence: dict
@@ -427,7 +429,7 @@ def _member_phase(key: tuple[str, int], recs: list[dict], kind: str, beta1: floa
     step = None if eq is None else int(s.steps[eq])
     return MemberPhase(
         run_id=key[0], member=key[1], name=str(first.get("name") or f"lr={lr:g},wd={wd:g}"), lr=lr, wd=wd,
-        equilibrium_step=step, equilibrium_tau=None if step is None else step * lr * wd,
+        equilibrium_step=step, equilibrium_tau=ev.get("equilibrium_theta"),
         phase_at_end="n/a" if not logged or lr * wd >= 1 else ("ELR phase" if eq is not None else "LR phase"),
         regime=regime, evidence={**ev, **loss_ev},
     )
@@ -449,16 +451,17 @@ def member_phases(
 def predicted_transition_step(phases: Sequence[MemberPhase]) -> float | None:
     """The step by which half of the members are in equilibrium: the sweep's predicted LR -> ELR switch.
 
-    Median equilibrium step over the members that can equilibrate (norms logged,
-    not diverged), one that never got there counting as later than any; None when
-    fewer than half did or no member qualifies.
+    Over the members that can equilibrate (norms logged, not diverged), one that never got
+    there counting as later than any: the ceil(n/2)-th smallest equilibrium step (the lower
+    median; np.median's mean of the middle two was infinite when exactly half got there).
+    None when fewer than half did or no member qualifies.
     """
-    steps = [math.inf if p.equilibrium_step is None else float(p.equilibrium_step)
-             for p in phases if p.phase_at_end != "n/a" and p.regime != "divergence"]
+    steps = sorted(math.inf if p.equilibrium_step is None else float(p.equilibrium_step)
+                   for p in phases if p.phase_at_end != "n/a" and p.regime != "divergence")
     if not steps:
         return None
-    median = float(np.median(steps))
-    return median if math.isfinite(median) else None
+    half = steps[(len(steps) + 1) // 2 - 1]
+    return half if math.isfinite(half) else None
 
 
 def format_phases(phases: Sequence[MemberPhase]) -> str:
@@ -495,7 +498,7 @@ def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png:
         crit = Criteria(**p.evidence["criteria"])
         s = _series(groups[(p.run_id, p.member)], p.evidence["kind"])
         m = _measure(s, p.wd, p.evidence["beta1"], crit)
-        x = s.steps * p.lr * p.wd
+        x = s.theta  # the relaxation's clock: equilibrium_tau is read on it
         colour = by_elr.to_rgba(p.lr * p.wd) if many else f"C{i % 10}"
         level = math.log(p.evidence["nu_end"]) if p.evidence.get("nu_end") else math.nan
         ax_n.plot(x, np.exp(m.ln_nu_smooth - level), color=colour, lw=1.6,
@@ -527,6 +530,6 @@ def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png:
     ax_n.set_ylabel("nu / nu_end,  nu = |w| sqrt(wd/lr_t)")
     ax_r.set_ylabel("|dw|/|w|  /  derived value")
     for ax in (ax_n, ax_r):
-        ax.set_xlabel("step / tau,  tau = 1/(lr*wd)")
+        ax.set_xlabel("theta = wd * sum of the scheduled lr  (weight-decay timescales)")
         ax.grid(True, alpha=0.3)
     return save_png(fig, out_png)

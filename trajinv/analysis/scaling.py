@@ -140,8 +140,8 @@ def _grid(members: Sequence[MemberLoss], source: str) -> _Grid:
     return _Grid(values, x, idx, levels, loss, np.array([m.se for m in members], dtype=float), varied)
 
 
-def _quadratic_vertex(X: np.ndarray, y: np.ndarray) -> np.ndarray | None:
-    """Vertex of y ~ c + g.x + x'Hx/2 fitted by least squares, if convex and inside the points' box."""
+def _quadratic_vertex(X: np.ndarray, y: np.ndarray, w: np.ndarray | None = None) -> np.ndarray | None:
+    """Vertex of y ~ c + g.x + x'Hx/2 fitted by (weighted) least squares, if convex and inside the points' box."""
     d = X.shape[1]
     centre = X.mean(axis=0)  # centred features keep the normal equations well conditioned
     Z = X - centre
@@ -149,7 +149,8 @@ def _quadratic_vertex(X: np.ndarray, y: np.ndarray) -> np.ndarray | None:
     A = np.column_stack([np.ones(len(Z)), Z] + [Z[:, i] * Z[:, j] * (0.5 if i == j else 1.0) for i, j in pairs])
     if len(y) < A.shape[1]:
         return None
-    coef, _, rank, _ = np.linalg.lstsq(A, y, rcond=None)
+    sw = np.ones(len(y)) if w is None else np.sqrt(w)
+    coef, _, rank, _ = np.linalg.lstsq(A * sw[:, None], y * sw, rcond=None)
     if rank < A.shape[1]:
         return None
     g, H = coef[1:1 + d], np.zeros((d, d))
@@ -168,48 +169,66 @@ def _cell_width(grid: _Grid, best: int, d: int) -> float:
     return float(np.mean([lv[k + 1] - lv[k] for k in (i - 1, i) if 0 <= k < len(lv) - 1]))
 
 
-def _locate(grid: _Grid, loss: np.ndarray) -> tuple[np.ndarray, int, bool]:
-    """(log2 lr, log2 wd) of the optimum, the best member's index, and whether a quadratic located it."""
+def _locate(grid: _Grid, loss: np.ndarray, window: float | None = None) -> tuple[np.ndarray, int, bool]:
+    """(log2 lr, log2 wd) of the optimum, the best member's index, and whether a quadratic located it.
+
+    The quadratic goes through the best member and its neighbours: the next level either side on each
+    varied axis (a grid), or with `window` every member within that many octaves of the best, weighted
+    1/se^2 (a tune's line, the tune's own rule: its zoom puts members a fraction of an octave from the
+    best, and a level-neighbour 0.02 octave away made the fit a three-point curvature of noise)."""
     best = int(np.nanargmin(loss))
     near = np.isfinite(loss)
     for d in grid.varied:
-        near &= np.abs(grid.idx[:, d] - grid.idx[best, d]) <= 1
+        if window is None:
+            near &= np.abs(grid.idx[:, d] - grid.idx[best, d]) <= 1
+        else:
+            near &= np.abs(grid.x[:, d] - grid.x[best, d]) <= window + 1e-9
     pos = grid.x[best].copy()
-    vertex = _quadratic_vertex(grid.x[near][:, grid.varied], loss[near])
+    w = None
+    if window is not None:
+        se = grid.se[near]
+        floor = se[se > 0].min() if (se > 0).any() else 1.0  # an unmeasured se is not an exact loss
+        w = 1.0 / np.maximum(se, floor) ** 2
+    vertex = _quadratic_vertex(grid.x[near][:, grid.varied], loss[near], w)
     if vertex is None:
         return pos, best, False
     pos[grid.varied] = vertex
     return pos, best, True
 
 
-def _bootstrap_se(grid: _Grid, n_boot: int, seed: int) -> dict[str, float]:
+def _bootstrap_se(grid: _Grid, n_boot: int, seed: int, window: float | None = None) -> dict[str, float]:
+    """log2 se of the optimum: its spread over `n_boot` redraws of the losses within their se. The spread
+    is half the 16-84 % range (the sd of a normal): a few draws whose quadratic turns flat put a vertex far
+    out, and the plain sd of 500 draws followed them (0.09 at one seed, 0.055-0.060 at five others)."""
     rng = np.random.default_rng(seed)
     draws = np.empty((n_boot, 2))
     for k in range(n_boot):
-        pos, best, fitted = _locate(grid, grid.loss + grid.se * rng.standard_normal(len(grid.loss)))
+        pos, best, fitted = _locate(grid, grid.loss + grid.se * rng.standard_normal(len(grid.loss)), window)
         if not fitted:
             for d in grid.varied:
                 pos[d] += _cell_width(grid, best, d) * rng.uniform(-0.5, 0.5)
         draws[k] = pos
-    sd = draws.std(axis=0, ddof=1)
-    return {"lr": float(sd[0]), "wd": float(sd[1]), "elr": float(draws.sum(axis=1).std(ddof=1))}
+    spread = lambda v: float(np.subtract(*np.quantile(v, [0.84, 0.16])) / 2)  # noqa: E731
+    return {"lr": spread(draws[:, 0]), "wd": spread(draws[:, 1]), "elr": spread(draws.sum(axis=1))}
 
 
 def optimum_from_members(members: Sequence[MemberLoss], tokens: float, steps: int, source: str = "",
-                         n_boot: int = 500, seed: int = 0) -> BudgetOptimum:
+                         n_boot: int = 2000, seed: int = 0, window: float | None = None) -> BudgetOptimum:
     """The optimal lr, wd and ELR of one budget's runs (an lr x wd grid, an ELR scan at fixed lr, or an lr scan).
 
-    Axes with a single value (the fixed lr of an ELR scan) keep that value with a log2 se of 0.
+    Axes with a single value (the fixed lr of an ELR scan) keep that value with a log2 se of 0. `window`
+    (octaves): fit the members within it of the best, weighted by 1/se^2, not the best's level-neighbours
+    (`_locate`); for a tune's lines, whose zoom members are irregularly spaced.
     """
     if n_boot < 2:
         raise ValueError(f"n_boot must be >= 2 to estimate a spread, got {n_boot}")
     grid = _grid(members, source)
-    pos, best, fitted = _locate(grid, grid.loss)
+    pos, best, fitted = _locate(grid, grid.loss, window)
     edges = tuple(_AXES[d] for d in grid.varied if grid.idx[best, d] in (0, len(grid.levels[d]) - 1))
     # A grid value is returned exactly as given, not as 2**log2 of it.
     lr, wd = (float(2.0 ** pos[d]) if fitted and d in grid.varied else float(grid.values[best, d]) for d in (0, 1))
     return BudgetOptimum(tokens=float(tokens), steps=int(steps), lr=lr, wd=wd, elr=lr * wd,
-                         log2_se=_bootstrap_se(grid, n_boot, seed), at_edge=bool(edges), source=source,
+                         log2_se=_bootstrap_se(grid, n_boot, seed, window), at_edge=bool(edges), source=source,
                          edge_axes=edges, tuned_axes=tuple(_AXES[d] for d in grid.varied))
 
 

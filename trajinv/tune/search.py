@@ -402,8 +402,10 @@ class Search:
     def _plan_check(self) -> tuple[StageKind, list[Point]]:
         fit = self._fit(self._line, self._best(self._line).point)  # the scanned line's shape, for the report
         if fit is not None:
-            self._notes.append(f"fit on the {self._line.describe()}: vertex at {fit.vertex:.4g}, "
-                               f"predicted loss {fit.loss:.4g}, curvature {fit.curvature:.3g}/octave^2")
+            # labelled: the summary's "quadratic fit" line is the final one, after the zoom, on more members
+            self._notes.append(f"fit on the {self._line.describe()} before the check (scanned members only): "
+                               f"vertex at {fit.vertex:.4g}, predicted loss {fit.loss:.4g}, "
+                               f"curvature {fit.curvature:.3g}/octave^2")
         best = self._best()
         assert best is not None  # explore finishes the search when the line has no finite member
         self._checked_at = best.point
