@@ -24,6 +24,26 @@ def fail_second_population(job, emit):
     return run_job(job, emit)
 
 
+def second_population_out_of_memory(job, emit):
+    """A pool task: the population '...-p1' runs out of memory in its first step (torch's CUDA error)."""
+    import torch
+
+    from trajinv.parallel.worker import run_job
+    from trajinv.train import Trainer
+
+    if not job.run_id.endswith("-p1"):
+        return run_job(job, emit)
+
+    def fail(self, step, bs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB. GPU 0 has ...")
+
+    kept, Trainer._forward_backward = Trainer._forward_backward, fail
+    try:
+        return run_job(job, emit)
+    finally:  # the worker may train another population next
+        Trainer._forward_backward = kept
+
+
 def kill_second_population(job, emit):
     """A pool task: the worker of run id '...-p1' dies by SIGKILL (as under the out-of-memory killer)."""
     from trajinv.parallel.worker import run_job

@@ -206,7 +206,9 @@ class _Progress:
         elif kind == "failed":  # scale-out: a population failed, the others go on
             from rich.markup import escape
 
-            self.bar.console.print(f"[red]{escape(info['run_id'])} failed:[/red] {escape(info['error'])}")
+            # soft_wrap: one line, as every error here (rich wrapped it at 80 columns off a terminal)
+            self.bar.console.print(f"[red]{escape(info['run_id'])} failed:[/red] {escape(info['error'])}",
+                                   soft_wrap=True)
 
 
 class _UsageError(click.ClickException):

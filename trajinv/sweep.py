@@ -30,6 +30,7 @@ from trajinv.checkpoint import has_checkpoint
 from trajinv.config import Member, TrainConfig, describe_differences, sweep_pairs, to_dict
 from trajinv.data import DataConfig, TokenData, load_data
 from trajinv.parallel import memory
+from trajinv.parallel.ddp import refuse_ranks
 from trajinv.parallel.devices import check_device
 from trajinv.rundirs import SWEEP_SPEC, refuse_other
 from trajinv.schedules import BatchSchedule
@@ -211,18 +212,20 @@ def write_summary(out: Path, rows: list[dict]) -> Path:
     return path
 
 
+def elr_columns(cfg: TrainConfig, member: Member) -> dict:
+    """A summary row's elr, tau_iter and tau_fraction (`summary_rows`)."""
+    elr = cfg.optim.peak_decay(member)
+    t = 1.0 / elr if elr > 0 else None
+    return {"elr": elr, "tau_iter": t, "tau_fraction": None if t is None else t / cfg.steps}
+
+
 def summary_rows(run_id: str, cfg: TrainConfig, results: list[MemberResult]) -> list[dict]:
     """One row per member. elr is the decay per step at the peak lr (lr*wd; wd in independent mode:
     `OptimConfig.peak_decay`), tau_iter = 1/elr the weight-decay EMA's timescale in steps (empty without
     weight decay) and tau_fraction = tau_iter / the run's steps: the optimum sits at a fixed share of
     the run (trajinv.tune.fit, "Enough iterations")."""
-    def elr_tau(r: MemberResult) -> dict:
-        elr = cfg.optim.peak_decay(Member(r.lr, r.wd))
-        t = 1.0 / elr if elr > 0 else None
-        return {"elr": elr, "tau_iter": t, "tau_fraction": None if t is None else t / cfg.steps}
-
     return [{"run_id": run_id, "member": k, "name": r.name, "lr": r.lr, "wd": r.wd,
-             **elr_tau(r), "batch_size": cfg.batch_size, "steps": r.steps, "tokens": r.tokens,
+             **elr_columns(cfg, Member(r.lr, r.wd)), "batch_size": cfg.batch_size, "steps": r.steps, "tokens": r.tokens,
              "final_train_loss": r.train_loss, "final_val_loss": r.val_loss, "status": r.status, **r.extra}
             for k, r in enumerate(results)]
 
@@ -268,6 +271,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None
     `devices` ('cpu,cpu', 'cuda:0,cuda:1', 'all') or `ray` ('auto', 'local', an address) train
     populations concurrently (trajinv.parallel); then failures are rows with status 'failed'.
     """
+    refuse_ranks("sweep")
     spec.validate()
     out = Path(out)
     if devices is not None or ray is not None:  # scale-out (trajinv.parallel): other devices or Ray

@@ -169,3 +169,21 @@ def test_world_size_one_is_a_single_process(tiny_train_config, tiny_data, tmp_pa
     Trainer(cfg, tiny_data, tmp_path / "a").train()
     Trainer(cfg, tiny_data, tmp_path / "b", dist=DistContext.from_env({"RANK": "0", "WORLD_SIZE": "1"})).train()
     assert metrics_without_time(tmp_path / "a") == metrics_without_time(tmp_path / "b")
+
+
+@pytest.mark.parametrize("command", ["sweep", "tune"])
+def test_a_sweep_or_tune_under_torchrun_is_refused_before_it_writes(tmp_path, monkeypatch, command):
+    # each rank ran the whole sweep into one --out: two writers of one metrics.jsonl (a line interleaved
+    # mid-record, the rerun refused as malformed), exit 0
+    from click.testing import CliRunner
+
+    from trajinv.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    res = CliRunner().invoke(main, [command, "--steps", "4", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and not (tmp_path / "o").exists()
+    assert res.stderr.strip().splitlines() == [
+        f"Error: trajinv {command} does not run under torchrun (WORLD_SIZE=2): every rank would train the whole "
+        f"{command} into one directory; spread its populations with --devices or --ray, and use torchrun for "
+        "trajinv train"]

@@ -65,6 +65,8 @@ def test_a_failing_population_is_a_row_the_others_finish_and_a_rerun_resumes_onl
     table = _table(tmp_path)
     assert [r["status"] for r in table] == ["done", "failed", "done"]
     assert table[1]["error"] == ERROR and table[0]["error"] == ""
+    # a failed row is as complete as it can be
+    assert float(table[1]["tau_iter"]) == pytest.approx(1 / (float(table[1]["lr"]) * float(table[1]["wd"])))
     assert ("failed", {"run_id": "bs4-p1", "error": ERROR}) in events
     assert failures(rows) == {"bs4-p1": ERROR}
     assert "unknown device" in (tmp_path / "runs/bs4-p1/error.log").read_text()  # the traceback
@@ -111,7 +113,7 @@ def test_cli_sweep_passes_devices_and_a_failure_exits_with_one_line(tmp_path, mo
                                         "--population", "1", "--devices", "cpu,cpu", "--out", str(tmp_path)])
     assert res.exit_code == 1
     assert [r["status"] for r in _table(tmp_path)] == ["done", "failed"]
-    assert f"bs4-p1 failed: {ERROR}" in " ".join(res.output.split())  # on the console as it happens
+    assert f"bs4-p1 failed: {ERROR}" in res.output.splitlines()  # on the console as it happens, one line
     errors = [line for line in res.output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1 and "1 population(s) failed (bs4-p1" in errors[0] and "rerun" in errors[0]
 
@@ -239,3 +241,11 @@ def test_cli_tune_a_failed_population_is_one_line_and_the_rerun_retries_it(tmp_p
     again = CliRunner().invoke(cli.main, args)
     assert again.exit_code == 0, again.output
     assert "recommended:" in again.output
+
+
+def test_a_population_out_of_memory_in_a_worker_names_itself_once(tiny_train_config, tmp_path):
+    rows = run_scaled(_spec(tiny_train_config), tmp_path, devices="cpu,cpu", task=spawned.second_population_out_of_memory)
+    assert [r["status"] for r in rows] == ["done", "failed", "done"]
+    assert rows[1]["error"] == ("DeviceOutOfMemory: 1 member ran out of cpu memory in step 1 (CUDA out of memory. "
+                                "Tried to allocate 8.00 GiB); train fewer members at once (--population of sweep and "
+                                "tune) or use a smaller --micro-batch")

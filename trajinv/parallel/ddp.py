@@ -176,6 +176,17 @@ SINGLE = DistContext()
 """The context of an ordinary single-process run."""
 
 
+def refuse_ranks(command: str) -> None:
+    """One-line ValueError when a sweep or tune runs under torchrun: each rank would train every population
+    into the same directory (both ranks appended to one metrics.jsonl, a line interleaved mid-record).
+    torchrun splits one population over ranks: that is `trajinv train`."""
+    ctx = DistContext.from_env()
+    if ctx.active:
+        raise ValueError(f"trajinv {command} does not run under torchrun (WORLD_SIZE={ctx.world_size}): every rank "
+                         f"would train the whole {command} into one directory; spread its populations with "
+                         "--devices or --ray, and use torchrun for trajinv train")
+
+
 def setup(cfg: TrainConfig, data_cfg):
     """For a command under torchrun: the context from the environment, the configuration and the data
     checked and loaded on every rank before any rank waits on another (so a bad value fails on each rank

@@ -88,7 +88,8 @@ def run_job(job: Job, emit: Emit) -> Outcome:
         throttle.flush()
         Path(job.run_dir).mkdir(parents=True, exist_ok=True)
         Path(job.run_dir, ERROR_LOG).write_text(traceback.format_exc())
-        return failed_outcome(job, f"{type(e).__name__}: {_first_line(e)}")
+        # its message may name the population already (DeviceOutOfMemory): once is enough
+        return failed_outcome(job, f"{type(e).__name__}: {_first_line(e).removeprefix(f'{job.run_id}: ')}")
     finally:
         _release_cuda()
 
@@ -111,11 +112,12 @@ def _train(job: Job, emit: Emit, throttle: Throttle) -> Outcome:
 
 def failed_outcome(job: Job, error: str) -> Outcome:
     """Summary rows of a failed population: its members, the step its last checkpoint reached, the error."""
+    from trajinv.sweep import elr_columns
+
     meta = latest_meta(job.run_dir) or {}
     step, tokens = meta.get("step", 0), meta.get("tokens", 0)
     rows = [{"run_id": job.run_id, "member": k, "name": m.name, "lr": m.lr, "wd": m.wd,
-             "elr": job.cfg.optim.peak_decay(m),
-             "batch_size": job.cfg.batch_size, "steps": step, "tokens": tokens, "final_train_loss": None,
+             **elr_columns(job.cfg, m), "batch_size": job.cfg.batch_size, "steps": step, "tokens": tokens, "final_train_loss": None,
              "final_val_loss": None, "status": "failed", "error": error}
             for k, m in enumerate(job.cfg.members)]
     return Outcome(job.run_id, rows, error=error)

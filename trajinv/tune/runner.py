@@ -39,6 +39,7 @@ from trajinv.data import load_data
 from trajinv.parallel.devices import check_device, device_kind, usable_devices
 from trajinv.rundirs import TUNE_SPEC, refuse_other
 from trajinv.schedules import BatchSchedule
+from trajinv.parallel.ddp import refuse_ranks
 from trajinv.sweep import SpecMismatch, SweepSpec, run_sweep, trained_split
 from trajinv.train import Trainer
 from trajinv.tune.fit import MIN_TRANSITIONS
@@ -297,6 +298,7 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
     `scale`: `run_sweep`'s devices / ray / ray_cpus: each stage's populations on several devices or a
     Ray cluster (trajinv.parallel); they change where stages train, not what they compute.
     """
+    refuse_ranks("tune")  # before tune_spec.json: each rank would run the whole tune into `out`
     spec.validate()
     out = Path(out)
     vocab = _preflight(spec, scale)
