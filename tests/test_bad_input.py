@@ -172,6 +172,9 @@ CLI_CASES = [
     (SWEEP[:-1] + ["{ws}/badspec"], "spec.json"),
     (SWEEP[:-1] + ["{ws}/corpus.txt"], "corpus.txt"),
     (SWEEP + ["--devices", "cuda:99"], "cuda:99"),
+    # it trained on the CPU without a word
+    (SWEEP + ["--device", "cuda", "--devices", "cpu,cpu"], "--device cuda with --devices cpu,cpu"),
+    (TUNE + ["--device", "cuda", "--devices", "cpu,cpu"], "--device cuda with --devices cpu,cpu"),
     # tunes: refused before tune_spec.json is written (else the corrected command is "another spec")
     (TUNE + ["--devices", "cuda:99"], "cuda:99"),
     (TUNE + ["--data", "/no/such/dir"], "/no/such/dir"),

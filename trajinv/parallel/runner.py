@@ -27,14 +27,19 @@ from trajinv.parallel.memory import size_populations
 from trajinv.parallel.worker import Job, Outcome, run_job
 
 
-def check_scale(devices: str | Sequence[str] | None, ray: str | None, ray_cpus: int = 1) -> None:
+def check_scale(devices: str | Sequence[str] | None, ray: str | None, ray_cpus: int = 1, device: str = "cpu") -> None:
     """The scale-out options' own checks, made before anything is written (`run_scaled` makes them first;
-    the tune before its spec): one of `devices` or `ray`, usable devices, and for Ray: installed,
-    `ray_cpus` >= 1 and an address that answers."""
+    the tune before its spec): one of `devices` or `ray`, usable devices that agree with a `device` other
+    than the default (--devices names the kind; `--device cuda --devices cpu,cpu` trained on CPU without a
+    word), and for Ray: installed, `ray_cpus` >= 1 and an address that answers."""
     if (devices is None) == (ray is None):
         raise ValueError("give --devices or --ray, not both" if devices is not None else "give --devices or --ray")
     if devices is not None:
-        usable_devices(devices)
+        kind = device_kind(usable_devices(devices))
+        if device != "cpu" and device != kind:
+            listed = devices if isinstance(devices, str) else ",".join(devices)
+            raise ValueError(f"--device {device} with --devices {listed} ({kind}): --devices names the devices "
+                             "to train on; leave out --device or list devices of that kind")
         return
     from trajinv.parallel.cluster import check_reachable, import_ray
 
@@ -55,7 +60,7 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
     """
     from trajinv.sweep import prepare_sweep, write_summary
 
-    check_scale(devices, ray, ray_cpus)
+    check_scale(devices, ray, ray_cpus, spec.train.device)
     spec.validate()
     out = Path(out)
     notify = progress or (lambda kind, **info: None)

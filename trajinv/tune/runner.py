@@ -179,7 +179,7 @@ def _preflight(spec: TuneSpec, scale: dict) -> int:
     if scale.get("devices") is not None or scale.get("ray") is not None:
         from trajinv.parallel.runner import check_scale
 
-        check_scale(scale.get("devices"), scale.get("ray"), scale.get("ray_cpus", 1))
+        check_scale(scale.get("devices"), scale.get("ray"), scale.get("ray_cpus", 1), cfg.device)
     if scale.get("ray") is None:
         if scale.get("devices") is not None:
             cfg = replace(cfg, device=device_kind(usable_devices(scale["devices"])))
