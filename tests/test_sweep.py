@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from trajinv.config import Member, OptimConfig, TrainConfig
+from trajinv.config import Member, OptimConfig, TrainConfig, to_dict
 from trajinv.data import DataConfig
 from trajinv.sweep import SweepSpec, log2_range, run_sweep
 
@@ -224,3 +224,36 @@ def test_a_sweep_that_has_trained_keeps_its_populations(tiny_train_config, tmp_p
     whole = tmp_path / "whole"
     run_sweep(_spec(tiny_train_config), whole)  # one population of all three
     assert len(run_sweep(_spec(tiny_train_config, population=5), whole)) == 3
+
+
+def test_a_trained_sweep_whose_population_cannot_be_read_is_not_regrouped(tiny_train_config, tmp_path):
+    # an unreadable population read as "nothing trained": the rerun deleted the checkpointed runs and retrained
+    run_sweep(_spec(tiny_train_config), tmp_path)
+    spec = json.loads((tmp_path / "spec.json").read_text())
+    (tmp_path / "spec.json").write_text(json.dumps({**spec, "population": None}))
+    before = sorted(p.name for p in (tmp_path / "runs/bs4").iterdir())
+    with pytest.raises(ValueError, match=r"spec.json has no readable population size \(population: None\)"):
+        run_sweep(_spec(tiny_train_config, population=1), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "runs/bs4").iterdir()) == before
+
+
+def test_a_regrouped_sweep_keeps_no_run_of_the_old_grouping(tiny_train_config, tmp_path):
+    # 3 members in populations of 2 (bs4-p0, bs4-p1), none checkpointed, then populations of 1: bs4-p0 and
+    # bs4-p1 are names of the new grouping too, but their old metrics name other members
+    out = tmp_path / "out"
+    (out / "runs/bs4-p1").mkdir(parents=True)
+    (out / "runs/bs4-p1/metrics.jsonl").write_text(json.dumps({"step": 1, "member": 0, "base_lr": 0.02}) + "\n")
+    (out / "spec.json").write_text(json.dumps({**json.loads(json.dumps(to_dict(_spec(tiny_train_config)))),
+                                               "population": 2}))
+    class Stop(Exception):
+        pass
+
+    def stop_at_second(kind, **info):  # interrupted before the new bs4-p1 trains: its old lines stayed
+        if kind == "population" and info["run_id"] == "bs4-p1":
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_sweep(_spec(tiny_train_config, population=1), out, progress=stop_at_second)
+    assert not (out / "runs/bs4-p1/metrics.jsonl").exists()
+    rows = run_sweep(_spec(tiny_train_config, population=1), out)
+    assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p1", "bs4-p2"]

@@ -506,7 +506,7 @@ def test_a_population_too_large_to_build_is_named_too(tiny_data, tiny_train_conf
                            "memory: you tried to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)")
 
     monkeypatch.setattr(train_module, "build_optimizer", cannot)
-    with pytest.raises(DeviceOutOfMemory, match=r"^run: 2 members ran out of cpu memory while building the model "
+    with pytest.raises(DeviceOutOfMemory, match=r"^run: 2 members ran out of cpu memory while building the model or loading its checkpoint "
                                                 r"\(DefaultCPUAllocator: can't allocate memory: you tried to allocate "
                                                 r"1099511627776 bytes\. Error code 12 \(Cannot allocate memory\)\);"):
         Trainer(tiny_train_config(), tiny_data, tmp_path / "r")

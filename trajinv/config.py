@@ -493,6 +493,14 @@ def spec_differences(theirs: Any, mine: Any, name: str = "") -> list[str]:
     return [f"{name or 'the spec'} ({show(theirs)} there, {show(mine)} here)"]
 
 
+def elr_columns(cfg: TrainConfig, member: Member) -> dict:
+    """A summary row's elr (the decay per step at the peak lr: `OptimConfig.peak_decay`), tau_iter = 1/elr
+    (None without decay) and tau_fraction = tau_iter / steps."""
+    elr = cfg.optim.peak_decay(member)
+    t = 1.0 / elr if elr > 0 else None
+    return {"elr": elr, "tau_iter": t, "tau_fraction": None if t is None else t / cfg.steps}
+
+
 def describe_differences(theirs: Any, mine: Any, most: int = 3) -> str:
     """The first `most` of `spec_differences`, joined for one line; "" when the specs agree."""
     diffs = spec_differences(theirs, mine)

@@ -8,6 +8,7 @@ replaced a sweep's six rows with one), so it is refused in one line before anyth
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from trajinv.checkpoint import has_checkpoint
@@ -37,3 +38,25 @@ def refuse_other(out: str | Path, mine: str) -> None:
     if held is not None and _COMMAND[held] != mine:
         raise ValueError(f"{out} holds a {held} (`trajinv {_COMMAND[held]}`), not a {mine}: choose a new --out "
                          "directory")
+
+
+def trained_split(out: str | Path) -> int | None:
+    """A sweep's population size (its spec.json's) once any of its runs has a checkpoint, else None.
+
+    A trained population's members are fixed (its checkpoint holds them), so a rerun keeps the split
+    that made it. Until then a rerun may split the members otherwise: after running out of memory, say
+    (on CPU the grouping never changes a member's numbers; docs/design.md, "Population independence").
+    ValueError when runs have checkpoints but spec.json's population cannot be read: a regrouping would
+    delete them."""
+    out = Path(out)
+    runs = out / "runs"
+    if not runs.is_dir() or not any(has_checkpoint(d) for d in runs.iterdir() if d.is_dir()):
+        return None
+    try:
+        population = json.loads((out / SWEEP_SPEC).read_text()).get("population", 0)
+    except (OSError, ValueError, AttributeError):
+        population = None
+    if isinstance(population, bool) or not isinstance(population, int) or population < 0:
+        raise ValueError(f"{out / SWEEP_SPEC} has no readable population size (population: {population!r}) but "
+                         "its runs have trained; restore it, or use a new --out directory")
+    return population

@@ -5,7 +5,7 @@ train together as one population: one model with a member axis, one optimizer
 launch per step. The output directory holds
 
     spec.json                      the sweep spec; a rerun must match it (its population size
-                                   only once a population has trained: `trained_split`)
+                                   only once a population has trained: `rundirs.trained_split`)
     summary.csv                    one row per member (rewritten after each population)
     runs/<run_id>/metrics.jsonl    one line per logged step per member
     runs/<run_id>/checkpoint*      resumable state
@@ -27,12 +27,12 @@ from typing import Callable, Sequence
 
 from trajinv.atomic import atomic_write, remove_stale_temps
 from trajinv.checkpoint import has_checkpoint
-from trajinv.config import Member, TrainConfig, describe_differences, sweep_pairs, to_dict
+from trajinv.config import Member, TrainConfig, describe_differences, elr_columns, sweep_pairs, to_dict
 from trajinv.data import DataConfig, TokenData, load_data
 from trajinv.parallel import memory
 from trajinv.parallel.ddp import refuse_ranks
 from trajinv.parallel.devices import check_device
-from trajinv.rundirs import SWEEP_SPEC, refuse_other
+from trajinv.rundirs import SWEEP_SPEC, refuse_other, trained_split
 from trajinv.schedules import BatchSchedule
 from trajinv.train import MemberResult, Trainer
 
@@ -101,7 +101,8 @@ class SweepSpec:
     """Batch sizes or batch-size schedules; each is its own population."""
     population: int = 0
     """Most members trained together; 0 = as many as fit the device's free memory (all of a batch size
-    if they fit; a rerun keeps the stored split)."""
+    if they fit). A rerun keeps the stored split once a population has checkpointed; until then it may
+    split otherwise (smaller, after running out of memory)."""
 
     def members(self) -> tuple[Member, ...]:
         pairs = sweep_pairs(self.lrs, self.wds, self.elrs, self.points, self.train.optim.decay_mode)
@@ -158,40 +159,20 @@ def _check_spec(out: Path, spec: SweepSpec) -> bool:
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f"{path} is not valid JSON; fix or remove it, or use a new --out directory") from None
     mine = json.loads(json.dumps(to_dict(spec)))
-    if isinstance(theirs, dict):  # how the members are grouped is not what they are (trained_split)
+    if isinstance(theirs, dict):  # how the members are grouped is not what they are (rundirs.trained_split)
         theirs, mine = ({k: v for k, v in d.items() if k != "population"} for d in (theirs, mine))
     if differences := describe_differences(theirs, mine):
         raise SpecMismatch(out, differences)
     return True
 
 
-def trained_split(out: Path) -> int | None:
-    """The population size in `out`'s spec.json once any of its populations has a checkpoint, else None.
-
-    A trained population's members are fixed (its checkpoint holds them), so a rerun keeps the split
-    that made it. Until then a rerun may split the members otherwise: after running out of memory, say
-    (on CPU the grouping never changes a member's numbers; docs/design.md, "Population independence")."""
-    runs = Path(out) / "runs"
-    if not runs.is_dir() or not any(has_checkpoint(d) for d in runs.iterdir() if d.is_dir()):
-        return None
-    return _stored_population(Path(out))
-
-
-def _stored_population(out: Path) -> int | None:
-    """spec.json's population size; None when it is unreadable (the spec check names the file)."""
-    try:
-        return int(json.loads((out / SPEC).read_text()).get("population", 0))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None
-
-
-def _regroup(out: Path, spec: SweepSpec, run_ids: set[str]) -> None:
+def _regroup(out: Path, spec: SweepSpec) -> None:
     """Adopt `spec`'s population size in a sweep where nothing has trained: spec.json records it, and the
-    run directories of the old grouping (no checkpoint in any: metrics of an attempt that never
-    checkpointed, which a resume would drop too, and a failed population's error.log) and the summary of
-    their failures go, so analysis never reads a member twice."""
+    old grouping's run directories (none holds a checkpoint: metrics of attempts that never checkpointed,
+    which a resume would drop too, and failed populations' error.log) and the summary of their failures go,
+    so analysis never reads a member twice or under another population's indices."""
     for d in (out / "runs").glob("*"):
-        if d.is_dir() and d.name not in run_ids:
+        if d.is_dir() and not has_checkpoint(d):  # trained_split said none has; never delete a checkpoint
             shutil.rmtree(d)
     (out / SUMMARY).unlink(missing_ok=True)
     atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
@@ -210,13 +191,6 @@ def write_summary(out: Path, rows: list[dict]) -> Path:
 
     atomic_write(path, write, mode="w", newline="")
     return path
-
-
-def elr_columns(cfg: TrainConfig, member: Member) -> dict:
-    """A summary row's elr, tau_iter and tau_fraction (`summary_rows`)."""
-    elr = cfg.optim.peak_decay(member)
-    t = 1.0 / elr if elr > 0 else None
-    return {"elr": elr, "tau_iter": t, "tau_fraction": None if t is None else t / cfg.steps}
 
 
 def summary_rows(run_id: str, cfg: TrainConfig, results: list[MemberResult]) -> list[dict]:
@@ -252,8 +226,8 @@ def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str
     remove_stale_temps(out)
     if not exists:
         atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
-    elif split is None and _stored_population(out) != spec.population:
-        _regroup(out, spec, {run_id for run_id, _ in pops})
+    elif split is None and json.loads((out / SPEC).read_text()).get("population") != spec.population:
+        _regroup(out, spec)
     return data, pops
 
 

@@ -215,7 +215,8 @@ class Trainer:
         if not self.run_dir.is_dir():
             return False
         clean_run_dir(self.run_dir)
-        ckpt = load_checkpoint(self.run_dir, check_meta=self._check_meta, check_tensors=self._load_state)
+        with self._fits(building=True):  # the state's tensors land on the device here
+            ckpt = load_checkpoint(self.run_dir, check_meta=self._check_meta, check_tensors=self._load_state)
         if ckpt is None:
             return False
         _, meta = ckpt
@@ -382,7 +383,7 @@ class Trainer:
                 raise
         else:
             return
-        where = "while building the model" if building else f"in step {self.step + 1}"
+        where = "while building the model or loading its checkpoint" if building else f"in step {self.step + 1}"
         raise DeviceOutOfMemory(f"{self.run_id}: {self.K} member{'s' * (self.K != 1)} ran out of {self.cfg.device} "
                                 f"memory {where} ({said}); train fewer members at once (--population of sweep "
                                 "and tune) or use a smaller --micro-batch")

@@ -436,3 +436,14 @@ def test_a_member_above_ln_v_counts_as_diverged_as_everywhere_else(tmp_path):
 
     done, diverged = make(tmp_path / "done", "done"), make(tmp_path / "div", "diverged")
     assert (done.lr, done.wd) == (diverged.lr, diverged.wd)
+
+
+def test_the_check_line_is_fitted_on_its_own_spacing(tmp_path):
+    # a 0.5-octave scan gives a 0.75-octave window; the check members sit 1 octave apart, so that window left
+    # the check line's best alone and lr silently stayed at a member (0.4 octave off here)
+    root = _tune_dir(tmp_path / "t", 2)
+    data = json.loads((root / TUNE_RESULT).read_text())
+    data["spec"]["search"] = {"octaves": 3.0, "points": 7}
+    (root / TUNE_RESULT).write_text(json.dumps(data))
+    o = load_budget(root, n_boot=50)
+    assert math.log2(o.lr / _optimum(2)[0]) == pytest.approx(0, abs=0.05)

@@ -187,3 +187,13 @@ def test_a_sweep_or_tune_under_torchrun_is_refused_before_it_writes(tmp_path, mo
         f"Error: trajinv {command} does not run under torchrun (WORLD_SIZE=2): every rank would train the whole "
         f"{command} into one directory; spread its populations with --devices or --ray, and use torchrun for "
         "trajinv train"]
+
+
+def test_a_rank_without_a_world_size_is_not_torchrun(monkeypatch):
+    from trajinv.parallel.ddp import refuse_ranks
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("RANK", "3")  # a scheduler's own variable: sweep never read it
+    refuse_ranks("sweep")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    refuse_ranks("tune")

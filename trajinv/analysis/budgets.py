@@ -150,12 +150,17 @@ def _from_tune(root: Path, n_boot: int, seed: int, batch_size: str | int | None 
         raise ValueError(f"the tune in {root} varied wd only at one value through its best member "
                          f"(lr={lr_fixed:g}, best wd={anchor['wd']:g}), so its optimal wd is not located; "
                          "rerun it with a larger --budget so that its check runs")
+    # the searched line (S) is fitted as the tune fits it: its zoom put members irregularly near the best; the
+    # check line (C) holds the check factors, regular (1 octave by default, not the scan's spacing): level-
+    # neighbours there, or a window of 0.75 octave at a 0.5-octave scan left its best member alone
     window = _fit_window(data)
-    by_wd = optimum_from_members(wd_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed, window=window)
+    searched_wd = axis == "lr"  # along lr, S varies lr and C varies wd; along ELR, S varies wd (ELR at one lr)
+    by_wd = optimum_from_members(wd_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed,
+                                 window=None if searched_wd else window)
     if len({m.lr for m in lr_line}) < 3:
         return by_wd  # lr not varied enough to fit: untuned, and the report says so
     by_lr = optimum_from_members(lr_line, tokens, steps, source=root.name, n_boot=n_boot, seed=seed + 1,
-                                 window=window)
+                                 window=window if searched_wd else None)
     lr = by_lr.lr
     if fixed == "elr":  # C located lr (at its ELR, near the optimal ELR that S located)
         elr = by_wd.elr
@@ -204,18 +209,20 @@ def _loss(row: dict, chance: float) -> float | None:
     v = row.get("final_val_loss")
     if row.get("status") != "done" or v is None or not math.isfinite(float(v)):
         return None
-    return float(v) if float(v) <= chance else None
+    return float(v) if float(v) < chance else None  # at ln V or above: diverged, as the tune's `_outcomes`
 
 
 def _chance(root: Path) -> float:
-    """ln V of a sweep's runs (their first metrics record's vocab_size); inf when none says."""
+    """ln V of a sweep's runs (the first metrics record that gives a vocab_size); inf when none does."""
     for path in sorted(root.glob(f"runs/*/{METRICS}")):
         try:
             with path.open() as f:
-                first = json.loads(f.readline() or "{}")
-        except (OSError, ValueError):
+                for line in f:
+                    vocab = json.loads(line).get("vocab_size") if line.strip() else None
+                    if vocab:
+                        return chance_loss(vocab)
+        except (OSError, ValueError, AttributeError):
             continue
-        return chance_loss(first.get("vocab_size")) or math.inf
     return math.inf
 
 

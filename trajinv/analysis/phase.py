@@ -97,8 +97,8 @@ chaotic equilibrium    loss fell < 2% per tau at the end of the quasi-  stationa
 convergence            otherwise: loss still falling or norm unsettled  small effective step, still descending
 =====================  ===============================================  ===============================================
 
-Validated on real sweeps by ``bench/bench_phase.py`` (the median equilibrium
-step against the transition the spreads show).
+Validated on real sweeps by ``bench/bench_phase.py`` (the step by which half the
+members are in equilibrium against the transition the spreads show).
 
 The loss criteria assume a positive loss (cross-entropy). Decay in the
 ``independent`` mode (wd scaled by the lr multiplier) is not modelled.

@@ -180,9 +180,12 @@ def refuse_ranks(command: str) -> None:
     """One-line ValueError when a sweep or tune runs under torchrun: each rank would train every population
     into the same directory (both ranks appended to one metrics.jsonl, a line interleaved mid-record).
     torchrun splits one population over ranks: that is `trajinv train`."""
-    ctx = DistContext.from_env()
-    if ctx.active:
-        raise ValueError(f"trajinv {command} does not run under torchrun (WORLD_SIZE={ctx.world_size}): every rank "
+    try:  # WORLD_SIZE alone: a scheduler may set RANK for its own reasons
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return
+    if world > 1:
+        raise ValueError(f"trajinv {command} does not run under torchrun (WORLD_SIZE={world}): every rank "
                          f"would train the whole {command} into one directory; spread its populations with "
                          "--devices or --ray, and use torchrun for trajinv train")
 

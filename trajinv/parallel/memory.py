@@ -151,12 +151,12 @@ def fit_members(model: ModelConfig, members: int, batch: int, micro_batch: int, 
 def size_populations(spec, out: str | Path, free: Callable[[], int], device_kind: str):
     """`spec` with the population size that fits the device: `spec.population` when set (the user's
     `--population`); the size stored in `out`'s spec.json once one of its populations has trained (a
-    rerun keeps its populations whatever memory is free now: `trajinv.sweep.trained_split`); else 0
+    rerun keeps its populations whatever memory is free now: `trajinv.rundirs.trained_split`); else 0
     (all members at once) if they fit in `free()` bytes times the `device_kind` safety share, or the
     largest size that does."""
     if spec.population:
         return spec
-    from trajinv.sweep import trained_split
+    from trajinv.rundirs import trained_split
 
     split = trained_split(Path(out))
     if split is not None:

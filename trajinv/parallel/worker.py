@@ -112,7 +112,7 @@ def _train(job: Job, emit: Emit, throttle: Throttle) -> Outcome:
 
 def failed_outcome(job: Job, error: str) -> Outcome:
     """Summary rows of a failed population: its members, the step its last checkpoint reached, the error."""
-    from trajinv.sweep import elr_columns
+    from trajinv.config import elr_columns
 
     meta = latest_meta(job.run_dir) or {}
     step, tokens = meta.get("step", 0), meta.get("tokens", 0)

@@ -36,11 +36,11 @@ from trajinv.analysis.records import chance_loss
 from trajinv.atomic import atomic_write, remove_stale_temps
 from trajinv.config import DataConfig, Member, TrainConfig, describe_differences, to_dict
 from trajinv.data import load_data
-from trajinv.parallel.devices import check_device, device_kind, usable_devices
-from trajinv.rundirs import TUNE_SPEC, refuse_other
-from trajinv.schedules import BatchSchedule
 from trajinv.parallel.ddp import refuse_ranks
-from trajinv.sweep import SpecMismatch, SweepSpec, run_sweep, trained_split
+from trajinv.parallel.devices import check_device, device_kind, usable_devices
+from trajinv.rundirs import TUNE_SPEC, refuse_other, trained_split
+from trajinv.schedules import BatchSchedule
+from trajinv.sweep import SpecMismatch, SweepSpec, run_sweep
 from trajinv.train import Trainer
 from trajinv.tune.fit import MIN_TRANSITIONS
 from trajinv.tune.search import Outcome, Point, Regime, Search, SearchConfig, Stage, TuneResult, classify_regime
@@ -253,7 +253,7 @@ def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progres
     rows = []
     if points:
         # a stage that has trained keeps its grouping; the others take this run's --population (smaller
-        # after running out of memory, say: trajinv.sweep.trained_split)
+        # after running out of memory, say: trajinv.rundirs.trained_split)
         split = trained_split(directory)
         sweep = SweepSpec(train=train, data=spec.data, points=points, batch_sizes=(spec.train.batch_size,),
                           population=spec.population if split is None else split)
