@@ -202,7 +202,9 @@ def test_a_population_that_ran_out_of_memory_is_rerun_in_smaller_ones(tiny_train
     assert rows == reference  # on CPU a member's numbers do not depend on its population
 
 
-def test_a_sweep_that_has_trained_keeps_its_populations(tiny_train_config, tmp_path):
+def test_a_sweep_that_has_trained_splits_only_its_untrained_members_anew(tiny_train_config, tmp_path):
+    # one population finished, the next ran out of memory (on another device, say): the rerun with a smaller
+    # --population was refused once anything had checkpointed, so the sweep started over in a new --out
     class Stop(Exception):
         pass
 
@@ -212,15 +214,15 @@ def test_a_sweep_that_has_trained_keeps_its_populations(tiny_train_config, tmp_p
 
     with pytest.raises(Stop):
         run_sweep(_spec(tiny_train_config, population=1), tmp_path, progress=second_population_interrupted)
-    before = (tmp_path / "spec.json").read_text()
-    with pytest.raises(ValueError, match=r"has trained populations of 1 member and a rerun keeps that split: leave "
-                                         r"out --population or pass --population 1 \(--population 3 asked\)"):
-        run_sweep(_spec(tiny_train_config, population=3), tmp_path)
-    assert (tmp_path / "spec.json").read_text() == before and (tmp_path / "runs/bs4-p0").is_dir()
-    rows = run_sweep(_spec(tiny_train_config), tmp_path)  # no --population: the stored split
-    assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p1", "bs4-p2"]
-    # a size that groups the members as the trained one did is the same split
-    assert len(run_sweep(_spec(tiny_train_config, population=1), tmp_path)) == 3
+    trained = (tmp_path / "runs/bs4-p0/checkpoint-00000004.json").read_bytes()
+    rows = run_sweep(_spec(tiny_train_config, population=3), tmp_path)
+    assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p1", "bs4-p1"]  # p0 kept, the other two together
+    assert (tmp_path / "runs/bs4-p0/checkpoint-00000004.json").read_bytes() == trained  # not retrained
+    reference = run_sweep(_spec(tiny_train_config), tmp_path / "ref")
+    assert [(r["lr"], r["wd"], r["final_val_loss"]) for r in rows] == [
+        (r["lr"], r["wd"], r["final_val_loss"]) for r in reference]  # on CPU the grouping changes no number
+    again = run_sweep(_spec(tiny_train_config), tmp_path)  # no --population: the stored size, nothing retrained
+    assert again == rows and json.loads((tmp_path / "spec.json").read_text())["population"] == 3
     whole = tmp_path / "whole"
     run_sweep(_spec(tiny_train_config), whole)  # one population of all three
     assert len(run_sweep(_spec(tiny_train_config, population=5), whole)) == 3

@@ -43,11 +43,9 @@ def refuse_other(out: str | Path, mine: str) -> None:
 def trained_split(out: str | Path) -> int | None:
     """A sweep's population size (its spec.json's) once any of its runs has a checkpoint, else None.
 
-    A trained population's members are fixed (its checkpoint holds them), so a rerun keeps the split
-    that made it. Until then a rerun may split the members otherwise: after running out of memory, say
-    (on CPU the grouping never changes a member's numbers; docs/design.md, "Population independence").
-    ValueError when runs have checkpoints but spec.json's population cannot be read: a regrouping would
-    delete them."""
+    What a rerun without --population keeps (a tune's trained stage too); until then it is sized afresh
+    (`trajinv.parallel.memory.size_populations`). ValueError when runs have checkpoints but spec.json's
+    population cannot be read: the sweep is refused rather than regrouped."""
     out = Path(out)
     runs = out / "runs"
     if not runs.is_dir() or not any(has_checkpoint(d) for d in runs.iterdir() if d.is_dir()):

@@ -4,8 +4,8 @@ Members that share a batch-size schedule (and so the same batches and length)
 train together as one population: one model with a member axis, one optimizer
 launch per step. The output directory holds
 
-    spec.json                      the sweep spec; a rerun must match it (its population size
-                                   only once a population has trained: `rundirs.trained_split`)
+    spec.json                      the sweep spec; a rerun must match it (but for its population
+                                   size: `plan_populations`)
     summary.csv                    one row per member (rewritten after each population)
     runs/<run_id>/metrics.jsonl    one line per logged step per member
     runs/<run_id>/checkpoint*      resumable state
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from trajinv.atomic import atomic_write, remove_stale_temps
-from trajinv.checkpoint import has_checkpoint
+from trajinv.checkpoint import has_checkpoint, latest_meta
 from trajinv.config import Member, TrainConfig, describe_differences, elr_columns, sweep_pairs, to_dict
 from trajinv.data import DataConfig, TokenData, load_data
 from trajinv.parallel import memory
@@ -101,8 +101,9 @@ class SweepSpec:
     """Batch sizes or batch-size schedules; each is its own population."""
     population: int = 0
     """Most members trained together; 0 = as many as fit the device's free memory (all of a batch size
-    if they fit). A rerun keeps the stored split once a population has checkpointed; until then it may
-    split otherwise (smaller, after running out of memory)."""
+    if they fit; a rerun without it keeps the stored size once a population has checkpointed). A rerun
+    may change it (smaller, after running out of memory): checkpointed populations keep their members,
+    the others are split anew (`plan_populations`)."""
 
     def members(self) -> tuple[Member, ...]:
         pairs = sweep_pairs(self.lrs, self.wds, self.elrs, self.points, self.train.optim.decay_mode)
@@ -133,10 +134,9 @@ class SweepSpec:
         size = self.population or len(members)
         out = []
         for bs in self.batch_sizes:
-            tag = re.sub(r"[^0-9A-Za-z.]+", "-", bs.replace("@", "at"))
             for i in range(0, len(members), size):
                 chunk = members[i : i + size]
-                run_id = f"bs{tag}" + (f"-p{i // size}" if size < len(members) else "")
+                run_id = f"bs{_tag(bs)}" + (f"-p{i // size}" if size < len(members) else "")
                 out.append((run_id, replace(self.train, members=chunk, batch_size=bs)))
         return out
 
@@ -159,7 +159,7 @@ def _check_spec(out: Path, spec: SweepSpec) -> bool:
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f"{path} is not valid JSON; fix or remove it, or use a new --out directory") from None
     mine = json.loads(json.dumps(to_dict(spec)))
-    if isinstance(theirs, dict):  # how the members are grouped is not what they are (rundirs.trained_split)
+    if isinstance(theirs, dict):  # how the members are grouped is not what they are (plan_populations)
         theirs, mine = ({k: v for k, v in d.items() if k != "population"} for d in (theirs, mine))
     if differences := describe_differences(theirs, mine):
         raise SpecMismatch(out, differences)
@@ -167,12 +167,12 @@ def _check_spec(out: Path, spec: SweepSpec) -> bool:
 
 
 def _regroup(out: Path, spec: SweepSpec) -> None:
-    """Adopt `spec`'s population size in a sweep where nothing has trained: spec.json records it, and the
-    old grouping's run directories (none holds a checkpoint: metrics of attempts that never checkpointed,
-    which a resume would drop too, and failed populations' error.log) and the summary of their failures go,
-    so analysis never reads a member twice or under another population's indices."""
+    """Adopt `spec`'s population size (`plan_populations`): spec.json records it, and the run directories
+    without a checkpoint (metrics of attempts that never checkpointed, which a resume would drop too, and
+    failed populations' error.log) and the summary go (rewritten as populations finish), so analysis never
+    reads a member twice or under another population's indices. A checkpointed run is never touched."""
     for d in (out / "runs").glob("*"):
-        if d.is_dir() and not has_checkpoint(d):  # trained_split said none has; never delete a checkpoint
+        if d.is_dir() and not has_checkpoint(d):
             shutil.rmtree(d)
     (out / SUMMARY).unlink(missing_ok=True)
     atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
@@ -207,33 +207,78 @@ def summary_rows(run_id: str, cfg: TrainConfig, results: list[MemberResult]) -> 
 def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str, TrainConfig]]]:
     """Check `spec` against `out` and the data, then (only then) create `out` and write its spec.json:
     a sweep that fails its checks leaves nothing behind to block the corrected command.
-    Returns the data and the populations (run_id, config)."""
+    Returns the data and the populations (run_id, config): `plan_populations`."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a directory")
     refuse_other(out, "sweep")
     exists = _check_spec(out, spec)
-    split = trained_split(out) if exists else None
-    if split is not None and _grouping(split, spec) != _grouping(spec.population, spec):
-        members = "all its members" if split == 0 else f"{split} member{'s' * (split != 1)}"
-        raise ValueError(f"{out} has trained populations of {members} and a rerun keeps that split: "
-                         f"leave out --population{'' if split == 0 else f' or pass --population {split}'} "
-                         f"(--population {spec.population} asked), or use a new --out directory")
+    if exists:
+        trained_split(out)  # trained runs beside an unreadable population: refused, before anything moves
+    pops, regrouped = plan_populations(spec, out) if exists else (spec.populations(), False)
     data = load_data(spec.data)
-    pops = spec.populations()
     for _, cfg in pops:
         Trainer.check(cfg, data)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
     if not exists:
         atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
-    elif split is None and json.loads((out / SPEC).read_text()).get("population") != spec.population:
+    elif regrouped or json.loads((out / SPEC).read_text()).get("population") != spec.population:
         _regroup(out, spec)
     return data, pops
 
 
-def _grouping(population: int, spec: SweepSpec) -> int:
-    """A population size as the chunks it makes of `spec`'s members: 0 (one chunk) when it holds them all."""
-    return 0 if not population or population >= len(spec.members()) else population
+def plan_populations(spec: SweepSpec, out: Path) -> tuple[list[tuple[str, TrainConfig]], bool]:
+    """The populations of a sweep that exists in `out`, and whether they differ from `spec.populations()`.
+
+    A population with a checkpoint keeps its run id and members (its checkpoint holds them). When those
+    are chunks of `spec.populations()` (a plain resume), that is the plan. Otherwise the population size
+    changed after some trained (say one ran out of memory while others finished on other devices): the
+    members no trained population holds are chunked by `spec.population` into new run ids, numbered after
+    the trained ones of their batch size (`bs<tag>-p<i>`). On CPU a member's numbers never depend on its
+    population (docs/design.md, "Population independence")."""
+    plain = spec.populations()
+    trained = _trained_groups(out)
+    chunks = {run_id: (cfg.batch_size, cfg.members) for run_id, cfg in plain}
+    if all(chunks.get(run_id) == group for run_id, group in trained.items()):
+        return plain, False
+    members, pops = spec.members(), []
+    for bs in spec.batch_sizes:
+        kept = sorted(((run_id, ms) for run_id, (b, ms) in trained.items() if b == bs),
+                      key=lambda g: members.index(g[1][0]) if g[1][0] in members else len(members))
+        held = {m for _, ms in kept for m in ms}
+        rest = [m for m in members if m not in held]
+        first = 1 + max((_index(run_id) for run_id, _ in kept), default=-1)
+        size = spec.population or len(rest) or 1
+        new = [(f"bs{_tag(bs)}-p{first + i}", tuple(rest[j : j + size])) for i, j in enumerate(range(0, len(rest), size))]
+        pops += [(run_id, replace(spec.train, members=ms, batch_size=bs)) for run_id, ms in kept + new]
+    return pops, True
+
+
+def _trained_groups(out: Path) -> dict[str, tuple[str, tuple[Member, ...]]]:
+    """run_id -> (batch schedule, members) of each run under `out`/runs with a checkpoint (its sidecar's config)."""
+    groups = {}
+    for d in sorted((out / "runs").glob("*")):
+        meta = latest_meta(d) if d.is_dir() else None
+        if meta is None:
+            continue
+        try:
+            cfg = meta["config"]
+            groups[d.name] = (str(cfg["batch_size"]), tuple(Member(float(m["lr"]), float(m["wd"]))
+                                                           for m in cfg["members"]))
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{d}: its checkpoint's sidecar does not say which members it trains; restore it, "
+                             "or use a new --out directory") from None
+    return groups
+
+
+def _tag(batch_size: str) -> str:
+    return re.sub(r"[^0-9A-Za-z.]+", "-", batch_size.replace("@", "at"))
+
+
+def _index(run_id: str) -> int:
+    """i of a run id bs<tag>-p<i>; 0 for bs<tag> (one population held every member)."""
+    m = re.search(r"-p(\d+)$", run_id)
+    return int(m.group(1)) if m else 0
 
 
 def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None,

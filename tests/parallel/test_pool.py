@@ -249,3 +249,16 @@ def test_a_population_out_of_memory_in_a_worker_names_itself_once(tiny_train_con
     assert rows[1]["error"] == ("DeviceOutOfMemory: 1 member ran out of cpu memory in step 1 (CUDA out of memory. "
                                 "Tried to allocate 8.00 GiB); train fewer members at once (--population of sweep and "
                                 "tune) or use a smaller --micro-batch")
+
+
+def test_after_an_out_of_memory_the_rerun_splits_the_untrained_members_anew(tiny_train_config, tmp_path):
+    # bs4-p0 (2 members) trains on one worker while bs4-p1 runs out of memory on the other; the rerun with a
+    # smaller --population keeps bs4-p0 and trains the rest in populations of 1 (it was refused)
+    rows = run_scaled(_spec(tiny_train_config, population=2), tmp_path, devices="cpu,cpu",
+                      task=spawned.second_population_out_of_memory)
+    assert [r["status"] for r in rows] == ["done", "done", "failed"]
+    rerun = run_sweep(_spec(tiny_train_config, population=1), tmp_path, devices="cpu,cpu")
+    assert [(r["run_id"], r["status"]) for r in rerun] == [("bs4-p0", "done"), ("bs4-p0", "done"), ("bs4-p1", "done")]
+    assert "error" not in _table(tmp_path)[0]
+    sequential = run_sweep(_spec(tiny_train_config, population=1), tmp_path / "seq")
+    assert [r["final_val_loss"] for r in rerun] == [r["final_val_loss"] for r in sequential]
