@@ -246,6 +246,8 @@ def test_cli_tune_a_failed_population_is_one_line_and_the_rerun_retries_it(tmp_p
 def test_a_population_out_of_memory_in_a_worker_names_itself_once(tiny_train_config, tmp_path):
     rows = run_scaled(_spec(tiny_train_config), tmp_path, devices="cpu,cpu", task=spawned.second_population_out_of_memory)
     assert [r["status"] for r in rows] == ["done", "failed", "done"]
+    # its error.log shows where the allocation failed: torch's error is chained (raised in the with-block's exit)
+    assert "in fail\n" in (tmp_path / "runs/bs4-p1/error.log").read_text()
     assert rows[1]["error"] == ("DeviceOutOfMemory: 1 member ran out of cpu memory in step 1 (CUDA out of memory. "
                                 "Tried to allocate 8.00 GiB); train fewer members at once (--population of sweep and "
                                 "tune) or use a smaller --micro-batch")
