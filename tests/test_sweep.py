@@ -259,3 +259,33 @@ def test_a_regrouped_sweep_keeps_no_run_of_the_old_grouping(tiny_train_config, t
     assert not (out / "runs/bs4-p1/metrics.jsonl").exists()
     rows = run_sweep(_spec(tiny_train_config, population=1), out)
     assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p1", "bs4-p2"]
+
+
+def test_a_checkpoint_whose_members_are_unknown_is_refused_before_anything_moves(tiny_train_config, tmp_path):
+    # a damaged sidecar was skipped: a new chunk took its directory's name, and its members were trained twice
+    run_sweep(_spec(tiny_train_config, population=1), tmp_path)
+    for sidecar in (tmp_path / "runs/bs4-p2").glob("checkpoint-*.json"):
+        sidecar.write_text("{")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"bs4-p2 has a checkpoint whose sidecar does not say which members"):
+        run_sweep(_spec(tiny_train_config, population=2), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_regrouped_sweeps_rerun_changes_nothing_on_disk_before_it_trains(tiny_train_config, tmp_path):
+    # every rerun after a regroup deleted summary.csv first: one interrupted there left a finished sweep without it
+    from trajinv.sweep import prepare_sweep
+
+    class Stop(Exception):
+        pass
+
+    def stop(kind, **info):
+        if kind == "population" and info["run_id"] == "bs4-p1":
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_sweep(_spec(tiny_train_config, population=1), tmp_path, progress=stop)
+    run_sweep(_spec(tiny_train_config, population=2), tmp_path)  # regrouped: bs4-p0 kept, the other two together
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    prepare_sweep(_spec(tiny_train_config, population=2), tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before

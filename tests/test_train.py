@@ -510,3 +510,21 @@ def test_a_population_too_large_to_build_is_named_too(tiny_data, tiny_train_conf
                                                 r"\(DefaultCPUAllocator: can't allocate memory: you tried to allocate "
                                                 r"1099511627776 bytes\. Error code 12 \(Cannot allocate memory\)\);"):
         Trainer(tiny_train_config(), tiny_data, tmp_path / "r")
+
+
+def test_out_of_memory_after_a_checkpoint_says_the_members_stay_together(tiny_data, tiny_train_config, tmp_path,
+                                                                         monkeypatch):
+    # a smaller --population splits only populations without a checkpoint: the advice alone was a dead end
+    forward = Trainer._forward_backward
+
+    def late(self, step, bs):
+        if step == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...")
+        return forward(self, step, bs)
+
+    monkeypatch.setattr(Trainer, "_forward_backward", late)
+    run = tmp_path / "r"
+    with pytest.raises(DeviceOutOfMemory, match=rf"in step 4 .*\(--population of sweep and tune \(this population "
+                                                rf"has checkpointed, so its members stay together: move {run} aside "
+                                                r"first\)\) or use a smaller --micro-batch$"):
+        Trainer(tiny_train_config(steps=6, checkpoint_every=3), tiny_data, run).train()

@@ -43,7 +43,7 @@ def refuse_other(out: str | Path, mine: str) -> None:
 def trained_split(out: str | Path) -> int | None:
     """A sweep's population size (its spec.json's) once any of its runs has a checkpoint, else None.
 
-    What a rerun without --population keeps (a tune's trained stage too); until then it is sized afresh
+    What a rerun without --population keeps; until then it is sized afresh
     (`trajinv.parallel.memory.size_populations`). ValueError when runs have checkpoints but spec.json's
     population cannot be read: the sweep is refused rather than regrouped."""
     out = Path(out)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from trajinv.atomic import atomic_write, remove_stale_temps
-from trajinv.checkpoint import has_checkpoint, latest_meta
+from trajinv.checkpoint import LEGACY_SIDECAR, has_checkpoint, latest_meta
 from trajinv.config import Member, TrainConfig, describe_differences, elr_columns, sweep_pairs, to_dict
 from trajinv.data import DataConfig, TokenData, load_data
 from trajinv.parallel import memory
@@ -166,16 +166,24 @@ def _check_spec(out: Path, spec: SweepSpec) -> bool:
     return True
 
 
-def _regroup(out: Path, spec: SweepSpec) -> None:
-    """Adopt `spec`'s population size (`plan_populations`): spec.json records it, and the run directories
-    without a checkpoint (metrics of attempts that never checkpointed, which a resume would drop too, and
-    failed populations' error.log) and the summary go (rewritten as populations finish), so analysis never
+def _regroup(out: Path, spec: SweepSpec, pops: list[tuple[str, TrainConfig]], resized: bool) -> None:
+    """Clear what the plan (`plan_populations`) no longer trains. Run directories without a checkpoint hold
+    metrics of attempts that never checkpointed (a resume drops them too) and failed populations' error.log:
+    those outside the plan go, and after a change of population size (`resized`) those in it too (the
+    name may now hold other members); spec.json then records the size. summary.csv keeps the rows of
+    checkpointed populations (the rest are written again as their populations finish), so analysis never
     reads a member twice or under another population's indices. A checkpointed run is never touched."""
+    planned = {run_id for run_id, _ in pops}
     for d in (out / "runs").glob("*"):
-        if d.is_dir() and not has_checkpoint(d):
+        if d.is_dir() and not has_checkpoint(d) and (resized or d.name not in planned):
             shutil.rmtree(d)
-    (out / SUMMARY).unlink(missing_ok=True)
-    atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
+    if resized:
+        summary = out / SUMMARY
+        if summary.is_file():
+            with summary.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if has_checkpoint(out / "runs" / r.get("run_id", ""))]
+            write_summary(out, rows)
+        atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
 
 
 def write_summary(out: Path, rows: list[dict]) -> Path:
@@ -214,7 +222,7 @@ def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str
     exists = _check_spec(out, spec)
     if exists:
         trained_split(out)  # trained runs beside an unreadable population: refused, before anything moves
-    pops, regrouped = plan_populations(spec, out) if exists else (spec.populations(), False)
+    pops = plan_populations(spec, out)[0] if exists else spec.populations()
     data = load_data(spec.data)
     for _, cfg in pops:
         Trainer.check(cfg, data)
@@ -222,8 +230,8 @@ def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str
     remove_stale_temps(out)
     if not exists:
         atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
-    elif regrouped or json.loads((out / SPEC).read_text()).get("population") != spec.population:
-        _regroup(out, spec)
+    else:
+        _regroup(out, spec, pops, json.loads((out / SPEC).read_text()).get("population") != spec.population)
     return data, pops
 
 
@@ -258,17 +266,25 @@ def _trained_groups(out: Path) -> dict[str, tuple[str, tuple[Member, ...]]]:
     """run_id -> (batch schedule, members) of each run under `out`/runs with a checkpoint (its sidecar's config)."""
     groups = {}
     for d in sorted((out / "runs").glob("*")):
-        meta = latest_meta(d) if d.is_dir() else None
-        if meta is None:
+        if not (d.is_dir() and has_checkpoint(d)):
             continue
+        meta = latest_meta(d) or _legacy_meta(d)
         try:
             cfg = meta["config"]
             groups[d.name] = (str(cfg["batch_size"]), tuple(Member(float(m["lr"]), float(m["wd"]))
                                                            for m in cfg["members"]))
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{d}: its checkpoint's sidecar does not say which members it trains; restore it, "
-                             "or use a new --out directory") from None
+        except (KeyError, TypeError, ValueError):  # a damaged or legacy sidecar: which members is unknown
+            raise ValueError(f"{d} has a checkpoint whose sidecar does not say which members it trains; move it "
+                             "aside (its members then train anew) or use a new --out directory") from None
     return groups
+
+
+def _legacy_meta(run_dir: Path) -> dict | None:
+    """The sidecar of a checkpoint in the single-file layout of earlier versions (`checkpoint.LEGACY_SIDECAR`)."""
+    try:
+        return json.loads((run_dir / LEGACY_SIDECAR).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _tag(batch_size: str) -> str:

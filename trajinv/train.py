@@ -384,9 +384,12 @@ class Trainer:
         else:
             return
         where = "while building the model or loading its checkpoint" if building else f"in step {self.step + 1}"
+        # a checkpoint fixes its population's members: a smaller --population splits only the others
+        fixed = (f" (this population has checkpointed, so its members stay together: move {self.run_dir} aside "
+                 "first)") if self.has_checkpoint() else ""
         raise DeviceOutOfMemory(f"{self.run_id}: {self.K} member{'s' * (self.K != 1)} ran out of {self.cfg.device} "
                                 f"memory {where} ({said}); train fewer members at once (--population of sweep "
-                                "and tune) or use a smaller --micro-batch")
+                                f"and tune{fixed}) or use a smaller --micro-batch")
 
     def _train(self, progress, until: int | None) -> list[MemberResult]:
         cfg = self.cfg

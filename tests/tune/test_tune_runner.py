@@ -8,6 +8,7 @@ import warnings
 from dataclasses import replace
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from trajinv import cli
@@ -315,3 +316,27 @@ def test_population_may_change_between_a_tune_and_its_rerun(tmp_path, tiny_data)
     for d in (first, again):
         d.pop("spec")
     assert again == first
+
+
+def test_a_tune_whose_population_ran_out_of_memory_reruns_with_a_smaller_one(tmp_path, tiny_data, monkeypatch):
+    # bs8-p0 (2 members) trains, bs8-p1 runs out of memory: the stage kept its split on rerun, so the error's
+    # advice (a smaller --population) could not be followed
+    from trajinv.train import DeviceOutOfMemory, Trainer
+
+    forward = Trainer._forward_backward
+
+    def too_many(self, step, bs):
+        if self.run_id == "bs8-p1" and self.K > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB. GPU 0 has ...")
+        return forward(self, step, bs)
+
+    monkeypatch.setattr(Trainer, "_forward_backward", too_many)
+    spec = replace(_spec(points=4, zoom_points=0, check_factors=(2.0,), max_rescans=0), population=2)
+    with pytest.raises(DeviceOutOfMemory, match="^bs8-p1: 2 members ran out"):
+        run_tune(spec, tmp_path)
+    scan = tmp_path / STAGES / "1-scan"
+    kept = (scan / "runs/bs8-p0/checkpoint-00000010.json").read_bytes()
+    run = run_tune(replace(spec, population=1), tmp_path)
+    assert (scan / "runs/bs8-p0/checkpoint-00000010.json").read_bytes() == kept  # not retrained
+    assert sorted(p.name for p in (scan / "runs").iterdir()) == ["bs8-p0", "bs8-p1", "bs8-p2"]
+    assert len(run.stages[0].outcomes) == 4 and all(o.finite for o in run.stages[0].outcomes)

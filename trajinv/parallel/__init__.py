@@ -6,7 +6,7 @@
 - `worker`: one population trained by a worker (the unit of work of the pool and of Ray).
 - `pool`: one spawned worker process per device of this node, fed from a queue.
 - `cluster`: each population a Ray task (optional extra `trajinv[ray]`).
-- `runner`: a sweep through either backend, summary.csv in spec order, failures as rows.
+- `runner`: a sweep through either backend, summary.csv in population order, failures as rows.
 - `ddp`: one population data-parallel over torchrun ranks (torch.distributed).
 
 `trajinv.sweep.run_sweep(..., devices=..., ray=...)` and the Trainer's `dist` argument are

@@ -38,7 +38,7 @@ from trajinv.config import DataConfig, Member, TrainConfig, describe_differences
 from trajinv.data import load_data
 from trajinv.parallel.ddp import refuse_ranks
 from trajinv.parallel.devices import check_device, device_kind, usable_devices
-from trajinv.rundirs import TUNE_SPEC, refuse_other, trained_split
+from trajinv.rundirs import TUNE_SPEC, refuse_other
 from trajinv.schedules import BatchSchedule
 from trajinv.sweep import SpecMismatch, SweepSpec, run_sweep
 from trajinv.train import Trainer
@@ -252,11 +252,10 @@ def _run_stage(spec: TuneSpec, stage: Stage, axis: str, directory: Path, progres
     points = tuple((p.lr, p.wd) for p in stage.points if p.key not in doomed)
     rows = []
     if points:
-        # a stage that has trained keeps its grouping; the others take this run's --population (smaller
-        # after running out of memory, say: trajinv.rundirs.trained_split)
-        split = trained_split(directory)
+        # this run's --population (smaller after running out of memory, say): a stage's checkpointed
+        # populations keep their members, the rest are split by it (trajinv.sweep.plan_populations)
         sweep = SweepSpec(train=train, data=spec.data, points=points, batch_sizes=(spec.train.batch_size,),
-                          population=spec.population if split is None else split)
+                          population=spec.population)
         try:
             rows = run_sweep(sweep, directory, progress=progress, **scale)
         except SpecMismatch as e:  # same tune spec, another stage: planned by a search that decided otherwise
