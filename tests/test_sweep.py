@@ -85,6 +85,18 @@ def test_bad_specs(kw, match):
         SweepSpec(**base).validate()
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(run_id: str):
+    """A progress callback that interrupts the sweep as population `run_id` starts."""
+    def progress(kind, **info):
+        if kind == "population" and info["run_id"] == run_id:
+            raise _Stop
+    return progress
+
+
 def _spec(tiny_train_config, **kw):
     base = dict(train=tiny_train_config(steps=4, checkpoint_every=2), data=DataConfig(max_tokens=200_000),
                 lrs=(0.01, 0.02), wds=(0.5,), elrs=(0.01,), batch_sizes=("4",))
@@ -205,15 +217,8 @@ def test_a_population_that_ran_out_of_memory_is_rerun_in_smaller_ones(tiny_train
 def test_a_sweep_that_has_trained_splits_only_its_untrained_members_anew(tiny_train_config, tmp_path):
     # one population finished, the next ran out of memory (on another device, say): the rerun with a smaller
     # --population was refused once anything had checkpointed, so the sweep started over in a new --out
-    class Stop(Exception):
-        pass
-
-    def second_population_interrupted(kind, **info):
-        if kind == "population" and info["run_id"] == "bs4-p1":
-            raise Stop
-
-    with pytest.raises(Stop):
-        run_sweep(_spec(tiny_train_config, population=1), tmp_path, progress=second_population_interrupted)
+    with pytest.raises(_Stop):
+        run_sweep(_spec(tiny_train_config, population=1), tmp_path, progress=_stop_at("bs4-p1"))
     trained = (tmp_path / "runs/bs4-p0/checkpoint-00000004.json").read_bytes()
     rows = run_sweep(_spec(tiny_train_config, population=3), tmp_path)
     assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p1", "bs4-p1"]  # p0 kept, the other two together
@@ -247,15 +252,8 @@ def test_a_regrouped_sweep_keeps_no_run_of_the_old_grouping(tiny_train_config, t
     (out / "runs/bs4-p1/metrics.jsonl").write_text(json.dumps({"step": 1, "member": 0, "base_lr": 0.02}) + "\n")
     (out / "spec.json").write_text(json.dumps({**json.loads(json.dumps(to_dict(_spec(tiny_train_config)))),
                                                "population": 2}))
-    class Stop(Exception):
-        pass
-
-    def stop_at_second(kind, **info):  # interrupted before the new bs4-p1 trains: its old lines stayed
-        if kind == "population" and info["run_id"] == "bs4-p1":
-            raise Stop
-
-    with pytest.raises(Stop):
-        run_sweep(_spec(tiny_train_config, population=1), out, progress=stop_at_second)
+    with pytest.raises(_Stop):  # interrupted before the new bs4-p1 trains: its old lines stayed
+        run_sweep(_spec(tiny_train_config, population=1), out, progress=_stop_at("bs4-p1"))
     assert not (out / "runs/bs4-p1/metrics.jsonl").exists()
     rows = run_sweep(_spec(tiny_train_config, population=1), out)
     assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p1", "bs4-p2"]
@@ -276,15 +274,8 @@ def test_a_regrouped_sweeps_rerun_changes_nothing_on_disk_before_it_trains(tiny_
     # every rerun after a regroup deleted summary.csv first: one interrupted there left a finished sweep without it
     from trajinv.sweep import prepare_sweep
 
-    class Stop(Exception):
-        pass
-
-    def stop(kind, **info):
-        if kind == "population" and info["run_id"] == "bs4-p1":
-            raise Stop
-
-    with pytest.raises(Stop):
-        run_sweep(_spec(tiny_train_config, population=1), tmp_path, progress=stop)
+    with pytest.raises(_Stop):
+        run_sweep(_spec(tiny_train_config, population=1), tmp_path, progress=_stop_at("bs4-p1"))
     run_sweep(_spec(tiny_train_config, population=2), tmp_path)  # regrouped: bs4-p0 kept, the other two together
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     prepare_sweep(_spec(tiny_train_config, population=2), tmp_path)
