@@ -528,3 +528,13 @@ def test_out_of_memory_after_a_checkpoint_says_the_members_stay_together(tiny_da
                                                 rf"has checkpointed, so its members stay together: move {run} aside "
                                                 r"first\)\) or use a smaller --micro-batch$"):
         Trainer(tiny_train_config(steps=6, checkpoint_every=3), tiny_data, run).train()
+
+
+def test_out_of_memory_in_an_evaluation_names_it(tiny_data, tiny_train_config, tmp_path, monkeypatch):
+    # it was "in step 5" of a 4-step run: the step counter had moved on when the evaluation ran
+    def evaluate(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB. GPU 0 has ...")
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    with pytest.raises(DeviceOutOfMemory, match=r"^run: 2 members ran out of cpu memory in the evaluation after step 4 "):
+        Trainer(tiny_train_config(steps=4, eval_every=4), tiny_data, tmp_path / "r").train()

@@ -175,6 +175,7 @@ class Trainer:
         self.diverged_at = torch.full((2, self.K), -1, dtype=torch.int64)
         self._saved_step = -1
         self._resume_asked = False  # resume() was called: train() may then start a fresh run here
+        self._evaluating = False
 
     # ----------------------------------------------------------------- state
     def _state_tensors(self) -> dict[str, torch.Tensor]:
@@ -383,7 +384,9 @@ class Trainer:
                 raise
         else:
             return
-        where = "while building the model or loading its checkpoint" if building else f"in step {self.step + 1}"
+        where = ("while building the model or loading its checkpoint" if building else
+                 f"in the evaluation after step {self.step}" if self._evaluating else f"in step {self.step + 1}")
+        self._evaluating = False
         # a checkpoint fixes its population's members: a smaller --population splits only the others
         fixed = (f" (this population has checkpointed, so its members stay together: move {self.run_dir} aside "
                  "first)") if self.has_checkpoint() else ""
@@ -438,7 +441,9 @@ class Trainer:
                 self.diverged_at[0, newly_dead] = done
                 self.diverged_at[1, newly_dead] = self.tokens
                 if evaluated:
+                    self._evaluating = True  # an out-of-memory error here names the evaluation (`_fits`)
                     self.last_val = torch.where(self.alive, self.evaluate(), self.last_val)
+                    self._evaluating = False
                     boot = torch.from_numpy(boot_means(self.val_windows, self.boot_counts))
                     self.last_boot = torch.where(self.alive[:, None], boot, self.last_boot)
                 if logging:
