@@ -149,13 +149,14 @@ class SpecMismatch(ValueError):
         self.differences = differences
 
 
-def _check_spec(out: Path, spec: SweepSpec) -> bool:
-    """Whether `out` already holds this spec; ValueError if it holds another (nothing written)."""
+def _check_spec(out: Path, spec: SweepSpec) -> dict | None:
+    """The spec stored in `out` when it is this one (None when there is none); ValueError if it holds
+    another (nothing written)."""
     path = out / SPEC
     if not path.exists():
-        return False
+        return None
     try:
-        theirs = json.loads(path.read_text())
+        stored = theirs = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f"{path} is not valid JSON; fix or remove it, or use a new --out directory") from None
     mine = json.loads(json.dumps(to_dict(spec)))
@@ -163,7 +164,7 @@ def _check_spec(out: Path, spec: SweepSpec) -> bool:
         theirs, mine = ({k: v for k, v in d.items() if k != "population"} for d in (theirs, mine))
     if differences := describe_differences(theirs, mine):
         raise SpecMismatch(out, differences)
-    return True
+    return stored
 
 
 def _regroup(out: Path, spec: SweepSpec, pops: list[tuple[str, TrainConfig]], resized: bool) -> None:
@@ -207,8 +208,8 @@ def summary_rows(run_id: str, cfg: TrainConfig, results: list[MemberResult]) -> 
     weight decay) and tau_fraction = tau_iter / the run's steps: the optimum sits at a fixed share of
     the run (trajinv.tune.fit, "Enough iterations")."""
     return [{"run_id": run_id, "member": k, "name": r.name, "lr": r.lr, "wd": r.wd,
-             **elr_columns(cfg, Member(r.lr, r.wd)), "batch_size": cfg.batch_size, "steps": r.steps, "tokens": r.tokens,
-             "final_train_loss": r.train_loss, "final_val_loss": r.val_loss, "status": r.status, **r.extra}
+             **elr_columns(cfg, Member(r.lr, r.wd)), "batch_size": cfg.batch_size, "steps": r.steps,
+             "tokens": r.tokens, "final_train_loss": r.train_loss, "final_val_loss": r.val_loss, "status": r.status, **r.extra}
             for k, r in enumerate(results)]
 
 
@@ -219,24 +220,24 @@ def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a directory")
     refuse_other(out, "sweep")
-    exists = _check_spec(out, spec)
-    if exists:
+    stored = _check_spec(out, spec)
+    if stored is not None:
         trained_split(out)  # trained runs beside an unreadable population: refused, before anything moves
-    pops = plan_populations(spec, out)[0] if exists else spec.populations()
+    pops = spec.populations() if stored is None else plan_populations(spec, out)
     data = load_data(spec.data)
     for _, cfg in pops:
         Trainer.check(cfg, data)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out)
-    if not exists:
+    if stored is None:
         atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
     else:
-        _regroup(out, spec, pops, json.loads((out / SPEC).read_text()).get("population") != spec.population)
+        _regroup(out, spec, pops, stored.get("population") != spec.population)
     return data, pops
 
 
-def plan_populations(spec: SweepSpec, out: Path) -> tuple[list[tuple[str, TrainConfig]], bool]:
-    """The populations of a sweep that exists in `out`, and whether they differ from `spec.populations()`.
+def plan_populations(spec: SweepSpec, out: Path) -> list[tuple[str, TrainConfig]]:
+    """The populations (run_id, config) of a sweep that exists in `out`.
 
     A population with a checkpoint keeps its run id and members (its checkpoint holds them). When those
     are chunks of `spec.populations()` (a plain resume), that is the plan. Otherwise the population size
@@ -248,7 +249,7 @@ def plan_populations(spec: SweepSpec, out: Path) -> tuple[list[tuple[str, TrainC
     trained = _trained_groups(out)
     chunks = {run_id: (cfg.batch_size, cfg.members) for run_id, cfg in plain}
     if all(chunks.get(run_id) == group for run_id, group in trained.items()):
-        return plain, False
+        return plain
     members, pops = spec.members(), []
     for bs in spec.batch_sizes:
         kept = sorted(((run_id, ms) for run_id, (b, ms) in trained.items() if b == bs),
@@ -259,7 +260,7 @@ def plan_populations(spec: SweepSpec, out: Path) -> tuple[list[tuple[str, TrainC
         size = spec.population or len(rest) or 1
         new = [(f"bs{_tag(bs)}-p{first + i}", tuple(rest[j : j + size])) for i, j in enumerate(range(0, len(rest), size))]
         pops += [(run_id, replace(spec.train, members=ms, batch_size=bs)) for run_id, ms in kept + new]
-    return pops, True
+    return pops
 
 
 def _trained_groups(out: Path) -> dict[str, tuple[str, tuple[Member, ...]]]:

@@ -83,6 +83,9 @@ def data_identity(data: TokenData) -> dict:
     return out
 
 
+_BUILDING = "while building the model or loading its checkpoint"  # `Trainer._fits`'s place for both
+
+
 class DeviceOutOfMemory(MemoryError):
     """A population too large for its device, in one line: who, where it stopped, what to change."""
 
@@ -146,7 +149,7 @@ class Trainer:
         self.plan = cfg.batch_plan()  # steps per batch-size stage: from cfg.tokens or cfg.steps
         self.K = len(cfg.members)
         dev = torch.device(cfg.device)
-        with self._fits(building=True):
+        with self._fits(_BUILDING):
             self.model = GPT(cfg.model, members=self.K, seed=cfg.seed).to(dev)
             self.optimizer = build_optimizer(self.model, cfg.members, cfg.optim, backend=cfg.kernels)
         self.kinds = {kind: [n for n, p in self.model.named_parameters() if param_kind(n, p) == kind]
@@ -175,7 +178,6 @@ class Trainer:
         self.diverged_at = torch.full((2, self.K), -1, dtype=torch.int64)
         self._saved_step = -1
         self._resume_asked = False  # resume() was called: train() may then start a fresh run here
-        self._evaluating = False
 
     # ----------------------------------------------------------------- state
     def _state_tensors(self) -> dict[str, torch.Tensor]:
@@ -216,7 +218,7 @@ class Trainer:
         if not self.run_dir.is_dir():
             return False
         clean_run_dir(self.run_dir)
-        with self._fits(building=True):  # the state's tensors land on the device here
+        with self._fits(_BUILDING):  # the state's tensors land on the device here
             ckpt = load_checkpoint(self.run_dir, check_meta=self._check_meta, check_tensors=self._load_state)
         if ckpt is None:
             return False
@@ -373,9 +375,10 @@ class Trainer:
             return self._train(progress, until)
 
     @contextlib.contextmanager
-    def _fits(self, building: bool = False):
-        """torch's out-of-memory errors as one `DeviceOutOfMemory` line that names the population and what
-        to change (a long CUDA message and a traceback told a sweep's user neither)."""
+    def _fits(self, where: str | None = None):
+        """torch's out-of-memory errors as one `DeviceOutOfMemory` line that names the population, `where`
+        (default: the step being trained) and what to change (a long CUDA message and a traceback told a
+        sweep's user neither). Nested, the innermost names the place: its error is no RuntimeError."""
         try:
             yield
         except RuntimeError as e:
@@ -384,9 +387,7 @@ class Trainer:
                 raise
         else:
             return
-        where = ("while building the model or loading its checkpoint" if building else
-                 f"in the evaluation after step {self.step}" if self._evaluating else f"in step {self.step + 1}")
-        self._evaluating = False
+        where = where or f"in step {self.step + 1}"
         # a checkpoint fixes its population's members: a smaller --population splits only the others
         fixed = (f" (this population has checkpointed, so its members stay together: move {self.run_dir} aside "
                  "first)") if self.has_checkpoint() else ""
@@ -441,9 +442,8 @@ class Trainer:
                 self.diverged_at[0, newly_dead] = done
                 self.diverged_at[1, newly_dead] = self.tokens
                 if evaluated:
-                    self._evaluating = True  # an out-of-memory error here names the evaluation (`_fits`)
-                    self.last_val = torch.where(self.alive, self.evaluate(), self.last_val)
-                    self._evaluating = False
+                    with self._fits(f"in the evaluation after step {done}"):
+                        self.last_val = torch.where(self.alive, self.evaluate(), self.last_val)
                     boot = torch.from_numpy(boot_means(self.val_windows, self.boot_counts))
                     self.last_boot = torch.where(self.alive[:, None], boot, self.last_boot)
                 if logging:

@@ -118,9 +118,9 @@ def _tokenize(ds, column: str, tok: Tokenizer, max_tokens: int | None) -> tuple[
         with no_progress_bars(), tqdm(total=n, desc="tokenize", unit=" docs", leave=False, disable=None) as bar:
             while start < n and (max_tokens is None or total < max_tokens):
                 chunk = ds.select(range(start, min(n, start + size))) if (start, size) != (0, n) else ds
-                fingerprint = hashlib.sha256(f"{ds._fingerprint}-{start}-{size}-{tok.identity}".encode()).hexdigest()
+                key = f"{ds._fingerprint}-{start}-{size}-{tok.identity}"
                 tokenized = chunk.map(encode, batched=True, batch_size=256, remove_columns=[column], features=features,
-                                      keep_in_memory=True, new_fingerprint=fingerprint[:32])
+                                      keep_in_memory=True, new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32])
                 take(tokenized)
                 n_read += len(chunk)
                 start += len(chunk)

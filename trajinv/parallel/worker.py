@@ -117,8 +117,8 @@ def failed_outcome(job: Job, error: str) -> Outcome:
     meta = latest_meta(job.run_dir) or {}
     step, tokens = meta.get("step", 0), meta.get("tokens", 0)
     rows = [{"run_id": job.run_id, "member": k, "name": m.name, "lr": m.lr, "wd": m.wd,
-             **elr_columns(job.cfg, m), "batch_size": job.cfg.batch_size, "steps": step, "tokens": tokens, "final_train_loss": None,
-             "final_val_loss": None, "status": "failed", "error": error}
+             **elr_columns(job.cfg, m), "batch_size": job.cfg.batch_size, "steps": step, "tokens": tokens,
+             "final_train_loss": None, "final_val_loss": None, "status": "failed", "error": error}
             for k, m in enumerate(job.cfg.members)]
     return Outcome(job.run_id, rows, error=error)
 
