@@ -95,7 +95,7 @@ def linear_counts(K: int, n: int, t: int, d_in: int, d_out: int, act: int, has_w
 
 def rmsnorm_counts(K: int, n: int, t: int, d: int, act: int, has_w: bool = True) -> dict:
     """Fused gain gradient + norms vs the plain gain-gradient reduction, same tiles."""
-    bd = max(16, min(RMS.LAUNCH_CONFIG["BLOCK_D"], 1 << (d - 1).bit_length()))
+    bd = RMS.launch_config(d)["BLOCK_D"]
     P = math.ceil(d / bd)
     plain_flops = 3 * K * n * t * d  # x * rstd, * gy, += (per element)
     elem = (5 if has_w else 3) * K * n * d

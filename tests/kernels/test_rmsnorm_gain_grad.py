@@ -7,7 +7,7 @@ from torch.func import grad, vmap
 
 from trajinv.kernels.aot import KernelSpec, compile_kernels
 from trajinv.kernels.rmsnorm import (
-    LAUNCH_CONFIG,
+    launch_config,
     rmsnorm_gain_grad_with_norms,
     rmsnorm_gain_grad_with_norms_reference,
 )
@@ -120,25 +120,31 @@ def test_bad_input_is_rejected():
         rmsnorm_gain_grad_with_norms(x, rstd, gy, w, backend="gpu")
 
 
+# Every tile the launcher can pick (one per BLOCK_D), so the AOT test below compiles all of them.
+WIDTHS = (16, 32, 64, 128)
+
+
+def test_launcher_picks_one_of_the_compiled_tiles():
+    picked = {tuple(sorted(launch_config(d).items())) for d in range(1, 5000)}
+    assert picked == {tuple(sorted(launch_config(d).items())) for d in WIDTHS}
+
+
 def test_aot_compiles_without_spills():
     sig = {"x_ptr": "*bf16", "rstd_ptr": "*fp32", "gy_ptr": "*bf16", "w_ptr": "*fp32", "dg_ptr": "*fp32",
            "sw_ptr": "*fp32", "s1_ptr": "*fp32", "N": "i32", "T": "i32", "D": "i32", "SPLITS": "i32", "N_PER": "i32",
            "HAS_W": "constexpr", "BLOCK_T": "constexpr", "BLOCK_D": "constexpr"}  # fmt: skip
-    cfg = dict(LAUNCH_CONFIG)
-    warps = cfg.pop("num_warps")
-    specs = [
-        KernelSpec(
-            "trajinv.kernels.rmsnorm:_rmsnorm_gns_kernel",
-            dict(sig, x_ptr=f"*{dt}", gy_ptr=f"*{dt}"),
-            dict(HAS_W=has_w, **cfg),
-            ("x_ptr", "rstd_ptr", "gy_ptr", "w_ptr", "dg_ptr", "D"),
-            arch,
-            warps,
-        )
-        for arch in (80, 90)
-        for dt in ("fp32", "bf16", "fp16")
-        for has_w in (True, False)
-    ]
+    specs = []
+    for d in WIDTHS:
+        cfg = launch_config(d)
+        warps = cfg.pop("num_warps")
+        for arch in (80, 90):
+            # fp16 compiles like bf16; once, at the widest tile.
+            for dt in ("fp32", "bf16", "fp16") if d == 128 else ("fp32", "bf16"):
+                for has_w in (True, False):
+                    specs.append(KernelSpec(
+                        "trajinv.kernels.rmsnorm:_rmsnorm_gns_kernel", dict(sig, x_ptr=f"*{dt}", gy_ptr=f"*{dt}"),
+                        dict(HAS_W=has_w, **cfg), ("x_ptr", "rstd_ptr", "gy_ptr", "w_ptr", "dg_ptr", "D"), arch, warps))
     for spec, k in zip(specs, compile_kernels(specs)):
-        assert not k.spills and k.registers <= 255, (spec.arch, spec.signature["x_ptr"], k.registers)
-        assert k.count("ld.global.v4") > 0, (spec.arch, spec.signature["x_ptr"])
+        where = (spec.arch, spec.signature["x_ptr"], spec.constexprs)
+        assert not k.spills and k.registers <= 255, (where, k.registers, k.stack_bytes)
+        assert k.count("ld.global.v4") > 0, where
