@@ -34,7 +34,12 @@ kept under ~25% of the operand bytes and is counted by the bench.
 
 Operand precision. bf16/fp16 operands go to `tl.dot` as they are (fp32
 accumulation) on the GPU; fp32 operands use tf32 or full fp32 following
-`torch.backends.cuda.matmul.allow_tf32`. The CPU interpreter has no bf16
+`torch.backends.cuda.matmul.allow_tf32`. Operands reach shared memory by 16-byte
+copies, except for tf32: tf32 MMAs take only K-major (here token-major) operands, and
+activations lie with features contiguous, so ptxas copies the transposed operands 4 bytes
+at a time (both on sm_90, the gy tile on sm_80; the AOT test pins this). Unmeasured on a
+GPU; torch leaves tf32 off by default, which gives full-fp32 dots with 16-byte copies.
+The CPU interpreter has no bf16
 arithmetic, so there the operands are cast to fp32 after loading (exact:
 bf16 -> fp32 is lossless), which the tests use.
 
