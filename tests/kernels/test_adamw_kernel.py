@@ -162,16 +162,20 @@ def _consts(**kw):
 
 
 def test_aot_compiles_without_spills_and_with_128bit_access():
-    # every variant the launcher can pick, on both archs: fp32 first (the vector-access check below)
-    variants = [("fp32", _consts()), ("bf16", _consts()), ("bf16", _consts(SR=True)), ("bf16", _consts(MASTER=True)),
-                ("fp16", _consts()), ("fp16", _consts(MASTER=True)), ("fp32", _consts(GS_PER_MEMBER=False)),
-                ("fp16", _consts(HAS_GS=False, HAS_INF=False))]
+    # The launcher's variants on both archs. Grad scale (none, one, per member) x found_inf (with, without)
+    # for fp32 and bf16 params: a plain drop-in step(), the trainer's per-member scale, AMP; the 16-bit
+    # modes (stochastic rounding, master weights, fp16) with no flags and with all of them.
+    flags = [dict(HAS_GS=gs, GS_PER_MEMBER=per, HAS_INF=inf)
+             for gs, per in ((False, False), (True, False), (True, True)) for inf in (False, True)]
+    variants = [(pt, _consts(**f)) for pt in ("fp32", "bf16") for f in flags]
+    variants += [(pt, _consts(**mode, **f)) for pt, mode in (("bf16", dict(SR=True)), ("bf16", dict(MASTER=True)),
+                 ("fp16", {}), ("fp16", dict(MASTER=True))) for f in (flags[0], flags[-1])]
     specs = [KernelSpec(TARGET, _sig(pt), consts, PTRS, arch) for pt, consts in variants for arch in (80, 90)]
-    out = compile_kernels(specs)
-    for spec, k in zip(specs, out):
-        assert not k.spills and 0 < k.registers <= 255, (spec.arch, spec.constexprs, k.registers)
-    for k in out[:2]:  # fp32: p, g, m, v loads and p, m, v stores all 128-bit in full blocks
-        assert k.count("ld.global.v4") >= 4 and k.count("st.global.v4") >= 3
+    for spec, k in zip(specs, compile_kernels(specs)):
+        where = (spec.arch, spec.signature["p_ptr"], spec.constexprs)
+        assert not k.spills and 0 < k.registers <= 255, (where, k.registers)
+        if spec.signature["p_ptr"] == "*fp32":  # p, g, m, v loads and p, m, v stores all 128-bit in full blocks
+            assert k.count("ld.global.v4") >= 4 and k.count("st.global.v4") >= 3, where
 
 
 def test_eps_zero_keeps_the_statistics_of_a_partial_block_finite():
