@@ -637,15 +637,51 @@ def test_a_malformed_hyperparameter_is_refused_at_construction(kwargs, match):
         FusedAdamW([torch.nn.Parameter(torch.ones(4))], **kwargs)
 
 
-def test_a_grad_swapped_for_another_size_is_refused_not_read_past():
-    # .grad.data = ... bypasses torch's shape check; the native kernel reads p.numel() grad elements
-    p = torch.nn.Parameter(torch.zeros(1000))
-    opt = FusedAdamW([p], lr=0.1, backend="torch")
-    p.grad = torch.ones(1000)
-    p.grad.data = torch.ones(2)
-    with pytest.raises(RuntimeError, match=r"grad of shape \(2,\) .* param of shape \(1000,\)"):
+# Every path: native CPU, torch ops (native off), Triton (interpreted here).
+PATHS = [dict(backend="torch"), dict(backend="torch", native_cpu=False), dict(backend="triton")]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("shape, grad", [((1000,), (2,)), ((4, 3), (3,))])  # shorter; broadcastable
+def test_a_grad_swapped_for_another_size_is_refused_not_read_past(path, shape, grad):
+    # .grad.data = ... bypasses torch's shape check: the native kernel would read p.numel() grad elements,
+    # torch ops and the Triton gather would broadcast a (3,) grad over a (4, 3) param and step with it
+    p = torch.nn.Parameter(torch.zeros(shape))
+    opt = FusedAdamW([p], lr=0.1, **path)
+    p.grad = torch.ones(shape)
+    p.grad.data = torch.ones(grad)
+    with pytest.raises(RuntimeError, match=rf"grad of shape \({grad[0]},\) for a param of shape"):
         opt.step()
-    assert torch.equal(p, torch.zeros(1000))
+    assert torch.equal(p, torch.zeros(shape))
+
+
+def test_params_sharing_storage_are_refused_on_the_triton_path():
+    # the flat buffers would give each view its own copy: tied weights would drift apart silently
+    a = torch.nn.Parameter(torch.zeros(16))
+    b = torch.nn.Parameter(a.data.view(4, 4))
+    opt = FusedAdamW([a, b], lr=0.1, backend="triton")
+    a.grad, b.grad = torch.ones(16), torch.ones(4, 4)
+    with pytest.raises(ValueError, match=r"params of shape \(16,\) and \(4, 4\) overlap in memory"):
+        opt.step()
+    assert torch.equal(a, torch.zeros(16))
+    base = torch.zeros(9)  # disjoint views of one storage (a loaded checkpoint) and a tensor of its own step
+    separate = [torch.nn.Parameter(base[:4]), torch.nn.Parameter(base[4:8]), torch.nn.Parameter(torch.zeros(4))]
+    opt = FusedAdamW(separate, lr=0.1, backend="triton")
+    for p in separate:
+        p.grad = torch.ones(4)
+    opt.step()
+    assert all(bool((p < 0).all()) for p in separate)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_sparse_grad_is_refused_on_every_path_and_first_step(path):
+    # the Triton path builds its flat buffers (copying grads in) at the first step: check before that
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = FusedAdamW([p], lr=0.1, **path)
+    p.grad = torch.ones(3).to_sparse()
+    with pytest.raises(TypeError, match="does not support sparse gradients"):
+        opt.step()
+    assert torch.equal(p, torch.zeros(3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -75,6 +75,35 @@ def _refuse_unsupported(group: dict) -> None:
             raise ValueError(f"FusedAdamW does not support {name}=True")
 
 
+def _check_grad(p: torch.Tensor) -> None:
+    """Grads every path can step, refused the same way on each (before any state or buffer changes)."""
+    g = p.grad
+    if g.is_sparse:
+        raise TypeError(f"FusedAdamW does not support sparse gradients (param {tuple(p.shape)} has a "
+                        f"sparse {g.dtype} grad; torch.optim.SparseAdam handles those)")
+    if g.dtype != p.dtype:
+        raise TypeError(f"grad of param {tuple(p.shape)} must be {p.dtype} like the param, got {g.dtype}")
+    if g.shape != p.shape:  # only through .grad.data; a broadcast grad would step with the wrong values
+        raise RuntimeError(f"grad of shape {tuple(g.shape)} for a param of shape {tuple(p.shape)}")
+
+
+def _overlapping(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Two params whose memory overlaps, if any. Sharing a storage without overlap is fine (a model
+    loaded from a checkpoint of one stepped on the Triton path shares one flat storage)."""
+    spans = []
+    for p in params:
+        if p.numel():
+            size = p.element_size()
+            start = p.untyped_storage().data_ptr() + p.storage_offset() * size
+            last = sum((n - 1) * st for n, st in zip(p.shape, p.stride())) * size
+            spans.append((start, start + last + size, p))
+    spans.sort(key=lambda s: s[:2])
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            return a, b
+    return None
+
+
 class AdamWStats(NamedTuple):
     """Per-step sums for one parameter: shape (K,) for member groups, () otherwise, fp32."""
 
@@ -205,6 +234,11 @@ class FusedAdamW(torch.optim.Optimizer):
         A rebuild follows any change of the layout (a param added, re-typed, moved or re-shaped
         after construction), so the params are checked again first: a state the param no longer
         fits is refused here, before the native kernel would write past it."""
+        tied = _overlapping([p for g in self.param_groups for p in g["params"] if self._use_triton(p.device)])
+        if tied:
+            raise ValueError(f"params of shape {tuple(tied[0].shape)} and {tuple(tied[1].shape)} overlap in memory "
+                             "(views of one tensor): the Triton path moves each param into its own slot of a "
+                             "flat buffer, which would untie them; tie them as one Parameter")
         for g in self.param_groups:
             self._check_group(g)
             for p in g["params"]:
@@ -263,19 +297,15 @@ class FusedAdamW(torch.optim.Optimizer):
             found_inf = getattr(self, "found_inf", None)
         for g in self.param_groups:  # a flag set after the buckets were built (a rebuild checks the rest)
             _refuse_unsupported(g)
+            for p in g["params"]:  # before the buckets: building them copies grads in (Triton path)
+                if p.grad is not None:
+                    _check_grad(p)
         self._step_stats = []
         for b in self._ensure_buckets():
             b.precond_ready = None  # the state changes now; the native step may emit a fresh W
             active = tuple(p.grad is not None for p in b.params)
             if not any(active):
                 continue
-            for p in b.params:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise TypeError(f"FusedAdamW does not support sparse gradients (param {tuple(p.shape)} has a "
-                                    f"sparse {p.grad.dtype} grad; torch.optim.SparseAdam handles those)")
-                if p.grad is not None and p.grad.dtype != p.dtype:
-                    raise TypeError(f"grad of param {tuple(p.shape)} must be {p.dtype} like the param, "
-                                    f"got {p.grad.dtype}")
             gs = self._grad_scale_for(b, grad_scale)
             inf = None if found_inf is None else found_inf.to(b.device, torch.float32).reshape(())
             out = self._step_bucket(b, active, gs, inf, statistics, emit_preconditioner)
@@ -343,7 +373,10 @@ class FusedAdamW(torch.optim.Optimizer):
         return self._step_stats
 
     def preconditioner(self, p: torch.Tensor) -> torch.Tensor | None:
-        """1/(sqrt(v_hat)+eps) from the current state (the next step's "before" P), or None before any step."""
+        """1/(sqrt(v_hat)+eps) from the current state (the next step's "before" P), or None before any step.
+
+        On the Triton path "any step" means any launch: a param whose only steps were skipped by
+        `found_inf` gets all ones (W = 1), because telling needs the device's step count (a host sync)."""
         where = self._where.get(id(p)) if self._laid_out() else None
         if where is None:
             return None
