@@ -90,8 +90,10 @@ _COL_SLOT, _COL_MEMBER = tl.constexpr(COL_SLOT), tl.constexpr(COL_MEMBER)
 _H_LR, _H_WD, _H_BETA1 = tl.constexpr(H_LR), tl.constexpr(H_WD), tl.constexpr(H_BETA1)
 _H_BETA2, _H_EPS = tl.constexpr(H_BETA2), tl.constexpr(H_EPS)
 
-# Number of kernel launches issued by `fused_adamw_launch` (tests count it).
+# Number of kernel launches issued by `fused_adamw_launch` and of native calls by
+# `native_adamw_step` (tests count them; bench_adamw reports them as ops per step).
 LAUNCHES = 0
+NATIVE_CALLS = 0
 
 
 @triton.jit
@@ -472,6 +474,8 @@ def native_adamw_step(
     if lib is None:
         raise RuntimeError("native CPU AdamW is unavailable (see the warning NATIVE.get() gave)")
     per_member = int(grad_scale is not None and grad_scale.numel() > 1)
+    global NATIVE_CALLS
+    NATIVE_CALLS += 1
     lib.trajinv_adamw_step(
         ptrs.data_ptr(), segs.data_ptr(), segs.shape[0], exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
         hyper.data_ptr(), steps.data_ptr(), None if grad_scale is None else grad_scale.data_ptr(), per_member,

@@ -50,6 +50,18 @@ def test_builds_and_loads():
     assert F.NATIVE.get() is not None
 
 
+def test_one_native_call_per_fp32_bucket_and_step():
+    # bench_adamw reports native calls as ops per step: the counter must count them
+    ps = _params(SHAPES)
+    opt = FusedAdamW(ps, lr=1e-2, backend="torch")
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    before = F.NATIVE_CALLS
+    opt.step()
+    opt.step()
+    assert F.NATIVE_CALLS - before == 2 * len(opt._buckets) and _native_used(opt)
+
+
 def test_fp32_matches_torch_adamw_over_20_steps():
     ps = _params(SHAPES)
     qs = _clone(ps)
