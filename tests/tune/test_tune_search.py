@@ -391,6 +391,16 @@ def test_tell_rejects_a_wrong_oracle():
     search.tell(stage, [Outcome(p, 3.0) for p in reversed(stage.points)])  # any order is fine
     with pytest.raises(ValueError, match="pending stage is"):
         search.tell(stage, [Outcome(p, 3.0) for p in stage.points])  # told twice
+    with pytest.raises(RuntimeError):
+        search.result()  # nothing pending, but the search has stages to go
+
+
+def test_a_diverged_outcome_may_carry_any_se():
+    # a runner has no noise estimate for a diverged member: its se is not checked
+    assert not Outcome(Point(LR, 1.0), None, se=math.nan).finite
+    assert not Outcome(Point(LR, 1.0), math.inf, se=-1.0).finite
+    with pytest.raises(ValueError, match="se of a finite loss"):
+        Outcome(Point(LR, 1.0), 3.0, se=math.nan)
 
 
 # ---- regime -----------------------------------------------------------------------------
@@ -466,6 +476,7 @@ def test_default_threshold_is_one_timescale():
     ("points", 2), ("zoom_points", -1), ("zoom_width", 0.0), ("zoom_width", math.inf), ("max_shifts", 1.5),
     ("max_rescans", -1),
     ("check_factors", (0.5, 1.0)), ("check_factors", ()), ("check_factors", (0.5, 1e-320)), ("check_factors", (1.0000000001,)), ("check_factors", (2 ** 6e-10,)), ("noise", -0.1),
+    ("check_factors", (0.5, math.nan)), ("check_factors", (math.inf,)), ("check_factors", ("2",)),
     ("steps_per_member", 0), ("budget", 0),
 ])
 def test_config_errors_are_one_line_and_name_the_value(field, value):
@@ -480,3 +491,77 @@ def test_classify_regime_rejects_bad_inputs():
         classify_regime(100.0, 0, 1000, 8e-3, 0.1)
     with pytest.raises(ValueError, match="wd"):
         classify_regime(100.0, 32, 1000, 8e-3, 0.0)
+
+
+# ---- stage geometry at a spacing other than 1 (the default config's spacing of 1 hides s vs 1/s) ----------
+
+def test_every_stage_places_its_points_where_the_docstring_says():
+    # shift -> check (fails) -> rescan -> zoom, at spacing 0.75, wd != 1, three zoom points
+    cfg = SearchConfig(lr=0.01, wd=0.5, octaves=3.0, points=5, max_shifts=1, check_factors=(0.5, 2.0),
+                       max_rescans=1, zoom_points=3, zoom_width=0.5)
+    s, c = 0.75, math.log2(0.01 * 0.5)  # spacing; default centre log2(lr * wd)
+    x0, lr0 = c + 2.0, 0.02  # the optimum: past the scan's upper edge (c + 1.5), at another lr
+
+    def oracle(p: Point) -> Outcome:
+        return Outcome(p, 3.0 + 0.1 * (math.log2(p.elr) - x0) ** 2 + 0.05 * math.log2(p.lr / lr0) ** 2)
+
+    result = simulate(cfg, oracle)
+    assert kinds(result) == ["scan", "shift", "check", "rescan", "zoom"]
+    stages = [stage for stage, _ in result.stages]
+    line = lambda stage: ([p.lr for p in stage.points], [math.log2(p.elr) for p in stage.points])
+    expect = {  # stage -> (lr of each point, log2 ELR of each point)
+        "1-scan": ([0.01] * 5, [c + k * s for k in (-2, -1, 0, 1, 2)]),
+        "2-shift": ([0.01] * 2, [c + 1.5 + s, c + 1.5 + 2 * s]),  # max(2, points // 2) beyond the edge
+        "3-check": ([0.005, 0.02], [c + 2.25] * 2),  # through the best, (c + 2.25, lr 0.01), at the same ELR
+        "4-rescan": ([lr0] * 4, [c + 2.25 + k * s for k in (-2, -1, 1, 2)]),  # +-2 s; its centre was checked
+        "5-zoom": ([lr0] * 3, [x0 - 0.375, x0, x0 + 0.375]),  # +-min(s / 2, zoom_width) around the vertex
+    }
+    for stage in stages:
+        lrs, xs = line(stage)
+        assert lrs == pytest.approx(expect[stage.name][0], rel=1e-12), stage.name
+        assert xs == pytest.approx(expect[stage.name][1], abs=1e-9), stage.name
+    assert result.best.lr == pytest.approx(lr0) and math.log2(result.best.elr) == pytest.approx(x0)
+    assert not result.invariant_check.within_noise
+
+
+def test_the_lr_axis_check_keeps_lr_and_multiplies_wd_in_factor_order():
+    cfg = SearchConfig(axis="lr", lr=0.01, wd=0.5, check_factors=(0.25, 4.0, 0.5))
+    result = simulate(cfg, lambda p: Outcome(p, 3.0 + (math.log2(p.lr) + 7.0) ** 2))
+    check = next(stage for stage, _ in result.stages if stage.kind == "check")
+    best = result.invariant_check.outcomes[0].point
+    assert [p.lr for p in check.points] == pytest.approx([best.lr] * 3)
+    assert [p.wd / best.wd for p in check.points] == pytest.approx([0.25, 4.0, 0.5])
+
+
+def test_a_diverged_member_beyond_a_finite_neighbour_is_not_the_divergence_boundary():
+    # upper side of the best: its neighbour trains, the two past it diverge. The optimum is not at the
+    # divergence boundary (that note is for a diverged *nearest* neighbour), and nothing shifts.
+    boundary = "diverged: the optimum is at the divergence boundary"
+    result = simulate(SearchConfig(), elr_surface(C + 0.2, diverge_above=C + 1.5))
+    assert kinds(result) == ["scan", "check", "zoom"] and not any(boundary in n for n in result.notes)
+    result = simulate(SearchConfig(), elr_surface(C + 0.2, diverge_above=C + 0.5))
+    assert any("(upper side) " + boundary in n for n in result.notes), result.notes
+
+
+def test_the_fit_takes_every_finite_member_within_one_and_a_half_spacings_and_no_other():
+    # members at +-1.5 s (the window's edge, known before the search) count; at +-2 s they do not
+    off = {-1.5: 0.4, 1.5: 0.1, -2.0: 5.0, 2.0: 5.0}  # off the parabola, so their weight shows in the fit
+    known = [Outcome(Point(LR, 2.0 ** (C + d) / LR), 3.0 + 0.1 * d * d + e) for d, e in off.items()]
+    search = Search(SearchConfig(zoom_points=0), known=known)
+    oracle = elr_surface(C)
+    while (stage := search.next_stage()) is not None:
+        search.tell(stage, [oracle(p) for p in stage.points])
+    fit = search.result().fit
+    xs = [-1.5, -1.0, 0.0, 1.0, 1.5]
+    ys = [3.0 + 0.1 * d * d + off.get(d, 0.0) for d in xs]
+    quad = fit_quadratic([C + d for d in xs], ys, [0.0] * 5)
+    assert math.log2(fit.vertex) == pytest.approx(quad.x0 - quad.b / (2 * quad.a), abs=1e-9)
+    assert fit.curvature == pytest.approx(quad.curvature)
+    assert abs(math.log2(fit.vertex) - C) > 0.05  # and the edge members did move it off the parabola's C
+
+
+def test_a_failed_check_with_one_other_finite_member_still_rescans():
+    # check factors (2,): the line holds the checked point and one member; the latter is better
+    cfg = SearchConfig(check_factors=(2.0,), max_rescans=1)
+    result = simulate(cfg, lambda p: Outcome(p, 3.0 + 0.1 * (math.log2(p.elr) - C) ** 2 - 0.1 * math.log2(p.lr)))
+    assert "rescan" in kinds(result) and not result.invariant_check.within_noise
