@@ -340,3 +340,19 @@ def test_a_tune_whose_population_ran_out_of_memory_reruns_with_a_smaller_one(tmp
     assert (scan / "runs/bs8-p0/checkpoint-00000010.json").read_bytes() == kept  # not retrained
     assert sorted(p.name for p in (scan / "runs").iterdir()) == ["bs8-p0", "bs8-p1", "bs8-p2"]
     assert len(run.stages[0].outcomes) == 4 and all(o.finite for o in run.stages[0].outcomes)
+
+
+def test_a_stage_reads_back_a_point_whose_stored_digits_round_to_another_key(tmp_path):
+    # The sweep keeps 12 significant digits; this zoom member's log2 lr sits 1e-12 from a 9th-decimal
+    # rounding boundary, so its stored lr has another Point.key: the stage was never readable again.
+    from trajinv.config import sweep_pairs
+    from trajinv.tune.runner import _outcomes
+    from trajinv.tune.search import Point, Stage
+
+    p, other = Point(0.016121090846427273, 0.25), Point(0.0161210908, 0.25)  # `other`: 1e-11 off, its own point
+    ((lr, wd),) = sweep_pairs(points=[(p.lr, p.wd)])
+    assert Point(lr, wd).key != p.key  # the trap itself
+    rows = [{"lr": lr, "wd": wd, "run_id": "bs8-p0", "member": 0, "status": "done", "final_val_loss": 2.5},
+            {"lr": other.lr, "wd": other.wd, "run_id": "bs8-p0", "member": 1, "status": "done", "final_val_loss": 2.9}]
+    outcomes, _ = _outcomes(Stage("5-zoom", "zoom", (p, other)), rows, tmp_path, chance=10.0)
+    assert [o.loss for o in outcomes] == [2.5, 2.9]

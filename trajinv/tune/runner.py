@@ -190,6 +190,20 @@ def _preflight(spec: TuneSpec, scale: dict) -> int:
     return data.vocab_size
 
 
+# How far (octaves) a summary row's lr or wd may lie from the point it trained: the sweep keeps 12
+# significant digits (7e-12 octaves at most), far inside the 1e-9 that tells two points apart.
+_ROW_MATCH = 1e-10
+
+
+def _row_for(p: Point, rows: list[dict]) -> dict | None:
+    """The summary row of point p. Not by `Point.key`: a value stored to 12 digits can round to the other
+    side of the key's 9th log2 decimal (a zoom member at lr 0.016121090846427273 did, and its stage could
+    never be read back)."""
+    x = (math.log2(p.lr), math.log2(p.wd))
+    return next((r for r in rows if abs(math.log2(float(r["lr"])) - x[0]) < _ROW_MATCH
+                 and abs(math.log2(float(r["wd"])) - x[1]) < _ROW_MATCH), None)
+
+
 def _outcomes(stage: Stage, rows: list[dict], directory: Path, chance: float, doomed: set = frozenset()
               ) -> tuple[tuple[Outcome, ...], list[float]]:
     """Each point's final loss (None if diverged) and SE, and the members' B_precond.
@@ -198,13 +212,12 @@ def _outcomes(stage: Stage, rows: list[dict], directory: Path, chance: float, do
     starts) learned nothing: it counts as diverged, like a non-finite loss, so it is never a best, a fit
     point, a check member or a B_precond (an lr far too large can blow a loss up to 1e5 and stay finite)."""
     se = final_val_loss_se(directory) if rows else {}
-    by_key = {Point(r["lr"], r["wd"]).key: r for r in rows}
     out, bp = [], []
     for p in stage.points:
         if p.key in doomed:  # `doomed`: not trainable (lr*wd >= 1), never trained
             out.append(Outcome(p, None, 0.0))
             continue
-        row = by_key.get(p.key)
+        row = _row_for(p, rows)
         if row is None:
             raise RuntimeError(f"stage {stage.name}: no summary row for lr={p.lr:.6g}, wd={p.wd:.6g}")
         loss = row.get("final_val_loss")
