@@ -120,6 +120,8 @@ CLI_CASES = [
     (TRAIN + ["--batch-size", "8@0.5,4@0.2,16"], "8@0.5,4@0.2,16"),
     (TRAIN + ["--batch-size", "8@0.5"], "8@0.5"),
     (TRAIN + ["--batch-size", "8,16"], "8,16"),
+    (TRAIN + ["--batch-size", ""], "schedule ''"),  # was taken as "not given": batch 32
+    (TUNE + ["--batch-size", ""], "schedule ''"),
     # data and tokenizer
     (TRAIN + ["--data", "/no/such/file.txt"], "/no/such/file.txt"),
     (TRAIN + ["--data", "{ws}/empty.txt"], "empty.txt"),
@@ -237,6 +239,14 @@ def test_cli_bad_input(ws, args, needle):
     assert not isinstance(res.exception, Exception) or isinstance(res.exception, SystemExit), res.exc_info
     _check_one_line_error(res.exit_code, res.stderr, needle, res.output)
     assert snapshot(ws) == before
+
+
+@pytest.mark.parametrize("args", [TRAIN, SWEEP, TUNE, ["fit", "{ws}/sw", "{ws}/sw"]], ids=["train", "sweep", "tune", "fit"])
+def test_an_empty_out_is_refused_and_writes_nothing(ws, args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # '' wrote a whole run (a tune's stages, json and plots) into the current directory
+    res = CliRunner().invoke(main, _fill(args, ws) + ["--out", ""])
+    _check_one_line_error(res.exit_code, res.stderr, "'--out': '' is not a directory name", res.output)
+    assert list(tmp_path.iterdir()) == []
 
 
 SUBPROCESS_CASES = [

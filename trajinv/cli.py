@@ -45,6 +45,18 @@ def _one_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+class _OutDir(click.Path):
+    """A directory to write into; '' is refused (it wrote a whole run into the current directory)."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail(f"{value!r} is not a directory name (use '.' for the current directory)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 def _fail_cleanly(fn):
     """Bad input, a file system that refuses (permission, read-only, full disk), and a population
     too large for its device (trajinv.train.DeviceOutOfMemory) become one line on stderr and exit
@@ -139,7 +151,7 @@ def _configs(o: dict, members: tuple[Member, ...] | None = None, batch_size: str
     train = TrainConfig(
         model=preset(o["preset"]),
         members=members or default(TrainConfig, "members"),
-        steps=o["steps"], tokens=o["tokens"], batch_size=batch_size or default(TrainConfig, "batch_size"),
+        steps=o["steps"], tokens=o["tokens"], batch_size=default(TrainConfig, "batch_size") if batch_size is None else batch_size,
         micro_batch=o["micro_batch"],
         optim=OptimConfig(name=o["optimizer"], betas=(o["beta1"], o["beta2"]), clip=o["clip"],
                           decay_mode=o["decay_mode"]),
@@ -258,7 +270,7 @@ def main() -> None:
 @field_option(Member, "wd", param="wds", multiple=True, default=(default(Member, "wd"),),
               help="Weight decay of a member (paired with --lr in order).")
 @field_option(TrainConfig, "batch_size")
-@click.option("--out", default="runs/train", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default="runs/train", show_default=True, type=_OutDir(),
               help="Run directory: metrics.jsonl, checkpoints, summary.csv.")
 @click.option("--resume", is_flag=True, help="Continue from the checkpoint in --out.")
 @_fail_cleanly
@@ -309,7 +321,7 @@ def train(lrs, wds, batch_size, out, resume, **o):
 @click.option("--batch-size", "batch_sizes", multiple=True, default=(default(TrainConfig, "batch_size"),),
               show_default=True, help="Batch sizes or schedules; each trains as its own population.")
 @field_option(SweepSpec, "population")
-@click.option("--out", default="runs/sweep", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default="runs/sweep", show_default=True, type=_OutDir(),
               help="Sweep directory; rerunning the same command resumes it.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write plots and print the analysis.")
 @scale_options
@@ -361,7 +373,7 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
 @field_option(TuneSpec, "min_transitions")
 @field_option(TuneSpec, "population")
 @scale_options
-@click.option("--out", default="runs/tune", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default="runs/tune", show_default=True, type=_OutDir(),
               help="Tune directory (a sweep directory per stage); rerunning the same command resumes it.")
 @_fail_cleanly
 def tune(batch_size, lr, center_elr, octaves, points, zoom_points, zoom_width, max_shifts, max_rescans, check_factor,
@@ -392,7 +404,7 @@ def tune(batch_size, lr, center_elr, octaves, points, zoom_points, zoom_width, m
 @main.command()
 @click.argument("dirs", nargs=-1, required=True, type=click.Path(file_okay=False))
 @click.option("--target-tokens", type=float, default=None, help="Predict the optimal lr, wd and ELR at this budget.")
-@click.option("--out", default="runs/fit", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default="runs/fit", show_default=True, type=_OutDir(),
               help="Where scaling.json and scaling.png go.")
 @click.option("--batch-size", default=None, help="Fit only the members of this batch size or schedule "
               "(a sweep that trained several must be told which).")
