@@ -61,6 +61,9 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     assert data["cost"]["member_steps"] == sum(len(s["points"]) for s in data["stages"]) * TINY["steps"]
     assert data["cost"]["grid_points"] >= 3 and data["regime"]["reason"]
     assert "recommended: lr=" in format_summary(run) and "cost:" in format_summary(run)
+    if run.result.fit is not None:  # the line the fit lies on is named (it need not hold the recommendation)
+        held = "lr" if run.result.axis == "elr" else "wd"
+        assert f"at {held}={run.result.fit.fixed:.4g}: minimum at" in format_summary(run)
     assert [s["name"] for s in data["stages"]] == names  # as on disk: unique, "lr-1-scan" beside "1-scan"
     # each stage's legend entry says what its line holds fixed (stages of one panel may lie on different lines)
     labels = [t.get_text() for ax in build_curve_figure(run).axes if ax.get_legend() for t in ax.get_legend().texts]

@@ -565,3 +565,19 @@ def test_a_failed_check_with_one_other_finite_member_still_rescans():
     cfg = SearchConfig(check_factors=(2.0,), max_rescans=1)
     result = simulate(cfg, lambda p: Outcome(p, 3.0 + 0.1 * (math.log2(p.elr) - C) ** 2 - 0.1 * math.log2(p.lr)))
     assert "rescan" in kinds(result) and not result.invariant_check.within_noise
+
+
+def test_a_check_that_stands_keeps_the_zoom_and_fit_on_the_scanned_line():
+    # ELR-invariant up to 0.002 nat, inside the 0.01 noise floor: the check member at lr x 4 scores lowest.
+    # The 1-D answer stands, so the zoom refines the scanned line (the check member's line holds it alone:
+    # no fit there, and the zoom once landed the recommendation on its own edge).
+    x0 = C  # at the checked point: no zoom member beats the check member
+    def oracle(p: Point) -> Outcome:
+        return Outcome(p, 3.0 + 0.1 * (math.log2(p.elr) - x0) ** 2 - 0.001 * math.log2(p.lr / LR))
+    result = simulate(SearchConfig(noise=0.01), oracle)
+    assert kinds(result) == ["scan", "check", "zoom"] and result.invariant_check.within_noise
+    zoom = result.stages[-1][0]
+    assert all(p.lr == pytest.approx(LR) for p in zoom.points)
+    assert result.fit.fixed == pytest.approx(LR) and math.log2(result.fit.vertex) == pytest.approx(x0, abs=1e-6)
+    assert result.best.lr == pytest.approx(4 * LR)  # still the best evaluated point, and said so
+    assert any("is a check member" in n and "within the check's noise" in n for n in result.notes), result.notes

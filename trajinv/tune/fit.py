@@ -68,7 +68,7 @@ class Quadratic:
 
 @dataclass(frozen=True)
 class Fit:
-    """The quadratic along the recommendation's line: where it puts the optimum."""
+    """The quadratic along the line the search settled on (`fixed`): where it puts the optimum."""
 
     vertex: float
     """Fitted optimum along the axis (an ELR or an lr value)."""

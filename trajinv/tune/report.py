@@ -93,9 +93,10 @@ def format_summary(run: TuneRun) -> str:
     elif run.regime is not None:
         lines.append(f"regime: tune along {'ELR' if r.axis == 'elr' else 'lr'} ({run.regime.reason})")
     if r.fit is not None:
-        what = "ELR" if r.axis == "elr" else "lr"
-        lines.append(f"quadratic fit in log2 {what}: minimum at {what}={r.fit.vertex:.4g}, predicted loss "
-                     f"{r.fit.loss:.4f} (curvature {r.fit.curvature:.3g} nat/octave^2, {r.fit.points} members)")
+        what, held = ("ELR", "lr") if r.axis == "elr" else ("lr", "wd")
+        lines.append(f"quadratic fit in log2 {what} at {held}={r.fit.fixed:.4g}: minimum at {what}={r.fit.vertex:.4g}, "
+                     f"predicted loss {r.fit.loss:.4f} (curvature {r.fit.curvature:.3g} nat/octave^2, "
+                     f"{r.fit.points} members)")
     check = r.invariant_check
     if check is not None:
         finite = sum(o.finite for o in check.outcomes)

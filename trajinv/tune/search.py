@@ -24,7 +24,9 @@ rescan    otherwise a scan of +-2 s along the axis through the best member of th
           times; a rescanned line is checked again only while rescans are left (a check
           that cannot move the search any more would spend members on a report). Not when
           the best on the line is the checked point itself: it is best in both directions.
-zoom      last, on the line through the best point of all: a least-squares quadratic in x
+zoom      last, on the line the search settled on: the checked line when its check stood (a
+          check member that scored lower did so within noise, alone on its line), else the
+          line through the best point of all. A least-squares quadratic in x
           through the finite members within 1.5 s of the best (the best and its
           neighbours: near the optimum, where a quadratic holds; weights 1/se^2). Convex
           with its vertex inside those members -> `zoom_points` around the vertex, else
@@ -37,7 +39,7 @@ zoom      last, on the line through the best point of all: a least-squares quadr
 
 The recommendation is the best *evaluated* point: its loss was measured, with its se,
 while the fit's vertex is a prediction of a model that is only locally right and was
-never trained. The vertex of the fit along the recommendation's line is reported beside
+never trained. The vertex of the fit along the settled line is reported beside
 it (`TuneResult.fit`).
 
 Budget: a stage costs len(points) * steps_per_member member-steps. The first scan must
@@ -379,11 +381,11 @@ class Search:
     def _plan_zoom(self) -> tuple[StageKind, list[Point]] | None:
         self._phase = "done"
         n = self.cfg.zoom_points
-        best = self._best()
+        line, best = self._settled()
         if n == 0 or best is None:
             return None
         best = best.point
-        self._line = _Line.through(self.cfg.axis, best)  # the check may have found the best off the scanned lines
+        self._line = line
         fit = self._fit(self._line, best)
         if fit is not None:
             centre = math.log2(fit.vertex)
@@ -514,9 +516,23 @@ class Search:
             self._notes.append("only the checked point is finite on its invariant line: invariance not confirmed")
         return InvariantCheck(outcomes, spread, threshold, within)
 
+    def _settled(self) -> tuple[_Line, Outcome | None]:
+        """The line the search settled on, and its best: the checked line when its check stood (the 1-D
+        answer stands; a check member that scored lower did so within noise, alone on its line, where a
+        zoom could fit nothing), else the line through the best point of all (a failed check found it
+        off the scanned lines)."""
+        if self._check is not None and self._check.within_noise:
+            return self._line, self._best(self._line)
+        best = self._best()
+        return (self._line if best is None else _Line.through(self.cfg.axis, best.point)), best
+
     def _final_fit(self, best: Outcome, notes: list[str]) -> Fit | None:
-        line = _Line.through(self.cfg.axis, best.point)
-        fit = self._fit(line, best.point)
+        line, on_line = self._settled()
+        if on_line is not best:
+            notes.append(f"the best point (lr={best.point.lr:.4g}, wd={best.point.wd:.4g}) is a check member "
+                         f"{on_line.loss - best.loss:.3g} below the best on the {line.describe()}, within the "
+                         "check's noise: the fit is along that line")
+        fit = self._fit(line, on_line.point)
         if fit is None:
             notes.append(f"no convex fit with its vertex inside the members near the best on the {line.describe()}")
         return fit
