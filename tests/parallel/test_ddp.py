@@ -129,6 +129,23 @@ def test_a_batch_that_does_not_split_fails_in_one_line_on_every_rank(tmp_path, t
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="this machine has the GPUs the ranks ask for")
+def test_a_rank_without_its_gpu_fails_in_one_line(tmp_path, monkeypatch):
+    # torchrun --nproc-per-node 2 ... --device cuda on a machine without two GPUs: every rank died in
+    # torch.cuda.set_device with an AttributeError traceback
+    from click.testing import CliRunner
+
+    from trajinv.cli import main
+
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    res = CliRunner().invoke(main, ["train", *TRAIN, "--batch-size", "8", "--device", "cuda",
+                                    "--out", str(tmp_path / "run")])
+    assert res.exit_code == 1 and not (tmp_path / "run").exists()
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: device 'cuda:1' requested but"), lines
+
+
 def test_torchrun_trains_one_population_like_one_process(tmp_path):
     # TMPDIR: torchrun's elastic agent leaves a torchelastic_* folder in the temp dir each launch
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TMPDIR": str(tmp_path)}

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 import torch
 
 from trajinv.config import TrainConfig
+from trajinv.parallel.devices import check_device
 from trajinv.schedules import BatchSchedule
 
 
@@ -96,6 +97,8 @@ class DistContext:
         world_size ranks x whole micro-batches."""
         if not self.active:
             return
+        if cfg.device.startswith("cuda"):  # `start` sets this rank's GPU: torch's failure there is a traceback
+            check_device(f"cuda:{self.local_rank}")
         unit = self.world_size * (cfg.micro_batch or 1)
         for b in BatchSchedule.parse(cfg.batch_size).sizes:
             if b % unit:
