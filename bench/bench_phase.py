@@ -4,7 +4,7 @@ The switch is observed from the spreads (`transition_step`: the first step from
 which curves of equal lr*wd agree better than curves of equal lr) and predicted
 without a grid, from the members' own norms (`predicted_transition_step`: the
 median step at which each member's matrices reach rotational equilibrium,
-`trajinv.analysis.phase`). The target (issue #12): within a factor of 2.
+`trajinv.analysis.phase`). The target: within a factor of 2.
 
 Sweeps (trained into bench/results/phase/ when missing, reused after):
 
@@ -51,7 +51,7 @@ SWEEPS = {
     "slow": dict(wds=tuple(w / 4 for w in DEMO_WDS), steps=1600),
 }
 QUICK = dict(wds=tuple(w * 8 for w in DEMO_WDS), steps=60)
-FACTOR = 2.0  # the issue's tolerance on predicted / observed
+FACTOR = 2.0  # the target's tolerance on predicted / observed
 WINDOW = 3  # lrs and wds per window of a larger grid
 
 

@@ -6,7 +6,7 @@ and better than generic 2-D search at that cost.
 
 1. A dense **reference grid** (`GRID` lr x wd, log2 spacing 1), once per training
    seed; cached as sweep directories under bench/results/tune/ (a rerun reuses or
-   resumes them). The issue asked for a setting whose optimum is interior in both lr
+   resumes them). The comparison wants a setting whose optimum is interior in both lr
    and wd; this one's is interior in lr, and in wd a plateau at small wd in the seed
    mean (interior at four seeds of seven; README, "Against 2-D search").
 2. **Seed noise**: the std over seeds of the final loss at each grid point, taken

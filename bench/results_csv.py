@@ -2,7 +2,8 @@
 
 A full run writes bench/results/ (git-ignored; the README's figures come from it); a
 `--quick` run writes bench/results/quick/, so a smoke test (`make test`, `make bench`)
-never replaces a full run's table with its own. TRAJINV_BENCH_RESULTS moves both.
+never replaces a full run's table with its own. TRAJINV_BENCH_RESULTS moves both (tables and
+plots; the training caches of bench_tune and bench_phase stay under bench/results/).
 """
 
 from __future__ import annotations

@@ -369,7 +369,7 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
 @field_option(SearchConfig, "max_rescans")
 @field_option(SearchConfig, "check_factors", "--check-factor", multiple=True, type=float)
 @field_option(SearchConfig, "noise")
-@field_option(SearchConfig, "budget", type=int)
+@field_option(SearchConfig, "budget", type=int, help="Total member-steps of the tune (omit: no bound).")
 @field_option(TuneSpec, "min_transitions")
 @field_option(TuneSpec, "population")
 @scale_options

@@ -518,3 +518,11 @@ def test_a_member_whose_decay_flips_the_weights_is_na_not_an_error():
     phases = {p.name: p for p in member_phases(records, beta1=0.0)}
     assert phases["lr=10,wd=1"].phase_at_end == "n/a" and "lr*wd = 10 >= 1" in phases["lr=10,wd=1"].evidence["reason"]
     assert phases["flip"].phase_at_end != "n/a"
+
+
+def test_equilibrated_counts_what_the_prediction_reads():
+    from trajinv.analysis.phase import equilibrated
+
+    mixed = [_phase(None, "n/a"), _phase(200), _phase(None), _phase(None), _phase(400, regime="divergence")]
+    assert equilibrated(mixed) == (1, 3) and predicted_transition_step(mixed) is None
+    assert equilibrated([_phase(100), _phase(None)]) == (1, 2)

@@ -100,3 +100,21 @@ def test_a_tune_directory_is_pointed_to_its_stages(tmp_path):
     (tmp_path / "tune_spec.json").write_text("{}")
     with pytest.raises(ValueError, match=r"is a tune: its stages are sweeps; analyze one of them \(.*1-scan\)"):
         sweep_report(tmp_path)
+
+
+def test_an_observed_transition_without_a_prediction_says_why(small_sweep, monkeypatch):
+    # fewer than half the members in equilibrium: the predicted line was dropped without a word
+    from dataclasses import replace
+
+    import trajinv.analysis.report as report
+    from trajinv.analysis.invariance import analyze_sweep
+
+    def observed_at_6(*a, **k):
+        return replace(analyze_sweep(*a, **k), transition_step=6)
+
+    monkeypatch.setattr(report, "analyze_sweep", observed_at_6)
+    monkeypatch.setattr(report, "predicted_transition_step", lambda phases: None)
+    text, _ = sweep_report(small_sweep)
+    reached, able = report.equilibrated(report.member_phases(report.load_metrics(small_sweep)))
+    assert (f"LR -> ELR transition: observed at step 6; no prediction from single runs: {reached} of {able} "
+            "members reached equilibrium, half are needed") in text

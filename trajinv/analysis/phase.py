@@ -448,6 +448,16 @@ def member_phases(
     return [_member_phase(k, recs, kind, beta1, criteria) for k, recs in sorted(_group(records).items())]
 
 
+def _can_equilibrate(phases: Sequence[MemberPhase]) -> list[MemberPhase]:
+    return [p for p in phases if p.phase_at_end != "n/a" and p.regime != "divergence"]
+
+
+def equilibrated(phases: Sequence[MemberPhase]) -> tuple[int, int]:
+    """(members in equilibrium by the end, members that can equilibrate): what a missing prediction lacked."""
+    able = _can_equilibrate(phases)
+    return sum(p.equilibrium_step is not None for p in able), len(able)
+
+
 def predicted_transition_step(phases: Sequence[MemberPhase]) -> float | None:
     """The step by which half of the members are in equilibrium: the sweep's predicted LR -> ELR switch.
 
@@ -457,7 +467,7 @@ def predicted_transition_step(phases: Sequence[MemberPhase]) -> float | None:
     None when fewer than half did or no member qualifies.
     """
     steps = sorted(math.inf if p.equilibrium_step is None else float(p.equilibrium_step)
-                   for p in phases if p.phase_at_end != "n/a" and p.regime != "divergence")
+                   for p in _can_equilibrate(phases))
     if not steps:
         return None
     half = steps[(len(steps) + 1) // 2 - 1]

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from trajinv.analysis.budgets import unfinished
 from trajinv.analysis.invariance import AllDiverged, analyze_sweep
-from trajinv.analysis.phase import format_phases, member_phases, plot_phases, predicted_transition_step
+from trajinv.analysis.phase import (equilibrated, format_phases, member_phases, plot_phases,
+                                    predicted_transition_step)
 from trajinv.analysis.plots import plot_sweep
 from trajinv.analysis.records import load_metrics, load_summary
 from trajinv.atomic import remove_stale_temps
@@ -62,6 +63,10 @@ def sweep_report(sweep_dir: str | Path, key: str = "val_loss", x: str = "step") 
         if predicted is not None and observed:
             sections.append(f"LR -> ELR transition: observed at step {observed}, predicted from single runs' "
                             f"equilibrium at step {predicted:.0f} (ratio {predicted / observed:.2f})")
+        elif observed:  # said, not dropped: the prediction needs half the members in equilibrium
+            reached, able = equilibrated(phases)
+            sections.append(f"LR -> ELR transition: observed at step {observed}; no prediction from single runs: "
+                            f"{reached} of {able} members reached equilibrium, half are needed")
         paths.append(plot_phases(records, phases, root / PHASES_PNG))
     vocab = next((r["vocab_size"] for r in records if r.get("vocab_size")), None)
     text, curve_png = _tuning_curves(root, vocab)
