@@ -39,6 +39,10 @@ def test_train_then_resume(corpus, tmp_path):
               "--out", out, "--optimizer", "torch")
     assert res.exit_code == 0, res.output
     assert "lr=0.01,wd=0.1" in res.output and (Path(out) / "summary.csv").exists()
+    import re
+
+    line = next(x for x in res.output.splitlines() if x.startswith("lr=0.01,wd=0.1"))
+    assert re.fullmatch(r"lr=0\.01,wd=0\.1 +done +train \d+\.\d{4}  val \d+\.\d{4}", line), line  # not 16 digits
     again = run("train", *TINY, "--data", corpus, "--lr", "0.01", "--wd", "0.1", "--lr", "0.02", "--wd", "0.1",
                 "--out", out, "--optimizer", "torch")
     assert again.exit_code != 0 and "--resume" in again.output

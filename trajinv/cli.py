@@ -305,8 +305,9 @@ def train(lrs, wds, batch_size, out, resume, **o):
     if not dist.is_main:
         return
     write_summary(Path(out), summary_rows(trainer.run_id, cfg, results))
+    loss = lambda v: "-" if v is None else f"{v:.4f}"  # the summary keeps every digit
     for r in results:
-        click.echo(f"{r.name:24s} {r.status:9s} train {r.train_loss}  val {r.val_loss}")
+        click.echo(f"{r.name:24s} {r.status:9s} train {loss(r.train_loss)}  val {loss(r.val_loss)}")
 
 
 @main.command()
