@@ -135,12 +135,12 @@ CLI_CASES = [
     (TRAIN + ["--seed", "-1"], "-1"),
     (TRAIN + ["--seed", "99999999999999999999"], "seed must be an integer in [0, 2**64), got 99999999999999999999"),
     # gradient noise scale
-    (TRAIN + ["--gns", "micro-batch", "--micro-batch", "2", "--gns-every", "0"], "every"),
+    (TRAIN + ["--gns", "micro-batch", "--micro-batch", "2", "--gns-every", "0"], "(--gns-every) must be an int >= 1, got 0"),
     (TRAIN + ["--gns", "micro-batch", "--micro-batch", "3"], "micro_batch=3"),
     (TRAIN + ["--gns", "micro-batch"], "micro_batch=0"),
     (TRAIN + ["--gns", "micro-batch", "--micro-batch", "4"], "micro_batch=4"),
     (TRAIN + ["--gns", "per-example", "--gns-embeddings"], "embeddings"),
-    (TRAIN + ["--gns", "micro-batch", "--micro-batch", "2", "--gns-warmup", "0"], "precond_warmup"),
+    (TRAIN + ["--gns", "micro-batch", "--micro-batch", "2", "--gns-warmup", "0"], "(--gns-warmup) must be >= 1, got 0"),
     # output directories: existing runs, damaged ones, and paths the file system refuses
     (TRAIN[:-1] + ["{ws}/run", *PAIR], "--resume"),
     (TRAIN[:-1] + ["{ws}/run", *PAIR, "--resume", "--steps", "3"], "different configuration (train.steps (2 there, 3 here))"),

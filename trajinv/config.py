@@ -283,11 +283,11 @@ class GNSConfig:
     def __post_init__(self) -> None:
         _check_choices(self)
         if isinstance(self.precond_warmup, bool) or not isinstance(self.precond_warmup, int):
-            raise TypeError(f"GNSConfig.precond_warmup must be an int, got {self.precond_warmup!r}")
+            raise TypeError(f"GNSConfig.precond_warmup (--gns-warmup) must be an int, got {self.precond_warmup!r}")
         if self.precond_warmup < 1:
-            raise ValueError(f"GNSConfig.precond_warmup must be >= 1, got {self.precond_warmup}")
+            raise ValueError(f"GNSConfig.precond_warmup (--gns-warmup) must be >= 1, got {self.precond_warmup}")
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"GNSConfig.every must be an int >= 1, got {self.every!r}")
+            raise ValueError(f"GNSConfig.every (--gns-every) must be an int >= 1, got {self.every!r}")
         if isinstance(self.ema, bool) or not isinstance(self.ema, (int, float)):
             raise TypeError(f"GNSConfig.ema must be a float, got {self.ema!r}")
         if not 0.0 <= float(self.ema) < 1.0:
