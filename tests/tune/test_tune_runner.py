@@ -249,6 +249,12 @@ def test_an_lr_search_after_a_scan_that_all_diverged_runs_at_the_scans_middle_wd
     first = [Outcome(Point(1e-2, wd), None) for wd in (0.05, 0.1, 0.2)]  # nothing finite to pick the wd by
     search = lr_search(_spec(), first, spent=30)
     assert search.cfg.axis == "lr" and search.cfg.wd == 0.1  # the point the regime read, not SearchConfig.wd (1)
+    # and the regime says so: its steps*lr*wd is of a point that trained nothing
+    from trajinv.tune.runner import first_regime
+
+    reason = first_regime(_spec(), first, []).reason
+    assert reason.startswith("every member of the first scan diverged, so read at its middle point (lr=0.01, wd=0.1)")
+    assert not first_regime(_spec(), first[:1] + [Outcome(Point(1e-2, 0.1), 3.0)], []).reason.startswith("every")
 
 
 def test_the_regime_of_a_schedule_reads_its_small_phase():

@@ -359,8 +359,12 @@ def first_regime(spec: TuneSpec, outcomes: Sequence[Outcome], b_precond: Sequenc
     b = statistics.median(b_precond) if b_precond else None
     plan = stage_cfg.batch_plan()
     sequences = sum(size * count for size, count in zip(plan.sizes, plan.counts))
-    return classify_regime(b, plan.sizes[-1], plan.steps, best.lr, best.wd, spec.min_transitions,
-                           schedule=plan.sizes, sequences=sequences)
+    regime = classify_regime(b, plan.sizes[-1], plan.steps, best.lr, best.wd, spec.min_transitions,
+                             schedule=plan.sizes, sequences=sequences)
+    if _best_point(outcomes) is None:  # its numbers are of a point that trained nothing: say so
+        regime = replace(regime, reason=f"every member of the first scan diverged, so read at its middle point "
+                                        f"(lr={best.lr:.4g}, wd={best.wd:.4g}): {regime.reason}")
+    return regime
 
 
 def lr_search(spec: TuneSpec, first: Sequence[Outcome], spent: int) -> Search | None:
