@@ -365,3 +365,25 @@ def test_a_stage_reads_back_a_point_whose_stored_digits_round_to_another_key(tmp
             {"lr": other.lr, "wd": other.wd, "run_id": "bs8-p0", "member": 1, "status": "done", "final_val_loss": 2.9}]
     outcomes, _ = _outcomes(Stage("5-zoom", "zoom", (p, other)), rows, tmp_path, chance=10.0)
     assert [o.loss for o in outcomes] == [2.5, 2.9]
+
+
+def test_a_directory_replays_by_the_search_rules_it_was_made_with(tmp_path, tiny_data, monkeypatch):
+    # tune_spec.json records the search version; one without it predates versions (1): the zoom of a
+    # standing check moved in version 2, and such a directory must resume to the stages it holds
+    import trajinv.tune.runner as runner
+    from trajinv.tune.search import SEARCH_VERSION
+
+    seen = []
+    real = runner.Search
+    # (the preflight's Search, which only plans the first scan, takes the default: not recorded)
+    monkeypatch.setattr(runner, "Search", lambda *a, **k: ("version" in k and seen.append(k["version"])) or real(*a, **k))
+    spec = _spec(zoom_points=0, max_rescans=0)
+    first = run_tune(spec, tmp_path)
+    stored = json.loads((tmp_path / "tune_spec.json").read_text())
+    assert stored["search_version"] == SEARCH_VERSION == 2 and set(seen) == {2}
+    del stored["search_version"]  # as the previous trajinv wrote it
+    (tmp_path / "tune_spec.json").write_text(json.dumps(stored))
+    seen.clear()
+    again = run_tune(spec, tmp_path)
+    assert set(seen) == {1} and again.result.best == first.result.best
+    assert "search_version" not in json.loads((tmp_path / "tune_spec.json").read_text())  # left as it was

@@ -581,3 +581,10 @@ def test_a_check_that_stands_keeps_the_zoom_and_fit_on_the_scanned_line():
     assert result.fit.fixed == pytest.approx(LR) and math.log2(result.fit.vertex) == pytest.approx(x0, abs=1e-6)
     assert result.best.lr == pytest.approx(4 * LR)  # still the best evaluated point, and said so
     assert any("is a check member" in n and "within the check's noise" in n for n in result.notes), result.notes
+    # a directory made by the earlier rules (version 1) replays by them: the zoom on the check member's line
+    old = Search(SearchConfig(noise=0.01), version=1)
+    while (stage := old.next_stage()) is not None:
+        old.tell(stage, [oracle(p) for p in stage.points])
+    assert all(p.lr == pytest.approx(4 * LR) for p in old.result().stages[-1][0].points)
+    with pytest.raises(ValueError, match="search version 3"):
+        Search(SearchConfig(), version=3)

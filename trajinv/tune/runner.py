@@ -43,9 +43,11 @@ from trajinv.schedules import BatchSchedule
 from trajinv.sweep import SpecMismatch, SweepSpec, run_sweep
 from trajinv.train import Trainer
 from trajinv.tune.fit import MIN_TRANSITIONS
-from trajinv.tune.search import Outcome, Point, Regime, Search, SearchConfig, Stage, TuneResult, classify_regime
+from trajinv.tune.search import (SEARCH_VERSION, Outcome, Point, Regime, Search, SearchConfig, Stage, TuneResult,
+                                 classify_regime)
 
 SPEC = TUNE_SPEC  # trajinv.rundirs
+_VERSION_KEY = "search_version"  # in tune_spec.json, beside the spec (`SEARCH_VERSION`)
 STAGES = "stages"
 LR_PREFIX = "lr-"  # stages of the lr-axis search that follows a large-batch verdict
 
@@ -146,8 +148,9 @@ class TuneRun:
     """What the runner decided beyond the search (e.g. why it did not switch to lr)."""
 
 
-def _check_spec(out: Path, spec: TuneSpec) -> None:
-    """Refuse a directory made by another spec; write ours (atomically) if there is none."""
+def _check_spec(out: Path, spec: TuneSpec) -> int:
+    """Refuse a directory made by another spec; write ours (atomically) if there is none. Returns the search
+    version to replay it with (`SEARCH_VERSION` for a new one; 1 where tune_spec.json predates versions)."""
     refuse_other(out, "tune")
     path = out / SPEC
     mine = json.loads(json.dumps(to_dict(spec)))
@@ -156,6 +159,7 @@ def _check_spec(out: Path, spec: TuneSpec) -> None:
             theirs = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"{path} is unreadable ({type(e).__name__}); use a new --out directory") from None
+        version = theirs.pop(_VERSION_KEY, 1) if isinstance(theirs, dict) else 1
         regrouped = isinstance(theirs, dict) and theirs.get("population") != mine["population"]
         if regrouped:  # population: how a stage's members are grouped, not what they are
             theirs = {**theirs, "population": mine["population"]}
@@ -164,10 +168,11 @@ def _check_spec(out: Path, spec: TuneSpec) -> None:
                              "use a new --out directory")
         remove_stale_temps(out)  # of a killed run's writes (tune.json, its PNGs); the stages clean their own
         if regrouped:  # what was asked last
-            atomic_write(path, lambda f: f.write(json.dumps(mine, indent=1)), mode="w")
-        return
+            atomic_write(path, lambda f: f.write(json.dumps({**mine, _VERSION_KEY: version}, indent=1)), mode="w")
+        return version
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps(mine, indent=1)), mode="w")
+    atomic_write(path, lambda f: f.write(json.dumps({**mine, _VERSION_KEY: SEARCH_VERSION}, indent=1)), mode="w")
+    return SEARCH_VERSION
 
 
 def _preflight(spec: TuneSpec, scale: dict) -> int:
@@ -315,7 +320,7 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
     out = Path(out)
     vocab = _preflight(spec, scale)
     chance = chance_loss(spec.train.model.vocab_size or vocab)  # a uniform guess's loss (`_outcomes`)
-    _check_spec(out, spec)
+    version = _check_spec(out, spec)
     runs: list[StageRun] = []
     regime: Regime | None = None
 
@@ -325,16 +330,16 @@ def run_tune(spec: TuneSpec, out: str | Path, progress: Callable | None = None, 
         return regime.axis == "elr"
 
     notes = _stage_overrides(spec)
-    search = Search(spec.search_config("elr"))
+    search = Search(spec.search_config("elr"), version=version)
     if not _drive(search, spec, out, progress, runs, scale, chance, classify):
         # large batch or too few steps: the loss follows lr; scan it at the wd of the scan's best member
-        follow = lr_search(spec, runs[0].outcomes, runs[0].member_steps)
+        follow = lr_search(spec, runs[0].outcomes, runs[0].member_steps, version)
         if follow is not None:
             search = follow
             _drive(search, spec, out, progress, runs, scale, chance)
         else:
             left = spec.search.budget - runs[0].member_steps
-            need = _lr_search(spec, runs[0].outcomes).fresh_scan_cost
+            need = _lr_search(spec, runs[0].outcomes, version=version).fresh_scan_cost
             notes.append(f"the regime calls for tuning lr, but the budget left ({left} member-steps) is below the "
                          f"lr scan's new members ({need} member-steps): the ELR search went on; raise --budget "
                          "(with a new --out: the budget decides the stages)")
@@ -367,24 +372,26 @@ def first_regime(spec: TuneSpec, outcomes: Sequence[Outcome], b_precond: Sequenc
     return regime
 
 
-def lr_search(spec: TuneSpec, first: Sequence[Outcome], spent: int) -> Search | None:
+def lr_search(spec: TuneSpec, first: Sequence[Outcome], spent: int, version: int = SEARCH_VERSION
+              ) -> Search | None:
     """The lr search that follows a first scan whose regime calls for lr: lr scanned around `--lr` at the wd
     of the scan's best member (its middle member's when all diverged), with the budget left after `spent`
     member-steps; None when that is below the lr scan's points still to train. It knows the scan's
     outcomes: its best member (the lr scan's centre) and the iso-LR check members that coincide with scan
     members are not trained twice, nor paid for again."""
     left = None if spec.search.budget is None else spec.search.budget - spent
-    unbounded = _lr_search(spec, first)
+    unbounded = _lr_search(spec, first, version=version)
     if left is not None and left < unbounded.fresh_scan_cost:
         return None
-    return _lr_search(spec, first, left)
+    return _lr_search(spec, first, left, version)
 
 
-def _lr_search(spec: TuneSpec, first: Sequence[Outcome], budget: int | None = None) -> Search:
+def _lr_search(spec: TuneSpec, first: Sequence[Outcome], budget: int | None = None,
+               version: int = SEARCH_VERSION) -> Search:
     # every member diverged: the scan's middle point, as the regime read it (not a wd nobody chose)
     wd = (_best_point(first) or first[len(first) // 2].point).wd
     return Search(spec.search_config("lr", wd=wd, center=spec.search.lr, budget=None), known=first, budget=budget,
-                  prefix=LR_PREFIX)
+                  prefix=LR_PREFIX, version=version)
 
 
 def _best_point(outcomes: Sequence[Outcome]) -> Point | None:

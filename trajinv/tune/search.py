@@ -75,6 +75,12 @@ _MAX_CHECK_OCTAVES = 10  # a check factor's distance from 1, in octaves
 _MAX_OCTAVES = 40  # a first scan's width: 2**40 ~ 1e12 between its ends, far past any lr or ELR bracket
 
 
+SEARCH_VERSION = 2
+"""The search's rules as a tune directory records them (tune_spec.json), so it replays by its own: 2 keeps
+the zoom and the final fit on the checked line when its check stood; 1, in directories made before that,
+puts them on the line through the best point of all."""
+
+
 def _log2key(value: float) -> float:
     return round(math.log2(value), _DIGITS)
 
@@ -251,13 +257,17 @@ class Search:
     """The tune search as a state machine: next_stage() -> train it -> tell() -> ... -> result()."""
 
     def __init__(self, cfg: SearchConfig, known: Sequence[Outcome] = (), budget: int | None = None,
-                 prefix: str = "") -> None:
+                 prefix: str = "", version: int = SEARCH_VERSION) -> None:
         """`known`: outcomes measured before this search (the first ELR scan, for the lr search that
         follows it): never proposed again, and counted like its own in lines, fits, checks and the best,
         but not in its cost. `budget` (member-steps) replaces `cfg.budget` for such a search: SearchConfig
         asks a budget to afford a whole first scan, but the points `known` holds are read, not trained,
         so this one need only afford the rest (`fresh_scan_cost`). `prefix` starts its stages' names
-        ("lr-" for the lr search: "lr-1-scan" beside the ELR search's "1-scan")."""
+        ("lr-" for the lr search: "lr-1-scan" beside the ELR search's "1-scan"). `version`: the rules
+        (`SEARCH_VERSION`) of the directory being replayed."""
+        if version not in (1, SEARCH_VERSION):
+            raise ValueError(f"search version {version!r} is not one this trajinv knows (1..{SEARCH_VERSION})")
+        self._version = version
         self.cfg = cfg
         self._prefix = prefix
         self._line = _Line(cfg.axis, cfg.lr if cfg.axis == "elr" else cfg.wd)
@@ -521,7 +531,7 @@ class Search:
         answer stands; a check member that scored lower did so within noise, alone on its line, where a
         zoom could fit nothing), else the line through the best point of all (a failed check found it
         off the scanned lines)."""
-        if self._check is not None and self._check.within_noise:
+        if self._version >= 2 and self._check is not None and self._check.within_noise:
             return self._line, self._best(self._line)
         best = self._best()
         return (self._line if best is None else _Line.through(self.cfg.axis, best.point)), best
