@@ -664,11 +664,21 @@ def test_params_sharing_storage_are_refused_on_the_triton_path():
     with pytest.raises(ValueError, match=r"params of shape \(16,\) and \(4, 4\) overlap in memory"):
         opt.step()
     assert torch.equal(a, torch.zeros(16))
-    base = torch.zeros(9)  # disjoint views of one storage (a loaded checkpoint) and a tensor of its own step
-    separate = [torch.nn.Parameter(base[:4]), torch.nn.Parameter(base[4:8]), torch.nn.Parameter(torch.zeros(4))]
+    for tied, match in (([torch.nn.Parameter(a.data[::2]), torch.nn.Parameter(a.data[2:4])],  # sharing a[2]
+                         r"params of shape \(8,\) and \(2,\) overlap in memory"),
+                        ([torch.nn.Parameter(a.data.expand(3, 16))],  # the same memory three times over
+                         r"a param of shape \(3, 16\) overlaps itself in memory")):
+        with pytest.raises(ValueError, match=match):
+            FusedAdamW(tied, lr=0.1, backend="triton").step()
+    base, grid = torch.zeros(9), torch.zeros(4, 3)
+    # disjoint views of one storage (a loaded checkpoint), interleaved columns and strides (no shared
+    # element, though their byte spans overlap), and a tensor of its own: all step
+    separate = [torch.nn.Parameter(base[:4]), torch.nn.Parameter(base[4:8]), torch.nn.Parameter(torch.zeros(4)),
+                torch.nn.Parameter(grid[:, 0]), torch.nn.Parameter(grid[:, 1]), torch.nn.Parameter(grid[0::2, 2]),
+                torch.nn.Parameter(grid[1::2, 2])]
     opt = FusedAdamW(separate, lr=0.1, backend="triton")
     for p in separate:
-        p.grad = torch.ones(4)
+        p.grad = torch.ones_like(p)
     opt.step()
     assert all(bool((p < 0).all()) for p in separate)
 

@@ -88,20 +88,41 @@ def _check_grad(p: torch.Tensor) -> None:
 
 
 def _overlapping(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Two params whose memory overlaps, if any. Sharing a storage without overlap is fine (a model
-    loaded from a checkpoint of one stepped on the Triton path shares one flat storage)."""
+    """Two params whose memory overlaps (or one param with itself: an expanded view), if any. Sharing a
+    storage without overlap is fine: a model loaded from a checkpoint of one stepped on the Triton path
+    shares one flat storage, and interleaved views (``w[:, 0]``, ``w[:, 1]``) share no element."""
     spans = []
     for p in params:
         if p.numel():
+            if any(st == 0 and n > 1 for n, st in zip(p.shape, p.stride())):
+                return p, p
             size = p.element_size()
             start = p.untyped_storage().data_ptr() + p.storage_offset() * size
             last = sum((n - 1) * st for n, st in zip(p.shape, p.stride())) * size
             spans.append((start, start + last + size, p))
     spans.sort(key=lambda s: s[:2])
-    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
-        if start < end:
-            return a, b
+    for i, (_, end, a) in enumerate(spans):  # spans sorted by start: a span meets only those starting before its end
+        for start, _, b in spans[i + 1:]:
+            if start >= end:
+                break
+            if _share_elements(a, b):
+                return a, b
     return None
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do two tensors whose byte spans overlap share an element? Exact for strided views of one dtype (the
+    offsets each one reads, compared); any other pair whose spans overlap counts as sharing."""
+    if a.is_contiguous() and b.is_contiguous() or a.dtype != b.dtype:
+        return True  # a contiguous span holds every element of it
+    ends = [t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1 for t in (a, b)]
+    lo = min(a.storage_offset(), b.storage_offset())
+    index = torch.arange(max(ends) - lo, dtype=torch.int64)  # the elements of the two spans, numbered
+
+    def offsets(t: torch.Tensor) -> torch.Tensor:
+        return index.as_strided(t.shape, t.stride(), t.storage_offset() - lo).flatten()
+
+    return bool(torch.isin(offsets(a), offsets(b)).any())
 
 
 class AdamWStats(NamedTuple):
@@ -236,9 +257,11 @@ class FusedAdamW(torch.optim.Optimizer):
         fits is refused here, before the native kernel would write past it."""
         tied = _overlapping([p for g in self.param_groups for p in g["params"] if self._use_triton(p.device)])
         if tied:
-            raise ValueError(f"params of shape {tuple(tied[0].shape)} and {tuple(tied[1].shape)} overlap in memory "
-                             "(views of one tensor): the Triton path moves each param into its own slot of a "
-                             "flat buffer, which would untie them; tie them as one Parameter")
+            which = (f"a param of shape {tuple(tied[0].shape)} overlaps itself in memory (an expanded view)"
+                     if tied[0] is tied[1] else f"params of shape {tuple(tied[0].shape)} and {tuple(tied[1].shape)} "
+                     "overlap in memory (views of one tensor)")
+            raise ValueError(f"{which}: the Triton path moves each param into its own slot of a flat buffer, "
+                             "which would untie them; tie them as one Parameter")
         for g in self.param_groups:
             self._check_group(g)
             for p in g["params"]:
