@@ -52,7 +52,7 @@ class _OutDir(click.Path):
         super().__init__(file_okay=False)
 
     def convert(self, value, param, ctx):
-        if isinstance(value, str) and not value.strip():
+        if value == "":
             self.fail(f"{value!r} is not a directory name (use '.' for the current directory)", param, ctx)
         return super().convert(value, param, ctx)
 

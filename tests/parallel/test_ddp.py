@@ -137,13 +137,16 @@ def test_a_rank_without_its_gpu_fails_in_one_line(tmp_path, monkeypatch):
 
     from trajinv.cli import main
 
-    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
-        monkeypatch.setenv(k, v)
-    res = CliRunner().invoke(main, ["train", *TRAIN, "--batch-size", "8", "--device", "cuda",
-                                    "--out", str(tmp_path / "run")])
-    assert res.exit_code == 1 and not (tmp_path / "run").exists()
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: device 'cuda:1' requested but"), lines
+    errors = []
+    for rank in (0, 1):  # the same line on each (rank 0 passed, joined the group and waited for the other)
+        for k, v in {"RANK": rank, "WORLD_SIZE": 2, "LOCAL_RANK": rank, "LOCAL_WORLD_SIZE": 2}.items():
+            monkeypatch.setenv(k, str(v))
+        res = CliRunner().invoke(main, ["train", *TRAIN, "--batch-size", "8", "--device", "cuda",
+                                        "--out", str(tmp_path / "run")])
+        assert res.exit_code == 1 and not (tmp_path / "run").exists()
+        errors.append(res.stderr.strip().splitlines())
+    assert errors[0] == errors[1] and len(errors[0]) == 1, errors
+    assert errors[0][0].startswith("Error: 2 ranks on this node need a GPU each: device 'cuda:1' requested but")
 
 
 def test_torchrun_trains_one_population_like_one_process(tmp_path):
@@ -172,7 +175,9 @@ def test_torchrun_trains_one_population_like_one_process(tmp_path):
 def test_context_from_the_torchrun_environment():
     assert not DistContext.from_env({}).active and DistContext.from_env({}).is_main
     ctx = DistContext.from_env({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
-    assert ctx.active and not ctx.is_main
+    assert ctx.active and not ctx.is_main and ctx.local_world_size == 2  # no LOCAL_WORLD_SIZE: its own rank's need
+    assert DistContext.from_env({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "1",
+                                 "LOCAL_WORLD_SIZE": "4"}).local_world_size == 4
     assert ctx.shard(8) == slice(4, 8) and ctx.small_batch(8, 0) == 4 and ctx.small_batch(8, 2) == 2
     assert DistContext().shard(8) == slice(0, 8) and DistContext().small_batch(8, 0) == 8
     with pytest.raises(ValueError, match="RANK=2 WORLD_SIZE=2"):

@@ -65,8 +65,10 @@ def sweep_report(sweep_dir: str | Path, key: str = "val_loss", x: str = "step") 
                             f"equilibrium at step {predicted:.0f} (ratio {predicted / observed:.2f})")
         elif observed:  # said, not dropped: the prediction needs half the members in equilibrium
             reached, able = equilibrated(phases)
+            why = (f"{reached} of {able} members reached equilibrium, half are needed" if able else
+                   "every member whose norms were logged diverged")
             sections.append(f"LR -> ELR transition: observed at step {observed}; no prediction from single runs: "
-                            f"{reached} of {able} members reached equilibrium, half are needed")
+                            f"{why}")
         paths.append(plot_phases(records, phases, root / PHASES_PNG))
     vocab = next((r["vocab_size"] for r in records if r.get("vocab_size")), None)
     text, curve_png = _tuning_curves(root, vocab)

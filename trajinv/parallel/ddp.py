@@ -67,6 +67,8 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
+    """Ranks on this node (torchrun's LOCAL_WORLD_SIZE): each needs a GPU of its own under CUDA."""
     backend: str | None = field(default=None, compare=False)
     """'gloo' or 'nccl' once `start` has run (None before, and when inactive)."""
 
@@ -76,12 +78,16 @@ class DistContext:
         env = os.environ if env is None else env
         try:
             rank, world, local = (int(env.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+            local_world = int(env.get("LOCAL_WORLD_SIZE", local + 1))  # a launcher without it: this rank's need
         except ValueError:
             raise ValueError(f"bad torchrun environment RANK={env.get('RANK')!r} WORLD_SIZE={env.get('WORLD_SIZE')!r}"
                              ) from None
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"bad torchrun environment: RANK={rank} WORLD_SIZE={world}")
-        return cls(rank, world, local)
+        return cls(rank, world, local, local_world)
+
+    def __post_init__(self) -> None:
+        self.local_world_size = max(self.local_world_size, self.local_rank + 1)  # at least this rank's GPUs
 
     @property
     def active(self) -> bool:
@@ -97,8 +103,11 @@ class DistContext:
         world_size ranks x whole micro-batches."""
         if not self.active:
             return
-        if cfg.device.startswith("cuda"):  # `start` sets this rank's GPU: torch's failure there is a traceback
-            check_device(f"cuda:{self.local_rank}")
+        if cfg.device == "cuda":  # `start` sets this rank's GPU: torch's failure there is a traceback
+            try:  # the node's last GPU, so that every rank fails alike (rank 0 waited in the group for the rest)
+                check_device(f"cuda:{self.local_world_size - 1}")
+            except ValueError as e:
+                raise ValueError(f"{self.local_world_size} ranks on this node need a GPU each: {e}") from None
         unit = self.world_size * (cfg.micro_batch or 1)
         for b in BatchSchedule.parse(cfg.batch_size).sizes:
             if b % unit:
