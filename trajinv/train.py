@@ -320,6 +320,8 @@ class Trainer:
             self.dist.all_reduce_(total)
             if self.gns is not None:
                 self.gns.reduce(self.dist.all_reduce_)
+        if handover:  # the global batch's gradient, after the all-reduce (a rank's own was a small batch)
+            self.gns.big_batch({n: p.grad for n, p in params.items() if p.grad is not None})
         return total
 
     def _grad_norms(self) -> torch.Tensor:

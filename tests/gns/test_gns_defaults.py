@@ -105,6 +105,7 @@ def test_opted_in_embedding_uses_the_floored_w_for_the_big_batch_too():
     for _ in range(M):  # each micro-batch's contribution h_m = g / M
         meter.accumulate({n: g / M for n, g in grads.items()})
     acc = meter.accumulated()
+    meter.big_batch(acc)  # (the trainer hands the step's gradient over after any all-reduce)
     # the optimizer's statistics: precond_grad_sq under its own (unfloored) W
     table = torch.stack([torch.stack([(acc[n] ** 2).flatten(1).sum(1), (W[n] * acc[n] ** 2).flatten(1).sum(1),
                                       torch.zeros(2), torch.zeros(2)]) for n in names])

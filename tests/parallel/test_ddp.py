@@ -85,11 +85,14 @@ def test_two_ranks_give_the_single_process_losses_gradients_and_gns(two_ranks, t
     assert has_checkpoint(run_dir)  # rank 0 wrote it
 
 
+@pytest.mark.parametrize("embeddings", [False, True])
 def test_local_micro_batches_and_ranks_give_the_single_process_micro_batch_gns(tiny_train_config, tiny_data,
-                                                                                  tmp_path):
+                                                                                  tmp_path, embeddings):
     """Two ranks each accumulating two micro-batches of 2: four small batches of 2, as one process with
-    micro-batches of 2 has."""
-    cfg = _cfg(tiny_train_config, steps=3, micro_batch=2, eval_every=3)
+    micro-batches of 2 has. With the embedding measured too: its big-batch |g|_W^2 was taken from a
+    rank's own gradient, before the all-reduce (g2_w up to 50 % low, b_precond 2.2x high in a QA run)."""
+    cfg = _cfg(tiny_train_config, steps=3, micro_batch=2, eval_every=3,
+               gns=GNSConfig(mode="micro-batch", precond_warmup=2, embeddings=embeddings))
     _ranks(cfg, tmp_path / "ddp", tmp_path / "out")
     Trainer(cfg, tiny_data, tmp_path / "one").train()
     for g, w in zip(metrics_without_time(tmp_path / "ddp"), metrics_without_time(tmp_path / "one"), strict=True):

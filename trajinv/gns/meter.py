@@ -131,11 +131,15 @@ class GNSMeter:
     def accumulated(self) -> dict[str, torch.Tensor]:
         """The step's summed gradients by name (handed over: the meter keeps no reference)."""
         out, self.acc = self.acc, {}
-        if self.floored and self.preconditioned and EMBEDDING in out:
-            # the big batch's |g|_W^2 under the floored W, before anything clips or masks the gradient
-            g, w = out[EMBEDDING], self.W[EMBEDDING]
-            self.emb_big_w = (g.double().square() * w.double()).flatten(1).sum(1).cpu()
         return out
+
+    def big_batch(self, grads: Mapping[str, torch.Tensor]) -> None:
+        """The step's big-batch gradients by name: summed over micro-batches *and* ranks (after the
+        all-reduce: one rank's share is a small batch), before anything clips or masks them. Takes the
+        embedding's |g|_W^2 under its floored W (module doc); the other tensors' come from the optimizer."""
+        if self.floored and self.preconditioned and EMBEDDING in grads:
+            g, w = grads[EMBEDDING], self.W[EMBEDDING]
+            self.emb_big_w = (g.double().square() * w.double()).flatten(1).sum(1).cpu()
 
     def reduce(self, all_reduce) -> None:
         """Data-parallel ranks: sum this step's small-batch sums over ranks (`all_reduce` sums a tensor in
@@ -160,7 +164,7 @@ class GNSMeter:
         w = self.preconditioned
         if w and self.floored:
             if self.emb_big_w is None:
-                raise RuntimeError("micro-batch GNS: accumulated() was not called this step")
+                raise RuntimeError("micro-batch GNS: big_batch() was not called this step")
             others = [n for n in self.covered if n != EMBEDDING]
             big_w = stats.totals(others)[1].cpu().double() + self.emb_big_w
         return self.tracker.update(step, small[0] if w else None, big_w if w else None, small[1], big_1,
