@@ -154,7 +154,8 @@ class GNSMeter:
         if not self.active:
             return None
         if self.cfg.mode == "per-example":
-            self.sums += self.probe_sums.sum(0).cpu()
+            for row in self.probe_sums.cpu():  # tensor by tensor: a sum over the stacked axis ran in another
+                self.sums += row              # order for K = 1, and a member's numbers depended on its population
             small = per_example_sq_mean(self.sums, batch_size)
             b_small = 1
         else:
