@@ -435,8 +435,11 @@ class Trainer:
                 gns = None
                 if measured:
                     gns = self.gns.end_step(step, bs, self.dist.small_batch(bs, cfg.micro_batch), stats)
-                    self.last_gns = {k: gns[k].float() for k in ("b_precond_smooth", "b_simple_smooth",
-                                                                 "b_precond_robust")}
+                    # a diverged member's stay as they were when it stopped (its NaN estimates emptied the
+                    # robust window 32 measured steps on, while the smoothed ones kept their last value)
+                    self.last_gns = {k: gns[k].float() if k not in self.last_gns
+                                     else torch.where(self.alive, gns[k].float(), self.last_gns[k])
+                                     for k in ("b_precond_smooth", "b_simple_smooth", "b_precond_robust")}
                 self.step = done
                 self.tokens += bs * cfg.model.context
                 self.seconds = time.perf_counter() - clock

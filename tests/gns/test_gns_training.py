@@ -88,6 +88,31 @@ def test_summary_records_noise_scale_and_regime(tiny_data, tiny_train_config, tm
     assert res[0].extra["batch_regime"] == ("small" if 16 < b else "large")
 
 
+def test_a_diverged_members_summary_keeps_its_noise_scales_from_where_it_stopped(tiny_data, tiny_train_config,
+                                                                                    tmp_path, monkeypatch):
+    # member 1 turns NaN at step 6; 40 measured steps later its robust window (32 steps) held only NaN:
+    # b_precond_robust and batch_regime were lost while the smoothed b_precond kept its last value
+    cfg = _cfg(tiny_train_config, "micro-batch", steps=46, members=(Member(1e-2, 0.1), Member(2e-2, 0.1)),
+               gns=GNSConfig(mode="micro-batch", precond_warmup=2))
+    forward_backward = Trainer._forward_backward
+
+    def poisoned(self, step, bs):
+        if step == 6:
+            self.model.head.data[1].fill_(float("nan"))
+        return forward_backward(self, step, bs)
+
+    monkeypatch.setattr(Trainer, "_forward_backward", poisoned)
+    res = Trainer(cfg, tiny_data, tmp_path).train()
+    assert res[1].status == "diverged" and res[0].status == "done"
+    healthy = [r for r in _records(tmp_path) if r["member"] == 1 and r["step"] == 6][0]  # its last healthy step
+    for key in ("b_precond_smooth", "b_simple_smooth", "b_precond_robust"):
+        assert healthy[key] is not None and math.isfinite(healthy[key]), key
+    extra = res[1].extra
+    assert extra["b_precond"] == pytest.approx(healthy["b_precond_smooth"], rel=1e-6)
+    assert extra["b_precond_robust"] == pytest.approx(healthy["b_precond_robust"], rel=1e-6)
+    assert extra["batch_regime"] == ("small" if 16 < extra["b_precond_robust"] else "large")
+
+
 @pytest.mark.parametrize("optimizer", ["torch", "fused"])
 def test_resume_with_gns_is_bit_identical(tiny_data, tiny_train_config, tmp_path, optimizer, interrupted_run):
     # resume at step 4, after the identity warm-up: W must come from the restored optimizer state
