@@ -8,7 +8,7 @@ import math
 import pytest
 
 from trajinv.schedules import BatchSchedule
-from trajinv.tune.fit import fit_quadratic
+from trajinv.tune.fit import Fit, fit_quadratic, grid_size
 from trajinv.tune.search import (Outcome, Point, Search, SearchConfig, Stage, TuneResult, classify_regime,
                                  simulate)
 
@@ -588,3 +588,33 @@ def test_a_check_that_stands_keeps_the_zoom_and_fit_on_the_scanned_line():
     assert all(p.lr == pytest.approx(4 * LR) for p in old.result().stages[-1][0].points)
     with pytest.raises(ValueError, match="search version 3"):
         Search(SearchConfig(), version=3)
+
+
+def test_a_quadratic_is_usable_when_convex_with_its_vertex_inside_its_points_ends_included():
+    xs = [0.0, 0.75, 1.5]
+    for vertex, usable in ((0.0, True), (1.5, True), (0.9, True), (-0.01, False), (1.51, False)):
+        quad = fit_quadratic(xs, [0.3 * (x - vertex) ** 2 + 2.0 for x in xs], [0.0] * 3)
+        assert quad.vertex == pytest.approx(vertex, abs=1e-9) and quad.usable == usable, vertex
+        fit = Fit.of(quad, 0.01)
+        assert (fit is not None) == usable
+        if fit:
+            assert math.log2(fit.vertex) == pytest.approx(vertex, abs=1e-9) and fit.loss == pytest.approx(2.0)
+    concave = fit_quadratic(xs, [-((x - 0.75) ** 2) for x in xs], [0.0] * 3)
+    assert concave.vertex is None and not concave.usable and Fit.of(concave, 0.01) is None
+
+
+def test_grid_size_counts_a_log2_grid_at_any_spacing():
+    assert grid_size([1.0, 2.0 ** 3], 0.75) == 5  # 3 octaves at 0.75: 4 steps, both ends
+    assert grid_size([1.0, 2.0 ** 3.1], 0.75) == 6  # a little past: one more point
+    assert grid_size([1.0, 2.0 ** 3], 1.5) == 3 and grid_size([0.5], 0.75) == 1
+
+
+def test_regime_boundaries_enough_at_exactly_the_transitions_and_large_at_exactly_b_precond():
+    exact = classify_regime(100.0, 32, 1000, 0.01, 0.1)  # steps*lr*wd = 1.0 = MIN_TRANSITIONS
+    assert exact.enough_iterations and exact.axis == "elr"
+    assert not classify_regime(100.0, 32, 999, 0.01, 0.1).enough_iterations
+    at = classify_regime(32.0, 32, 1000, 0.01, 0.1)  # batch == B_precond: large, no longer small
+    assert at.small_batch is False and at.axis == "lr"
+    # a B_precond of 2 or less suggests no small-batch schedule (a batch of 1 cannot measure the noise)
+    assert classify_regime(2.0, 32, 1000, 0.01, 0.1).batch_schedule is None
+    assert classify_regime(2.5, 32, 1000, 0.01, 0.1).batch_schedule.startswith("2@")

@@ -86,8 +86,7 @@ class Fit:
         """The vertex of `quad` along the line at `fixed`; None unless the quadratic is usable."""
         if quad is None or not quad.usable:
             return None
-        vertex = quad.x0 - quad.b / (2.0 * quad.a)
-        return cls(2.0 ** vertex, quad.value(vertex), quad.curvature, quad.n, fixed)
+        return cls(2.0 ** quad.vertex, quad.value(quad.vertex), quad.curvature, quad.n, fixed)
 
     def to_dict(self) -> dict:
         return asdict(self)
