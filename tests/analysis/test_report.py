@@ -114,7 +114,9 @@ def test_an_observed_transition_without_a_prediction_says_why(small_sweep, monke
 
     monkeypatch.setattr(report, "analyze_sweep", observed_at_6)
     monkeypatch.setattr(report, "predicted_transition_step", lambda phases: None)
-    text, _ = sweep_report(small_sweep)
-    reached, able = report.equilibrated(report.member_phases(report.load_metrics(small_sweep)))
-    assert (f"LR -> ELR transition: observed at step 6; no prediction from single runs: {reached} of {able} "
-            "members reached equilibrium, half are needed") in text
+    head = "LR -> ELR transition: observed at step 6; no prediction from single runs: "
+    for counts, why in (((1, 4), "1 of 4 members reached equilibrium, half are needed"),
+                        ((0, 0), "every member whose norms were logged diverged")):
+        monkeypatch.setattr(report, "equilibrated", lambda phases, counts=counts: counts)
+        text, _ = sweep_report(small_sweep)
+        assert head + why in text
