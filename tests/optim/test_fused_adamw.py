@@ -655,6 +655,14 @@ def test_a_grad_swapped_for_another_size_is_refused_not_read_past(path, shape, g
     assert torch.equal(p, torch.zeros(shape))
 
 
+def _two_storages():
+    # one buffer reached through two storages (numpy views): offsets of different numberings, not comparable
+    import numpy as np
+
+    base = np.zeros(20, dtype=np.float32)
+    return [torch.nn.Parameter(torch.from_numpy(base)[0::2][:4]), torch.nn.Parameter(torch.from_numpy(base[1:])[1::2][:4])]
+
+
 def test_params_sharing_storage_are_refused_on_the_triton_path():
     # the flat buffers would give each view its own copy: tied weights would drift apart silently
     a = torch.nn.Parameter(torch.zeros(16))
@@ -667,7 +675,8 @@ def test_params_sharing_storage_are_refused_on_the_triton_path():
     for tied, match in (([torch.nn.Parameter(a.data[::2]), torch.nn.Parameter(a.data[2:4])],  # sharing a[2]
                          r"params of shape \(8,\) and \(2,\) overlap in memory"),
                         ([torch.nn.Parameter(a.data.expand(3, 16))],  # the same memory three times over
-                         r"a param of shape \(3, 16\) overlaps itself in memory")):
+                         r"a param of shape \(3, 16\) overlaps itself in memory"),
+                        (_two_storages(), r"params of shape \(4,\) and \(4,\) overlap")):  # 2, 4, 6 through two
         with pytest.raises(ValueError, match=match):
             FusedAdamW(tied, lr=0.1, backend="triton").step()
     base, grid = torch.zeros(9), torch.zeros(4, 3)

@@ -110,19 +110,29 @@ def _overlapping(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
     return None
 
 
+# Largest span (elements) the exact check marks (256 MB of bitmap); past it overlapping spans count as sharing.
+_EXACT_LIMIT = 1 << 28
+
+
 def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Do two tensors whose byte spans overlap share an element? Exact for strided views of one dtype (the
-    offsets each one reads, compared); any other pair whose spans overlap counts as sharing."""
-    if a.is_contiguous() and b.is_contiguous() or a.dtype != b.dtype:
+    """Do two tensors whose byte spans overlap share an element? Exact for strided views of one storage and
+    dtype up to `_EXACT_LIMIT` elements of span: each one's elements marked in a bitmap (a byte per element,
+    through as_strided: no index arrays); any other pair whose spans overlap counts as sharing."""
+    if (a.is_contiguous() and b.is_contiguous() or a.dtype != b.dtype
+            or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):  # offsets of one numbering only
         return True  # a contiguous span holds every element of it
     ends = [t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1 for t in (a, b)]
     lo = min(a.storage_offset(), b.storage_offset())
-    index = torch.arange(max(ends) - lo, dtype=torch.int64)  # the elements of the two spans, numbered
-
-    def offsets(t: torch.Tensor) -> torch.Tensor:
-        return index.as_strided(t.shape, t.stride(), t.storage_offset() - lo).flatten()
-
-    return bool(torch.isin(offsets(a), offsets(b)).any())
+    if a.storage_offset() == b.storage_offset() or ends[0] == ends[1]:
+        return True  # the same first or last element (strides are never negative)
+    if max(ends) - lo > _EXACT_LIMIT:
+        return True
+    marks = torch.zeros(max(ends) - lo, dtype=torch.bool)
+    try:
+        marks.as_strided(a.shape, a.stride(), a.storage_offset() - lo).fill_(True)
+    except RuntimeError:  # a overlaps itself (torch refuses to write through such a view): it shares anyway
+        return True
+    return bool(marks.as_strided(b.shape, b.stride(), b.storage_offset() - lo).any())
 
 
 class AdamWStats(NamedTuple):
