@@ -185,6 +185,8 @@ def test_context_from_the_torchrun_environment():
     assert DistContext().shard(8) == slice(0, 8) and DistContext().small_batch(8, 0) == 8
     with pytest.raises(ValueError, match="RANK=2 WORLD_SIZE=2"):
         DistContext.from_env({"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE='two'"):  # the variable at fault is named
+        DistContext.from_env({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "two"})
     with pytest.raises(ValueError, match="'x'"):
         DistContext.from_env({"RANK": "x"})
 

@@ -381,9 +381,13 @@ def test_a_directory_replays_by_the_search_rules_it_was_made_with(tmp_path, tiny
     first = run_tune(spec, tmp_path)
     stored = json.loads((tmp_path / "tune_spec.json").read_text())
     assert stored["search_version"] == SEARCH_VERSION == 2 and set(seen) == {2}
-    del stored["search_version"]  # as the previous trajinv wrote it
+    del stored["search_version"]  # as trajinv wrote it before search versions
     (tmp_path / "tune_spec.json").write_text(json.dumps(stored))
     seen.clear()
     again = run_tune(spec, tmp_path)
     assert set(seen) == {1} and again.result.best == first.result.best
     assert "search_version" not in json.loads((tmp_path / "tune_spec.json").read_text())  # left as it was
+    for future in (3, "2", True, None):  # a newer trajinv's, or not a version: refused before anything moves
+        (tmp_path / "tune_spec.json").write_text(json.dumps({**stored, "search_version": future}))
+        with pytest.raises(ValueError, match=f"says search version {future!r}, which this trajinv does not know"):
+            run_tune(spec, tmp_path)

@@ -80,8 +80,9 @@ class DistContext:
             rank, world, local = (int(env.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
             local_world = int(env.get("LOCAL_WORLD_SIZE", local + 1))  # a launcher without it: this rank's need
         except ValueError:
-            raise ValueError(f"bad torchrun environment RANK={env.get('RANK')!r} WORLD_SIZE={env.get('WORLD_SIZE')!r}"
-                             ) from None
+            said = " ".join(f"{k}={env.get(k)!r}" for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+                            if k in env)
+            raise ValueError(f"bad torchrun environment {said}") from None
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"bad torchrun environment: RANK={rank} WORLD_SIZE={world}")
         return cls(rank, world, local, local_world)

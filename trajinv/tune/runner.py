@@ -160,6 +160,9 @@ def _check_spec(out: Path, spec: TuneSpec) -> int:
         except (OSError, ValueError) as e:
             raise ValueError(f"{path} is unreadable ({type(e).__name__}); use a new --out directory") from None
         version = theirs.pop(_VERSION_KEY, 1) if isinstance(theirs, dict) else 1
+        if type(version) is not int or not 1 <= version <= SEARCH_VERSION:
+            raise ValueError(f"{path} says search version {version!r}, which this trajinv does not know (1.."
+                             f"{SEARCH_VERSION}): a newer trajinv made it; use that, or a new --out directory")
         regrouped = isinstance(theirs, dict) and theirs.get("population") != mine["population"]
         if regrouped:  # population: how a stage's members are grouped, not what they are
             theirs = {**theirs, "population": mine["population"]}
