@@ -151,7 +151,8 @@ def _configs(o: dict, members: tuple[Member, ...] | None = None, batch_size: str
     train = TrainConfig(
         model=preset(o["preset"]),
         members=members or default(TrainConfig, "members"),
-        steps=o["steps"], tokens=o["tokens"], batch_size=default(TrainConfig, "batch_size") if batch_size is None else batch_size,
+        steps=o["steps"], tokens=o["tokens"],
+        batch_size=default(TrainConfig, "batch_size") if batch_size is None else batch_size,
         micro_batch=o["micro_batch"],
         optim=OptimConfig(name=o["optimizer"], betas=(o["beta1"], o["beta2"]), clip=o["clip"],
                           decay_mode=o["decay_mode"]),

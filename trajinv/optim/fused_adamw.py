@@ -96,10 +96,8 @@ def _overlapping(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
         if p.numel():
             if any(st == 0 and n > 1 for n, st in zip(p.shape, p.stride())):
                 return p, p
-            size = p.element_size()
-            start = p.untyped_storage().data_ptr() + p.storage_offset() * size
-            last = sum((n - 1) * st for n, st in zip(p.shape, p.stride())) * size
-            spans.append((start, start + last + size, p))
+            base, size = p.untyped_storage().data_ptr(), p.element_size()
+            spans.append((base + p.storage_offset() * size, base + (_last_offset(p) + 1) * size, p))
     spans.sort(key=lambda s: s[:2])
     for i, (_, end, a) in enumerate(spans):  # spans sorted by start: a span meets only those starting before its end
         for start, _, b in spans[i + 1:]:
@@ -108,6 +106,11 @@ def _overlapping(params: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor
             if _share_elements(a, b):
                 return a, b
     return None
+
+
+def _last_offset(t: torch.Tensor) -> int:
+    """The storage offset (in elements) of a non-empty tensor's last element: strides are never negative."""
+    return t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
 
 
 # Largest span (elements) the exact check marks (256 MB of bitmap); past it overlapping spans count as sharing.
@@ -121,7 +124,7 @@ def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     if (a.is_contiguous() and b.is_contiguous() or a.dtype != b.dtype
             or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):  # offsets of one numbering only
         return True  # a contiguous span holds every element of it
-    ends = [t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1 for t in (a, b)]
+    ends = [_last_offset(t) + 1 for t in (a, b)]
     lo = min(a.storage_offset(), b.storage_offset())
     if a.storage_offset() == b.storage_offset() or ends[0] == ends[1]:
         return True  # the same first or last element (strides are never negative)
