@@ -14,7 +14,8 @@ from trajinv.config import GNSConfig, Member, ModelConfig, TrainConfig, preset
 from trajinv.data import DataConfig
 from trajinv.model import GPT, count_params
 from trajinv.parallel import memory
-from trajinv.parallel.memory import estimate_population_bytes, fit_members, params_per_member, size_populations
+from trajinv.parallel.memory import (estimate_population_bytes, fit_members, params_per_member, size_populations,
+                                     spread_size)
 from trajinv.sweep import SweepSpec, run_sweep
 
 
@@ -126,6 +127,35 @@ def test_size_populations_fits_keeps_the_users_and_the_stored_size(tmp_path):
     (tmp_path / "runs/bs32-p0").mkdir(parents=True)
     (tmp_path / "runs/bs32-p0/checkpoint-00000002.json").write_text("{}")
     assert size_populations(_spec(), tmp_path, lambda: 1 / 0, "cuda").population == 3  # a trained split is kept
+
+
+@pytest.mark.parametrize("members, batch_sizes, workers, size", [
+    (6, 1, 1, 6), (6, 1, 2, 3), (6, 1, 4, 2), (25, 1, 8, 4), (5, 1, 2, 3), (2, 1, 8, 1), (1, 1, 8, 1),
+    (6, 2, 2, 6), (6, 2, 4, 3), (6, 3, 4, 3), (6, 4, 2, 6)])
+def test_spread_size_gives_every_worker_a_population_with_the_fewest_populations(members, batch_sizes, workers,
+                                                                                  size):
+    assert spread_size(members, batch_sizes, workers) == size
+    share = min(-(-workers // batch_sizes), members)  # populations a batch size may have: its workers
+    assert -(-members // size) <= share  # one round: no population waits for a worker
+    if size > 1:  # and the smallest such size (the sweep ends soonest)
+        assert -(-members // (size - 1)) > share
+
+
+def test_spread_size_refuses_nothing_to_spread():
+    with pytest.raises(ValueError, match="workers >= 1"):
+        spread_size(3, 1, 0)
+
+
+def test_size_populations_spreads_members_over_the_workers_within_memory(tmp_path):
+    model = preset("small", vocab_size=256)
+    four = int(estimate_population_bytes(model, 4, 32) / memory.SAFETY["cuda"]) + 1
+    assert size_populations(_spec(), tmp_path, lambda: 10**15, "cuda", workers=2).population == 3
+    assert size_populations(_spec(), tmp_path, lambda: 10**15, "cuda", workers=8).population == 1
+    assert size_populations(_spec(), tmp_path, lambda: 10**15, "cuda", workers=1).population == 0
+    assert size_populations(_spec(), tmp_path, lambda: four, "cuda", workers=2).population == 3  # spread < fit
+    two = int(estimate_population_bytes(model, 2, 32) / memory.SAFETY["cuda"]) + 1
+    assert size_populations(_spec(), tmp_path, lambda: two, "cuda", workers=2).population == 2  # fit < spread
+    assert size_populations(_spec(population=6), tmp_path, lambda: 1 / 0, "cuda", workers=8).population == 6
 
 
 def test_sequential_sweep_splits_members_that_do_not_fit(tiny_train_config, tmp_path, monkeypatch):

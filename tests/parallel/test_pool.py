@@ -89,6 +89,18 @@ def test_a_killed_worker_fails_its_population_only(tiny_train_config, tmp_path):
     assert "worker process on cpu died" in rows[1]["error"] and rows[1]["steps"] == 0
 
 
+def test_without_population_the_members_are_spread_over_the_workers(tiny_train_config, tmp_path):
+    # one population of three would keep one worker busy and the other idle; the numbers are the same
+    spec = _spec(tiny_train_config, population=0)
+    rows = run_sweep(spec, tmp_path / "pool", devices="cpu,cpu")
+    assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p0", "bs4-p1"]
+    run_sweep(spec, tmp_path / "seq")
+    assert {r["run_id"] for r in _table(tmp_path / "seq")} == {"bs4"}  # one process: one population
+    strip = ("run_id", "member")
+    assert ([{k: v for k, v in r.items() if k not in strip} for r in _table(tmp_path / "pool")]
+            == [{k: v for k, v in r.items() if k not in strip} for r in _table(tmp_path / "seq")])
+
+
 def test_cpu_workers_get_disjoint_shares_of_the_cores(tiny_train_config, tmp_path):
     rows = run_scaled(_spec(tiny_train_config, population=2), tmp_path, devices="cpu,cpu",
                       task=spawned.report_pinning)

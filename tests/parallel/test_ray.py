@@ -3,6 +3,7 @@ failures as rows, resume by rerun, the shared-storage check."""
 
 import csv
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -44,6 +45,14 @@ def test_a_sweep_through_ray_gives_the_sequential_numbers(local_ray, tiny_train_
     assert _table(tmp_path / "ray") == _table(tmp_path / "seq")
     assert sum(i["steps"] for k, i in events if k == "advance") == 8  # progress came back through the queue
     assert not list((tmp_path / "ray").glob(f"{PROBE}*"))  # the storage probe cleaned up
+
+
+def test_without_population_the_members_are_spread_over_the_clusters_slots(local_ray, tiny_train_config,
+                                                                           tmp_path):
+    assert RayCluster("auto", tmp_path, cpus=1).workers() == 2  # ray.init(num_cpus=2): two one-CPU tasks at once
+    assert RayCluster("auto", tmp_path, cpus=2).workers() == 1
+    rows = run_sweep(replace(_spec(tiny_train_config), population=0), tmp_path / "ray", ray="auto")
+    assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p0", "bs4-p1", "bs4-p1"]
 
 
 def fail_first(job, emit):

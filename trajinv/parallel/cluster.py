@@ -167,6 +167,13 @@ class RayCluster:
             for p in self.out.glob(f"{PROBE}-{token}*"):
                 p.unlink(missing_ok=True)
 
+    def workers(self) -> int:
+        """Populations the alive nodes can train at once: their GPUs, or their CPUs in tasks of `cpus`."""
+        nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
+        if self.gpu:
+            return max(1, sum(int(r.get("GPU", 0)) for r in nodes))
+        return max(1, sum(int(r.get("CPU", 0) // self.cpus) for r in nodes))
+
     def free_bytes(self) -> int:
         """Free memory one task sees (from a probe task with a training task's resources)."""
         return self.ray.get(self.ray.remote(_free).options(**self.resources).remote(self.gpu, self.cpus))

@@ -148,12 +148,12 @@ def fit_members(model: ModelConfig, members: int, batch: int, micro_batch: int, 
     return lo
 
 
-def size_populations(spec, out: str | Path, free: Callable[[], int], device_kind: str):
-    """`spec` with the population size that fits the device: `spec.population` when set (the user's
-    `--population`); the size stored in `out`'s spec.json once one of its populations has trained (a
-    rerun keeps its populations whatever memory is free now: `trajinv.rundirs.trained_split`); else 0
-    (all members at once) if they fit in `free()` bytes times the `device_kind` safety share, or the
-    largest size that does."""
+def size_populations(spec, out: str | Path, free: Callable[[], int], device_kind: str, workers: int = 1):
+    """`spec` with the population size that fits the device and feeds every worker: `spec.population`
+    when set (the user's `--population`); the size stored in `out`'s spec.json once one of its populations
+    has trained (a rerun keeps its populations whatever memory is free now: `trajinv.rundirs.trained_split`);
+    else the smaller of the largest size that fits in `free()` bytes times the `device_kind` safety share
+    and `spread_size` over `workers` (0, all members at once, when that is every member)."""
     if spec.population:
         return spec
     from trajinv.rundirs import trained_split
@@ -169,4 +169,21 @@ def size_populations(spec, out: str | Path, free: Callable[[], int], device_kind
     batch = max(max(BatchSchedule.parse(b).sizes) for b in spec.batch_sizes)
     n = len(spec.members())
     size = fit_members(model, n, batch, cfg.micro_batch, cfg.gns.mode, cfg.dtype, int(free() * SAFETY[device_kind]))
+    size = min(size, spread_size(n, len(spec.batch_sizes), workers))
     return spec if size >= n else replace(spec, population=size)
+
+
+def spread_size(members: int, batch_sizes: int, workers: int) -> int:
+    """The largest population size that still gives each of `workers` a population to train.
+
+    Every batch size is its own population already; the members of each are split into
+    ceil(workers / batch_sizes) populations, so 25 members on 8 GPUs train as 4 each (seven
+    populations; the eighth GPU would take the last member off one of those, and the sweep
+    would end no sooner). One population per worker is the fewest, so the largest: a member
+    costs less in a bigger population (a GPU's matmuls run wider), and on CPU a member's
+    numbers do not depend on its population (docs/design.md, "Population independence")."""
+    if min(members, batch_sizes, workers) < 1:
+        raise ValueError(f"spread_size needs members, batch sizes and workers >= 1, got {members}, {batch_sizes}, "
+                         f"{workers}")
+    per_batch = -(-workers // batch_sizes)
+    return -(-members // min(per_batch, members))

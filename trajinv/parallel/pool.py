@@ -109,6 +109,10 @@ class LocalPool:
                                                     initargs=(self.places[i], self.events, os.getpid()))
         return self.executors[i]
 
+    def workers(self) -> int:
+        """Populations trained at once: one per `--devices` entry."""
+        return len(self.places)
+
     def free_bytes(self) -> int:
         """Free memory of the tightest device, as each worker sees it (CPU workers share the RAM)."""
         cpu = [p for p in self.places if p.kind == "cpu"]

@@ -2,7 +2,8 @@
 
 `trajinv.sweep.run_sweep(spec, out, devices=..., ray=...)` hands over to
 `run_scaled`, which does what the sequential loop does, with a backend in place
-of the loop: size the populations, check the sweep directory, tokenize once in
+of the loop: size the populations (to fit memory and, without `--population`, so
+that every worker gets one: `memory.spread_size`), check the sweep directory, tokenize once in
 the parent (workers only open the cache), then give every population to the
 backend (`pool.LocalPool` or `cluster.RayCluster`) and collect the results.
 
@@ -77,7 +78,7 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
         kind = spec.train.device
         backend = RayCluster(ray, out, cpus=ray_cpus, gpu=kind == "cuda")
     with backend:
-        spec = size_populations(spec, out, backend.free_bytes, kind)
+        spec = size_populations(spec, out, backend.free_bytes, kind, backend.workers())
         _, pops = prepare_sweep(spec, out)  # checked, tokenized once here (workers open the cache), spec written
         notify("start", total=sum(cfg.steps for _, cfg in pops))
         data = backend.portable(spec.data)
