@@ -1,5 +1,6 @@
 """FusedAdamW against torch.optim.AdamW, on the CPU path and the Triton path (interpreter)."""
 
+import collections
 import math
 
 import pytest
@@ -717,3 +718,62 @@ def test_another_models_state_dict_is_refused_and_changes_nothing(backend):
     small[0].grad = torch.ones(3)
     opt.step()
     assert float(opt.state_dict()["state"][0]["step"]) == 2.0
+
+
+_RESETS = {  # what a training loop does to restart Adam's moments, or to set one param's state
+    "clear": lambda opt, ps: opt.state.clear(),
+    "a new state dict": lambda opt, ps: setattr(opt, "state", collections.defaultdict(dict)),
+    "del one": lambda opt, ps: opt.state.__delitem__(ps[0]),
+    "one emptied": lambda opt, ps: opt.state.__setitem__(ps[0], {}),
+    "step set to 0": lambda opt, ps: opt.state[ps[0]].__setitem__("step", torch.tensor(0.0)),
+    "moments replaced": lambda opt, ps: opt.state[ps[1]].update(exp_avg=torch.zeros_like(ps[1]),
+                                                                exp_avg_sq=torch.full_like(ps[1], 2.0)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reset", _RESETS)
+def test_a_state_reset_or_replaced_by_hand_is_what_the_next_step_uses(backend, reset):
+    # the flat buffers stepped on from the old moments, and state_dict() saved the replaced (unused) ones
+    ps = _params([(6, 5), (1100,)], seed=21)
+    gen = torch.Generator().manual_seed(22)
+    grads = [_grads(ps, gen) for _ in range(6)]
+    ours, theirs = _clone(ps), _clone(ps)
+    opt = FusedAdamW(ours, lr=1e-2, weight_decay=0.1, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    for i, gs in enumerate(grads):
+        if i == 3:
+            _RESETS[reset](opt, ours)
+            _RESETS[reset](ref, theirs)
+        for o, params in ((opt, ours), (ref, theirs)):
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            o.step()
+    for x, y in zip(ours, theirs):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    mine, torchs = opt.state_dict()["state"], ref.state_dict()["state"]
+    assert sorted(mine) == sorted(torchs)
+    for i, st in torchs.items():
+        assert float(mine[i]["step"]) == float(st["step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(mine[i][key], st[key], rtol=1e-5, atol=1e-7)
+
+
+def test_zero_grad_keeping_grads_zeroes_a_param_added_to_a_group_by_hand():
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    opt = FusedAdamW(a.parameters(), lr=1e-2)
+    a(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    opt.param_groups[0]["params"].extend(b.parameters())
+    b(torch.randn(2, 4)).sum().backward()
+    opt.zero_grad(set_to_none=False)
+    assert all(bool((p.grad == 0).all()) for p in b.parameters())
+
+
+def test_a_state_dict_with_other_groups_is_refused_in_torchs_words():
+    a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    two = FusedAdamW([{"params": a.parameters()}, {"params": b.parameters()}], lr=1e-2)
+    with pytest.raises(ValueError, match=r"different number of parameter groups \(params per group: \[2, 2\]"):
+        FusedAdamW(a.parameters(), lr=1e-2).load_state_dict(two.state_dict())
+    with pytest.raises(ValueError, match="doesn't match the size of optimizer's group"):
+        FusedAdamW([{"params": [a.weight]}, {"params": [a.bias, b.weight]}], lr=1e-2).load_state_dict(two.state_dict())

@@ -43,6 +43,14 @@ statistics nobody reads.
 On the Triton path the step counts live on the device; ``opt.state[p]["step"]``
 is refreshed from them by ``state_dict()`` (refreshing it every step would cost
 a launch and a sync), so read steps through ``state_dict()`` there.
+
+``opt.state[p]`` holds views of the flat buffers. Edit them in place, or clear or
+replace entries (``opt.state.clear()`` to restart the moments, ``state[p]["step"] =
+...``): as with torch, the next step starts from the state as it then is (the
+buckets are rebuilt from it). A rebuild (that, ``add_param_group``,
+``load_state_dict``, a param moved or re-typed) makes new buffers: a reference held
+to an old state tensor no longer follows the steps, where torch's would after
+``add_param_group``.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Sequence
+from itertools import chain
 from typing import Any, NamedTuple
 
 import torch
@@ -195,6 +204,7 @@ class FusedAdamW(torch.optim.Optimizer):
         self.seed = int(seed)
         self._buckets: list[Bucket] | None = None
         self._key: list | None = None  # the layout the buckets were built for
+        self._seen: tuple = (None, [])  # the state container and its tensors' ids after the last build
         self._where: dict[int, tuple[Bucket, int]] = {}  # id(param) -> (bucket, tensor index)
         self._hyper = HyperTable()
         self._step_stats: list[engines.StepStats] = []  # the last step's, per bucket, reduced on read
@@ -289,6 +299,7 @@ class FusedAdamW(torch.optim.Optimizer):
                                       self.master_weights)
         self._where = {id(p): (b, t) for b in self._buckets for t, p in enumerate(b.params)}
         self._key = self._layout_key()
+        self._seen = (self.state, self._state_ids())  # what `_state_is_ours` compares against
 
     def _invalidate(self) -> None:
         """Drop the buckets (rebuilt on the next step), their step counts written back to the state first."""
@@ -306,9 +317,20 @@ class FusedAdamW(torch.optim.Optimizer):
             b.steps.copy_((b.counters // b.nblk_dev).to("cpu", b.steps.dtype))
 
     def _ensure_buckets(self) -> list[Bucket]:
-        if self._buckets is None or self._layout_key() != self._key:
+        if self._buckets is None or self._layout_key() != self._key or not self._state_is_ours():
             self._build()
         return self._buckets
+
+    def _state_is_ours(self) -> bool:
+        """Does `self.state` still hold what the last build put there? A caller who resets or replaces a
+        param's state (`state.clear()`, `state[p] = {}`, `state[p]["step"] = torch.tensor(0.)`) means the
+        next step to start from it, as torch.optim.AdamW's does; the flat buffers would step on unseen, and
+        `state_dict()` would save what they no longer use. A rebuild takes the state as it is now.
+        Compared by identity, every state tensor in order: C-level loops, ~0.25 us a param."""
+        return self.state is self._seen[0] and self._state_ids() == self._seen[1]
+
+    def _state_ids(self) -> list[int]:
+        return list(map(id, chain.from_iterable(map(dict.values, self.state.values()))))
 
     # ------------------------------------------------------------------- step
     @torch.no_grad()
@@ -459,7 +481,8 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def _laid_out(self) -> bool:
         """Buckets exist (laid out now if a state was loaded and no step has run since)."""
-        if self._buckets is None and any("exp_avg_sq" in st for st in self.state.values()):
+        if self._buckets is None and any("exp_avg_sq" in st for st in self.state.values()) or (
+                self._buckets is not None and not self._state_is_ours()):
             self._ensure_buckets()
         return self._buckets is not None
 
@@ -478,7 +501,7 @@ class FusedAdamW(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         # also called by torch's load_state_dict on a live optimizer: fill in only what is missing (the
         # settings of _PICKLED come with the state; the layout is rebuilt on the next step)
-        fresh = dict(_buckets=None, _key=None, _where={}, _hyper=HyperTable(), _step_stats=[])
+        fresh = dict(_buckets=None, _key=None, _seen=(None, []), _where={}, _hyper=HyperTable(), _step_stats=[])
         for key, value in fresh.items():
             self.__dict__.setdefault(key, value)
         super().__setstate__(state)
@@ -491,6 +514,13 @@ class FusedAdamW(torch.optim.Optimizer):
         """Load ours or torch.optim.AdamW's; states stay fp32 even for 16-bit params."""
         saved = {i: {k: v for k, v in s.items() if k in _STATE_KEYS} for i, s in state_dict["state"].items()}
         params = [p for g in self.param_groups for p in g["params"]]
+        theirs_sizes = [len(g["params"]) for g in state_dict["param_groups"]]
+        mine_sizes = [len(g["params"]) for g in self.param_groups]
+        if theirs_sizes != mine_sizes:  # torch's words, with the sizes (else a shape check below named a param)
+            what = ("has a different number of parameter groups" if len(theirs_sizes) != len(mine_sizes) else
+                    "contains a parameter group that doesn't match the size of optimizer's group")
+            raise ValueError(f"loaded state dict {what} (params per group: {theirs_sizes}, this optimizer's "
+                             f"{mine_sizes})")
         for mine, theirs in zip(self.param_groups, state_dict["param_groups"]):  # their flags, before anything moves
             self._check_group({"decay_mode": "torch", **theirs, "params": mine["params"]})
         for i, st in saved.items():  # before anything is replaced: a refused load leaves this optimizer as it was
@@ -511,8 +541,8 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch; with set_to_none=False the flat grad buffers are zeroed in one op and stay in place."""
-        if set_to_none or self._buckets is None:
-            return super().zero_grad(set_to_none)
+        if set_to_none or self._buckets is None or self._layout_key() != self._key:  # a param added by hand:
+            return super().zero_grad(set_to_none)  # the buckets do not hold it yet
         for b in self._buckets:
             for t, p in enumerate(b.params):
                 if p.grad is not None and not (b.use_triton and b.grad_in_place(t)):
