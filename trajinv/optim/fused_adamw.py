@@ -47,10 +47,10 @@ a launch and a sync), so read steps through ``state_dict()`` there.
 ``opt.state[p]`` holds views of the flat buffers. Edit them in place, or clear or
 replace entries (``opt.state.clear()`` to restart the moments, ``state[p]["step"] =
 ...``): as with torch, the next step starts from the state as it then is (the
-buckets are rebuilt from it). A rebuild (that, ``add_param_group``,
-``load_state_dict``, a param moved or re-typed) makes new buffers: a reference held
-to an old state tensor no longer follows the steps, where torch's would after
-``add_param_group``.
+buckets are rebuilt from it). Every rebuild (after such an edit,
+``add_param_group``, ``load_state_dict``, a param moved or re-typed) makes new
+buffers: a reference held to an old state tensor stops following the steps (torch's
+keeps following after ``add_param_group``).
 """
 
 from __future__ import annotations
