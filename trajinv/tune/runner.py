@@ -64,9 +64,10 @@ class TuneSpec:
     """The search along the salient direction (its budget and cost unit are set from `train`)."""
     population: int = 0
     """Most members trained together per stage; 0 = a whole stage at once if it fits the device's free
-    memory, else the most that fit, spread over the workers of --devices or --ray. On CPU the grouping never changes a member's numbers (bit for bit,
-    docs/design.md "Population independence"); on GPU the batched matmuls may round differently for
-    another K, so set it there to make a tune independent of the memory free when it starts."""
+    memory, else the most that fit, spread over the workers of --devices or --ray. On CPU the grouping
+    never changes a member's numbers (bit for bit, docs/design.md "Population independence"); on GPU
+    the batched matmuls may round differently for another K, so set it there to make a tune
+    independent of the memory free when it starts."""
     min_transitions: float = MIN_TRANSITIONS
     """Enough iterations for ELR invariance: steps*lr*wd of the scan's best member at least this
     (trajinv.tune.fit.MIN_TRANSITIONS says why 1)."""
