@@ -223,3 +223,16 @@ def test_a_population_out_of_memory_is_one_line(corpus, tmp_path, monkeypatch):
     assert errors == ["Error: bs4: 2 members ran out of cpu memory in step 1 (CUDA out of memory. Tried to allocate "
                       "9.00 GiB); train fewer members at once (--population of sweep and tune) or use a smaller "
                       "--micro-batch"], res.output
+
+
+def test_progress_names_a_populations_size_in_words():
+    from trajinv.cli import _Progress
+
+    progress = _Progress("sweep")
+    with progress:
+        progress("start", total=2)
+        progress("population", run_id="bs32-p1", skipped=False, members=1)
+        one = progress.bar.tasks[0].description
+        progress("population", run_id="bs32-p0", skipped=False, members=3)
+        three = progress.bar.tasks[0].description
+    assert (one, three) == ("bs32-p1 (1 member)", "bs32-p0 (3 members)")

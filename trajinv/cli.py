@@ -214,7 +214,8 @@ class _Progress:
         elif kind == "advance":
             self.bar.advance(self.task, info["steps"])
         elif kind == "population":
-            note = "done, skipped" if info["skipped"] else f"{info['members']} members"
+            n = info["members"]
+            note = "done, skipped" if info["skipped"] else f"{n} member{'s' * (n != 1)}"
             self.bar.update(self.task, description=f"{info['run_id']} ({note})")
         elif kind == "failed":  # scale-out: a population failed, the others go on
             from rich.markup import escape

@@ -101,7 +101,7 @@ class SweepSpec:
     """Batch sizes or batch-size schedules; each is its own population."""
     population: int = 0
     """Most members trained together; 0 = as many as fit the device's free memory (all of a batch size
-    if they fit), spread so that each of --devices' or a Ray cluster's workers gets a population; a
+    if they fit), spread over the workers of --devices or a Ray cluster (`memory.spread_size`); a
     rerun without it keeps the stored size once a population has checkpointed. A rerun
     may change it (smaller, after running out of memory): checkpointed populations keep their members,
     the others are split anew (`plan_populations`)."""

@@ -131,14 +131,18 @@ def test_size_populations_fits_keeps_the_users_and_the_stored_size(tmp_path):
 
 @pytest.mark.parametrize("members, batch_sizes, workers, size", [
     (6, 1, 1, 6), (6, 1, 2, 3), (6, 1, 4, 2), (25, 1, 8, 4), (5, 1, 2, 3), (2, 1, 8, 1), (1, 1, 8, 1),
-    (6, 2, 2, 6), (6, 2, 4, 3), (6, 3, 4, 3), (6, 4, 2, 6)])
-def test_spread_size_gives_every_worker_a_population_with_the_fewest_populations(members, batch_sizes, workers,
-                                                                                  size):
+    (7, 1, 3, 3), (6, 2, 2, 6), (6, 2, 4, 3), (6, 2, 3, 6), (6, 3, 4, 6), (6, 4, 2, 6), (9, 2, 5, 5)])
+def test_spread_size_ends_the_sweep_soonest_with_the_fewest_populations(members, batch_sizes, workers, size):
     assert spread_size(members, batch_sizes, workers) == size
-    share = min(-(-workers // batch_sizes), members)  # populations a batch size may have: its workers
-    assert -(-members // size) <= share  # one round: no population waits for a worker
-    if size > 1:  # and the smallest such size (the sweep ends soonest)
-        assert -(-members // (size - 1)) > share
+
+    def makespan(s):  # rounds of the workers, a population's time its size
+        return -(-batch_sizes * -(-members // s) // workers) * s
+
+    # every size whose populations per batch size do not outnumber that batch size's share of the workers
+    share = min(-(-workers // batch_sizes), members)
+    sizes = [s for s in range(1, members + 1) if -(-members // s) <= share]
+    best = min(makespan(s) for s in sizes)
+    assert makespan(size) == best and size == max(s for s in sizes if makespan(s) == best)
 
 
 def test_spread_size_refuses_nothing_to_spread():

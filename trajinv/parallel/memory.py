@@ -174,16 +174,21 @@ def size_populations(spec, out: str | Path, free: Callable[[], int], device_kind
 
 
 def spread_size(members: int, batch_sizes: int, workers: int) -> int:
-    """The largest population size that still gives each of `workers` a population to train.
+    """The population size that spreads a sweep over `workers` and ends it soonest.
 
-    Every batch size is its own population already; the members of each are split into
-    ceil(workers / batch_sizes) populations, so 25 members on 8 GPUs train as 4 each (seven
-    populations; the eighth GPU would take the last member off one of those, and the sweep
-    would end no sooner). One population per worker is the fewest, so the largest: a member
-    costs less in a bigger population (a GPU's matmuls run wider), and on CPU a member's
-    numbers do not depend on its population (docs/design.md, "Population independence")."""
+    Every batch size is its own population already; the members of each split into p
+    populations, p at most ceil(workers / batch_sizes) (enough for every worker to get one).
+    Of those p, the one whose sweep ends soonest, counting a population's time as its size:
+    ceil(batch_sizes * p / workers) rounds of ceil(members / p); ties go to fewer, larger
+    populations (a member costs less in a wider one: a GPU's matmuls run wider). So 25
+    members on 8 GPUs train as seven populations of at most 4, in one round (the eighth GPU
+    would take one member off one of them and end no sooner); 6 members at each of 2 batch
+    sizes on 3 workers stay 2 populations of 6 (4 of 3 would take two rounds of 3). On CPU a
+    member's numbers do not depend on its population (docs/design.md, "Population
+    independence")."""
     if min(members, batch_sizes, workers) < 1:
         raise ValueError(f"spread_size needs members, batch sizes and workers >= 1, got {members}, {batch_sizes}, "
                          f"{workers}")
-    per_batch = -(-workers // batch_sizes)
-    return -(-members // min(per_batch, members))
+    most = min(-(-workers // batch_sizes), members)
+    p = min(range(1, most + 1), key=lambda p: (-(-batch_sizes * p // workers) * -(-members // p), p))
+    return -(-members // p)

@@ -2,8 +2,8 @@
 
 `trajinv.sweep.run_sweep(spec, out, devices=..., ray=...)` hands over to
 `run_scaled`, which does what the sequential loop does, with a backend in place
-of the loop: size the populations (to fit memory and, without `--population`, so
-that every worker gets one: `memory.spread_size`), check the sweep directory, tokenize once in
+of the loop: size the populations (to fit memory and, without `--population`, spread
+over the workers: `memory.spread_size`), check the sweep directory, tokenize once in
 the parent (workers only open the cache), then give every population to the
 backend (`pool.LocalPool` or `cluster.RayCluster`) and collect the results.
 
