@@ -31,24 +31,7 @@ def rope_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x (..., t, head_dim) by position-dependent angles.
-
-    In fp32 and fp64 a pair is a complex number and the rotation one complex multiply:
-    one elementwise op forward and one backward where the pairwise formula
-    (`rope_pairwise`) runs six and a stack each way. Its products and sums are the
-    formula's, unfused, so the bits are the same (`tests/test_model.py`); a CPU training
-    step of the tiny preset got ~10 % faster. Half precisions have no complex dtype
-    that every device multiplies (bf16 none at all): they take the formula."""
-    pairs_adjacent = x.stride(-1) == 1 and all(n % 2 == 0 for n in (x.storage_offset(), *x.stride()[:-1]))
-    if x.dtype not in (torch.float32, torch.float64) or not pairs_adjacent:  # view_as_complex needs both
-        return rope_pairwise(x, cos, sin)
-    t = x.shape[-2]
-    turn = torch.complex(cos[:t].to(x.dtype), sin[:t].to(x.dtype))
-    return torch.view_as_real(torch.view_as_complex(x.unflatten(-1, (-1, 2))) * turn).flatten(-2)
-
-
-def rope_pairwise(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """`apply_rope` written out on the pairs: (x1 c - x2 s, x1 s + x2 c)."""
+    """Rotate pairs (x[2i], x[2i+1]) of x (..., t, head_dim) by position-dependent angles."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     t = x.shape[-2]
     c, s = cos[:t].to(x.dtype), sin[:t].to(x.dtype)
