@@ -141,3 +141,39 @@ def test_a_built_model_is_initialised_from_its_seed():
     ref = GPT(_tiny(), members=2, seed=None)
     ref.init_weights(torch.Generator().manual_seed(0))  # what the seed means
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), ref.parameters()))
+
+
+def _rope_by_matrices(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as explicit 2x2 rotation matrices per position and pair, in float64 (an independent method)."""
+    t, pairs = x.shape[-2], x.shape[-1] // 2
+    c, s = cos[:t].double(), sin[:t].double()
+    rot = torch.stack((torch.stack((c, -s), -1), torch.stack((s, c), -1)), -2)  # (t, pairs, 2, 2)
+    return torch.einsum("tpij,...tpj->...tpi", rot, x.double().unflatten(-1, (pairs, 2))).flatten(-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t, head_dim", [(1, 16), (7, 6), (64, 16)])
+def test_rope_rotates_each_pair_by_its_positions_angle(dtype, t, head_dim):
+    from trajinv.model import apply_rope, rope_tables
+
+    cos, sin = rope_tables(64, head_dim, 10000.0)
+    gen = torch.Generator().manual_seed(t)
+    # the model's layout: a transposed view of the qkv projection's slice (non-contiguous, offset)
+    qkv = torch.randn(3, t, 3 * 4 * head_dim, generator=gen).to(dtype)
+    x = qkv[..., 4 * head_dim : 8 * head_dim].reshape(3, t, 4, head_dim).transpose(1, 2).detach().requires_grad_(True)
+    y = apply_rope(x, cos, sin)
+    tol = {torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(y.double(), _rope_by_matrices(x.detach(), cos, sin), rtol=tol, atol=tol)
+    gy = torch.randn(y.shape, generator=gen).to(dtype)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    # the backward is the inverse rotation of the output gradient
+    torch.testing.assert_close(gx.double(), _rope_by_matrices(gy, cos, -sin), rtol=tol, atol=tol)
+
+
+def test_rope_reference_tells_a_rotation_from_its_inverse():
+    """The matrix reference is not blind to a flipped sign (the test above would catch one)."""
+    from trajinv.model import apply_rope, rope_tables
+
+    cos, sin = rope_tables(8, 4, 10000.0)
+    x = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(apply_rope(x, cos, sin).double(), _rope_by_matrices(x, cos, -sin))
