@@ -777,3 +777,20 @@ def test_a_state_dict_with_other_groups_is_refused_in_torchs_words():
         FusedAdamW(a.parameters(), lr=1e-2).load_state_dict(two.state_dict())
     with pytest.raises(ValueError, match="doesn't match the size of optimizer's group"):
         FusedAdamW([{"params": [a.weight]}, {"params": [a.bias, b.weight]}], lr=1e-2).load_state_dict(two.state_dict())
+
+
+def test_preconditioners_check_the_state_once_a_call_not_once_a_param():
+    # per-param W (two betas in one bucket) went through preconditioner(p), which checked the whole state
+    # again for each param: quadratic in the param count, on every GNS-measured step
+    ps = _params([(3, 4)] * 6, seed=31)
+    opt = FusedAdamW([{"params": ps[:3]}, {"params": ps[3:], "betas": (0.9, 0.99)}], lr=1e-2, backend="cpu")
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    calls = []
+    ids = opt._state_ids
+    opt._state_ids = lambda: calls.append(1) or ids()
+    w = opt.preconditioners()
+    assert len(calls) == 1 and all(w[p] is not None for p in ps)
+    opt.state.clear()  # a reset: the next read lays out a fresh state, which has no W yet
+    assert all(v is None for v in opt.preconditioners().values())

@@ -55,6 +55,22 @@ def test_without_population_the_members_are_spread_over_the_clusters_slots(local
     assert [r["run_id"] for r in rows] == ["bs4-p0", "bs4-p0", "bs4-p1", "bs4-p1"]
 
 
+def test_a_gpu_task_takes_a_cpu_too_so_a_node_runs_no_more_than_its_cpus():
+    class FakeRay:
+        @staticmethod
+        def nodes():
+            return [{"Alive": True, "Resources": {"GPU": 8.0, "CPU": 2.0}},
+                    {"Alive": True, "Resources": {"GPU": 1.0, "CPU": 4.0}},
+                    {"Alive": False, "Resources": {"GPU": 8.0, "CPU": 64.0}},
+                    {"Alive": True, "Resources": {"GPU": 0.5, "CPU": 8.0}}]
+
+    cluster = RayCluster.__new__(RayCluster)
+    cluster.ray, cluster.gpu, cluster.cpus = FakeRay, True, 1
+    assert cluster.workers() == 3  # 2 + 1 + 0: half a GPU runs no whole task
+    cluster.gpu, cluster.cpus = False, 3
+    assert cluster.workers() == 0 + 1 + 2
+
+
 def fail_first(job, emit):
     from trajinv.parallel.worker import run_job
 

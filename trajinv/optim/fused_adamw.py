@@ -44,10 +44,11 @@ On the Triton path the step counts live on the device; ``opt.state[p]["step"]``
 is refreshed from them by ``state_dict()`` (refreshing it every step would cost
 a launch and a sync), so read steps through ``state_dict()`` there.
 
-``opt.state[p]`` holds views of the flat buffers. Edit them in place, or clear or
-replace entries (``opt.state.clear()`` to restart the moments, ``state[p]["step"] =
-...``): as with torch, the next step starts from the state as it then is (the
-buckets are rebuilt from it). Every rebuild (after such an edit,
+``opt.state[p]`` holds views of the flat buffers. Edit the moments in place, or
+clear or replace entries (``opt.state.clear()`` to restart the moments,
+``state[p]["step"] = ...``): as with torch, the next step starts from the state as it
+then is (the buckets are rebuilt from it). On the Triton path set a step count by
+replacing the entry: an in-place edit of ``step`` is overwritten from the device. Every rebuild (after such an edit,
 ``add_param_group``, ``load_state_dict``, a param moved or re-typed) makes new
 buffers: a reference held to an old state tensor stops following the steps (torch's
 keeps following after ``add_param_group``).
@@ -435,7 +436,11 @@ class FusedAdamW(torch.optim.Optimizer):
 
         On the Triton path "any step" means any launch: a param whose only steps were skipped by
         `found_inf` gets all ones (W = 1), because telling needs the device's step count (a host sync)."""
-        where = self._where.get(id(p)) if self._laid_out() else None
+        return self._preconditioner(p) if self._laid_out() else None
+
+    def _preconditioner(self, p: torch.Tensor) -> torch.Tensor | None:
+        """`preconditioner` on buckets known to be laid out (`_laid_out` checks the whole state: once a call)."""
+        where = self._where.get(id(p))
         if where is None:
             return None
         b, t = where
@@ -471,7 +476,7 @@ class FusedAdamW(torch.optim.Optimizer):
         for b in self._buckets if self._laid_out() else ():
             key = self._precond_keys(b)
             if b.use_triton or len(key) != 1 or next(iter(key))[2] <= 0:
-                out.update({p: self.preconditioner(p) for p in b.params})
+                out.update({p: self._preconditioner(p) for p in b.params})
                 continue
             if b.precond_ready != key:
                 engines.precond_from_state(b.exp_avg_sq, *next(iter(key)), b.precond_buffer())

@@ -168,10 +168,11 @@ class RayCluster:
                 p.unlink(missing_ok=True)
 
     def workers(self) -> int:
-        """Populations the alive nodes can train at once: their GPUs, or their CPUs in tasks of `cpus`."""
+        """Populations the alive nodes can train at once: their GPUs (a GPU task takes a CPU too), or their
+        CPUs in tasks of `cpus`."""
         nodes = [n.get("Resources", {}) for n in self.ray.nodes() if n.get("Alive")]
         if self.gpu:
-            return max(1, sum(int(r.get("GPU", 0)) for r in nodes))
+            return max(1, sum(int(min(r.get("GPU", 0), r.get("CPU", 0))) for r in nodes))
         return max(1, sum(int(r.get("CPU", 0) // self.cpus) for r in nodes))
 
     def free_bytes(self) -> int:

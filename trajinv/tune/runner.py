@@ -67,7 +67,7 @@ class TuneSpec:
     memory, else the most that fit, spread over the workers of --devices or --ray. On CPU the grouping
     never changes a member's numbers (bit for bit, docs/design.md "Population independence"); on GPU
     the batched matmuls may round differently for another K, so set it there to make a tune
-    independent of the memory free when it starts."""
+    independent of the memory free when it starts and of the number of workers."""
     min_transitions: float = MIN_TRANSITIONS
     """Enough iterations for ELR invariance: steps*lr*wd of the scan's best member at least this
     (trajinv.tune.fit.MIN_TRANSITIONS says why 1)."""
