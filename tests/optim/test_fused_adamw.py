@@ -794,3 +794,34 @@ def test_preconditioners_check_the_state_once_a_call_not_once_a_param():
     assert len(calls) == 1 and all(w[p] is not None for p in ps)
     opt.state.clear()  # a reset: the next read lays out a fresh state, which has no W yet
     assert all(v is None for v in opt.preconditioners().values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_callers_own_state_keys_stay_and_cost_no_rebuild(backend):
+    # a Lookahead wrapper (timm's, say) keeps its slow weights in the base optimizer's state[p]: they must
+    # survive every step, and changing them is no reset of the moments
+    ps = _params([(6, 5), (33,)], seed=41)
+    gen = torch.Generator().manual_seed(42)
+    ours, theirs = _clone(ps), _clone(ps)
+    opt = FusedAdamW(ours, lr=1e-2, weight_decay=0.1, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1, foreach=False)
+    builds = []
+    build = opt._build
+    opt._build = lambda: builds.append(1) or build()
+    for i in range(6):
+        gs = _grads(ps, gen)
+        for o, params in ((opt, ours), (ref, theirs)):
+            for p, g in zip(params, gs):
+                p.grad = g.clone()
+            o.step()
+            for p in params:
+                o.state[p]["slow"] = p.detach().clone()  # replaced every step, as a Lookahead sync does
+    assert len(builds) == 1
+    for x, y in zip(ours, theirs):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+        assert torch.equal(opt.state[x]["slow"], x.detach())
+    opt.state.clear()  # a reset is still seen
+    for p in ours:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert len(builds) == 2 and float(opt.state_dict()["state"][0]["step"]) == 1

@@ -76,6 +76,10 @@ class TorchPlan:
     coef: tuple | None = None  # (coefficients, eps values, uniform?) of P = c sqrt(v) + eps per entry
 
 
+EXPOSED_KEYS = ("step", "exp_avg", "exp_avg_sq", "master_param")
+"""The keys of a param's optimizer state that are views of a bucket (`Bucket.exposed_state`)."""
+
+
 @dataclass(eq=False)
 class Bucket:
     """Flat state of the parameters that share one (device, dtype)."""
@@ -296,7 +300,8 @@ def build_buckets(groups: list[dict], first_slot: list[int], state: dict, use_tr
                 if p.grad is not None:
                     b.view(b.flat_grad, t).copy_(p.grad)
                     p.grad = b.view(b.flat_grad, t)
-            state[p] = b.exposed_state(t)
+            # a caller's own keys (a Lookahead's slow weights) stay; ours are the buffers' views
+            state[p] = {**{k: v for k, v in st.items() if k not in EXPOSED_KEYS}, **b.exposed_state(t)}
         if b.use_triton:
             b.counters.copy_(b.steps.to(b.counters.device).long() * b.nblk_dev)
             b.launched = [bool(s > 0) for s in b.steps.tolist()]
