@@ -50,10 +50,10 @@ clear or replace entries (``opt.state.clear()`` to restart the moments,
 then is (the buckets are rebuilt from it). On the Triton path set a step count by
 replacing the entry: an in-place edit of ``step`` is overwritten from the device.
 Keys of a caller's own in ``state[p]`` (a Lookahead wrapper's slow weights) stay, and
-changing them rebuilds nothing. Every rebuild (after such an edit,
-``add_param_group``, ``load_state_dict``, a param moved or re-typed) makes new
-buffers: a reference held to an old state tensor stops following the steps (torch's
-keeps following after ``add_param_group``).
+changing them rebuilds nothing. Every rebuild (after such an edit, ``add_param_group``,
+``load_state_dict``, a param moved or re-typed) makes new buffers: a reference held to
+an old state tensor stops following the steps (torch's keeps following after
+``add_param_group``).
 """
 
 from __future__ import annotations
