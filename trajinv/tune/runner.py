@@ -155,6 +155,11 @@ def _check_spec(out: Path, spec: TuneSpec) -> int:
     refuse_other(out, "tune")
     path = out / SPEC
     mine = json.loads(json.dumps(to_dict(spec)))
+
+    def write(version: int) -> int:
+        atomic_write(path, lambda f: f.write(json.dumps({**mine, _VERSION_KEY: version}, indent=1)), mode="w")
+        return version
+
     if path.exists():
         try:
             theirs = json.loads(path.read_text())
@@ -171,12 +176,9 @@ def _check_spec(out: Path, spec: TuneSpec) -> int:
             raise ValueError(f"{out} holds a tune made by another spec ({differences}); "
                              "use a new --out directory")
         remove_stale_temps(out)  # of a killed run's writes (tune.json, its PNGs); the stages clean their own
-        if regrouped:  # what was asked last
-            atomic_write(path, lambda f: f.write(json.dumps({**mine, _VERSION_KEY: version}, indent=1)), mode="w")
-        return version
+        return write(version) if regrouped else version  # regrouped: what was asked last
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps({**mine, _VERSION_KEY: SEARCH_VERSION}, indent=1)), mode="w")
-    return SEARCH_VERSION
+    return write(SEARCH_VERSION)
 
 
 def _preflight(spec: TuneSpec, scale: dict) -> int:
