@@ -320,9 +320,13 @@ class FusedAdamW(torch.optim.Optimizer):
             b.steps.copy_((b.counters // b.nblk_dev).to("cpu", b.steps.dtype))
 
     def _ensure_buckets(self) -> list[Bucket]:
-        if self._buckets is None or self._layout_key() != self._key or not self._state_is_ours():
+        if self._layout_changed() or not self._state_is_ours():
             self._build()
         return self._buckets
+
+    def _layout_changed(self) -> bool:
+        """No buckets yet, or the params they were built for are not those of `param_groups` now."""
+        return self._buckets is None or self._layout_key() != self._key
 
     def _state_is_ours(self) -> bool:
         """Does `self.state` still hold what the last build put there? A caller who resets or replaces a
@@ -551,8 +555,8 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch; with set_to_none=False the flat grad buffers are zeroed in one op and stay in place."""
-        if set_to_none or self._buckets is None or self._layout_key() != self._key:  # a param added by hand:
-            return super().zero_grad(set_to_none)  # the buckets do not hold it yet
+        if set_to_none or self._layout_changed():  # a param added by hand: the buckets do not hold it yet
+            return super().zero_grad(set_to_none)
         for b in self._buckets:
             for t, p in enumerate(b.params):
                 if p.grad is not None and not (b.use_triton and b.grad_in_place(t)):
