@@ -55,7 +55,7 @@ def _accumulate_gns_kernel(
 ):
     # blocks on axis 0 (up to 2**31 - 1 programs), members on axis 1 (CUDA caps it at 65535): one
     # member's tensor may hold more than 65535 blocks (a 128k x 4096 embedding: 256k blocks)
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: a member's slice may pass 2^31 elements
     k = tl.program_id(1)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M
@@ -203,8 +203,9 @@ def accumulate_grads_with_norms(
         measured: per tensor, whether its norms enter the sums (an unmeasured
             tensor is still accumulated). Default: all True.
         backend: "auto" (CPU: native when built, else torch ops; CUDA: Triton), "triton" or "cpu".
-        out_sums: a contiguous (2, members) fp64 CPU buffer to add (s_w, s_1) into
-            (the trainer's running sums over micro-batches); returned as its rows.
+        out_sums: a contiguous (2, members) fp64 buffer to add (s_w, s_1) into (the trainer's running
+            sums over micro-batches); returned as its rows. On the gradients' device it costs no wait
+            for that device (the sums stay there), on the CPU one per call.
 
     Returns:
         (s_w, s_1) fp32 (members,): sum over measured tensors of W grad^2 and grad^2, per member
@@ -218,11 +219,11 @@ def accumulate_grads_with_norms(
         raise ValueError(f"measured needs {n} entries, got {len(measured)}")
     if not isinstance(members, int) or members < 1:
         raise ValueError(f"members must be a positive int, got {members!r}")
-    if out_sums is not None and (out_sums.shape != (2, members) or out_sums.dtype != torch.float64
-                                 or not out_sums.is_contiguous() or out_sums.device.type != "cpu"):
-        raise ValueError(f"out_sums must be a contiguous fp64 CPU (2, {members}) tensor, "
-                         f"got {out_sums.dtype} {tuple(out_sums.shape)} on {out_sums.device}")
     device = grads[0].device if n else torch.device("cpu")
+    if out_sums is not None and (out_sums.shape != (2, members) or out_sums.dtype != torch.float64
+                                 or not out_sums.is_contiguous() or out_sums.device not in (device, torch.device("cpu"))):
+        raise ValueError(f"out_sums must be a contiguous fp64 (2, {members}) tensor on the CPU or {device}, "
+                         f"got {out_sums.dtype} {tuple(out_sums.shape)} on {out_sums.device}")
     native = (resolve_backend(backend, device) == "cpu" and device.type == "cpu" and NATIVE.get() is not None
               and all(t.dtype == torch.float32 and t.is_contiguous() for t in (*accs, *grads, *preconds)
                       if t is not None))
@@ -253,6 +254,6 @@ def accumulate_grads_with_norms(
             s_1 += s1
     if out_sums is None:
         return s_w, s_1
-    out_sums[0] += s_w.cpu()
-    out_sums[1] += s_1.cpu()
+    out_sums[0] += s_w.to(out_sums.device)  # fp32 into fp64: exact, wherever the sums live
+    out_sums[1] += s_1.to(out_sums.device)
     return out_sums[0], out_sums[1]

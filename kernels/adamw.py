@@ -121,24 +121,27 @@ def _adamw_body(
             p = tl.load(p_ptr + offs).to(tl.float32)
     g = g * inv_gs
     gg = g * g
+    # sqrt_rn and div_rn, correctly rounded as torch's and the interpreter's: a plain sqrt and '/' compile to
+    # approximate, flush-to-zero instructions, which with eps = 0 turned a denormal v into a 0 denominator
+    # (inf where torch is finite). The kernel is bound by memory; the exact forms cost nothing measurable.
     # P from the state before this update; p_one = 1 on the first step (no state yet).
-    p_prev = tl.sqrt(v) * inv_sqrt_bc2_prev + eps
+    p_prev = tl.sqrt_rn(v) * inv_sqrt_bc2_prev + eps
     p_prev = p_prev * (1.0 - p_one) + p_one
     m = m + (1.0 - beta1) * (g - m)
     v = beta2 * v + (1.0 - beta2) * gg
-    denom = tl.sqrt(v) * inv_sqrt_bc2 + eps
-    p_new = p * decay - step_size * (m / denom)
+    denom = tl.sqrt_rn(v) * inv_sqrt_bc2 + eps
+    p_new = p * decay - step_size * tl.div_rn(m, denom)
     upd = p_new - p
     if MASKED:
         zero = tl.zeros_like(p_new)
         s_p = tl.sum(tl.where(mask, p_new * p_new, zero), axis=0)
         s_u = tl.sum(tl.where(mask, upd * upd, zero), axis=0)
         # a lane past the segment has g = v = 0, so with eps = 0 its gg / p_prev is 0/0
-        s_w = tl.sum(tl.where(mask, gg / p_prev, zero), axis=0)
+        s_w = tl.sum(tl.where(mask, tl.div_rn(gg, p_prev), zero), axis=0)
     else:
         s_p = tl.sum(p_new * p_new, axis=0)
         s_u = tl.sum(upd * upd, axis=0)
-        s_w = tl.sum(gg / p_prev, axis=0)
+        s_w = tl.sum(tl.div_rn(gg, p_prev), axis=0)
     s_g = tl.sum(gg, axis=0)
     if SR:
         bits = p_new.to(tl.uint32, bitcast=True)
@@ -204,9 +207,9 @@ def _adamw_kernel(
     inv_gs = tl.full((), 1.0, tl.float32)
     if HAS_GS:
         if GS_PER_MEMBER:
-            inv_gs = 1.0 / tl.load(gs_ptr + member)
+            inv_gs = tl.div_rn(1.0, tl.load(gs_ptr + member))
         else:
-            inv_gs = 1.0 / tl.load(gs_ptr)
+            inv_gs = tl.div_rn(1.0, tl.load(gs_ptr))
 
     # A skipped step divides by bc1 = 0 when step is 0: keep it finite, nothing is stored.
     # 1 - beta^t in fp64 (three scalars per program): in fp32 it cancels for beta near 1 (beta2 = 0.9999
@@ -218,9 +221,9 @@ def _adamw_kernel(
     bc2 = (1.0 - tl.exp2(step_c * log2_b2)).to(tl.float32)
     bc2_prev = (1.0 - tl.exp2(tl.maximum(step_prev, 1.0).to(tl.float64) * log2_b2)).to(tl.float32)
     p_one = tl.where(step_prev > 0, 0.0, 1.0)
-    step_size = lr / bc1
-    inv_sqrt_bc2 = 1.0 / tl.sqrt(bc2)
-    inv_sqrt_bc2_prev = 1.0 / tl.sqrt(bc2_prev)
+    step_size = tl.div_rn(lr, bc1)  # correctly rounded, as every divide and root here (_adamw_body)
+    inv_sqrt_bc2 = tl.div_rn(1.0, tl.sqrt_rn(bc2))
+    inv_sqrt_bc2_prev = tl.div_rn(1.0, tl.sqrt_rn(bc2_prev))
     decay = 1.0 - lr * wd
     rseed = seed + step.to(tl.int32) * 40503
 

@@ -49,6 +49,14 @@ class CompiledKernel:
         """Occurrences of a PTX instruction prefix, e.g. 'ld.global.v4'."""
         return len(re.findall(re.escape(instruction) + r"[.\s]", self.ptx))
 
+    def narrow_products(self, source: str) -> list[str]:
+        """The 32-bit multiplies and shifts that read the register loaded from `source` (a special register
+        such as '%ctaid.x', or a kernel parameter by index, 'param_9'): an element offset scaled there wraps
+        at 2^31, where one widened to 64 bits first does not."""
+        loaded = re.findall(r"(?:mov|ld\.param)\.[us]?b?\d+\s+(%r\d+),\s*\[?[^;]*" + re.escape(source) + r"\b", self.ptx)
+        narrow = r"\s*(?:mul\.(?:lo|hi)\.[su]32|mad\.(?:lo|hi)\.[su]32|shl\.b32)\s[^;]*"
+        return [m.strip() for r in loaded for m in re.findall(r"^" + narrow + re.escape(r) + r"\b[^;]*;", self.ptx, re.M)]
+
 
 def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")

@@ -33,8 +33,8 @@ Norms are per example, so splitting never touches them; the slab traffic is
 kept under ~25% of the operand bytes and is counted by the bench.
 
 Operand precision. bf16/fp16 operands go to `tl.dot` as they are (fp32
-accumulation) on the GPU; fp32 operands use tf32 or full fp32 following
-`torch.backends.cuda.matmul.allow_tf32`. Operands reach shared memory by 16-byte
+accumulation) on the GPU; fp32 operands use tf32 or full fp32 as torch's own fp32 matmuls
+are set to (`tf32_allowed`: either of torch's switches). Operands reach shared memory by 16-byte
 copies, except for tf32: tf32 MMAs take only K-major (here token-major) operands, and
 activations lie with features contiguous, so ptxas copies the transposed operands 4 bytes
 at a time (both on sm_90, the gy tile on sm_80; the AOT test pins this). Unmeasured on a
@@ -169,7 +169,8 @@ def _linear_gns_kernel(
     mask_oi = mask_o[:, None] & mask_i[None, :]
 
     k64 = k.to(tl.int64)
-    w_off = k64 * OUT * IN + offs_o[:, None] * IN + offs_i[None, :]
+    # 64-bit: one member's weight may hold 2^31 elements or more (a 256k vocabulary at d = 8192)
+    w_off = k64 * OUT * IN + offs_o[:, None].to(tl.int64) * IN + offs_i[None, :]
     if HAS_W:
         # W is constant across examples: one read per program.
         w_tile = tl.load(w_ptr + w_off, mask=mask_oi, other=0.0).to(tl.float32)
@@ -323,6 +324,15 @@ def choose_splits(programs: int, n: int, t: int, sms: int, d_out: int, d_in: int
     return example_ranges(n, min(want, most))[0]
 
 
+def tf32_allowed() -> bool:
+    """Whether torch lets fp32 matmuls use tf32, by whichever switch the caller used: the newer
+    `torch.backends[.cuda.matmul].fp32_precision` (reading the legacy `allow_tf32` after setting it
+    raises in torch >= 2.9) or the legacy `allow_tf32` / `set_float32_matmul_precision`."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)  # "none": not set either way, the legacy flag rules
+    return precision == "tf32" if precision not in (None, "none") else bool(matmul.allow_tf32)
+
+
 def _triton_path(
     a: torch.Tensor, gy: torch.Tensor, precond: torch.Tensor | None, per_example: bool, splits: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -337,7 +347,7 @@ def _triton_path(
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     low = a.dtype != torch.float32 and a.dtype == gy.dtype
     upcast = interpret or not low
-    precision = "ieee" if interpret or not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+    precision = "tf32" if not interpret and tf32_allowed() else "ieee"
     cfg = launch_config(upcast, precision)
     block_o, block_i = _blocks(d_out, cfg["BLOCK_O"]), _blocks(d_in, cfg["BLOCK_I"])
     block_t = _blocks(T, cfg["BLOCK_T"])

@@ -103,6 +103,7 @@ def test_aot_compiles_without_spills_with_vector_access():
     for spec, k in zip(specs, compile_kernels(specs)):
         assert not k.spills and k.registers <= 255
         assert k.count("ld.global.v4") > 0 and k.count("st.global.v4") > 0, (spec.target, spec.arch, spec.signature)
+        assert not k.narrow_products("%ctaid.x"), "block offsets in 32 bits wrap past 2^31 elements a member"
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -181,6 +182,31 @@ def test_list_version_is_thread_count_independent_and_takes_other_dtypes():
     assert rw.data_ptr() == out.data_ptr()
     with pytest.raises(ValueError, match="out_sums"):
         accumulate_grads_with_norms([None, None], grads, ws, 2, out_sums=torch.ones(2, 2))
+
+
+def test_sums_on_the_gradients_device_are_added_without_a_host_copy(monkeypatch):
+    # The GNS meter adds every micro-batch's norms into its sums; on CUDA the torch-ops/Triton path moved
+    # them to the host each time (.cpu(): a wait for the device per micro-batch). Sums kept on the
+    # gradients' device are added there; the result is the same, and nothing is copied to the host.
+    import trajinv.kernels.accumulate as mod
+
+    monkeypatch.setenv("TRAJINV_NATIVE_GNS", "0")  # the path CUDA takes (torch ops here, Triton there)
+    mod.NATIVE.reset()
+    try:
+        assert mod.NATIVE.get() is None
+        gen = torch.Generator().manual_seed(3)
+        grads = [torch.randn(2, 5, 3, generator=gen), torch.randn(2, 7, generator=gen)]
+        ws = [torch.rand(2, 5, 3, generator=gen) + 0.5, None]
+        want = torch.stack(accumulate_grads_with_norms([None, None], grads, ws, 2, backend="cpu")).double()
+        copies = []
+        real_cpu = torch.Tensor.cpu
+        monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(self) or real_cpu(self, *a, **k))
+        out = torch.zeros(2, 2, dtype=torch.float64)
+        accumulate_grads_with_norms([None, None], grads, ws, 2, backend="cpu", out_sums=out)
+        assert copies == []
+        assert torch.equal(out, want)
+    finally:
+        mod.NATIVE.reset()
 
 
 def test_blocks_go_on_the_grid_axis_without_cudas_65535_cap(monkeypatch):

@@ -12,6 +12,7 @@ from trajinv.kernels.linear_gns import (
     launch_config,
     linear_weight_grad_with_norms,
     linear_weight_grad_with_norms_reference,
+    tf32_allowed,
 )
 
 # (K, n, t, in, out): t = 1, n = 1, odd dims, dims and t larger than one block.
@@ -152,8 +153,35 @@ def test_aot_compiles_without_spills():
         else:
             assert wide > 0 and k.count("cp.async.ca") == 0, where
         assert k.count("st.global.v4") > 0  # dW written with vector stores
+        # offsets scaled by a width in 64 bits: one member's weight may hold 2^31 elements or more
+        for width in ("T", "OUT", "IN"):
+            assert not k.narrow_products(f"param_{list(SIG).index(width)}"), (where, width)
         if spec.constexprs["PRECISION"] == "tf32" or not spec.constexprs["UPCAST"]:
             assert k.count("mma") > 0, "tensor-core dot expected"
+
+
+def test_tf32_follows_either_of_torchs_switches():
+    # the GPU path reads this before every launch; reading the legacy allow_tf32 after the newer
+    # fp32_precision was set raised "mix of the legacy and new APIs", so the backward crashed
+    matmul = torch.backends.cuda.matmul
+    try:
+        assert tf32_allowed() is False  # torch's default
+        for setting, expect in (("tf32", True), ("ieee", False)):
+            matmul.fp32_precision = setting
+            assert tf32_allowed() is expect
+        matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"  # the global switch, inherited by matmuls
+        assert tf32_allowed() is True
+        torch.backends.fp32_precision = "none"
+        matmul.fp32_precision = "none"
+        torch.set_float32_matmul_precision("high")  # the legacy switches
+        assert tf32_allowed() is True
+        torch.set_float32_matmul_precision("highest")
+        assert tf32_allowed() is False
+    finally:  # torch's defaults back
+        torch.backends.fp32_precision = "none"
+        torch.set_float32_matmul_precision("highest")
+        matmul.fp32_precision = "none"
 
 
 @pytest.mark.parametrize("native", [True, False])

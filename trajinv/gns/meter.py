@@ -71,7 +71,9 @@ class GNSMeter:
         self.probes = {n: Probe(sums=self.probe_sums[i], backend=backend) for i, n in enumerate(self.covered[:n_probed])}
         self.acc: dict[str, torch.Tensor] = {}  # micro-batch mode: this step's running gradient sums
         self.W: dict[str, torch.Tensor | None] = {}
-        self.sums = torch.zeros(2, members, dtype=torch.float64)  # rows: weighted, unweighted (host)
+        # rows: weighted, unweighted; on the parameters' device, so that adding a micro-batch's norms waits
+        # for nothing there (a CPU buffer cost CUDA one wait per micro-batch); read once, in end_step
+        self.sums = torch.zeros(2, members, dtype=torch.float64, device=device)
         self.preconditioned = False
 
     def measures(self, step: int) -> bool:
@@ -153,13 +155,14 @@ class GNSMeter:
         None when the step was not measured."""
         if not self.active:
             return None
+        sums = self.sums.cpu()
         if self.cfg.mode == "per-example":
             for row in self.probe_sums.cpu():  # tensor by tensor: a sum over the stacked axis ran in another
-                self.sums += row              # order for K = 1, and a member's numbers depended on its population
-            small = per_example_sq_mean(self.sums, batch_size)
+                sums += row                   # order for K = 1, and a member's numbers depended on its population
+            small = per_example_sq_mean(sums, batch_size)
             b_small = 1
         else:
-            small = micro_batch_sq_mean(self.sums, batch_size // micro)
+            small = micro_batch_sq_mean(sums, batch_size // micro)
             b_small = micro
         big_1, big_w = stats.totals(self.covered)[:2].cpu()  # grad_sq, precond_grad_sq
         w = self.preconditioned
