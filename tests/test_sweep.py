@@ -187,6 +187,55 @@ def test_a_lowered_keep_checkpoints_prunes_a_finished_run_on_rerun(tiny_train_co
         "checkpoint-00000004.json", "checkpoint-00000004.safetensors"]
 
 
+def _no_trainer(monkeypatch):
+    """Make building a Trainer (a model, a checkpoint load) fail: what a read-back must not do."""
+    from trajinv.train import Trainer
+
+    def refuse(self, *a, **k):
+        raise AssertionError("a Trainer was built")
+
+    monkeypatch.setattr(Trainer, "__init__", refuse)
+
+
+def test_a_finished_population_is_read_back_without_building_its_model(tiny_train_config, tmp_path, monkeypatch):
+    # its final checkpoint's sidecar holds the results: a rerun of a finished sweep or tune loads no weights
+    from trajinv.config import GNSConfig
+
+    spec = _spec(tiny_train_config, train=tiny_train_config(steps=4, checkpoint_every=2,
+                                                           gns=GNSConfig(mode="micro-batch"), micro_batch=2))
+    rows = run_sweep(spec, tmp_path)
+    table = (tmp_path / "summary.csv").read_text()
+    assert rows[0]["b_precond"] is not None  # the GNS columns come back too
+    with monkeypatch.context() as m:
+        _no_trainer(m)
+        events = []
+        again = run_sweep(spec, tmp_path, progress=lambda kind, **info: events.append((kind, info)))
+    assert again == rows and (tmp_path / "summary.csv").read_text() == table
+    assert ("population", {"run_id": "bs4", "skipped": True, "members": 3}) in events
+
+
+def test_a_read_back_falls_back_to_a_resume_where_the_sidecar_cannot_be_trusted(tiny_train_config, tmp_path,
+                                                                                 monkeypatch):
+    spec = _spec(tiny_train_config)
+    rows = run_sweep(spec, tmp_path / "a")
+    run = tmp_path / "a/runs/bs4"
+    last = run / "checkpoint-00000004.safetensors"
+    last.write_bytes(last.read_bytes()[:-8])  # truncated: the resume takes step 2's and trains the rest again
+    with monkeypatch.context() as m:
+        _no_trainer(m)
+        with pytest.raises(AssertionError, match="Trainer was built"):
+            run_sweep(spec, tmp_path / "a")
+    assert run_sweep(spec, tmp_path / "a") == rows  # bit-identical on CPU
+    # a finished run whose corpus changed under the same path is refused as a resume refuses it, not read back
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a b c d\n" * 5000)
+    on_file = _spec(tiny_train_config, data=DataConfig(source=str(corpus)))
+    run_sweep(on_file, tmp_path / "b")
+    corpus.write_text("e f g h\n" * 5000)
+    with pytest.raises(ValueError, match="other data"):
+        run_sweep(on_file, tmp_path / "b")
+
+
 def test_a_population_that_ran_out_of_memory_is_rerun_in_smaller_ones(tiny_train_config, tmp_path, monkeypatch):
     # A population too large for its device fails before its first checkpoint. The rerun that splits the members
     # into smaller populations used to be refused as "another spec" (population 0 there, 1 here): the sweep

@@ -85,6 +85,23 @@ def latest_meta(run_dir: str | Path) -> dict[str, Any] | None:
     return None
 
 
+def newest_sidecar(run_dir: str | Path) -> dict[str, Any] | None:
+    """The newest checkpoint's sidecar when it passes every check that reads no tensor (a valid sidecar of
+    its step, naming its own tensor file, which has the recorded size); None when there is no checkpoint
+    or it fails one (`load_checkpoint` then decides, and may fall back to an older checkpoint)."""
+    steps = checkpoint_steps(run_dir)
+    if not steps:
+        return None
+    run_dir = Path(run_dir)
+    try:
+        meta = _read_sidecar(run_dir / sidecar_name(steps[-1]), steps[-1])
+        if (run_dir / meta["tensor_file"]).stat().st_size != meta["tensor_bytes"]:
+            return None
+    except (CheckpointError, OSError):
+        return None
+    return meta
+
+
 def has_checkpoint(run_dir: str | Path) -> bool:
     """Whether run_dir holds a committed checkpoint (valid or not)."""
     return bool(checkpoint_steps(run_dir)) or (Path(run_dir) / LEGACY_SIDECAR).is_file()

@@ -322,13 +322,28 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None
     notify("start", total=sum(cfg.steps for _, cfg in pops))
     rows: list[dict] = []
     for run_id, cfg in pops:
-        trainer = Trainer(cfg, data, out / "runs" / run_id, run_id=run_id)
-        trainer.resume()
-        done = trainer.step >= cfg.steps or not bool(trainer.alive.any())
-        notify("population", run_id=run_id, skipped=done, members=len(cfg.members))
-        notify("advance", steps=trainer.step if not done else cfg.steps)
-        if not done:
-            trainer.train(progress=lambda step: notify("advance", steps=1))
-        rows += summary_rows(run_id, cfg, trainer.results())
+        run_dir = out / "runs" / run_id
+        results = finished_rows(run_id, cfg, data, run_dir, notify)
+        if results is None:
+            trainer = Trainer(cfg, data, run_dir, run_id=run_id)
+            trainer.resume()
+            done = trainer.finished()
+            notify("population", run_id=run_id, skipped=done, members=len(cfg.members))
+            notify("advance", steps=trainer.step if not done else cfg.steps)
+            if not done:
+                trainer.train(progress=lambda step: notify("advance", steps=1))
+            results = summary_rows(run_id, cfg, trainer.results())
+        rows += results
         write_summary(out, rows)
     return rows
+
+
+def finished_rows(run_id: str, cfg: TrainConfig, data: TokenData, run_dir: Path, notify: Callable) -> list[dict] | None:
+    """The summary rows of a population that finished before (`Trainer.finished_results`: no model built,
+    no checkpoint loaded), with its progress events; None when it has to be resumed."""
+    results = Trainer.finished_results(cfg, data, run_dir)
+    if results is None:
+        return None
+    notify("population", run_id=run_id, skipped=True, members=len(cfg.members))
+    notify("advance", steps=cfg.steps)
+    return summary_rows(run_id, cfg, results)

@@ -22,13 +22,13 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from trajinv.checkpoint import (CheckpointError, clean_run_dir, has_checkpoint, load_checkpoint, prune_older,
-                                save_checkpoint)
+from trajinv.checkpoint import (CheckpointError, clean_run_dir, has_checkpoint, load_checkpoint, newest_sidecar,
+                                prune_older, save_checkpoint)
 from trajinv.config import PARAM_KINDS, TrainConfig, describe_differences, same_run, to_dict
 from trajinv.data import TokenData, boot_means, sample_batch, validation_batches, window_resamples
 from trajinv.data.batches import check_validation
@@ -198,6 +198,9 @@ class Trainer:
             return
         meta = {"run_id": self.run_id, "tokens": self.tokens, "seconds": self.seconds, "config": to_dict(self.cfg),
                 "data": self.data_identity}
+        if self.finished():  # read back by `finished_results` without building the model; `extra` as pairs,
+            # in order (the sidecar's keys are sorted, and they are summary.csv's columns)
+            meta["results"] = [dict(asdict(r), extra=list(r.extra.items())) for r in self.results()]
         save_checkpoint(self.run_dir, self.step, self._state_tensors(), meta, keep=self.cfg.keep_checkpoints)
         self._saved_step = self.step
 
@@ -231,6 +234,33 @@ class Trainer:
         if self.dist.is_main:  # a --keep-checkpoints lowered since the last save (a finished run saves no more)
             prune_older(self.run_dir, self.step, self.cfg.keep_checkpoints)
         return True
+
+    def finished(self) -> bool:
+        """Whether training is over: every step taken, or every member diverged."""
+        return self.step >= self.cfg.steps or not bool(self.alive.any())
+
+    @staticmethod
+    def finished_results(cfg: TrainConfig, data: TokenData, run_dir: str | Path) -> list[MemberResult] | None:
+        """`results()` of a finished run, read from its last checkpoint's sidecar without building the model
+        or loading a tensor: a rerun of a finished sweep or tune then costs no device time and starts no
+        worker. None unless the newest checkpoint ended the run, is intact by every check that reads no
+        tensor (`checkpoint.newest_sidecar`), and was trained with this config (`same_run`) on this data;
+        then build a Trainer and `resume`, which sorts out every other case (an older checkpoint, another
+        configuration, a checkpoint of an earlier trajinv). Tidies the run directory as `resume` does."""
+        meta = newest_sidecar(run_dir)
+        cfg = Trainer.check(cfg, data)  # the config as a Trainer holds it (the data's vocabulary filled in)
+        try:
+            if (meta is None or not same_run(meta["config"], to_dict(cfg))
+                    or meta.get("data") != data_identity(data)):
+                return None
+            results = [MemberResult(**dict(r, extra=dict(r["extra"]))) for r in meta["results"]]
+        except (KeyError, TypeError, ValueError):  # no results (not finished, or an earlier trajinv's), or damaged
+            return None
+        if [(r.name, r.lr, r.wd) for r in results] != [(m.name, m.lr, m.wd) for m in cfg.members]:
+            return None
+        clean_run_dir(run_dir)
+        prune_older(run_dir, meta["step"], cfg.keep_checkpoints)
+        return results
 
     def _check_meta(self, meta: dict, sidecar: Path) -> None:
         missing = [k for k in ("run_id", "tokens", "seconds", "config") if k not in meta]

@@ -79,6 +79,13 @@ def test_a_failing_population_is_a_row_the_others_finish_and_a_rerun_resumes_onl
     assert not (tmp_path / "runs/bs4-p1/error.log").exists()
     run_sweep(spec, tmp_path / "seq")
     assert _table(tmp_path) == _table(tmp_path / "seq")
+    # all finished: the next rerun reads every population back in this process, starting no worker
+    from trajinv.parallel.pool import LocalPool
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(LocalPool, "_executor", lambda self, i: pytest.fail("a worker was started"))
+        assert run_sweep(spec, tmp_path, devices="cpu,cpu") == rerun
+    assert _table(tmp_path) == _table(tmp_path / "seq")
 
 
 def test_a_killed_worker_fails_its_population_only(tiny_train_config, tmp_path):

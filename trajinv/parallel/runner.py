@@ -11,8 +11,8 @@ summary.csv is rewritten after each population finishes, rows always in spec
 order whatever order they finish in (a population still running has no rows yet).
 A failed population gets one row per member with status `failed` and its error
 in an `error` column; a rerun resumes only what is not finished (finished
-populations are skipped by their workers, failed and unfinished ones resume from
-their checkpoint). On CPU the numbers equal a sequential sweep's bit for bit: a
+populations are read back here from their last checkpoint's sidecar, with no worker
+started for them; failed and unfinished ones resume from their checkpoint). On CPU the numbers equal a sequential sweep's bit for bit: a
 population's trajectory depends only on its config, not on where or beside what
 it runs (the native kernels give the same sums for any thread count).
 """
@@ -59,7 +59,7 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
     Progress events are those of `run_sweep`, plus ('failed', run_id=..., error=...).
     `task` is the function a worker runs per population (tests swap it to make one fail).
     """
-    from trajinv.sweep import prepare_sweep, write_summary
+    from trajinv.sweep import finished_rows, prepare_sweep, write_summary
 
     check_scale(devices, ray, ray_cpus, spec.train.device)
     spec.validate()
@@ -79,14 +79,21 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
         backend = RayCluster(ray, out, cpus=ray_cpus, gpu=kind == "cuda")
     with backend:
         spec = size_populations(spec, out, backend.free_bytes, kind, backend.workers())
-        _, pops = prepare_sweep(spec, out)  # checked, tokenized once here (workers open the cache), spec written
+        tokens, pops = prepare_sweep(spec, out)  # checked, tokenized once here (workers open the cache), spec written
         notify("start", total=sum(cfg.steps for _, cfg in pops))
-        data = backend.portable(spec.data)
-        jobs = [Job(run_id, cfg, str(out / "runs" / run_id), data) for run_id, cfg in pops]
         results: dict[str, Outcome] = {}
 
         def table() -> list[dict]:
             return [row for run_id, _ in pops if run_id in results for row in results[run_id].rows]
+
+        for run_id, cfg in pops:  # finished before: read here, no worker started for them
+            rows = finished_rows(run_id, cfg, tokens, out / "runs" / run_id, notify)
+            if rows is not None:
+                results[run_id] = Outcome(run_id, rows, skipped=True)
+        if results:
+            write_summary(out, table())
+        data = backend.portable(spec.data)
+        jobs = [Job(run_id, cfg, str(out / "runs" / run_id), data) for run_id, cfg in pops if run_id not in results]
 
         def done(outcome: Outcome) -> None:
             results[outcome.run_id] = outcome

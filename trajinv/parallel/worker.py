@@ -100,7 +100,7 @@ def _train(job: Job, emit: Emit, throttle: Throttle) -> Outcome:
 
     trainer = Trainer(job.cfg, _data(job.data), job.run_dir, run_id=job.run_id)
     trainer.resume()
-    done = trainer.step >= job.cfg.steps or not bool(trainer.alive.any())
+    done = trainer.finished()
     emit("population", run_id=job.run_id, skipped=done, members=len(job.cfg.members))
     emit("advance", steps=job.cfg.steps if done else trainer.step)
     if not done:
