@@ -30,6 +30,8 @@ def test_metrics_lines_per_step_and_member(tiny_data, tiny_train_config, tmp_pat
     assert r["elr"] == pytest.approx(2e-2 * 0.5) and r["tokens"] == 8 * 4 * 16
     assert [x["val_loss"] is not None for x in recs if x["member"] == 0] == [s % 4 == 0 for s in range(1, 9)]
     assert all(res.status == "done" and res.val_loss < math.log(256) for res in results)
+    # each line says where its member is: running, then done on the last step (as summary.csv says)
+    assert [x["status"] for x in recs] == ["running"] * (len(recs) - 2) + ["done"] * 2
 
 
 @pytest.mark.parametrize("optimizer", ["torch", "fused"])

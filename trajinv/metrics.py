@@ -133,6 +133,8 @@ def step_records(run, mult: float, bs: int, loss, grad_norm, stats, gns: dict | 
     se = boot_se(run.last_boot.numpy())
     # per parameter kind: the weight norm and the step's update norm, the phase analysis' input
     by_kind = {kind: stats.totals(names)[2:].sqrt().cpu() for kind, names in run.kinds.items()}
+    # where the member is, as summary.csv says where it ended: done on the run's last step
+    alive_status = "done" if run.step >= run.cfg.steps else "running"
     out = []
     for k, m in enumerate(run.cfg.members):
         if not (run.alive[k] or newly_dead[k]):
@@ -145,7 +147,7 @@ def step_records(run, mult: float, bs: int, loss, grad_norm, stats, gns: dict | 
                "weight_norm": num(sums["param_sq"][k].sqrt()), "update_norm": num(sums["update_sq"][k].sqrt()),
                **{f"{what}_norm_{kind}": num(v[i, k]) for kind, v in by_kind.items()
                   for i, what in enumerate(("weight", "update"))},
-               "seconds": round(run.seconds, 3), "status": "diverged" if newly_dead[k] else "running"}
+               "seconds": round(run.seconds, 3), "status": "diverged" if newly_dead[k] else alive_status}
         if run.cfg.eval_boot:
             # Rounded to 1e-6 nat: far below any spread's noise, and a third of the bytes.
             boot = [round(float(v), 6) for v in run.last_boot[k]] if evaluated else None
