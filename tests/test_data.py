@@ -592,6 +592,28 @@ def test_a_folder_of_jsonl_files_with_other_columns_reads_and_a_bad_file_is_name
     d = load_data(DataConfig(source=str(pqs), cache_dir=str(tmp_path / "c")))
     assert sorted(_split_docs(d.train) + _split_docs(d.val)) == sorted(docs)
     (src / "c.jsonl").write_text('{"text": "fine"}\n{"text": "cut off\n')
-    with pytest.raises(DataError, match=r"cannot read data file '.*c\.jsonl'") as e:
+    with pytest.raises(DataError, match=r"data file '.*c\.jsonl' \(in '.*js'\) line 2 is not JSON") as e:
         load_data(DataConfig(source=str(src), cache_dir=str(tmp_path / "c")))
     assert "\n" not in str(e.value)
+
+
+def test_a_bad_json_line_is_named_and_rows_without_the_text_field_are_counted(tmp_path, capsys):
+    # datasets said only "An error occurred while generating the dataset"; and rows lacking the field
+    # (another key, or null) were dropped without a word: half a corpus could go missing
+    docs = _docs(10)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": docs[0]}) + "\n\n" + "{not json\n")
+    with pytest.raises(DataError, match=r"^data file '.*bad\.jsonl' line 3 is not JSON \(Expecting property name"):
+        load_data(DataConfig(source=str(bad), cache_dir=str(tmp_path / "c")))
+    mixed = tmp_path / "mixed.jsonl"
+    rows = [{"text": t} if i % 2 else ({"content": t} if i % 4 else {"text": None}) for i, t in enumerate(docs)]
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = load_data(DataConfig(source=str(mixed), cache_dir=str(tmp_path / "c")))
+    assert sorted(_split_docs(d.train) + _split_docs(d.val)) == sorted(docs[1::2])
+    err = capsys.readouterr().err
+    assert "note: 5 of 10 documents have no 'text' (absent or null) and were skipped" in err
+    load_data(DataConfig(source=str(mixed), text_field="text", cache_dir=str(tmp_path / "c")))
+    full = tmp_path / "full.jsonl"
+    full.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    load_data(DataConfig(source=str(full), cache_dir=str(tmp_path / "c")))
+    assert "note:" not in capsys.readouterr().err  # a cached corpus, and a whole one, say nothing

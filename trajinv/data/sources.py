@@ -156,6 +156,11 @@ def _file_source(source: str, text_field: str, cache_root: Path | None = None) -
                     where = f"{bad[0]!r} (in {source!r})" if bad[0] != str(path) else repr(bad[0])
                     raise DataError(f"data file {where} is not UTF-8 text: invalid byte 0x{bad[2]:02x} "
                                     f"at offset {bad[1]}; convert it to UTF-8") from None
+                bad = _first_bad_json_line(group) if builder == "json" else None
+                if bad is not None:  # datasets says only "An error occurred while generating the dataset"
+                    where = f"{bad[0]!r} (in {source!r})" if bad[0] != str(path) else repr(bad[0])
+                    raise DataError(f"data file {where} line {bad[1]} is not JSON ({bad[2]}); fix or remove "
+                                    "that line") from None
                 if builder == "text" or len(group) == 1:
                     raise DataError(f"cannot read {builder} data from {source!r}: {one_line(e)}") from None
                 # Read as one table, files whose other columns differ fail; so does one bad file, unnamed.
@@ -324,6 +329,27 @@ def _first_non_utf8(files: list[str]) -> tuple[str, int, int] | None:
                 if not chunk:
                     break
                 pos += len(chunk)
+    return None
+
+
+def _first_bad_json_line(files: list[str]) -> tuple[str, int, str] | None:
+    """The first file of JSON lines with a line that does not parse, that line's number (from 1) and the
+    parser's message; None if every file parses (a .json file holding one JSON document counts)."""
+    for name in files:
+        with open(name, encoding="utf-8") as f:
+            text = f.read()
+        if name.lower().endswith(".json"):
+            try:
+                json.loads(text)
+                continue
+            except ValueError:
+                pass  # not one document: then JSON lines, as datasets reads it
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return name, number, getattr(e, "msg", str(e))
     return None
 
 

@@ -16,6 +16,7 @@ import json
 import numbers
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -66,10 +67,12 @@ def _tokenize(ds, column: str, tok: Tokenizer, max_tokens: int | None) -> tuple[
     digest = hashlib.sha256()
 
     def encode(batch: dict) -> dict:
+        nonlocal missing
         texts = batch[column]
         for t in texts:
             if t is not None and not isinstance(t, str):
                 raise DataError(f"column {column!r} holds {type(t).__name__} values, not text")
+        missing += sum(t is None for t in texts)
         texts = [t or "" for t in texts]
         for t in texts:  # runs in this process, in order (num_proc=None): a deterministic digest
             digest.update(t.encode("utf-8", errors="replace") + b"\0")
@@ -79,6 +82,7 @@ def _tokenize(ds, column: str, tok: Tokenizer, max_tokens: int | None) -> tuple[
     lengths: list[np.ndarray] = []
     total = 0
     n_read = 0
+    missing = 0  # documents without the text field (absent from a JSON line, or null): skipped, and said
 
     def take(tokenized) -> None:
         nonlocal total
@@ -136,6 +140,9 @@ def _tokenize(ds, column: str, tok: Tokenizer, max_tokens: int | None) -> tuple[
         lens = lens[:keep].copy()
         lens[-1] -= int(ends[keep - 1] - max_tokens)
     nonempty = lens > 0
+    if missing:
+        print(f"note: {missing} of {n_read} documents have no {column!r} (absent or null) and were skipped; "
+              "if they hold their text under another name, name it with --text-field", file=sys.stderr, flush=True)
     return flat, lens[nonempty], digest.hexdigest(), n_read
 
 
