@@ -174,6 +174,19 @@ def test_a_tune_warns_of_what_its_stages_train(corpus, tmp_path):
     assert res.stderr.count("warning: --gns-warmup 3 covers the run's 3 steps") == 1  # once, not once per stage
 
 
+def test_a_tune_refuses_two_batch_sizes_and_says_what_it_makes_of_gns_options(corpus, tmp_path):
+    # click kept the last of a repeated single option: `--batch-size 32 --batch-size 256` tuned 256 silently
+    res = CliRunner().invoke(cli.main, ["tune", *TINY, "--batch-size", "32", "--batch-size", "256", "--data", corpus,
+                                        "--out", str(tmp_path / "t")])
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.exit_code == 1 and len(lines) == 1 and "--batch-size given 2 times (32, 256)" in lines[0], res.stderr
+    assert not (tmp_path / "t").exists()
+    helps = run("tune", "--help").output
+    assert "Ignored: every stage measures micro-batch GNS" in " ".join(helps.split())
+    assert "Micro-batch of the stages' GNS" in helps
+    assert "Ignored" not in run("sweep", "--help").output  # the shared options keep their own help elsewhere
+
+
 def test_each_command_refuses_another_commands_directory(corpus, tmp_path):
     pair = ["--data", corpus, "--lr", "0.01", "--wd", "0.1"]
     made = {"train": ["train", *TINY, *pair], "sweep": ["sweep", *TINY, *pair, "--no-plots"],

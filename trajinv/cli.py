@@ -135,13 +135,25 @@ _COMMON = [
 ]
 
 
-def _common(fn):
-    """Options shared by train, sweep and tune."""
-    for cls, name, decls, overrides in reversed(_COMMON):
-        opt = (click.option(*decls, show_default=True, **overrides) if name is None
-               else field_option(cls, name, *decls, **overrides))
-        fn = opt(fn)
-    return fn
+def _common_with(helps: dict[str, str]):
+    """Options shared by train, sweep and tune, with a command's own help for some (by field name)."""
+    def decorate(fn):
+        for cls, name, decls, overrides in reversed(_COMMON):
+            if name in helps:
+                overrides = dict(overrides, help=helps[name])
+            opt = (click.option(*decls, show_default=True, **overrides) if name is None
+                   else field_option(cls, name, *decls, **overrides))
+            fn = opt(fn)
+        return fn
+    return decorate
+
+
+_common = _common_with({})
+_TUNE_HELPS = {  # what TuneSpec.stage_train makes of them: the tune measures B_precond in every stage
+    "mode": "Ignored: every stage measures micro-batch GNS (B_precond decides the regime).",
+    "micro_batch": "Micro-batch of the stages' GNS: used when it splits every batch into 2 or more; "
+                   "0 or otherwise: the tune picks one (a quarter of the batch where it can).",
+}
 
 
 def _configs(o: dict, members: tuple[Member, ...] | None = None, batch_size: str | None = None
@@ -359,8 +371,10 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
 
 
 @main.command()
-@_common
-@field_option(TrainConfig, "batch_size")
+@_common_with(_TUNE_HELPS)
+@field_option(TrainConfig, "batch_size", param="batch_sizes", multiple=True,
+              default=(default(TrainConfig, "batch_size"),),
+              help="Batch size, or a batch-size schedule ('8@0.2,32'); one: a tune searches one setting.")
 @field_option(SearchConfig, "lr")
 @field_option(SearchConfig, "center", "--center-elr", type=float,
               help="Centre of the first ELR scan; default: lr x the default member's wd.")
@@ -379,12 +393,18 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
 @click.option("--out", default="runs/tune", show_default=True, type=_OutDir(),
               help="Tune directory (a sweep directory per stage); rerunning the same command resumes it.")
 @_fail_cleanly
-def tune(batch_size, lr, center_elr, octaves, points, zoom_points, zoom_width, max_shifts, max_rescans, check_factor,
+def tune(batch_sizes, lr, center_elr, octaves, points, zoom_points, zoom_width, max_shifts, max_rescans, check_factor,
          noise, budget, min_transitions, population, out, **o):
     """Find lr and wd along the salient direction (ELR late in small-batch training, else lr)."""
     from trajinv.tune.report import format_summary, write_report
+    from trajinv.sweep import distinct_batch_sizes
     from trajinv.tune.runner import check_decay_mode, run_tune
 
+    batch_sizes = distinct_batch_sizes(batch_sizes)  # a repeat of one is that one, as for sweep
+    if len(batch_sizes) > 1:  # click kept the last of a repeated option without a word
+        raise ValueError(f"--batch-size given {len(batch_sizes)} times ({', '.join(batch_sizes)}): a tune searches "
+                         "one batch size or schedule; tune each into its own --out")
+    batch_size = batch_sizes[0]
     scale = scale_kwargs(o)
     train_cfg, data_cfg = _configs(o, batch_size=batch_size)
     _check_steps_and_tokens(o, train_cfg, (batch_size,))
