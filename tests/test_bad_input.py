@@ -97,9 +97,9 @@ CLI_CASES = [
     (TRAIN + ["--eval-every", "0"], "eval_every"),
     (TRAIN + ["--eval-seqs", "0"], "eval_seqs"),
     (TRAIN + ["--log-every", "-1"], "-1"),
-    (TRAIN + ["--checkpoint-every", "-1"], "-1"),
+    (TRAIN + ["--checkpoint-every", "-1"], "checkpoint_every must be >= 0, got -1"),  # not micro_batch too
     (TRAIN + ["--keep-checkpoints", "0"], "keep_checkpoints"),
-    (TRAIN + ["--micro-batch", "-2"], "-2"),
+    (TRAIN + ["--micro-batch", "-2"], "micro_batch must be >= 0, got -2"),
     # schedule and optimizer
     (TRAIN + ["--warmup", "-1"], "-1"),
     (TRAIN + ["--decay-fraction", "1.5"], "1.5"),

@@ -328,7 +328,9 @@ class DataConfig:
     fixed (seed-independent) shuffle; tail tokens if there are too few documents."""
 
     seed: int = 0
-    """Seeds batch sampling (``sample_batch``); does not change the split."""
+    """Read by nothing: `TrainConfig.seed` seeds the init and the batches (``sample_batch``), and the
+    split has its own fixed seed. Kept because the specs that sweeps and tunes store record it (the
+    CLI sets both from --seed); a field dropped would make their reruns "another spec"."""
 
     max_tokens: int | None = None
     """Cap on the total token count (train + val), taking documents in order; for quick runs and tests."""
@@ -450,8 +452,9 @@ class TrainConfig:
         for name in ("steps", "eval_every", "eval_seqs", "log_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.micro_batch < 0 or self.checkpoint_every < 0:
-            raise ValueError(f"micro_batch and checkpoint_every must be >= 0, got {self.micro_batch}, {self.checkpoint_every}")
+        for name in ("micro_batch", "checkpoint_every"):  # one at a time: the message names the bad one
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.eval_boot < 0 or self.eval_boot == 1:

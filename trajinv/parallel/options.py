@@ -16,7 +16,7 @@ _OPTIONS = [
                  help="Run each population as a Ray task: auto (the running cluster), local (a new one-node "
                       "instance) or the head's address. --out must be on storage every node sees."),
     click.option("--ray-cpus", default=1, show_default=True, type=int,
-                 help="CPUs per Ray task when training on CPU (a CUDA task asks for one GPU)."),
+                 help="CPUs per Ray task when training on CPU (a CUDA task asks for one GPU and one CPU)."),
 ]
 
 

@@ -49,7 +49,7 @@ from trajinv.tune.search import (SEARCH_VERSION, Outcome, Point, Regime, Search,
 SPEC = TUNE_SPEC  # trajinv.rundirs
 _VERSION_KEY = "search_version"  # in tune_spec.json, beside the spec (`SEARCH_VERSION`)
 STAGES = "stages"
-LR_PREFIX = "lr-"  # stages of the lr-axis search that follows a large-batch verdict
+LR_PREFIX = "lr-"  # stages of the lr-axis search that follows an lr verdict (large batch or too few steps)
 
 
 @dataclass(frozen=True)
