@@ -54,7 +54,7 @@ class CompiledKernel:
         such as '%ctaid.x', or a kernel parameter by index, 'param_9'): an element offset scaled there wraps
         at 2^31, where one widened to 64 bits first does not."""
         loaded = re.findall(r"(?:mov|ld\.param)\.[us]?b?\d+\s+(%r\d+),\s*\[?[^;]*" + re.escape(source) + r"\b", self.ptx)
-        narrow = r"\s*(?:mul\.(?:lo|hi)\.[su]32|mad\.(?:lo|hi)\.[su]32|shl\.b32)\s[^;]*"
+        narrow = r"\s*(?:@!?%p\d+\s+)?(?:mul\.(?:lo|hi)\.[su]32|mad\.(?:lo|hi)\.[su]32|shl\.b32)\s[^;]*"
         return [m.strip() for r in loaded for m in re.findall(r"^" + narrow + re.escape(r) + r"\b[^;]*;", self.ptx, re.M)]
 
 

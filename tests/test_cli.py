@@ -182,9 +182,9 @@ def test_a_tune_refuses_two_batch_sizes_and_says_what_it_makes_of_gns_options(co
     assert res.exit_code == 1 and len(lines) == 1 and "--batch-size given 2 times (32, 256)" in lines[0], res.stderr
     assert not (tmp_path / "t").exists()
     helps = run("tune", "--help").output
-    assert "Ignored: every stage measures micro-batch GNS" in " ".join(helps.split())
+    assert "Not used: every stage measures micro-batch GNS" in " ".join(helps.split())
     assert "Micro-batch of the stages' GNS" in helps
-    assert "Ignored" not in run("sweep", "--help").output  # the shared options keep their own help elsewhere
+    assert "Not used" not in run("sweep", "--help").output  # the shared options keep their own help elsewhere
 
 
 def test_each_command_refuses_another_commands_directory(corpus, tmp_path):

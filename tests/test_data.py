@@ -617,3 +617,13 @@ def test_a_bad_json_line_is_named_and_rows_without_the_text_field_are_counted(tm
     full.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     load_data(DataConfig(source=str(full), cache_dir=str(tmp_path / "c")))
     assert "note:" not in capsys.readouterr().err  # a cached corpus, and a whole one, say nothing
+    # a capped stream counts only the documents it took (the mapped batch of 256 was counted whole)
+    import datasets
+
+    from trajinv.data.tokenizer import ByteTokenizer
+    from trajinv.data.tokens import _tokenize
+
+    stream = datasets.IterableDataset.from_generator(
+        lambda: ({"text": None if i % 2 else f"doc {i} " * 10} for i in range(1000)))
+    _, lens, _, n_read = _tokenize(stream, "text", ByteTokenizer(), 500)
+    assert f"note: {n_read - len(lens)} of {n_read} documents have no 'text'" in capsys.readouterr().err

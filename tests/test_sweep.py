@@ -226,6 +226,18 @@ def test_a_read_back_falls_back_to_a_resume_where_the_sidecar_cannot_be_trusted(
         with pytest.raises(AssertionError, match="Trainer was built"):
             run_sweep(spec, tmp_path / "a")
     assert run_sweep(spec, tmp_path / "a") == rows  # bit-identical on CPU
+    last.write_bytes(bytes(len(last.read_bytes())))  # the recorded size, but no safetensors header
+    with monkeypatch.context() as m:
+        _no_trainer(m)
+        with pytest.raises(AssertionError, match="Trainer was built"):
+            run_sweep(spec, tmp_path / "a")
+    assert run_sweep(spec, tmp_path / "a") == rows
+    # a metrics line that is not JSON is refused as a resume refuses it
+    metrics = run / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:1] + ["{not json"] + lines[2:]) + "\n")
+    with pytest.raises(ValueError, match="malformed metrics line .*metrics.jsonl:2"):
+        run_sweep(spec, tmp_path / "a")
     # a finished run whose corpus changed under the same path is refused as a resume refuses it, not read back
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("a b c d\n" * 5000)

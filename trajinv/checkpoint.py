@@ -86,18 +86,23 @@ def latest_meta(run_dir: str | Path) -> dict[str, Any] | None:
 
 
 def newest_sidecar(run_dir: str | Path) -> dict[str, Any] | None:
-    """The newest checkpoint's sidecar when it passes every check that reads no tensor (a valid sidecar of
-    its step, naming its own tensor file, which has the recorded size); None when there is no checkpoint
-    or it fails one (`load_checkpoint` then decides, and may fall back to an older checkpoint)."""
+    """The newest checkpoint's sidecar when it passes every check that reads no tensor data: a valid
+    sidecar of its step, naming its own tensor file, which has the recorded size and a safetensors header
+    that parses and records the same step. None when there is no checkpoint or it fails one
+    (`load_checkpoint` then decides, says why, and may fall back to an older checkpoint)."""
     steps = checkpoint_steps(run_dir)
     if not steps:
         return None
     run_dir = Path(run_dir)
     try:
         meta = _read_sidecar(run_dir / sidecar_name(steps[-1]), steps[-1])
-        if (run_dir / meta["tensor_file"]).stat().st_size != meta["tensor_bytes"]:
+        path = run_dir / meta["tensor_file"]
+        if path.stat().st_size != meta["tensor_bytes"]:
             return None
-    except (CheckpointError, OSError):
+        with safe_open(str(path), framework="pt") as f:  # the header only
+            if (f.metadata() or {}).get("step") != str(meta["step"]):
+                return None
+    except Exception:  # noqa: BLE001 - safetensors raises its own error types; any means not trusted here
         return None
     return meta
 

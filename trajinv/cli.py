@@ -150,7 +150,8 @@ def _common_with(helps: dict[str, str]):
 
 _common = _common_with({})
 _TUNE_HELPS = {  # what TuneSpec.stage_train makes of them: the tune measures B_precond in every stage
-    "mode": "Ignored: every stage measures micro-batch GNS (B_precond decides the regime).",
+    "mode": "Not used: every stage measures micro-batch GNS (B_precond decides the regime); kept in the "
+            "tune's spec, so a rerun must repeat it.",
     "micro_batch": "Micro-batch of the stages' GNS: used when it splits every batch into 2 or more; "
                    "0 or otherwise: the tune picks one (a quarter of the batch where it can).",
 }

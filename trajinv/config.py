@@ -328,8 +328,8 @@ class DataConfig:
     fixed (seed-independent) shuffle; tail tokens if there are too few documents."""
 
     seed: int = 0
-    """Read by nothing: `TrainConfig.seed` seeds the init and the batches (``sample_batch``), and the
-    split has its own fixed seed. Kept because the specs that sweeps and tunes store record it (the
+    """Validated, then used by nothing: `TrainConfig.seed` seeds the init and the batches (``sample_batch``),
+    and the split has its own fixed seed. Kept because the specs that sweeps and tunes store record it (the
     CLI sets both from --seed); a field dropped would make their reruns "another spec"."""
 
     max_tokens: int | None = None

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from trajinv.checkpoint import (CheckpointError, clean_run_dir, has_checkpoint, load_checkpoint, newest_sidecar,
-                                prune_older, save_checkpoint)
+                                prune_older, save_checkpoint, sidecar_name)
 from trajinv.config import PARAM_KINDS, TrainConfig, describe_differences, same_run, to_dict
 from trajinv.data import TokenData, boot_means, sample_batch, validation_batches, window_resamples
 from trajinv.data.batches import check_validation
@@ -81,6 +81,16 @@ def data_identity(data: TokenData) -> dict:
     if isinstance(out["tokenizer"], dict):
         out["tokenizer"] = {k: v for k, v in out["tokenizer"].items() if k != "path"}
     return out
+
+
+def _check_sidecar_fields(meta: dict, sidecar: Path) -> None:
+    """CheckpointError unless a sidecar has what the trainer keeps there, with plausible tokens and seconds."""
+    missing = [k for k in ("run_id", "tokens", "seconds", "config") if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint sidecar {sidecar} lacks the key(s) {', '.join(map(repr, missing))}")
+    for key in ("tokens", "seconds"):
+        if isinstance(meta[key], bool) or not isinstance(meta[key], (int, float)) or meta[key] < 0:
+            raise CheckpointError(f"checkpoint sidecar {sidecar} has a bad {key} {meta[key]!r}")
 
 
 _BUILDING = "while building the model or loading its checkpoint"  # `Trainer._fits`'s place for both
@@ -250,8 +260,10 @@ class Trainer:
         meta = newest_sidecar(run_dir)
         cfg = Trainer.check(cfg, data)  # the config as a Trainer holds it (the data's vocabulary filled in)
         try:
-            if (meta is None or not same_run(meta["config"], to_dict(cfg))
-                    or meta.get("data") != data_identity(data)):
+            if meta is None:
+                return None
+            _check_sidecar_fields(meta, run_dir / sidecar_name(meta["step"]))
+            if not same_run(meta["config"], to_dict(cfg)) or meta.get("data") != data_identity(data):
                 return None
             results = [MemberResult(**dict(r, extra=dict(r["extra"]))) for r in meta["results"]]
         except (KeyError, TypeError, ValueError):  # no results (not finished, or an earlier trajinv's), or damaged
@@ -259,16 +271,12 @@ class Trainer:
         if [(r.name, r.lr, r.wd) for r in results] != [(m.name, m.lr, m.wd) for m in cfg.members]:
             return None
         clean_run_dir(run_dir)
+        MetricsLog(run_dir).rewrite_to(meta["step"])  # as a resume: a bad line is refused, lines past it dropped
         prune_older(run_dir, meta["step"], cfg.keep_checkpoints)
         return results
 
     def _check_meta(self, meta: dict, sidecar: Path) -> None:
-        missing = [k for k in ("run_id", "tokens", "seconds", "config") if k not in meta]
-        if missing:
-            raise CheckpointError(f"checkpoint sidecar {sidecar} lacks the key(s) {', '.join(map(repr, missing))}")
-        for key in ("tokens", "seconds"):
-            if isinstance(meta[key], bool) or not isinstance(meta[key], (int, float)) or meta[key] < 0:
-                raise CheckpointError(f"checkpoint sidecar {sidecar} has a bad {key} {meta[key]!r}")
+        _check_sidecar_fields(meta, sidecar)
         if not same_run(meta["config"], to_dict(self.cfg)):
             # named as a sweep or a tune names a changed spec: `train.` then the field, there and here
             differs = describe_differences({"train": meta["config"]}, {"train": to_dict(self.cfg)})

@@ -175,7 +175,9 @@ def test_aot_compiles_without_spills_and_with_128bit_access():
         where = (spec.arch, spec.signature["p_ptr"], spec.constexprs)
         assert not k.spills and 0 < k.registers <= 255, (where, k.registers)
         # correctly rounded: approximate flush-to-zero sqrt and divide made a denormal v a 0 denominator
-        assert k.count("sqrt.approx") == 0 and k.count("div.full") == 0 and k.count("div.approx") == 0, where
+        # (fp64 rcp.approx is libdevice's first guess in the bias corrections' exp2/log2, refined there)
+        assert not any(k.count(op) for op in ("sqrt.approx", "div.full", "div.approx", "rcp.approx.f32",
+                                              "rcp.approx.ftz.f32")), where
         if spec.signature["p_ptr"] == "*fp32":  # p, g, m, v loads and p, m, v stores all 128-bit in full blocks
             assert k.count("ld.global.v4") >= 4 and k.count("st.global.v4") >= 3, where
 

@@ -344,7 +344,7 @@ def _first_bad_json_line(files: list[str]) -> tuple[str, int, str] | None:
                 continue
             except ValueError:
                 pass  # not one document: then JSON lines, as datasets reads it
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may sit inside a string
             if line.strip():
                 try:
                     json.loads(line)

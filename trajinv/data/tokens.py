@@ -63,20 +63,21 @@ def _tokenize(ds, column: str, tok: Tokenizer, max_tokens: int | None) -> tuple[
 
     dtype = token_dtype(tok.vocab_size)
     sep = np.asarray(separator_ids(tok), dtype=dtype)
-    features = datasets.Features({"ids": datasets.Sequence(datasets.Value(dtype.name))})
+    # "absent": the document had no text (no such key in its JSON line, or null); counted where it is taken
+    features = datasets.Features({"ids": datasets.Sequence(datasets.Value(dtype.name)), "absent": datasets.Value("bool")})
     digest = hashlib.sha256()
 
     def encode(batch: dict) -> dict:
-        nonlocal missing
         texts = batch[column]
         for t in texts:
             if t is not None and not isinstance(t, str):
                 raise DataError(f"column {column!r} holds {type(t).__name__} values, not text")
-        missing += sum(t is None for t in texts)
+        absent = [t is None for t in texts]
         texts = [t or "" for t in texts]
         for t in texts:  # runs in this process, in order (num_proc=None): a deterministic digest
             digest.update(t.encode("utf-8", errors="replace") + b"\0")
-        return {"ids": [np.concatenate([ids.astype(dtype, copy=False), sep]) if len(ids) else ids.astype(dtype) for ids in tok.encode_batch(texts)]}
+        return {"ids": [np.concatenate([ids.astype(dtype, copy=False), sep]) if len(ids) else ids.astype(dtype) for ids in tok.encode_batch(texts)],
+                "absent": absent}
 
     pieces: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
@@ -85,7 +86,8 @@ def _tokenize(ds, column: str, tok: Tokenizer, max_tokens: int | None) -> tuple[
     missing = 0  # documents without the text field (absent from a JSON line, or null): skipped, and said
 
     def take(tokenized) -> None:
-        nonlocal total
+        nonlocal total, missing
+        missing += int(pc.sum(tokenized.data.column("absent")).as_py() or 0)
         table = tokenized.data.column("ids")
         lens = pc.list_value_length(table).to_numpy(zero_copy_only=False).astype(np.int64)
         flat = pc.list_flatten(table).to_numpy(zero_copy_only=False).astype(dtype, copy=False)
@@ -100,6 +102,7 @@ def _tokenize(ds, column: str, tok: Tokenizer, max_tokens: int | None) -> tuple[
         try:
             for row in it:
                 n_read += 1
+                missing += bool(row["absent"])
                 buf.append(np.asarray(row["ids"], dtype=dtype))
                 total += len(buf[-1])
                 if max_tokens is not None and total >= max_tokens:
