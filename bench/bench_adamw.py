@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_csv import at_least, refuse_missing_cuda, results_dir
+from results_csv import at_least, csv_path, refuse_missing_cuda, results_dir
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,6 +46,11 @@ from trajinv.kernels import adamw as F  # noqa: E402
 from trajinv.optim import FusedAdamW  # noqa: E402
 
 HP = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+_OVERWRITES = {torch.ops.aten.copy_, torch.ops.aten.zero_, torch.ops.aten.fill_, torch.ops.aten._foreach_copy_,
+               torch.ops.aten._foreach_zero_}
+"""In-place ops that replace their destination without reading it (a copy moves 8 B/elem fp32, not 12)."""
 
 
 class ByteCounter(TorchDispatchMode):
@@ -64,10 +69,13 @@ class ByteCounter(TorchDispatchMode):
             return func(*args, **kwargs)  # a view: no data moves
         self.ops += 1
         flat_in = []
+        overwrite = func.overloadpacket in _OVERWRITES
         for a, v in zip(schema.arguments, list(args) + [kwargs.get(a.name) for a in schema.arguments[len(args):]]):
             ts = [v] if isinstance(v, torch.Tensor) else [x for x in v if isinstance(x, torch.Tensor)] if isinstance(v, (list, tuple)) else []
             nbytes = sum(t.numel() * t.element_size() for t in ts)
-            self.read += nbytes
+            written = a.alias_info is not None and a.alias_info.is_write
+            if not (overwrite and written):  # a copy's or a fill's destination is written, never read
+                self.read += nbytes
             # torch's fused Adam declares grads mutable for the in-place unscale; without a
             # grad_scale it leaves them alone
             unscale = a.name == "grads" and kwargs.get("grad_scale") is None
@@ -180,9 +188,12 @@ def run_provider(name, make, params0, grads, ref_params, device, timed_steps):
             p.grad = g.clone()
         opt.step()
     err = max((p.detach().double() - r).abs().max().item() for p, r in zip(ps, ref_params))
-    # bytes and ops of one step
+    # bytes and ops of one step, the step the timing below repeats: grads already in place (as after
+    # zero_grad(set_to_none=False)). Fresh .grad tensors cost the Triton path a gather into its flat buffer
+    # (+8 B/param fp32, trajinv.optim.buckets), which one untimed step here does, counted by nothing.
     for p, g in zip(ps, grads[0]):
         p.grad = g.clone()
+    opt.step()
     launches = None
     if device == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -213,7 +224,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, few steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--out", default=None, help="CSV path (default: adamw.csv in results_csv.results_dir)")
+    ap.add_argument("--out", default=None, type=csv_path, help="CSV path (default: adamw.csv in results_csv.results_dir)")
     ap.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
     args.out = args.out or results_dir(args.quick) / "adamw.csv"

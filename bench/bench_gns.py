@@ -84,6 +84,8 @@ def main() -> None:
     bad = [c for c in cases if not re.fullmatch(r"[\w-]+:[1-9]\d*", c) or c.split(":")[0] not in PRESETS]
     if bad:
         ap.error(f"--cases: {bad[0]!r} is not preset:members with a preset of {', '.join(PRESETS)}")
+    if len(set(cases)) < len(cases):  # measured twice under one key
+        ap.error(f"--cases repeats a case: {args.cases}; give each once")
     default_steps = {"tiny": 48, "small": 12}
     data = load_data(DataConfig())
     rows = []

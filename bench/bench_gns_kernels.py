@@ -15,7 +15,8 @@ presets, per kernel:
   repeats, 1 thread: linear = plain `bmm(Gy^T, A)` vs
   `linear_weight_grad_with_norms` (what the trainer runs); RMSNorm = plain
   einsum gain gradient vs `rmsnorm_gain_grad_with_norms`, and the trainer's
-  native norm backward (`rmsnorm_backward_cpu`) without vs with the per-example norms;
+  native norm backward (`rmsnorm_backward_cpu`) as the trainer calls it with GNS off and on (the pass
+  forms the per-example norms either way: the difference is the W weighting and the summing);
   accumulate = `acc.add_(g)` vs `accumulate_grad_with_norms`, and every
   parameter of a micro-batch: `torch._foreach_add_` vs the trainer's one-call
   `accumulate_grads_with_norms`.
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-from results_csv import results_dir
+from results_csv import csv_path, results_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from trajinv.kernels import accumulate as ACC  # noqa: E402
@@ -67,7 +68,7 @@ def linear_counts(K: int, n: int, t: int, d_in: int, d_out: int, act: int, has_w
     The plain GEMM is charged nothing for filling the GPU (cuBLAS would split K
     too); the fused kernel is charged its example-split dW slabs (write + read).
     """
-    cfg = LIN.launch_config(upcast=act == 4, precision="tf32")
+    cfg = LIN.launch_config(upcast=act == 4, precision="tf32" if LIN.tf32_allowed() else "ieee")  # as launched
     bo, bi = LIN._blocks(d_out, cfg["BLOCK_O"]), LIN._blocks(d_in, cfg["BLOCK_I"])
     bt = LIN._blocks(t, cfg["BLOCK_T"])
     tiles_o, tiles_i = math.ceil(d_out / bo), math.ceil(d_in / bi)
@@ -82,7 +83,7 @@ def linear_counts(K: int, n: int, t: int, d_in: int, d_out: int, act: int, has_w
     plain_bytes = K * n * t * (d_in + d_out) * act + 4 * K * d_out * d_in
     parts = (2 if has_w else 1) * K * n * P * 4
     splits = LIN.choose_splits(K * P, n, t, H100_SMS, d_out, d_in, act)
-    slabs = 2 * (splits - 1) * K * d_out * d_in * 4
+    slabs = 2 * splits * K * d_out * d_in * 4 if splits > 1 else 0  # each split's slab written, read to sum
     extra_bytes = (4 * K * d_out * d_in if has_w else 0) + 2 * parts + 2 * 4 * K * n + slabs  # W, partials, out
     return dict(
         plain_flops=plain_dot if plain_dot else useful,
@@ -101,9 +102,12 @@ def rmsnorm_counts(K: int, n: int, t: int, d: int, act: int, has_w: bool = True)
     elem = (5 if has_w else 3) * K * n * d
     plain_bytes = 2 * K * n * t * d * act + 4 * K * n * t + 4 * K * d  # x, gy, rstd; write dg
     parts = (2 if has_w else 1) * K * n * P * 4
-    extra_bytes = (4 * K * d if has_w else 0) + 2 * parts + 2 * 4 * K * n
-    return dict(plain_flops=plain_flops, extra_flops=elem + 2 * K * n * P, plain_bytes=plain_bytes,
-                extra_bytes=extra_bytes, note=f"BLOCK_D={bd}, P={P}")  # fmt: skip
+    splits = RMS.choose_splits(K * P, n, H100_SMS)  # example ranges, as the launcher splits them
+    slabs = 2 * splits * K * d * 4 if splits > 1 else 0  # each range's fp32 dg slab written, read to sum
+    extra_bytes = (4 * K * d if has_w else 0) + 2 * parts + 2 * 4 * K * n + slabs
+    return dict(plain_flops=plain_flops, extra_flops=elem + 2 * K * n * P + (splits - 1) * K * d,
+                plain_bytes=plain_bytes, extra_bytes=extra_bytes,
+                note=f"BLOCK_D={bd}, P={P}, H100 example splits {splits}")  # fmt: skip
 
 
 def accumulate_counts(members: int, numel: int, grad_bytes: int, has_w: bool = True) -> dict:
@@ -236,7 +240,8 @@ def rows(quick: bool) -> list[dict]:
                 r["cpu_plain_ms"], r["cpu_fused_ms"] = time_rmsnorm(K, n, t, d, reps)
             out.append(r)
         r = dict(model=model, kernel="rmsnorm native bwd", tensor="gain", shape=f"n{n} t{t} d{d}", dtype="fp32",
-                 note="trainer's CPU norm backward (dx and dgain) without vs with the per-example gain norms")
+                 note="trainer's CPU norm backward (dx and dgain), GNS off vs on: the native pass forms the per-example "
+                      "norms either way, so this is the W weighting and the summing into the trainer's buffer")
         r["cpu_plain_ms"], r["cpu_fused_ms"] = time_rmsnorm_native(K, n, t, d, reps)
         out.append(r)
         for name, shp in {"w_up": (1, _hidden(d), d), "wte": (1, VOCAB, d), "K=9 w_up": (9, _hidden(d), d)}.items():
@@ -285,7 +290,8 @@ def _fmt(v) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats, time only one linear per model")
-    ap.add_argument("--out", default=None, help="CSV path (default: gns_kernels.csv in results_csv.results_dir)")
+    ap.add_argument("--out", default=None, type=csv_path,
+                    help="CSV path (default: gns_kernels.csv in results_csv.results_dir)")
     args = ap.parse_args()
     args.out = args.out or results_dir(args.quick) / "gns_kernels.csv"
     table = rows(args.quick)

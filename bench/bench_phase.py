@@ -144,10 +144,15 @@ def plot(rows: list[dict], out: Path) -> Path:
     return save_png(fig, out)
 
 
+CURVE_KEYS = ("val_loss", "train_loss", "grad_norm", "precond_grad_norm", "weight_norm", "update_norm")
+"""Per-step metrics whose spreads `trajinv.analysis.transition_step` compares (metrics.jsonl keys)."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("sweeps", nargs="*", type=Path, help="extra sweep directories")
-    ap.add_argument("--key", default="val_loss", help="the curves the observed switch is read from")
+    ap.add_argument("--key", default="val_loss", choices=CURVE_KEYS,  # checked before minutes of training
+                    help="the curves the observed switch is read from")
     ap.add_argument("--quick", action="store_true", help="one small sweep in a scratch folder: a smoke test")
     args = ap.parse_args()
     missing = [d for d in args.sweeps if not (d / "summary.csv").is_file()]

@@ -252,6 +252,9 @@ def main() -> None:
         ap.error(f"--reps must be >= 1, got {args.reps}")
     if args.seeds is not None and min(args.seeds) < 0:
         ap.error(f"--seeds must be >= 0, got {min(args.seeds)}")
+    if args.seeds is not None and len(set(args.seeds)) < len(args.seeds):  # a repeat read as another seed:
+        # its copy of the grid made the seed noise 0 and every row twice
+        ap.error(f"--seeds repeats a seed: {' '.join(map(str, args.seeds))}; give each once")
     lacking = [m for m in ("optuna", "opda") if importlib.util.find_spec(m) is None]
     if lacking:  # checked first: the grids before them take hours
         ap.error(f"needs {' and '.join(lacking)}: pip install 'trajinv[hpo]'")

@@ -42,6 +42,15 @@ def at_least(least: int):
     return parse
 
 
+def csv_path(text: str) -> Path:
+    """An argparse `type` for --out: a CSV file path, checked before the run (a directory there failed
+    only when the table was written, after the whole run)."""
+    path = Path(text)
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file path such as {str(path / 'out.csv')!r}")
+    return path
+
+
 def quick_overrides(ap: argparse.ArgumentParser, args: argparse.Namespace, *names: str) -> None:
     """Refuse, in argparse's one line, options that `--quick` would silently replace with its own values."""
     given = [n for n in names if getattr(args, n) != ap.get_default(n)]

@@ -333,7 +333,7 @@ def choose_splits(programs: int, n: int, t: int, sms: int, d_out: int, d_in: int
     """Example splits per member: up to ~2 programs per SM, within a traffic budget.
 
     A (d=256) layer has only 16 tiles per member, far too few programs for a
-    GPU, so each member's examples can be split over programs. Each extra split
+    GPU, so each member's examples can be split over programs. Each split then
     writes and reads back one fp32 dW slab (8 * out * in bytes); a split must
     reduce over enough tokens that this stays under ~25% of the operand bytes
     it reads (tokens * (out + in) * elem_bytes).
@@ -377,7 +377,7 @@ def _triton_path(
         splits = choose_splits(K * n_tiles, N, T, multiprocessors(a), d_out, d_in, a.element_size())
     splits, n_per = example_ranges(N, splits)
     grid = (n_tiles, K * splits)  # CUDA caps axis 1 at 65535: K * splits is far below it (splits <= ~2 per SM)
-    # Split partial dW slabs are summed below: extra traffic 2 * (splits - 1) * K * out * in * 4 bytes.
+    # Split partial dW slabs are summed below: extra traffic 2 * splits * K * out * in * 4 bytes (each written, read).
     dw = dw if splits == 1 else torch.empty(splits, K, d_out, d_in, dtype=torch.float32, device=a.device)
     s_w = torch.empty(K, N, n_tiles, dtype=torch.float32, device=a.device)
     s_1 = torch.empty(K, N, n_tiles, dtype=torch.float32, device=a.device)

@@ -54,15 +54,23 @@ def test_bench_tune_rejects_an_empty_tpe_population_in_one_line():
     ("bench_gns.py", ["--quick", "--cases", "small:1"], "--quick sets its own --cases"),
     ("bench_trainer.py", ["--quick", "--members", "5"], "--quick sets its own --members"),
     ("bench_scale.py", ["--quick", "--steps", "9", "--repeats", "3"], "--quick sets its own --steps, --repeats"),
+    ("bench_tune.py", ["--seeds", "0", "0"], "--seeds repeats a seed: 0 0"),  # its grid twice: seed noise 0
+    ("bench_gns.py", ["--cases", "tiny:1,tiny:1"], "--cases repeats a case"),
+    ("bench_phase.py", ["--quick", "--key", "nope"], "argument --key: invalid choice: 'nope'"),  # trained first
+    ("bench_adamw.py", ["--out", "TMP"], "is a directory"),  # the table was lost after the whole run
+    ("bench_gns_kernels.py", ["--out", "TMP/"], "is a directory"),
 ])
 def test_bench_bad_arguments_are_one_line_before_any_work(script, args, needle, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(BENCH.parent) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TRAJINV_BENCH_RESULTS": str(tmp_path)}
+    out = tmp_path / "out"  # "TMP": an existing directory
+    out.mkdir()
+    args = [a.replace("TMP", str(out)) for a in args]
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert needle in proc.stderr.strip().splitlines()[-1]
-    assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and not any(out.iterdir())  # nothing trained or written
 
 
 def test_a_quick_runs_scratch_folder_is_removed_on_sigterm(tmp_path):
