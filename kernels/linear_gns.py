@@ -32,7 +32,8 @@ programs run at the same time and share strips in L2. The grid's axis 0, which
 CUDA launches first, holds dW's tiles in groups of GROUP_I (8) input tiles; axis 1
 the (member, split). A wave of programs then covers 8 input tiles by many output
 tiles of one member, so each gy strip comes from DRAM about once per group,
-tiles_in / 8 times in all, and A's 8 strips of a group stay in L2. In the earlier
+tiles_in / 8 times in all (A's 8 strips of a group are shared within each wave;
+whether they also stay in L2 across waves depends on the strips' length). In the earlier
 order (members, then output tiles, then input tiles) gy came from DRAM once per
 input tile: for an LM head of 16k tokens x 128k vocab in bf16 at d = 4096 that is
 64 x 4.2 GB, against 8 x 4.2 GB grouped (the grouped order of Triton's matmul
@@ -169,7 +170,6 @@ def _linear_gns_kernel(
     BLOCK_T: tl.constexpr,
     GROUP_I: tl.constexpr,  # input tiles of one group of the program order (module doc, "Program order")
 ):
-    # one axis: (member, split) slowest, then the tiles of dW in groups of GROUP_I input tiles
     # tiles on axis 0 (launched first), (member, split) on axis 1; the tiles in groups of GROUP_I input tiles
     t = tl.program_id(0)  # this program's tile slot, where its partial sums go
     n_tiles = tl.num_programs(0)

@@ -32,6 +32,7 @@ from trajinv.data import DataConfig, TokenData, load_data
 from trajinv.parallel import memory
 from trajinv.parallel.ddp import refuse_ranks
 from trajinv.parallel.devices import check_device
+from trajinv.parallel.worker import ERROR_LOG
 from trajinv.rundirs import SWEEP_SPEC, refuse_other, trained_split
 from trajinv.schedules import BatchSchedule
 from trajinv.train import MemberResult, Trainer
@@ -340,10 +341,12 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None
 
 def finished_rows(run_id: str, cfg: TrainConfig, data: TokenData, run_dir: Path, notify: Callable) -> list[dict] | None:
     """The summary rows of a population that finished before (`Trainer.finished_results`: no model built,
-    no checkpoint loaded), with its progress events; None when it has to be resumed."""
+    no checkpoint loaded), with its progress events; None when it has to be resumed. Raises what a resume
+    raises for its metrics (a malformed line)."""
     results = Trainer.finished_results(cfg, data, run_dir)
     if results is None:
         return None
+    (run_dir / ERROR_LOG).unlink(missing_ok=True)  # of a worker that failed after the last save
     notify("population", run_id=run_id, skipped=True, members=len(cfg.members))
     notify("advance", steps=cfg.steps)
     return summary_rows(run_id, cfg, results)

@@ -257,6 +257,7 @@ class Trainer:
         tensor (`checkpoint.newest_sidecar`), and was trained with this config (`same_run`) on this data;
         then build a Trainer and `resume`, which sorts out every other case (an older checkpoint, another
         configuration, a checkpoint of an earlier trajinv). Tidies the run directory as `resume` does."""
+        run_dir = Path(run_dir)
         meta = newest_sidecar(run_dir)
         cfg = Trainer.check(cfg, data)  # the config as a Trainer holds it (the data's vocabulary filled in)
         try:

@@ -82,10 +82,19 @@ def test_a_failing_population_is_a_row_the_others_finish_and_a_rerun_resumes_onl
     # all finished: the next rerun reads every population back in this process, starting no worker
     from trajinv.parallel.pool import LocalPool
 
+    (tmp_path / "runs/bs4-p0/error.log").write_text("a failure after the last save")  # a stale one goes too
     with pytest.MonkeyPatch.context() as m:
         m.setattr(LocalPool, "_executor", lambda self, i: pytest.fail("a worker was started"))
         assert run_sweep(spec, tmp_path, devices="cpu,cpu") == rerun
     assert _table(tmp_path) == _table(tmp_path / "seq")
+    assert not (tmp_path / "runs/bs4-p0/error.log").exists()
+    # a finished population whose metrics cannot be read fails in its row, as in a worker; the others read back
+    metrics = tmp_path / "runs/bs4-p1/metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join(lines[:1] + ["{not json"] + lines[2:]) + "\n")
+    rows = run_sweep(spec, tmp_path, devices="cpu,cpu")
+    assert [r["status"] for r in rows] == ["done", "failed", "done"]
+    assert "malformed metrics line" in rows[1]["error"]
 
 
 def test_a_killed_worker_fails_its_population_only(tiny_train_config, tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from trajinv.parallel.devices import device_kind, usable_devices
 from trajinv.parallel.memory import size_populations
-from trajinv.parallel.worker import ERROR_LOG, Job, Outcome, run_job
+from trajinv.parallel.worker import Job, Outcome, run_job
 
 
 def check_scale(devices: str | Sequence[str] | None, ray: str | None, ray_cpus: int = 1, device: str = "cpu") -> None:
@@ -87,10 +87,12 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
             return [row for run_id, _ in pops if run_id in results for row in results[run_id].rows]
 
         for run_id, cfg in pops:  # finished before: read here, no worker started for them
-            rows = finished_rows(run_id, cfg, tokens, out / "runs" / run_id, notify)
+            try:
+                rows = finished_rows(run_id, cfg, tokens, out / "runs" / run_id, notify)
+            except ValueError:  # its worker resumes it and fails it in a row, as any failure (a bad metrics line)
+                rows = None
             if rows is not None:
                 results[run_id] = Outcome(run_id, rows, skipped=True)
-                (out / "runs" / run_id / ERROR_LOG).unlink(missing_ok=True)  # of a failure after its last save
         if results:
             write_summary(out, table())
         data = backend.portable(spec.data)
