@@ -48,21 +48,15 @@ def test_matches_reference(shape, dtype, backend):
                 torch.testing.assert_close(got[1], got[2])
 
 
-@pytest.mark.parametrize("splits", [1, 2])
-def test_every_tile_in_the_grouped_program_order(splits):
+@pytest.mark.parametrize("shape, splits", [
+    # splitting examples over programs (to fill a GPU) must not change dW or the norms
+    ((2, 5, 3, 20, 17), 2), ((2, 5, 3, 20, 17), 3), ((2, 5, 3, 20, 17), 7),
     # 10 input tiles (64 wide) over 3 output tiles: a full group of 8 and a partial one of 2 in the program
     # order (module doc, "Program order"); a tile missed or visited twice shows in dW and in the norms
-    a, gy, w = _inputs(2, 2, 3, 600, 130, torch.float32)
-    ref = linear_weight_grad_with_norms_reference(a, gy, w, per_example=True)
-    got = linear_weight_grad_with_norms(a, gy, w, per_example=True, backend="triton", splits=splits)
-    for g_, r_ in zip(got, ref):
-        torch.testing.assert_close(g_, r_, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("splits", [2, 3, 7])
-def test_example_splits_give_the_same_result(splits):
-    # Splitting examples over programs (to fill a GPU) must not change dW or the norms.
-    a, gy, w = _inputs(2, 5, 3, 20, 17, torch.float32)
+    ((2, 2, 3, 600, 130), 1), ((2, 2, 3, 600, 130), 2),
+])
+def test_example_splits_and_the_grouped_program_order_give_the_same_result(shape, splits):
+    a, gy, w = _inputs(*shape, torch.float32)
     ref = linear_weight_grad_with_norms_reference(a, gy, w, per_example=True)
     got = linear_weight_grad_with_norms(a, gy, w, per_example=True, backend="triton", splits=splits)
     for g_, r_ in zip(got, ref):
