@@ -174,6 +174,21 @@ def test_a_tune_warns_of_what_its_stages_train(corpus, tmp_path):
     assert res.stderr.count("warning: --gns-warmup 3 covers the run's 3 steps") == 1  # once, not once per stage
 
 
+def test_training_more_tokens_than_the_corpus_holds_is_said_once(corpus, tmp_path):
+    # the corpus holds 10,261 training tokens; 6 steps of 32 x 64 train 12,288 a member: 1.2 passes
+    more = ["--steps", "6", "--eval-every", "3", "--eval-seqs", "8", "--warmup", "1", "--data", corpus]
+    said = "warning: a member trains on 12,288 tokens, 1.2x the corpus's 10,261 training tokens"
+    for cmd in (["train", "--lr", "1e-3", "--wd", "0.1"], ["sweep", "--lr", "1e-3", "--wd", "0.1", "--no-plots"],
+                ["tune", "--points", "3", "--octaves", "2", "--zoom-points", "0", "--max-rescans", "0",
+                 "--check-factor", "2", "--budget", "36"]):  # a tune: a start per stage, one warning
+        res = CliRunner().invoke(cli.main, cmd + more + ["--out", str(tmp_path / cmd[0])])
+        assert res.exit_code == 0, res.output
+        assert res.stderr.count(said) == 1, (cmd[0], res.stderr)
+    assert len(list((tmp_path / "tune" / "stages").iterdir())) >= 2
+    res = CliRunner().invoke(cli.main, ["train", *TINY, "--data", corpus, "--out", str(tmp_path / "less")])
+    assert res.exit_code == 0 and "corpus" not in res.stderr  # 6,144 tokens: less than one pass
+
+
 def test_a_tune_refuses_two_batch_sizes_and_says_what_it_makes_of_gns_options(corpus, tmp_path):
     # click kept the last of a repeated single option: `--batch-size 32 --batch-size 256` tuned 256 silently
     res = CliRunner().invoke(cli.main, ["tune", *TINY, "--batch-size", "32", "--batch-size", "256", "--data", corpus,

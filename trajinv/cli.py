@@ -209,6 +209,7 @@ class _Progress:
                             TextColumn("{task.description}"))
         self.task = None
         self.warnings = list(warnings)
+        self.said: set[str] = set()  # a tune's stages each start with the same data warning: printed once
 
     def __enter__(self):
         return self  # the bar shows from "start": a command refused before then prints its one line only
@@ -218,8 +219,10 @@ class _Progress:
 
     def __call__(self, kind: str, **info) -> None:
         if kind == "start":
-            for line in self.warnings:
-                click.echo(f"warning: {line}", err=True)
+            for line in [*self.warnings, *info.get("warnings", ())]:  # the config's, then the data's
+                if line not in self.said:
+                    click.echo(f"warning: {line}", err=True)
+                    self.said.add(line)
             self.warnings = []
             if self.task is None:
                 self.bar.__enter__()
@@ -295,7 +298,7 @@ def train(lrs, wds, batch_size, out, resume, **o):
 
     from trajinv.parallel import ddp
     from trajinv.sweep import summary_rows, write_summary
-    from trajinv.train import Trainer
+    from trajinv.train import Trainer, data_warnings
 
     if len(lrs) != len(wds):
         raise ValueError(f"--lr given {len(lrs)} times but --wd {len(wds)} times; pair them")
@@ -312,7 +315,7 @@ def train(lrs, wds, batch_size, out, resume, **o):
             click.echo(f"resuming {out} from step {trainer.step}" if resumed
                        else f"no checkpoint in {out}; starting from step 0", err=True)
     quiet = contextlib.nullcontext(lambda kind, **info: None)
-    with _Progress("train", cfg.warnings()) if dist.is_main else quiet as bar:
+    with _Progress("train", cfg.warnings() + data_warnings(trainer.cfg, data)) if dist.is_main else quiet as bar:
         bar("start", total=cfg.steps)
         bar("advance", steps=trainer.step)
         results = trainer.train(progress=lambda step: bar("advance", steps=1))

@@ -35,7 +35,7 @@ from trajinv.parallel.devices import check_device
 from trajinv.parallel.worker import ERROR_LOG
 from trajinv.rundirs import SWEEP_SPEC, refuse_other, trained_split
 from trajinv.schedules import BatchSchedule
-from trajinv.train import MemberResult, Trainer
+from trajinv.train import MemberResult, Trainer, data_warnings
 
 SPEC = SWEEP_SPEC  # trajinv.rundirs: every command knows the others' markers
 SUMMARY = "summary.csv"
@@ -320,7 +320,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None
     spec = memory.size_populations(spec, out, lambda: memory.free_bytes(spec.train.device), spec.train.device)
     data, pops = prepare_sweep(spec, out)
     notify = progress or (lambda kind, **info: None)
-    notify("start", total=sum(cfg.steps for _, cfg in pops))
+    notify("start", total=sum(cfg.steps for _, cfg in pops), **start_warnings(pops, data))
     rows: list[dict] = []
     for run_id, cfg in pops:
         run_dir = out / "runs" / run_id
@@ -337,6 +337,15 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None
         rows += results
         write_summary(out, rows)
     return rows
+
+
+def start_warnings(pops: Sequence[tuple[str, TrainConfig]], data: TokenData) -> dict:
+    """The 'start' event's `warnings` (the CLI prints them), when there are any: `data_warnings` of the
+    population that trains the most tokens."""
+    if not pops:
+        return {}
+    said = data_warnings(max((cfg for _, cfg in pops), key=lambda c: c.batch_plan().tokens), data)
+    return {"warnings": said} if said else {}
 
 
 def finished_rows(run_id: str, cfg: TrainConfig, data: TokenData, run_dir: Path, notify: Callable) -> list[dict] | None:

@@ -93,6 +93,17 @@ def _check_sidecar_fields(meta: dict, sidecar: Path) -> None:
             raise CheckpointError(f"checkpoint sidecar {sidecar} has a bad {key} {meta[key]!r}")
 
 
+def data_warnings(cfg: TrainConfig, data: TokenData) -> list[str]:
+    """What `cfg` probably does not mean on this corpus (printed, never refused): more training tokens than
+    the corpus holds, so its text comes round again (the model partly learns it by heart)."""
+    tokens, corpus = cfg.batch_plan().tokens, int(data.train.size)
+    if tokens <= corpus:
+        return []
+    return [f"a member trains on {tokens:,} tokens, {tokens / corpus:.1f}x the corpus's {corpus:,} training tokens: "
+            "its text comes round again, and the losses then also measure memorisation; give more data (--data) "
+            "or fewer steps"]
+
+
 _BUILDING = "while building the model or loading its checkpoint"  # `Trainer._fits`'s place for both
 
 

@@ -59,7 +59,7 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
     Progress events are those of `run_sweep`, plus ('failed', run_id=..., error=...).
     `task` is the function a worker runs per population (tests swap it to make one fail).
     """
-    from trajinv.sweep import finished_rows, prepare_sweep, write_summary
+    from trajinv.sweep import finished_rows, prepare_sweep, start_warnings, write_summary
 
     check_scale(devices, ray, ray_cpus, spec.train.device)
     spec.validate()
@@ -80,7 +80,7 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
     with backend:
         spec = size_populations(spec, out, backend.free_bytes, kind, backend.workers())
         tokens, pops = prepare_sweep(spec, out)  # checked, tokenized once here (workers open the cache), spec written
-        notify("start", total=sum(cfg.steps for _, cfg in pops))
+        notify("start", total=sum(cfg.steps for _, cfg in pops), **start_warnings(pops, tokens))
         results: dict[str, Outcome] = {}
 
         def table() -> list[dict]:
