@@ -224,7 +224,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, few steps")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--out", default=None, type=csv_path, help="CSV path (default: adamw.csv in results_csv.results_dir)")
+    ap.add_argument("--out", default=None, type=csv_path,
+                    help="CSV path (default: adamw.csv in results_csv.results_dir)")
     ap.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args()
     args.out = args.out or results_dir(args.quick) / "adamw.csv"

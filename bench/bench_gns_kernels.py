@@ -240,8 +240,9 @@ def rows(quick: bool) -> list[dict]:
                 r["cpu_plain_ms"], r["cpu_fused_ms"] = time_rmsnorm(K, n, t, d, reps)
             out.append(r)
         r = dict(model=model, kernel="rmsnorm native bwd", tensor="gain", shape=f"n{n} t{t} d{d}", dtype="fp32",
-                 note="trainer's CPU norm backward (dx and dgain), GNS off vs on: the native pass forms the per-example "
-                      "norms either way, so this is the W weighting and the summing into the trainer's buffer")
+                 note="trainer's CPU norm backward (dx and dgain), GNS off vs on: the native pass forms the "
+                      "per-example norms either way, so this is the W weighting and the summing into the trainer's "
+                      "buffer")
         r["cpu_plain_ms"], r["cpu_fused_ms"] = time_rmsnorm_native(K, n, t, d, reps)
         out.append(r)
         for name, shp in {"w_up": (1, _hidden(d), d), "wte": (1, VOCAB, d), "K=9 w_up": (9, _hidden(d), d)}.items():

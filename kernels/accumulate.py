@@ -221,7 +221,8 @@ def accumulate_grads_with_norms(
         raise ValueError(f"members must be a positive int, got {members!r}")
     device = grads[0].device if n else torch.device("cpu")
     if out_sums is not None and (out_sums.shape != (2, members) or out_sums.dtype != torch.float64
-                                 or not out_sums.is_contiguous() or out_sums.device not in (device, torch.device("cpu"))):
+                                 or not out_sums.is_contiguous()
+                                 or out_sums.device not in (device, torch.device("cpu"))):
         raise ValueError(f"out_sums must be a contiguous fp64 (2, {members}) tensor on the CPU or {device}, "
                          f"got {out_sums.dtype} {tuple(out_sums.shape)} on {out_sums.device}")
     native = (resolve_backend(backend, device) == "cpu" and device.type == "cpu" and NATIVE.get() is not None

@@ -53,7 +53,8 @@ class CompiledKernel:
         """The 32-bit multiplies and shifts that read the register loaded from `source` (a special register
         such as '%ctaid.x', or a kernel parameter by index, 'param_9'): an element offset scaled there wraps
         at 2^31, where one widened to 64 bits first does not."""
-        loaded = re.findall(r"(?:mov|ld\.param)\.[us]?b?\d+\s+(%r\d+),\s*\[?[^;]*" + re.escape(source) + r"\b", self.ptx)
+        loaded = re.findall(r"(?:mov|ld\.param)\.[us]?b?\d+\s+(%r\d+),\s*\[?[^;]*" + re.escape(source) + r"\b",
+                            self.ptx)
         narrow = r"\s*(?:@!?%p\d+\s+)?(?:mul\.(?:lo|hi)\.[su]32|mad\.(?:lo|hi)\.[su]32|shl\.b32)\s[^;]*"
         return [m.strip() for r in loaded for m in re.findall(r"^" + narrow + re.escape(r) + r"\b[^;]*;", self.ptx, re.M)]
 

@@ -11,10 +11,11 @@ summary.csv is rewritten after each population finishes, rows always in spec
 order whatever order they finish in (a population still running has no rows yet).
 A failed population gets one row per member with status `failed` and its error
 in an `error` column; a rerun resumes only what is not finished (finished
-populations are read back here from their last checkpoint's sidecar, with no worker
-started for them; failed and unfinished ones resume from their checkpoint). On CPU the numbers equal a sequential sweep's bit for bit: a
-population's trajectory depends only on its config, not on where or beside what
-it runs (the native kernels give the same sums for any thread count).
+populations are read back here from their last checkpoint's sidecar, with no
+worker started for them; failed and unfinished ones resume from their checkpoint).
+On CPU the numbers equal a sequential sweep's bit for bit: a population's
+trajectory depends only on its config, not on where or beside what it runs (the
+native kernels give the same sums for any thread count).
 """
 
 from __future__ import annotations
@@ -79,8 +80,8 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
         backend = RayCluster(ray, out, cpus=ray_cpus, gpu=kind == "cuda")
     with backend:
         spec = size_populations(spec, out, backend.free_bytes, kind, backend.workers())
-        tokens, pops = prepare_sweep(spec, out)  # checked, tokenized once here (workers open the cache), spec written
-        notify("start", total=sum(cfg.steps for _, cfg in pops), **start_warnings(pops, tokens))
+        corpus, pops = prepare_sweep(spec, out)  # checked, tokenized once here (workers open the cache), spec written
+        notify("start", total=sum(cfg.steps for _, cfg in pops), **start_warnings(pops, corpus))
         results: dict[str, Outcome] = {}
 
         def table() -> list[dict]:
@@ -88,7 +89,7 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
 
         for run_id, cfg in pops:  # finished before: read here, no worker started for them
             try:
-                rows = finished_rows(run_id, cfg, tokens, out / "runs" / run_id, notify)
+                rows = finished_rows(run_id, cfg, corpus, out / "runs" / run_id, notify)
             except ValueError:  # its worker resumes it and fails it in a row, as any failure (a bad metrics line)
                 rows = None
             if rows is not None:
