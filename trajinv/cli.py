@@ -400,8 +400,8 @@ def sweep(lrs, lr_log2, wds, wd_log2, elrs, batch_sizes, population, out, plots,
 def tune(batch_sizes, lr, center_elr, octaves, points, zoom_points, zoom_width, max_shifts, max_rescans, check_factor,
          noise, budget, min_transitions, population, out, **o):
     """Find lr and wd along the salient direction (ELR late in small-batch training, else lr)."""
-    from trajinv.tune.report import format_summary, write_report
     from trajinv.sweep import distinct_batch_sizes
+    from trajinv.tune.report import format_summary, write_report
     from trajinv.tune.runner import check_decay_mode, run_tune
 
     batch_sizes = distinct_batch_sizes(batch_sizes)  # a repeat of one is that one, as for sweep

@@ -93,6 +93,15 @@ def _check_sidecar_fields(meta: dict, sidecar: Path) -> None:
             raise CheckpointError(f"checkpoint sidecar {sidecar} has a bad {key} {meta[key]!r}")
 
 
+def _settle_at(metrics: MetricsLog, run_dir: Path, step: int, keep: int) -> None:
+    """A run directory as a run goes on from (or ends at) its checkpoint of `step`: metrics.jsonl cut to that
+    step (a malformed line before it is a ValueError) and, by the writer, the checkpoints before the newest
+    `keep` dropped (a --keep-checkpoints lowered since the last save: a finished run saves no more)."""
+    metrics.rewrite_to(step)
+    if metrics.writer:  # scale-out: rank 0 (`MetricsLog(writer=dist.is_main)`)
+        prune_older(run_dir, step, keep)
+
+
 def data_warnings(cfg: TrainConfig, data: TokenData) -> list[str]:
     """What `cfg` probably does not mean on this corpus (printed, never refused): more training tokens than
     the corpus holds, so its text comes round again (the model partly learns it by heart)."""
@@ -251,9 +260,7 @@ class Trainer:
         # the run keeps its id when its folder is renamed (`train` names a run after its --out folder)
         self.run_id = str(meta["run_id"])
         self._saved_step = self.step
-        self.metrics.rewrite_to(self.step)
-        if self.dist.is_main:  # a --keep-checkpoints lowered since the last save (a finished run saves no more)
-            prune_older(self.run_dir, self.step, self.cfg.keep_checkpoints)
+        _settle_at(self.metrics, self.run_dir, self.step, self.cfg.keep_checkpoints)
         return True
 
     def finished(self) -> bool:
@@ -283,8 +290,7 @@ class Trainer:
         if [(r.name, r.lr, r.wd) for r in results] != [(m.name, m.lr, m.wd) for m in cfg.members]:
             return None
         clean_run_dir(run_dir)
-        MetricsLog(run_dir).rewrite_to(meta["step"])  # as a resume: a bad line is refused, lines past it dropped
-        prune_older(run_dir, meta["step"], cfg.keep_checkpoints)
+        _settle_at(MetricsLog(run_dir), run_dir, meta["step"], cfg.keep_checkpoints)
         return results
 
     def _check_meta(self, meta: dict, sidecar: Path) -> None:

@@ -151,15 +151,16 @@ def _file_source(source: str, text_field: str, cache_root: Path | None = None) -
             except Exception as e:
                 # datasets reports bad encoding as "An error occurred while generating the dataset":
                 # find the file and byte it means (only on failure, so a good corpus is read once).
+                def where(name: str) -> str:  # a file of a folder is named with the folder
+                    return f"{name!r} (in {source!r})" if name != str(path) else repr(name)
+
                 bad = _first_non_utf8(group) if builder != "parquet" else None
                 if bad is not None:
-                    where = f"{bad[0]!r} (in {source!r})" if bad[0] != str(path) else repr(bad[0])
-                    raise DataError(f"data file {where} is not UTF-8 text: invalid byte 0x{bad[2]:02x} "
+                    raise DataError(f"data file {where(bad[0])} is not UTF-8 text: invalid byte 0x{bad[2]:02x} "
                                     f"at offset {bad[1]}; convert it to UTF-8") from None
                 bad = _first_bad_json_line(group) if builder == "json" else None
                 if bad is not None:  # datasets says only "An error occurred while generating the dataset"
-                    where = f"{bad[0]!r} (in {source!r})" if bad[0] != str(path) else repr(bad[0])
-                    raise DataError(f"data file {where} line {bad[1]} is not JSON ({bad[2]}); fix or remove "
+                    raise DataError(f"data file {where(bad[0])} line {bad[1]} is not JSON ({bad[2]}); fix or remove "
                                     "that line") from None
                 if builder == "text" or len(group) == 1:
                     raise DataError(f"cannot read {builder} data from {source!r}: {one_line(e)}") from None

@@ -339,7 +339,7 @@ class FusedAdamW(torch.optim.Optimizer):
 
     def _state_ids(self) -> list[list[int]]:
         states = list(self.state.values())
-        keys = EXPOSED_KEYS if self.master_weights else EXPOSED_KEYS[:3]  # no master copy: one pass fewer
+        keys = [k for k in EXPOSED_KEYS if self.master_weights or k != "master_param"]  # none: one pass fewer
         return [list(map(id, map(dict.get, states, repeat(key)))) for key in keys]
 
     # ------------------------------------------------------------------- step
