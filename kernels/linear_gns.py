@@ -347,7 +347,7 @@ def choose_splits(programs: int, n: int, t: int, sms: int, d_out: int, d_in: int
 def tf32_allowed() -> bool:
     """Whether torch lets fp32 matmuls use tf32, by whichever switch the caller used: the newer
     `torch.backends[.cuda.matmul].fp32_precision` (reading the legacy `allow_tf32` after setting it
-    raises in torch >= 2.9) or the legacy `allow_tf32` / `set_float32_matmul_precision`."""
+    raises: torch 2.13 does) or the legacy `allow_tf32` / `set_float32_matmul_precision`."""
     matmul = torch.backends.cuda.matmul
     precision = getattr(matmul, "fp32_precision", None)  # "none": not set either way, the legacy flag rules
     return precision == "tf32" if precision not in (None, "none") else bool(matmul.allow_tf32)
