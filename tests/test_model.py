@@ -143,12 +143,21 @@ def test_a_built_model_is_initialised_from_its_seed():
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), ref.parameters()))
 
 
-def _rope_by_matrices(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as explicit 2x2 rotation matrices per position and pair, in float64 (an independent method)."""
+def _rope_by_matrices(x: torch.Tensor, theta: float = 10000.0, sign: float = 1.0) -> torch.Tensor:
+    """RoPE as explicit 2x2 rotation matrices per position and pair, angles in float64 from theta (an
+    independent method: no tables of the model's); sign -1 rotates back."""
     t, pairs = x.shape[-2], x.shape[-1] // 2
-    c, s = cos[:t].double(), sin[:t].double()
+    angles = torch.outer(torch.arange(t, dtype=torch.float64),
+                         theta ** (-2 * torch.arange(pairs, dtype=torch.float64) / x.shape[-1]))
+    c, s = angles.cos(), sign * angles.sin()
     rot = torch.stack((torch.stack((c, -s), -1), torch.stack((s, c), -1)), -2)  # (t, pairs, 2, 2)
     return torch.einsum("tpij,...tpj->...tpi", rot, x.double().unflatten(-1, (pairs, 2))).flatten(-2)
+
+
+def _model_layout_rope_input(t: int, head_dim: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """The model's layout: a transposed view of the qkv projection's slice (non-contiguous, offset)."""
+    qkv = torch.randn(3, t, 3 * 4 * head_dim, generator=gen).to(dtype)
+    return qkv[..., 4 * head_dim : 8 * head_dim].reshape(3, t, 4, head_dim).transpose(1, 2).detach().requires_grad_(True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -158,16 +167,45 @@ def test_rope_rotates_each_pair_by_its_positions_angle(dtype, t, head_dim):
 
     cos, sin = rope_tables(64, head_dim, 10000.0)
     gen = torch.Generator().manual_seed(t)
-    # the model's layout: a transposed view of the qkv projection's slice (non-contiguous, offset)
-    qkv = torch.randn(3, t, 3 * 4 * head_dim, generator=gen).to(dtype)
-    x = qkv[..., 4 * head_dim : 8 * head_dim].reshape(3, t, 4, head_dim).transpose(1, 2).detach().requires_grad_(True)
+    x = _model_layout_rope_input(t, head_dim, dtype, gen)
     y = apply_rope(x, cos, sin)
     tol = {torch.float32: 1e-6, torch.bfloat16: 2e-2}[dtype]
-    torch.testing.assert_close(y.double(), _rope_by_matrices(x.detach(), cos, sin), rtol=tol, atol=tol)
+    torch.testing.assert_close(y.double(), _rope_by_matrices(x.detach()), rtol=tol, atol=tol)
     gy = torch.randn(y.shape, generator=gen).to(dtype)
     (gx,) = torch.autograd.grad(y, x, gy)
     # the backward is the inverse rotation of the output gradient
-    torch.testing.assert_close(gx.double(), _rope_by_matrices(gy, cos, -sin), rtol=tol, atol=tol)
+    torch.testing.assert_close(gx.double(), _rope_by_matrices(gy, sign=-1.0), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t, head_dim", [(1, 2), (7, 6), (64, 16)])
+def test_rope_gives_the_pairwise_formulas_bits(dtype, t, head_dim):
+    """apply_rope's whole-row form rounds exactly as the pairwise x1*c - x2*s, x1*s + x2*c under autograd
+    (the form the model trained with before; docs/design.md, "RoPE"), forward and backward."""
+    from trajinv.model import apply_rope, rope_tables
+
+    def pairwise(x, cos, sin):
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        c, s = cos[: x.shape[-2]].to(x.dtype), sin[: x.shape[-2]].to(x.dtype)
+        return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+
+    cos, sin = rope_tables(64, head_dim, 10000.0)
+    gen = torch.Generator().manual_seed(head_dim)
+    x = _model_layout_rope_input(t, head_dim, dtype, gen)
+    y, ref = apply_rope(x, cos, sin), pairwise(x, cos[:, 0::2], sin[:, 1::2])
+    assert torch.equal(y, ref)
+    gy = torch.randn(y.shape, generator=gen).to(dtype)
+    assert torch.equal(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(ref, x, gy)[0])
+
+
+def test_rope_tables_hold_each_pairs_angle_twice_and_sin_signed():
+    from trajinv.model import rope_tables
+
+    cos, sin = rope_tables(5, 6, 100.0)
+    angles = torch.outer(torch.arange(5.0, dtype=torch.float64), 100.0 ** (-torch.arange(0, 6, 2, dtype=torch.float64) / 6))
+    torch.testing.assert_close(cos, angles.cos().float().repeat_interleave(2, dim=-1), rtol=0, atol=0)
+    torch.testing.assert_close(sin[:, 0::2], -angles.sin().float(), rtol=0, atol=0)
+    torch.testing.assert_close(sin[:, 1::2], angles.sin().float(), rtol=0, atol=0)
 
 
 def test_rope_reference_tells_a_rotation_from_its_inverse():
@@ -176,4 +214,4 @@ def test_rope_reference_tells_a_rotation_from_its_inverse():
 
     cos, sin = rope_tables(8, 4, 10000.0)
     x = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
-    assert not torch.allclose(apply_rope(x, cos, sin).double(), _rope_by_matrices(x, cos, -sin))
+    assert not torch.allclose(apply_rope(x, cos, sin).double(), _rope_by_matrices(x, sign=-1.0))

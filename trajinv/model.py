@@ -24,18 +24,25 @@ from trajinv.ops import member_linear, rms_norm
 
 
 def rope_tables(context: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables (context, head_dim/2) for rotary position embeddings."""
+    """cos and signed sin tables (context, head_dim) for rotary position embeddings: pair i's angle
+    at both of its columns, sin as (-sin, +sin) (the layout `apply_rope` multiplies by)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(context, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
+    cos, sin = angles.cos().float(), angles.sin().float()
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x (..., t, head_dim) by position-dependent angles."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]
+    """Rotate pairs (x[2i], x[2i+1]) of x (..., t, head_dim) by position-dependent angles (`rope_tables`).
+
+    Whole rows against full-width tables, x*cos + (x with each pair swapped)*sin: the same
+    products and sums as the pairwise x1*c - x2*s, x1*s + x2*c (negating s or swapping the
+    terms of a sum is exact), so the same bits, forward and backward. The pairwise form read x
+    at stride 2 and its backward scattered each half into a zero-filled full tensor: the RoPE
+    of a training step took about a third less time this way (docs/design.md, "RoPE")."""
     t = x.shape[-2]
-    c, s = cos[:t].to(x.dtype), sin[:t].to(x.dtype)
-    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return x * cos[:t].to(x.dtype) + swapped * sin[:t].to(x.dtype)
 
 
 class Block(nn.Module):
