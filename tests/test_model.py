@@ -157,7 +157,8 @@ def _rope_by_matrices(x: torch.Tensor, theta: float = 10000.0, sign: float = 1.0
 def _model_layout_rope_input(t: int, head_dim: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
     """The model's layout: a transposed view of the qkv projection's slice (non-contiguous, offset)."""
     qkv = torch.randn(3, t, 3 * 4 * head_dim, generator=gen).to(dtype)
-    return qkv[..., 4 * head_dim : 8 * head_dim].reshape(3, t, 4, head_dim).transpose(1, 2).detach().requires_grad_(True)
+    x = qkv[..., 4 * head_dim : 8 * head_dim].reshape(3, t, 4, head_dim).transpose(1, 2)
+    return x.detach().requires_grad_(True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -202,7 +203,8 @@ def test_rope_tables_hold_each_pairs_angle_twice_and_sin_signed():
     from trajinv.model import rope_tables
 
     cos, sin = rope_tables(5, 6, 100.0)
-    angles = torch.outer(torch.arange(5.0, dtype=torch.float64), 100.0 ** (-torch.arange(0, 6, 2, dtype=torch.float64) / 6))
+    inv_freq = 100.0 ** (-torch.arange(0, 6, 2, dtype=torch.float64) / 6)
+    angles = torch.outer(torch.arange(5.0, dtype=torch.float64), inv_freq)
     torch.testing.assert_close(cos, angles.cos().float().repeat_interleave(2, dim=-1), rtol=0, atol=0)
     torch.testing.assert_close(sin[:, 0::2], -angles.sin().float(), rtol=0, atol=0)
     torch.testing.assert_close(sin[:, 1::2], angles.sin().float(), rtol=0, atol=0)

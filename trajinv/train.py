@@ -32,6 +32,7 @@ from trajinv.checkpoint import (CheckpointError, clean_run_dir, has_checkpoint, 
 from trajinv.config import PARAM_KINDS, TrainConfig, describe_differences, same_run, to_dict
 from trajinv.data import TokenData, boot_means, sample_batch, validation_batches, window_resamples
 from trajinv.data.batches import check_validation
+from trajinv.gns.estimator import REGIME_LR_FRACTION
 from trajinv.gns.meter import GNSMeter
 from trajinv.metrics import METRICS, MetricsLog, num, step_records  # noqa: F401 - METRICS: trajinv.train.METRICS
 from trajinv.model import GPT, param_kind
@@ -189,6 +190,9 @@ class Trainer:
             self.gns = GNSMeter(dict(self.model.named_parameters()), self.K, cfg.gns, self.model.probes,
                                 backend=cfg.kernels, eps=cfg.optim.eps)
         self.last_gns: dict[str, torch.Tensor] = {}
+        # b_precond_robust at the last measured step with lr >= REGIME_LR_FRACTION of the peak: the regime's
+        # statistic (trajinv.gns.estimator, "The regime"); NaN until such a step
+        self.regime_b = torch.full((self.K,), math.nan)
         self.lrs = torch.tensor([m.lr for m in cfg.members])
         self.wds = torch.tensor([m.wd for m in cfg.members])
         # evaluated in chunks no larger than a (rank's) training forward: the population was sized to fit
@@ -221,6 +225,7 @@ class Trainer:
         if self.gns is not None:
             t.update({f"gns.{k}": v for k, v in self.gns.state_dict().items()})
             t.update({f"last_gns.{k}": v for k, v in self.last_gns.items()})
+            t["regime_b"] = self.regime_b
         return t
 
     def save(self) -> None:
@@ -326,6 +331,8 @@ class Trainer:
             if self.gns is not None:
                 self.gns.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("gns.")})
                 self.last_gns = {k[9:]: v for k, v in tensors.items() if k.startswith("last_gns.")}
+                # older checkpoints have none: NaN, and the summary falls back to the last robust value
+                self.regime_b = tensors.get("regime_b", torch.full((K,), math.nan)).float().reshape(K)
         except (KeyError, ValueError, RuntimeError, TypeError) as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"checkpoint tensor file {where} does not fit this run ({reason})") from None
@@ -496,6 +503,8 @@ class Trainer:
                     self.last_gns = {k: gns[k].float() if k not in self.last_gns
                                      else torch.where(self.alive, gns[k].float(), self.last_gns[k])
                                      for k in ("b_precond_smooth", "b_simple_smooth", "b_precond_robust")}
+                    if mult >= REGIME_LR_FRACTION:
+                        self.regime_b = torch.where(self.alive, self.last_gns["b_precond_robust"], self.regime_b)
                 self.step = done
                 self.tokens += bs * cfg.model.context
                 self.seconds = time.perf_counter() - clock
@@ -527,11 +536,13 @@ class Trainer:
             if "b_precond_smooth" in self.last_gns:
                 extra = {"b_precond": num(self.last_gns["b_precond_smooth"][k]),
                          "b_simple": num(self.last_gns["b_simple_smooth"][k])}
-                # The label comes from the robust statistic (trajinv.gns.estimator, "The regime"),
-                # so a few spiky steps cannot decide it.
+                # The label comes from the robust statistic (trajinv.gns.estimator, "The regime"), so a few
+                # spiky steps cannot decide it, read before an annealing lr's tail inflates it.
                 robust = self.last_gns.get("b_precond_robust")
-                b = None if robust is None else num(robust[k])
-                extra["b_precond_robust"] = b
+                extra["b_precond_robust"] = None if robust is None else num(robust[k])
+                regime = float(self.regime_b[k])  # NaN: no measured step at that lr (an older checkpoint's)
+                b = extra["b_precond_robust"] if math.isnan(regime) else num(regime)
+                extra["b_precond_regime"] = b
                 extra["batch_regime"] = "" if b is None else ("small" if self.batches.sizes[-1] < b else "large")
             steps, tokens = self.step, self.tokens
             if not self.alive[k] and int(self.diverged_at[0, k]) >= 0:

@@ -169,3 +169,56 @@ def test_triton_code_path_matches_cpu_path(tiny_data, tiny_train_config, tmp_pat
         for key in ("train_loss", "grad_norm", "precond_grad_norm", "weight_norm", "update_norm",
                     "tr_sigma", "tr_w_sigma", "g2", "g2_w"):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
+
+
+def _regime_cfg(tiny_train_config, kind, **kw):
+    from trajinv.config import ScheduleConfig
+
+    return _cfg(tiny_train_config, "micro-batch", steps=40, members=(Member(1e-2, 0.1), Member(3e-2, 0.1)),
+                gns=GNSConfig(mode="micro-batch", precond_warmup=2),
+                schedule=ScheduleConfig(kind=kind, warmup=4, decay_fraction=0.5), **kw)
+
+
+@pytest.mark.parametrize("kind", ["wsd", "cosine", "constant"])
+def test_the_regime_reads_b_precond_robust_where_the_lr_is_still_at_least_half_its_peak(
+        tiny_data, tiny_train_config, tmp_path, kind):
+    # an annealed lr's tail inflates B_precond (|G| falls toward its floor, the noise stays): the regime's
+    # statistic is the robust one at the last measured step with lr >= REGIME_LR_FRACTION of the peak
+    from trajinv.gns.estimator import REGIME_LR_FRACTION
+    from trajinv.schedules import lr_multiplier
+
+    cfg = _regime_cfg(tiny_train_config, kind)
+    res = Trainer(cfg, tiny_data, tmp_path).train()
+    last = max(s for s in range(cfg.steps) if lr_multiplier(s, cfg.steps, cfg.schedule) >= REGIME_LR_FRACTION)
+    assert (last == cfg.steps - 1) == (kind == "constant")
+    recs = _records(tmp_path)
+    for k, r in enumerate(res):
+        at = {rec["step"]: rec for rec in recs if rec["member"] == k}
+        # a record's step counts updates done: step s (0-based) is logged as s + 1
+        assert r.extra["b_precond_regime"] == pytest.approx(at[last + 1]["b_precond_robust"], rel=1e-6)
+        assert r.extra["b_precond_robust"] == pytest.approx(at[cfg.steps]["b_precond_robust"], rel=1e-6)
+        assert r.extra["batch_regime"] == ("small" if 16 < r.extra["b_precond_regime"] else "large")
+        if kind != "constant":  # the tail moved it: the two statistics are not the same number
+            assert r.extra["b_precond_regime"] != pytest.approx(r.extra["b_precond_robust"], rel=1e-3)
+
+
+def test_the_regime_statistic_survives_a_resume_and_an_older_checkpoint_falls_back(
+        tiny_data, tiny_train_config, tmp_path, monkeypatch):
+    cfg = _regime_cfg(tiny_train_config, "wsd", checkpoint_every=10)
+    whole = Trainer(cfg, tiny_data, tmp_path / "a").train()
+    # killed after step 35 (checkpoint at 30, in the decay past the regime's step 29): resumed from the checkpoint
+    Trainer(cfg, tiny_data, tmp_path / "b").train(until=35)
+    resumed = Trainer(cfg, tiny_data, tmp_path / "b")
+    assert resumed.resume() and resumed.step == 30
+    assert [r.extra for r in resumed.train()] == [r.extra for r in whole]
+    # a checkpoint of an earlier trajinv holds no regime statistic: the summary reads the robust one at the end,
+    # as that version did, instead of a NaN or a value of another step
+    state_tensors = Trainer._state_tensors
+    monkeypatch.setattr(Trainer, "_state_tensors", lambda self: {k: v for k, v in state_tensors(self).items()
+                                                                  if k != "regime_b"})
+    Trainer(cfg, tiny_data, tmp_path / "c").train(until=35)
+    old = Trainer(cfg, tiny_data, tmp_path / "c")
+    assert old.resume() and old.step == 30
+    out = old.train()
+    assert [r.extra["b_precond_regime"] for r in out] == [r.extra["b_precond_robust"] for r in out]
+    assert [r.extra["b_precond_robust"] for r in out] == [r.extra["b_precond_robust"] for r in whole]

@@ -43,10 +43,10 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     # every stage trains with micro-batch GNS on (B_precond for the regime, at no extra runs)
     assert spec.stage_train().gns.mode == "micro-batch" and spec.stage_train().micro_batch == 2
     assert run.stages[0].b_precond, "the first stage measured no B_precond"
-    # the regime reads the robust statistic, the one the summary's batch_regime label is made of
+    # the regime reads the statistic the summary's batch_regime label is made of
     first = list(csv.DictReader(open(run.stages[0].directory / "summary.csv")))
-    robust = sorted(float(r["b_precond_robust"]) for r in first if r["b_precond_robust"])
-    assert sorted(run.stages[0].b_precond) == pytest.approx(robust, rel=1e-6)
+    regime = sorted(float(r["b_precond_regime"]) for r in first if r["b_precond_regime"])
+    assert sorted(run.stages[0].b_precond) == pytest.approx(regime, rel=1e-6)
     assert run.regime is not None and run.regime.axis in ("elr", "lr")
     trained = [p.key for sr in run.stages for p in sr.stage.points]
     assert len(trained) == len(set(trained)), "a point was trained twice"
@@ -391,3 +391,16 @@ def test_a_directory_replays_by_the_search_rules_it_was_made_with(tmp_path, tiny
         (tmp_path / "tune_spec.json").write_text(json.dumps({**stored, "search_version": future}))
         with pytest.raises(ValueError, match=f"says search version {future!r}, which this trajinv does not know"):
             run_tune(spec, tmp_path)
+
+
+@pytest.mark.parametrize("columns, read", [(("5", "7", "3"), 3.0), (("5", "7", ""), 7.0), (("5", "", ""), 5.0)])
+def test_the_regime_reads_the_summarys_regime_statistic_then_older_columns(tmp_path, columns, read):
+    # b_precond_regime (read before an annealing lr's tail); a summary written before it has the robust
+    # statistic at the run's end, an older one only the smoothed b_precond
+    from trajinv.tune.runner import _outcomes
+    from trajinv.tune.search import Point, Stage
+
+    row = dict(zip(("b_precond", "b_precond_robust", "b_precond_regime"), columns),
+               run_id="bs8", member="0", lr="0.01", wd="0.5", final_val_loss="2.0", status="done")
+    outcomes, b = _outcomes(Stage("1-scan", "scan", (Point(0.01, 0.5),)), [row], tmp_path, chance=5.0)
+    assert outcomes[0].loss == 2.0 and b == [read]

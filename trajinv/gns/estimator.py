@@ -95,6 +95,16 @@ B_precond is therefore decided by a robust statistic, `b_precond_robust`:
 the ratio by the rule above). The window restarts with the W-weighted EMAs when W
 switches, so it never mixes W = 1 with Adam's W. Fewer than half of the window's steps
 spiking cannot move it.
+
+The trainer reads that statistic for the regime (`b_precond_regime`, the summary's
+`batch_regime` label, the tune's regime) at the last measured step whose scheduled lr
+is at least REGIME_LR_FRACTION of its peak, not at the last step. A schedule that anneals
+the lr toward 0 at its end (WSD's decay, cosine's tail) drives |G|_W toward its floor
+while the noise stays, so B_precond climbs there: in the demo's first scan (WSD, 800
+steps) the members' median was 80 at the end of the stable phase and 458 at the last
+step. The question the regime asks is whether the batch is small against the noise
+while the run trains (B_precond > B "throughout", in the paper's words), which the
+anneal does not answer. A constant schedule reads it at the last step, as before.
 """
 
 from __future__ import annotations
@@ -114,6 +124,9 @@ _WEIGHTED = ("g2_w", "tr_w_sigma")
 _ROWS = _PLAIN + _WEIGHTED
 REGIME_WINDOW = 32
 """Measured steps over which `b_precond_robust` takes its medians (module doc, "The regime")."""
+REGIME_LR_FRACTION = 0.5
+"""The regime's B_precond is read at the last measured step with lr >= this fraction of the peak
+(module doc, "The regime"): before an annealing schedule's tail inflates it."""
 
 
 def precond_active(step: int, cfg: GNSConfig) -> bool:

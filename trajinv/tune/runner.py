@@ -234,9 +234,11 @@ def _outcomes(stage: Stage, rows: list[dict], directory: Path, chance: float, do
         loss = row.get("final_val_loss")
         ok = row.get("status") == "done" and loss is not None and math.isfinite(float(loss)) and float(loss) < chance
         out.append(Outcome(p, float(loss) if ok else None, se.get((row["run_id"], int(row["member"])), 0.0)))
-        # the robust statistic, as the summary's batch_regime label (an EMA can be carried off by one spike);
-        # the smoothed one where a run predates it
-        b = row.get("b_precond_robust") if row.get("b_precond_robust") not in (None, "") else row.get("b_precond")
+        # the summary's batch_regime statistic: robust (an EMA can be carried off by one spike), read before an
+        # annealing lr's tail (trajinv.gns.estimator, "The regime"); where a run predates it, the robust one
+        # at its end, then the smoothed one
+        b = next((row[k] for k in ("b_precond_regime", "b_precond_robust", "b_precond")
+                  if row.get(k) not in (None, "")), None)
         if ok and b not in (None, "") and math.isfinite(float(b)):
             bp.append(float(b))
     return tuple(out), bp
