@@ -447,3 +447,36 @@ def test_the_check_line_is_fitted_on_its_own_spacing(tmp_path):
     (root / TUNE_RESULT).write_text(json.dumps(data))
     o = load_budget(root, n_boot=50)
     assert math.log2(o.lr / _optimum(2)[0]) == pytest.approx(0, abs=0.05)
+
+
+def _with_setting(root, tune: bool = False, **schedule):
+    """Give a synthetic sweep (spec.json) or tune (tune_spec.json) the training setting it was made with."""
+    from trajinv.config import DataConfig, ScheduleConfig, TrainConfig, to_dict
+    from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC
+
+    seed = schedule.pop("seed", 0)
+    train = to_dict(TrainConfig(schedule=ScheduleConfig(**schedule), seed=seed))
+    (root / (TUNE_SPEC if tune else SWEEP_SPEC)).write_text(json.dumps({"train": train, "data": to_dict(DataConfig())}))
+    return root
+
+
+@pytest.mark.parametrize("make, tune", [(_sweep_dir, False), (_tune_dir, True)])
+def test_fit_refuses_budgets_trained_otherwise_and_takes_other_seeds_and_warmups(tmp_path, make, tune):
+    # a constant-lr sweep beside WSD tunes moved the fitted lr exponent from -0.10 to +0.11 in a QA run, unsaid
+    dirs = [_with_setting(make(tmp_path / f"b{s}", s), tune, kind="wsd", warmup=10 * s, seed=s) for s in STEPS]
+    assert fit_directories(dirs).fits["wd"].b == pytest.approx(-0.5, abs=0.05)
+    _with_setting(dirs[1], tune, kind="constant")
+    with pytest.raises(ValueError, match=r'^a budget study varies the budget only, but schedule.kind: "wsd" in b1, '
+                                         r'"constant" in b2; fit directories trained alike'):
+        fit_directories(dirs)
+    out = tmp_path / "fit"
+    result = CliRunner().invoke(cli.main, ["fit", *map(str, dirs), "--out", str(out)])
+    assert result.exit_code == 1 and "schedule.kind" in result.output and not out.exists()
+
+
+def test_fit_refuses_tunes_at_two_batch_sizes(tmp_path):
+    dirs = [_tune_dir(tmp_path / f"b{s}", s) for s in STEPS]
+    for summary in (dirs[2] / "stages").glob("*/summary.csv"):
+        summary.write_text(summary.read_text().replace(",32,", ",64,"))
+    with pytest.raises(ValueError, match=r'batch_size: "32" in b1, "64" in b4'):
+        fit_directories(dirs)

@@ -70,8 +70,52 @@ def load_budget(directory: str | Path, n_boot: int = 2000, seed: int = 0,
 
 def fit_directories(directories, target_tokens: float | None = None,
                     batch_size: str | int | None = None) -> ScalingReport:
-    """`fit_scaling` over the optima of tune or sweep directories at several budgets (at `batch_size`)."""
-    return fit_scaling([load_budget(d, batch_size=batch_size) for d in directories], target_tokens=target_tokens)
+    """`fit_scaling` over the optima of tune or sweep directories at several budgets (at `batch_size`).
+
+    The directories must differ in their budget only: one model, corpus, optimizer, lr schedule
+    (its warmup aside) and batch size (`study_setting`); a constant-lr sweep beside WSD tunes
+    moved the fitted lr exponent from -0.10 to +0.11, with no word. Seeds may differ (they add
+    noise, not a bias)."""
+    optima = [load_budget(d, batch_size=batch_size) for d in directories]
+    first, setting = directories[0], study_setting(directories[0], batch_size)
+    for d in directories[1:]:
+        other = study_setting(d, batch_size)
+        # a name one directory does not record (a `trajinv train` folder has no data section) is not compared
+        differs = "; ".join(f"{k}: {json.dumps(setting[k])} in {Path(first).name}, {json.dumps(other[k])} in "
+                            f"{Path(d).name}" for k in sorted(setting.keys() & other.keys()) if setting[k] != other[k])
+        if differs:
+            raise ValueError(f"a budget study varies the budget only, but {differs}; fit directories trained "
+                             "alike (warmup and seed may differ)")
+    return fit_scaling(optima, target_tokens=target_tokens)
+
+
+def study_setting(directory: str | Path, batch_size: str | int | None = None) -> dict[str, object]:
+    """What a budget study holds fixed, as dotted names -> values: the model, the corpus, the optimizer's
+    settings (not its implementation), the lr schedule but its warmup, and the batch size (the one
+    `batch_size` selects from a sweep). Empty parts where the directory does not record them."""
+    root = Path(directory)
+    if (root / TUNE_RESULT).is_file():
+        spec = {}
+        if (root / TUNE_SPEC).is_file():
+            try:
+                spec = json.loads((root / TUNE_SPEC).read_text())
+            except (ValueError, UnicodeDecodeError):
+                raise ValueError(f"{root / TUNE_SPEC} is not valid JSON") from None
+        batch = _batch_sizes(_tune_rows(root, json.loads((root / TUNE_RESULT).read_text())["stages"]))
+    else:
+        spec = _spec(root) or {"train": (latest_meta(root) or {}).get("config")}
+        batch = _batch_sizes(_one_batch_size(load_summary(root), root, batch_size))
+    train = spec.get("train") or {}
+    parts = {"model": train.get("model"), "data": spec.get("data"), "optim": train.get("optim"),
+             "schedule": train.get("schedule")}
+    # where files live, a seed nothing reads, which kernels, warmup, the vocabulary (the tokenizer's, filled in)
+    leave = {"data.cache_dir", "data.seed", "optim.name", "schedule.warmup", "model.vocab_size"}
+    flat = {"batch_size": ",".join(batch)}
+    for part, values in parts.items():
+        for key, value in (values or {}).items():
+            if f"{part}.{key}" not in leave:
+                flat[f"{part}.{key}"] = value
+    return flat
 
 
 def write_scaling(report: ScalingReport, out: str | Path) -> list[Path]:
@@ -116,8 +160,7 @@ def _from_tune(root: Path, n_boot: int, seed: int, batch_size: str | int | None 
     stages = data["stages"]
     # a stage whose every point was untrainable (lr*wd >= 1) trained nothing: no directory (tune.json from
     # before that gave one that was never made, hence the file check)
-    rows = [r for s in stages if s.get("directory") and (root / s["directory"] / "summary.csv").is_file()
-            for r in load_summary(root / s["directory"])]
+    rows = _tune_rows(root, stages)
     if batch_size is not None and (found := _batch_sizes(rows)) != [_bs(batch_size)]:
         raise ValueError(f"the tune in {root} trained at batch size {', '.join(found)}, not {_bs(batch_size)} "
                          "(--batch-size)")
@@ -242,6 +285,12 @@ def _budget(rows: list[dict], root: Path) -> tuple[float, int]:
 def _bs(value) -> str:
     """A batch size or schedule as text to compare: summary.csv reads '32' as the number 32."""
     return "?" if value is None else str(value).replace(" ", "")
+
+
+def _tune_rows(root: Path, stages: list[dict]) -> list[dict]:
+    """The summary rows of a tune's stages."""
+    return [r for s in stages if s.get("directory") and (root / s["directory"] / "summary.csv").is_file()
+            for r in load_summary(root / s["directory"])]
 
 
 def _batch_sizes(rows: list[dict]) -> list[str]:
