@@ -114,3 +114,50 @@ def test_bad_batch_schedule(bad):
 def test_bad_schedule_config():
     with pytest.raises(ValueError, match="linear"):
         ScheduleConfig("linear").validate()
+
+
+def test_wsd_decays_to_min_ratio():
+    cfg = ScheduleConfig("wsd", warmup=0, decay_fraction=0.2, min_ratio=0.1)
+    m = [lr_multiplier(s, 100, cfg) for s in range(100)]
+    assert m[:80] == [1.0] * 80
+    assert m[80] == pytest.approx(1 - 0.9 / 20) and m[99] == pytest.approx(0.1)
+
+
+def test_wsd_decay_length_rounds_to_nearest_step():
+    # 0.17 * 10 = 1.7 -> 2 decay steps; 0.13 * 10 = 1.3 -> 1 decay step
+    assert ScheduleConfig("wsd", decay_fraction=0.17).decay_steps(10) == 2
+    assert ScheduleConfig("wsd", decay_fraction=0.13).decay_steps(10) == 1
+    m = [lr_multiplier(s, 10, ScheduleConfig("wsd", warmup=0, decay_fraction=0.17)) for s in range(10)]
+    assert m == pytest.approx([1.0] * 8 + [0.5, 0.0])
+
+
+def test_plan_at_its_own_step_count_is_a_value_error():
+    plan = BatchSchedule.parse("2@0.5,4").plan_for_tokens(160, 16)  # 3x2,1x4
+    assert plan.at(plan.steps - 1) == 4
+    with pytest.raises(ValueError, match="step 4 is outside"):
+        plan.at(plan.steps)
+
+
+def test_a_zero_switch_fraction_is_refused_at_parse_time():
+    with pytest.raises(ValueError, match="increase inside"):
+        BatchSchedule.parse("8@0,32")
+
+
+def test_plan_for_steps_at_one_token_per_step():
+    # size 1, context 1: a step is one token, the bisection's upper bound is tight
+    assert BatchSchedule.parse("1").plan_for_steps(5, 1).counts == (5,)
+    assert BatchSchedule.parse("1@0.5,1").plan_for_steps(6, 1).counts == (3, 3)
+
+
+def test_bool_is_not_a_step_or_token_count():
+    for call in (lambda: BatchSchedule.parse("8").plan_for_steps(True, 64),
+                 lambda: BatchSchedule.parse("8").plan_for_tokens(True, 64),
+                 lambda: BatchSchedule.parse("8").plan_for_tokens(512, True)):
+        with pytest.raises(ValueError, match="positive integer, got True"):
+            call()
+
+
+def test_decreasing_sizes_that_the_bisection_cannot_hit_are_an_error():
+    bs = BatchSchedule.parse("2@0.6,8@0.7,2")
+    with pytest.raises(ValueError, match="exactly 7 steps"):
+        bs.plan_for_steps(7, 1)

@@ -432,3 +432,104 @@ def test_the_early_position_on_a_tokens_axis_is_one_every_member_has_reached():
     first_large = 50 * 256 * 64
     assert early >= first_large and late == 1000 * 32 * 64  # the last position both reached
     assert default_steps(curves(make_records(blended)).values(), x="tokens")[0] < first_large  # one batch: as before
+
+
+def _recs(table, boots=None, schedule="32", run_id="r"):
+    """Records from {(lr, wd): {step: value}}; boots: {(lr, wd): {step: (B,) array}}."""
+    recs = []
+    for m, ((lr, wd), by_step) in enumerate(table.items()):
+        for s, v in by_step.items():
+            r = {"run_id": run_id, "member": m, "name": f"lr={lr:g},wd={wd:g}", "step": s,
+                 "tokens": s * int(schedule) * 64, "base_lr": lr, "wd": wd, "elr": lr * wd,
+                 "batch_size": int(schedule), "batch_schedule": schedule, "train_loss": v, "val_loss": v}
+            if boots is not None:
+                r["val_loss_boot"] = [float(x) for x in boots[lr, wd][s]]
+            recs.append(r)
+    return recs
+
+
+def _grid(loss, steps, lrs=(2e-3, 4e-3, 8e-3), wds=(0.05, 0.1, 0.2)):
+    return _recs({(lr, wd): {s: loss(lr, wd, s) for s in steps} for lr in lrs for wd in wds})
+
+
+def _f(x):
+    return 2.0 + 3.0 * math.exp(-x)
+
+
+def _g(y):
+    return 1.5 + math.exp(-y)
+
+
+# ----------------------------------------------------------------- invariance.py
+
+
+def test_early_step_tie_goes_to_the_earlier_step():
+    # late 1000: 10% is 100, equally far from the logged steps 50 and 150
+    rep = invariance_report(_grid(lambda lr, wd, s: _f(lr * s), steps=(0, 50, 150, 1000)))
+    assert (rep.early_step, rep.late_step) == (50, 1000)
+
+
+def test_transition_is_where_elr_stays_below_not_where_it_first_dips():
+    def loss(lr, wd, s):  # ELR-invariant on [100, 200), LR-invariant on [200, 300), ELR-invariant from 300
+        return _g(lr * wd * s) if 100 <= s < 200 or s >= 300 else _f(lr * s)
+
+    recs = _grid(loss, steps=range(0, 501, 50))
+    assert transition_step(recs) == 300
+    assert invariance_report(recs).transition_step == 300
+
+
+def test_a_group_with_one_value_at_a_position_drops_out_of_the_means():
+    """Member (0.02, 1.0) stopped logging at step 50: at step 100 its groups have one value, no spread,
+    and the kind's mean spread and its SE come from the other groups alone."""
+    rng = np.random.default_rng(0)
+    table = {(0.01, 1.0): {10: 3.0, 50: 2.5, 100: 2.0}, (0.01, 2.0): {10: 3.1, 50: 2.4, 100: 1.8},
+             (0.02, 0.5): {10: 2.5, 50: 2.3, 100: 2.05}, (0.02, 1.0): {10: 2.6, 50: 2.2}}
+    boots = {k: {s: v + rng.normal(0, 0.01, 8) for s, v in by.items()} for k, by in table.items()}
+    rep = invariance_report(_recs(table, boots), early_step=10, late_step=100)
+    lr_late = [g for g in rep.groups if g.kind == "LR"]
+    assert [g.value for g in lr_late] == [0.01, 0.02]
+    assert lr_late[0].late == pytest.approx(0.2) and math.isnan(lr_late[1].late)
+    assert rep.iso_lr_late == pytest.approx(0.2)  # not mean(0.2, 0)
+    assert rep.iso_elr_late == pytest.approx(0.05)  # elr 0.01: |2.0 - 2.05|; elr 0.02 has one value
+    want_se = np.std(np.abs(boots[0.01, 1.0][100] - boots[0.01, 2.0][100]), ddof=1)
+    assert rep.iso_lr_late_se == pytest.approx(want_se)
+
+
+def test_difference_se_is_paired_and_taken_at_its_own_position():
+    rng = np.random.default_rng(1)
+    values = {(0.01, 1.0): 3.0, (0.01, 2.0): 3.02, (0.02, 1.0): 3.05}  # LR spread 0.02, ELR spread 0.03
+    noise = {10: 1e-4, 100: 0.05}  # tiny noise early, large late
+    shared = {s: rng.normal(0, 0.3, 16) for s in noise}
+    table = {k: {s: v for s in noise} for k, v in values.items()}
+    boots = {k: {s: v + shared[s] + rng.normal(0, noise[s], 16) for s in noise} for k, v in values.items()}
+    rep = invariance_report(_recs(table, boots), early_step=10, late_step=100)
+    for s, diff_se, flag in ((10, rep.difference_early_se, rep.within_noise_early),
+                             (100, rep.difference_late_se, rep.within_noise_late)):
+        b = [boots[k][s] for k in values]
+        lr_b, elr_b = np.abs(b[0] - b[1]), np.abs(b[1] - b[2])
+        want = np.std(lr_b - elr_b, ddof=1)
+        assert diff_se == pytest.approx(want, rel=1e-9)
+        assert flag == bool(abs((3.02 - 3.0) - (3.05 - 3.02)) <= 2.0 * want)
+    assert rep.within_noise_early is False and rep.within_noise_late is True
+
+
+def test_spreads_equal_up_to_rounding_are_a_tie():
+    # |0.3 - 0.2| = 0.09999999999999998 and |0.2 - 0.1| = 0.1 in floating point
+    table = {(0.01, 1.0): {10: 0.3, 20: 0.3}, (0.01, 2.0): {10: 0.2, 20: 0.2}, (0.02, 1.0): {10: 0.1, 20: 0.1}}
+    rep = invariance_report(_recs(table), early_step=10, late_step=20)
+    assert rep.iso_lr_late != rep.iso_elr_late
+    assert (rep.verdict_early, rep.verdict_late) == ("tie", "tie")
+
+
+def test_groups_are_listed_by_schedule_whatever_the_record_order():
+    def pop(schedule, run_id):
+        return _recs({(lr, wd): {10: 3.0 + wd, 20: 2.0 + wd} for lr in (0.01, 0.02) for wd in (0.5, 1.0)},
+                     schedule=schedule, run_id=run_id)
+    # run ids sort the other way round: the batch-64 population is run "a", the batch-32 one run "b"
+    a = invariance_report(pop("64", "a") + pop("32", "b"), early_step=10, late_step=20)
+    b = invariance_report(pop("32", "b") + pop("64", "a"), early_step=10, late_step=20)
+    assert [g.batch_schedule for g in a.groups if g.kind == "LR"] == ["32", "32", "64", "64"]
+    assert a.to_dict()["groups"] == b.to_dict()["groups"]
+
+
+# ------------------------------------------------------------------- spreads.py

@@ -57,3 +57,37 @@ def test_missing_values_and_resamples():
     assert mean_boot([np.ones(3), None]) is None and mean_boot([np.ones(3), np.zeros(3)]).tolist() == [0.5] * 3
     assert math.isnan(se(None)) and math.isnan(se(np.array([1.0])))
     assert within_noise(0.1, 0.05) is (0.1 <= NOISE_Z * 0.05) and within_noise(math.nan, 1.0) is None
+
+
+def test_per_octave_of_decimal_wds_whose_log2_ratio_is_not_exactly_one():
+    assert np.log2(0.11) - np.log2(0.055) < 1 < np.log2(0.1) - np.log2(0.05)  # float rounding, both ways
+    assert float(per_octave((0.055, 0.11), np.array([1.0, 1.3]))) == pytest.approx(0.3)
+    assert float(per_octave((0.05, 0.1), np.array([1.0, 1.3]))) == pytest.approx(0.3)
+    assert float(per_octave((0.055, 0.11, 0.22), np.array([1.0, 1.3, 1.2]))) == pytest.approx(0.2)
+
+
+def test_within_noise_is_two_standard_errors():
+    assert within_noise(0.099, 0.05) is True   # 1.98 SE: within noise at NOISE_Z = 2
+    assert within_noise(0.101, 0.05) is False
+
+
+def test_pair_se_is_that_of_the_highest_and_lowest_member_not_the_ends():
+    rng = np.random.default_rng(2)
+    boot = [2.0 + rng.normal(0, s, 32) for s in (0.01, 0.2, 0.05)]
+    st = group_stats((1, 2, 4), [2.5, 2.0, 3.0], boot)  # lowest: the middle member; highest: the last
+    assert st.pair_se == pytest.approx(np.std(boot[2] - boot[1], ddof=1))
+
+
+def test_resamples_of_unequal_counts_give_no_uncertainty_rather_than_an_error():
+    st = group_stats((1, 2), [2.0, 2.1], [np.zeros(4), np.zeros(8)])
+    assert st.spread == pytest.approx(0.1) and st.spread_boot is None and math.isnan(st.spread_se)
+    assert mean_boot([np.ones(4), np.ones(8)]) is None
+
+
+def test_se_ignores_non_finite_resamples():
+    assert se(np.array([1.0, 2.0, np.nan, 3.0, np.inf])) == pytest.approx(1.0)
+
+
+def test_mean_boot_is_the_mean_per_resample():
+    out = mean_boot([np.zeros(2), np.zeros(2), np.array([3.0, 6.0])])
+    assert out.tolist() == [1.0, 2.0]

@@ -26,6 +26,7 @@ from trajinv.gns import (
     precond_active,
     small_big_estimates,
 )
+from trajinv.gns.estimator import REGIME_WINDOW
 
 D = 50
 TRIALS = 2000
@@ -343,3 +344,66 @@ def test_config_defaults_and_off_mode() -> None:
         GNSTracker(2, cfg)
     with pytest.raises(ValueError, match="members.*0"):
         GNSTracker(0, GNSConfig(mode="micro-batch"))
+
+
+def test_weighted_outputs_come_from_the_weighted_inputs():
+    """grad_norm_w and raw b_precond must use the W inputs, not the unweighted ones."""
+    tracker = GNSTracker(2, GNSConfig(mode="micro-batch", precond_warmup=1))
+    small_1, big_1 = torch.tensor([4.0, 6.0], dtype=torch.float64), torch.tensor([1.0, 2.0], dtype=torch.float64)
+    small_w, big_w = torch.tensor([3.0, 1.5], dtype=torch.float64), torch.tensor([1.0, 0.5], dtype=torch.float64)
+    out = tracker.update(3, small_w, big_w, small_1, big_1, 4, 16)
+    g2_w, tr_w = small_big_estimates(small_w, big_w, 4, 16)
+    g2_1, tr_1 = small_big_estimates(small_1, big_1, 4, 16)
+    assert (g2_w > 0).all() and (tr_w > 0).all() and not torch.allclose(tr_w / g2_w, tr_1 / g2_1)
+    torch.testing.assert_close(out["grad_norm_w"], big_w.sqrt())
+    torch.testing.assert_close(out["grad_norm"], big_1.sqrt())
+    torch.testing.assert_close(out["b_precond"], noise_scale(tr_w, g2_w))
+    torch.testing.assert_close(out["b_precond_smooth"], noise_scale(tr_w, g2_w))  # first step: EMA = raw
+    torch.testing.assert_close(out["b_precond_robust"], noise_scale(tr_w, g2_w))
+
+
+@pytest.mark.parametrize("small_w, big_w", [(4e307, 0.0),      # tr(W Sigma) overflows, |G|_W^2 finite
+                                            (1e308, 1e308)])   # |G|_W^2 overflows (nan), tr(W Sigma) = 0
+def test_weighted_numerator_and_denominator_skip_together_when_only_w_overflows(small_w, big_w):
+    tracker = GNSTracker(1, GNSConfig(mode="micro-batch", ema=0.5))
+    one = lambda x: torch.tensor([x], dtype=torch.float64)
+    tracker.update(0, one(3.0), one(1.0), one(3.0), one(1.0), 4, 16, preconditioned=True)
+    out = tracker.update(1, one(small_w), one(big_w), one(3.0), one(1.0), 4, 16, preconditioned=True)
+    assert not (math.isfinite(out["g2_w"][0]) and math.isfinite(out["tr_w_sigma"][0]))
+    state = tracker.state_dict()
+    assert state["g2.count"].tolist() == state["tr_sigma.count"].tolist() == [2.0]  # plain inputs were fine
+    assert state["g2_w.count"].tolist() == state["tr_w_sigma.count"].tolist() == [1.0]
+    g2, tr = small_big_estimates(one(3.0), one(1.0), 4, 16)
+    assert out["b_precond_smooth"][0] == pytest.approx(float(tr / g2))
+
+
+def _feed(tracker, step, tr, g2=1.0, b_small=4, b_big=16):
+    small = torch.tensor([g2 + tr / b_small], dtype=torch.float64)
+    big = torch.tensor([g2 + tr / b_big], dtype=torch.float64)
+    return tracker.update(step, small, big, small, big, b_small, b_big, preconditioned=True)
+
+
+def test_robust_statistic_is_the_true_median_over_an_even_window():
+    tracker = GNSTracker(1, GNSConfig(mode="micro-batch"))
+    _feed(tracker, 0, tr=10.0)
+    out = _feed(tracker, 1, tr=30.0)
+    assert out["b_precond_robust"][0] == pytest.approx(20.0)  # median of (10, 30), not 10 or 30
+
+
+def test_regime_window_is_32_steps_and_keeps_rolling():
+    """README: the regime is the median over the last 32 measured steps."""
+    assert REGIME_WINDOW == 32
+    tracker = GNSTracker(1, GNSConfig(mode="micro-batch"))
+    step = 0
+    for tr in [10.0] * 18 + [30.0] * 14:  # 32 steps: 18 of 10, 14 of 30 -> median 10
+        out = _feed(tracker, step, tr)
+        step += 1
+    assert out["b_precond_robust"][0] == pytest.approx(10.0)
+    for _ in range(40):  # 40 more steps at 30: every early step has left the window
+        out = _feed(tracker, step, 30.0)
+        step += 1
+    assert out["b_precond_robust"][0] == pytest.approx(30.0)
+    for _ in range(20):  # and back: 20 of the last 32 at 10
+        out = _feed(tracker, step, 10.0)
+        step += 1
+    assert out["b_precond_robust"][0] == pytest.approx(10.0)

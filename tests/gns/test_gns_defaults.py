@@ -131,3 +131,30 @@ def test_trainer_summary_labels_the_regime_from_the_robust_statistic(tiny_data, 
     robust = tr.gns.tracker.robust()[0]
     assert res[0].extra["b_precond_robust"] == pytest.approx(robust)
     assert res[0].extra["batch_regime"] == ("small" if 8 < robust else "large")
+
+
+def test_meter_stays_on_the_identity_while_the_optimizer_has_no_state():
+    """A measured step past precond_warmup whose optimizer has no W yet (None, or an entry
+    missing) must be measured and labelled under W = 1, not as preconditioned."""
+    from trajinv.config import ModelConfig
+    from trajinv.gns.meter import GNSMeter
+    from trajinv.model import GPT
+    from trajinv.optim.population import ParamStats
+
+    model = GPT(ModelConfig(d_model=32, n_layers=1, n_heads=2, context=16, vocab_size=64), members=2)
+    shapes = dict(model.named_parameters())
+    meter = GNSMeter(shapes, 2, GNSConfig(mode="micro-batch", precond_warmup=1), model.probes)
+    names = meter.covered
+    gen = torch.Generator().manual_seed(0)
+    partial = {names[0]: torch.ones(shapes[names[0]].shape)}  # one tensor has state, the others none
+    for ws in (None, partial):
+        assert meter.begin_step(3, ws)
+        assert meter.preconditioned is False and all(w is None for w in meter.W.values())
+        for _ in range(2):
+            meter.accumulate({n: torch.randn(shapes[n].shape, generator=gen) for n in names})
+        acc = meter.accumulated()
+        table = torch.stack([torch.stack([(acc[n] ** 2).flatten(1).sum(1), (acc[n] ** 2).flatten(1).sum(1),
+                                          torch.zeros(2), torch.zeros(2)]) for n in names])
+        out = meter.end_step(3, batch_size=8, micro=4, stats=ParamStats(names, table))
+        assert out["w_identity"].all()
+        torch.testing.assert_close(out["tr_w_sigma"], out["tr_sigma"])
