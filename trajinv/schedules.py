@@ -159,7 +159,8 @@ class BatchSchedule:
 
         Found by bisection for the smallest budget with more steps, minus one token.
         When sizes never decrease the step count grows with T one step at a time, so T
-        always exists; a schedule whose sizes decrease can skip a step count: an error."""
+        always exists. Where sizes decrease the step count is not monotone in T: the bisection
+        may miss a budget that exists, so such a schedule is an error unless it lands."""
         steps, context = _positive_int("steps", steps), _positive_int("context", context)
         lo, hi = 0, steps * max(self.sizes) * context + 1  # sum(counts(hi)) > steps: each step trains <= max
         while hi - lo > 1:
@@ -170,8 +171,9 @@ class BatchSchedule:
                 lo = mid
         counts = self._counts(hi - 1, context) if hi > 1 else []
         if sum(counts) != steps:
-            raise ValueError(f"batch-size schedule '{self}' has no token budget giving exactly {steps} steps; "
-                             "use a token budget instead")
+            raise ValueError(f"batch-size schedule '{self}' (its sizes decrease, so its step count does not grow with "
+                             f"the token budget) was not solved for exactly {steps} steps; give a token budget "
+                             "(--tokens) instead")
         for i, n in enumerate(counts):
             if n == 0:
                 raise ValueError(f"{steps} steps are too few for batch-size schedule '{self}': "
