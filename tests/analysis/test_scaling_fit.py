@@ -182,6 +182,7 @@ def test_fit_scaling_refusals_name_the_bad_value():
     edge = optimum(2.0**30, 1e-3, 0.1, source="big-run", at_edge=True, edge_axes=("wd",))
     msg = one_line_error(lambda: fit_scaling(opts + [edge]))
     assert "big-run" in msg and "along wd" in msg
+    assert "(a tune: tune again in a new --out whose scan or --check-factor values reach past it)" in msg
 
 
 def test_claims_hold_on_the_papers_scaling():

@@ -210,6 +210,22 @@ def test_noise_floor_decides_the_check(tilt, rescans):
     assert spread == pytest.approx(4 * tilt, rel=1e-3)
 
 
+@pytest.mark.parametrize("tilt, side", [(0.001, "lower"), (-0.001, "upper"), (0.0, None)])
+def test_a_recommendation_at_an_end_of_the_check_line_says_the_optimum_may_lie_beyond(tilt, side):
+    # within noise, the check member at lr x 1/4 (or x 4) scored lowest and is recommended; nothing explores a
+    # check line, so the tune says so (a QA run's tune recommended its smallest wd tried, unsaid)
+    result = simulate(SearchConfig(noise=0.01), lr_tilted(tilt))
+    assert result.invariant_check.within_noise
+    said = [n for n in result.notes if "end of the invariant check's line" in n]
+    if side is None:  # the checked point wins the tie: inside the line, no note
+        assert result.best.lr == LR and not said
+        return
+    assert result.best.lr == pytest.approx(LR * (0.25 if side == "lower" else 4.0))
+    assert said == [f"the recommendation is at the {side} end of the invariant check's line (lr "
+                    f"{result.best.lr:.4g}): nothing was tried beyond it that way, so the optimum may lie further "
+                    "out (wider --check-factor values reach there)"]
+
+
 @pytest.mark.parametrize("se, stands", [(0.01, True), (0.0, False)])
 def test_standard_errors_set_the_check_threshold(se, stands):
     result = simulate(SearchConfig(max_rescans=0), lr_tilted(0.005, se))

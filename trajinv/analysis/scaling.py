@@ -419,7 +419,8 @@ def _check_optima(optima: Sequence[BudgetOptimum]) -> None:
         if o.at_edge:
             axes = ", ".join(o.edge_axes) or "an unnamed axis"
             raise ValueError(f"the optimum of {o.source!r} (tokens={o.tokens:g}) is at the edge of its sweep "
-                             f"along {axes}; extend the sweep past it before fitting")
+                             f"along {axes}; extend the sweep past it before fitting (a tune: tune again in a "
+                             "new --out whose scan or --check-factor values reach past it)")
 
 
 def fit_scaling(optima: Sequence[BudgetOptimum], target_tokens: float | None = None, n_boot: int = 2000,

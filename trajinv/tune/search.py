@@ -335,6 +335,8 @@ class Search:
         notes = list(self._notes)
         if best is None:
             notes.append("every member diverged: no recommendation")
+        elif self._check is not None:
+            notes.extend(self._end_of_check(best))
         evaluated = [o.point for o in self._seen.values()]
         grid = grid_size([p.lr for p in evaluated], self.cfg.spacing) * grid_size(
             [p.wd for p in evaluated], self.cfg.spacing)
@@ -525,6 +527,21 @@ class Search:
         if len(finite) < 2:
             self._notes.append("only the checked point is finite on its invariant line: invariance not confirmed")
         return InvariantCheck(outcomes, spread, threshold, within)
+
+    def _end_of_check(self, best: Outcome) -> list[str]:
+        """A note when the recommendation is at an end of the invariant check's line: nothing explores a check
+        line (shifts follow the searched one), so the optimum may lie beyond that end, unseen."""
+        along = "lr" if self.cfg.axis == "elr" else "wd"  # what varies along the check line
+        xs = [getattr(o.point, along) for o in self._check.outcomes]
+        x = getattr(best.point, along)
+        if len(xs) < 2 or best.point.key not in {o.point.key for o in self._check.outcomes}:
+            return []
+        if x not in (min(xs), max(xs)):
+            return []
+        side = "upper" if x == max(xs) else "lower"
+        return [f"the recommendation is at the {side} end of the invariant check's line ({along} {x:.4g}): nothing "
+                "was tried beyond it that way, so the optimum may lie further out (wider --check-factor values "
+                "reach there)"]
 
     def _settled(self) -> tuple[_Line, Outcome | None]:
         """The line the search settled on, and its best: the checked line when its check stood (the 1-D
