@@ -176,3 +176,37 @@ def test_a_member_that_ended_no_better_than_a_uniform_guess_is_a_diverged_trial(
     rows = [{"lr": "0.01", "status": "done", "final_val_loss": v} for v in ("2.5", "900.0")]
     assert finished_trials(rows) == [(0.01, 2.5), (0.01, 900.0)]  # without V: a loss like any other
     assert finished_trials(rows, vocab_size=256) == [(0.01, 2.5), (0.01, None)]
+
+
+@needs_opda
+def test_a_stage_varying_one_axis_is_labelled_by_it_and_draws_no_curve_of_one_run():
+    # a tune's lr scan (one wd, one member per lr) was labelled "lr x wd" beside an "ELR line" curve of its one
+    # best member (a QA run); an ELR scan (one lr) drew the same members twice
+    lr_scan = sweep([1e-3, 2e-3, 4e-3, 8e-3], [0.25], lambda lr, wd: 3 + abs(math.log2(lr / 2e-3)))
+    assert {k: c.label for k, c in sweep_tuning_curves(lr_scan).items()} == {"2d": "lr at wd=0.25, 4 trials"}
+    elr_scan = sweep([4e-3], [0.125, 0.25, 0.5], lambda lr, wd: 3 + wd)
+    assert {k: c.label for k, c in sweep_tuning_curves(elr_scan).items()} == {"2d": "ELR line at lr=0.004, 3 trials"}
+
+
+@needs_opda
+def test_the_plot_frames_the_expected_curves_not_bands_that_reach_the_diverged_bound(tmp_path):
+    import unittest.mock
+
+    from matplotlib.figure import Figure
+
+    curves = sweep_tuning_curves(sweep([1e-3, 2e-3], [0.1, 0.2], lambda lr, wd: 3 + 0.01 * lr / 1e-3 + wd / 10),
+                                 vocab_size=256)  # the bands reach ln 256 = 5.5
+    assert max(float(c.upper.max()) for c in curves.values()) > 4.5
+    seen = {}
+    real = Figure.savefig
+
+    def savefig(self, *a, **k):
+        seen["ylim"] = self.axes[0].get_ylim()
+        return real(self, *a, **k)
+
+    with unittest.mock.patch.object(Figure, "savefig", savefig):
+        plot_tuning_curves(curves, tmp_path / "tc.png")
+    lo = min(float(c.expected.min()) for c in curves.values())
+    hi = max(float(c.expected.max()) for c in curves.values())
+    margin = max(0.5 * (hi - lo), 0.01)
+    assert seen["ylim"] == pytest.approx((lo - margin, hi + margin))

@@ -157,8 +157,11 @@ def sweep_tuning_curves(rows: Sequence[dict], ns: Sequence[int] | None = None, c
                         vocab_size: int | None = None) -> dict[str, TuningCurve]:
     """Tuning curves of a sweep's summary rows: "2d" over every member, "1d" along one lr's ELR line.
 
-    "2d" is random search over the lr x wd box; "1d" is random search over the
-    members of a single lr, which is what the 1-D tuner searches once lr is fixed.
+    "2d" is random search over the lr x wd box (its label says which of lr and wd
+    varied: a tune's stage may vary one); "1d" is random search over the members of
+    a single lr, which is what the 1-D tuner searches once lr is fixed, left out
+    when that lr holds fewer than two members (a curve of one run is that run) or
+    every member (it would repeat "2d").
     Its lr is the one with the most members (an iso-lr ELR scan inside a grid has
     more than a grid row), ties going to the lr of the best member: on a full grid
     that is the row through the optimum, the line a tuner that fixed lr well
@@ -174,20 +177,25 @@ def sweep_tuning_curves(rows: Sequence[dict], ns: Sequence[int] | None = None, c
     ns = range(1, len(trials) + 1) if ns is None else ns
     lr = _line_lr(trials)
     line = [v for x, v in trials if x == lr]
-    return {
-        "2d": tuning_curve([v for _, v in trials], ns, lower_bound, upper_bound, confidence,
-                           label=f"lr x wd, {len(trials)} trials"),
-        "1d": tuning_curve(line, ns, lower_bound, upper_bound, confidence,
-                           label=f"ELR line at lr={lr:.3g}, {len(line)} trials"),
-    }
+    finished = [r for r in rows if r.get("status") in ("done", "diverged")]
+    lrs, wds = ({float(r[key]) for r in finished} for key in ("lr", "wd"))
+    box = ("lr x wd" if len(lrs) > 1 and len(wds) > 1 else f"lr at wd={min(wds):.3g}" if len(lrs) > 1
+           else f"ELR line at lr={lr:.3g}")
+    curves = {"2d": tuning_curve([v for _, v in trials], ns, lower_bound, upper_bound, confidence,
+                                 label=f"{box}, {len(trials)} trials")}
+    if 2 <= len(line) < len(trials):
+        curves["1d"] = tuning_curve(line, ns, lower_bound, upper_bound, confidence,
+                                    label=f"ELR line at lr={lr:.3g}, {len(line)} trials")
+    return curves
 
 
 def plot_tuning_curves(curves: dict[str, TuningCurve], out_png: str | Path) -> Path:
     """Expected best loss against trials (log x), one colour per curve with its band shaded.
 
-    The y-axis reaches as far below the best expected loss as the upper bands reach above it;
-    a lower band that sinks further (towards lower_bound, see the module docstring) runs off the
-    bottom rather than squash the curves into a line.
+    The y-axis frames the expected curves, with half their range (at least 0.01 nat) as margin
+    either side: bands wider than that run off the plot rather than squash the curves into lines
+    (with few trials the upper band reaches the diverged bound, ln V: 5 nat above curves 0.05 nat
+    apart; the lower band sinks towards lower_bound past the sample size, module docstring).
     """
     if not curves:
         raise ValueError("plot_tuning_curves needs at least one curve")
@@ -201,8 +209,9 @@ def plot_tuning_curves(curves: dict[str, TuningCurve], out_png: str | Path) -> P
     ax.set(xscale="log", xlabel="random-search trials n", ylabel="expected best validation loss",
            title="tuning curves, bands " + ", ".join(f"{p:.0%}" for p in sorted(confidence)))
     best = min(float(c.expected.min()) for c in curves.values())
-    top = max(float(c.upper.max()) for c in curves.values())
-    ax.set_ylim(best - (top - best) - 1e-9, top + 0.05 * (top - best) + 1e-9)  # 1e-9: a flat curve still has a range
+    top = max(float(c.expected.max()) for c in curves.values())
+    margin = max(0.5 * (top - best), 0.01)
+    ax.set_ylim(best - margin, top + margin)
     ax.legend()
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
