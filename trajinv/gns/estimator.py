@@ -101,8 +101,8 @@ The trainer reads that statistic for the regime (`b_precond_regime`, the summary
 is at least REGIME_LR_FRACTION of its peak, not at the last step. A schedule that anneals
 the lr toward 0 at its end (WSD's decay, cosine's tail) drives |G|_W toward its floor
 while the noise stays, so B_precond climbs there: in the demo's first scan (WSD, 800
-steps) the members' median was 80 at the end of the stable phase and 458 at the last
-step. The question the regime asks is whether the batch is small against the noise
+steps) the members' median was 80 as the decay began, 144 with the lr at half its peak
+(what the regime reads) and 458 at the last step. The question the regime asks is whether the batch is small against the noise
 while the run trains (B_precond > B "throughout", in the paper's words), which the
 anneal does not answer. A constant schedule reads it at the last step, as before.
 """
