@@ -480,3 +480,14 @@ def test_fit_refuses_tunes_at_two_batch_sizes(tmp_path):
         summary.write_text(summary.read_text().replace(",32,", ",64,"))
     with pytest.raises(ValueError, match=r'batch_size: "32" in b1, "64" in b4'):
         fit_directories(dirs)
+
+
+def test_load_budget_names_a_path_that_does_not_exist_or_is_not_a_directory(tmp_path):
+    # all three said "holds neither a tune nor a sweep", a puzzle for a mistyped path
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for name, said in (("nope", "does not exist"), ("afile", "is a file, not a tune or sweep directory"),
+                       ("empty", "holds neither a tune (tune.json) nor a sweep (summary.csv)")):
+        with pytest.raises(FileNotFoundError) as info:
+            load_budget(tmp_path / name)
+        assert str(info.value) == f"{str(tmp_path / name)!r} {said}"

@@ -244,6 +244,21 @@ def test_plot_writes_a_png_atomically(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["s.png"]  # no temporary file left behind
 
 
+def test_plot_labels_the_budgets_and_target_not_the_minor_ticks(tmp_path, monkeypatch):
+    # under a decade of tokens matplotlib labelled the minor ticks too, and 3x10^5 4x10^5 ... ran together
+    from matplotlib.figure import Figure
+
+    opts = [optimum(t, 1e-3 * (t / 4e5) ** 0.05, 0.1 * (t / 4e5) ** -0.5) for t in (4e5, 6e5, 9e5)]
+    seen = []
+    real = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (seen.extend(self.axes), real(self, *a, **k))[1])
+    plot_scaling(fit_scaling(opts, target_tokens=4e6), tmp_path / "s.png")
+    assert len(seen) == 3
+    for ax in seen:
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["400k", "600k", "900k", "4M"]
+        assert not any(t.get_text() for t in ax.xaxis.get_minorticklabels())
+
+
 def test_predictions_far_outside_the_fitted_budgets_or_untrainable_come_with_a_caution():
     opts = scaling_optima(0.0, -0.5)  # budgets 2^20 .. 2^28 tokens
     assert fit_scaling(opts, target_tokens=2.0**26).caveats() == [] and fit_scaling(opts).caveats() == []

@@ -76,6 +76,13 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     if run.result.axis == "lr":  # the lr panel shows the ELR scan's member it read on its line (the centre)
         labels = [t.get_text() for ax in build_curve_figure(run).axes if ax.get_legend() for t in ax.get_legend().texts]
         assert "first ELR scan (read, not retrained)" in labels
+    # the title speaks of dotted lines only when a member diverged (it always did)
+    assert all(o.finite for sr in run.stages for o in sr.outcomes)
+    assert build_curve_figure(run).get_suptitle() == "trajinv tune"
+    first = run.stages[0]
+    lost = replace(first, outcomes=(replace(first.outcomes[0], loss=None), *first.outcomes[1:]))
+    assert build_curve_figure(replace(run, stages=(lost, *run.stages[1:]))).get_suptitle() == (
+        "trajinv tune (dotted lines: diverged members)")
 
 
 def test_a_budget_that_keeps_the_search_on_elr_says_so_in_the_regime_line(tmp_path, tiny_data):

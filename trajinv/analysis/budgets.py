@@ -65,6 +65,9 @@ def load_budget(directory: str | Path, n_boot: int = 2000, seed: int = 0,
         tune = root.parent.name == "stages" and (root.parent.parent / TUNE_SPEC).is_file()  # a tune's stage
         raise ValueError(f"the sweep in {str(root)!r} has not finished a population yet (no summary.csv): rerun "
                          f"its `trajinv {'tune' if tune else 'sweep'}` command to finish it")
+    if not root.is_dir():
+        raise FileNotFoundError(f"{str(root)!r} does not exist" if not root.exists() else
+                                f"{str(root)!r} is a file, not a tune or sweep directory")
     raise FileNotFoundError(f"{str(root)!r} holds neither a tune ({TUNE_RESULT}) nor a sweep (summary.csv)")
 
 

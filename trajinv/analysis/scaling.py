@@ -52,6 +52,7 @@ from typing import Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from trajinv.atomic import atomic_write
 
@@ -445,6 +446,14 @@ def fit_scaling(optima: Sequence[BudgetOptimum], target_tokens: float | None = N
     return ScalingReport(optima, fits, target_tokens, predictions, claims, ci)
 
 
+def _short(tokens: float) -> str:
+    """819k, 1.6M, 16M: a token count in three significant digits at most."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if tokens >= scale:
+            return f"{tokens / scale:.3g}{unit}"
+    return f"{tokens:.3g}"
+
+
 def plot_scaling(report: ScalingReport, out_png: str | Path) -> Path:
     """Optimum vs tokens in log-log, one panel per quantity: points with +-1 se, fit line, interval band, prediction."""
     fig = Figure(figsize=(12, 4), dpi=110, layout="constrained")
@@ -465,6 +474,12 @@ def plot_scaling(report: ScalingReport, out_png: str | Path) -> Path:
                         markersize=12, label="prediction")
         ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel=f"optimal {q}",
                title=f"{q}: exponent [{fit.b_ci[0]:+.2f}, {fit.b_ci[1]:+.2f}]")
+        # ticks at the budgets (and the target), short labels: matplotlib labels the minor ticks of a
+        # log axis spanning under a decade, and their 3x10^5 4x10^5 ... ran together
+        ticks = sorted({*tokens.tolist(), *([report.target_tokens] if report.target_tokens else [])})
+        ax.set_xticks(ticks, [_short(t) for t in ticks], rotation=30 if len(ticks) > 3 else 0)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.margins(x=0.08, y=0.12)  # the prediction's star and error bar clear the frame
         ax.legend(fontsize=8)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -170,7 +170,8 @@ def build_curve_figure(run: TuneRun) -> Figure:
                      if a == "elr" else "loss along lr (large batch or few steps)")
         if ax.get_legend_handles_labels()[0]:  # a panel of diverged members only has nothing to label
             ax.legend(fontsize="small")
-    fig.suptitle("trajinv tune (dotted lines: diverged members)")
+    diverged = any(not o.finite for sr in run.stages for o in sr.outcomes)
+    fig.suptitle("trajinv tune" + " (dotted lines: diverged members)" * diverged)
     return fig
 
 
