@@ -182,7 +182,7 @@ def test_rope_rotates_each_pair_by_its_positions_angle(dtype, t, head_dim):
 @pytest.mark.parametrize("t, head_dim", [(1, 2), (7, 6), (64, 16)])
 def test_rope_gives_the_pairwise_formulas_bits(dtype, t, head_dim):
     """apply_rope's whole-row form rounds exactly as the pairwise x1*c - x2*s, x1*s + x2*c under autograd
-    (the form the model trained with before; docs/design.md, "RoPE"), forward and backward."""
+    (the form the model trained with before), forward and backward."""
     from trajinv.model import apply_rope, rope_tables
 
     def pairwise(x, cos, sin):

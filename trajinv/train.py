@@ -503,8 +503,9 @@ class Trainer:
                     self.last_gns = {k: gns[k].float() if k not in self.last_gns
                                      else torch.where(self.alive, gns[k].float(), self.last_gns[k])
                                      for k in ("b_precond_smooth", "b_simple_smooth", "b_precond_robust")}
-                    if mult >= REGIME_LR_FRACTION:
-                        self.regime_b = torch.where(self.alive, self.last_gns["b_precond_robust"], self.regime_b)
+                    if mult >= REGIME_LR_FRACTION:  # a NaN reading (nothing resolved) keeps the last one
+                        robust = self.last_gns["b_precond_robust"]
+                        self.regime_b = torch.where(self.alive & ~robust.isnan(), robust, self.regime_b)
                 self.step = done
                 self.tokens += bs * cfg.model.context
                 self.seconds = time.perf_counter() - clock
@@ -539,11 +540,14 @@ class Trainer:
                 # The label comes from the robust statistic (trajinv.gns.estimator, "The regime"), so a few
                 # spiky steps cannot decide it, read before an annealing lr's tail inflates it.
                 robust = self.last_gns.get("b_precond_robust")
-                extra["b_precond_robust"] = None if robust is None else num(robust[k])
-                regime = float(self.regime_b[k])  # NaN: no measured step at that lr (an older checkpoint's)
-                b = extra["b_precond_robust"] if math.isnan(regime) else num(regime)
-                extra["b_precond_regime"] = b
-                extra["batch_regime"] = "" if b is None else ("small" if self.batches.sizes[-1] < b else "large")
+                end = math.nan if robust is None else float(robust[k])
+                # NaN: no finite reading at that lr (an older checkpoint's run, or --gns-every measured none there)
+                regime = float(self.regime_b[k])
+                regime = end if math.isnan(regime) else regime
+                extra["b_precond_robust"], extra["b_precond_regime"] = num(end), num(regime)
+                # +inf (no signal resolved above the noise) is as small a batch as there is
+                extra["batch_regime"] = "" if math.isnan(regime) else (
+                    "small" if self.batches.sizes[-1] < regime else "large")
             steps, tokens = self.step, self.tokens
             if not self.alive[k] and int(self.diverged_at[0, k]) >= 0:
                 steps, tokens = int(self.diverged_at[0, k]), int(self.diverged_at[1, k])

@@ -449,25 +449,28 @@ def test_the_check_line_is_fitted_on_its_own_spacing(tmp_path):
     assert math.log2(o.lr / _optimum(2)[0]) == pytest.approx(0, abs=0.05)
 
 
-def _with_setting(root, tune: bool = False, **schedule):
+def _with_setting(root, tune: bool = False, seed: int = 0, optim: str = "fused", source: str = "stdlib",
+                  **schedule):
     """Give a synthetic sweep (spec.json) or tune (tune_spec.json) the training setting it was made with."""
-    from trajinv.config import DataConfig, ScheduleConfig, TrainConfig, to_dict
+    from trajinv.config import DataConfig, OptimConfig, ScheduleConfig, TrainConfig, to_dict
     from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC
 
-    seed = schedule.pop("seed", 0)
-    train = to_dict(TrainConfig(schedule=ScheduleConfig(**schedule), seed=seed))
-    (root / (TUNE_SPEC if tune else SWEEP_SPEC)).write_text(json.dumps({"train": train, "data": to_dict(DataConfig())}))
+    train = to_dict(TrainConfig(schedule=ScheduleConfig(**schedule), seed=seed, optim=OptimConfig(name=optim)))
+    data = to_dict(DataConfig(source=source, seed=seed, cache_dir=f"/cache/{seed}"))
+    (root / (TUNE_SPEC if tune else SWEEP_SPEC)).write_text(json.dumps({"train": train, "data": data}))
     return root
 
 
 @pytest.mark.parametrize("make, tune", [(_sweep_dir, False), (_tune_dir, True)])
 def test_fit_refuses_budgets_trained_otherwise_and_takes_other_seeds_and_warmups(tmp_path, make, tune):
-    # a constant-lr sweep beside WSD tunes moved the fitted lr exponent from -0.10 to +0.11 in a QA run, unsaid
-    dirs = [_with_setting(make(tmp_path / f"b{s}", s), tune, kind="wsd", warmup=10 * s, seed=s) for s in STEPS]
+    # a constant-lr sweep beside WSD tunes moved the fitted lr exponent from -0.10 to +0.11 in a QA run, unsaid.
+    # Seeds (training's and the data's), warmups, the cache's place and the optimizer's implementation may differ
+    dirs = [_with_setting(make(tmp_path / f"b{s}", s), tune, kind="wsd", warmup=10 * s, seed=s,
+                          optim="fused" if s == 1 else "torch") for s in STEPS]
     assert fit_directories(dirs).fits["wd"].b == pytest.approx(-0.5, abs=0.05)
     _with_setting(dirs[1], tune, kind="constant")
-    with pytest.raises(ValueError, match=r'^a budget study varies the budget only, but schedule.kind: "wsd" in b1, '
-                                         r'"constant" in b2; fit directories trained alike'):
+    with pytest.raises(ValueError, match=rf'^a budget study varies the budget only, but schedule.kind: "wsd" in '
+                                         rf"'{dirs[0]}', \"constant\" in '{dirs[1]}'; fit directories trained alike"):
         fit_directories(dirs)
     out = tmp_path / "fit"
     result = CliRunner().invoke(cli.main, ["fit", *map(str, dirs), "--out", str(out)])
@@ -478,7 +481,7 @@ def test_fit_refuses_tunes_at_two_batch_sizes(tmp_path):
     dirs = [_tune_dir(tmp_path / f"b{s}", s) for s in STEPS]
     for summary in (dirs[2] / "stages").glob("*/summary.csv"):
         summary.write_text(summary.read_text().replace(",32,", ",64,"))
-    with pytest.raises(ValueError, match=r'batch_size: "32" in b1, "64" in b4'):
+    with pytest.raises(ValueError, match=r'batch_size: "32" in .*b1., "64" in .*b4.;'):
         fit_directories(dirs)
 
 
@@ -491,3 +494,29 @@ def test_load_budget_names_a_path_that_does_not_exist_or_is_not_a_directory(tmp_
         with pytest.raises(FileNotFoundError) as info:
             load_budget(tmp_path / name)
         assert str(info.value) == f"{str(tmp_path / name)!r} {said}"
+
+
+def test_fit_compares_the_schedule_fields_its_kind_uses_and_the_corpus_by_its_checkpointed_identity(tmp_path):
+    # a constant schedule's decay_fraction is unused: no refusal over it
+    dirs = [_with_setting(_sweep_dir(tmp_path / f"b{s}", s), kind="constant", decay_fraction=0.1 * s) for s in STEPS]
+    fit_directories(dirs)
+    # the corpus: by the identity in a run's checkpoint (a moved file is the same corpus), not the path given
+    for s, d in zip(STEPS, dirs):
+        _with_setting(d, kind="constant", source=f"/data/moved-{s}/corpus.txt")
+        (d / "runs" / "bs32").mkdir(parents=True)
+        ident = {"content_hash": "abc", "max_tokens": None, "text_field": "text", "val_fraction": 0.05,
+                 "tokenizer": {"name": "bytes", "vocab_size": 256, "eos_id": 0}}
+        (d / "runs" / "bs32" / "checkpoint-00000400.json").write_text(json.dumps({"data": ident}))
+    fit_directories(dirs)
+    (dirs[2] / "runs" / "bs32" / "checkpoint-00000400.json").write_text(json.dumps({"data": {**ident,
+                                                                                            "content_hash": "def"}}))
+    with pytest.raises(ValueError, match='corpus.content_hash: "abc" in .*, "def" in .*b4'):
+        fit_directories(dirs)
+
+
+def test_a_tune_without_its_spec_is_compared_through_a_stage_spec(tmp_path):
+    dirs = [_tune_dir(tmp_path / f"b{s}", s) for s in STEPS]
+    for s, d in zip(STEPS, dirs):  # as a stage's spec.json holds them; no tune_spec.json
+        _with_setting(d / "stages" / "1-scan", kind="wsd" if s != 4 else "cosine")
+    with pytest.raises(ValueError, match='schedule.kind: "wsd" in .*, "cosine" in .*b4'):
+        fit_directories(dirs)

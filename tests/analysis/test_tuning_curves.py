@@ -184,6 +184,9 @@ def test_a_stage_varying_one_axis_is_labelled_by_it_and_draws_no_curve_of_one_ru
     # best member (a QA run); an ELR scan (one lr) drew the same members twice
     lr_scan = sweep([1e-3, 2e-3, 4e-3, 8e-3], [0.25], lambda lr, wd: 3 + abs(math.log2(lr / 2e-3)))
     assert {k: c.label for k, c in sweep_tuning_curves(lr_scan).items()} == {"2d": "lr at wd=0.25, 4 trials"}
+    # a member done without a recorded loss is no trial, and does not make its wd one that varied
+    lost = csv_rows([{"lr": 1e-3, "wd": 0.5, "elr": 5e-4, "final_val_loss": None, "status": "done"}])
+    assert sweep_tuning_curves(lr_scan + lost)["2d"].label == "lr at wd=0.25, 4 trials"
     elr_scan = sweep([4e-3], [0.125, 0.25, 0.5], lambda lr, wd: 3 + wd)
     assert {k: c.label for k, c in sweep_tuning_curves(elr_scan).items()} == {"2d": "ELR line at lr=0.004, 3 trials"}
 

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from trajinv.config import Member, ModelConfig, OptimConfig
 from trajinv.gns import GNSConfig
@@ -171,26 +172,29 @@ def test_triton_code_path_matches_cpu_path(tiny_data, tiny_train_config, tmp_pat
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-6), key
 
 
-def _regime_cfg(tiny_train_config, kind, **kw):
+def _regime_cfg(tiny_train_config, kind, every=1, **kw):
     from trajinv.config import ScheduleConfig
 
     return _cfg(tiny_train_config, "micro-batch", steps=40, members=(Member(1e-2, 0.1), Member(3e-2, 0.1)),
-                gns=GNSConfig(mode="micro-batch", precond_warmup=2),
+                gns=GNSConfig(mode="micro-batch", precond_warmup=2, every=every),
                 schedule=ScheduleConfig(kind=kind, warmup=4, decay_fraction=0.5), **kw)
 
 
-@pytest.mark.parametrize("kind", ["wsd", "cosine", "constant"])
+@pytest.mark.parametrize("kind, every", [("wsd", 1), ("cosine", 1), ("constant", 1), ("wsd", 4)])
 def test_the_regime_reads_b_precond_robust_where_the_lr_is_still_at_least_half_its_peak(
-        tiny_data, tiny_train_config, tmp_path, kind):
+        tiny_data, tiny_train_config, tmp_path, kind, every):
     # an annealed lr's tail inflates B_precond (|G| falls toward its floor, the noise stays): the regime's
     # statistic is the robust one at the last measured step with lr >= REGIME_LR_FRACTION of the peak
     from trajinv.gns.estimator import REGIME_LR_FRACTION
     from trajinv.schedules import lr_multiplier
 
-    cfg = _regime_cfg(tiny_train_config, kind)
+    cfg = _regime_cfg(tiny_train_config, kind, every)
     res = Trainer(cfg, tiny_data, tmp_path).train()
-    last = max(s for s in range(cfg.steps) if lr_multiplier(s, cfg.steps, cfg.schedule) >= REGIME_LR_FRACTION)
+    last = max(s for s in range(0, cfg.steps, every)  # measured: the multiples of every
+               if lr_multiplier(s, cfg.steps, cfg.schedule) >= REGIME_LR_FRACTION)
     assert (last == cfg.steps - 1) == (kind == "constant")
+    if every > 1:  # the last step with that lr was not measured: the reading is the measured one before it
+        assert lr_multiplier(last + 1, cfg.steps, cfg.schedule) >= REGIME_LR_FRACTION
     recs = _records(tmp_path)
     for k, r in enumerate(res):
         at = {rec["step"]: rec for rec in recs if rec["member"] == k}
@@ -222,3 +226,32 @@ def test_the_regime_statistic_survives_a_resume_and_an_older_checkpoint_falls_ba
     out = old.train()
     assert [r.extra["b_precond_regime"] for r in out] == [r.extra["b_precond_robust"] for r in out]
     assert [r.extra["b_precond_robust"] for r in out] == [r.extra["b_precond_robust"] for r in whole]
+    # one from before the regime's step (checkpoint 20): the steps after the resume read it as a fresh run does
+    Trainer(cfg, tiny_data, tmp_path / "d").train(until=25)
+    early = Trainer(cfg, tiny_data, tmp_path / "d")
+    assert early.resume() and early.step == 20
+    assert [r.extra for r in early.train()] == [r.extra for r in whole]
+
+
+def test_a_nan_reading_keeps_the_regime_statistic_and_inf_labels_the_batch_small(tiny_data, tiny_train_config,
+                                                                                  tmp_path, monkeypatch):
+    # a NaN reading at a step with lr >= half the peak is no reading: it used to erase the statistic, and the
+    # summary then fell back to the inflated end-of-run value; +inf (noise and no signal resolved) gave no label
+    from trajinv.gns.meter import GNSMeter
+
+    cfg = _regime_cfg(tiny_train_config, "wsd")
+    whole = Trainer(cfg, tiny_data, tmp_path / "a").train()
+    end_step = GNSMeter.end_step
+
+    def spoiled(self, step, *a, **k):
+        out = end_step(self, step, *a, **k)
+        if step == 29:  # the regime's step: member 0 reads NaN, member 1 +inf
+            out["b_precond_robust"] = torch.tensor([math.nan, math.inf], dtype=out["b_precond_robust"].dtype)
+        return out
+
+    monkeypatch.setattr(GNSMeter, "end_step", spoiled)
+    res = Trainer(cfg, tiny_data, tmp_path / "b").train()
+    recs = {(r["member"], r["step"]): r for r in _records(tmp_path / "b")}
+    assert res[0].extra["b_precond_regime"] == pytest.approx(recs[0, 29]["b_precond_robust"], rel=1e-6)
+    assert res[0].extra["b_precond_regime"] != whole[0].extra["b_precond_robust"]
+    assert res[1].extra["b_precond_regime"] is None and res[1].extra["batch_regime"] == "small"

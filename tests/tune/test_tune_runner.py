@@ -400,14 +400,16 @@ def test_a_directory_replays_by_the_search_rules_it_was_made_with(tmp_path, tiny
             run_tune(spec, tmp_path)
 
 
-@pytest.mark.parametrize("columns, read", [(("5", "7", "3"), 3.0), (("5", "7", ""), 7.0), (("5", "", ""), 5.0)])
+@pytest.mark.parametrize("columns, read", [(("5", "7", "3"), [3.0]), (("5", "7", ""), []), (("5", "7"), [7.0]),
+                                           (("5",), [5.0])])
 def test_the_regime_reads_the_summarys_regime_statistic_then_older_columns(tmp_path, columns, read):
-    # b_precond_regime (read before an annealing lr's tail); a summary written before it has the robust
-    # statistic at the run's end, an older one only the smoothed b_precond
+    # b_precond_regime (read before an annealing lr's tail; empty: no finite reading, which the inflated
+    # end-of-run value must not stand in for); a summary written before that column has the robust statistic
+    # at the run's end, an older one only the smoothed b_precond
     from trajinv.tune.runner import _outcomes
     from trajinv.tune.search import Point, Stage
 
     row = dict(zip(("b_precond", "b_precond_robust", "b_precond_regime"), columns),
                run_id="bs8", member="0", lr="0.01", wd="0.5", final_val_loss="2.0", status="done")
     outcomes, b = _outcomes(Stage("1-scan", "scan", (Point(0.01, 0.5),)), [row], tmp_path, chance=5.0)
-    assert outcomes[0].loss == 2.0 and b == [read]
+    assert outcomes[0].loss == 2.0 and b == read

@@ -223,7 +223,22 @@ def test_a_recommendation_at_an_end_of_the_check_line_says_the_optimum_may_lie_b
     assert result.best.lr == pytest.approx(LR * (0.25 if side == "lower" else 4.0))
     assert said == [f"the recommendation is at the {side} end of the invariant check's line (lr "
                     f"{result.best.lr:.4g}): nothing was tried beyond it that way, so the optimum may lie further "
-                    "out (wider --check-factor values reach there)"]
+                    f"out (a --check-factor {'below 0.25' if side == 'lower' else 'above 4'} reaches there)"]
+
+
+def test_the_end_of_check_note_reads_wd_on_an_lr_search_and_spares_the_checked_point():
+    # along lr the check varies wd at one lr: its ends are its smallest and largest wd
+    def oracle(p: Point) -> Outcome:  # lr-invariant around lr 2^-7, then falling with wd by 0.001 per octave
+        return Outcome(p, 3.0 + 0.1 * (math.log2(p.lr) + 7) ** 2 - 0.001 * math.log2(p.wd))
+
+    result = simulate(SearchConfig(axis="lr", noise=0.01), oracle)
+    assert result.invariant_check.within_noise and result.best.wd == pytest.approx(4.0)
+    assert [n for n in result.notes if "end of the invariant check's line" in n] == [
+        "the recommendation is at the upper end of the invariant check's line (wd 4): nothing was tried beyond "
+        "it that way, so the optimum may lie further out (a --check-factor above 4 reaches there)"]
+    # one-sided factors put the checked point at an end of its check line: it is on the searched line, no note
+    flat = simulate(SearchConfig(check_factors=(2.0, 4.0), noise=0.01), lr_tilted(0.001))
+    assert flat.best.lr == LR and not [n for n in flat.notes if "end of the invariant check's line" in n]
 
 
 @pytest.mark.parametrize("se, stands", [(0.01, True), (0.0, False)])

@@ -77,15 +77,15 @@ def fit_directories(directories, target_tokens: float | None = None,
 
     The directories must differ in their budget only: one model, corpus, optimizer, lr schedule
     (its warmup aside) and batch size (`study_setting`); a constant-lr sweep beside WSD tunes
-    moved the fitted lr exponent from -0.10 to +0.11, with no word. Seeds may differ (they add
-    noise, not a bias)."""
+    moved the fitted lr exponent from -0.10 to +0.11 in a QA run, with no word. Seeds may differ
+    (they add noise, not a bias)."""
     optima = [load_budget(d, batch_size=batch_size) for d in directories]
     first, setting = directories[0], study_setting(directories[0], batch_size)
     for d in directories[1:]:
         other = study_setting(d, batch_size)
-        # a name one directory does not record (a `trajinv train` folder has no data section) is not compared
-        differs = "; ".join(f"{k}: {json.dumps(setting[k])} in {Path(first).name}, {json.dumps(other[k])} in "
-                            f"{Path(d).name}" for k in sorted(setting.keys() & other.keys()) if setting[k] != other[k])
+        # what one directory does not record (no checkpoint to say which corpus) is not compared
+        differs = "; ".join(f"{k}: {json.dumps(setting[k])} in {str(first)!r}, {json.dumps(other[k])} in {str(d)!r}"
+                            for k in sorted(setting.keys() & other.keys()) if setting[k] != other[k])
         if differs:
             raise ValueError(f"a budget study varies the budget only, but {differs}; fit directories trained "
                              "alike (warmup and seed may differ)")
@@ -93,32 +93,48 @@ def fit_directories(directories, target_tokens: float | None = None,
 
 
 def study_setting(directory: str | Path, batch_size: str | int | None = None) -> dict[str, object]:
-    """What a budget study holds fixed, as dotted names -> values: the model, the corpus, the optimizer's
-    settings (not its implementation), the lr schedule but its warmup, and the batch size (the one
-    `batch_size` selects from a sweep). Empty parts where the directory does not record them."""
+    """What a budget study holds fixed, as dotted names -> values: the model, the optimizer's settings
+    (not its implementation), the lr schedule but its warmup (and the fields its kind does not use),
+    the batch size (the one `batch_size` selects from a sweep), and the corpus. The corpus is the
+    identity a run's checkpoint keeps (its text's hash, tokenizer, split: a moved file is the same
+    corpus, an edited one is not), else the data options as given. Names the directory does not
+    record are left out."""
     root = Path(directory)
     if (root / TUNE_RESULT).is_file():
-        spec = {}
-        if (root / TUNE_SPEC).is_file():
-            try:
-                spec = json.loads((root / TUNE_SPEC).read_text())
-            except (ValueError, UnicodeDecodeError):
-                raise ValueError(f"{root / TUNE_SPEC} is not valid JSON") from None
-        batch = _batch_sizes(_tune_rows(root, json.loads((root / TUNE_RESULT).read_text())["stages"]))
+        stages = json.loads((root / TUNE_RESULT).read_text())["stages"]
+        # tune_spec.json, else a stage's spec.json: both hold the training and data options
+        spec = _spec(root, TUNE_SPEC) or next(
+            (s for d in _dirs(root, "stages/*") if (s := _spec(d))), {})
+        batch = _batch_sizes(_tune_rows(root, stages))
+        runs = _dirs(root, "stages/*/runs/*")
     else:
-        spec = _spec(root) or {"train": (latest_meta(root) or {}).get("config")}
+        spec = _run_spec(root)
         batch = _batch_sizes(_one_batch_size(load_summary(root), root, batch_size))
+        runs = [*_dirs(root, "runs/*"), root]  # a sweep's runs, or a `trajinv train` folder itself
     train = spec.get("train") or {}
-    parts = {"model": train.get("model"), "data": spec.get("data"), "optim": train.get("optim"),
-             "schedule": train.get("schedule")}
-    # where files live, a seed nothing reads, which kernels, warmup, the vocabulary (the tokenizer's, filled in)
-    leave = {"data.cache_dir", "data.seed", "optim.name", "schedule.warmup", "model.vocab_size"}
+    schedule = dict(train.get("schedule") or {})
+    unused = {"constant": ("decay_fraction", "min_ratio"), "cosine": ("decay_fraction",)}.get(schedule.get("kind"), ())
+    corpus = next((meta["data"] for r in runs if isinstance((meta := latest_meta(r) or {}).get("data"), dict)), None)
+    parts = {"model": train.get("model"), "optim": train.get("optim"), "schedule": schedule,
+             "corpus" if corpus else "data": corpus or spec.get("data")}
+    # which kernels, the warmup, the vocabulary (the tokenizer's, filled in), where files live, a seed nothing reads
+    leave = {"optim.name", "schedule.warmup", "model.vocab_size", "data.cache_dir", "data.seed",
+             *(f"schedule.{k}" for k in unused)}
     flat = {"batch_size": ",".join(batch)}
     for part, values in parts.items():
         for key, value in (values or {}).items():
             if f"{part}.{key}" not in leave:
                 flat[f"{part}.{key}"] = value
     return flat
+
+
+def _dirs(root: Path, pattern: str) -> list[Path]:
+    return sorted(p for p in root.glob(pattern) if p.is_dir())
+
+
+def _run_spec(root: Path) -> dict:
+    """A sweep's spec.json, else (a `trajinv train` folder) its checkpoint's config as the spec's train."""
+    return _spec(root) or {"train": (latest_meta(root) or {}).get("config")}
 
 
 def write_scaling(report: ScalingReport, out: str | Path) -> list[Path]:
@@ -134,7 +150,7 @@ def write_scaling(report: ScalingReport, out: str | Path) -> list[Path]:
 def _from_sweep(root: Path, n_boot: int, seed: int, batch_size: str | int | None = None) -> BudgetOptimum:
     # the fits and the regime claims are of torch-mode wd (decay per step lr*wd); independent wd is lr times it.
     # A `trajinv train` folder has no spec.json: its checkpoint's config says.
-    if _decay_mode(_spec(root) or {"train": (latest_meta(root) or {}).get("config")}) == "independent":
+    if _decay_mode(_run_spec(root)) == "independent":
         raise ValueError(f"the sweep in {root} trained with --decay-mode independent; fit models torch-mode weight "
                          "decay (decay per step lr*wd): sweep with --decay-mode torch")
     rows = load_summary(root)
@@ -373,9 +389,10 @@ def _missing(rows: list[dict], root: Path, batch_size: str | int | None) -> tupl
     return absent + sum(unended.values()), absent, why
 
 
-def _spec(root: Path) -> dict:
-    """A sweep's spec.json ({} when it has none: then summary.csv alone says what is missing)."""
-    path = root / SWEEP_SPEC
+def _spec(root: Path, name: str = SWEEP_SPEC) -> dict:
+    """A sweep's spec.json, or a tune's `name` ({} when it has none: then summary.csv alone says what is
+    missing)."""
+    path = root / name
     if not path.is_file():
         return {}
     try:
@@ -383,7 +400,7 @@ def _spec(root: Path) -> dict:
     except (ValueError, UnicodeDecodeError):
         raise ValueError(f"{path} is not valid JSON") from None
     if not isinstance(spec, dict):
-        raise ValueError(f"{path} is not a sweep spec (a JSON object)")
+        raise ValueError(f"{path} is not a spec (a JSON object)")
     return spec
 
 

@@ -125,13 +125,16 @@ def finished_trials(rows: Sequence[dict], vocab_size: int | None = None) -> list
     """
     chance = chance_loss(vocab_size) or math.inf
     out = []
-    for row in rows:
+    for row in filter(_is_trial, rows):
         loss = _float_or_none(row.get("final_val_loss"))
-        if row.get("status") == "diverged":
-            out.append((float(row["lr"]), None))
-        elif row.get("status") == "done" and loss is not None:
-            out.append((float(row["lr"]), loss if math.isfinite(loss) and loss < chance else None))
+        out.append((float(row["lr"]), None if loss is None or not (math.isfinite(loss) and loss < chance) else loss))
     return out
+
+
+def _is_trial(row: dict) -> bool:
+    """A finished trial: diverged, or done with a recorded loss."""
+    return row.get("status") == "diverged" or (
+        row.get("status") == "done" and _float_or_none(row.get("final_val_loss")) is not None)
 
 
 def _line_lr(trials: list[tuple[float, float | None]]) -> float:
@@ -177,8 +180,7 @@ def sweep_tuning_curves(rows: Sequence[dict], ns: Sequence[int] | None = None, c
     ns = range(1, len(trials) + 1) if ns is None else ns
     lr = _line_lr(trials)
     line = [v for x, v in trials if x == lr]
-    finished = [r for r in rows if r.get("status") in ("done", "diverged")]
-    lrs, wds = ({float(r[key]) for r in finished} for key in ("lr", "wd"))
+    lrs, wds = ({float(r[key]) for r in rows if _is_trial(r)} for key in ("lr", "wd"))
     box = ("lr x wd" if len(lrs) > 1 and len(wds) > 1 else f"lr at wd={min(wds):.3g}" if len(lrs) > 1
            else f"ELR line at lr={lr:.3g}")
     curves = {"2d": tuning_curve([v for _, v in trials], ns, lower_bound, upper_bound, confidence,

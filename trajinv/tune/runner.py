@@ -235,10 +235,9 @@ def _outcomes(stage: Stage, rows: list[dict], directory: Path, chance: float, do
         ok = row.get("status") == "done" and loss is not None and math.isfinite(float(loss)) and float(loss) < chance
         out.append(Outcome(p, float(loss) if ok else None, se.get((row["run_id"], int(row["member"])), 0.0)))
         # the summary's batch_regime statistic: robust (an EMA can be carried off by one spike), read before an
-        # annealing lr's tail (trajinv.gns.estimator, "The regime"); where a run predates it, the robust one
-        # at its end, then the smoothed one
-        b = next((row[k] for k in ("b_precond_regime", "b_precond_robust", "b_precond")
-                  if row.get(k) not in (None, "")), None)
+        # annealing lr's tail (trajinv.gns.estimator, "The regime"); in a summary written before that column,
+        # the robust one at the run's end, before that the smoothed one. An empty cell is no reading.
+        b = next((row[k] for k in ("b_precond_regime", "b_precond_robust", "b_precond") if k in row), None)
         if ok and b not in (None, "") and math.isfinite(float(b)):
             bp.append(float(b))
     return tuple(out), bp

@@ -529,19 +529,22 @@ class Search:
         return InvariantCheck(outcomes, spread, threshold, within)
 
     def _end_of_check(self, best: Outcome) -> list[str]:
-        """A note when the recommendation is at an end of the invariant check's line: nothing explores a check
-        line (shifts follow the searched one), so the optimum may lie beyond that end, unseen."""
+        """A note when the recommendation is a check member at an end of the check's line: nothing explores a
+        check line (shifts follow the searched one), so the optimum may lie beyond that end, unseen. The checked
+        point itself is not noted: it lies on the searched line too."""
         along = "lr" if self.cfg.axis == "elr" else "wd"  # what varies along the check line
+        checked, *members = self._check.outcomes
+        if best.point.key not in {o.point.key for o in members}:
+            return []
         xs = [getattr(o.point, along) for o in self._check.outcomes]
         x = getattr(best.point, along)
-        if len(xs) < 2 or best.point.key not in {o.point.key for o in self._check.outcomes}:
-            return []
         if x not in (min(xs), max(xs)):
             return []
-        side = "upper" if x == max(xs) else "lower"
-        return [f"the recommendation is at the {side} end of the invariant check's line ({along} {x:.4g}): nothing "
-                "was tried beyond it that way, so the optimum may lie further out (wider --check-factor values "
-                "reach there)"]
+        lower = x == min(xs)
+        factor = min(self.cfg.check_factors) if lower else max(self.cfg.check_factors)
+        return [f"the recommendation is at the {'lower' if lower else 'upper'} end of the invariant check's line "
+                f"({along} {x:.4g}): nothing was tried beyond it that way, so the optimum may lie further out "
+                f"(a --check-factor {'below' if lower else 'above'} {factor:g} reaches there)"]
 
     def _settled(self) -> tuple[_Line, Outcome | None]:
         """The line the search settled on, and its best: the checked line when its check stood (the 1-D
