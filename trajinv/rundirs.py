@@ -31,6 +31,16 @@ def holds(out: str | Path) -> str | None:
     return None
 
 
+def owner(out: str | Path) -> str | None:
+    """The command whose rerun finishes `out`: 'tune' for a tune or one of its stages (a sweep under the
+    tune's stages/), else `holds`' command, or None."""
+    out = Path(out)
+    if out.parent.name == "stages" and holds(out.parent.parent) == "tune":  # trajinv.tune.runner.STAGES
+        return "tune"
+    held = holds(out)
+    return None if held is None else _COMMAND[held]
+
+
 def refuse_other(out: str | Path, mine: str) -> None:
     """One-line ValueError if `out` holds what another command than `mine` ('train', 'sweep', 'tune')
     wrote."""

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from trajinv import cli
-from trajinv.analysis.budgets import TUNE_RESULT, fit_directories, load_budget
+from trajinv.analysis.budgets import TUNE_RESULT, fit_directories, load_budget, study_setting
 from trajinv.sweep import write_summary
 
 STEPS = {1: 400, 2: 800, 4: 1600}  # tokens = steps * 2048
@@ -319,7 +319,7 @@ def test_an_interrupted_sweep_is_refused_naming_what_is_missing(tmp_path):
     _write_spec(root, 1)
     with pytest.raises(ValueError, match=r"incomplete: 5 of 25 members .*5 not in summary\.csv") as e:
         load_budget(root, n_boot=20)
-    assert "\n" not in str(e.value)
+    assert "\n" not in str(e.value) and "rerun the `trajinv sweep` command" in str(e.value)
 
 
 def test_failed_or_running_members_are_refused_and_diverged_ones_are_not(tmp_path):
@@ -520,3 +520,25 @@ def test_a_tune_without_its_spec_is_compared_through_a_stage_spec(tmp_path):
         _with_setting(d / "stages" / "1-scan", kind="wsd" if s != 4 else "cosine")
     with pytest.raises(ValueError, match='schedule.kind: "wsd" in .*, "cosine" in .*b4'):
         fit_directories(dirs)
+
+
+def test_a_batch_size_whose_members_all_diverged_is_left_out(tmp_path):
+    """Batch 256 ended diverged everywhere: its rows share the grid's (lr, wd) but are another setting's
+    outcomes, so the fit and the study's setting are batch 32's alone; unfinished there, it is refused."""
+    root = tmp_path / "s"
+    root.mkdir()
+    big = _grid_rows(1, "256")
+    for r in big:
+        r.update(status="diverged", final_val_loss=float("nan"), steps=7, tokens=7 * 8 * 2048)
+    write_summary(root, _grid_rows(1) + big)
+    _write_spec(root, 1, ("32", "256"))
+    assert load_budget(root, n_boot=20) == load_budget(root, n_boot=20, batch_size="32")
+    assert study_setting(root)["batch_size"] == "32"
+    big[3].update(status="running")
+    write_summary(root, _grid_rows(1) + big)
+    with pytest.raises(ValueError, match=r"incomplete: 1 of 50 members .*--batch-size B"):
+        load_budget(root, n_boot=20)
+    big[3].update(status="done", final_val_loss=3.5, steps=STEPS[1], tokens=STEPS[1] * 8 * 2048)
+    write_summary(root, _grid_rows(1) + big)
+    with pytest.raises(ValueError, match=r"2 batch sizes \(32, 256\)"):
+        load_budget(root, n_boot=20)

@@ -93,6 +93,11 @@ def test_an_interrupted_sweep_is_reported_as_incomplete(small_sweep, tmp_path):
     assert text.startswith(f"incomplete: {total - 2} of {total} members have not finished ({total - 2} not in "
                            "summary.csv)")
     assert not sweep_report(small_sweep)[0].startswith("incomplete")
+    assert "(rerun the `trajinv sweep` command to finish it)" in text.splitlines()[0]
+    stage = tmp_path / "tune" / "stages" / "1-scan"  # the same, as a tune's stage: the tune finishes it
+    shutil.copytree(d, stage)
+    (tmp_path / "tune" / "tune_spec.json").write_text("{}")
+    assert "(rerun the `trajinv tune` command to finish it)" in sweep_report(stage)[0].splitlines()[0]
 
 
 def test_a_tune_directory_is_pointed_to_its_stages(tmp_path):

@@ -41,7 +41,7 @@ from trajinv.atomic import atomic_write, remove_stale_temps
 from trajinv.checkpoint import latest_meta
 from trajinv.config import sweep_pairs
 from trajinv.metrics import METRICS
-from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC
+from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC, owner
 
 TUNE_RESULT = "tune.json"  # trajinv.tune.report.RESULT (analysis does not import the tuner)
 
@@ -62,9 +62,8 @@ def load_budget(directory: str | Path, n_boot: int = 2000, seed: int = 0,
         raise ValueError(f"the tune in {str(root)!r} has not finished (no {TUNE_RESULT} yet): rerun its "
                          "`trajinv tune` command to finish it")
     if (root / SWEEP_SPEC).is_file():
-        tune = root.parent.name == "stages" and (root.parent.parent / TUNE_SPEC).is_file()  # a tune's stage
         raise ValueError(f"the sweep in {str(root)!r} has not finished a population yet (no summary.csv): rerun "
-                         f"its `trajinv {'tune' if tune else 'sweep'}` command to finish it")
+                         f"its `trajinv {owner(root)}` command to finish it")
     if not root.is_dir():
         raise FileNotFoundError(f"{str(root)!r} does not exist" if not root.exists() else
                                 f"{str(root)!r} is a file, not a tune or sweep directory")
@@ -156,6 +155,7 @@ def _from_sweep(root: Path, n_boot: int, seed: int, batch_size: str | int | None
     rows = load_summary(root)
     if not rows:
         raise ValueError(f"{root}/summary.csv has no members")
+    batch_size = _implied_batch_size(rows, root, batch_size)
     rows = _one_batch_size(rows, root, batch_size)
     _check_finished(rows, root, batch_size)
     se = final_val_loss_se(root)
@@ -317,7 +317,9 @@ def _batch_sizes(rows: list[dict]) -> list[str]:
 
 
 def _one_batch_size(rows: list[dict], root: Path, batch_size: str | int | None) -> list[dict]:
-    """The rows of one batch size or schedule: `batch_size`, else the one the finished members share."""
+    """The rows of one batch size or schedule: `batch_size`, else the one the finished members share
+    (`_implied_batch_size`)."""
+    batch_size = _implied_batch_size(rows, root, batch_size)
     if batch_size is not None:
         chosen = [r for r in rows if _bs(r.get("batch_size")) == _bs(batch_size)]
         if not chosen:
@@ -329,6 +331,26 @@ def _one_batch_size(rows: list[dict], root: Path, batch_size: str | int | None) 
         raise ValueError(f"the sweep in {root} holds finished members at {len(found)} batch sizes "
                          f"({', '.join(found)}), each with its own optimum; pick one with --batch-size B")
     return rows
+
+
+def _implied_batch_size(rows: list[dict], root: Path, batch_size: str | int | None) -> str | int | None:
+    """`batch_size`, else the only batch size with members that trained to a loss when every other one has
+    finished with all its members diverged: those are another setting's outcomes, and mixed in they would
+    mark this budget's (lr, wd) points diverged. None when no batch size stands out that way."""
+    if batch_size is not None:
+        return batch_size
+    chance = _chance(root)
+    trained = _batch_sizes([r for r in rows if _loss(r, chance) is not None])
+    sizes = dict.fromkeys(_batch_sizes(rows) + [_bs(b) for b in _spec(root).get("batch_sizes") or []])
+    others = [b for b in sizes if trained and b != trained[0]]
+    if len(trained) != 1 or not others:
+        return None
+    for b in others:
+        at_b = [r for r in rows if _bs(r.get("batch_size")) == b]
+        if any(_loss(r, chance) is not None or r.get("status") not in ("done", "diverged") for r in at_b) \
+                or _missing(at_b, root, b)[0]:
+            return None  # unfinished there: refused as incomplete, naming --batch-size
+    return trained[0]
 
 
 def _key(lr, wd) -> tuple[float, float]:
@@ -366,7 +388,7 @@ def _check_finished(rows: list[dict], root: Path, batch_size: str | int | None) 
         return
     other = batch_size is None and len(_spec(root).get("batch_sizes") or []) > 1
     raise ValueError(f"the sweep in {root} is incomplete: {missing} of {len(rows) + absent} members have not "
-                     f"finished ({', '.join(why)}); rerun the sweep command to finish them (a diverged member "
+                     f"finished ({', '.join(why)}); rerun the `trajinv {owner(root) or 'sweep'}` command to finish them (a diverged member "
                      "counts as finished)" + ", or fit one finished batch size with --batch-size B" * other)
 
 

@@ -24,7 +24,7 @@ from trajinv.analysis.phase import (equilibrated, format_phases, member_phases, 
 from trajinv.analysis.plots import plot_sweep
 from trajinv.analysis.records import load_metrics, load_summary
 from trajinv.atomic import remove_stale_temps
-from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC
+from trajinv.rundirs import SWEEP_SPEC, TUNE_SPEC, owner
 
 MIN_TRIALS = 4  # fewer finished members make a tuning curve of a handful of points: not worth a figure
 PHASES_PNG = "phases.png"
@@ -52,7 +52,7 @@ def sweep_report(sweep_dir: str | Path, key: str = "val_loss", x: str = "step") 
         missing, total, why = unfinished(root)
         if missing:  # an interrupted sweep: say so before numbers that read like a finished one's
             sections.insert(0, f"incomplete: {missing} of {total} members have not finished ({', '.join(why)}); "
-                               "below is what has run so far (rerun the sweep command to finish it)")
+                               f"below is what has run so far (rerun the `trajinv {owner(root)}` command to finish it)")
     paths = plot_sweep(root, key=key, x=x) if report is not None else []
     records = load_metrics(root)
     phases = member_phases(records)
