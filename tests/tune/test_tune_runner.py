@@ -70,12 +70,14 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     for sr in run.stages:
         if any(o.finite for o in sr.outcomes):
             held = "wd" if sr.axis == "lr" else "lr"
+            if sr.stage.kind == "check":  # drawn along the axis it varies: wd at one lr, lr at one ELR
+                held = "lr" if sr.axis == "lr" else "ELR"
             assert any(t.startswith(f"{sr.directory.name} ({sr.stage.kind}, {held}") for t in labels), labels
     if run.result.fit is not None:
         assert any(t.startswith("quadratic fit in log2 (") for t in labels)
     if run.result.axis == "lr":  # the lr panel shows the ELR scan's member it read on its line (the centre)
         labels = [t.get_text() for ax in build_curve_figure(run).axes if ax.get_legend() for t in ax.get_legend().texts]
-        assert "first ELR scan (read, not retrained)" in labels
+        assert "on these lines, from other stages (read, not retrained)" in labels
     # the title speaks of dotted lines only when a member diverged (it always did)
     assert all(o.finite for sr in run.stages for o in sr.outcomes)
     assert build_curve_figure(run).get_suptitle() == "trajinv tune"

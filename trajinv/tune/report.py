@@ -5,8 +5,10 @@
   with its members, cost (member-steps, tokens) and sweep directory (null when
   every point was untrainable and nothing was trained), and the cost of a 2-D grid
   of the same resolution.
-- ``tune.png``: validation loss against ELR (lr for an lr search), one marker style
-  per stage, the fitted quadratic around the optimum, the recommendation starred.
+- ``tune.png``: validation loss along the axis each stage varies (ELR at one lr; lr at
+  one wd, or at one ELR for an iso-ELR check), one marker style per stage, the members
+  a line holds that other stages trained (hollow), the fitted quadratic around the
+  optimum, the recommendation as a hollow star.
 - ``tune_heatmap.png``: every evaluated (lr, wd), coloured by loss, on log axes with
   iso-ELR diagonals: a 1-D search in a 2-D picture.
 """
@@ -120,54 +122,105 @@ def _x(axis: str, p) -> float:
     return p.lr * p.wd if axis == "elr" else p.lr
 
 
+def _panel(sr) -> str:
+    """The axis a stage varies: its search's, except an invariance check, which crosses it (an ELR search's
+    iso-ELR check varies lr; an lr search's iso-LR check varies wd, so ELR, at one lr). On its search's axis
+    a check's members would stand in one vertical stack."""
+    if sr.stage.kind != "check":
+        return sr.axis
+    return "lr" if sr.axis == "elr" else "elr"
+
+
+def _coord(name: str, p) -> float:
+    """log2 of a point's lr, wd or ELR, rounded as `Point.key` rounds (equal up to round-off)."""
+    return round(math.log2(p.lr if name == "lr" else p.wd if name == "wd" else p.elr), 9)
+
+
+def _line(panel: str, points) -> tuple[str, float] | None:
+    """What a stage's points hold fixed along `panel`: ('lr', log2 lr) on the ELR panel, ('wd', ...) or
+    ('ELR', ...) on the lr panel; None when they lie on no one line."""
+    for name in ("lr",) if panel == "elr" else ("wd", "ELR"):
+        values = {_coord(name, p) for p in points}
+        if len(values) == 1:
+            return name, values.pop()
+    return None
+
+
+def _held(panel: str, points) -> str:
+    """The line a stage lies on, for its label ('lr=0.0039', 'ELR=0.00098'), else the range of lr or wd."""
+    line = _line(panel, points)
+    if line is not None:
+        return f"{line[0]}={2.0 ** line[1]:.3g}"
+    name = "lr" if panel == "elr" else "wd"
+    values = sorted(p.lr if name == "lr" else p.wd for p in points)
+    return f"{name} {values[0]:.3g}..{values[-1]:.3g}"
+
+
+def _star(ax, x: float, y: float, size: float) -> None:
+    """The recommendation: a hollow star, so the member's own marker and error bar show through it."""
+    ax.plot([x], [y], marker="*", ms=size, mfc="none", mec="k", mew=1.5, ls="none", zorder=5,
+            label="recommended")
+
+
 def build_curve_figure(run: TuneRun) -> Figure:
-    """Loss against the searched axis, per stage, with the fit and the recommendation; a second
-    panel when the regime switched the search to lr (the first ELR scan stays on its own axis)."""
+    """Loss along each axis the stages varied, per stage, with the fit and the recommendation: ELR (at one
+    lr) and, when the regime switched the search to lr or an iso-ELR check varied lr, lr (at one wd or ELR)."""
     r = run.result
-    axes_used = list(dict.fromkeys(sr.axis for sr in run.stages))
+    axes_used = sorted({_panel(sr) for sr in run.stages}, key=lambda a: (a != "elr", a))
     fig = Figure(figsize=(7.5 * len(axes_used), 4.8), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     panels = {a: fig.add_subplot(1, len(axes_used), i + 1) for i, a in enumerate(axes_used)}
+    drawn: dict[str, set] = {a: set() for a in panels}  # the points on each panel, for the star
+    colours: dict[tuple, str] = {}  # (panel, line) -> the colour of its first stage
     for i, sr in enumerate(run.stages):
-        ax = panels[sr.axis]
+        panel = _panel(sr)
+        ax = panels[panel]
         marker = _MARKERS[i % len(_MARKERS)]
-        # what is held fixed along the panel's axis (wd on the lr panel, lr on the ELR panel): stages of one
-        # panel may lie on different lines (a check, a rescan), and one fit curve belongs to one of them
-        held = sorted({p.wd if sr.axis == "lr" else p.lr for p in sr.stage.points})
-        name = "wd" if sr.axis == "lr" else "lr"
-        label = (f"{sr.directory.name} ({sr.stage.kind}, {name}={held[0]:.3g})" if len(held) == 1
-                 else f"{sr.directory.name} ({sr.stage.kind}, {name} {held[0]:.3g}..{held[-1]:.3g})")
-        pts = [(_x(sr.axis, o.point), o.loss, o.se) for o in sr.outcomes if o.finite]
+        # stages of one panel may lie on different lines (a check, a rescan): the label says which
+        label = f"{sr.directory.name} ({sr.stage.kind}, {_held(panel, sr.stage.points)})"
+        pts = [(_x(panel, o.point), o.loss, o.se) for o in sr.outcomes if o.finite]
+        drawn[panel] |= {o.point.key for o in sr.outcomes if o.finite}
         if pts:
             x, y, e = (np.array(v) for v in zip(*pts))
-            ax.errorbar(x, y, yerr=e, fmt=marker, ms=6, capsize=2, alpha=0.85, label=label)
+            bars = ax.errorbar(x, y, yerr=e, fmt=marker, ms=6, capsize=2, alpha=0.85, label=label)
+            colours.setdefault((panel, _line(panel, sr.stage.points)), bars.lines[0].get_color())
         for o in sr.outcomes:
             if not o.finite:
-                ax.axvline(_x(sr.axis, o.point), color="crimson", lw=0.8, ls=":", alpha=0.7)
-    if "lr" in panels and "elr" in panels:
-        # the lr search read the ELR scan's members on its lr scan's line (same wd) instead of retraining them
-        line = next(sr for sr in run.stages if sr.axis == "lr").stage.points[0].key[1]
-        read = [o for sr in run.stages if sr.axis == "elr" for o in sr.outcomes if o.finite and o.point.key[1] == line]
-        if read:
-            panels["lr"].errorbar([o.point.lr for o in read], [o.loss for o in read], yerr=[o.se for o in read],
-                                  fmt="o", mfc="none", ms=9, capsize=2, color="0.3",
-                                  label="first ELR scan (read, not retrained)")
+                ax.axvline(_x(panel, o.point), color="crimson", lw=0.8, ls=":", alpha=0.7)
+    # a line also holds members that other stages trained (read, not retrained: the lr scan's centre is the
+    # ELR scan's best, a check's centre the point it checks, a rescan's centre the check's best): drawn
+    # hollow, in the colour of the line's stage
+    for a, ax in panels.items():
+        label = "on these lines, from other stages (read, not retrained)"
+        for line in dict.fromkeys(line for sr in run.stages if _panel(sr) == a and (line := _line(a, sr.stage.points))):
+            read = {o.point.key: o for sr in run.stages if _panel(sr) != a for o in sr.outcomes
+                    if o.finite and o.point.key not in drawn[a] and _coord(line[0], o.point) == line[1]}
+            if read:
+                ax.errorbar([_x(a, o.point) for o in read.values()], [o.loss for o in read.values()],
+                            yerr=[o.se for o in read.values()], fmt="o", mfc="none", ms=9, capsize=2,
+                            color=colours.get((a, line), "0.3"), label=label)
+                drawn[a] |= set(read)
+                label = None  # once per panel
     ax = panels.get(r.axis)
     if ax is not None and r.fit is not None:  # loss = min + curvature/2 (log2 x - log2 vertex)^2, fitted window
         half = 1.5 * run.spec.search.octaves / (run.spec.search.points - 1)
         u = np.linspace(-half, half, 101)
         ax.plot(r.fit.vertex * 2.0 ** u, r.fit.loss + 0.5 * r.fit.curvature * u * u, color="k", lw=1.2, ls="--",
                 label=f"quadratic fit in log2 ({'wd' if r.axis == 'lr' else 'lr'}={r.fit.fixed:.3g})")
-    if ax is not None and r.best is not None:
-        ax.plot([_x(r.axis, r.best)], [r.loss], marker="*", ms=16, color="gold", mec="k", ls="none",
-                label="recommended")
+    if r.best is not None:  # on every panel that shows the recommended member (a point seen along two lines)
+        for a in [a for a in panels if r.best.key in drawn[a]] or [a for a in (r.axis,) if a in panels]:
+            _star(panels[a], _x(a, r.best), r.loss, 18)
     for a, ax in panels.items():
         ax.set_xscale("log", base=2)
         ax.set_xlabel("ELR = lr x wd" if a == "elr" else "lr")
         ax.set_ylabel("final validation loss")
         ax.grid(True, alpha=0.3, which="both")
-        ax.set_title("loss along ELR" + (" (the regime's first scan)" if a != r.axis else "")
-                     if a == "elr" else "loss along lr (large batch or few steps)")
+        if a == r.axis:
+            ax.set_title("loss along ELR" if a == "elr" else "loss along lr (large batch or few steps)")
+        else:  # the regime's first scan and an lr search's iso-LR check; an ELR search's iso-ELR check
+            ax.set_title("loss along ELR at one lr (the regime's first scan"
+                         + ", the iso-LR check" * any(_panel(sr) == "elr" != sr.axis for sr in run.stages) + ")"
+                         if a == "elr" else "loss along lr at one ELR (the iso-ELR check)")
         if ax.get_legend_handles_labels()[0]:  # a panel of diverged members only has nothing to label
             ax.legend(fontsize="small")
     diverged = any(not o.finite for sr in run.stages for o in sr.outcomes)
@@ -201,8 +254,7 @@ def build_heatmap_figure(run: TuneRun) -> Figure:
         ax.plot(xs, e / xs, color="0.6", lw=0.6, ls="--", zorder=1)
     r = run.result
     if r.best is not None:
-        ax.plot([r.best.lr], [r.best.wd], marker="*", ms=18, color="gold", mec="k", ls="none", zorder=4,
-                label="recommended")
+        _star(ax, r.best.lr, r.best.wd, 20)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlim(lo_lr, hi_lr)
