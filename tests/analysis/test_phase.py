@@ -445,6 +445,29 @@ def test_plot_phases_writes_png(synthetic, tmp_path, monkeypatch):
         pytest.approx(phases[0].equilibrium_tau)]
 
 
+def test_plot_phases_fades_a_terminal_decay_that_the_verdict_does_not_judge(tmp_path, monkeypatch):
+    """Under WSD the decay lifts nu ~2x above its level (|w| follows lr_t more weakly than sqrt(lr_t)); drawn
+    solid, that tail read as a run ending twice its level "at the end". The judged part ends at its level."""
+    records = _member(1, "wsd", _wsd_loss, lr=_wsd)
+    phases = member_phases(records, beta1=0.0)
+    figures = []
+    monkeypatch.setattr(phase, "save_png", lambda fig, path: figures.append(fig))
+    plot_phases(records, phases, tmp_path / "wsd.png")
+    top, bottom = figures[0].axes[:2]
+    solid = [ln for ln in top.lines if ln.get_linestyle() == "-" and len(ln.get_xdata()) > 2]  # not the 1.0 rule
+    faded = [ln for ln in top.lines if ln.get_linestyle() == "--"]
+    assert len(solid) == 1 and len(faded) == 1 and faded[0].get_alpha() < 1
+    # the last quasi-static step: lr within 10% of its peak, step 6560 of the decay from 6400 (theta 6.55)
+    assert solid[0].get_xdata()[-1] == pytest.approx(6.4 + 160 * 0.95 * LR * WD, abs=0.03)
+    assert solid[0].get_ydata()[-1] == pytest.approx(1.0, abs=0.05)  # at its level where the verdict is read
+    assert faded[0].get_xdata()[0] == solid[0].get_xdata()[-1] and faded[0].get_xdata()[-1] == pytest.approx(7.2, abs=0.03)
+    assert faded[0].get_ydata()[-1] > 1.3  # the decay's lift, shown but set apart
+    lo, hi = top.get_ylim()  # framed on the judged part and the band: the lift leaves through the top
+    assert lo < min(solid[0].get_ydata()) and 1.15 < hi < max(faded[0].get_ydata())
+    assert len([ln for ln in bottom.lines if ln.get_linestyle() == "--"]) == 1
+    assert "last steady-lr step" in top.get_title()
+
+
 def test_plot_phases_of_a_grid_colours_by_elr(tmp_path, monkeypatch):
     """More members than phase.MAX_LEGEND: no legend entry each (it would bury the axes) but a colorbar
     of ELR, and the regimes counted."""

@@ -490,9 +490,10 @@ def format_phases(phases: Sequence[MemberPhase]) -> str:
 
 
 def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png: str | Path) -> Path:
-    """Top: the criterion, nu over its level at the end against step/tau (log x), the band shaded,
-    equilibrium steps dotted, regime in the legend; bottom: the relative update over its derived
-    noise-dominated value (the calibration). PNG written atomically."""
+    """Top: the criterion, nu over its level at the last quasi-static step against step/tau (log x), the
+    band shaded, equilibrium steps dotted, regime in the legend, a terminal lr decay (not judged) dashed
+    and faded; bottom: the relative update over its derived noise-dominated value (the calibration). PNG
+    written atomically."""
     groups = _group(records)
     fig = Figure(figsize=(8, 7.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
@@ -504,6 +505,7 @@ def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png:
         elrs = [p.lr * p.wd for p in drawn]
         lo, hi = min(elrs), max(elrs)
         by_elr = ScalarMappable(norm=LogNorm(lo, hi) if hi > lo else LogNorm(lo / 2, hi * 2), cmap="viridis")
+    judged: list[float] = []  # nu over its level where the verdict reads it: what the top panel frames
     for i, p in enumerate(drawn):
         crit = Criteria(**p.evidence["criteria"])
         s = _series(groups[(p.run_id, p.member)], p.evidence["kind"])
@@ -511,16 +513,26 @@ def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png:
         x = s.theta  # the relaxation's clock: equilibrium_tau is read on it
         colour = by_elr.to_rgba(p.lr * p.wd) if many else f"C{i % 10}"
         level = math.log(p.evidence["nu_end"]) if p.evidence.get("nu_end") else math.nan
-        ax_n.plot(x, np.exp(m.ln_nu_smooth - level), color=colour, lw=1.6,
-                  label=None if many else f"{p.name} ({p.regime})")
+        # judged up to the last quasi-static step (the level is nu's there); after it a decaying lr lifts nu
+        # (|w| follows lr_t more weakly than the sqrt(lr_t) taken out; ~2x by the end of a WSD run): faded
+        q = np.flatnonzero(_quasi_static(s, p.wd, crit.sched_tol))
+        cut = int(q[-1]) + 1 if len(q) else len(x)
+        nu = np.exp(m.ln_nu_smooth - level)
+        judged += [v for v in nu[:cut] if math.isfinite(v) and v > 0]
+        ax_n.plot(x[:cut], nu[:cut], color=colour, lw=1.6, label=None if many else f"{p.name} ({p.regime})")
         ax_r.plot(x, m.ratio, color=colour, alpha=0.2, lw=0.7)
-        ax_r.plot(x, m.ratio_smooth, color=colour, lw=1.6)
+        ax_r.plot(x[:cut], m.ratio_smooth[:cut], color=colour, lw=1.6)
+        if cut < len(x):
+            ax_n.plot(x[cut - 1:], nu[cut - 1:], color=colour, lw=1.0, ls="--", alpha=0.45)
+            ax_r.plot(x[cut - 1:], m.ratio_smooth[cut - 1:], color=colour, lw=1.0, ls="--", alpha=0.45)
         if p.equilibrium_step is not None:
             for ax in (ax_n, ax_r):
                 ax.axvline(p.equilibrium_tau, color=colour, ls=":", lw=1.2)
     if drawn:
         crit = drawn[0].evidence["criteria"]
         ax_n.axhspan(1 / (1 + crit["norm_tol"]), 1 + crit["norm_tol"], color="0.85", zorder=0)
+        # the judged part and the band; a decay's tail (nu grows as lr_t -> 0) leaves through the top
+        ax_n.set_ylim(min(judged + [1 / (1 + crit["norm_tol"])]) / 1.2, max(judged + [1 + crit["norm_tol"]]) * 1.6)
         if crit["rel_tol"] is not None:
             ax_r.axhspan(1 / (1 + crit["rel_tol"]), 1 + crit["rel_tol"], color="0.85", zorder=0)
         for ax in (ax_n, ax_r):
@@ -536,7 +548,8 @@ def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png:
             ax_r.set_title("relative update over its derived noise-dominated value", fontsize="medium")
     else:
         ax_n.text(0.5, 0.5, "no weight/update norms logged", transform=ax_n.transAxes, ha="center")
-    ax_n.set_title("weight norm against its level at the end (dotted: equilibrium reached)")
+    ax_n.set_title("weight norm against its level at the last steady-lr step\n(dotted: equilibrium reached; "
+                   "dashed, faded: the lr decay, not judged)", fontsize="medium")
     ax_n.set_ylabel("nu / nu_end,  nu = |w| sqrt(wd/lr_t)")
     ax_r.set_ylabel("|dw|/|w|  /  derived value")
     for ax in (ax_n, ax_r):
