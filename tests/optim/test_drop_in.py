@@ -1,6 +1,8 @@
 """FusedAdamW where code written for torch.optim.AdamW puts it: schedulers built late, torch's positional
 arguments, flags set on a live optimizer, a state dict it must refuse."""
 
+import warnings
+
 import pytest
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -87,3 +89,100 @@ def test_a_refused_state_dict_leaves_the_optimizer_as_it_was():
     assert group["lr"] == 5e-3 and not group["amsgrad"]  # they were replaced before the refusal
     assert all(torch.equal(ours.state[q][k], v) for k, v in state.items())
     ours.step()  # still usable
+
+
+# --- load_state_dict as torch loads one, found by a drop-in QA pass (each case against torch.optim.AdamW)
+
+def _stepped(cls, groups_of, grads):
+    """An optimizer over `groups_of(params)` after one step with the given grads per param."""
+    params = [torch.nn.Parameter(torch.zeros(3)) for _ in grads]
+    opt = cls(groups_of(params), lr=1e-2)
+    for p, g in zip(params, grads):
+        p.grad = torch.full((3,), g)
+    opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, FusedAdamW])
+def test_a_saved_state_goes_to_the_param_its_groups_list_at_that_place(cls):
+    # code that now builds its groups in another order reorders the saved groups to match: torch pairs
+    # states with params through the ids in the saved groups; by position, b got a's moments with no error
+    (a, b), old = _stepped(cls, lambda ps: [{"params": [ps[0]]}, {"params": [ps[1]]}], [1.0, 5.0])
+    sd = old.state_dict()
+    new = cls([{"params": [b]}, {"params": [a]}], lr=1e-2)
+    new.load_state_dict({"state": sd["state"], "param_groups": sd["param_groups"][::-1]})
+    assert new.state[b]["exp_avg"].tolist() == pytest.approx([0.5] * 3)  # (1 - beta1) * 5
+    assert new.state[a]["exp_avg"].tolist() == pytest.approx([0.1] * 3)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, FusedAdamW])
+def test_a_state_dict_keyed_by_parameter_names_loads(cls):
+    # torch.distributed.checkpoint (get/set_optimizer_state_dict, FSDP2's path) keys states and group params
+    # by the parameters' names; FusedAdamW indexed its params with them (TypeError)
+    (a, b), old = _stepped(cls, lambda ps: ps, [1.0, 5.0])
+    sd = old.state_dict()
+    names = {0: "a.weight", 1: "b.weight"}
+    named = {"state": {names[i]: s for i, s in sd["state"].items()},
+             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    new = cls([a, b], lr=1e-2)
+    new.load_state_dict(named)
+    assert new.state[b]["exp_avg"].tolist() == pytest.approx([0.5] * 3) and float(new.state[a]["step"]) == 1.0
+    bad = {**named, "state": {**named["state"], "b.weight": {**named["state"]["b.weight"],
+                                                             "exp_avg": torch.zeros(4)}}}
+    if cls is FusedAdamW:  # the shape check holds for names as for ids
+        with pytest.raises(ValueError, match=r"exp_avg for param 'b.weight' has shape \(4,\)"):
+            new.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, FusedAdamW])
+def test_load_hooks_decide_the_loaded_state(cls):
+    """A pre-hook's returned dict is the one loaded, and a post-hook's edits stand (FusedAdamW loaded the
+    moments of the dict it was given, then overwrote the post-hook's, pairing step 0 with old moments)."""
+    sd = _stepped(cls, lambda ps: ps, [1.0])[1].state_dict()
+    (p,), opt = _stepped(cls, lambda ps: ps, [1.0])
+    opt.register_load_state_dict_pre_hook(lambda o, d: {**d, "state": {
+        i: {**s, "exp_avg": torch.zeros(3), "exp_avg_sq": torch.full((3,), 4.0)} for i, s in d["state"].items()}})
+    opt.load_state_dict(sd)
+    assert opt.state[p]["exp_avg"].tolist() == [0.0] * 3 and opt.state[p]["exp_avg_sq"].tolist() == [4.0] * 3
+
+    def restart(o):
+        for st in o.state.values():
+            st.update(exp_avg=torch.zeros(3), exp_avg_sq=torch.full((3,), 9.0), step=torch.tensor(0.0))
+
+    (p,), opt = _stepped(cls, lambda ps: ps, [1.0])
+    opt.register_load_state_dict_post_hook(restart)
+    opt.load_state_dict(sd)
+    assert opt.state[p]["exp_avg_sq"].tolist() == [9.0] * 3 and float(opt.state[p]["step"]) == 0.0
+    before = p.detach().clone()
+    p.grad = torch.ones(3)
+    opt.step()
+    # step 1 from m = 0, v = 9: m_hat = 1, v_hat = (0.999 * 9 + 0.001) / 0.001, after the decay by lr * wd
+    v_hat = (0.999 * 9 + 0.001) / 0.001
+    want = -1e-2 * 1e-2 * before - 1e-2 / (v_hat ** 0.5 + 1e-8)
+    assert (p - before).tolist() == pytest.approx(want.tolist(), rel=1e-4)
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, FusedAdamW])
+def test_zero_grad_without_none_cuts_a_create_graph_grad_from_its_graph(cls):
+    # a gradient penalty (backward(create_graph=True)): the kept grad's graph grew a node every step
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = cls([w], lr=1e-3)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=False)
+        with warnings.catch_warnings():  # torch warns of the reference cycle, once a process
+            warnings.simplefilter("ignore")
+            w.pow(3).sum().backward(create_graph=True)
+        opt.step()
+    opt.zero_grad(set_to_none=False)
+    assert w.grad.grad_fn is None and not w.grad.requires_grad and w.grad.eq(0).all()
+
+
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, FusedAdamW])
+def test_a_model_on_the_meta_device_steps(cls):
+    # deferred init and memory planning build models on meta; FusedAdamW asked for pinned CUDA memory
+    with torch.device("meta"):
+        model = torch.nn.Linear(4, 3)
+    opt = cls(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 4, device="meta")).sum().backward()
+    opt.step()
+    assert opt.state[model.weight]["exp_avg"].device.type == "meta"

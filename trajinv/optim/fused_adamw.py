@@ -37,8 +37,15 @@ which runs fp32 buckets through the native one-pass kernel and 16-bit buckets
 
 Statistics cost: on the Triton and native paths they ride in the update's
 registers (bench/bench_adamw.py); on the torch-ops path they take extra passes
-(about 4x the update): pass ``step(statistics=False)`` for steps whose
-statistics nobody reads.
+(about 4x the update) and keep an fp32 scratch of 8 B/param between steps
+(16-bit params on the CPU; allocating it every step costs more): pass
+``step(statistics=False)`` for steps whose statistics nobody reads.
+
+On the Triton path the parameters become views of one flat buffer per
+(device, dtype) (`trajinv.optim.buckets`, as apex and ZeRO do): a param's
+storage is then the whole bucket, so ``torch.save`` of one submodule's
+``state_dict()`` writes the bucket (save ``{k: v.clone() ...}`` for a part), and a
+channels_last or transposed param becomes contiguous.
 
 On the Triton path the step counts live on the device; ``opt.state[p]["step"]``
 is refreshed from them by ``state_dict()`` (refreshing it every step would cost
@@ -60,7 +67,9 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from copy import deepcopy
 from itertools import repeat
 from typing import Any, NamedTuple
 
@@ -74,6 +83,18 @@ from trajinv.optim.hyper import BASE_LR, HyperTable, copy_lr, group_members, is_
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
+
+
+def _cast_as_torch(param: torch.Tensor, value: Any, param_id: Any, groups: list[dict], key: Any) -> Any:
+    """A state value as torch's `Optimizer.load_state_dict` casts it (tensors to the param's device, and
+    floating ones to its dtype), through dicts and sequences."""
+    if isinstance(value, torch.Tensor):
+        return torch.optim.Optimizer._process_value_according_to_param_policy(param, value, param_id, groups, key)
+    if isinstance(value, dict):
+        return {k: _cast_as_torch(param, v, param_id, groups, k) for k, v in value.items()}
+    if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
+        return type(value)(_cast_as_torch(param, v, param_id, groups, None) for v in value)
+    return value
 _PICKLED = ("backend", "master_weights", "stochastic_rounding", "native_cpu", "seed")  # beyond torch's three
 
 
@@ -386,7 +407,7 @@ class FusedAdamW(torch.optim.Optimizer):
         if b.use_triton:
             return engines.triton_step(b, active, self._hyper.rows(self.param_groups, b.device), gs, inf,
                                        self.seed, self.stochastic_rounding)
-        if b.dtype == torch.float32 and self.native_cpu and K.NATIVE.get() is not None:
+        if b.dtype == torch.float32 and b.device.type == "cpu" and self.native_cpu and K.NATIVE.get() is not None:
             emit = emit and all(active)
             out = engines.native_step(b, active, self._hyper.rows(self.param_groups, b.device), gs, inf,
                                       statistics, b.precond_buffer() if emit else None)
@@ -395,8 +416,9 @@ class FusedAdamW(torch.optim.Optimizer):
                 if emit and not skipped:
                     b.precond_ready = self._precond_keys(b)
                 return out
-        return engines.torch_step(b, active, self._hyper.rows(self.param_groups, b.device).tolist(), gs, inf,
-                                  statistics, self.stochastic_rounding, self.seed)
+        # torch ops (also any device but CUDA and the CPU: meta, say): the rows as numbers, read on the CPU
+        rows = self._hyper.rows(self.param_groups, torch.device("cpu")).tolist()
+        return engines.torch_step(b, active, rows, gs, inf, statistics, self.stochastic_rounding, self.seed)
 
     def _grad_scale_for(self, b: Bucket, grad_scale) -> torch.Tensor | None:
         if grad_scale is None:
@@ -525,33 +547,57 @@ class FusedAdamW(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load ours or torch.optim.AdamW's; states stay fp32 even for 16-bit params."""
-        saved = {i: {k: v for k, v in s.items() if k in _STATE_KEYS} for i, s in state_dict["state"].items()}
-        params = [p for g in self.param_groups for p in g["params"]]
-        theirs_sizes = [len(g["params"]) for g in state_dict["param_groups"]]
+        """Load ours or torch.optim.AdamW's, as torch loads one: its load hooks run (a pre-hook's dict is the
+        one loaded, a post-hook sees and may edit the loaded state), and a saved state goes to the param
+        whose id (or name, as `torch.distributed.checkpoint` keys them) stands at the same place in the
+        saved param_groups. Unlike torch, the moments and master weights stay fp32 for 16-bit params
+        (torch casts them to the param's dtype) and a step count is a float32 tensor."""
+        state_dict = state_dict.copy()  # shallow, as torch: a pre-hook may edit or replace it
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        saved_groups = deepcopy(state_dict["param_groups"])  # the loaded groups do not alias the caller's
+        theirs_sizes = [len(g["params"]) for g in saved_groups]
         mine_sizes = [len(g["params"]) for g in self.param_groups]
         if theirs_sizes != mine_sizes:  # torch's words, with the sizes (else a shape check below named a param)
             what = ("has a different number of parameter groups" if len(theirs_sizes) != len(mine_sizes) else
                     "contains a parameter group that doesn't match the size of optimizer's group")
             raise ValueError(f"loaded state dict {what} (params per group: {theirs_sizes}, this optimizer's "
                              f"{mine_sizes})")
-        for mine, theirs in zip(self.param_groups, state_dict["param_groups"]):  # their flags, before anything moves
+        for mine, theirs in zip(self.param_groups, saved_groups):  # their flags, before anything moves
             self._check_group({"decay_mode": "torch", **theirs, "params": mine["params"]})
-        for i, st in saved.items():  # before anything is replaced: a refused load leaves this optimizer as it was
+        id_map = dict(zip((i for g in saved_groups for i in g["params"]),
+                          (p for g in self.param_groups for p in g["params"])))
+        for i, st in state_dict["state"].items():  # before anything is replaced: a refused load changes nothing
+            p = id_map.get(i)
+            for key, val in st.items() if p is not None else ():
+                if key in _STATE_KEYS and tuple(val.shape) != tuple(p.shape):
+                    raise ValueError(f"state_dict's {key} for param {i!r} has shape {tuple(val.shape)}, the param "
+                                     f"{tuple(p.shape)}: the state of another model")
+        state: defaultdict[Any, dict] = defaultdict(dict)
+        for i, st in state_dict["state"].items():
+            p = id_map.get(i)
+            if p is None:  # as torch: a state that belongs to no param is kept as it is
+                state[i] = st
+                continue
             for key, val in st.items():
-                if isinstance(i, int) and i < len(params) and tuple(val.shape) != tuple(params[i].shape):
-                    raise ValueError(f"state_dict's {key} for param {i} has shape {tuple(val.shape)}, the param "
-                                     f"{tuple(params[i].shape)}: the state of another model")
+                if key in _STATE_KEYS:
+                    state[p][key] = val.to(device=p.device, dtype=torch.float32)
+                elif key == "step":
+                    state[p][key] = torch.as_tensor(float(val), dtype=torch.float32)
+                else:  # a caller's own key (a Lookahead's slow weights): torch's cast
+                    state[p][key] = _cast_as_torch(p, val, i, saved_groups, key)
+        for mine, theirs in zip(self.param_groups, saved_groups):
+            theirs["params"] = mine["params"]
+            if "param_names" in mine and "param_names" not in theirs:
+                theirs["param_names"] = mine["param_names"]
+            theirs.setdefault("decay_mode", "torch")
+            theirs.setdefault(BASE_LR, copy_lr(theirs["lr"]))  # a torch AdamW's state has none
         self._invalidate()
-        super().load_state_dict(state_dict)
-        for i, st in saved.items():
-            p = params[i]
-            for key, val in st.items():
-                self.state[p][key] = val.to(device=p.device, dtype=torch.float32)
-            self.state[p]["step"] = torch.as_tensor(float(self.state[p]["step"]), dtype=torch.float32)
-        for g in self.param_groups:
-            g.setdefault("decay_mode", "torch")
-            g.setdefault(BASE_LR, copy_lr(g["lr"]))  # a torch AdamW's state has none
+        self.__setstate__({"state": state, "param_groups": saved_groups})
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch; with set_to_none=False the flat grad buffers are zeroed in one op and stay in place."""
@@ -560,6 +606,12 @@ class FusedAdamW(torch.optim.Optimizer):
         for b in self._buckets:
             for t, p in enumerate(b.params):
                 if p.grad is not None and not (b.use_triton and b.grad_in_place(t)):
+                    # as torch: cut a grad made with create_graph=True from its graph, which would
+                    # otherwise grow by a ZeroBackward node every step
+                    if p.grad.grad_fn is not None:
+                        p.grad.detach_()
+                    else:
+                        p.grad.requires_grad_(False)
                     p.grad.zero_()
             if b.use_triton:
                 b.flat_grad.zero_()
