@@ -186,3 +186,18 @@ def test_a_model_on_the_meta_device_steps(cls):
     model(torch.randn(2, 4, device="meta")).sum().backward()
     opt.step()
     assert opt.state[model.weight]["exp_avg"].device.type == "meta"
+
+
+def test_a_torch_state_saved_with_capturable_or_differentiable_loads_them_cleared():
+    # they change how torch's step runs (CUDA graphs, autograd through it), not the moments: resuming such a
+    # run with FusedAdamW was refused
+    (p,), theirs = _stepped(torch.optim.AdamW, lambda ps: ps, [1.0])
+    sd = theirs.state_dict()
+    sd["param_groups"][0].update(capturable=True, differentiable=True)
+    (q,), ours = _stepped(FusedAdamW, lambda ps: ps, [2.0])
+    ours.load_state_dict(sd)
+    assert not ours.param_groups[0]["capturable"] and not ours.param_groups[0]["differentiable"]
+    assert sd["param_groups"][0]["capturable"]  # the caller's dict is not edited
+    assert torch.equal(ours.state[q]["exp_avg"], theirs.state[p]["exp_avg"])
+    q.grad = torch.ones(3)
+    ours.step()

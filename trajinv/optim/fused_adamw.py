@@ -99,6 +99,8 @@ _PICKLED = ("backend", "master_weights", "stochastic_rounding", "native_cpu", "s
 
 
 _UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
+_HOW_NOT_WHAT = ("capturable", "differentiable")  # how torch's step runs, not what its state means: a state
+# saved with them loads (cleared); amsgrad's and maximize's states mean other maths and stay refused
 
 
 def _refuse_unsupported(group: dict) -> None:
@@ -551,7 +553,9 @@ class FusedAdamW(torch.optim.Optimizer):
         one loaded, a post-hook sees and may edit the loaded state), and a saved state goes to the param
         whose id (or name, as `torch.distributed.checkpoint` keys them) stands at the same place in the
         saved param_groups. Unlike torch, the moments and master weights stay fp32 for 16-bit params
-        (torch casts them to the param's dtype) and a step count is a float32 tensor."""
+        (torch casts them to the param's dtype) and a step count is a float32 tensor. A torch state saved
+        with capturable or differentiable set loads with them cleared (they say how a step runs, not what
+        the state means); amsgrad and maximize are refused, leaving this optimizer as it was."""
         state_dict = state_dict.copy()  # shallow, as torch: a pre-hook may edit or replace it
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
@@ -566,6 +570,8 @@ class FusedAdamW(torch.optim.Optimizer):
             raise ValueError(f"loaded state dict {what} (params per group: {theirs_sizes}, this optimizer's "
                              f"{mine_sizes})")
         for mine, theirs in zip(self.param_groups, saved_groups):  # their flags, before anything moves
+            for name in _HOW_NOT_WHAT:
+                theirs[name] = False
             self._check_group({"decay_mode": "torch", **theirs, "params": mine["params"]})
         id_map = dict(zip((i for g in saved_groups for i in g["params"]),
                           (p for g in self.param_groups for p in g["params"])))
