@@ -460,7 +460,8 @@ def test_plot_phases_fades_a_terminal_decay_that_the_verdict_does_not_judge(tmp_
     # the last quasi-static step: lr within 10% of its peak, step 6560 of the decay from 6400 (theta 6.55)
     assert solid[0].get_xdata()[-1] == pytest.approx(6.4 + 160 * 0.95 * LR * WD, abs=0.03)
     assert solid[0].get_ydata()[-1] == pytest.approx(1.0, abs=0.05)  # at its level where the verdict is read
-    assert faded[0].get_xdata()[0] == solid[0].get_xdata()[-1] and faded[0].get_xdata()[-1] == pytest.approx(7.2, abs=0.03)
+    assert faded[0].get_xdata()[0] == solid[0].get_xdata()[-1]
+    assert faded[0].get_xdata()[-1] == pytest.approx(7.2, abs=0.03)  # the run's end: 6.4 + 0.5 * 1600 * LR * WD
     assert faded[0].get_ydata()[-1] > 1.3  # the decay's lift, shown but set apart
     lo, hi = top.get_ylim()  # framed on the judged part and the band: the lift leaves through the top
     assert lo < min(solid[0].get_ydata()) and 1.15 < hi < max(faded[0].get_ydata())

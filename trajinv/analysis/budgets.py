@@ -388,8 +388,8 @@ def _check_finished(rows: list[dict], root: Path, batch_size: str | int | None) 
         return
     other = batch_size is None and len(_spec(root).get("batch_sizes") or []) > 1
     raise ValueError(f"the sweep in {root} is incomplete: {missing} of {len(rows) + absent} members have not "
-                     f"finished ({', '.join(why)}); rerun the `trajinv {owner(root) or 'sweep'}` command to finish them (a diverged member "
-                     "counts as finished)" + ", or fit one finished batch size with --batch-size B" * other)
+                     f"finished ({', '.join(why)}); rerun the `trajinv {owner(root) or 'sweep'}` command to finish them "
+                     "(a diverged member counts as finished)" + ", or fit one finished batch size with --batch-size B" * other)
 
 
 def _missing(rows: list[dict], root: Path, batch_size: str | int | None) -> tuple[int, int, list[str]]:

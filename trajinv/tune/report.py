@@ -192,7 +192,8 @@ def build_curve_figure(run: TuneRun) -> Figure:
     # hollow, in the colour of the line's stage
     for a, ax in panels.items():
         label = "on these lines, from other stages (read, not retrained)"
-        for line in dict.fromkeys(line for sr in run.stages if _panel(sr) == a and (line := _line(a, sr.stage.points))):
+        lines = [_line(a, sr.stage.points) for sr in run.stages if _panel(sr) == a]
+        for line in dict.fromkeys(held for held in lines if held is not None):
             read = {o.point.key: o for sr in run.stages if _panel(sr) != a for o in sr.outcomes
                     if o.finite and o.point.key not in drawn[a] and _coord(line[0], o.point) == line[1]}
             if read:
