@@ -6,7 +6,8 @@ and finished. One budget: a sweep may train several batch sizes or batch schedul
 (`--batch-size 32 --batch-size 256`), each with its own optimum (and, at fixed steps,
 its own tokens), whose members share (lr, wd) values; merged, they would locate an
 optimum of neither. So a sweep whose finished members hold more than one batch size
-is refused unless one is selected (`batch_size`, `trajinv fit --batch-size`), and the
+is refused unless one is selected (`batch_size`, `trajinv fit --batch-size`) or every
+other one has finished all diverged (`_implied_batch_size`), and the
 finished members must share one (tokens, steps). Finished: every member of its
 `spec.json` grid (at the selected batch size) is done or diverged (a diverged member
 is an outcome: the loss there is no good); one missing from summary.csv (an
