@@ -201,3 +201,17 @@ def test_a_torch_state_saved_with_capturable_or_differentiable_loads_them_cleare
     assert torch.equal(ours.state[q]["exp_avg"], theirs.state[p]["exp_avg"])
     q.grad = torch.ones(3)
     ours.step()
+
+
+def test_a_state_missing_an_adam_key_is_refused_at_load():
+    # it loaded, then the first step failed (KeyError 'step') with the optimizer already changed
+    (p,), opt = _stepped(FusedAdamW, lambda ps: ps, [1.0])
+    sd = opt.state_dict()
+    del sd["state"][0]["step"]
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    with pytest.raises(ValueError, match=r"param 0 has exp_avg, exp_avg_sq but not step: not an AdamW state"):
+        opt.load_state_dict(sd)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in before.items())
+    opt.load_state_dict({**sd, "state": {0: {"slow": torch.zeros(3)}}})  # a caller's own keys alone: fine
+    p.grad = torch.ones(3)
+    opt.step()

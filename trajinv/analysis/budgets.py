@@ -109,7 +109,7 @@ def study_setting(directory: str | Path, batch_size: str | int | None = None) ->
         runs = _dirs(root, "stages/*/runs/*")
     else:
         spec = _run_spec(root)
-        batch = _batch_sizes(_one_batch_size(load_summary(root), root, batch_size))
+        batch = _batch_sizes(_one_batch_size(load_summary(root), root, batch_size)[0])
         runs = [*_dirs(root, "runs/*"), root]  # a sweep's runs, or a `trajinv train` folder itself
     train = spec.get("train") or {}
     schedule = dict(train.get("schedule") or {})
@@ -156,8 +156,7 @@ def _from_sweep(root: Path, n_boot: int, seed: int, batch_size: str | int | None
     rows = load_summary(root)
     if not rows:
         raise ValueError(f"{root}/summary.csv has no members")
-    batch_size = _implied_batch_size(rows, root, batch_size)
-    rows = _one_batch_size(rows, root, batch_size)
+    rows, batch_size = _one_batch_size(rows, root, batch_size)
     _check_finished(rows, root, batch_size)
     se = final_val_loss_se(root)
     chance = _chance(root)
@@ -317,21 +316,22 @@ def _batch_sizes(rows: list[dict]) -> list[str]:
     return list(dict.fromkeys(_bs(r.get("batch_size")) for r in rows))
 
 
-def _one_batch_size(rows: list[dict], root: Path, batch_size: str | int | None) -> list[dict]:
-    """The rows of one batch size or schedule: `batch_size`, else the one the finished members share
-    (`_implied_batch_size`)."""
+def _one_batch_size(rows: list[dict], root: Path, batch_size: str | int | None
+                    ) -> tuple[list[dict], str | int | None]:
+    """(the rows of one batch size or schedule, that one or None for all): `batch_size`, else the one the
+    finished members share (`_implied_batch_size`)."""
     batch_size = _implied_batch_size(rows, root, batch_size)
     if batch_size is not None:
         chosen = [r for r in rows if _bs(r.get("batch_size")) == _bs(batch_size)]
         if not chosen:
             raise ValueError(f"the sweep in {root} has no member at batch size {_bs(batch_size)} "
                              f"(it holds {', '.join(_batch_sizes(rows))})")
-        return chosen
+        return chosen, batch_size
     found = _batch_sizes([r for r in rows if r.get("status") == "done"])
     if len(found) > 1:
         raise ValueError(f"the sweep in {root} holds finished members at {len(found)} batch sizes "
                          f"({', '.join(found)}), each with its own optimum; pick one with --batch-size B")
-    return rows
+    return rows, None
 
 
 def _implied_batch_size(rows: list[dict], root: Path, batch_size: str | int | None) -> str | int | None:
@@ -342,16 +342,14 @@ def _implied_batch_size(rows: list[dict], root: Path, batch_size: str | int | No
         return batch_size
     chance = _chance(root)
     trained = _batch_sizes([r for r in rows if _loss(r, chance) is not None])
-    sizes = dict.fromkeys(_batch_sizes(rows) + [_bs(b) for b in _spec(root).get("batch_sizes") or []])
-    others = [b for b in sizes if trained and b != trained[0]]
-    if len(trained) != 1 or not others:
+    if len(trained) != 1:
         return None
-    for b in others:
-        at_b = [r for r in rows if _bs(r.get("batch_size")) == b]
-        if any(_loss(r, chance) is not None or r.get("status") not in ("done", "diverged") for r in at_b) \
-                or _missing(at_b, root, b)[0]:
-            return None  # unfinished there: refused as incomplete, naming --batch-size
-    return trained[0]
+    sizes = dict.fromkeys(_batch_sizes(rows) + [_bs(b) for b in _spec(root).get("batch_sizes") or []])
+    others = [b for b in sizes if b != trained[0]]
+    for b in others:  # none trained to a loss; all finished? (else refused as incomplete, naming --batch-size)
+        if _missing([r for r in rows if _bs(r.get("batch_size")) == b], root, b)[0]:
+            return None
+    return trained[0] if others else None
 
 
 def _key(lr, wd) -> tuple[float, float]:

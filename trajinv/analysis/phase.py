@@ -518,7 +518,7 @@ def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png:
         q = np.flatnonzero(_quasi_static(s, p.wd, crit.sched_tol))
         cut = int(q[-1]) + 1 if len(q) else len(x)
         nu = np.exp(m.ln_nu_smooth - level)
-        judged += [v for v in nu[:cut] if math.isfinite(v) and v > 0]
+        judged += [v for v in nu[q] if math.isfinite(v) and v > 0]  # not the warmup's (lr_t near 0: nu large)
         ax_n.plot(x[:cut], nu[:cut], color=colour, lw=1.6, label=None if many else f"{p.name} ({p.regime})")
         ax_r.plot(x, m.ratio, color=colour, alpha=0.2, lw=0.7)
         ax_r.plot(x[:cut], m.ratio_smooth[:cut], color=colour, lw=1.6)

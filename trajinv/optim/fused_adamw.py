@@ -38,7 +38,7 @@ which runs fp32 buckets through the native one-pass kernel and 16-bit buckets
 Statistics cost: on the Triton and native paths they ride in the update's
 registers (bench/bench_adamw.py); on the torch-ops path they take extra passes
 (about 4x the update) and keep an fp32 scratch of 8 B/param between steps
-(16-bit params on the CPU; allocating it every step costs more): pass
+(allocating it every step costs more): pass
 ``step(statistics=False)`` for steps whose statistics nobody reads.
 
 On the Triton path the parameters become views of one flat buffer per
@@ -83,6 +83,8 @@ from trajinv.optim.hyper import BASE_LR, HyperTable, copy_lr, group_members, is_
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq", "master_param")
+_ADAM_KEYS = ("step", "exp_avg", "exp_avg_sq")  # an AdamW state has all three (or none: a caller's keys only)
+_PICKLED = ("backend", "master_weights", "stochastic_rounding", "native_cpu", "seed")  # beyond torch's three
 
 
 def _cast_as_torch(param: torch.Tensor, value: Any, param_id: Any, groups: list[dict], key: Any) -> Any:
@@ -95,7 +97,6 @@ def _cast_as_torch(param: torch.Tensor, value: Any, param_id: Any, groups: list[
     if isinstance(value, Iterable) and not isinstance(value, (str, bytes)):
         return type(value)(_cast_as_torch(param, v, param_id, groups, None) for v in value)
     return value
-_PICKLED = ("backend", "master_weights", "stochastic_rounding", "native_cpu", "seed")  # beyond torch's three
 
 
 _UNSUPPORTED = ("amsgrad", "maximize", "capturable", "differentiable")
@@ -577,7 +578,13 @@ class FusedAdamW(torch.optim.Optimizer):
                           (p for g in self.param_groups for p in g["params"])))
         for i, st in state_dict["state"].items():  # before anything is replaced: a refused load changes nothing
             p = id_map.get(i)
-            for key, val in st.items() if p is not None else ():
+            if p is None:
+                continue
+            held = [k for k in _ADAM_KEYS if k in st]
+            if held and len(held) < len(_ADAM_KEYS):  # the step would fail on it, after the load had taken it
+                raise ValueError(f"state_dict's state for param {i!r} has {', '.join(held)} but not "
+                                 f"{', '.join(k for k in _ADAM_KEYS if k not in st)}: not an AdamW state")
+            for key, val in st.items():
                 if key in _STATE_KEYS and tuple(val.shape) != tuple(p.shape):
                     raise ValueError(f"state_dict's {key} for param {i!r} has shape {tuple(val.shape)}, the param "
                                      f"{tuple(p.shape)}: the state of another model")

@@ -103,7 +103,7 @@ class HyperTable:
         cached = self._cache.get(device)
         if cached is not None and cached[0] == flat:
             return cached[1]
-        if device.type != "cuda":  # the CPU, and devices with no pinned host memory (meta: a planning run)
+        if device.type != "cuda":  # pinned staging is CUDA's (the CPU needs none)
             out = torch.tensor(flat, dtype=torch.float32).reshape(-1, N_HYPER).to(device)
         else:
             # pinned staging (torch's caching host allocator) so the copy is async: a copy

@@ -136,23 +136,29 @@ def _coord(name: str, p) -> float:
     return round(math.log2(p.lr if name == "lr" else p.wd if name == "wd" else p.elr), 9)
 
 
-def _line(panel: str, points) -> tuple[str, float] | None:
-    """What a stage's points hold fixed along `panel`: ('lr', log2 lr) on the ELR panel, ('wd', ...) or
-    ('ELR', ...) on the lr panel; None when they lie on no one line."""
-    for name in ("lr",) if panel == "elr" else ("wd", "ELR"):
-        values = {_coord(name, p) for p in points}
-        if len(values) == 1:
-            return name, values.pop()
-    return None
+def _held_name(sr) -> str:
+    """What a stage's line holds fixed, by what the stage is: lr on the ELR panel (a scan of ELR at one lr,
+    an iso-LR check of wd at one lr), wd on the lr panel (an lr scan), ELR for an iso-ELR check. Read off
+    the points instead, a one-point check (a budget trimmed it) has one wd too, and was put on a wd line."""
+    if _panel(sr) == "elr":
+        return "lr"
+    return "wd" if sr.stage.kind != "check" else "ELR"
 
 
-def _held(panel: str, points) -> str:
-    """The line a stage lies on, for its label ('lr=0.0039', 'ELR=0.00098'), else the range of lr or wd."""
-    line = _line(panel, points)
+def _line(sr) -> tuple[str, float] | None:
+    """(`_held_name`, its log2 value) of a stage's line; None when its points do not share one."""
+    name = _held_name(sr)
+    values = {_coord(name, p) for p in sr.stage.points}
+    return (name, values.pop()) if len(values) == 1 else None
+
+
+def _held(sr) -> str:
+    """The line a stage lies on, for its label ('lr=0.0039', 'ELR=0.00098'), else the range it spans."""
+    line = _line(sr)
     if line is not None:
         return f"{line[0]}={2.0 ** line[1]:.3g}"
-    name = "lr" if panel == "elr" else "wd"
-    values = sorted(p.lr if name == "lr" else p.wd for p in points)
+    name = _held_name(sr)
+    values = sorted(p.lr if name == "lr" else p.wd if name == "wd" else p.elr for p in sr.stage.points)
     return f"{name} {values[0]:.3g}..{values[-1]:.3g}"
 
 
@@ -177,13 +183,13 @@ def build_curve_figure(run: TuneRun) -> Figure:
         ax = panels[panel]
         marker = _MARKERS[i % len(_MARKERS)]
         # stages of one panel may lie on different lines (a check, a rescan): the label says which
-        label = f"{sr.directory.name} ({sr.stage.kind}, {_held(panel, sr.stage.points)})"
+        label = f"{sr.directory.name} ({sr.stage.kind}, {_held(sr)})"
         pts = [(_x(panel, o.point), o.loss, o.se) for o in sr.outcomes if o.finite]
         drawn[panel] |= {o.point.key for o in sr.outcomes if o.finite}
         if pts:
             x, y, e = (np.array(v) for v in zip(*pts))
             bars = ax.errorbar(x, y, yerr=e, fmt=marker, ms=6, capsize=2, alpha=0.85, label=label)
-            colours.setdefault((panel, _line(panel, sr.stage.points)), bars.lines[0].get_color())
+            colours.setdefault((panel, _line(sr)), bars.lines[0].get_color())
         for o in sr.outcomes:
             if not o.finite:
                 ax.axvline(_x(panel, o.point), color="crimson", lw=0.8, ls=":", alpha=0.7)
@@ -192,7 +198,7 @@ def build_curve_figure(run: TuneRun) -> Figure:
     # hollow, in the colour of the line's stage
     for a, ax in panels.items():
         label = "on these lines, from other stages (read, not retrained)"
-        lines = [_line(a, sr.stage.points) for sr in run.stages if _panel(sr) == a]
+        lines = [_line(sr) for sr in run.stages if _panel(sr) == a]
         for line in dict.fromkeys(held for held in lines if held is not None):
             read = {o.point.key: o for sr in run.stages if _panel(sr) != a for o in sr.outcomes
                     if o.finite and o.point.key not in drawn[a] and _coord(line[0], o.point) == line[1]}
@@ -220,7 +226,7 @@ def build_curve_figure(run: TuneRun) -> Figure:
             ax.set_title("loss along ELR" if a == "elr" else "loss along lr (large batch or few steps)")
         else:  # the regime's first scan and an lr search's iso-LR check; an ELR search's iso-ELR check
             ax.set_title("loss along ELR at one lr (the regime's first scan"
-                         + ", the iso-LR check" * any(_panel(sr) == "elr" != sr.axis for sr in run.stages) + ")"
+                         + ", the iso-LR check" * (r.axis == "lr" and r.invariant_check is not None) + ")"
                          if a == "elr" else "loss along lr at one ELR (the iso-ELR check)")
         if ax.get_legend_handles_labels()[0]:  # a panel of diverged members only has nothing to label
             ax.legend(fontsize="small")
