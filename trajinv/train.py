@@ -32,7 +32,7 @@ from trajinv.checkpoint import (CheckpointError, clean_run_dir, has_checkpoint, 
 from trajinv.config import PARAM_KINDS, TrainConfig, describe_differences, same_run, to_dict
 from trajinv.data import TokenData, boot_means, sample_batch, validation_batches, window_resamples
 from trajinv.data.batches import check_validation
-from trajinv.gns.estimator import REGIME_LR_FRACTION
+from trajinv.gns.estimator import REGIME_LR_FRACTION, regime_batch
 from trajinv.gns.meter import GNSMeter
 from trajinv.metrics import METRICS, MetricsLog, num, step_records  # noqa: F401 - METRICS: trajinv.train.METRICS
 from trajinv.model import GPT, param_kind
@@ -547,7 +547,7 @@ class Trainer:
                 extra["b_precond_robust"], extra["b_precond_regime"] = num(end), num(regime)
                 # +inf (no signal resolved above the noise) is as small a batch as there is
                 extra["batch_regime"] = "" if math.isnan(regime) else (
-                    "small" if self.batches.sizes[-1] < regime else "large")
+                    "small" if regime_batch(self.batches.sizes) < regime else "large")
             steps, tokens = self.step, self.tokens
             if not self.alive[k] and int(self.diverged_at[0, k]) >= 0:
                 steps, tokens = int(self.diverged_at[0, k]), int(self.diverged_at[1, k])

@@ -255,3 +255,19 @@ def test_a_nan_reading_keeps_the_regime_statistic_and_inf_labels_the_batch_small
     assert res[0].extra["b_precond_regime"] == pytest.approx(recs[0, 29]["b_precond_robust"], rel=1e-6)
     assert res[0].extra["b_precond_regime"] != whole[0].extra["b_precond_robust"]
     assert res[1].extra["b_precond_regime"] is None and res[1].extra["batch_regime"] == "small"
+
+
+def test_a_batch_schedules_label_compares_its_smallest_batch_as_the_tune_does(tiny_data, tiny_train_config, tmp_path):
+    # the summary labelled a 4@0.5,16 run against 16 while the tune's regime compared 4 (the phase that makes
+    # the transition): one member read "large" in summary.csv and "small batch" in tune.json
+    from trajinv.tune.fit import classify_regime
+
+    cfg = _cfg(tiny_train_config, "micro-batch", steps=8, batch_size="4@0.5,16", micro_batch=2,
+               gns=GNSConfig(mode="micro-batch", precond_warmup=2))
+    trainer = Trainer(cfg, tiny_data, tmp_path)
+    trainer.train()
+    for b, label in ((10.0, "small"), (3.0, "large"), (20.0, "small")):
+        trainer.regime_b.fill_(b)
+        assert {r.extra["batch_regime"] for r in trainer.results()} == {label}
+        regime = classify_regime(b, 16, 8, 1e-2, 0.1, schedule=(4, 16))
+        assert regime.small_batch == (label == "small")

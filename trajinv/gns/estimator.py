@@ -97,7 +97,7 @@ switches, so it never mixes W = 1 with Adam's W. Fewer than half of the window's
 spiking cannot move it.
 
 The trainer reads that statistic for the regime (`b_precond_regime`, the summary's
-`batch_regime` label, the tune's regime) at the last measured step whose scheduled lr
+`batch_regime` label, the tune's regime; against `regime_batch`) at the last measured step whose scheduled lr
 is at least REGIME_LR_FRACTION of its peak, not at the last step. A schedule that anneals
 the lr toward 0 at its end (WSD's decay, cosine's tail) drives |G|_W toward its floor
 while the noise stays, so B_precond climbs there: in the demo's first scan (WSD, 800
@@ -127,6 +127,13 @@ REGIME_WINDOW = 32
 REGIME_LR_FRACTION = 0.5
 """The regime's B_precond is read at the last measured step with lr >= this fraction of the peak
 (module doc, "The regime"): before an annealing schedule's tail inflates it."""
+
+
+def regime_batch(sizes) -> int:
+    """The batch a run compares with B_precond: its batch size, or a batch-size schedule's smallest (the
+    small-batch phase is the one that makes the LR->ELR transition: the paper's small-batch-first schedule).
+    One rule for the summary's `batch_regime` and the tune's regime."""
+    return min(sizes)
 
 
 def precond_active(step: int, cfg: GNSConfig) -> bool:

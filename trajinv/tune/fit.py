@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
+from trajinv.gns.estimator import regime_batch
+
 if TYPE_CHECKING:  # annotations only: search.py imports this module
     from trajinv.tune.search import Outcome, Point, Stage
 
@@ -214,7 +216,7 @@ def classify_regime(b_precond: float | None, batch_size: int, steps: int, lr: fl
     require_int("steps", steps, 1)
     sizes = tuple(schedule) if schedule else (batch_size,)
     if len(sizes) > 1:
-        batch_size = min(sizes)
+        batch_size = regime_batch(sizes)
     final = sizes[-1]
     sequences = steps * final if sequences is None else sequences
     for name, value in (("lr", lr), ("wd", wd), ("min_transitions", min_transitions)):
