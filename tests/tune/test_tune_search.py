@@ -370,6 +370,21 @@ def test_budget_of_exactly_the_scan_skips_everything_after():
     assert math.log2(result.best.elr) == pytest.approx(C)
 
 
+@pytest.mark.parametrize("x0, side", [(C + 30, "upper"), (C - 30, "lower")])
+def test_a_budget_that_stops_the_search_with_the_best_at_an_edge_says_so(x0, side):
+    # the shift that would have looked past the edge was skipped: the tune recommended the scan's end in silence
+    result = simulate(SearchConfig(steps_per_member=10, budget=70), elr_surface(x0))
+    assert kinds(result) == ["scan"]
+    edge = [n for n in result.notes if f"at its {side} edge and the budget stopped the search" in n]
+    assert len(edge) == 1 and "--budget" in edge[0]
+    # an interior best, or shifts spent before the budget ran out (explore notes it), gets no such note
+    assert not any("budget stopped" in n for n in simulate(
+        SearchConfig(steps_per_member=10, budget=70), elr_surface(C)).notes)
+    spent = simulate(SearchConfig(steps_per_member=10, budget=130, max_shifts=2), elr_surface(x0))
+    assert kinds(spent) == ["scan", "shift", "shift"]
+    assert sum("edge" in n for n in spent.notes) == 1
+
+
 def test_budget_below_the_first_scan_is_an_error():
     with pytest.raises(ValueError) as err:
         SearchConfig(steps_per_member=10, budget=60)

@@ -283,6 +283,7 @@ class Search:
         self._check: InvariantCheck | None = None
         self._spent = 0
         self._notes: list[str] = []
+        self._cut_short = False  # the budget skipped a stage (`_afford`)
         self._budget = cfg.budget if budget is None else budget
         if budget is not None and budget < self.fresh_scan_cost:
             raise ValueError(f"budget of {budget} member-steps is below the first scan's {self.fresh_scan_cost} "
@@ -335,8 +336,10 @@ class Search:
         notes = list(self._notes)
         if best is None:
             notes.append("every member diverged: no recommendation")
-        elif self._check is not None:
-            notes.extend(self._end_of_check(best))
+        else:
+            notes.extend(self._end_of_line(best, notes))
+            if self._check is not None:
+                notes.extend(self._end_of_check(best))
         evaluated = [o.point for o in self._seen.values()]
         grid = grid_size([p.lr for p in evaluated], self.cfg.spacing) * grid_size(
             [p.wd for p in evaluated], self.cfg.spacing)
@@ -481,6 +484,7 @@ class Search:
                     self._notes.append(f"budget: {name} skipped ({self._budget - self._spent} member-steps left, "
                                        f"a member costs {self.cfg.steps_per_member})")
                     self._phase = "done"
+                    self._cut_short = True
                     return None
                 self._notes.append(f"budget: {name} trimmed to {len(points)} of {len(fresh)} points")
         return Stage(name, kind, tuple(points))
@@ -527,6 +531,22 @@ class Search:
         if len(finite) < 2:
             self._notes.append("only the checked point is finite on its invariant line: invariance not confirmed")
         return InvariantCheck(outcomes, spread, threshold, within)
+
+    def _end_of_line(self, best: Outcome, notes: list[str]) -> list[str]:
+        """A note when the budget stopped the search with the best at an end of the searched line: the shift
+        that would have looked past it was never trained (a line settled with its best at an end is noted
+        by `_plan_explore`; the check line's ends by `_end_of_check`)."""
+        line = self._line
+        if not self._cut_short or not line.holds(best.point):
+            return []
+        prefix = f"best on the {line.describe()} is "
+        if any(n.startswith(prefix) for n in notes):
+            return []
+        xs = [x for x, _ in self._on_line(line)]
+        x = line.x(best.point)
+        return [f"{prefix}at its {side} edge and the budget stopped the search before a shift past it: the "
+                "optimum may lie beyond (raise --budget, with a new --out)"
+                for side, end in (("lower", min(xs)), ("upper", max(xs))) if x == end and len(xs) > 1]
 
     def _end_of_check(self, best: Outcome) -> list[str]:
         """A note when the recommendation is a check member at an end of the check's line: nothing explores a
