@@ -134,7 +134,14 @@ def test_no_transition_when_curves_only_depend_on_lr():
     assert transition_step(recs) is None
     rep = invariance_report(recs)
     assert rep.verdict_late == "LR" and rep.transition_step is None
-    assert "not observed" in rep.format()
+    assert f"LR -> ELR transition: not observed up to the late step ({rep.late_step})" in rep.format()
+
+
+def test_a_transition_with_one_kind_of_group_is_not_measurable_rather_than_unobserved():
+    # a tune's ELR scan (one lr, wd varied) has iso-LR groups only: "not observed" read as a finding
+    rep = invariance_report(make_records(lambda lr, wd, s: f(lr * s), lrs=LRS[:1]))
+    assert rep.transition_step is None and "not observed" not in rep.format()
+    assert "LR -> ELR transition: not measurable: no iso-ELR group" in rep.format()
 
 
 def test_grouping_tolerance_and_batch_sizes_kept_apart():

@@ -344,8 +344,12 @@ class InvarianceReport:
         w1 = max(len(r[1]) for r in rows)
         w2 = max(len(r[2]) for r in rows)
         lines = [f"{a:<{w0}}  {b:>{w1}}  {c:>{w2}}" for a, b, c in rows]
-        if self.transition_step is None:
-            lines.append("LR -> ELR transition: not observed up to the late step")
+        if self.transition_step is None and not (n_lr and n_elr):  # it compares the two kinds of group
+            missing = " or ".join(kind for kind, n in (("iso-LR", n_lr), ("iso-ELR", n_elr)) if not n)
+            lines.append(f"LR -> ELR transition: not measurable: no {missing} group (it compares members of one "
+                         "lr with different wd against members of one lr*wd with different lr)")
+        elif self.transition_step is None:
+            lines.append(f"LR -> ELR transition: not observed up to the late {where} ({self.late_step})")
         else:
             lo, hi = self.transition_elr_steps or (math.nan, math.nan)
             lines.append(f"LR -> ELR transition: {where} {self.transition_step} "
