@@ -175,6 +175,28 @@ def test_keep_checkpoints_may_change_on_a_rerun(tiny_train_config, tmp_path):
     assert len(run_sweep(spec, tmp_path)) == 3  # the same sweep: a rerun, not "another spec"
 
 
+def test_checkpoint_every_may_change_on_a_resume_and_the_result_is_the_same(tiny_train_config, tmp_path,
+                                                                            monkeypatch):
+    # where checkpoints fall changes nothing a run computes; a rerun that changed it was refused
+    from trajinv.train import Trainer
+
+    def spec(every):
+        return _spec(tiny_train_config, train=tiny_train_config(steps=6, checkpoint_every=every))
+
+    whole = run_sweep(spec(2), tmp_path / "a")
+    real = Trainer.train
+    def interrupted(self, progress=None, until=None):  # stopped after its step-2 checkpoint
+        real(self, progress, until=2)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(Trainer, "train", interrupted)
+        run_sweep(spec(2), tmp_path / "b")
+    resumed = run_sweep(spec(3), tmp_path / "b")
+    assert [(r["name"], r["final_val_loss"], r["status"]) for r in resumed] == [
+        (r["name"], r["final_val_loss"], r["status"]) for r in whole]
+
+
 def test_a_lowered_keep_checkpoints_prunes_a_finished_run_on_rerun(tiny_train_config, tmp_path):
     spec = _spec(tiny_train_config, train=tiny_train_config(steps=4, checkpoint_every=1, keep_checkpoints=3))
     rows = run_sweep(spec, tmp_path)

@@ -465,9 +465,10 @@ class TrainConfig:
         self.batch_plan()  # the schedule parses and fits the run's length
 
 
-RESUME_NEUTRAL = frozenset({"keep_checkpoints"})
+RESUME_NEUTRAL = frozenset({"keep_checkpoints", "checkpoint_every"})
 """TrainConfig fields that do not change what a run computes: a resume (or a sweep rerun) may
-change them, and configurations stored before they existed still match."""
+change them, and configurations stored before they existed still match. (A resume from any
+checkpoint is bit-identical to the run it continues, so where they fall changes nothing.)"""
 
 
 def same_run(a: dict, b: dict) -> bool:
