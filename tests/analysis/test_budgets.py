@@ -542,3 +542,98 @@ def test_a_batch_size_whose_members_all_diverged_is_left_out(tmp_path):
     write_summary(root, _grid_rows(1) + big)
     with pytest.raises(ValueError, match=r"2 batch sizes \(32, 256\)"):
         load_budget(root, n_boot=20)
+
+
+# --- behaviours a mutation pass found unpinned
+
+
+def test_a_tune_json_that_is_not_json_is_named_in_one_line(tmp_path):
+    (tmp_path / TUNE_RESULT).write_text("{")
+    with pytest.raises(ValueError, match=r"tune\.json is not valid JSON$"):
+        load_budget(tmp_path)
+
+
+def test_a_tunes_exact_losses_give_no_spread_and_a_missing_se_reads_as_exact(tmp_path):
+    root = _tune_dir(tmp_path / "t", 2)
+    exact = load_budget(root, n_boot=50)
+    assert all(v < 1e-6 for v in exact.log2_se.values()), exact.log2_se
+    data = json.loads((root / TUNE_RESULT).read_text())
+    for s in data["stages"]:
+        for o in s["outcomes"]:
+            o["se"] = None  # not measured
+    (root / TUNE_RESULT).write_text(json.dumps(data))
+    assert load_budget(root, n_boot=50) == exact
+
+
+def test_an_lr_tunes_elr_is_its_lr_times_its_wd(tmp_path):
+    root = tmp_path / "t"
+    lr0, wd0 = _optimum(1)
+    _tune_dir(root, 1, check=False)
+    data = json.loads((root / TUNE_RESULT).read_text())
+    data["axis"], data["stages"] = "lr", []
+    (root / TUNE_RESULT).write_text(json.dumps(data))
+    _add_stage(root, "1-scan", "scan", [(lr0 * 2.0 ** (k + 0.4), wd0) for k in range(-3, 4)], 1, axis="lr")
+    _add_stage(root, "2-check", "check", [(lr0 * 2.0 ** 0.4, wd0 * f) for f in (0.25, 0.5, 2.0, 4.0)], 1, axis="lr")
+    o = load_budget(root, n_boot=20)
+    assert set(o.tuned_axes) == {"lr", "wd"}
+    assert o.elr == pytest.approx(o.lr * o.wd, rel=1e-12)
+
+
+def test_the_fit_window_is_one_and_a_half_scan_spacings_and_none_when_unsaid():
+    from trajinv.analysis.budgets import _fit_window
+
+    assert _fit_window({"spec": {"search": {"octaves": 6.0, "points": 7}}}) == pytest.approx(1.5)
+    assert _fit_window({"spec": {"search": {"octaves": 3.0, "points": 5}}}) == pytest.approx(1.125)
+    for data in ({}, {"spec": None}, {"spec": {"search": {"octaves": 3.0}}},
+                 {"spec": {"search": {"octaves": 3.0, "points": 1}}}):
+        assert _fit_window(data) is None
+
+
+def test_a_tune_json_without_its_spacing_is_fitted_on_level_neighbours(tmp_path):
+    root = _tune_dir(tmp_path / "t", 2)
+    data = json.loads((root / TUNE_RESULT).read_text())
+    data.pop("spec")
+    (root / TUNE_RESULT).write_text(json.dumps(data))
+    o = load_budget(root, n_boot=20)
+    lr0, wd0 = _optimum(2)
+    assert math.log2(o.lr / lr0) == pytest.approx(0, abs=0.05) and math.log2(o.wd / wd0) == pytest.approx(0, abs=0.05)
+
+
+def test_a_diverged_member_with_a_finite_loss_is_no_candidate(tmp_path):
+    # status diverged is an outcome without a loss, whatever number summary.csv kept for it
+    def make(root, loss, status):
+        rows = _grid_rows(2)
+        best = min(rows, key=lambda r: r["final_val_loss"])
+        best.update(final_val_loss=loss, status=status)
+        root.mkdir(parents=True)
+        write_summary(root, rows)
+        return load_budget(root, n_boot=20)
+
+    diverged, nan = make(tmp_path / "div", 2.0, "diverged"), make(tmp_path / "nan", float("nan"), "diverged")
+    assert (diverged.lr, diverged.wd) == (nan.lr, nan.wd)
+
+
+def test_a_done_member_without_a_loss_counts_as_diverged(tmp_path):
+    def make(root, loss):
+        rows = _grid_rows(2)
+        rows[0]["final_val_loss"] = loss
+        root.mkdir(parents=True)
+        write_summary(root, rows)
+        return load_budget(root, n_boot=20)
+
+    missing, nan = make(tmp_path / "none", None), make(tmp_path / "nan", float("nan"))
+    assert (missing.lr, missing.wd) == (nan.lr, nan.wd)
+
+
+def test_unfinished_counts_members_not_done_and_absent_from_summary(tmp_path):
+    from trajinv.analysis.budgets import unfinished
+
+    root = tmp_path / "s"
+    root.mkdir()
+    rows = _grid_rows(1)[:20]
+    rows[0]["status"] = "running"
+    write_summary(root, rows)
+    _write_spec(root, 1, ("32", "256"))
+    assert unfinished(root) == (31, 50, ["1 running", "30 not in summary.csv"])
+    assert unfinished(root, batch_size="32") == (6, 25, ["1 running", "5 not in summary.csv"])
+    assert unfinished(root, batch_size=256) == (25, 25, ["25 not in summary.csv"])

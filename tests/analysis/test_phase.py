@@ -555,3 +555,81 @@ def test_equilibrated_counts_what_the_prediction_reads():
     mixed = [_phase(None, "n/a"), _phase(200), _phase(None), _phase(None), _phase(400, regime="divergence")]
     assert equilibrated(mixed) == (1, 3) and predicted_transition_step(mixed) is None
     assert equilibrated([_phase(100), _phase(None)]) == (1, 2)
+
+
+# --- behaviours a mutation pass found unpinned
+
+
+def test_equilibrium_weight_norm_takes_a_zero_update_and_a_single_weight():
+    assert equilibrium_weight_norm(3e-3, 0.1, 0.0, 1000) == 0.0
+    assert equilibrium_weight_norm(3e-3, 0.1, 0.8, 1) == pytest.approx(equilibrium_weight_norm(3e-3, 0.1, 0.8, 100) / 10)
+
+
+def test_records_without_run_id_or_member_are_one_member_zero():
+    records = [{k: v for k, v in r.items() if k not in ("run_id", "member")} for r in _member(3, "bare", _plateau)]
+    (p,) = member_phases(records, beta1=0.0)
+    assert (p.run_id, p.member) == ("", 0)
+
+
+def test_a_window_reaches_back_to_exactly_min_points_and_no_further():
+    theta = np.arange(10.0)  # one tau per record: a 0.5-tau window holds one point, min_points makes it 5
+    assert phase._window_starts(theta, 0.5, 5).tolist() == [-1, -1, -1, -1, 0, 1, 2, 3, 4, 5]
+    assert phase._window_starts(theta, 3.0, 2).tolist() == [-1, 0, 0, 0, 1, 2, 3, 4, 5, 6]
+
+
+def test_window_medians_include_both_ends_of_each_window():
+    x = np.array([1.0, 2.0, 30.0, np.nan])
+    out = phase._window_medians(x, np.array([0, 1, 2, -1]), np.array([0, 2, 3, 3]))
+    assert out[:3].tolist() == [1.0, 16.0, 30.0] and math.isnan(out[3])  # nan left out; lo < 0: no window
+
+
+def test_a_run_shorter_than_the_plateau_look_back_has_no_loss_drop():
+    p = member_phases(_member(0, "short", _plateau, steps=500), beta1=0.0)[0]  # half a tau
+    assert p.evidence["loss_drop_last_tau"] is None and p.regime == "convergence"
+
+
+def test_the_plateau_look_back_is_measured_from_the_first_record():
+    records = _member(0, "x", _plateau, steps=1040)  # theta 0.02 at the first record, 1.04 at the last
+    del records[1]  # the second now at theta 0.06: 0.98 of a tau from it to the end, 1.02 from the first
+    assert member_phases(records, beta1=0.0)[0].evidence["loss_drop_last_tau"] is not None
+    assert member_phases(_member(0, "x", _plateau, steps=1000), beta1=0.0)[0].evidence["loss_drop_last_tau"] is None
+
+
+def test_without_the_vocabulary_the_initial_loss_is_the_first_logged_one():
+    # the first record's loss, however far the second has fallen from it
+    p = member_phases(_member(0, "x", lambda t: 10.0 if t <= 20 else 5.0 * (1 + t / TAU) ** -0.1), beta1=0.0)[0]
+    assert p.evidence["initial_loss"] == pytest.approx(10.0, rel=0.05) and p.regime != "divergence"
+
+
+def test_an_end_loss_of_exactly_ninety_percent_of_ln_v_is_stuck():
+    level = (1 - Criteria().stuck_frac) * math.log(256)
+    records = [{**r, "train_loss": level} for r in _with_vocab(_member(0, "x", _plateau))]
+    assert member_phases(records, beta1=0.0)[0].regime == "divergence"
+
+
+def test_the_verdicts_are_read_at_the_last_quasi_static_record():
+    records = _member(0, "chaotic", _plateau)  # constant lr: every record quasi-static
+    p = member_phases(records, beta1=0.0)[0]
+    assert p.evidence["weight_norm_end"] == records[-1]["weight_norm_matrix"]
+
+
+def test_a_member_whose_decay_is_exactly_one_per_step_is_na():
+    records = [{**r, "base_lr": 10.0, "lr": 10.0, "wd": 0.1, "elr": 1.0} for r in _member(0, "x", _plateau)]
+    p = member_phases(records, beta1=0.0)[0]
+    assert p.phase_at_end == "n/a" and "lr*wd = 1 >= 1" in p.evidence["reason"]
+
+
+def test_plot_phases_of_a_grid_colours_each_member_by_its_elr(tmp_path, monkeypatch):
+    from matplotlib import colormaps
+
+    wds = [WD * 2.0 ** -k for k in range(phase.MAX_LEGEND + 1)]  # ELR falling as lr/wd rises
+    records = [r for i, wd in enumerate(wds) for r in _member(i, f"m{i}", _plateau, wd=wd, steps=400, every=40)]
+    figures = []
+    monkeypatch.setattr(phase, "save_png", lambda fig, path: figures.append(fig))
+    plot_phases(records, member_phases(records, beta1=0.0), tmp_path / "grid.png")
+    top = figures[0].axes[0]
+    curves = [ln for ln in top.lines if ln.get_linestyle() != ":"][: len(wds)]
+    assert curves[0].get_color() == pytest.approx(colormaps["viridis"](1.0))  # the largest ELR
+    assert curves[-1].get_color() == pytest.approx(colormaps["viridis"](0.0))  # the smallest
+    band = top.patches[0].get_bbox()  # the criterion: a factor 1 + norm_tol either side of the level
+    assert (band.y0, band.y1) == pytest.approx((1 / (1 + Criteria().norm_tol), 1 + Criteria().norm_tol))

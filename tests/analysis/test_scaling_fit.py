@@ -279,3 +279,126 @@ def test_a_member_without_weight_decay_is_named_not_dumped():
     with pytest.raises(ValueError, match=r"^z8: member lr=0\.001, wd=0: the optimum is fitted in log lr") as e:
         optimum_from_members(members, tokens=1e9, steps=1000, source="z8")
     assert "MemberLoss" not in str(e.value)
+
+
+# --- behaviours a mutation pass found unpinned
+
+
+def test_budget_needs_positive_tokens_too():
+    with pytest.raises(ValueError, match="tokens=0"):
+        BudgetOptimum(tokens=0.0, steps=10, lr=1e-3, wd=0.1, elr=1e-4, log2_se={}, at_edge=False)
+
+
+def test_tau_iter_refuses_no_decay_and_an_overflowing_product():
+    for lr, wd in ((1e-3, 0.0), (1e200, 1e200)):
+        with pytest.raises(ValueError, match="positive finite"):
+            tau_iter(lr, wd)
+
+
+def test_members_and_reports_are_immutable_values():
+    m = MemberLoss(1e-3, 0.1, 2.0)
+    assert hash(m) == hash(MemberLoss(1e-3, 0.1, 2.0))
+    with pytest.raises(AttributeError):
+        m.loss = 1.0
+    report = fit_scaling(scaling_optima(0.0, -0.5))
+    with pytest.raises(AttributeError):
+        report.claims[0].verdict = "holds"
+    with pytest.raises(AttributeError):
+        report.target_tokens = 1e9
+
+
+def test_a_vertex_outside_the_points_box_along_one_axis_only_is_refused():
+    from trajinv.analysis.scaling import _quadratic_vertex
+
+    X = np.array([(u, v) for u in (-1.0, 0.0, 1.0) for v in (-1.0, 0.0, 1.0)])
+    for vertex in ((0.2, -3.0), (-3.0, 0.2), (0.2, 3.0), (3.0, 0.2)):
+        y = np.array([0.3 * (u - vertex[0]) ** 2 + 0.2 * (v - vertex[1]) ** 2 for u, v in X])
+        assert _quadratic_vertex(X, y) is None
+    y = np.array([0.3 * (u - 0.2) ** 2 + 0.2 * (v + 0.4) ** 2 for u, v in X])
+    assert _quadratic_vertex(X, y) == pytest.approx([0.2, -0.4])
+
+
+def test_an_exact_optimum_on_the_outermost_member_is_fitted_without_jitter():
+    # the vertex on the edge of the fitted members' box (within rounding) is inside it: located, no spread
+    members = [MemberLoss(1e-3, wd, 2.5 + 0.1 * math.log2(wd) ** 2) for wd in WD_LEVELS]  # least at wd = 1
+    opt = optimum_from_members(members, 1e9, 1000, n_boot=50, window=2.5)
+    assert opt.wd == pytest.approx(1.0) and opt.at_edge
+    assert opt.log2_se["wd"] < 1e-6
+
+
+def _bent(x: float, x0: float = 0.3) -> float:
+    """A loss quadratic within 2 octaves of x0, flattening beyond (as a real basin does)."""
+    d = abs(x - x0)
+    return 2.5 + 0.1 * min(d, 2.0) ** 2 + 0.02 * max(d - 2.0, 0.0)
+
+
+def test_a_window_fits_the_members_within_it_of_the_best_weighted_by_their_se():
+    wds = 2.0 ** np.arange(-4.0, 5.0)  # log2 wd -4 .. 4, best at 0, optimum at 0.3
+    line = [MemberLoss(1e-3, wd, _bent(math.log2(wd)), 0.01) for wd in wds]
+    # within 1.5 octaves of the best: -1, 0, 1, all on the quadratic
+    assert math.log2(optimum_from_members(line, 1e9, 1000, n_boot=20, window=1.5).wd) == pytest.approx(0.3, abs=1e-6)
+    # a zoom member 0.5 octave out, its loss 0.2 too high but with a large se: weighted down, not out
+    zoom = MemberLoss(1e-3, 2.0 ** 0.5, _bent(0.5) + 0.2, 1.0)
+    opt = optimum_from_members(line + [zoom], 1e9, 1000, n_boot=20, window=1.5)
+    assert math.log2(opt.wd) == pytest.approx(0.3, abs=0.01)
+    even = [MemberLoss(m.lr, m.wd, m.loss, 0.01) for m in line + [zoom]]  # the same se everywhere: it pulls
+    assert abs(math.log2(optimum_from_members(even, 1e9, 1000, n_boot=20, window=1.5).wd) - 0.3) > 0.05
+
+
+def test_a_window_member_without_an_se_weighs_as_the_best_measured_one():
+    wds = 2.0 ** np.arange(-4.0, 5.0)
+    line = [MemberLoss(1e-3, wd, 2.5 + 0.1 * (math.log2(wd) - 0.3) ** 2, 0.0 if k % 2 else 0.02)
+            for k, wd in enumerate(wds)]
+    opt = optimum_from_members(line, 1e9, 1000, n_boot=20, window=2.5)
+    assert math.log2(opt.wd) == pytest.approx(0.3, abs=1e-6) and not opt.at_edge
+
+
+def test_two_bootstrap_draws_are_enough_and_one_is_refused():
+    members = grid_members(valley(), se=0.01)
+    assert optimum_from_members(members, 1e9, 1000, n_boot=2).lr > 0
+    with pytest.raises(ValueError, match="n_boot must be >= 2"):
+        optimum_from_members(members, 1e9, 1000, n_boot=1)
+
+
+def test_the_interval_needs_a_coverage_below_one():
+    with pytest.raises(ValueError, match="ci=1"):
+        fit_power_law([1, 2, 3], [1, 2, 3], ci=1.0)
+
+
+def test_a_small_given_se_adds_in_variance_to_the_residual_scatter():
+    # the scatter about the line (sd 0.2) dwarfs an se of 0.01: the interval is the residuals' alone
+    x = 2.0 ** np.arange(20.0, 30.0, 2.0)
+    y = 2.0 ** (-0.5 * np.log2(x) + np.array([0.2, -0.2, 0.2, -0.2, 0.0]))
+    alone, given = (fit_power_law(x, y, se, seed=3) for se in (None, [0.01] * 5))
+    width = lambda f: f.b_ci[1] - f.b_ci[0]  # noqa: E731
+    assert width(given) == pytest.approx(width(alone), rel=0.01)
+
+
+def test_a_target_within_ten_times_the_fitted_budgets_is_no_extrapolation():
+    opts = scaling_optima(0.0, -0.5)  # budgets 2^20 .. 2^28 tokens
+    assert fit_scaling(opts, target_tokens=2.0**31).caveats() == []  # 8x above
+    assert fit_scaling(opts, target_tokens=2.0**17).caveats() == []  # 8x below
+    assert len(fit_scaling(opts, target_tokens=2.0**32).caveats()) == 1  # 16x above
+
+
+def test_lr_tolerance_must_be_positive():
+    with pytest.raises(ValueError, match="lr_tolerance must be > 0"):
+        fit_scaling(scaling_optima(0.0, -0.5), lr_tolerance=0.0)
+
+
+def test_plot_bars_span_one_se_in_log2_and_tilts_more_than_three_labels(tmp_path, monkeypatch):
+    from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure
+
+    opts = [optimum(t, 1e-3, 0.1 * (t / 4e5) ** -0.5, se=0.5) for t in (4e5, 8e5, 1.6e6)]
+    seen = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: seen.append(self.axes))  # read, not drawn
+    plot_scaling(fit_scaling(opts, target_tokens=4e6), tmp_path / "s.png")
+    plot_scaling(fit_scaling(opts), tmp_path / "t.png")
+    with_target, without = seen
+    wd_axis = with_target[1]
+    bars = [c for c in wd_axis.collections if isinstance(c, LineCollection)][0].get_segments()
+    for o, seg in zip(opts, bars):
+        assert seg[:, 1] == pytest.approx([o.wd * 2 ** -0.5, o.wd * 2 ** 0.5])
+    assert {t.get_rotation() for t in with_target[0].get_xticklabels()} == {30.0}  # 3 budgets and the target
+    assert {t.get_rotation() for t in without[0].get_xticklabels()} == {0.0}
