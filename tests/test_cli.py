@@ -264,3 +264,49 @@ def test_progress_names_a_populations_size_in_words():
         progress("population", run_id="bs32-p0", skipped=False, members=3)
         three = progress.bar.tasks[0].description
     assert (one, three) == ("bs32-p1 (1 member)", "bs32-p0 (3 members)")
+
+
+# Run as `python -c`: a Ctrl-C lands the moment the CLI's imports reach torch (a finder on sys.meta_path sends
+# it), whatever the machine's speed; SIGINT is Python's own first, as in a terminal (a background job ignores it).
+_CTRL_C_IN_IMPORTS = """
+import importlib.abc, os, signal, sys
+{handler}
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, CtrlC())
+import trajinv.cli
+print("imported; SIGINT handler is Python's own:", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+{after}
+"""
+
+
+def _ctrl_c_in_imports(handler: str, after: str = ""):
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).parents[1]  # this checkout's trajinv, not an installed one
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    return subprocess.run([sys.executable, "-c", _CTRL_C_IN_IMPORTS.format(handler=handler, after=after)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_ctrl_c_while_the_cli_imports_torch_is_aborted_not_a_traceback():
+    # was a KeyboardInterrupt traceback from inside torch's import (exit -2), before click's handling starts
+    proc = _ctrl_c_in_imports("signal.signal(signal.SIGINT, signal.default_int_handler)",
+                              "trajinv.cli.main(['tune', '--help'])")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (1, "", "\nAborted!\n"), proc.stderr
+
+
+def test_ctrl_c_handler_of_the_imports_is_temporary_and_leaves_anothers_alone():
+    proc = _ctrl_c_in_imports("signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                              "os.kill = lambda *a: None  # no Ctrl-C: the import runs through")
+    assert proc.returncode == 0 and "handler is Python's own: True" in proc.stdout, proc.stderr
+    proc = _ctrl_c_in_imports("seen = []\nsignal.signal(signal.SIGINT, lambda *a: seen.append(1))",
+                              "print('kept:', seen == [1] and signal.getsignal(signal.SIGINT).__name__)")
+    assert proc.returncode == 0 and "kept: <lambda>" in proc.stdout, proc.stderr

@@ -9,30 +9,63 @@ grid: `trajinv.sweep.DEMO_LRS`/`DEMO_WDS`); the commands hold no logic.
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Sequence
+import os
+import signal
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 
 import click
 
-from trajinv.config import (
-    DEFAULT_PRESET,
-    PRESETS,
-    DataConfig,
-    GNSConfig,
-    Member,
-    ModelConfig,
-    OptimConfig,
-    ScheduleConfig,
-    TrainConfig,
-    choices,
-    default,
-    field_doc,
-)
-from trajinv.parallel.options import scale_kwargs, scale_options
-from trajinv.sweep import DEMO_LRS, DEMO_WDS, SweepSpec
-from trajinv.tune.runner import TuneSpec
-from trajinv.tune.search import SearchConfig
+
+def _abort(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C while the imports below load torch (seconds): click's own "Aborted!" and exit code 1, as a
+    Ctrl-C inside a command gets, not a KeyboardInterrupt traceback from deep inside torch. os._exit, not
+    an exception: the interpreter may be half way through an import, which an exception unwinds into
+    that traceback (or a library's bare `except:` around an optional import swallows)."""
+    os.write(2, b"\nAborted!\n")  # not click.echo: the signal may land in the middle of another write to stderr
+    os._exit(1)
+
+
+@contextlib.contextmanager
+def _interrupt_aborts() -> Iterator[None]:
+    """`_abort` on SIGINT inside the block, then the handler before it again. Only over Python's own
+    handler: a program that imports this module with a handler of its own (or SIGINT ignored) keeps it,
+    and only in the main thread, the one that may set a handler."""
+    ours = (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, _abort) if ours else None
+    try:
+        yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, previous)
+
+
+# The slow imports of every command happen here, when `trajinv` loads this module, before click's own
+# Ctrl-C handling starts (trajinv.config imports torch); a command's own imports run under click's.
+with _interrupt_aborts():
+    from trajinv.config import (
+        DEFAULT_PRESET,
+        PRESETS,
+        DataConfig,
+        GNSConfig,
+        Member,
+        ModelConfig,
+        OptimConfig,
+        ScheduleConfig,
+        TrainConfig,
+        choices,
+        default,
+        field_doc,
+    )
+    from trajinv.parallel.options import scale_kwargs, scale_options
+    from trajinv.sweep import DEMO_LRS, DEMO_WDS, SweepSpec
+    from trajinv.tune.runner import TuneSpec
+    from trajinv.tune.search import SearchConfig
 
 
 def _one_line(e: BaseException) -> str:
