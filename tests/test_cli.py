@@ -310,3 +310,29 @@ def test_ctrl_c_handler_of_the_imports_is_temporary_and_leaves_anothers_alone():
     proc = _ctrl_c_in_imports("seen = []\nsignal.signal(signal.SIGINT, lambda *a: seen.append(1))",
                               "print('kept:', seen == [1] and signal.getsignal(signal.SIGINT).__name__)")
     assert proc.returncode == 0 and "kept: <lambda>" in proc.stdout, proc.stderr
+
+
+def test_a_tunes_progress_bars_are_labelled_by_stage():
+    # every stage's bar read "tune": which stage was running (a scan, the zoom, a check) went unsaid
+    import io
+
+    from rich.console import Console
+
+    from trajinv.cli import _Progress
+
+    progress = _Progress("tune")
+    with progress:
+        for name, kind in (("1-scan", "scan"), ("2-zoom", "zoom"), ("lr-3-scan", "scan")):
+            progress("stage", name=name, stage_kind=kind, members=3)
+            progress("start", total=3)
+            progress("advance", steps=3)
+        console = Console(file=io.StringIO(), width=120)
+        console.print(progress.bar.make_tasks_table(progress.bar.tasks))
+    labels = [line.split()[:2] for line in console.file.getvalue().splitlines()]
+    assert labels == [["tune", "1-scan"], ["tune", "2-zoom"], ["tune", "lr-3-scan"]], console.file.getvalue()
+    sweep = _Progress("sweep")  # a sweep's one bar keeps its command's name
+    with sweep:
+        sweep("start", total=2)
+        console = Console(file=io.StringIO(), width=120)
+        console.print(sweep.bar.make_tasks_table(sweep.bar.tasks))
+    assert console.file.getvalue().split()[0] == "sweep"

@@ -233,13 +233,15 @@ class _Progress:
     """A rich progress bar fed by the library's progress events.
 
     `warnings` (TrainConfig.warnings()) print on stderr when the work starts: after every check of the
-    command, its data and its directory, so that a refused command still says one line."""
+    command, its data and its directory, so that a refused command still says one line. A tune's bars
+    are labelled by stage ("tune 1-scan", "tune 2-zoom"): each stage has a bar of its own."""
 
     def __init__(self, label: str, warnings: Sequence[str] = ()):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            TextColumn("{task.description}"))
+        self.bar = Progress(TextColumn("{task.fields[label]}", markup=False), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), TextColumn("{task.description}"))
+        self.label = self.stage_label = label
         self.task = None
         self.warnings = list(warnings)
         self.said: set[str] = set()  # a tune's stages each start with the same data warning: printed once
@@ -259,9 +261,11 @@ class _Progress:
             self.warnings = []
             if self.task is None:
                 self.bar.__enter__()
-            self.task = self.bar.add_task("", total=info["total"])  # a tune: one task per stage
+            self.task = self.bar.add_task("", total=info["total"], label=self.stage_label)  # a tune: one per stage
         elif kind == "advance":
             self.bar.advance(self.task, info["steps"])
+        elif kind == "stage":  # a tune's, before the stage's sweep starts: its bar names the stage
+            self.stage_label = f"{self.label} {info['name']}"
         elif kind == "population":
             n = info["members"]
             note = "done, skipped" if info["skipped"] else f"{n} member{'s' * (n != 1)}"
