@@ -129,6 +129,9 @@ CLI_CASES = [
     (TRAIN + ["--data", "{ws}/data.csv"], "data.csv"),
     (TRAIN + ["--data", "{ws}/latin1.txt"], "latin1.txt' is not UTF-8 text: invalid byte 0xe9 at offset 1"),
     (TRAIN + ["--eval-seqs", "100000"], "not --eval-seqs 100000: lower --eval-seqs"),
+    # no window of the preset's context fits: the presets with a shorter one are the way out (there is no --context)
+    (TRAIN + ["--preset", "gpt-164m"], "too few for one window of context 1024 + 1 tokens: give more data, or a "
+     "shorter context: --preset tiny (context 64), --preset small (context 256; --eval-seqs at most 2)"),
     (TRAIN + ["--data", "hf:no-such-dataset-xyz"], "no-such-dataset-xyz"),
     (TRAIN + ["--tokenizer", "/no/such/tokenizer.json"], "/no/such/tokenizer.json"),
     (TRAIN + ["--tokenizer", "{ws}/badtok.json"], "badtok.json"),

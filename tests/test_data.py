@@ -431,7 +431,17 @@ def test_validation_too_small_said_in_the_users_terms(tmp_path):
                           f"validation split of {str(small)!r} holds 150 tokens", "at most 2 windows",
                           "context 64 + 1", "--eval-seqs 512", "lower --eval-seqs")
     assert "n_seqs" not in msg
-    _one_line_error(lambda: validation_batches(d.val, 200, 4, 64), "at most 0 windows", "give more data")
+    # no window fits: no --eval-seqs helps, a shorter context does; the CLI sets it by --preset (there is no --context)
+    msg = _one_line_error(lambda: validation_batches(d.val, 200, 4, 64), "holds 150 tokens, too few for one window of "
+                          "context 200 + 1 tokens: give more data, or a shorter context: --preset tiny (context 64; "
+                          "--eval-seqs at most 2)")
+    assert "--preset small" not in msg and "--eval-seqs 4" not in msg  # 256 is no shorter; 4 was not the problem
+    _one_line_error(lambda: validation_batches(d.val, 64, 4, 64), "enough for at most 2 windows")
+    _one_line_error(lambda: validation_batches(d.val[:60], 64, 4, 64),
+                    "holds 60 tokens, too few for one window of context 64 + 1 tokens: give more data (the shortest "
+                    "context, --preset tiny's 64, needs 65 tokens)")
+    msg = _one_line_error(lambda: validation_batches(d.val[:10], 16, 4, 64), "holds 10 tokens", "context 16 + 1")
+    assert msg.endswith(": give more data")  # a context shorter than every preset's (the API's): none to name
 
 
 # ----------------------------------------------------------------------------- hub, no network

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from trajinv.config import PRESETS
 from trajinv.data.sources import DataError
 
 
@@ -63,10 +64,31 @@ def check_validation(tokens: np.ndarray, seq_len: int, n_seqs: int) -> None:
     if tokens.ndim != 1:
         raise DataError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
     fit = tokens.size // (seq_len + 1)
+    if not fit:  # no --eval-seqs helps: a shorter context is the way out, and the CLI sets it by --preset alone
+        raise DataError(f"the validation split of {_source_of(tokens)} holds {tokens.size} tokens, too few for one "
+                        f"window of context {seq_len} + 1 tokens: {_shorter_context(seq_len, tokens.size, n_seqs)}")
     if n_seqs > fit:
-        fix = f"lower --eval-seqs to at most {fit} (or give more data)" if fit else "give more data (or a shorter context)"
         raise DataError(f"the validation split of {_source_of(tokens)} holds {tokens.size} tokens, enough for at most "
-                        f"{fit} windows of context {seq_len} + 1 tokens, not --eval-seqs {n_seqs}: {fix}")
+                        f"{fit} windows of context {seq_len} + 1 tokens, not --eval-seqs {n_seqs}: lower --eval-seqs "
+                        f"to at most {fit} (or give more data)")
+
+
+def _shorter_context(seq_len: int, size: int, n_seqs: int) -> str:
+    """The way out of a validation split of `size` tokens too short for one window of `seq_len` + 1: more
+    data, or each preset with a context that fits (and the --eval-seqs its windows allow)."""
+    fits = []
+    for name, model in PRESETS.items():
+        windows = size // (model.context + 1)
+        if model.context < seq_len and windows:
+            allows = f"; --eval-seqs at most {windows}" if windows < n_seqs else ""
+            fits.append(f"--preset {name} (context {model.context}{allows})")
+    if fits:
+        return f"give more data, or a shorter context: {', '.join(fits)}"
+    name, model = min(PRESETS.items(), key=lambda item: item[1].context)
+    if model.context > seq_len:  # a context no preset has (the API's ModelConfig): no preset is shorter
+        return "give more data"
+    return (f"give more data (the shortest context, --preset {name}'s {model.context}, needs {model.context + 1} "
+            "tokens)")
 
 
 def validation_batches(tokens: np.ndarray, seq_len: int, n_seqs: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
