@@ -255,9 +255,19 @@ def test_cli_fit_writes_report_and_refuses_too_few_budgets(tmp_path):
     assert (tmp_path / "fit" / "scaling.png").stat().st_size > 0
     assert json.loads((tmp_path / "fit" / "scaling.json").read_text())["fits"]["wd"]["b"] < 0
     res = CliRunner().invoke(cli.main, ["fit", *dirs[:2]])
-    assert res.exit_code == 1 and "3 or more token budgets" in res.output and "Traceback" not in res.output
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert res.stderr == (f"Error: a scaling fit needs 3 or more token budgets, one tune or sweep directory each; "
+                          f"got 2 ({dirs[0]}, {dirs[1]})\n")
     res = CliRunner().invoke(cli.main, ["fit", str(tmp_path), *dirs[:2]])
     assert res.exit_code == 1 and "neither a tune" in res.output
+
+
+def test_cli_fit_counts_its_directories_before_it_reads_them(tmp_path):
+    # it read every directory first: two that did not exist were refused as such, not as too few budgets
+    res = CliRunner().invoke(cli.main, ["fit", "dirA", "dirB", "--out", str(tmp_path / "fit")])
+    assert (res.exit_code, res.stderr) == (1, "Error: a scaling fit needs 3 or more token budgets, one tune or sweep "
+                                              "directory each; got 2 (dirA, dirB)\n")
+    assert not (tmp_path / "fit").exists()
 
 
 # --- one budget per directory: batch sizes, and finished sweeps

@@ -175,10 +175,15 @@ def one_line_error(call) -> str:
 
 def test_fit_scaling_refusals_name_the_bad_value():
     opts = scaling_optima(0.0, -0.5, n=3)
-    assert "got 2" in one_line_error(lambda: fit_scaling(opts[:2]))
+    # in `trajinv fit`'s terms: it said "fit_scaling needs optima at 3 or more token budgets, got 2"
+    msg = one_line_error(lambda: fit_scaling(opts[:2]))
+    assert msg == ("a scaling fit needs 3 or more token budgets, one tune or sweep directory each; got 2 "
+                   "(t1.04858e+06, t4.1943e+06)")
+    assert one_line_error(lambda: fit_scaling([])).endswith("; got 0")
     twin = optimum(opts[0].tokens, 1e-3, 0.1, source="again")
     msg = one_line_error(lambda: fit_scaling(opts + [twin]))
-    assert "again" in msg and f"{opts[0].tokens:g}" in msg
+    assert msg == (f"'t1.04858e+06' and 'again' trained the same budget, {opts[0].tokens:g} tokens; give one tune or "
+                   "sweep directory per budget")
     edge = optimum(2.0**30, 1e-3, 0.1, source="big-run", at_edge=True, edge_axes=("wd",))
     msg = one_line_error(lambda: fit_scaling(opts + [edge]))
     assert "big-run" in msg and "along wd" in msg
@@ -212,7 +217,7 @@ def test_lr_tolerance_sets_how_small_a_constant_exponent_must_be():
     opts = scaling_optima(0.15, -0.5, se=0.02)
     assert fit_scaling(opts).claims[0].verdict == "fails"
     assert fit_scaling(opts, lr_tolerance=0.3).claims[0].verdict == "holds"
-    with pytest.raises(ValueError, match="target_tokens"):
+    with pytest.raises(ValueError, match="^--target-tokens must be a positive, finite number of tokens, got 0.0$"):
         fit_scaling(opts, target_tokens=0.0)
 
 
@@ -279,6 +284,10 @@ def test_a_member_without_weight_decay_is_named_not_dumped():
     with pytest.raises(ValueError, match=r"^z8: member lr=0\.001, wd=0: the optimum is fitted in log lr") as e:
         optimum_from_members(members, tokens=1e9, steps=1000, source="z8")
     assert "MemberLoss" not in str(e.value)
+    members[-1] = MemberLoss(1e-3, 0.1, 3.0, float("nan"))  # said "se must be finite": the field's name
+    with pytest.raises(ValueError, match=r"^z8: member lr=0\.001, wd=0\.1: the standard error of its loss must be "
+                                         r"finite and >= 0, got nan$"):
+        optimum_from_members(members, tokens=1e9, steps=1000, source="z8")
 
 
 # --- behaviours a mutation pass found unpinned

@@ -56,8 +56,8 @@ from matplotlib.ticker import NullFormatter
 
 from trajinv.atomic import atomic_write
 
-__all__ = ["BudgetOptimum", "ClaimVerdict", "MemberLoss", "PowerLawFit", "ScalingReport", "fit_power_law",
-           "fit_scaling", "optimum_from_members", "plot_scaling", "tau_iter"]
+__all__ = ["MIN_BUDGETS", "BudgetOptimum", "ClaimVerdict", "MemberLoss", "PowerLawFit", "ScalingReport",
+           "check_budget_count", "fit_power_law", "fit_scaling", "optimum_from_members", "plot_scaling", "tau_iter"]
 
 QUANTITIES = ("lr", "wd", "elr")
 _AXES = ("lr", "wd")
@@ -123,8 +123,8 @@ def _grid(members: Sequence[MemberLoss], source: str) -> _Grid:
             raise ValueError(f"{source or 'members'}: member lr={m.lr:g}, wd={m.wd:g}: the optimum is fitted in log lr "
                              "and log wd, so every lr and wd must be positive and finite (sweep without wd 0)")
         if not (m.se >= 0 and math.isfinite(m.se)):
-            raise ValueError(f"{source or 'members'}: member lr={m.lr:g}, wd={m.wd:g}: se must be finite and >= 0, "
-                             f"got {m.se!r}")
+            raise ValueError(f"{source or 'members'}: member lr={m.lr:g}, wd={m.wd:g}: the standard error of its "
+                             f"loss must be finite and >= 0, got {m.se!r}")
     values = np.array([[m.lr, m.wd] for m in members], dtype=float).reshape(-1, 2)
     x = np.log2(values)
     loss = np.array([m.loss if m.loss is not None else np.nan for m in members], dtype=float)
@@ -408,14 +408,26 @@ class ScalingReport:
         }
 
 
+MIN_BUDGETS = 3
+"""The fewest token budgets a fit takes: a line through them keeps a degree of freedom for their scatter."""
+
+
+def check_budget_count(names: Sequence[str]) -> None:
+    """ValueError unless `names` (one per token budget: `trajinv fit`'s directories) are MIN_BUDGETS or more."""
+    if len(names) < MIN_BUDGETS:
+        listed = f" ({', '.join(names)})" if names else ""
+        raise ValueError(f"a scaling fit needs {MIN_BUDGETS} or more token budgets, one tune or sweep directory each; "
+                         f"got {len(names)}{listed}")
+
+
 def _check_optima(optima: Sequence[BudgetOptimum]) -> None:
-    if len(optima) < 3:
-        raise ValueError(f"fit_scaling needs optima at 3 or more token budgets, got {len(optima)}")
+    # in the terms of `trajinv fit`, which reaches them: budgets and directories, not optima
+    check_budget_count([o.source or f"{o.tokens:g} tokens" for o in optima])
     seen: dict[float, str] = {}
     for o in optima:
         if o.tokens in seen:
-            raise ValueError(f"two budgets have tokens={o.tokens:g} ({seen[o.tokens]!r} and {o.source!r}); "
-                             "keep one optimum per budget")
+            raise ValueError(f"{seen[o.tokens]!r} and {o.source!r} trained the same budget, {o.tokens:g} tokens; "
+                             "give one tune or sweep directory per budget")
         seen[o.tokens] = o.source
         if o.at_edge:
             axes = ", ".join(o.edge_axes) or "an unnamed axis"
@@ -432,7 +444,7 @@ def fit_scaling(optima: Sequence[BudgetOptimum], target_tokens: float | None = N
     """
     _check_optima(optima)
     if target_tokens is not None and not (target_tokens > 0 and math.isfinite(target_tokens)):
-        raise ValueError(f"target_tokens must be positive and finite, got {target_tokens!r}")
+        raise ValueError(f"--target-tokens must be a positive, finite number of tokens, got {target_tokens!r}")
     if not lr_tolerance > 0:
         raise ValueError(f"lr_tolerance must be > 0, got {lr_tolerance!r}")
     optima = tuple(sorted(optima, key=lambda o: o.tokens))
