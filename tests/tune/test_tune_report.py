@@ -103,3 +103,37 @@ def test_the_recommendation_is_a_hollow_star_on_every_panel_that_shows_it(monkey
         (elr[0], round(math.log2(elr[1]), 9)), (lr[0], round(math.log2(lr[1]), 9))}
     assert all(y == pytest.approx(run.result.loss) for _, _, y in starred[:2])
     assert starred[2][1:] == (best.lr, best.wd)  # the heatmap's, at (lr, wd)
+
+
+def test_the_legend_covers_no_member_even_with_members_in_every_corner(tmp_path):
+    """The legend sat inside the panel (matplotlib's "best" corner) and covered members: on a cosine-schedule
+    tune no corner was free. Three scans on three lines, high, middle and low, across the whole ELR range
+    leave none free either: the legend must stand outside."""
+    from matplotlib.legend import Legend
+
+    from trajinv.tune.search import Point, Stage, TuneResult
+
+    elrs = [2.0 ** k for k in range(-12, -5)]
+    stages = []
+    for i, (lr, level) in enumerate([(2 ** -8, 3.0), (2 ** -7, 2.0), (2 ** -6, 1.0)]):
+        points = tuple(Point(lr, e / lr) for e in elrs)
+        outcomes = tuple(Outcome(p, level + 0.01 * k, 0.01) for k, p in enumerate(points))
+        stages.append(StageRun(Stage(f"{i + 1}-scan", "scan", points), "elr", tmp_path / f"{i + 1}-scan",
+                               outcomes, [1e5] * len(points), len(points), len(points)))
+    best = stages[2].outcomes[0]
+    result = TuneResult(axis="elr", best=best.point, loss=best.loss, se=best.se, fit=None, invariant_check=None,
+                        stages=(), cost_member_steps=0, grid_equivalent_points=0, grid_equivalent_member_steps=0,
+                        notes=())
+    fig = build_curve_figure(runner.TuneRun(TuneSpec(), result, None, stages))
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    points = [xy for label, pts in _series(ax).items() for xy in pts]
+    assert len(points) == 3 * len(elrs) + 1  # every member, and the star
+    lo, hi = ax.transData.transform(min(points)), ax.transData.transform(max(points))
+    frame = ax.get_window_extent()
+    assert frame.contains(*lo) and frame.contains(*hi)  # the corners are in the panel: the case is exercised
+    legends = fig.findobj(Legend)
+    assert len(legends) == 1 and len(legends[0].get_texts()) == 4
+    box = legends[0].get_window_extent()
+    inside = [(x, y) for x, y in points if box.contains(*ax.transData.transform((x, y)))]
+    assert not inside, f"the legend {box} covers members at {inside}"

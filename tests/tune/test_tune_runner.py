@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 from click.testing import CliRunner
+from matplotlib.legend import Legend
 
 from trajinv import cli
 from trajinv.analysis.budgets import load_budget
@@ -65,8 +66,9 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
         held = "lr" if run.result.axis == "elr" else "wd"
         assert f"at {held}={run.result.fit.fixed:.4g}: minimum at" in format_summary(run)
     assert [s["name"] for s in data["stages"]] == names  # as on disk: unique, "lr-1-scan" beside "1-scan"
-    # each stage's legend entry says what its line holds fixed (stages of one panel may lie on different lines)
-    labels = [t.get_text() for ax in build_curve_figure(run).axes if ax.get_legend() for t in ax.get_legend().texts]
+    # each stage's legend entry says what its line holds fixed (stages of one panel may lie on different lines);
+    # a panel's legend stands under it, a legend of its subfigure
+    labels = [t.get_text() for leg in build_curve_figure(run).findobj(Legend) for t in leg.texts]
     for sr in run.stages:
         if any(o.finite for o in sr.outcomes):
             held = "wd" if sr.axis == "lr" else "lr"
@@ -76,7 +78,7 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     if run.result.fit is not None:
         assert any(t.startswith("quadratic fit in log2 (") for t in labels)
     if run.result.axis == "lr":  # the lr panel shows the ELR scan's member it read on its line (the centre)
-        labels = [t.get_text() for ax in build_curve_figure(run).axes if ax.get_legend() for t in ax.get_legend().texts]
+        labels = [t.get_text() for leg in build_curve_figure(run).findobj(Legend) for t in leg.texts]
         assert "on these lines, from other stages (read, not retrained)" in labels
     # the title speaks of dotted lines only when a member diverged (it always did)
     assert all(o.finite for sr in run.stages for o in sr.outcomes)

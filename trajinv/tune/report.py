@@ -8,7 +8,7 @@
 - ``tune.png``: validation loss along the axis each stage varies (ELR at one lr; lr at
   one wd, or at one ELR for an iso-ELR check), one marker style per stage, the members
   a line holds that other stages trained (hollow), the fitted quadratic around the
-  optimum, the recommendation as a hollow star.
+  optimum, the recommendation as a hollow star; each panel's legend under it, clear of the members.
 - ``tune_heatmap.png``: every evaluated (lr, wd), coloured by loss, on log axes with
   iso-ELR diagonals: a 1-D search in a 2-D picture.
 """
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 
 from trajinv.analysis.plots import save_png
 from trajinv.atomic import atomic_write
@@ -168,6 +168,23 @@ def _star(ax, x: float, y: float, size: float) -> None:
             label="recommended")
 
 
+_LEGEND_ROW = 0.2  # inches a row of a small-font legend takes
+
+
+def _legend_below(ax, subfig: SubFigure) -> int:
+    """The panel's legend under it (in its subfigure), outside its frame, in two columns; returns its rows
+    (0: none). Inside, the legend covered members wherever it went (a scan's ends sit high in both top
+    corners, a rescan's and a check's members low, the fit's minimum at the bottom): no corner of a panel
+    is reliably free."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:  # a panel of diverged members only has nothing to label
+        return 0
+    ncols = min(2, len(handles))
+    # "outside": the constrained layout makes room for it under the panel's tick labels and axis label
+    subfig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize="small")
+    return -(-len(handles) // ncols)
+
+
 def build_curve_figure(run: TuneRun) -> Figure:
     """Loss along each axis the stages varied, per stage, with the fit and the recommendation: ELR (at one
     lr) and, when the regime switched the search to lr or an iso-ELR check varied lr, lr (at one wd or ELR)."""
@@ -175,7 +192,9 @@ def build_curve_figure(run: TuneRun) -> Figure:
     axes_used = sorted({_panel(sr) for sr in run.stages}, key=lambda a: (a != "elr", a))
     fig = Figure(figsize=(7.5 * len(axes_used), 4.8), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    panels = {a: fig.add_subplot(1, len(axes_used), i + 1) for i, a in enumerate(axes_used)}
+    # a subfigure per panel, so that each panel's legend can stand under it (`_legend_below`)
+    subfigs = dict(zip(axes_used, fig.subfigures(1, len(axes_used), squeeze=False)[0]))
+    panels = {a: subfigs[a].add_subplot() for a in axes_used}
     drawn: dict[str, set] = {a: set() for a in panels}  # the points on each panel, for the star
     colours: dict[tuple, str] = {}  # (panel, line) -> the colour of its first stage
     for i, sr in enumerate(run.stages):
@@ -228,8 +247,8 @@ def build_curve_figure(run: TuneRun) -> Figure:
             ax.set_title("loss along ELR at one lr (the regime's first scan"
                          + ", the iso-LR check" * (r.axis == "lr" and r.invariant_check is not None) + ")"
                          if a == "elr" else "loss along lr at one ELR (the iso-ELR check)")
-        if ax.get_legend_handles_labels()[0]:  # a panel of diverged members only has nothing to label
-            ax.legend(fontsize="small")
+    rows = max(_legend_below(ax, subfigs[a]) for a, ax in panels.items())
+    fig.set_size_inches(fig.get_figwidth(), 4.8 + _LEGEND_ROW * rows)  # room for the tallest legend
     diverged = any(not o.finite for sr in run.stages for o in sr.outcomes)
     fig.suptitle("trajinv tune" + " (dotted lines: diverged members)" * diverged)
     return fig
