@@ -411,3 +411,32 @@ def test_plot_bars_span_one_se_in_log2_and_tilts_more_than_three_labels(tmp_path
         assert seg[:, 1] == pytest.approx([o.wd * 2 ** -0.5, o.wd * 2 ** 0.5])
     assert {t.get_rotation() for t in with_target[0].get_xticklabels()} == {30.0}  # 3 budgets and the target
     assert {t.get_rotation() for t in without[0].get_xticklabels()} == {0.0}
+
+
+
+@pytest.mark.parametrize("budgets, target, ends", [
+    ((81920, 122880, 163840), None, ("81.9k", "164k")),  # close together
+    ((81920, 122880, 163840), 2e5, ("81.9k", "200k")),
+    ((81920, 122880, 163840, 1.6e7), None, ("81.9k", "16M")),  # close together, beside a far one
+    ((81920, 122880, 163840), 1.6e7, ("81.9k", "16M")),
+    ((4e5, 4e7, 4e9), 4e10, ("400k", "40G"))])  # far apart
+def test_no_two_tick_labels_overlap_however_close_the_budgets(tmp_path, monkeypatch, budgets, target, ends):
+    """Budgets close together beside a far one ran their labels into each other ("81.9k123k164k"): a label
+    that would overlap one kept is blanked (its tick stays), the target's and the end budgets' kept first."""
+    from matplotlib.figure import Figure
+
+    opts = [optimum(t, 1e-3 * (t / 4e5) ** 0.05, 0.1 * (t / 4e5) ** -0.5) for t in budgets]
+    seen = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: seen.append(self))  # read, not written
+    plot_scaling(fit_scaling(opts, target_tokens=target, n_boot=200), tmp_path / "s.png")
+    (fig,) = seen
+    fig.canvas.draw()
+    for ax in fig.axes:
+        shown = [(t.get_text(), t.get_window_extent())
+                 for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True)
+                 if t.get_visible() and t.get_text()]
+        for i, (a, box_a) in enumerate(shown):
+            for b, box_b in shown[i + 1:]:
+                assert not box_a.overlaps(box_b), f"{a!r} overlaps {b!r}"
+        assert (shown[0][0], shown[-1][0]) == ends, shown
+        assert len(ax.get_xticks()) == len({*budgets, *([target] if target else [])})  # every tick stays

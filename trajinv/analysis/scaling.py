@@ -466,10 +466,33 @@ def _short(tokens: float) -> str:
     return f"{tokens:.3g}"
 
 
+_LABEL_GAP = 2.0  # points: the least space left between two tick labels
+
+
+def _unclash_tick_labels(ax, ticks: list[float], labels: list[str], rotation: float, target: float | None) -> None:
+    """Blank the x tick labels that would overlap a kept one, once the layout has placed them: budgets close
+    together on a log axis (81920 and 122880 beside 16M) ran into each other ("81.9k123k"), and no rotation
+    keeps labels apart whose ticks are closer than a label is tall. The target's label is kept first (its
+    star stands alone on the axis), then the largest and smallest budget's, then the others left to right;
+    a blanked budget keeps its tick, and its point and error bar still mark it."""
+    renderer = ax.figure.canvas.get_renderer()
+    gap = _LABEL_GAP * ax.figure.dpi / 72 / 2  # pixels each box is padded by
+    boxes = [tick.label1.get_window_extent(renderer).padded(gap) for tick in ax.xaxis.get_major_ticks(len(ticks))]
+    first = [ticks.index(target)] if target else []
+    order = first + [i for i in (len(ticks) - 1, 0, *range(1, len(ticks) - 1)) if i not in first]
+    kept: list[int] = []
+    for i in order:
+        if not any(boxes[i].overlaps(boxes[j]) for j in kept):
+            kept.append(i)
+    if len(kept) < len(ticks):
+        ax.set_xticks(ticks, [lab if i in kept else "" for i, lab in enumerate(labels)], rotation=rotation)
+
+
 def plot_scaling(report: ScalingReport, out_png: str | Path) -> Path:
     """Optimum vs tokens in log-log, one panel per quantity: points with +-1 se, fit line, interval band, prediction."""
     fig = Figure(figsize=(12, 4), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
+    panels = []
     tokens = np.array([o.tokens for o in report.optima])
     right = max(tokens.max(), report.target_tokens or 0.0)
     grid = np.geomspace(tokens.min(), right, 100)
@@ -489,10 +512,15 @@ def plot_scaling(report: ScalingReport, out_png: str | Path) -> Path:
         # ticks at the budgets (and the target), short labels: matplotlib labels the minor ticks of a
         # log axis spanning under a decade, and their 3x10^5 4x10^5 ... ran together
         ticks = sorted({*tokens.tolist(), *([report.target_tokens] if report.target_tokens else [])})
-        ax.set_xticks(ticks, [_short(t) for t in ticks], rotation=30 if len(ticks) > 3 else 0)
+        rotation = 30 if len(ticks) > 3 else 0
+        ax.set_xticks(ticks, [_short(t) for t in ticks], rotation=rotation)
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.margins(x=0.08, y=0.12)  # the prediction's star and error bar clear the frame
         ax.legend(fontsize=8)
+        panels.append((ax, ticks, [_short(t) for t in ticks], rotation, report.target_tokens))
+    fig.draw_without_rendering()  # the layout places the labels: only then can their overlaps be measured
+    for panel in panels:
+        _unclash_tick_labels(*panel)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda f: fig.savefig(f, format="png"))
