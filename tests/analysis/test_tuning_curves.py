@@ -213,3 +213,27 @@ def test_the_plot_frames_the_expected_curves_not_bands_that_reach_the_diverged_b
     hi = max(float(c.expected.max()) for c in curves.values())
     margin = max(0.5 * (hi - lo), 0.01)
     assert seen["ylim"] == pytest.approx((lo - margin, hi + margin))
+
+
+@needs_opda
+@pytest.mark.parametrize("trials, some", [(4, {"1", "2", "3", "4"}), (8, {"1", "2", "4"}), (36, {"1", "10"})])
+def test_the_trial_axis_reads_plain_numbers(tmp_path, monkeypatch, trials, some):
+    """Under a decade of trials matplotlib labelled the minor ticks of the log axis "2x10^0", "3x10^0", and
+    the decades "10^0" (LogFormatterSciNotation): a count of trials reads "2", "3", "10"."""
+    from matplotlib.figure import Figure
+
+    losses = [3.0 + 0.01 * k for k in range(trials)]
+    curves = {"a": tuning_curve(losses, range(1, trials + 1), 0.0, 5.0, label="a")}
+    seen = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: seen.append(self))  # read, not written
+    plot_tuning_curves(curves, tmp_path / "tc.png")
+    (fig,) = seen
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    shown = [t.get_text() for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True)
+             if t.get_visible() and t.get_text() and lo <= t.get_position()[0] <= hi]
+    assert some <= set(shown), shown
+    for text in shown:
+        assert "10^" not in text and "\\times" not in text and "$" not in text, shown
+        assert float(text) > 0, shown  # a plain number

@@ -25,11 +25,13 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import LogFormatter
 
 from trajinv.analysis.records import REL_TOL, X_AXES, Curve, curves, load_metrics
 from trajinv.atomic import atomic_write
 
-__all__ = ["COLOR_BY", "build_gns_figure", "build_loss_figure", "plot_loss_curves", "plot_sweep", "save_png"]
+__all__ = ["COLOR_BY", "build_gns_figure", "build_loss_figure", "plain_log_ticks", "plot_loss_curves", "plot_sweep",
+           "save_png"]
 
 COLOR_BY = ("lr", "elr")
 _STYLES = ["-", "--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3)), (0, (8, 3)), (0, (3, 1, 1, 1, 1, 1))]
@@ -193,6 +195,22 @@ def build_gns_figure(records: Iterable[dict], title: str | None = None, x: str =
 
 def _positive(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+class _PlainLogFormatter(LogFormatter):
+    """Labels the ticks matplotlib's log formatter labels (decades; under about a decade, minor ticks too)
+    as plain numbers: "2", "20", "0.5", where the default (LogFormatterSciNotation) wrote "2x10^0",
+    "2x10^1", "5x10^-1"."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
+def plain_log_ticks(axis) -> None:
+    """Plain-number tick labels on a log-scaled `axis` (an Axes' xaxis or yaxis), major and minor; call it
+    after setting the scale, which installs its own formatters."""
+    axis.set_major_formatter(_PlainLogFormatter())
+    axis.set_minor_formatter(_PlainLogFormatter(labelOnlyBase=False))  # as the log scale sets its minor one
 
 
 def save_png(fig: Figure, out_png: str | Path) -> Path:

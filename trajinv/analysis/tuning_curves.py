@@ -35,6 +35,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from trajinv.analysis.plots import plain_log_ticks
 from trajinv.analysis.records import chance_loss
 from trajinv.atomic import atomic_write
 
@@ -210,6 +211,7 @@ def plot_tuning_curves(curves: dict[str, TuningCurve], out_png: str | Path) -> P
     confidence = {c.confidence for c in curves.values()}
     ax.set(xscale="log", xlabel="random-search trials n", ylabel="expected best validation loss",
            title="tuning curves, bands " + ", ".join(f"{p:.0%}" for p in sorted(confidence)))
+    plain_log_ticks(ax.xaxis)  # a count of trials: "2", "10", not "2x10^0", "10^1"
     best = min(float(c.expected.min()) for c in curves.values())
     top = max(float(c.expected.max()) for c in curves.values())
     margin = max(0.5 * (top - best), 0.01)
