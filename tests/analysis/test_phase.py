@@ -445,6 +445,26 @@ def test_plot_phases_writes_png(synthetic, tmp_path, monkeypatch):
         pytest.approx(phases[0].equilibrium_tau)]
 
 
+def test_plot_phases_labels_its_log_axes_in_plain_numbers(tmp_path, monkeypatch):
+    """The panels' log axes span under a decade of nu and of the update ratio: matplotlib labelled their minor
+    ticks "4x10^-1", "6x10^-1", "2x10^0" and theta's decades "10^-1", "10^0"; they read "0.4", "2", "0.1"."""
+    records = _member(0, "chaotic", _plateau) + _member(1, "wsd", _wsd_loss, lr=_wsd)
+    figures = []
+    monkeypatch.setattr(phase, "save_png", lambda fig, path: figures.append(fig))
+    plot_phases(records, member_phases(records, beta1=0.0), tmp_path / "phases.png")
+    (fig,) = figures
+    fig.canvas.draw()
+    for ax in fig.axes[:2]:
+        for axis, (lo, hi) in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
+            shown = [t.get_text() for t in axis.get_ticklabels(minor=False) + axis.get_ticklabels(minor=True)
+                     if t.get_visible() and t.get_text() and lo <= t.get_position()[axis is ax.yaxis] <= hi]
+            assert len(shown) >= 2, shown
+            for text in shown:
+                assert "10^" not in text and "\\times" not in text and "$" not in text, shown
+                assert float(text) > 0, shown  # a plain number
+        assert {"0.1", "1"} <= {t.get_text() for t in ax.get_xticklabels()}  # theta's decades
+
+
 @pytest.mark.parametrize("warmup", [0, 2000])
 def test_plot_phases_fades_a_terminal_decay_that_the_verdict_does_not_judge(tmp_path, monkeypatch, warmup):
     """Under WSD the decay lifts nu ~2x above its level (|w| follows lr_t more weakly than sqrt(lr_t)); drawn

@@ -117,7 +117,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from trajinv.analysis.plots import save_png
+from trajinv.analysis.plots import plain_log_ticks, save_png
 from trajinv.analysis.records import chance_loss
 
 MAX_LEGEND = 8  # members named in the phase plot's legend; more are coloured by ELR (a colorbar)
@@ -539,6 +539,9 @@ def plot_phases(records: Iterable[dict], phases: Sequence[MemberPhase], out_png:
             ax.axhline(1.0, color="0.3", lw=1)
             ax.set_xscale("log")
             ax.set_yscale("log")
+            # ratios near 1 and a few timescales: "0.6", "2", "10", where the default wrote "6x10^-1", "10^1"
+            plain_log_ticks(ax.xaxis)
+            plain_log_ticks(ax.yaxis)
         if many:
             fig.colorbar(by_elr, ax=[ax_n, ax_r], label="ELR = lr*wd")
             counts = {r: sum(p.regime == r for p in drawn) for r in dict.fromkeys(p.regime for p in drawn)}
