@@ -147,6 +147,18 @@ def test_gns_figure_marks_each_batch_schedule():
     assert {ln.get_marker() for ln in build_gns_figure(a).axes[0].lines} == {"None"}  # one schedule: no markers
 
 
+def test_the_gns_legend_covers_no_curve():
+    """B_precond grows as training goes on: the legend, in the upper right, covered the ends of the curves,
+    where the regime is read. It stands beside the panel, and a panel's legend it stays."""
+    fig = build_gns_figure(make_records(gns=True))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    box = ax.get_legend().get_window_extent()
+    points = [xy for line in ax.lines for xy in line.get_transform().transform(line.get_xydata())]  # batch lines too
+    assert points and not any(box.contains(x, y) for x, y in points), box
+    assert not box.overlaps(fig.axes[1].get_window_extent())  # nor the colorbar
+
+
 def test_gns_figure_on_a_tokens_axis(tmp_path):
     # --x tokens drew every plot on tokens but gns.png, whose schedules then sat at the wrong data
     a = make_records(lrs=(4e-3,), wds=(0.5,), gns=True)

@@ -173,7 +173,7 @@ def build_gns_figure(records: Iterable[dict], title: str | None = None, x: str =
     cs = [c for c in cs if len(c.steps)]
     cmap, colours, styles, proxies = _style_curves(cs, "lr")
     markers, schedule_proxies = _schedule_markers(cs)  # one lr at two schedules: told apart as in the loss plots
-    fig = Figure(figsize=(7.5, 4.8), dpi=110, layout="constrained")
+    fig = Figure(figsize=(8.5, 4.8), dpi=110, layout="constrained")  # the loss plots' panel, and the legend beside
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for c, col, ls, mk in zip(cs, colours, styles, markers):
@@ -189,7 +189,10 @@ def build_gns_figure(records: Iterable[dict], title: str | None = None, x: str =
     ax.grid(True, alpha=0.3, which="both")
     ax.set_title(title or "preconditioned gradient noise scale (B below it: small-batch regime)")
     fig.colorbar(cmap, ax=ax, label="lr")
-    ax.legend(handles=proxies + schedule_proxies, fontsize="small", loc="upper right")
+    # beside the panel, outside its frame (the constrained layout puts the colorbar after it): in the upper
+    # right it covered the ends of the curves, where B_precond, growing as training goes on, is read
+    ax.legend(handles=proxies + schedule_proxies, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0.0)
     return fig
 
 
