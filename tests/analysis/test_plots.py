@@ -159,6 +159,24 @@ def test_the_gns_legend_covers_no_curve():
     assert not box.overlaps(fig.axes[1].get_window_extent())  # nor the colorbar
 
 
+def test_the_gns_axis_reads_plain_numbers():
+    """B_precond spanning under a decade (60 to 260 here) had its minor ticks labelled "6x10^1", "2x10^2" and its
+    decades "10^2": a batch size reads "60", "200", "100"."""
+    records = make_records(gns=True)
+    for r in records:
+        r["b_precond_smooth"] = 60.0 + r["step"]
+    fig = build_gns_figure(records)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    shown = [t.get_text() for t in ax.get_yticklabels(minor=False) + ax.get_yticklabels(minor=True)
+             if t.get_visible() and t.get_text() and lo <= t.get_position()[1] <= hi]
+    assert {"100", "200"} <= set(shown), shown
+    for text in shown:
+        assert "10^" not in text and "\\times" not in text and "$" not in text, shown
+        assert float(text) > 0, shown  # a plain number
+
+
 def test_gns_figure_on_a_tokens_axis(tmp_path):
     # --x tokens drew every plot on tokens but gns.png, whose schedules then sat at the wrong data
     a = make_records(lrs=(4e-3,), wds=(0.5,), gns=True)

@@ -184,6 +184,7 @@ def build_gns_figure(records: Iterable[dict], title: str | None = None, x: str =
         ax.annotate(f"B={b}", (0.01, b), xycoords=("axes fraction", "data"), color="crimson",
                     fontsize="small", va="bottom")
     ax.set_yscale("log")
+    plain_log_ticks(ax.yaxis)  # batch sizes: "30", "200", where the default wrote "3x10^1", "2x10^2"
     ax.set_xlabel("tokens trained" if x == "tokens" else "step")
     ax.set_ylabel(key)
     ax.grid(True, alpha=0.3, which="both")
