@@ -8,7 +8,7 @@ import math
 import pytest
 
 from trajinv.schedules import BatchSchedule
-from trajinv.tune.fit import Fit, fit_quadratic, grid_size
+from trajinv.tune.fit import Fit, Quadratic, fit_quadratic, grid_size
 from trajinv.tune.search import (Outcome, Point, Search, SearchConfig, Stage, TuneResult, classify_regime,
                                  simulate)
 
@@ -647,6 +647,17 @@ def test_a_quadratic_is_usable_when_convex_with_its_vertex_inside_its_points_end
             assert math.log2(fit.vertex) == pytest.approx(vertex, abs=1e-9) and fit.loss == pytest.approx(2.0)
     concave = fit_quadratic(xs, [-((x - 0.75) ** 2) for x in xs], [0.0] * 3)
     assert concave.vertex is None and not concave.usable and Fit.of(concave, 0.01) is None
+
+
+def test_a_vertex_on_an_end_point_is_usable_whichever_way_the_least_squares_rounded_it():
+    # the fit of the test above on one machine's BLAS (an Intel Xeon): its vertex 2 ulps past the end at 1.5
+    past = Quadratic(a=0.29999999999999954, b=-0.44999999999999973, c=2.16875, x0=0.75, lo=0.0, hi=1.5, n=3)
+    assert past.vertex > 1.5 and past.usable and Fit.of(past, 0.01) is not None
+    before = Quadratic(a=0.3, b=0.45 + 1e-15, c=2.16875, x0=0.75, lo=0.0, hi=1.5, n=3)
+    assert before.vertex < 0.0 and before.usable
+    # an octave's millionth outside is outside: the widening is for rounding alone
+    for b in (-0.45 - 1.2e-6, 0.45 + 1.2e-6):
+        assert not Quadratic(a=0.3, b=b, c=2.0, x0=0.75, lo=0.0, hi=1.5, n=3).usable, b
 
 
 def test_grid_size_counts_a_log2_grid_at_any_spacing():

@@ -35,6 +35,10 @@ def require_int(name: str, value: object, least: int) -> None:
         raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
 
+VERTEX_ROUNDING = 1e-9
+"""Octaves: far above the rounding of a fitted vertex (~1e-15), far below any spacing a search uses."""
+
+
 @dataclass(frozen=True)
 class Quadratic:
     """loss ~ a u^2 + b u + c with u = x - x0, fitted to n points with x in [lo, hi]; x = log2(value)."""
@@ -59,9 +63,12 @@ class Quadratic:
 
     @property
     def usable(self) -> bool:
-        """Convex with its vertex inside the fitted window: outside it the fit extrapolates."""
+        """Convex with its vertex inside the fitted window, its ends included: outside it the fit extrapolates.
+        The ends are widened by VERTEX_ROUNDING: a vertex on an end point comes out of the least squares a few
+        ulps to either side, by the CPU's BLAS kernels (1.5000000000000007 for 1.5 on one machine, 1.5 on
+        another), and a tune must not take another path by the machine it runs on."""
         v = self.vertex
-        return v is not None and self.lo <= v <= self.hi
+        return v is not None and self.lo - VERTEX_ROUNDING <= v <= self.hi + VERTEX_ROUNDING
 
     def value(self, x: float) -> float:
         u = x - self.x0
