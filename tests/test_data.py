@@ -437,6 +437,8 @@ def test_validation_too_small_said_in_the_users_terms(tmp_path):
                           "--eval-seqs at most 2)")
     assert "--preset small" not in msg and "--eval-seqs 4" not in msg  # 256 is no shorter; 4 was not the problem
     _one_line_error(lambda: validation_batches(d.val, 64, 4, 64), "enough for at most 2 windows")
+    _one_line_error(lambda: validation_batches(d.val[:100], 64, 4, 64), "enough for at most 1 window of context 64",
+                    "lower --eval-seqs to at most 1")
     _one_line_error(lambda: validation_batches(d.val[:60], 64, 4, 64),
                     "holds 60 tokens, too few for one window of context 64 + 1 tokens: give more data (the shortest "
                     "context, --preset tiny's 64, needs 65 tokens)")

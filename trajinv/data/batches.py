@@ -69,8 +69,8 @@ def check_validation(tokens: np.ndarray, seq_len: int, n_seqs: int) -> None:
                         f"window of context {seq_len} + 1 tokens: {_shorter_context(seq_len, tokens.size, n_seqs)}")
     if n_seqs > fit:
         raise DataError(f"the validation split of {_source_of(tokens)} holds {tokens.size} tokens, enough for at most "
-                        f"{fit} windows of context {seq_len} + 1 tokens, not --eval-seqs {n_seqs}: lower --eval-seqs "
-                        f"to at most {fit} (or give more data)")
+                        f"{fit} window{'s' * (fit != 1)} of context {seq_len} + 1 tokens, not --eval-seqs {n_seqs}: "
+                        f"lower --eval-seqs to at most {fit} (or give more data)")
 
 
 def _shorter_context(seq_len: int, size: int, n_seqs: int) -> str:
