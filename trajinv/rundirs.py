@@ -8,7 +8,10 @@ replaced a sweep's six rows with one), so it is refused in one line before anyth
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+from contextlib import ExitStack
 from pathlib import Path
 
 from trajinv.checkpoint import has_checkpoint
@@ -68,3 +71,25 @@ def trained_split(out: str | Path) -> int | None:
         raise ValueError(f"{out / SWEEP_SPEC} has no readable population size (population: {population!r}) but "
                          "its runs have trained; restore it, or use a new --out directory")
     return population
+
+
+def hold(out: str | Path, held: ExitStack) -> None:
+    """Lock the directory `out` for this process until `held` closes; one-line ValueError when another
+    process holds it. Two sweeps (or tunes) into one --out, the same command started twice, wrote one
+    metrics.jsonl at once: lines ran into each other, and the rerun dropped a population's metrics as
+    a half-written line. An flock on the directory itself: no lock file to go stale, the kernel drops
+    it with the process however that ends (SIGKILL too), and spawned workers do not inherit it. Where
+    the file system has no flock (some network mounts), the sweep goes on unlocked, as before."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    fd = os.open(out, os.O_RDONLY)
+    held.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return  # no locks here (EBADF, ENOLCK, EOPNOTSUPP on some NFS mounts)
+        raise ValueError(f"{out} is in use: another trajinv command is training into it; wait for it to end "
+                         "or use another --out") from None

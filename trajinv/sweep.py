@@ -21,6 +21,7 @@ import json
 import math
 import re
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,7 +34,7 @@ from trajinv.parallel import memory
 from trajinv.parallel.ddp import refuse_ranks
 from trajinv.parallel.devices import check_device
 from trajinv.parallel.worker import ERROR_LOG
-from trajinv.rundirs import SWEEP_SPEC, refuse_other, trained_split
+from trajinv.rundirs import SWEEP_SPEC, hold, refuse_other, trained_split
 from trajinv.schedules import BatchSchedule
 from trajinv.train import MemberResult, Trainer, data_warnings
 
@@ -215,9 +216,11 @@ def summary_rows(run_id: str, cfg: TrainConfig, results: list[MemberResult]) -> 
             for k, r in enumerate(results)]
 
 
-def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str, TrainConfig]]]:
+def prepare_sweep(spec: SweepSpec, out: Path, held: ExitStack | None = None
+                  ) -> tuple[TokenData, list[tuple[str, TrainConfig]]]:
     """Check `spec` against `out` and the data, then (only then) create `out` and write its spec.json:
-    a sweep that fails its checks leaves nothing behind to block the corrected command.
+    a sweep that fails its checks leaves nothing behind to block the corrected command. With `held`,
+    `out` is locked (`rundirs.hold`) until it closes, before anything in it changes.
     Returns the data and the populations (run_id, config): `plan_populations`."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} is a file, not a directory")
@@ -230,6 +233,8 @@ def prepare_sweep(spec: SweepSpec, out: Path) -> tuple[TokenData, list[tuple[str
     for _, cfg in pops:
         Trainer.check(cfg, data)
     out.mkdir(parents=True, exist_ok=True)
+    if held is not None:
+        hold(out, held)  # another command training here: refused before a file is removed or rewritten
     remove_stale_temps(out)
     if stored is None:
         atomic_write(out / SPEC, lambda f: f.write(json.dumps(to_dict(spec), indent=1)), mode="w")
@@ -318,24 +323,25 @@ def run_sweep(spec: SweepSpec, out: str | Path, progress: Callable | None = None
         return run_scaled(spec, out, progress, devices=devices, ray=ray, ray_cpus=ray_cpus)
     check_device(spec.train.device)  # before sizing asks the device for its free memory
     spec = memory.size_populations(spec, out, lambda: memory.free_bytes(spec.train.device), spec.train.device)
-    data, pops = prepare_sweep(spec, out)
-    notify = progress or (lambda kind, **info: None)
-    notify("start", total=sum(cfg.steps for _, cfg in pops), **start_warnings(pops, data))
-    rows: list[dict] = []
-    for run_id, cfg in pops:
-        run_dir = out / "runs" / run_id
-        results = finished_rows(run_id, cfg, data, run_dir, notify)
-        if results is None:
-            trainer = Trainer(cfg, data, run_dir, run_id=run_id)
-            trainer.resume()
-            done = trainer.finished()
-            notify("population", run_id=run_id, skipped=done, members=len(cfg.members))
-            notify("advance", steps=trainer.step if not done else cfg.steps)
-            if not done:
-                trainer.train(progress=lambda step: notify("advance", steps=1))
-            results = summary_rows(run_id, cfg, trainer.results())
-        rows += results
-        write_summary(out, rows)
+    with ExitStack() as held:  # `out` locked from the checks until the last population is written
+        data, pops = prepare_sweep(spec, out, held)
+        notify = progress or (lambda kind, **info: None)
+        notify("start", total=sum(cfg.steps for _, cfg in pops), **start_warnings(pops, data))
+        rows: list[dict] = []
+        for run_id, cfg in pops:
+            run_dir = out / "runs" / run_id
+            results = finished_rows(run_id, cfg, data, run_dir, notify)
+            if results is None:
+                trainer = Trainer(cfg, data, run_dir, run_id=run_id)
+                trainer.resume()
+                done = trainer.finished()
+                notify("population", run_id=run_id, skipped=done, members=len(cfg.members))
+                notify("advance", steps=trainer.step if not done else cfg.steps)
+                if not done:
+                    trainer.train(progress=lambda step: notify("advance", steps=1))
+                results = summary_rows(run_id, cfg, trainer.results())
+            rows += results
+            write_summary(out, rows)
     return rows
 
 

@@ -292,3 +292,23 @@ def test_after_an_out_of_memory_the_rerun_splits_the_untrained_members_anew(tiny
     assert "error" not in _table(tmp_path)[0]
     sequential = run_sweep(_spec(tiny_train_config, population=1), tmp_path / "seq")
     assert [r["final_val_loss"] for r in rerun] == [r["final_val_loss"] for r in sequential]
+
+
+@pytest.mark.parametrize("devices", [None, "cpu"])
+def test_a_second_command_into_a_sweep_being_trained_is_refused_and_changes_nothing(tiny_train_config, tmp_path,
+                                                                                     devices):
+    # the same command started twice (two shells, a resubmitted job) wrote one metrics.jsonl from two
+    # processes: lines ran into each other and the rerun dropped a population's metrics as half written
+    spec, tried = _spec(tiny_train_config), []
+
+    def second(kind, **info):
+        if kind == "population" and not tried:
+            before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+            with pytest.raises(ValueError, match=f"^{tmp_path} is in use: another trajinv command"):
+                run_sweep(spec, tmp_path)  # what a second process does: another open of the directory
+            tried.append({p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before)
+
+    run_sweep(spec, tmp_path, devices=devices, progress=second)
+    assert tried == [True]
+    run_sweep(spec, tmp_path)  # the lock went with the first command: a rerun reads it back
+    assert [r["status"] for r in _table(tmp_path)] == ["done"] * 3

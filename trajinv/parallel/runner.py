@@ -21,6 +21,7 @@ native kernels give the same sums for any thread count).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -78,9 +79,10 @@ def run_scaled(spec, out: str | Path, progress: Callable | None = None, devices:
 
         kind = spec.train.device
         backend = RayCluster(ray, out, cpus=ray_cpus, gpu=kind == "cuda")
-    with backend:
+    with backend, ExitStack() as held:  # held: `out` locked until the last population is written
         spec = size_populations(spec, out, backend.free_bytes, kind, backend.workers())
-        corpus, pops = prepare_sweep(spec, out)  # checked, tokenized once here (workers open the cache), spec written
+        # checked, tokenized once here (workers open the cache), `out` locked, spec written
+        corpus, pops = prepare_sweep(spec, out, held)
         notify("start", total=sum(cfg.steps for _, cfg in pops), **start_warnings(pops, corpus))
         results: dict[str, Outcome] = {}
 
