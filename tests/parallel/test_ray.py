@@ -153,3 +153,15 @@ def test_auto_without_a_running_cluster_is_one_line_in_our_terms(tmp_path, monke
     with pytest.raises(ValueError, match=r"^--ray auto: no running Ray cluster found .* --ray local") as e:
         RayCluster("auto", tmp_path).__enter__()
     assert "--address" not in str(e.value)
+
+
+@pytest.mark.parametrize("address, match", [("", r"^--ray '' is empty; give auto, local"),
+                                            (" ", r"^--ray ' ' is empty"),
+                                            ("foo", r"^--ray foo: Invalid address format: foo; give auto, local")])
+def test_an_address_ray_cannot_read_is_one_line_naming_the_option(tmp_path, tiny_train_config, address, match):
+    # `--ray ''` said only "Invalid address format:", naming neither the option nor the (empty) value
+    if address == "foo" and ray.is_initialized():
+        pytest.skip("a Ray instance started in this process is used as is: the address is never read")
+    with pytest.raises(ValueError, match=match):
+        run_sweep(_spec(tiny_train_config), tmp_path / "out", ray=address)
+    assert not (tmp_path / "out").exists()

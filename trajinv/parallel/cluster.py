@@ -114,6 +114,9 @@ class RayCluster:
                 check_reachable(self.address)
                 try:
                     ray.init(address=self.address, **kw)
+                except ValueError as e:  # Ray's "Invalid address format: foo": which option, it does not say
+                    raise ValueError(f"--ray {self.address}: {str(e).strip()}; give auto, local or the head's "
+                                     "address (host:port)") from None
                 except ConnectionError as e:  # Ray's own text names its `ray.init(address=...)` / --address
                     if self.address != "auto":
                         raise

@@ -48,6 +48,8 @@ def check_scale(devices: str | Sequence[str] | None, ray: str | None, ray_cpus: 
 
     if isinstance(ray_cpus, bool) or not isinstance(ray_cpus, int) or ray_cpus < 1:
         raise ValueError(f"--ray-cpus must be >= 1, got {ray_cpus!r}")
+    if not ray.strip():  # Ray's own word for it, "Invalid address format:", names no option and no value
+        raise ValueError(f"--ray {ray!r} is empty; give auto, local or the head's address (host:port)")
     import_ray()
     if ray not in ("auto", "local"):
         check_reachable(ray)
