@@ -492,11 +492,15 @@ def plot_scaling(report: ScalingReport, out_png: str | Path) -> Path:
     """Optimum vs tokens in log-log, one panel per quantity: points with +-1 se, fit line, interval band, prediction."""
     fig = Figure(figsize=(12, 4), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    panels = []
     tokens = np.array([o.tokens for o in report.optima])
     right = max(tokens.max(), report.target_tokens or 0.0)
     grid = np.geomspace(tokens.min(), right, 100)
-    for ax, (q, fit) in zip(fig.subplots(1, len(report.fits)), report.fits.items()):
+    # ticks at the budgets (and the target), short labels: matplotlib labels the minor ticks of a
+    # log axis spanning under a decade, and their 3x10^5 4x10^5 ... ran together
+    ticks = sorted({*tokens.tolist(), *([report.target_tokens] if report.target_tokens else [])})
+    labels, rotation = [_short(t) for t in ticks], 30 if len(ticks) > 3 else 0
+    axes = fig.subplots(1, len(report.fits), squeeze=False)[0]
+    for ax, (q, fit) in zip(axes, report.fits.items()):
         y = np.array([getattr(o, q) for o in report.optima])
         se = np.array([o.log2_se.get(q, 0.0) for o in report.optima])
         ax.errorbar(tokens, y, yerr=[y - y * 2.0 ** -se, y * 2.0 ** se - y], fmt="o", color="C0", label="optimum")
@@ -509,18 +513,13 @@ def plot_scaling(report: ScalingReport, out_png: str | Path) -> Path:
                         markersize=12, label="prediction")
         ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel=f"optimal {q}",
                title=f"{q}: exponent [{fit.b_ci[0]:+.2f}, {fit.b_ci[1]:+.2f}]")
-        # ticks at the budgets (and the target), short labels: matplotlib labels the minor ticks of a
-        # log axis spanning under a decade, and their 3x10^5 4x10^5 ... ran together
-        ticks = sorted({*tokens.tolist(), *([report.target_tokens] if report.target_tokens else [])})
-        rotation = 30 if len(ticks) > 3 else 0
-        ax.set_xticks(ticks, [_short(t) for t in ticks], rotation=rotation)
+        ax.set_xticks(ticks, labels, rotation=rotation)
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.margins(x=0.08, y=0.12)  # the prediction's star and error bar clear the frame
         ax.legend(fontsize=8)
-        panels.append((ax, ticks, [_short(t) for t in ticks], rotation, report.target_tokens))
     fig.draw_without_rendering()  # the layout places the labels: only then can their overlaps be measured
-    for panel in panels:
-        _unclash_tick_labels(*panel)
+    for ax in axes:
+        _unclash_tick_labels(ax, ticks, labels, rotation, report.target_tokens)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, lambda f: fig.savefig(f, format="png"))
