@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import torch
 
@@ -85,7 +86,9 @@ def ddp_rank(rank: int, world: int, port: int, cfg, run_dir: str, out: str, unti
     trainer = Trainer(cfg, load_data(DataConfig(max_tokens=200_000)), run_dir, dist=ctx)
     trainer.resume()
     trainer.train(until=until)
+    ctx.close()
+    threads = [(Path("/proc/self/task") / t / "comm").read_text().strip() for t in os.listdir("/proc/self/task")]
     torch.save({"grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None},
                 "weights": {n: p.detach().clone() for n, p in trainer.model.named_parameters()},
-                "last_gns": trainer.last_gns, "step": trainer.step}, os.path.join(out, f"rank{rank}.pt"))
-    ctx.close()
+                "last_gns": trainer.last_gns, "step": trainer.step, "threads_after_close": threads},
+               os.path.join(out, f"rank{rank}.pt"))

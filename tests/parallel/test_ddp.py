@@ -100,6 +100,14 @@ def test_local_micro_batches_and_ranks_give_the_single_process_micro_batch_gns(t
             assert (g[key] is None) == (w[key] is None) and (g[key] is None or _close(g[key], w[key])), key
 
 
+def test_close_frees_the_process_group(two_ranks):
+    # the first torch.optim optimizer imports torch.distributed.nn, whose functions' defaults took the running
+    # group (`group=group.WORLD`): close destroyed nothing, and the gloo threads met the interpreter's exit
+    # (a rank of `torchrun -m trajinv train` aborted: "terminate called without an active exception")
+    for rank in two_ranks[2]:
+        assert not [t for t in rank["threads_after_close"] if "gloo" in t], rank["threads_after_close"]
+
+
 def test_two_rank_resume_is_bit_identical(two_ranks, tmp_path):
     cfg, run_dir, _ = two_ranks
     _ranks(cfg, tmp_path / "run", tmp_path / "a", until=5)  # stopped after step 5: the checkpoint is step 3

@@ -124,6 +124,11 @@ class DistContext:
         self.backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":
             torch.cuda.set_device(self.local_rank)
+        # torch.distributed.nn's functions default to `group=group.WORLD`, evaluated when it is first imported
+        # (by the first torch.optim optimizer, through torch._dynamo): imported after the group starts, they
+        # hold it for good, `close` cannot free it, and its gloo threads met the interpreter's exit (a rank
+        # aborted: "terminate called without an active exception"). Imported now, they hold None.
+        import torch.distributed.nn  # noqa: F401
         if not dist.is_initialized():
             dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size)
 
