@@ -55,6 +55,29 @@ def test_train_then_resume(corpus, tmp_path):
     assert fresh.exit_code == 0 and "no checkpoint in" in fresh.output and "starting from step 0" in fresh.output
 
 
+def test_a_train_into_a_run_another_command_is_training_is_refused_and_changes_nothing(corpus, tmp_path):
+    # `train --resume` started twice (two shells, a resubmitted job): both rewrote metrics.jsonl and the
+    # checkpoints at once
+    import fcntl
+    import os
+
+    out = tmp_path / "run"
+    args = ["train", *TINY, "--data", corpus, "--lr", "0.01", "--wd", "0.1", "--out", str(out), "--optimizer", "torch"]
+    assert run(*args).exit_code == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    fd = os.open(out, os.O_RDONLY)  # what the other command holds while it trains
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        res = run(*args, "--resume")
+        assert res.exit_code == 1
+        assert res.output.strip().splitlines() == [f"Error: {out} is in use: another trajinv command is training "
+                                                   "into it; wait for it to end or use another --out"]
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    finally:
+        os.close(fd)
+    assert run(*args, "--resume").exit_code == 0  # the lock went with the other command
+
+
 def test_sweep_writes_summary_and_plots(corpus, tmp_path):
     out = tmp_path / "sw"
     res = run("sweep", *TINY, "--data", corpus, "--lr", "0.01", "--lr", "0.02", "--wd", "0.5", "--elr", "0.01",

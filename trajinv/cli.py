@@ -331,9 +331,8 @@ def main() -> None:
 @_fail_cleanly
 def train(lrs, wds, batch_size, out, resume, **o):
     """Train one population: one member per (--lr, --wd) pair."""
-    import contextlib
-
     from trajinv.parallel import ddp
+    from trajinv.rundirs import hold
     from trajinv.sweep import summary_rows, write_summary
     from trajinv.train import Trainer, data_warnings
 
@@ -344,22 +343,26 @@ def train(lrs, wds, batch_size, out, resume, **o):
     _check_steps_and_tokens(o, cfg, (batch_size,))
     dist, data = ddp.setup(cfg, data_cfg)  # under torchrun: one population over the ranks; rank 0 writes
     trainer = Trainer(cfg, data, out, run_id=Path(out).resolve().name, dist=dist)  # `--out .` has a name too
-    if trainer.has_checkpoint() and not resume:
-        raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
-    if resume:
-        resumed = trainer.resume()
-        if dist.is_main:
-            click.echo(f"resuming {out} from step {trainer.step}" if resumed
-                       else f"no checkpoint in {out}; starting from step 0", err=True)
-    quiet = contextlib.nullcontext(lambda kind, **info: None)
-    with _Progress("train", cfg.warnings() + data_warnings(trainer.cfg, data)) if dist.is_main else quiet as bar:
-        bar("start", total=cfg.steps)
-        bar("advance", steps=trainer.step)
-        results = trainer.train(progress=lambda step: bar("advance", steps=1))
-    dist.close()
-    if not dist.is_main:
-        return
-    write_summary(Path(out), summary_rows(trainer.run_id, cfg, results))
+    with contextlib.ExitStack() as held:
+        if dist.is_main:  # a second train into the run (say --resume twice) would rewrite its files under it
+            Path(out).mkdir(parents=True, exist_ok=True)  # the checks passed: a run starts here
+            hold(out, held)
+        if trainer.has_checkpoint() and not resume:
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+        if resume:
+            resumed = trainer.resume()
+            if dist.is_main:
+                click.echo(f"resuming {out} from step {trainer.step}" if resumed
+                           else f"no checkpoint in {out}; starting from step 0", err=True)
+        quiet = contextlib.nullcontext(lambda kind, **info: None)
+        with _Progress("train", cfg.warnings() + data_warnings(trainer.cfg, data)) if dist.is_main else quiet as bar:
+            bar("start", total=cfg.steps)
+            bar("advance", steps=trainer.step)
+            results = trainer.train(progress=lambda step: bar("advance", steps=1))
+        dist.close()
+        if not dist.is_main:
+            return
+        write_summary(Path(out), summary_rows(trainer.run_id, cfg, results))
     loss = lambda v: "-" if v is None else f"{v:.4f}"  # the summary keeps every digit
     for r in results:
         click.echo(f"{r.name:24s} {r.status:9s} train {loss(r.train_loss)}  val {loss(r.val_loss)}")
