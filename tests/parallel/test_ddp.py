@@ -108,6 +108,21 @@ def test_close_frees_the_process_group(two_ranks):
         assert not [t for t in rank["threads_after_close"] if "gloo" in t], rank["threads_after_close"]
 
 
+def test_start_on_cuda_sets_the_rank_gpu_and_joins_nccl(monkeypatch):
+    # no GPU here: the calls it makes are recorded (a local import once made `torch` unbound in start)
+    import torch.distributed as dist
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    ctx = DistContext(rank=3, world_size=4, local_rank=1, local_world_size=2)
+    ctx.start("cuda")
+    assert calls == [("set_device", 1), ("nccl", {"rank": 3, "world_size": 4})] and ctx.backend == "nccl"
+    ctx.start("cuda")  # idempotent
+    assert len(calls) == 2
+
+
 def test_two_rank_resume_is_bit_identical(two_ranks, tmp_path):
     cfg, run_dir, _ = two_ranks
     _ranks(cfg, tmp_path / "run", tmp_path / "a", until=5)  # stopped after step 5: the checkpoint is step 3

@@ -128,7 +128,7 @@ class DistContext:
         # (by the first torch.optim optimizer, through torch._dynamo): imported after the group starts, they
         # hold it for good, `close` cannot free it, and its gloo threads met the interpreter's exit (a rank
         # aborted: "terminate called without an active exception"). Imported now, they hold None.
-        import torch.distributed.nn  # noqa: F401
+        import torch.distributed.nn as _defaults_bound_now  # noqa: F401 (`as`: a bare import binds `torch` here)
         if not dist.is_initialized():
             dist.init_process_group(self.backend, rank=self.rank, world_size=self.world_size)
 
