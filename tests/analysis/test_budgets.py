@@ -270,6 +270,15 @@ def test_cli_fit_counts_its_directories_before_it_reads_them(tmp_path):
     assert not (tmp_path / "fit").exists()
 
 
+def test_cli_fit_refuses_a_bad_target_before_it_reads_the_directories(tmp_path):
+    # the budgets were loaded (each bootstraps its optimum) before the target was looked at
+    res = CliRunner().invoke(cli.main, ["fit", "dirA", "dirB", "dirC", "--target-tokens", "-5",
+                                        "--out", str(tmp_path / "fit")])
+    assert (res.exit_code, res.stderr) == (1, "Error: --target-tokens must be a positive, finite number of tokens, "
+                                              "got -5.0\n")
+    assert not (tmp_path / "fit").exists()
+
+
 # --- one budget per directory: batch sizes, and finished sweeps
 
 

@@ -37,8 +37,8 @@ import math
 from pathlib import Path
 
 from trajinv.analysis.records import chance_loss, load_metrics, load_summary
-from trajinv.analysis.scaling import (BudgetOptimum, MemberLoss, ScalingReport, check_budget_count, fit_scaling,
-                                      optimum_from_members, plot_scaling)
+from trajinv.analysis.scaling import (BudgetOptimum, MemberLoss, ScalingReport, check_budget_count,
+                                      check_target_tokens, fit_scaling, optimum_from_members, plot_scaling)
 from trajinv.atomic import atomic_write, remove_stale_temps
 from trajinv.checkpoint import latest_meta
 from trajinv.config import sweep_pairs
@@ -81,6 +81,7 @@ def fit_directories(directories, target_tokens: float | None = None,
     moved the fitted lr exponent from -0.10 to +0.11 in a QA run, with no word. Seeds may differ
     (they add noise, not a bias)."""
     check_budget_count([str(d) for d in directories])  # before the loads (each bootstraps its optimum), as given
+    check_target_tokens(target_tokens)
     optima = [load_budget(d, batch_size=batch_size) for d in directories]
     first, setting = directories[0], study_setting(directories[0], batch_size)
     for d in directories[1:]:

@@ -420,6 +420,12 @@ def check_budget_count(names: Sequence[str]) -> None:
                          f"got {len(names)}{listed}")
 
 
+def check_target_tokens(target_tokens: float | None) -> None:
+    """ValueError unless `target_tokens` (the budget to predict at) is None or a positive, finite number."""
+    if target_tokens is not None and not (target_tokens > 0 and math.isfinite(target_tokens)):
+        raise ValueError(f"--target-tokens must be a positive, finite number of tokens, got {target_tokens!r}")
+
+
 def _check_optima(optima: Sequence[BudgetOptimum]) -> None:
     # in the terms of `trajinv fit`, which reaches them: budgets and directories, not optima
     check_budget_count([o.source or f"{o.tokens:g} tokens" for o in optima])
@@ -443,8 +449,7 @@ def fit_scaling(optima: Sequence[BudgetOptimum], target_tokens: float | None = N
     `lr_tolerance` is the largest |lr exponent| still called "nearly constant" (see the module docstring).
     """
     _check_optima(optima)
-    if target_tokens is not None and not (target_tokens > 0 and math.isfinite(target_tokens)):
-        raise ValueError(f"--target-tokens must be a positive, finite number of tokens, got {target_tokens!r}")
+    check_target_tokens(target_tokens)
     if not lr_tolerance > 0:
         raise ValueError(f"lr_tolerance must be > 0, got {lr_tolerance!r}")
     optima = tuple(sorted(optima, key=lambda o: o.tokens))
