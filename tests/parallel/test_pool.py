@@ -102,7 +102,33 @@ def test_a_killed_worker_fails_its_population_only(tiny_train_config, tmp_path):
     rows = run_scaled(spec, tmp_path, devices="cpu,cpu", task=spawned.kill_second_population)
     assert [(r["run_id"], r["status"]) for r in rows] == [("bs4-p0", "done"), ("bs4-p1", "failed"),
                                                           ("bs4-p2", "done")]
-    assert "worker process on cpu died" in rows[1]["error"] and rows[1]["steps"] == 0
+    assert rows[1]["error"] == "worker process on cpu died while training (killed by a signal, e.g. out of memory)"
+    assert rows[1]["steps"] == 0
+
+
+def test_a_script_without_a_main_guard_is_told_so_not_out_of_memory(tmp_path):
+    # each spawned worker re-runs the script's top level: unguarded, it started the same sweep again
+    # (refused, the directory in use) and exited; every population then read "killed by a signal, e.g.
+    # out of memory"
+    script = tmp_path / "sweep.py"
+    script.write_text(textwrap.dedent(f'''
+        from trajinv.config import ModelConfig, TrainConfig
+        from trajinv.data import DataConfig
+        from trajinv.sweep import SweepSpec, run_sweep
+
+        cfg = TrainConfig(model=ModelConfig(d_model=16, n_layers=1, n_heads=2, context=16), steps=2, batch_size="4",
+                          eval_seqs=8, eval_every=2)
+        run_sweep(SweepSpec(train=cfg, data=DataConfig(max_tokens=20_000), lrs=(0.01,), wds=(0.1,)),
+                  {str(tmp_path / "out")!r}, devices="cpu")
+    '''))
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    row, = _table(tmp_path / "out")
+    assert row["status"] == "failed"
+    assert row["error"] == ("worker process on cpu exited while starting, before it trained (its error is printed "
+                            "above); a script that trains on workers needs its top level under "
+                            "`if __name__ == '__main__':`")
 
 
 def test_without_population_the_members_are_spread_over_the_workers(tiny_train_config, tmp_path):

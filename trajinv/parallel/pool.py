@@ -41,11 +41,14 @@ Task = Callable[[Job, Callable[..., None]], Outcome]
 _EVENTS = None  # the worker's end of the progress queue (set by _init)
 
 
-def _init(place: Placement, events, parent: int) -> None:
+def _init(place: Placement, events, parent: int, started, index: int) -> None:
     global _EVENTS
     threading.Thread(target=_exit_with_parent, args=(parent,), name="parent-watch", daemon=True).start()
     pin(place)
     _EVENTS = events
+    # a worker that dies before this line died starting, not training; shared memory, not an event: a
+    # queued event waits for the queue's feeder thread, and a worker killed at once never sent it
+    started[index] = 1
 
 
 def _exit_with_parent(parent: int, every: float = 1.0) -> None:
@@ -87,6 +90,7 @@ class LocalPool:
         self.ctx = mp.get_context("spawn")
         self.events = self.ctx.Queue()
         self.executors: list[ProcessPoolExecutor | None] = [None] * len(self.places)
+        self.started = self.ctx.Array("b", len(self.places), lock=False)  # 1: worker i's process is up
 
     def __enter__(self) -> LocalPool:
         return self
@@ -105,8 +109,10 @@ class LocalPool:
 
     def _executor(self, i: int) -> ProcessPoolExecutor:
         if self.executors[i] is None:
+            self.started[i] = 0
             self.executors[i] = ProcessPoolExecutor(1, mp_context=self.ctx, initializer=_init,
-                                                    initargs=(self.places[i], self.events, os.getpid()))
+                                                    initargs=(self.places[i], self.events, os.getpid(),
+                                                              self.started, i))
         return self.executors[i]
 
     def workers(self) -> int:
@@ -134,6 +140,17 @@ class LocalPool:
                 return
             on_event(kind, **info)
 
+    def _death(self, i: int) -> str:
+        """Why worker `i`'s population failed when its process ended under it."""
+        where = f"worker process on {self.places[i].device}"
+        if self.started[i]:
+            return f"{where} died while training (killed by a signal, e.g. out of memory)"
+        # each spawned worker re-runs the top level of the parent's script: unguarded, that starts
+        # the same sweep again (refused: the directory is in use) and the worker exits; so said, every
+        # population read "killed by a signal, e.g. out of memory"
+        return (f"{where} exited while starting, before it trained (its error is printed above); a script "
+                "that trains on workers needs its top level under `if __name__ == '__main__':`")
+
     def run(self, jobs: Sequence[Job], on_event: Callable[..., None], on_done: Callable[[Outcome], None],
             task: Task = run_job) -> None:
         """Train every job; `on_event(kind, **info)` for progress, `on_done(outcome)` per population
@@ -154,8 +171,7 @@ class LocalPool:
                 except BrokenProcessPool:
                     self.executors[i].shutdown(wait=False)
                     self.executors[i] = None  # a fresh worker for the rest
-                    outcome = failed_outcome(job, f"worker process on {self.places[i].device} died while "
-                                                  "training (killed by a signal, e.g. out of memory)")
+                    outcome = failed_outcome(job, self._death(i))
                 except Exception as e:  # noqa: BLE001 - e.g. a result that cannot be unpickled
                     outcome = failed_outcome(job, f"{type(e).__name__}: {e}")
                 idle.append(i)
