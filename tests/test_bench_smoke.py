@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
                                          ("bench_gns_kernels.py", "gns_kernels.csv"),
                                          ("bench_trainer.py", "trainer.csv"), ("bench_tune.py", "tune.csv"),
                                          ("tune_surrogate.py", "tune_surrogate.csv"),
+                                         ("bench_setting.py", "setting.csv"),
                                          ("bench_scale.py", "scale.csv"),
                                          ("bench_phase.py", "phase.csv")])
 def test_bench_script_runs_quick(script, csv, tmp_path):
