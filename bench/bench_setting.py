@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -50,13 +50,15 @@ class Setting:
     """log2 of the grid's learning rates (spacing 1)."""
     wd_log2: tuple[int, ...]
     """log2 of the grid's weight decays (spacing 1)."""
+    eval_seqs: int | None = None
+    """Validation sequences, where the corpus's validation split is too small for bench_tune's."""
 
 
 SETTINGS = {
     "tune": Setting(DataConfig(), tuple(LR_LOG2), tuple(WD_LOG2)),
     # a first 5x5 grid (lr 2^-11..2^-7, wd 2^-4..2^0, seed 0) put the best point at wd 2^0, its edge, and the
     # rows beyond it at wd 2^1 (best), 2^2, 2^3: this grid is centred on that point
-    "small-corpus": Setting(DataConfig(max_tokens=400_000), tuple(range(-10, -5)), tuple(range(-1, 4))),
+    "small-corpus": Setting(DataConfig(max_tokens=400_000), tuple(range(-10, -5)), tuple(range(-1, 4)), eval_seqs=128),
 }
 Grid = dict[tuple[float, float], float | None]  # (lr, wd) -> final validation loss; None: diverged
 
@@ -67,7 +69,10 @@ def train_grid(setting: Setting, seed: int, quick: bool, out: Path, devices: str
     if quick:
         lrs, wds = lrs[:3], wds[:3]
     data = DataConfig(max_tokens=min(setting.data.max_tokens or 300_000, 300_000)) if quick else setting.data
-    spec = SweepSpec(train=train_config(seed, quick), data=data, lrs=tuple(lrs), wds=tuple(wds), population=len(wds))
+    cfg = train_config(seed, quick)
+    if setting.eval_seqs and not quick:
+        cfg = replace(cfg, eval_seqs=setting.eval_seqs)
+    spec = SweepSpec(train=cfg, data=data, lrs=tuple(lrs), wds=tuple(wds), population=len(wds))
     rows = run_sweep(spec, out / f"grid-s{seed}", devices=devices)
     return {(r["lr"], r["wd"]): (r["final_val_loss"] if r["status"] == "done" else None) for r in rows}
 
