@@ -78,6 +78,19 @@ def test_a_train_into_a_run_another_command_is_training_is_refused_and_changes_n
     assert run(*args, "--resume").exit_code == 0  # the lock went with the other command
 
 
+def test_max_tokens_trains_on_the_start_of_the_corpus(corpus, tmp_path):
+    from trajinv.checkpoint import latest_meta
+    from trajinv.data import DataConfig, load_data
+
+    out = tmp_path / "run"
+    res = run("train", *TINY, "--data", corpus, "--lr", "0.01", "--wd", "0.1", "--out", str(out), "--optimizer", "torch",
+              "--max-tokens", "6000", "--batch-size", "4", "--eval-seqs", "4")  # its validation split: 4 windows
+    assert res.exit_code == 0, res.output
+    assert latest_meta(out)["data"]["max_tokens"] == 6000  # kept with the run: a resume on all of it is refused
+    capped = load_data(DataConfig(source=corpus, max_tokens=6000))
+    assert capped.train.size + capped.val.size <= 6000 < Path(corpus).stat().st_size
+
+
 def test_sweep_writes_summary_and_plots(corpus, tmp_path):
     out = tmp_path / "sw"
     res = run("sweep", *TINY, "--data", corpus, "--lr", "0.01", "--lr", "0.02", "--wd", "0.5", "--elr", "0.01",

@@ -161,6 +161,7 @@ _COMMON = [
     (DataConfig, "source", ("--data",), {}),
     (DataConfig, "tokenizer", (), {}),
     (DataConfig, "text_field", (), {}),
+    (DataConfig, "max_tokens", (), dict(type=click.IntRange(min=2))),
     (GNSConfig, "mode", ("--gns",), {}),
     (GNSConfig, "every", ("--gns-every",), {}),
     (GNSConfig, "precond_warmup", ("--gns-warmup",), {}),
@@ -210,7 +211,8 @@ def _configs(o: dict, members: tuple[Member, ...] | None = None, batch_size: str
         gns=GNSConfig(mode=o["gns"], every=o["gns_every"], precond_warmup=o["gns_warmup"],
                       embeddings=o["gns_embeddings"]),
     )
-    return train, DataConfig(source=o["data"], tokenizer=o["tokenizer"], text_field=o["text_field"], seed=o["seed"])
+    return train, DataConfig(source=o["data"], tokenizer=o["tokenizer"], text_field=o["text_field"], seed=o["seed"],
+                             max_tokens=o["max_tokens"])
 
 
 def _check_steps_and_tokens(o: dict, train: TrainConfig, batch_sizes) -> None:

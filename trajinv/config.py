@@ -333,7 +333,8 @@ class DataConfig:
     CLI sets both from --seed); a field dropped would make their reruns "another spec"."""
 
     max_tokens: int | None = None
-    """Cap on the total token count (train + val), taking documents in order; for quick runs and tests."""
+    """Use only the corpus's first N tokens (train + val, documents in order; none: all of it): a quick run,
+    or a small corpus that training comes round to again, where weight decay matters more."""
 
 
 # ------------------------------------------------------------------ a training run
