@@ -83,8 +83,9 @@ def test_max_tokens_trains_on_the_start_of_the_corpus(corpus, tmp_path):
     from trajinv.data import DataConfig, load_data
 
     out = tmp_path / "run"
-    res = run("train", *TINY, "--data", corpus, "--lr", "0.01", "--wd", "0.1", "--out", str(out), "--optimizer", "torch",
-              "--max-tokens", "6000", "--batch-size", "4", "--eval-seqs", "4")  # its validation split: 4 windows
+    res = run("train", *TINY, "--data", corpus, "--lr", "0.01", "--wd", "0.1", "--out", str(out),
+              "--optimizer", "torch", "--max-tokens", "6000", "--batch-size", "4",
+              "--eval-seqs", "4")  # its validation split: 4 windows
     assert res.exit_code == 0, res.output
     assert latest_meta(out)["data"]["max_tokens"] == 6000  # kept with the run: a resume on all of it is refused
     capped = load_data(DataConfig(source=corpus, max_tokens=6000))
