@@ -10,7 +10,7 @@ neighbours on the axis are worse (the margin: the smaller of the two), next to t
 noise (bench_tune's: the std over seeds at the five best points).
 
 Settings (both bench_tune's model and training: tiny, byte tokens, batch 32, 800 steps, WSD):
-- `tune`: bench_tune's own grid on the whole embedded corpus (the training text never
+- `stdlib`: bench_tune's own grid on the whole embedded corpus (the training text never
   repeats). Its best wd sits on a plateau at small wd (README, "Against 2-D search").
 - `small-corpus`: the first 400,000 tokens of the same corpus, so 800 steps see each
   training token about 4 times; the gap to the held-out documents then grows with the
@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from bench_tune import LR_LOG2, WD_LOG2, seed_noise, train_config
+import bench_tune
+from bench_tune import seed_noise, train_config
 from results_csv import RESULTS_DIR, results_dir, scratch, write_csv
 from trajinv.analysis.plots import save_png
 from trajinv.data import DataConfig
@@ -46,20 +47,20 @@ from trajinv.sweep import SweepSpec, run_sweep
 
 @dataclass(frozen=True)
 class Setting:
-    data: DataConfig
+    base: bench_tune.Setting
+    """bench_tune's setting of that name: the corpus and the training."""
     lr_log2: tuple[int, ...]
     """log2 of the grid's learning rates (spacing 1)."""
     wd_log2: tuple[int, ...]
     """log2 of the grid's weight decays (spacing 1)."""
-    eval_seqs: int | None = None
-    """Validation sequences, where the corpus's validation split is too small for bench_tune's."""
 
 
+_STDLIB, _SMALL = bench_tune.SETTINGS["stdlib"], bench_tune.SETTINGS["small-corpus"]
 SETTINGS = {
-    "tune": Setting(DataConfig(), tuple(LR_LOG2), tuple(WD_LOG2)),
+    "stdlib": Setting(_STDLIB, tuple(_STDLIB.lr_log2), tuple(_STDLIB.wd_log2)),
     # a first 5x5 grid (lr 2^-11..2^-7, wd 2^-4..2^0, seed 0) put the best point at wd 2^0, its edge, and the
     # rows beyond it at wd 2^1 (best), 2^2, 2^3: this grid is centred on that point
-    "small-corpus": Setting(DataConfig(max_tokens=400_000), tuple(range(-10, -5)), tuple(range(-1, 4)), eval_seqs=128),
+    "small-corpus": Setting(_SMALL, tuple(range(-10, -5)), tuple(range(-1, 4))),
 }
 Grid = dict[tuple[float, float], float | None]  # (lr, wd) -> final validation loss; None: diverged
 
@@ -69,11 +70,10 @@ def train_grid(setting: Setting, seed: int, quick: bool, out: Path, devices: str
     lrs, wds = [2.0 ** e for e in setting.lr_log2], [2.0 ** e for e in setting.wd_log2]
     if quick:
         lrs, wds = lrs[:3], wds[:3]
-    data = DataConfig(max_tokens=min(setting.data.max_tokens or 300_000, 300_000)) if quick else setting.data
-    cfg = train_config(seed, quick)
-    if setting.eval_seqs and not quick:
-        cfg = replace(cfg, eval_seqs=setting.eval_seqs)
-    spec = SweepSpec(train=cfg, data=data, lrs=tuple(lrs), wds=tuple(wds), population=len(wds))
+    base = setting.base
+    data = DataConfig(max_tokens=min(base.data.max_tokens or 300_000, 300_000)) if quick else base.data
+    spec = SweepSpec(train=train_config(seed, quick, base), data=data, lrs=tuple(lrs), wds=tuple(wds),
+                     population=len(wds))
     rows = run_sweep(spec, out / f"grid-s{seed}", devices=devices)
     return {(r["lr"], r["wd"]): (r["final_val_loss"] if r["status"] == "done" else None) for r in rows}
 
