@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,44 +38,24 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 import bench_tune
-from bench_tune import seed_noise, train_config
+from bench_tune import reference_grid, seed_noise
 from results_csv import RESULTS_DIR, results_dir, scratch, write_csv
 from trajinv.analysis.plots import save_png
-from trajinv.data import DataConfig
-from trajinv.sweep import SweepSpec, run_sweep
-
-
-@dataclass(frozen=True)
-class Setting:
-    base: bench_tune.Setting
-    """bench_tune's setting of that name: the corpus and the training."""
-    lr_log2: tuple[int, ...]
-    """log2 of the grid's learning rates (spacing 1)."""
-    wd_log2: tuple[int, ...]
-    """log2 of the grid's weight decays (spacing 1)."""
 
 
 _STDLIB, _SMALL = bench_tune.SETTINGS["stdlib"], bench_tune.SETTINGS["small-corpus"]
-SETTINGS = {
-    "stdlib": Setting(_STDLIB, tuple(_STDLIB.lr_log2), tuple(_STDLIB.wd_log2)),
+SETTINGS = {  # bench_tune's corpus and training; the grid (lr_log2 x wd_log2) may differ
+    "stdlib": _STDLIB,
     # a first 5x5 grid (lr 2^-11..2^-7, wd 2^-4..2^0, seed 0) put the best point at wd 2^0, its edge, and the
     # rows beyond it at wd 2^1 (best), 2^2, 2^3: this grid is centred on that point
-    "small-corpus": Setting(_SMALL, tuple(range(-10, -5)), tuple(range(-1, 4))),
+    "small-corpus": replace(_SMALL, lr_log2=range(-10, -5), wd_log2=range(-1, 4)),
 }
 Grid = dict[tuple[float, float], float | None]  # (lr, wd) -> final validation loss; None: diverged
 
 
-def train_grid(setting: Setting, seed: int, quick: bool, out: Path, devices: str | None) -> Grid:
-    """The seed's grid, trained or read back: one population per lr row."""
-    lrs, wds = [2.0 ** e for e in setting.lr_log2], [2.0 ** e for e in setting.wd_log2]
-    if quick:
-        lrs, wds = lrs[:3], wds[:3]
-    base = setting.base
-    data = DataConfig(max_tokens=min(base.data.max_tokens or 300_000, 300_000)) if quick else base.data
-    spec = SweepSpec(train=train_config(seed, quick, base), data=data, lrs=tuple(lrs), wds=tuple(wds),
-                     population=len(wds))
-    rows = run_sweep(spec, out / f"grid-s{seed}", devices=devices)
-    return {(r["lr"], r["wd"]): (r["final_val_loss"] if r["status"] == "done" else None) for r in rows}
+def train_grid(setting: bench_tune.Setting, seed: int, quick: bool, out: Path, devices: str | None) -> Grid:
+    """The seed's grid, trained or read back: bench_tune's reference grid on this setting's axes."""
+    return reference_grid(seed, quick, setting.data_for(quick), out, devices, setting)
 
 
 def mean_grid(grids: list[Grid]) -> Grid:

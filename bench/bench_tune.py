@@ -106,6 +106,10 @@ class Setting:
     train: dict = field(default_factory=dict)
     """TrainConfig fields that differ from `SETTING` (a small corpus's validation split, say)."""
 
+    def data_for(self, quick: bool) -> DataConfig:
+        """The corpus, or for --quick at most its first 300,000 tokens."""
+        return DataConfig(max_tokens=min(self.data.max_tokens or 300_000, 300_000)) if quick else self.data
+
 
 SETTINGS = {
     "stdlib": Setting(DataConfig(), LR_LOG2, WD_LOG2, TUNE, OUT),
@@ -300,7 +304,7 @@ def main() -> None:
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
     reps = args.reps or (10 if args.quick else 200)
     setting = SETTINGS[args.setting]
-    data = DataConfig(max_tokens=min(setting.data.max_tokens or 300_000, 300_000)) if args.quick else setting.data
+    data = setting.data_for(args.quick)
     lrs, wds = grid_axes(args.quick, setting)
     steps = train_config(0, args.quick, setting).steps
     grid_cost = len(lrs) * len(wds) * steps
