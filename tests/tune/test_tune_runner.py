@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import warnings
 from dataclasses import replace
 
@@ -14,6 +15,7 @@ from matplotlib.legend import Legend
 
 from trajinv import cli
 from trajinv.analysis.budgets import load_budget
+from trajinv.analysis.records import load_metrics
 from trajinv.config import DataConfig, Member, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig
 from trajinv.tune.report import (HEATMAP_PNG, RESULT, CURVE_PNG, build_curve_figure, format_summary, to_json,
                                   write_report)
@@ -51,6 +53,18 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     assert run.regime is not None and run.regime.axis in ("elr", "lr")
     trained = [p.key for sr in run.stages for p in sr.stage.points]
     assert len(trained) == len(set(trained)), "a point was trained twice"
+    # each outcome carries its final eval's bootstrap means, as logged, and the check pairs its extremes on them
+    boots = {(r["run_id"], r["member"]): r["val_loss_boot"] for r in load_metrics(run.stages[0].directory)
+             if r.get("val_loss_boot")}
+    first_rows = {(r["run_id"], int(r["member"])): r for r in first}
+    for o in run.stages[0].outcomes:
+        row = next(r for r in first_rows.values() if float(r["lr"]) == pytest.approx(o.point.lr)
+                   and float(r["wd"]) == pytest.approx(o.point.wd))
+        assert len(o.boot) == spec.train.eval_boot and list(o.boot) == pytest.approx(boots[(row["run_id"], int(row["member"]))])
+    check = run.result.invariant_check
+    lo, hi = (min((o for o in check.outcomes if o.finite), key=lambda o: o.loss),
+              max((o for o in check.outcomes if o.finite), key=lambda o: o.loss))
+    assert check.threshold == pytest.approx(2 * statistics.stdev(a - b for a, b in zip(hi.boot, lo.boot)))
     paths = write_report(run, tmp_path)
     assert [p.name for p in paths] == [RESULT, CURVE_PNG, HEATMAP_PNG] and all(p.stat().st_size for p in paths)
     data = json.loads((tmp_path / RESULT).read_text())
@@ -391,14 +405,14 @@ def test_a_directory_replays_by_the_search_rules_it_was_made_with(tmp_path, tiny
     spec = _spec(zoom_points=0, max_rescans=0)
     first = run_tune(spec, tmp_path)
     stored = json.loads((tmp_path / "tune_spec.json").read_text())
-    assert stored["search_version"] == SEARCH_VERSION == 2 and set(seen) == {2}
+    assert stored["search_version"] == SEARCH_VERSION == 3 and set(seen) == {3}
     del stored["search_version"]  # as trajinv wrote it before search versions
     (tmp_path / "tune_spec.json").write_text(json.dumps(stored))
     seen.clear()
     again = run_tune(spec, tmp_path)
     assert set(seen) == {1} and again.result.best == first.result.best
     assert "search_version" not in json.loads((tmp_path / "tune_spec.json").read_text())  # left as it was
-    for future in (3, "2", True, None):  # a newer trajinv's, or not a version: refused before anything moves
+    for future in (SEARCH_VERSION + 1, "2", True, None):  # a newer trajinv's, or not a version: refused before anything moves
         (tmp_path / "tune_spec.json").write_text(json.dumps({**stored, "search_version": future}))
         with pytest.raises(ValueError, match=f"says search version {future!r}, which this trajinv does not know"):
             run_tune(spec, tmp_path)

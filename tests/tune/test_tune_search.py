@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 
 import pytest
 
 from trajinv.schedules import BatchSchedule
 from trajinv.tune.fit import Fit, Quadratic, fit_quadratic, grid_size
-from trajinv.tune.search import (Outcome, Point, Search, SearchConfig, Stage, TuneResult, classify_regime,
+from trajinv.tune.search import (SEARCH_VERSION, Outcome, Point, Search, SearchConfig, Stage, TuneResult, classify_regime,
                                  simulate)
 
 LR = 8e-3
@@ -247,6 +248,49 @@ def test_standard_errors_set_the_check_threshold(se, stands):
     check = result.invariant_check
     assert check.threshold == pytest.approx(2 * math.sqrt(2) * se)  # 0.028 > spread 0.02 when se = 0.01
     assert check.within_noise is stands
+
+
+def windows_shared(tilt: float, common: float = 0.05, own: float = 0.002, n_boot: int = 64):
+    """`lr_tilted(tilt)` scored on one validation set: each member's bootstrap means move with the
+    resampled windows (`common`, the same draw for every member) plus a little of their own (`own`)."""
+    import random
+
+    draw = random.Random(0)
+    shared = [draw.gauss(0.0, common) for _ in range(n_boot)]
+    base = lr_tilted(tilt)
+
+    def oracle(p: Point) -> Outcome:
+        loss = base(p).loss
+        mine = random.Random(hash(p.key))
+        boot = tuple(loss + c + mine.gauss(0.0, own) for c in shared)
+        return Outcome(p, loss, statistics.stdev(boot), boot)
+    return oracle
+
+
+def drive(cfg: SearchConfig, oracle, version: int) -> TuneResult:
+    search = Search(cfg, version=version)
+    while (stage := search.next_stage()) is not None:
+        search.tell(stage, [oracle(p) for p in stage.points])
+    return search.result()
+
+
+def test_the_check_pairs_its_members_on_the_shared_validation_windows():
+    # a spread of 0.02 nat: unpaired, the windows' shared noise (se 0.05 each) hides it; paired on the
+    # resamples the difference is known to ~0.003 nat and the 1-D answer does not stand
+    oracle, cfg = windows_shared(0.005), SearchConfig(max_rescans=0)
+    paired, unpaired = drive(cfg, oracle, 3).invariant_check, drive(cfg, oracle, 2).invariant_check
+    assert paired.spread == pytest.approx(0.02) == unpaired.spread
+    assert unpaired.threshold > 0.1 and unpaired.within_noise  # the rule of directories of version 2
+    assert 0.003 < paired.threshold < 0.01 and not paired.within_noise
+    # a spread inside the paired noise still stands; and without resamples the check is unpaired
+    assert drive(cfg, windows_shared(0.0005), 3).invariant_check.within_noise
+    bare = simulate(cfg, lambda p: Outcome(p, oracle(p).loss, oracle(p).se))
+    assert bare.invariant_check.threshold == pytest.approx(unpaired.threshold)
+
+
+def test_outcome_refuses_non_finite_bootstrap_means():
+    with pytest.raises(ValueError, match="boot"):
+        Outcome(Point(1e-3, 1.0), 2.0, 0.01, (2.0, math.nan))
 
 
 def test_fit_weights_follow_the_standard_errors():
@@ -632,8 +676,9 @@ def test_a_check_that_stands_keeps_the_zoom_and_fit_on_the_scanned_line():
     while (stage := old.next_stage()) is not None:
         old.tell(stage, [oracle(p) for p in stage.points])
     assert all(p.lr == pytest.approx(4 * LR) for p in old.result().stages[-1][0].points)
-    with pytest.raises(ValueError, match="search version 3"):
-        Search(SearchConfig(), version=3)
+    for unknown in (0, SEARCH_VERSION + 1):
+        with pytest.raises(ValueError, match=f"search version {unknown} "):
+            Search(SearchConfig(), version=unknown)
 
 
 def test_a_quadratic_is_usable_when_convex_with_its_vertex_inside_its_points_ends_included():

@@ -430,9 +430,23 @@ def _spec(root: Path, name: str = SWEEP_SPEC) -> dict:
 
 def final_val_loss_se(root: str | Path) -> dict[tuple[str, int], float]:
     """The last logged `val_loss_se` of each (run_id, member) of a sweep (empty when none was logged)."""
-    se: dict[tuple[str, int], float] = {}
+    return {k: se for k, (se, _) in final_val_loss_stats(root).items()}
+
+
+def final_val_loss_stats(root: str | Path) -> dict[tuple[str, int], tuple[float, tuple[float, ...]]]:
+    """(se, boot) of the last logged validation loss of each (run_id, member) of a sweep: its `val_loss_se`
+    and its `val_loss_boot` resample means (empty when not logged). The resamples are the same window index
+    sets for every member of every run on the same validation set (`trajinv.data.bootstrap`), so two
+    members' boots are paired: the std of their difference is the noise of a difference of their losses."""
+    stats: dict[tuple[str, int], tuple[float, tuple[float, ...]]] = {}
     if not any(Path(root).glob(f"runs/*/{METRICS}")):
-        return se
+        return stats
+    for rec in load_metrics(root):
+        v = rec.get("val_loss_se")
+        if v is not None and rec.get("val_loss") is not None and math.isfinite(v):
+            boot = rec.get("val_loss_boot") or ()
+            stats[(str(rec["run_id"]), int(rec["member"]))] = (float(v), tuple(map(float, boot)))
+    return stats
     for rec in load_metrics(root):
         v = rec.get("val_loss_se")
         if v is not None and rec.get("val_loss") is not None and math.isfinite(v):

@@ -110,7 +110,8 @@ class InvariantCheck:
     spread: float
     """max - min of the finite losses."""
     threshold: float
-    """max(noise, 2 sqrt(se_max^2 + se_min^2))."""
+    """max(noise, 2 se of max - min): that se paired over the members' bootstrap resamples (search version 3;
+    without resamples, or before, sqrt(se_max^2 + se_min^2))."""
     within_noise: bool
     """Spread within threshold with at least two finite losses: the 1-D answer stands."""
 

@@ -19,7 +19,8 @@ same numbers and the same recommendation.
 
 Outcomes. A member's loss is its final validation loss (None when it diverged); its
 standard error is the validation-window bootstrap SE of that loss when the trainer
-logged one (`val_loss_se`), else 0 (then `SearchConfig.noise` is the only floor).
+logged one (`val_loss_se`), else 0 (then `SearchConfig.noise` is the only floor), and
+its bootstrap means (`val_loss_boot`), which pair members for the invariance check.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from trajinv.analysis.budgets import final_val_loss_se
+from trajinv.analysis.budgets import final_val_loss_stats
 from trajinv.analysis.records import chance_loss
 from trajinv.atomic import atomic_write, remove_stale_temps
 from trajinv.config import DataConfig, Member, TrainConfig, describe_differences, to_dict
@@ -222,7 +223,7 @@ def _outcomes(stage: Stage, rows: list[dict], directory: Path, chance: float, do
     A member that ends at or above `chance` (ln V: the loss of a uniform guess, where an untrained model
     starts) learned nothing: it counts as diverged, like a non-finite loss, so it is never a best, a fit
     point, a check member or a B_precond (an lr far too large can blow a loss up to 1e5 and stay finite)."""
-    se = final_val_loss_se(directory) if rows else {}
+    stats = final_val_loss_stats(directory) if rows else {}
     out, bp = [], []
     for p in stage.points:
         if p.key in doomed:  # `doomed`: not trainable (lr*wd >= 1), never trained
@@ -233,7 +234,8 @@ def _outcomes(stage: Stage, rows: list[dict], directory: Path, chance: float, do
             raise RuntimeError(f"stage {stage.name}: no summary row for lr={p.lr:.6g}, wd={p.wd:.6g}")
         loss = row.get("final_val_loss")
         ok = row.get("status") == "done" and loss is not None and math.isfinite(float(loss)) and float(loss) < chance
-        out.append(Outcome(p, float(loss) if ok else None, se.get((row["run_id"], int(row["member"])), 0.0)))
+        se, boot = stats.get((row["run_id"], int(row["member"])), (0.0, ()))
+        out.append(Outcome(p, float(loss) if ok else None, se, boot if ok else ()))
         # the summary's batch_regime statistic: robust (an EMA can be carried off by one spike), read before an
         # annealing lr's tail (trajinv.gns.estimator, "The regime"); in a summary written before that column,
         # the robust one at the run's end, before that the smoothed one. An empty cell is no reading.

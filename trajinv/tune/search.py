@@ -14,9 +14,14 @@ shift     the best finite member is at the edge of what was evaluated on the lin
           member diverged the shift goes toward smaller values, the side that trains.
 check     members on the invariant line through the best point: lr*f, wd/f (same ELR) for
           axis "elr", wd*f at the same lr for axis "lr", f in `check_factors`. Spread =
-          max - min finite loss on the line, threshold = max(noise, 2 sqrt(se_hi^2 +
-          se_lo^2)) (the two-sigma band of the difference of the two extremes). Within it
-          the 1-D answer stands. The check comes before any zoom: a zoom refines a line
+          max - min finite loss on the line, threshold = max(noise, 2 se_diff), the
+          two-sigma band of the difference of the two extremes: se_diff is the std of
+          that difference over the validation-window bootstrap resamples, which pair
+          the members (every member is scored on the same windows, so what a window
+          adds to one loss it adds much the same to the other; 0.011-0.021 nat against
+          2 sqrt(se_hi^2 + se_lo^2) = 0.16-0.17 between neighbours of bench_tune's
+          small-corpus grid), or sqrt(se_hi^2 + se_lo^2) without resamples (and in
+          directories of search version 2 or older). Within it the 1-D answer stands. The check comes before any zoom: a zoom refines a line
           the check may leave, and on bench_tune's grids it left the first line in 3 of 5
           seeds (the zoom's members then bought nothing and the rescan went short).
 rescan    otherwise a scan of +-2 s along the axis through the best member of that line (its
@@ -55,7 +60,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
 from trajinv.tune.fit import (Axis, Fit, InvariantCheck, Regime, TuneResult, classify_regime, fit_quadratic,
@@ -75,8 +81,9 @@ _MAX_CHECK_OCTAVES = 10  # a check factor's distance from 1, in octaves
 _MAX_OCTAVES = 40  # a first scan's width: 2**40 ~ 1e12 between its ends, far past any lr or ELR bracket
 
 
-SEARCH_VERSION = 2
-"""The search's rules as a tune directory records them (tune_spec.json), so it replays by its own: 2 keeps
+SEARCH_VERSION = 3
+"""The search's rules as a tune directory records them (tune_spec.json), so it replays by its own: 3 pairs
+the check's two extremes on their bootstrap resamples (module docstring, "check"); 2 keeps
 the zoom and the final fit on the checked line when its check stood; 1, in directories made before that,
 puts them on the line through the best point of all."""
 
@@ -116,10 +123,16 @@ class Outcome:
     point: Point
     loss: float | None
     se: float = 0.0
+    boot: tuple[float, ...] = field(default=(), repr=False)
+    """The loss's validation-window bootstrap means, resample b averaging the same windows for every
+    member (`trajinv.data.bootstrap`): paired, so a difference of two losses has its own noise; () when
+    not logged."""
 
     def __post_init__(self) -> None:
         if self.finite and not (math.isfinite(self.se) and self.se >= 0):
             raise ValueError(f"se of a finite loss must be finite and >= 0, got {self.se!r}")
+        if not all(isinstance(b, numbers.Real) and math.isfinite(b) for b in self.boot):
+            raise ValueError("bootstrap means (boot) must be finite numbers")
 
     @property
     def finite(self) -> bool:
@@ -265,7 +278,7 @@ class Search:
         so this one need only afford the rest (`fresh_scan_cost`). `prefix` starts its stages' names
         ("lr-" for the lr search: "lr-1-scan" beside the ELR search's "1-scan"). `version`: the rules
         (`SEARCH_VERSION`) of the directory being replayed."""
-        if version not in (1, SEARCH_VERSION):
+        if version not in range(1, SEARCH_VERSION + 1):
             raise ValueError(f"search version {version!r} is not one this trajinv knows (1..{SEARCH_VERSION})")
         self._version = version
         self.cfg = cfg
@@ -523,7 +536,7 @@ class Search:
         finite = [o for o in outcomes if o.finite]
         lo, hi = min(finite, key=lambda o: o.loss), max(finite, key=lambda o: o.loss)
         spread = hi.loss - lo.loss
-        threshold = max(self.cfg.noise, 2.0 * math.hypot(hi.se, lo.se))
+        threshold = max(self.cfg.noise, 2.0 * self._difference_se(hi, lo))
         within = len(finite) >= 2 and spread <= threshold + _ROUNDOFF * max(1.0, abs(lo.loss))
         if len(finite) < len(outcomes):
             self._notes.append(f"{len(outcomes) - len(finite)} of {len(outcomes)} members on the invariant "
@@ -531,6 +544,13 @@ class Search:
         if len(finite) < 2:
             self._notes.append("only the checked point is finite on its invariant line: invariance not confirmed")
         return InvariantCheck(outcomes, spread, threshold, within)
+
+    def _difference_se(self, a: Outcome, b: Outcome) -> float:
+        """Standard error of a.loss - b.loss: from their paired resamples where both have the same ones (search
+        version 3), else as if independent (unpaired: the noise a window adds to both counted twice)."""
+        if self._version >= 3 and len(a.boot) == len(b.boot) >= 2:
+            return statistics.stdev(x - y for x, y in zip(a.boot, b.boot))
+        return math.hypot(a.se, b.se)
 
     def _end_of_line(self, best: Outcome, notes: list[str]) -> list[str]:
         """A note when the budget stopped the search with the best at an end of the searched line: the shift
