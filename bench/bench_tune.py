@@ -43,7 +43,7 @@ and better than generic 2-D search at that cost.
    whether smoothing over the members near the best beats taking the luckiest of them.
 
     python bench/bench_tune.py [--quick] [--setting stdlib|small-corpus] [--seeds 0 1 2] [--reps 200]
-                               [--devices cpu,cpu]
+                               [--devices cpu,cpu] [--no-tpe-trained]
 
 Settings (`SETTINGS`): `stdlib`, the one above and in the README's table (runs cached under
 bench/results/tune/); `small-corpus`, the first 400,000 tokens of the same corpus, whose best
@@ -300,6 +300,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="repetitions of random search per seed (TPE: reps/10)")
     ap.add_argument("--tpe-population", type=int, default=TUNE["points"],
                     help="trials TPE asks for at a time (one population); default: the tune's first scan")
+    ap.add_argument("--no-tpe-trained", action="store_true",
+                    help="leave out TPE trained over the box (4b): after the grids, the bench's longest part")
     args = ap.parse_args()
     if args.tpe_population < 1:
         ap.error(f"--tpe-population must be >= 1, got {args.tpe_population}")
@@ -342,10 +344,11 @@ def main() -> None:
                      "check_within_noise": tuned["check"],
                      # the fit's vertex instead of the best member, scored the same way (trained at the other seeds)
                      "vertex_heldout": (heldout.regret(*tuned["vertex"], seed) if tuned["vertex"] else math.nan)})
-        found = tpe_trained(seed, args.quick, data, budget, out, population, lrs, wds, args.devices, setting)
-        rows.append({"method": "tpe-trained", "seed": seed, "member_steps": found["member_steps"],
-                     "regret": found["loss"] - best, "heldout": heldout.regret(found["lr"], found["wd"], seed),
-                     "grid_best": best, "lr": found["lr"], "wd": found["wd"]})
+        if not args.no_tpe_trained:
+            found = tpe_trained(seed, args.quick, data, budget, out, population, lrs, wds, args.devices, setting)
+            rows.append({"method": "tpe-trained", "seed": seed, "member_steps": found["member_steps"],
+                         "regret": found["loss"] - best, "heldout": heldout.regret(found["lr"], found["wd"], seed),
+                         "grid_best": best, "lr": found["lr"], "wd": found["wd"]})
         for b, e, lo, hi in random_search_curve(grid, [b // steps for b in budgets], budgets):
             # a draw from the grid cannot beat its best: the band's lower edge (which opda lets sink towards
             # the loss bound, as for a continuous box) is clipped at zero regret
@@ -414,7 +417,17 @@ def main() -> None:
             other = statistics.median(held[method][at])
             print(f"  held-out (each recommendation scored on the other seeds): tune {tune_held:.4f} vs "
                   f"{other:.4f}: {verdict(tune_held, other)}")
-    # the fairest comparison: both trained, both paying a fresh run's noise at the points they chose
+    if tpe_rows:  # the fairest comparison: both trained, both paying a fresh run's noise at the points they chose
+        compare_trained_tpe(tune_rows, tpe_rows, tune_regret, tune_held)
+    name = "tune" if args.setting == "stdlib" else f"tune-{args.setting}"  # stdlib's: the README's table
+    write_csv(results_dir(args.quick) / f"{name}.csv", rows,
+              ["method", "seed", "member_steps", "regret", "regret_q25", "regret_q75", "band_lo", "band_hi", "table",
+               "on_grid", "heldout", "vertex_heldout", "runs", "grid_best", "lr", "wd", "axis",
+               "check_within_noise"])
+    plot(per_method, opda, tune_rows, tpe_rows, sigma, grid_cost, results_dir(args.quick) / f"{name}.png")
+
+
+def compare_trained_tpe(tune_rows: list[dict], tpe_rows: list[dict], tune_regret: float, tune_held: float) -> None:
     other = statistics.median(r["regret"] for r in tpe_rows)
     print(f"target 2 vs tpe, trained over the continuous box ({len(tpe_rows)} runs, "
           f"<= {max(r['member_steps'] for r in tpe_rows)} member-steps): tune {tune_regret:.4f} vs "
@@ -424,12 +437,6 @@ def main() -> None:
     if math.isfinite(tune_held) and math.isfinite(other):
         print(f"  held-out: tune {tune_held:.4f} vs {other:.4f}: {verdict(tune_held, other)}")
         print(f"  {describe_paired(paired([r['heldout'] for r in tune_rows], [r['heldout'] for r in tpe_rows]))}")
-    name = "tune" if args.setting == "stdlib" else f"tune-{args.setting}"  # stdlib's: the README's table
-    write_csv(results_dir(args.quick) / f"{name}.csv", rows,
-              ["method", "seed", "member_steps", "regret", "regret_q25", "regret_q75", "band_lo", "band_hi", "table",
-               "on_grid", "heldout", "vertex_heldout", "runs", "grid_best", "lr", "wd", "axis",
-               "check_within_noise"])
-    plot(per_method, opda, tune_rows, tpe_rows, sigma, grid_cost, results_dir(args.quick) / f"{name}.png")
 
 
 def verdict(tune: float, other: float) -> str:
@@ -493,8 +500,9 @@ def plot(per_method: dict, opda: dict, tune_rows: list[dict], tpe_rows: list[dic
         ax.fill_between(bs, q[:, 1], q[:, 2], color="C2", alpha=0.15)
     ax.plot([r["member_steps"] for r in tune_rows], [r["regret"] for r in tune_rows], "*", ms=14, color="C3",
             mec="k", label="trajinv tune (one per seed)")
-    ax.plot([r["member_steps"] for r in tpe_rows], [r["regret"] for r in tpe_rows], "P", ms=10, color="C1",
-            mec="k", label="TPE (2-D box, trained; one per seed)")
+    if tpe_rows:
+        ax.plot([r["member_steps"] for r in tpe_rows], [r["regret"] for r in tpe_rows], "P", ms=10, color="C1",
+                mec="k", label="TPE (2-D box, trained; one per seed)")
     if math.isfinite(sigma):
         ax.axhspan(0, 2 * sigma, color="0.85", zorder=0, label="within 2x seed noise")
     ax.axvline(grid_cost, color="k", ls=":", lw=1, label="full grid")

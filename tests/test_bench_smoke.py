@@ -20,13 +20,18 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
                                          ("bench_setting.py", "setting.csv"),
                                          ("bench_scale.py", "scale.csv"),
                                          ("bench_phase.py", "phase.csv")])
-def test_bench_script_runs_quick(script, csv, tmp_path):
+def run_quick(script: str, results: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(BENCH.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    env["TRAJINV_BENCH_RESULTS"] = str(tmp_path)  # a full run's tables in bench/results/ stay as they are
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick"], capture_output=True, text=True,
+    env["TRAJINV_BENCH_RESULTS"] = str(results)  # a full run's tables in bench/results/ stay as they are
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", *args], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_bench_script_runs_quick(script, csv, tmp_path):
+    proc = run_quick(script, tmp_path)
     # --quick writes below quick/, never where a full run's table lives
     assert "wrote" in proc.stdout and (tmp_path / "quick" / csv).is_file() and not (tmp_path / csv).exists()
 
@@ -90,3 +95,10 @@ def test_a_quick_runs_scratch_folder_is_removed_on_sigterm(tmp_path):
     while folder.exists() and time.time() < deadline:
         time.sleep(0.05)
     assert not folder.exists()
+
+
+def test_bench_tune_without_trained_tpe_leaves_out_its_rows_only(tmp_path):
+    proc = run_quick("bench_tune.py", tmp_path, "--no-tpe-trained")
+    methods = {line.split(",")[0] for line in (tmp_path / "quick" / "tune.csv").read_text().splitlines()[1:]}
+    assert {"tune", "random", "tpe"} <= methods and "tpe-trained" not in methods
+    assert "trained over the continuous box" not in proc.stdout
