@@ -447,8 +447,3 @@ def final_val_loss_stats(root: str | Path) -> dict[tuple[str, int], tuple[float,
             boot = rec.get("val_loss_boot") or ()
             stats[(str(rec["run_id"]), int(rec["member"]))] = (float(v), tuple(map(float, boot)))
     return stats
-    for rec in load_metrics(root):
-        v = rec.get("val_loss_se")
-        if v is not None and rec.get("val_loss") is not None and math.isfinite(v):
-            se[(str(rec["run_id"]), int(rec["member"]))] = float(v)
-    return se
