@@ -13,13 +13,6 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-@pytest.mark.parametrize("script, csv", [("bench_adamw.py", "adamw.csv"), ("bench_gns.py", "gns.csv"),
-                                         ("bench_gns_kernels.py", "gns_kernels.csv"),
-                                         ("bench_trainer.py", "trainer.csv"), ("bench_tune.py", "tune.csv"),
-                                         ("tune_surrogate.py", "tune_surrogate.csv"),
-                                         ("bench_setting.py", "setting.csv"),
-                                         ("bench_scale.py", "scale.csv"),
-                                         ("bench_phase.py", "phase.csv")])
 def run_quick(script: str, results: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(BENCH.parent) + os.pathsep + env.get("PYTHONPATH", "")
@@ -30,6 +23,13 @@ def run_quick(script: str, results: Path, *args: str) -> subprocess.CompletedPro
     return proc
 
 
+@pytest.mark.parametrize("script, csv", [("bench_adamw.py", "adamw.csv"), ("bench_gns.py", "gns.csv"),
+                                         ("bench_gns_kernels.py", "gns_kernels.csv"),
+                                         ("bench_trainer.py", "trainer.csv"), ("bench_tune.py", "tune.csv"),
+                                         ("tune_surrogate.py", "tune_surrogate.csv"),
+                                         ("bench_setting.py", "setting.csv"),
+                                         ("bench_scale.py", "scale.csv"),
+                                         ("bench_phase.py", "phase.csv")])
 def test_bench_script_runs_quick(script, csv, tmp_path):
     proc = run_quick(script, tmp_path)
     # --quick writes below quick/, never where a full run's table lives
