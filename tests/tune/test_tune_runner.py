@@ -56,11 +56,11 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     # each outcome carries its final eval's bootstrap means, as logged, and the check pairs its extremes on them
     boots = {(r["run_id"], r["member"]): r["val_loss_boot"] for r in load_metrics(run.stages[0].directory)
              if r.get("val_loss_boot")}
-    first_rows = {(r["run_id"], int(r["member"])): r for r in first}
     for o in run.stages[0].outcomes:
-        row = next(r for r in first_rows.values() if float(r["lr"]) == pytest.approx(o.point.lr)
+        row = next(r for r in first if float(r["lr"]) == pytest.approx(o.point.lr)
                    and float(r["wd"]) == pytest.approx(o.point.wd))
-        assert len(o.boot) == spec.train.eval_boot and list(o.boot) == pytest.approx(boots[(row["run_id"], int(row["member"]))])
+        logged = boots[(row["run_id"], int(row["member"]))]
+        assert len(o.boot) == spec.train.eval_boot and list(o.boot) == pytest.approx(logged)
     check = run.result.invariant_check
     lo, hi = (min((o for o in check.outcomes if o.finite), key=lambda o: o.loss),
               max((o for o in check.outcomes if o.finite), key=lambda o: o.loss))
@@ -412,7 +412,8 @@ def test_a_directory_replays_by_the_search_rules_it_was_made_with(tmp_path, tiny
     again = run_tune(spec, tmp_path)
     assert set(seen) == {1} and again.result.best == first.result.best
     assert "search_version" not in json.loads((tmp_path / "tune_spec.json").read_text())  # left as it was
-    for future in (SEARCH_VERSION + 1, "2", True, None):  # a newer trajinv's, or not a version: refused before anything moves
+    # a newer trajinv's, or not a version: refused before anything moves
+    for future in (SEARCH_VERSION + 1, "2", True, None):
         (tmp_path / "tune_spec.json").write_text(json.dumps({**stored, "search_version": future}))
         with pytest.raises(ValueError, match=f"says search version {future!r}, which this trajinv does not know"):
             run_tune(spec, tmp_path)

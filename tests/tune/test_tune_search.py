@@ -10,8 +10,8 @@ import pytest
 
 from trajinv.schedules import BatchSchedule
 from trajinv.tune.fit import Fit, Quadratic, fit_quadratic, grid_size
-from trajinv.tune.search import (SEARCH_VERSION, Outcome, Point, Search, SearchConfig, Stage, TuneResult, classify_regime,
-                                 simulate)
+from trajinv.tune.search import (SEARCH_VERSION, Outcome, Point, Search, SearchConfig, Stage, TuneResult,
+                                 classify_regime, simulate)
 
 LR = 8e-3
 C = math.log2(LR)  # default centre: log2(lr * wd) with wd = 1
@@ -267,23 +267,16 @@ def windows_shared(tilt: float, common: float = 0.05, own: float = 0.002, n_boot
     return oracle
 
 
-def drive(cfg: SearchConfig, oracle, version: int) -> TuneResult:
-    search = Search(cfg, version=version)
-    while (stage := search.next_stage()) is not None:
-        search.tell(stage, [oracle(p) for p in stage.points])
-    return search.result()
-
-
 def test_the_check_pairs_its_members_on_the_shared_validation_windows():
     # a spread of 0.02 nat: unpaired, the windows' shared noise (se 0.05 each) hides it; paired on the
     # resamples the difference is known to ~0.003 nat and the 1-D answer does not stand
     oracle, cfg = windows_shared(0.005), SearchConfig(max_rescans=0)
-    paired, unpaired = drive(cfg, oracle, 3).invariant_check, drive(cfg, oracle, 2).invariant_check
+    paired, unpaired = simulate(cfg, oracle, 3).invariant_check, simulate(cfg, oracle, 2).invariant_check
     assert paired.spread == pytest.approx(0.02) == unpaired.spread
     assert unpaired.threshold > 0.1 and unpaired.within_noise  # the rule of directories of version 2
     assert 0.003 < paired.threshold < 0.01 and not paired.within_noise
     # a spread inside the paired noise still stands; and without resamples the check is unpaired
-    assert drive(cfg, windows_shared(0.0005), 3).invariant_check.within_noise
+    assert simulate(cfg, windows_shared(0.0005), 3).invariant_check.within_noise
     bare = simulate(cfg, lambda p: Outcome(p, oracle(p).loss, oracle(p).se))
     assert bare.invariant_check.threshold == pytest.approx(unpaired.threshold)
 
@@ -672,10 +665,8 @@ def test_a_check_that_stands_keeps_the_zoom_and_fit_on_the_scanned_line():
     assert result.best.lr == pytest.approx(4 * LR)  # still the best evaluated point, and said so
     assert any("is a check member" in n and "within the check's noise" in n for n in result.notes), result.notes
     # a directory made by the earlier rules (version 1) replays by them: the zoom on the check member's line
-    old = Search(SearchConfig(noise=0.01), version=1)
-    while (stage := old.next_stage()) is not None:
-        old.tell(stage, [oracle(p) for p in stage.points])
-    assert all(p.lr == pytest.approx(4 * LR) for p in old.result().stages[-1][0].points)
+    old = simulate(SearchConfig(noise=0.01), oracle, version=1)
+    assert all(p.lr == pytest.approx(4 * LR) for p in old.stages[-1][0].points)
     for unknown in (0, SEARCH_VERSION + 1):
         with pytest.raises(ValueError, match=f"search version {unknown} "):
             Search(SearchConfig(), version=unknown)

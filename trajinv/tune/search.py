@@ -608,9 +608,9 @@ class Search:
         return fit
 
 
-def simulate(cfg: SearchConfig, oracle: Callable[[Point], Outcome]) -> TuneResult:
-    """Drive a Search with `oracle` standing in for training (tests and benches)."""
-    search = Search(cfg)
+def simulate(cfg: SearchConfig, oracle: Callable[[Point], Outcome], version: int = SEARCH_VERSION) -> TuneResult:
+    """Drive a Search (by the rules of `version`) with `oracle` standing in for training (tests and benches)."""
+    search = Search(cfg, version=version)
     while (stage := search.next_stage()) is not None:
         search.tell(stage, [oracle(p) for p in stage.points])
     return search.result()
