@@ -12,7 +12,11 @@ and better than generic 2-D search at that cost.
 2. **Seed noise**: the std over seeds of the final loss at each grid point, taken
    at the grid's best few points (where the comparisons happen).
 3. **`trajinv tune`** per seed (real training, cached too), its budget a third of
-   the grid's member-steps; regret = its best loss - the grid's best (same seed).
+   the grid's member-steps; regret = the loss of its recommendation - the grid's
+   best (same seed): the fit's vertex trained at that seed (cached under
+   heldout/, as point 6), or the best member's own loss when the tune had no
+   usable fit. `member_regret`: its best member's loss, what the tune recommended
+   before search version 4.
 4. **Random search** over the 2-D box, as an opda tuning curve (the expected best
    loss after n trials with 80% simultaneous confidence bands, from each seed's grid
    as the empirical distribution) and as resampled runs; **Optuna's TPE**; all *tabular*: their
@@ -38,9 +42,9 @@ and better than generic 2-D search at that cost.
    (lr, wd), retrained. So each method's recommendation (its best point) is also
    scored on the *other* seeds: the mean of their grids' losses there minus the best
    mean over the grid, a point off the grid (a tune's zoom) trained at those seeds
-   (cached under bench/results/tune/heldout/). The tune's fitted vertex, a prediction
-   it reports beside its recommendation, is scored the same way (`vertex_heldout`):
-   whether smoothing over the members near the best beats taking the luckiest of them.
+   (cached under bench/results/tune/heldout/). The tune's best member is scored the
+   same way (`member_heldout`): whether recommending the fit's vertex, which smooths
+   over the members near the best, beats taking the luckiest of them.
 
     python bench/bench_tune.py [--quick] [--setting stdlib|small-corpus] [--seeds 0 1 2] [--reps 200]
                                [--devices cpu,cpu] [--no-tpe-trained]
@@ -156,19 +160,10 @@ def tune_once(seed: int, quick: bool, data: DataConfig, budget: int, out: Path, 
     scale = {"devices": devices} if devices else {}
     run = run_tune(TuneSpec(train=cfg, data=data, search=search), out / f"tune-s{seed}", **scale)
     write_report(run, out / f"tune-s{seed}")  # tune.json (what `trajinv fit` reads) and its plots
-    r = run.result
-    return {"loss": r.loss, "member_steps": sum(s.member_steps for s in run.stages), "lr": r.best.lr,
-            "wd": r.best.wd, "axis": r.axis, "check": r.invariant_check.within_noise if r.invariant_check else None,
-            "vertex": vertex_point(r)}
-
-
-def vertex_point(result) -> tuple[float, float] | None:
-    """(lr, wd) of the tune's fitted optimum (`TuneResult.fit`: its vertex along the axis, on the line the fit
-    holds fixed, lr for 'elr' and wd for 'lr'); None without a usable fit."""
-    fit = result.fit
-    if fit is None:
-        return None
-    return (fit.fixed, fit.vertex / fit.fixed) if result.axis == "elr" else (fit.vertex, fit.fixed)
+    r, reco = run.result, run.result.recommendation
+    return {"member_steps": sum(s.member_steps for s in run.stages), "lr": reco.lr, "wd": reco.wd,
+            "source": reco.source, "member_loss": r.loss, "member": (r.best.lr, r.best.wd), "axis": r.axis,
+            "check": r.invariant_check.within_noise if r.invariant_check else None}
 
 
 def random_search(grid: dict, trials: int, rng: np.random.Generator) -> tuple[float, tuple[float, float]]:
@@ -257,7 +252,8 @@ class HeldOut:
                 return math.inf if v is None else v
         return None
 
-    def _loss(self, lr: float, wd: float, seed: int) -> float:
+    def loss(self, lr: float, wd: float, seed: int) -> float:
+        """The final loss at (lr, wd) and `seed`: the seed's grid's there, else trained (once)."""
         table = self.on_grid(lr, wd, seed)
         if table is not None:
             return table
@@ -272,7 +268,7 @@ class HeldOut:
         others = [s for s in self.grids if s != chosen_on]
         if not others:
             return math.nan
-        return statistics.fmean(self._loss(lr, wd, s) for s in others) - self._best_without(chosen_on)
+        return statistics.fmean(self.loss(lr, wd, s) for s in others) - self._best_without(chosen_on)
 
     @functools.cache
     def _best_without(self, seed: int) -> float:
@@ -335,15 +331,18 @@ def main() -> None:
     for seed, grid in zip(seeds, grids):
         best = min(v for v in grid.values() if v is not None)
         tuned = tune_once(seed, args.quick, data, budget, out, args.devices, setting)
+        # a fit's vertex was never trained: trained now at this seed, as the user who takes it home would
+        loss = tuned["member_loss"] if tuned["source"] == "member" else heldout.loss(tuned["lr"], tuned["wd"], seed)
         looked_up = heldout.on_grid(tuned["lr"], tuned["wd"], seed)
         rows.append({"method": "tune", "seed": seed, "member_steps": tuned["member_steps"],
-                     "regret": tuned["loss"] - best, "heldout": heldout.regret(tuned["lr"], tuned["wd"], seed),
-                     "table": (tuned["loss"] if looked_up is None else looked_up) - best,
+                     "regret": loss - best, "heldout": heldout.regret(tuned["lr"], tuned["wd"], seed),
+                     "table": (loss if looked_up is None else looked_up) - best,
                      "on_grid": looked_up is not None,
-                     "grid_best": best, "lr": tuned["lr"], "wd": tuned["wd"], "axis": tuned["axis"],
-                     "check_within_noise": tuned["check"],
-                     # the fit's vertex instead of the best member, scored the same way (trained at the other seeds)
-                     "vertex_heldout": (heldout.regret(*tuned["vertex"], seed) if tuned["vertex"] else math.nan)})
+                     "grid_best": best, "lr": tuned["lr"], "wd": tuned["wd"], "source": tuned["source"],
+                     "axis": tuned["axis"], "check_within_noise": tuned["check"],
+                     # the best member instead (search version 3 and older), scored the same ways
+                     "member_regret": tuned["member_loss"] - best,
+                     "member_heldout": heldout.regret(*tuned["member"], seed)})
         if not args.no_tpe_trained:
             found = tpe_trained(seed, args.quick, data, budget, out, population, lrs, wds, args.devices, setting)
             rows.append({"method": "tpe-trained", "seed": seed, "member_steps": found["member_steps"],
@@ -399,11 +398,11 @@ def main() -> None:
         print(f"target 2 vs random search's expected regret (opda) at {at} member-steps: tune {tune_regret:.4f} "
               f"vs {e:.4f}: {'MET' if tune_regret < e else 'MISSED'}")
     tune_held = statistics.median(r["heldout"] for r in tune_rows)
-    vertex_held = [r["vertex_heldout"] for r in tune_rows if math.isfinite(r["vertex_heldout"])]
-    if vertex_held:
-        print(f"tune held-out, recommending the fit's vertex instead of the best member: median "
-              f"{statistics.median(vertex_held):.4f} over {len(vertex_held)} tunes with a fit (best member: "
-              f"{tune_held:.4f} over {len(tune_rows)})")
+    fits = sum(r["source"] == "fit" for r in tune_rows)
+    print(f"tune: {fits} of {len(tune_rows)} recommendations are the fit's vertex; recommending the best member "
+          f"instead (search version 3): median regret {statistics.median(r['member_regret'] for r in tune_rows):.4f}"
+          + (f", held-out {statistics.median(r['member_heldout'] for r in tune_rows):.4f}"
+             if math.isfinite(tune_held) else ""))
     tune_table = statistics.median(r["table"] for r in tune_rows)
     on_grid = sum(r["on_grid"] for r in tune_rows)
     for method in ("random", "tpe"):
@@ -422,8 +421,8 @@ def main() -> None:
     name = "tune" if args.setting == "stdlib" else f"tune-{args.setting}"  # stdlib's: the README's table
     write_csv(results_dir(args.quick) / f"{name}.csv", rows,
               ["method", "seed", "member_steps", "regret", "regret_q25", "regret_q75", "band_lo", "band_hi", "table",
-               "on_grid", "heldout", "vertex_heldout", "runs", "grid_best", "lr", "wd", "axis",
-               "check_within_noise"])
+               "on_grid", "heldout", "member_regret", "member_heldout", "runs", "grid_best", "lr", "wd", "source",
+               "axis", "check_within_noise"])
     plot(per_method, opda, tune_rows, tpe_rows, sigma, grid_cost, results_dir(args.quick) / f"{name}.png")
 
 

@@ -17,8 +17,10 @@ loss surface built from every run bench_tune trained:
   switch to an lr search when the scan's best member has too few steps for the LR->ELR
   transition; B_precond unmeasured, so the batch counts as small, as measured here:
   B_precond 300-500 against batch 32) and Optuna's TPE
-  over the grid's box in populations (bench_tune's own loop). Regret = best loss seen -
-  the best of a replayed (noisy) grid; held-out = the other seeds' surrogate at the
+  over the grid's box in populations (bench_tune's own loop). Regret = the loss at the
+  recommendation (TPE's best trial; the tune's best member, or its fit's vertex trained
+  once more, a fresh draw of the noise, as bench_tune trains it) - the best of a
+  replayed (noisy) grid; held-out = the other seeds' surrogate at the
   recommendation - their best grid mean, as bench_tune scores it.
 
 It prints, per setting, the mean and sd over repetitions of the *median* over the seeds
@@ -121,8 +123,9 @@ def synthetic(seed: int) -> Surface:
 
 
 def replay_tune(truth: Surface, noise: float, rng: np.random.Generator, budget: int, **search) -> tuple[float, Point]:
-    """Best loss seen and the recommendation of one replayed tune: trajinv.tune.runner's flow (its regime
-    and its lr search), with B_precond unmeasured (the batch counts as small, as measured on this setting)."""
+    """The loss at the recommendation of one replayed tune, and the recommendation: trajinv.tune.runner's flow
+    (its regime and its lr search), with B_precond unmeasured (the batch counts as small, as measured on this
+    setting)."""
     spec = TuneSpec(train=train_config(0, quick=False), search=SearchConfig(**{**TUNE, **search}, budget=budget))
 
     def train(stage: Stage) -> list[Outcome]:
@@ -137,7 +140,11 @@ def replay_tune(truth: Surface, noise: float, rng: np.random.Generator, budget: 
     while (stage := s.next_stage()) is not None:
         s.tell(stage, train(stage))
     r = s.result()
-    return r.loss, r.best
+    reco = r.recommendation
+    if reco.source == "member":
+        return r.loss, r.best
+    x, y = math.log2(reco.lr), math.log2(reco.wd)  # the fit's vertex: never trained by the tune, trained now
+    return truth(x, y) + rng.normal(0, noise), Point(reco.lr, reco.wd)
 
 
 def replay_tpe(truth: Surface, noise: float, rng: np.random.Generator, budget: int, seed: int) -> tuple[float, Point]:

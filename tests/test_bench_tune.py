@@ -41,15 +41,3 @@ def test_paired_decides_nothing_from_fewer_than_three_seeds():
     assert bt.describe_paired(bt.paired([0.0], [0.01])).endswith("too few seeds to decide")
     assert bt.describe_paired(bt.paired([0.0, 0.001], [0.01, 0.02])).endswith("too few seeds to decide")
     assert bt.describe_paired(bt.paired([0.0, 0.001, 0.002], [0.01, 0.02, 0.03])).endswith("tune lower")
-
-
-def test_the_vertex_is_the_fits_optimum_on_the_line_it_holds_fixed():
-    from types import SimpleNamespace
-
-    from trajinv.tune.fit import Fit
-
-    fit = Fit(vertex=2.0 ** -7, loss=2.1, curvature=0.05, points=5, fixed=2.0 ** -8)
-    lr, wd = bt.vertex_point(SimpleNamespace(fit=fit, axis="elr"))  # ELR 2^-7 at lr 2^-8: wd 2
-    assert (lr, wd) == (2.0 ** -8, 2.0) and lr * wd == fit.vertex
-    assert bt.vertex_point(SimpleNamespace(fit=fit, axis="lr")) == (2.0 ** -7, 2.0 ** -8)  # lr 2^-7 at wd 2^-8
-    assert bt.vertex_point(SimpleNamespace(fit=None, axis="elr")) is None

@@ -5,6 +5,7 @@ the search rescans), so the runner, the search and the report run as they do on 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -14,7 +15,7 @@ from trajinv.config import DataConfig, TrainConfig
 from trajinv.tune import runner
 from trajinv.tune.report import build_curve_figure, build_heatmap_figure
 from trajinv.tune.runner import StageRun, TuneSpec, run_tune
-from trajinv.tune.search import Outcome, SearchConfig
+from trajinv.tune.search import Outcome, Recommendation, SearchConfig
 
 
 def _synthetic_tune(monkeypatch, tmp_path, b_precond: float, lr_opt: float, steps: int, **search):
@@ -85,19 +86,33 @@ def test_a_check_is_drawn_on_the_axis_it_varies_with_the_members_it_reads(monkey
                 assert len({round(math.log2(x), 6) for x, _ in pts}) == len(pts)
 
 
-def test_the_recommendation_is_a_hollow_star_on_every_panel_that_shows_it(monkeypatch, tmp_path):
+def _stars(run) -> list[tuple[str, float, float]]:
+    """(x label, x, y) of every 'recommended' marker: the curve panels' first, then the heatmap's."""
+    starred = []
+    for ax in [*build_curve_figure(run).axes, build_heatmap_figure(run).axes[0]]:
+        for star in [line for line in ax.lines if line.get_label() == "recommended"]:
+            assert star.get_marker() == "*" and star.get_markerfacecolor() == "none"
+            (x,), (y,) = star.get_data()
+            starred.append((ax.get_xlabel(), x, y))
+    return starred
+
+
+def test_the_recommended_vertex_is_a_star_on_the_fit_and_on_the_heatmap(monkeypatch, tmp_path):
+    run = _synthetic_tune(monkeypatch, tmp_path, 10.0, 2 ** -8, 800)
+    reco, fit = run.result.recommendation, run.result.fit
+    assert run.result.axis == "lr" and reco.source == "fit"
+    assert _stars(run) == [("lr", pytest.approx(reco.lr), pytest.approx(fit.loss)),
+                           ("lr", pytest.approx(reco.lr), pytest.approx(reco.wd))]  # then the heatmap, at (lr, wd)
+
+
+def test_a_recommended_member_is_a_hollow_star_on_every_panel_that_shows_it(monkeypatch, tmp_path):
     """The star hid the member under it (a zoom member, say); now the member shows through. The lr search's
     best is also a member of the first ELR scan, so both panels star it."""
     run = _synthetic_tune(monkeypatch, tmp_path, 10.0, 2 ** -8, 800)
     best = run.result.best
-    assert run.result.axis == "lr" and best is not None
-    starred = []
-    for ax in [*build_curve_figure(run).axes, build_heatmap_figure(run).axes[0]]:
-        stars = [line for line in ax.lines if line.get_label() == "recommended"]
-        for star in stars:
-            assert star.get_marker() == "*" and star.get_markerfacecolor() == "none"
-            (x,), (y,) = star.get_data()
-            starred.append((ax.get_xlabel(), x, y))
+    member = Recommendation(best.lr, best.wd, run.result.loss, run.result.se, "member")  # as without a fit
+    run = dataclasses.replace(run, result=dataclasses.replace(run.result, recommendation=member))
+    starred = _stars(run)
     elr, lr = ("ELR = lr x wd", best.lr * best.wd), ("lr", best.lr)
     assert {(name, round(math.log2(v), 9)) for name, v, _ in starred[:2]} == {
         (elr[0], round(math.log2(elr[1]), 9)), (lr[0], round(math.log2(lr[1]), 9))}

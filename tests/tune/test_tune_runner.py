@@ -68,10 +68,16 @@ def test_stages_are_sweeps_and_the_report_is_complete(tmp_path, tiny_data):
     paths = write_report(run, tmp_path)
     assert [p.name for p in paths] == [RESULT, CURVE_PNG, HEATMAP_PNG] and all(p.stat().st_size for p in paths)
     data = json.loads((tmp_path / RESULT).read_text())
-    reco = data["recommendation"]
+    reco, best = data["recommendation"], data["best_member"]
     assert reco["elr"] == pytest.approx(reco["lr"] * reco["wd"])
     finite = [o["loss"] for s in data["stages"] for o in s["outcomes"] if o["loss"] is not None]
-    assert reco["val_loss"] == min(finite)  # the best evaluated point, not a prediction
+    assert best["val_loss"] == min(finite)  # the best evaluated point, measured
+    fit = run.result.fit
+    if fit is not None:  # the fit's minimum, with the loss it predicts there
+        assert reco["source"] == "fit" and (reco["lr"], reco["wd"]) == pytest.approx(fit.point(run.result.axis))
+        assert reco["val_loss"] == fit.loss and reco["val_loss_se"] == fit.se > 0
+    else:
+        assert reco == {**best, "source": "member"}
     assert data["cost"]["member_steps"] == sum(s["member_steps"] for s in data["stages"])
     assert data["cost"]["member_steps"] == sum(len(s["points"]) for s in data["stages"]) * TINY["steps"]
     assert data["cost"]["grid_points"] >= 3 and data["regime"]["reason"]
@@ -405,7 +411,15 @@ def test_a_directory_replays_by_the_search_rules_it_was_made_with(tmp_path, tiny
     spec = _spec(zoom_points=0, max_rescans=0)
     first = run_tune(spec, tmp_path)
     stored = json.loads((tmp_path / "tune_spec.json").read_text())
-    assert stored["search_version"] == SEARCH_VERSION == 3 and set(seen) == {3}
+    assert stored["search_version"] == SEARCH_VERSION == 4 and set(seen) == {4}
+    # version 3 recommended the best member: a directory it made replays to that, on the same stages
+    (tmp_path / "tune_spec.json").write_text(json.dumps({**stored, "search_version": 3}))
+    seen.clear()
+    v3 = run_tune(spec, tmp_path)
+    reco = v3.result.recommendation
+    assert set(seen) == {3} and v3.result.best == first.result.best
+    assert reco.source == "member" and (reco.lr, reco.wd, reco.loss) == (v3.result.best.lr, v3.result.best.wd,
+                                                                         v3.result.loss)
     del stored["search_version"]  # as trajinv wrote it before search versions
     (tmp_path / "tune_spec.json").write_text(json.dumps(stored))
     seen.clear()

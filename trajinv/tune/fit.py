@@ -50,6 +50,8 @@ class Quadratic:
     lo: float
     hi: float
     n: int
+    cov: tuple[tuple[float, ...], ...] | None = None
+    """Covariance of (a, b, c) from the points' standard errors (as if independent); None when none was given."""
 
     @property
     def curvature(self) -> float:
@@ -74,6 +76,15 @@ class Quadratic:
         u = x - self.x0
         return self.a * u * u + self.b * u + self.c
 
+    def value_se(self, x: float) -> float:
+        """Standard error of `value(x)` propagated from the points' se (0 when they gave none). At the vertex
+        the value does not move to first order with the vertex's position, so this is its se there too."""
+        if self.cov is None:
+            return 0.0
+        u = x - self.x0
+        g = np.array([u * u, u, 1.0])
+        return float(math.sqrt(max(float(g @ np.array(self.cov) @ g), 0.0)))
+
 
 @dataclass(frozen=True)
 class Fit:
@@ -89,13 +100,20 @@ class Fit:
     """Finite members the fit went through."""
     fixed: float
     """The line: its lr for axis 'elr', its wd for axis 'lr'."""
+    se: float = 0.0
+    """Standard error of `loss`, from the members' se (`Quadratic.value_se`)."""
 
     @classmethod
     def of(cls, quad: Quadratic | None, fixed: float) -> Fit | None:
         """The vertex of `quad` along the line at `fixed`; None unless the quadratic is usable."""
         if quad is None or not quad.usable:
             return None
-        return cls(2.0 ** quad.vertex, quad.value(quad.vertex), quad.curvature, quad.n, fixed)
+        return cls(2.0 ** quad.vertex, quad.value(quad.vertex), quad.curvature, quad.n, fixed,
+                   quad.value_se(quad.vertex))
+
+    def point(self, axis: Axis) -> tuple[float, float]:
+        """(lr, wd) of the vertex: on an ELR line (axis 'elr') at lr `fixed`, on an lr line at wd `fixed`."""
+        return (self.fixed, self.vertex / self.fixed) if axis == "elr" else (self.vertex, self.fixed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,6 +139,27 @@ class InvariantCheck:
 
 
 @dataclass(frozen=True)
+class Recommendation:
+    """The (lr, wd) a tune recommends: the fit's vertex (`source` 'fit') or a trained member ('member')."""
+
+    lr: float
+    wd: float
+    loss: float
+    """Validation loss: the fit's prediction at its vertex, or the member's measured loss."""
+    se: float
+    """Standard error of `loss` (validation windows; the fit's propagated from its members')."""
+    source: Literal["fit", "member"]
+
+    @property
+    def elr(self) -> float:
+        return self.lr * self.wd
+
+    def to_dict(self) -> dict:
+        return {"lr": self.lr, "wd": self.wd, "elr": self.elr, "val_loss": self.loss, "val_loss_se": self.se,
+                "source": self.source}
+
+
+@dataclass(frozen=True)
 class TuneResult:
     """What the search found and what it cost; `to_dict()` is JSON-ready."""
 
@@ -138,10 +177,13 @@ class TuneResult:
     """Points of a 2-D lr x wd grid at the scan spacing covering every evaluated lr and wd."""
     grid_equivalent_member_steps: int
     notes: tuple[str, ...]
+    recommendation: Recommendation | None = None
+    """What to train with: the fit's vertex when the fit is usable (search version 4), else `best`."""
 
     def to_dict(self) -> dict:
         return {
             "axis": self.axis,
+            "recommendation": self.recommendation.to_dict() if self.recommendation else None,
             "best": self.best.to_dict() if self.best else None,
             "loss": self.loss,
             "se": self.se,
@@ -176,7 +218,12 @@ def fit_quadratic(xs: Sequence[float], ys: Sequence[float], ses: Sequence[float]
     design = np.stack([u * u, u, np.ones_like(u)], axis=1) * sw[:, None]
     coef = np.linalg.lstsq(design, np.asarray(ys, dtype=float) * sw, rcond=None)[0]
     a, b, c = (float(v) for v in coef)
-    return Quadratic(a, b, c, x0, float(x.min()), float(x.max()), len(xs))
+    # with weights 1/se^2 the coefficients' covariance is (D^T D)^-1 (D: the weighted design); pinv, as 3
+    # distinct x make D^T D invertible in exact arithmetic but a near-degenerate spacing can round it singular
+    cov = None
+    if any(v > 0 for v in ses):
+        cov = tuple(tuple(float(v) for v in row) for row in np.linalg.pinv(design.T @ design))
+    return Quadratic(a, b, c, x0, float(x.min()), float(x.max()), len(xs), cov)
 
 
 def grid_size(values: Sequence[float], spacing: float) -> int:

@@ -1,7 +1,8 @@
 """What `trajinv tune` writes and prints: tune.json, tune.png, tune_heatmap.png, a summary.
 
 - ``tune.json``: the recommendation (lr, wd, ELR, validation loss ± its standard
-  error), the regime and B_precond behind it, the invariance check, every stage
+  error, and whether it is the fit's minimum or a trained member), the best trained
+  member (the same, measured), the regime and B_precond behind it, the invariance check, every stage
   with its members, cost (member-steps, tokens) and sweep directory (null when
   every point was untrainable and nothing was trained), and the cost of a 2-D grid
   of the same resolution.
@@ -55,13 +56,14 @@ def to_json(run: TuneRun) -> dict:
     spacing = run.spec.search.octaves / (run.spec.search.points - 1)
     grid_points = grid_size([p.lr for p in points], spacing) * grid_size([p.wd for p in points], spacing)
     grid_steps = grid_points * run.spec.train.steps
-    reco = None
+    best = None
     if r.best is not None:
-        reco = {"lr": r.best.lr, "wd": r.best.wd, "elr": r.best.elr, "val_loss": r.loss, "val_loss_se": r.se}
+        best = {"lr": r.best.lr, "wd": r.best.wd, "elr": r.best.elr, "val_loss": r.loss, "val_loss_se": r.se}
     regime = run.regime
     return {
         "axis": r.axis,
-        "recommendation": reco,
+        "recommendation": r.recommendation.to_dict() if r.recommendation else None,
+        "best_member": best,
         "regime": None if regime is None else {
             "axis": regime.axis, "small_batch": regime.small_batch, "enough_iterations": regime.enough_iterations,
             "b_precond": regime.b_precond, "reason": regime.reason, "batch_schedule": regime.batch_schedule},
@@ -85,11 +87,17 @@ def format_summary(run: TuneRun) -> str:
     """The printed summary: recommendation, regime, evidence, cost against a grid."""
     r, data = run.result, to_json(run)
     lines = []
-    if r.best is None:
+    reco = r.recommendation
+    if reco is None:
         lines.append("no recommendation: every member diverged or learned nothing")
-    else:
-        lines.append(f"recommended: lr={r.best.lr:.4g}  wd={r.best.wd:.4g}  (ELR={r.best.elr:.4g})  "
+    elif reco.source == "fit":
+        lines.append(f"recommended: lr={reco.lr:.4g}  wd={reco.wd:.4g}  (ELR={reco.elr:.4g})  "
+                     f"val_loss {reco.loss:.4f} ± {reco.se:.4f} predicted (the fit's minimum)")
+        lines.append(f"best trained member: lr={r.best.lr:.4g}  wd={r.best.wd:.4g}  (ELR={r.best.elr:.4g})  "
                      f"val_loss {r.loss:.4f} ± {r.se or 0:.4f}")
+    else:
+        lines.append(f"recommended: lr={reco.lr:.4g}  wd={reco.wd:.4g}  (ELR={reco.elr:.4g})  "
+                     f"val_loss {reco.loss:.4f} ± {reco.se or 0:.4f} (the best trained member: no usable fit)")
     if run.regime is not None and run.regime.axis != r.axis:  # the budget kept the search on ELR (notes)
         lines.append(f"regime: lr ({run.regime.reason}); tuned along ELR all the same: no budget for an lr scan")
     elif run.regime is not None:
@@ -233,7 +241,11 @@ def build_curve_figure(run: TuneRun) -> Figure:
         u = np.linspace(-half, half, 101)
         ax.plot(r.fit.vertex * 2.0 ** u, r.fit.loss + 0.5 * r.fit.curvature * u * u, color="k", lw=1.2, ls="--",
                 label=f"quadratic fit in log2 ({'wd' if r.axis == 'lr' else 'lr'}={r.fit.fixed:.3g})")
-    if r.best is not None:  # on every panel that shows the recommended member (a point seen along two lines)
+    reco = r.recommendation
+    if reco is not None and reco.source == "fit":  # the fit's minimum, on the fit's curve
+        if r.axis in panels:
+            _star(panels[r.axis], reco.lr * reco.wd if r.axis == "elr" else reco.lr, reco.loss, 18)
+    elif r.best is not None:  # on every panel that shows the recommended member (a point seen along two lines)
         for a in [a for a in panels if r.best.key in drawn[a]] or [a for a in (r.axis,) if a in panels]:
             _star(panels[a], _x(a, r.best), r.loss, 18)
     for a, ax in panels.items():
@@ -279,8 +291,8 @@ def build_heatmap_figure(run: TuneRun) -> Figure:
     for e in elrs:
         ax.plot(xs, e / xs, color="0.6", lw=0.6, ls="--", zorder=1)
     r = run.result
-    if r.best is not None:
-        _star(ax, r.best.lr, r.best.wd, 20)
+    if r.recommendation is not None:
+        _star(ax, r.recommendation.lr, r.recommendation.wd, 20)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xlim(lo_lr, hi_lr)
@@ -288,7 +300,7 @@ def build_heatmap_figure(run: TuneRun) -> Figure:
     ax.set_xlabel("lr")
     ax.set_ylabel("wd")
     ax.set_title("evaluated (lr, wd); dashed: iso-ELR lines (factor 2 apart)")
-    if dead or r.best is not None:
+    if dead or r.recommendation is not None:
         ax.legend(fontsize="small", loc="upper right")
     return fig
 
