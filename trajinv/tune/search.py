@@ -50,8 +50,9 @@ curvature of 0.023-0.026 nat/octave^2 separates them by ~0.002 nat, against ~0.0
 seed noise, so the best member is mostly the luckiest run, and retrained at other seeds
 it lands where its neighbours do. The vertex averages all the fit's members. On
 bench_tune's small-corpus setting, each tune's choice retrained at the other seeds lost
-0.013 nat to the grid's best from the vertex against 0.034 from the best member (median
-of the seeds, README "A setting whose optimum is interior in both"). `TuneResult.best` is
+0.017 nat to the grid's best from the vertex against 0.026 from the best member (median
+of three seeds; random search and TPE 0.020; README "A setting whose optimum is interior
+in both"). `TuneResult.best` is
 the best member either way; search version 3 and older recommend it.
 
 Budget: a stage costs len(points) * steps_per_member member-steps. The first scan must
