@@ -283,7 +283,8 @@ def test_cli_tune_a_failed_population_is_one_line_and_the_rerun_retries_it(tmp_p
         return run_scaled(spec, out, progress, devices=devices, task=spawned.fail_second_population)
 
     args = ["tune", "--steps", "2", "--eval-every", "2", "--eval-seqs", "8", "--warmup", "1", "--batch-size", "4",
-            "--points", "3", "--zoom-points", "0", "--max-shifts", "0", "--population", "1", "--devices", "cpu,cpu",
+            "--points", "3", "--zoom-points", "0", "--max-shifts", "0", "--check-factor", "2", "--max-rescans", "0",
+            "--population", "1", "--devices", "cpu,cpu",
             "--out", str(tmp_path)]
     monkeypatch.setattr(trajinv.tune.runner, "run_sweep", failing)
     res = CliRunner().invoke(cli.main, args)
