@@ -90,14 +90,14 @@ def format_summary(run: TuneRun) -> str:
     reco = r.recommendation
     if reco is None:
         lines.append("no recommendation: every member diverged or learned nothing")
-    elif reco.source == "fit":
-        lines.append(f"recommended: lr={reco.lr:.4g}  wd={reco.wd:.4g}  (ELR={reco.elr:.4g})  "
-                     f"val_loss {reco.loss:.4f} ± {reco.se:.4f} predicted (the fit's minimum)")
-        lines.append(f"best trained member: lr={r.best.lr:.4g}  wd={r.best.wd:.4g}  (ELR={r.best.elr:.4g})  "
-                     f"val_loss {r.loss:.4f} ± {r.se or 0:.4f}")
     else:
+        fitted = reco.source == "fit"
+        how = "predicted (the fit's minimum)" if fitted else "(the best trained member: no usable fit)"
         lines.append(f"recommended: lr={reco.lr:.4g}  wd={reco.wd:.4g}  (ELR={reco.elr:.4g})  "
-                     f"val_loss {reco.loss:.4f} ± {reco.se or 0:.4f} (the best trained member: no usable fit)")
+                     f"val_loss {reco.loss:.4f} ± {reco.se or 0:.4f} {how}")
+        if fitted:
+            lines.append(f"best trained member: lr={r.best.lr:.4g}  wd={r.best.wd:.4g}  (ELR={r.best.elr:.4g})  "
+                         f"val_loss {r.loss:.4f} ± {r.se or 0:.4f}")
     if run.regime is not None and run.regime.axis != r.axis:  # the budget kept the search on ELR (notes)
         lines.append(f"regime: lr ({run.regime.reason}); tuned along ELR all the same: no budget for an lr scan")
     elif run.regime is not None:
@@ -244,7 +244,7 @@ def build_curve_figure(run: TuneRun) -> Figure:
     reco = r.recommendation
     if reco is not None and reco.source == "fit":  # the fit's minimum, on the fit's curve
         if r.axis in panels:
-            _star(panels[r.axis], reco.lr * reco.wd if r.axis == "elr" else reco.lr, reco.loss, 18)
+            _star(panels[r.axis], _x(r.axis, reco), reco.loss, 18)
     elif r.best is not None:  # on every panel that shows the recommended member (a point seen along two lines)
         for a in [a for a in panels if r.best.key in drawn[a]] or [a for a in (r.axis,) if a in panels]:
             _star(panels[a], _x(a, r.best), r.loss, 18)
